@@ -1,0 +1,339 @@
+"""The fold algebra: IR-neutral, on numpy arrays, float64 inside, rounded once on the way out.
+
+Inference-mode BatchNorm is a per-channel affine map::
+
+    BN(y)_c = gamma_c * (y_c - mean_c) / sqrt(var_c + eps) + beta_c = s_c * y_c + t_c
+    s = gamma / sqrt(var + eps)          t = beta - mean * s
+
+(gamma = 1 and beta = 0 when the BN has no affine parameters).
+
+Forward fold (layer -> BN). A layer ``y = W (*) x + b`` that is linear in ``x`` and whose output
+channel ``c`` depends only on the slice of ``W`` that holds output channel ``c`` gives::
+
+    BN(y) = (s * W) (*) x + (s * b + t)
+
+which is exact for every input: ``W' = s * W`` along the weight's output-channel axis and
+``b' = s * b + t``.  The only rounding is the final cast of ``W'`` and ``b'`` to the tensor's
+dtype (one rounding, correctly rounded: at most 0.5 ulp from the exact float64 fold).
+
+Backward fold (BN -> layer). ``z = W (*) (s * x + t) + b = (W * s) (*) x + (W (*) t + b)``
+where ``W * s`` scales the weight's *input*-channel axis.  The second term is a constant
+per output channel only when every output position sees the full kernel over the BN output:
+
+* Linear / Gemm / MatMul: always exact.
+* Conv with padding 0 (any stride, dilation, groups): exact.
+* Conv with padding > 0 and ``padding_mode`` ``reflect``, ``replicate`` or ``circular``: exact,
+  because those modes pad with copies of the BN output, ``pad(s*x+t) = s*pad(x)+t``.
+* Conv with padding > 0 and zero padding: exact only if ``t == 0`` for every channel;
+  otherwise the border outputs would receive a shift that the original never added. Refused.
+* ConvTranspose: exact only if ``t == 0``, or stride 1, no output padding and
+  ``padding == dilation * (kernel - 1)`` on every spatial axis (every output sees every tap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from bnfold.errors import UnsafeFoldError
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@dataclass(frozen=True)
+class BNParams:
+    """Inference statistics and affine parameters of one BatchNorm, one value per channel.
+
+    ``gamma``/``beta`` may be ``None`` (no affine parameters). Arrays may have any float dtype;
+    every computation converts them to float64 first.
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(np.asarray(self.mean).size)
+
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(s, t)`` in float64 such that ``BN(y) = s * y + t`` per channel."""
+        mean = _f64(self.mean).reshape(-1)
+        var = _f64(self.var).reshape(-1)
+        denom = var + float(self.eps)
+        if not np.all(np.isfinite(denom)) or np.any(denom <= 0):
+            raise UnsafeFoldError("BN running_var + eps is not positive and finite")
+        inv_std = 1.0 / np.sqrt(denom)
+        gamma = np.ones_like(mean) if self.gamma is None else _f64(self.gamma).reshape(-1)
+        beta = np.zeros_like(mean) if self.beta is None else _f64(self.beta).reshape(-1)
+        for name, arr in (("gamma", gamma), ("beta", beta), ("mean", mean)):
+            if arr.shape != mean.shape:
+                raise UnsafeFoldError(f"BN {name} has {arr.size} values, expected {mean.size}")
+            if not np.all(np.isfinite(arr)):
+                raise UnsafeFoldError(f"BN {name} holds non-finite values")
+        s = gamma * inv_std
+        t = beta - mean * s
+        return s, t
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding float64 results back to the tensor's dtype, once.
+# ---------------------------------------------------------------------------------------------
+
+def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded to odd: truncate toward zero, set the last bit if inexact.
+
+    Rounding to odd at a precision at least two bits finer than the target makes a following
+    round-to-nearest-even exactly equal to a direct correct rounding (no double-rounding error).
+    """
+    f32 = x.astype(np.float32)
+    back = f32.astype(np.float64)
+    overshoot = np.abs(back) > np.abs(x)
+    f32 = np.where(overshoot, np.nextafter(f32, np.float32(0)), f32)
+    inexact = f32.astype(np.float64) != x
+    bits = f32.view(np.uint32) | inexact.astype(np.uint32)
+    return np.where(np.isfinite(f32), bits.view(np.float32), f32)
+
+
+def round_to(x: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """Correctly round float64 ``x`` to ``dtype`` (float64/32/16 or ml_dtypes bfloat16).
+
+    float16 and bfloat16 go through float32 rounded-to-odd, so the result is the nearest
+    representable value (ties to even), never a double rounding.
+    """
+    dtype = np.dtype(dtype)
+    x = _f64(x)
+    if dtype == np.float64:
+        return x.copy()
+    if dtype == np.float32:
+        return x.astype(np.float32)
+    if dtype in (np.dtype(np.float16), BFLOAT16):
+        return _round_to_odd_f32(x).astype(dtype)
+    raise UnsafeFoldError(f"cannot fold into a tensor of dtype {dtype}")
+
+
+def _checked(x64: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    out = round_to(x64, dtype)
+    if not np.all(np.isfinite(out.astype(np.float64))):
+        limit = float(ml_dtypes.finfo(dtype).max)
+        raise UnsafeFoldError(
+            f"folded {what} is not finite in {dtype} (a value exceeds {limit:g}); not written"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Broadcasting a per-channel vector onto a weight axis.
+# ---------------------------------------------------------------------------------------------
+
+def _channel_view(weight_shape: Sequence[int], axis: int, groups: int) -> tuple[int, ...]:
+    """Shape that groups ``axis`` with the axis before it, for grouped layouts.
+
+    With ``groups > 1`` the channel index is ``g * per_group + j`` where ``g`` indexes groups
+    along axis 0 (ConvTranspose forward, Conv backward) and ``j`` runs along ``axis``.
+    """
+    ndim = len(weight_shape)
+    axis = axis % ndim
+    if groups == 1:
+        return tuple(weight_shape)
+    if axis != 1:
+        raise ValueError("grouped channel layout needs the channel axis at 1")
+    lead = weight_shape[0]
+    if lead % groups:
+        raise UnsafeFoldError(f"weight dim 0 ({lead}) is not divisible by groups={groups}")
+    return (groups, lead // groups, *weight_shape[1:])
+
+
+def _scale_axis(
+    weight: np.ndarray, vec: np.ndarray, axis: int, groups: int
+) -> np.ndarray:
+    """float64 ``weight * vec`` with ``vec`` indexing channel ``axis`` (grouped as above)."""
+    w = _f64(weight)
+    ndim = w.ndim
+    axis = axis % ndim
+    view = _channel_view(w.shape, axis, groups)
+    per = w.shape[axis]
+    if vec.size != per * groups:
+        raise UnsafeFoldError(
+            f"BN has {vec.size} channels but the layer has {per * groups} on the folded axis"
+        )
+    wv = w.reshape(view)
+    if groups == 1:
+        shape = [1] * ndim
+        shape[axis] = per
+        return wv * vec.reshape(shape)
+    shape = [1] * len(view)
+    shape[0] = groups
+    shape[2] = per
+    return (wv * vec.reshape(shape)).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward fold: layer -> BN.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Folded:
+    """Folded weight and bias, already rounded to the tensors' dtypes."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def fold_forward(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    bn: BNParams,
+    *,
+    out_axis: int = 0,
+    groups: int = 1,
+    bias_scale: float = 1.0,
+    bias_dtype: np.dtype | None = None,
+) -> Folded:
+    """Fold ``BN(layer(x))`` into the layer: ``W' = s * W`` on ``out_axis``, ``b' = s*k*b + t``.
+
+    ``out_axis`` is the weight axis that holds output channels: 0 for Conv ``[Cout, Cin/g, k..]``
+    and Linear ``[out, in]``; 1 for ConvTranspose ``[Cin, Cout/g, k..]`` (pass ``groups``: the
+    output channel is ``g * Cout/g + j``) and for a transposed Gemm/MatMul weight ``[in, out]``.
+    ``bias`` may be absent (zero) or any shape whose last axis broadcasts against the channels
+    (Gemm's ``C``: ``[]``, ``[1]``, ``[C]``, ``[M, C]``); ``bias_scale`` is a scalar the layer
+    multiplies its bias by (Gemm's ``beta``), folded in so the new bias is used with scale 1.
+    The result is cast to the weight's dtype (bias: ``bias_dtype``, else the bias's, else the
+    weight's), rounded once; a non-finite result raises :class:`UnsafeFoldError`.
+    """
+    s, t = bn.scale_shift()
+    # Conv groups leave output channels whole on axis 0; only axis 1 layouts are grouped.
+    grouped = groups if out_axis % np.ndim(weight) == 1 else 1
+    w = _scale_axis(weight, s, out_axis, grouped)
+    b64 = np.zeros_like(s) if bias is None else _f64(bias) * float(bias_scale)
+    try:
+        b_new = s * b64 + t
+    except ValueError as exc:
+        raise UnsafeFoldError(
+            f"bias of shape {np.shape(bias)} does not broadcast against {s.size} channels"
+        ) from exc
+    w_dtype = np.asarray(weight).dtype
+    b_dtype = np.dtype(bias_dtype) if bias_dtype is not None else (
+        np.asarray(bias).dtype if bias is not None else w_dtype
+    )
+    return Folded(_checked(w, w_dtype, "weight"), _checked(b_new, b_dtype, "bias"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward fold: BN -> layer.
+# ---------------------------------------------------------------------------------------------
+
+def backward_fold_refusal(
+    kind: str,
+    bn: BNParams,
+    *,
+    padding: Sequence[int] = (),
+    padding_mode: str = "zeros",
+    stride: Sequence[int] = (),
+    dilation: Sequence[int] = (),
+    kernel: Sequence[int] = (),
+    output_padding: Sequence[int] = (),
+) -> str | None:
+    """Return why folding ``layer(BN(x))`` into the layer is not exact, or ``None`` if it is.
+
+    ``kind`` is ``"linear"``, ``"conv"`` or ``"conv_transpose"``; the conditions are those in
+    the module docstring. ``padding`` lists per-side pads (any layout; only "all zero" matters).
+    """
+    _, t = bn.scale_shift()
+    shift_zero = bool(np.all(t == 0))
+    if kind == "linear" or shift_zero:
+        return None
+    if kind == "conv":
+        if all(p == 0 for p in padding):
+            return None
+        if padding_mode in ("reflect", "replicate", "circular"):
+            return None
+        return (
+            "BN before a zero-padded conv: the BN shift would reach the padded border, "
+            "which the original graph pads with zeros (not exact)"
+        )
+    if kind == "conv_transpose":
+        full = (
+            all(st == 1 for st in stride)
+            and all(op == 0 for op in output_padding)
+            and len(padding) >= len(kernel)
+            and all(
+                p == d * (k - 1)
+                for p, d, k in zip(padding, dilation, kernel, strict=False)
+            )
+        )
+        if full:
+            return None
+        return (
+            "BN before a ConvTranspose: border outputs see fewer taps, so the BN shift does "
+            "not fold into a per-channel bias (not exact)"
+        )
+    return f"no backward fold rule for layer kind {kind!r}"
+
+
+def fold_backward(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    bn: BNParams,
+    *,
+    in_axis: int = 1,
+    groups: int = 1,
+    out_axis: int = 0,
+) -> Folded:
+    """Fold ``layer(BN(x))`` into the layer: ``W' = W * s`` on ``in_axis``, ``b' = b + W (*) t``.
+
+    ``in_axis`` is the weight axis that holds input channels: 1 for Conv ``[Cout, Cin/g, k..]``
+    (pass ``groups``: input channel ``g * Cin/g + j`` feeds output channels of group ``g``, which
+    lie along axis 0) and for Linear ``[out, in]``; 0 for ConvTranspose ``[Cin, Cout/g, k..]``
+    and for a Gemm/MatMul weight ``[in, out]``. ``out_axis`` is where output channels are (for
+    ConvTranspose with groups, output channel ``g * Cout/g + j`` along axis 1).
+    The caller must first check :func:`backward_fold_refusal`. Result cast as in
+    :func:`fold_forward`.
+    """
+    s, t = bn.scale_shift()
+    w64 = _f64(weight)
+    ndim = w64.ndim
+    in_axis %= ndim
+    out_axis %= ndim
+    if in_axis == 1 and groups > 1:
+        w_new = _scale_axis(w64, s, 1, groups)
+        tw = _scale_axis(w64, t, 1, groups)
+    else:
+        w_new = _scale_axis(w64, s, in_axis, 1)
+        tw = _scale_axis(w64, t, in_axis, 1)
+    # Sum W*t over everything except the output-channel axis (and the group axis).
+    if out_axis == 0:
+        shift = tw.reshape(tw.shape[0], -1).sum(axis=1)
+    else:  # ConvTranspose [Cin, Cout/g, k..] or [in, out]: output channel g*Cout/g + j.
+        cin, per = tw.shape[0], tw.shape[1]
+        grouped = tw.reshape(groups, cin // groups, per, -1)
+        shift = grouped.sum(axis=(1, 3)).reshape(-1)
+    b64 = np.zeros_like(shift) if bias is None else _f64(bias).reshape(-1)
+    b_new = b64 + shift
+    w_dtype = np.asarray(weight).dtype
+    b_dtype = np.asarray(bias).dtype if bias is not None else w_dtype
+    return Folded(_checked(w_new, w_dtype, "weight"), _checked(b_new, b_dtype, "bias"))
+
+
+def per_channel(values: np.ndarray, channel_axis: int = 0) -> np.ndarray | None:
+    """Reduce per-activation BN parameters (ONNX ``spatial=0``) to one value per channel.
+
+    Returns the ``[C]`` vector when every channel's values are identical across the other
+    axes (then the per-channel fold is exact), else ``None``.
+    """
+    arr = np.asarray(values)
+    if arr.ndim <= 1:
+        return arr.reshape(-1)
+    moved = np.moveaxis(arr, channel_axis, 0).reshape(arr.shape[channel_axis], -1)
+    if np.all(moved == moved[:, :1]):
+        return moved[:, 0].copy()
+    return None

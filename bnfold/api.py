@@ -1,0 +1,87 @@
+"""The public API: thin functions that pick a pass and return ``(model, report)``.
+
+Every function here is re-exported from ``bnfold``. The work happens in ``bnfold.passes``
+(graph rewrites, one module per pass and IR) and in ``bnfold.algebra`` (the fold math).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bnfold.report import PassResult, Report
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import torch
+
+
+def fold(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+) -> PassResult:
+    """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
+
+    ``model`` is an ``nn.Module`` or ``torch.fx.GraphModule`` in eval mode; it is not modified
+    unless ``inplace=True``. Returns ``(GraphModule, Report)``; the report lists each BN folded
+    (and into what) and each BN kept, with the reason.
+    """
+    from bnfold.passes.fx.fold import fold_fx
+
+    return fold_fx(model, example_inputs, inplace=inplace)
+
+
+def insert_bn(model: torch.nn.Module, **options: Any) -> PassResult:
+    """Insert BatchNorm after the dense and conv layers of a torch model (see
+    :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options)."""
+    from bnfold.passes.fx.insert import insert_bn_fx
+
+    return insert_bn_fx(model, **options)
+
+
+def recalibrate(model: torch.nn.Module, batches: Iterable[Any], num_batches: int | None = None,
+                **options: Any) -> Any:
+    """Re-estimate BN running statistics from data, pooled exactly over all samples."""
+    from bnfold.recalibrate import recalibrate as _recalibrate
+
+    return _recalibrate(model, batches, num_batches, **options)
+
+
+def fold_onnx(model: Any, **options: Any) -> PassResult:
+    """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path)."""
+    from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
+
+    return _fold_onnx(model, **options)
+
+
+def inspect_onnx(model: Any) -> Report:
+    """Report, without changing anything, what each BN of an ONNX model would fold into."""
+    from bnfold.passes.onnx.fold import inspect_onnx as _inspect_onnx
+
+    return _inspect_onnx(model)
+
+
+def insert_bn_onnx(model: Any, **options: Any) -> PassResult:
+    """Insert BatchNormalization after Conv/ConvTranspose/Gemm/MatMul in an ONNX graph."""
+    from bnfold.passes.onnx.insert import insert_bn_onnx as _insert
+
+    return _insert(model, **options)
+
+
+def validate(reference: Any, candidate: Any, *args: Any, **options: Any) -> Any:
+    """Run two models (ONNX vs ONNX, or torch vs ONNX) in ONNX Runtime and compare outputs."""
+    from bnfold.validate import validate as _validate
+
+    return _validate(reference, candidate, *args, **options)
+
+
+def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,
+           fold: bool = True, validate: Sequence[str] | None = ("cpu", "cuda"),
+           opset: int | None = None, dynamic_shapes: Any = None) -> Report:
+    """Fold at the FX level, export to ONNX, fold what export left, validate, write atomically."""
+    from bnfold.export import export as _export
+
+    return _export(model, example_inputs, path, fold=fold, validate=validate, opset=opset,
+                   dynamic_shapes=dynamic_shapes)

@@ -1,0 +1,120 @@
+"""One report type for every pass: what it changed and, for each BN it left, why.
+
+Each entry is ``{bn, action, into, reason, ...}`` where ``action`` is one of
+``folded`` (BN removed into ``into``), ``kept`` (BN left in the graph, ``reason`` says why),
+``inserted`` (a new BN after ``after``) or ``skipped`` (an insertion candidate left alone).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, NamedTuple
+
+Action = Literal["folded", "kept", "inserted", "skipped"]
+
+
+@dataclass
+class Entry:
+    """What a pass did with one BN (or one insertion candidate)."""
+
+    bn: str
+    action: Action
+    into: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+
+@dataclass
+class Report:
+    """The record a pass returns; ``changed`` is true when the model was rewritten."""
+
+    pass_name: str
+    entries: list[Entry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(
+        self,
+        bn: str,
+        action: Action,
+        *,
+        into: str | None = None,
+        reason: str | None = None,
+        **details: Any,
+    ) -> Entry:
+        entry = Entry(bn, action, into, reason, dict(details))
+        self.entries.append(entry)
+        return entry
+
+    def by_action(self, action: Action) -> list[Entry]:
+        return [e for e in self.entries if e.action == action]
+
+    @property
+    def folded(self) -> list[Entry]:
+        return self.by_action("folded")
+
+    @property
+    def kept(self) -> list[Entry]:
+        return self.by_action("kept")
+
+    @property
+    def inserted(self) -> list[Entry]:
+        return self.by_action("inserted")
+
+    @property
+    def skipped(self) -> list[Entry]:
+        return self.by_action("skipped")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded or self.inserted)
+
+    def counts(self) -> dict[str, int]:
+        out = {"folded": 0, "kept": 0, "inserted": 0, "skipped": 0}
+        for e in self.entries:
+            out[e.action] += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "changed": self.changed,
+            "counts": self.counts(),
+            "entries": [e.to_dict() for e in self.entries],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def table(self) -> str:
+        """A plain-text table for people (no colour codes, safe to paste in a README)."""
+        rows = [("BN", "action", "into / reason")]
+        for e in self.entries:
+            rows.append((e.bn, e.action, e.into if e.action in ("folded", "inserted")
+                         else (e.reason or "")))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2] or ''}".rstrip() for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        c = self.counts()
+        summary = ", ".join(f"{v} {k}" for k, v in c.items() if v)
+        lines.append(f"{self.pass_name}: {summary or 'nothing to do'}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class PassResult(NamedTuple):
+    """What every pass returns: unpack as ``model, report = bnfold.fold(...)``."""
+
+    model: Any
+    report: Report
+
+    @property
+    def changed(self) -> bool:
+        return self.report.changed

@@ -1,0 +1,257 @@
+"""The fold algebra against direct float64 evaluation of layer + BN with torch."""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold.algebra import (
+    BFLOAT16,
+    BNParams,
+    backward_fold_refusal,
+    fold_backward,
+    fold_forward,
+    per_channel,
+    round_to,
+)
+from bnfold.errors import UnsafeFoldError
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+CONV_CASES = list(itertools.product([1, 2, 3], [1, 2, 4], [True, False]))
+
+
+def random_bn(c: int, rng: np.random.Generator, affine: bool = True) -> BNParams:
+    return BNParams(
+        mean=rng.normal(0, 0.5, c),
+        var=rng.uniform(0.3, 3.0, c),
+        eps=1e-5,
+        gamma=rng.uniform(0.5, 1.5, c) * rng.choice([-1, 1], c) if affine else None,
+        beta=rng.normal(0, 0.5, c) if affine else None,
+    )
+
+
+def bn_ref(y: torch.Tensor, bn: BNParams, axis: int = 1) -> torch.Tensor:
+    """Float64 BN over ``axis`` straight from the definition."""
+    shape = [1] * y.dim()
+    shape[axis] = -1
+
+    def v(a: np.ndarray | None, default: float) -> torch.Tensor:
+        arr = np.full(bn.channels, default) if a is None else np.asarray(a, np.float64)
+        return torch.from_numpy(arr).reshape(shape)
+
+    return v(bn.gamma, 1.0) * (y - v(bn.mean, 0)) / torch.sqrt(v(bn.var, 0) + bn.eps) + v(
+        bn.beta, 0.0
+    )
+
+
+def t64(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float64))
+
+
+def assert_close64(a: torch.Tensor, b: torch.Tensor) -> None:
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max()) / scale
+    assert err < 1e-12, err
+
+
+@pytest.mark.parametrize("dims,groups,bias", CONV_CASES)
+def test_forward_conv(dims: int, groups: int, bias: bool) -> None:
+    rng = np.random.default_rng(dims * 10 + groups)
+    cin, cout, k = 8, 8, 3
+    w = rng.normal(size=(cout, cin // groups, *([k] * dims)))
+    b = rng.normal(size=cout) if bias else None
+    bn = random_bn(cout, rng)
+    x = torch.randn(2, cin, *([7] * dims), dtype=torch.float64)
+    kw = dict(stride=2, padding=1, dilation=1, groups=groups)
+    ref = bn_ref(CONV[dims](x, t64(w), None if b is None else t64(b), **kw), bn)
+    f = fold_forward(w, b, bn, out_axis=0)
+    assert_close64(CONV[dims](x, t64(f.weight), t64(f.bias), **kw), ref)
+
+
+@pytest.mark.parametrize("dims,groups,bias", CONV_CASES)
+def test_forward_conv_transpose(dims: int, groups: int, bias: bool) -> None:
+    rng = np.random.default_rng(dims * 10 + groups + 100)
+    cin, cout, k = 8, 12, 3
+    w = rng.normal(size=(cin, cout // groups, *([k] * dims)))
+    b = rng.normal(size=cout) if bias else None
+    bn = random_bn(cout, rng)
+    x = torch.randn(2, cin, *([4] * dims), dtype=torch.float64)
+    kw = dict(stride=2, padding=1, output_padding=1, groups=groups)
+    ref = bn_ref(CONVT[dims](x, t64(w), None if b is None else t64(b), **kw), bn)
+    f = fold_forward(w, b, bn, out_axis=1, groups=groups)
+    assert_close64(CONVT[dims](x, t64(f.weight), t64(f.bias), **kw), ref)
+
+
+@pytest.mark.parametrize("transposed,bias", list(itertools.product([False, True], [True, False])))
+def test_forward_linear_and_gemm(transposed: bool, bias: bool) -> None:
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(6, 5))  # [out, in]
+    b = rng.normal(size=6) if bias else None
+    bn = random_bn(6, rng, affine=bias)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    ref = bn_ref(F.linear(x, t64(w), None if b is None else t64(b)), bn)
+    weight = w.T.copy() if transposed else w
+    f = fold_forward(weight, b, bn, out_axis=1 if transposed else 0)
+    w_out = t64(f.weight).T if transposed else t64(f.weight)
+    assert_close64(F.linear(x, w_out, t64(f.bias)), ref)
+
+
+@pytest.mark.parametrize("c_shape", [(), (1,), (6,), (1, 6), (9, 6)])
+def test_forward_gemm_bias_broadcast_and_beta(c_shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(3)
+    a = torch.randn(9, 5, dtype=torch.float64)
+    w = rng.normal(size=(5, 6))  # Gemm B with transB=0
+    c = rng.normal(size=c_shape)
+    alpha, beta = 0.7, -1.3
+    bn = random_bn(6, rng)
+    ref = bn_ref(alpha * a @ t64(w) + beta * t64(c), bn)
+    f = fold_forward(alpha * w, c, bn, out_axis=1, bias_scale=beta)
+    assert f.bias.shape == np.broadcast_shapes(c_shape, (6,))
+    assert_close64(a @ t64(f.weight) + t64(f.bias), ref)
+
+
+@pytest.mark.parametrize("dims,groups,padding,mode", [
+    (1, 1, 0, "zeros"), (2, 2, 0, "zeros"), (3, 1, 0, "zeros"), (2, 4, 1, "reflect"),
+    (2, 1, 1, "replicate"), (1, 2, 2, "circular"), (2, 8, 0, "zeros"),
+])
+def test_backward_conv(dims: int, groups: int, padding: int, mode: str) -> None:
+    rng = np.random.default_rng(dims + groups + padding)
+    cin, cout, k = 8, 8, 3
+    w = rng.normal(size=(cout, cin // groups, *([k] * dims)))
+    b = rng.normal(size=cout)
+    bn = random_bn(cin, rng)
+    assert backward_fold_refusal("conv", bn, padding=[padding] * dims, padding_mode=mode) is None
+    x = torch.randn(2, cin, *([6] * dims), dtype=torch.float64)
+
+    def conv(inp: torch.Tensor, wt: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
+        if padding and mode != "zeros":
+            pad_mode = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+            inp = F.pad(inp, [padding] * (2 * dims), mode=pad_mode[mode])
+            return CONV[dims](inp, wt, bs, groups=groups)
+        return CONV[dims](inp, wt, bs, padding=padding, groups=groups)
+
+    ref = conv(bn_ref(x, bn), t64(w), t64(b))
+    f = fold_backward(w, b, bn, in_axis=1, groups=groups)
+    assert_close64(conv(x, t64(f.weight), t64(f.bias)), ref)
+
+
+def test_backward_zero_padded_conv_is_refused_unless_shift_is_zero() -> None:
+    rng = np.random.default_rng(0)
+    bn = random_bn(4, rng)
+    reason = backward_fold_refusal("conv", bn, padding=[1, 1], padding_mode="zeros")
+    assert reason and "padded border" in reason
+    s, _ = bn.scale_shift()
+    zero_shift = BNParams(mean=np.zeros(4), var=bn.var, eps=bn.eps, gamma=bn.gamma,
+                          beta=np.zeros(4))
+    assert backward_fold_refusal("conv", zero_shift, padding=[1, 1]) is None
+    assert s.shape == (4,)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_backward_conv_transpose_full_coverage(groups: int) -> None:
+    rng = np.random.default_rng(groups)
+    cin, cout, k = 4, 6, 3
+    w = rng.normal(size=(cin, cout // groups, k, k))
+    b = rng.normal(size=cout)
+    bn = random_bn(cin, rng)
+    ok = dict(padding=[2, 2], stride=[1, 1], dilation=[1, 1], kernel=[k, k], output_padding=[0, 0])
+    assert backward_fold_refusal("conv_transpose", bn, **ok) is None
+    bad = dict(ok, stride=[2, 2])
+    assert backward_fold_refusal("conv_transpose", bn, **bad)
+    x = torch.randn(2, cin, 7, 7, dtype=torch.float64)
+    ref = F.conv_transpose2d(bn_ref(x, bn), t64(w), t64(b), padding=2, groups=groups)
+    f = fold_backward(w, b, bn, in_axis=0, out_axis=1, groups=groups)
+    assert_close64(F.conv_transpose2d(x, t64(f.weight), t64(f.bias), padding=2, groups=groups), ref)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_backward_linear(transposed: bool) -> None:
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(6, 5))
+    bn = random_bn(5, rng)
+    x = torch.randn(9, 5, dtype=torch.float64)
+    ref = F.linear(bn_ref(x, bn), t64(w))
+    if transposed:
+        f = fold_backward(w.T.copy(), None, bn, in_axis=0, out_axis=1)
+        out = x @ t64(f.weight) + t64(f.bias)
+    else:
+        f = fold_backward(w, None, bn, in_axis=1, out_axis=0)
+        out = F.linear(x, t64(f.weight), t64(f.bias))
+    assert_close64(out, ref)
+
+
+def _neighbours(y: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    bits = y.view(np.uint16).astype(np.int32)
+    sign = np.where(bits & 0x8000, -1, 1)
+    up = np.where(sign > 0, bits + 1, bits - 1).astype(np.uint16).view(dtype)
+    down = np.where(sign > 0, bits - 1, bits + 1).astype(np.uint16).view(dtype)
+    return up.astype(np.float64), down.astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BFLOAT16])
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
+def test_round_to_is_correctly_rounded(dtype: np.dtype, seed: int, scale: float) -> None:
+    x = np.random.default_rng(seed).normal(0, scale, 512)
+    y = round_to(x, dtype)
+    assert y.dtype == dtype
+    err = np.abs(y.astype(np.float64) - x)
+    for n in _neighbours(y, dtype):
+        d = np.abs(n - x)
+        assert np.all((err <= d) | np.isnan(d))  # no representable neighbour is closer
+
+
+def test_round_to_avoids_double_rounding_in_bfloat16() -> None:
+    # 1 + 2^-8 + 2^-30: a tie for bf16 after a float32 rounding, just above it in float64.
+    x = np.array([1 + 2.0**-8 + 2.0**-30])
+    naive = x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    exact = round_to(x, BFLOAT16).astype(np.float64)
+    assert exact[0] == 1 + 2.0**-7
+    assert naive[0] == 1.0  # what a float32-first cast does
+
+
+def test_fp16_fold_is_within_half_ulp_of_float64_fold() -> None:
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float16)
+    bn = random_bn(16, rng)
+    f = fold_forward(w, None, bn)
+    s, _ = bn.scale_shift()
+    exact = w.astype(np.float64) * s[:, None, None, None]
+    ulp = np.spacing(np.abs(f.weight)).astype(np.float64)
+    assert np.all(np.abs(f.weight.astype(np.float64) - exact) <= 0.5 * ulp)
+    assert f.weight.dtype == np.float16 and f.bias.dtype == np.float16
+
+
+def test_overflow_is_refused() -> None:
+    w = np.full((2, 2), 60000, np.float16)
+    bn = BNParams(mean=np.zeros(2), var=np.full(2, 0.01), eps=0.0, gamma=np.ones(2),
+                  beta=np.zeros(2))
+    with pytest.raises(UnsafeFoldError, match="not finite in float16"):
+        fold_forward(w, None, bn)
+
+
+def test_non_positive_variance_is_refused() -> None:
+    bn = BNParams(mean=np.zeros(2), var=np.array([1.0, -1.0]), eps=1e-5)
+    with pytest.raises(UnsafeFoldError, match="not positive"):
+        bn.scale_shift()
+
+
+def test_channel_mismatch_is_refused() -> None:
+    rng = np.random.default_rng(1)
+    with pytest.raises(UnsafeFoldError, match="channels"):
+        fold_forward(rng.normal(size=(4, 3)), None, random_bn(5, rng))
+
+
+def test_per_channel_reduction() -> None:
+    a = np.repeat(np.arange(3.0)[:, None, None], 4, axis=1).repeat(2, axis=2)
+    assert per_channel(a).tolist() == [0.0, 1.0, 2.0]
+    a[1, 0, 0] = 9
+    assert per_channel(a) is None

@@ -1,0 +1,164 @@
+"""Inputs for validation: read the graph's input signature, fill dynamic dims, generate random
+samples per dtype, or load them from ``.npy`` / ``.npz`` files.
+
+Generated values (stated in every validation report):
+
+* float inputs: standard normal, drawn in float64 and cast once to the input's dtype;
+* integer inputs: uniform integers in ``[0, 10)``; bool inputs: fair coin flips;
+* a dynamic dim named in ``dims`` takes that size; any other dynamic dim takes
+  :data:`DEFAULT_DIM` (2, not 1, so that a batch axis is really exercised).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+
+from bnfold.errors import BadInputError
+
+DEFAULT_DIM = 2
+INT_HIGH = 10
+Sample = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: its name, numpy dtype and shape (``str`` entries are symbolic dims,
+    ``None`` unknown ones)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def numpy_dtype(elem_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX tensor element type (bfloat16 via ml_dtypes)."""
+    if elem_type == onnx.TensorProto.BFLOAT16:
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, ValueError, TypeError) as exc:
+        name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "undefined"
+        raise BadInputError(f"input element type {name} is not supported for validation") from exc
+
+
+def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (graph inputs that are not initializers), in graph order."""
+    inits = {t.name for t in proto.graph.initializer}
+    specs = []
+    for value in proto.graph.input:
+        if value.name in inits:
+            continue
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise BadInputError(f"input {value.name!r} is not a tensor; give --inputs instead")
+        shape: list[int | str | None] = []
+        if ttype.HasField("shape"):
+            for d in ttype.shape.dim:
+                if d.HasField("dim_value"):
+                    shape.append(int(d.dim_value))
+                else:
+                    shape.append(d.dim_param or None)
+        specs.append(InputSpec(value.name, numpy_dtype(ttype.elem_type), tuple(shape)))
+    return specs
+
+
+def resolve_shape(spec: InputSpec, dims: Mapping[str, int], notes: list[str]) -> tuple[int, ...]:
+    """Concrete shape for ``spec``: named dims from ``dims``, others :data:`DEFAULT_DIM`."""
+    out = []
+    for axis, d in enumerate(spec.shape):
+        if isinstance(d, int):
+            out.append(d)
+        elif isinstance(d, str) and d in dims:
+            out.append(int(dims[d]))
+        else:
+            label = f"dim {d!r}" if d else f"unnamed dim {axis}"
+            note = f"{spec.name}: {label} not given, used {DEFAULT_DIM}"
+            if note not in notes:
+                notes.append(note)
+            out.append(DEFAULT_DIM)
+    return tuple(out)
+
+
+def random_array(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generator) -> np.ndarray:
+    """One random array of ``dtype`` (see the module docstring for the distributions)."""
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, INT_HIGH, size=shape).astype(dtype)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise BadInputError("complex inputs are not supported for generated validation data")
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def generate_samples(
+    specs: Sequence[InputSpec], dims: Mapping[str, int] | None, samples: int, seed: int,
+) -> tuple[list[Sample], list[str]]:
+    """``samples`` random input dicts for ``specs`` and the notes saying which defaults applied."""
+    notes: list[str] = []
+    shapes = {s.name: resolve_shape(s, dims or {}, notes) for s in specs}
+    out = []
+    for i in range(samples):
+        rng = np.random.default_rng(seed + i)
+        out.append({s.name: random_array(shapes[s.name], s.dtype, rng) for s in specs})
+    return out, notes
+
+
+def load_samples(source: Any, specs: Sequence[InputSpec]) -> list[Sample]:
+    """Samples given by the user: an ``.npz`` (one array per input name), an ``.npy`` (for a
+    single-input model), a dict of arrays, or a list of those. Dtypes are checked, not cast."""
+    items = source if isinstance(source, (list, tuple)) else [source]
+    samples = [_one_sample(item, specs) for item in items]
+    if not samples:
+        raise BadInputError("no input samples given")
+    return samples
+
+
+def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
+    if isinstance(item, (str, os.PathLike)):
+        item = _read_arrays(Path(item), specs)
+    if not isinstance(item, Mapping):
+        raise BadInputError(f"inputs must be a path or a dict of arrays, got {type(item).__name__}")
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in item]
+    extra = [k for k in item if k not in names]
+    if missing or extra:
+        raise BadInputError(
+            f"inputs do not match the model: missing {missing or 'none'}, unknown {extra or 'none'}"
+        )
+    sample = {}
+    for s in specs:
+        arr = np.asarray(item[s.name])
+        if arr.dtype != s.dtype:
+            raise BadInputError(
+                f"input {s.name!r} has dtype {arr.dtype}, the model wants {s.dtype}")
+        fixed = [(a, d) for a, d in enumerate(s.shape) if isinstance(d, int)]
+        if arr.ndim != len(s.shape) or any(arr.shape[a] != d for a, d in fixed):
+            raise BadInputError(
+                f"input {s.name!r} has shape {list(arr.shape)}, the model wants {list(s.shape)}"
+            )
+        sample[s.name] = arr
+    return sample
+
+
+def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such input file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise BadInputError(f"{path}: not a readable .npy/.npz file") from exc
+    if isinstance(loaded, np.ndarray):
+        if len(specs) != 1:
+            raise BadInputError(f"{path}: a .npy holds one array but the model has "
+                                f"{len(specs)} inputs; use an .npz keyed by input name")
+        return {specs[0].name: loaded}
+    with loaded:
+        return {k: loaded[k] for k in loaded.files}

@@ -1,0 +1,329 @@
+"""Run a reference and a candidate in ONNX Runtime (CPU, CUDA) and compare every output.
+
+``validate(reference, candidate)`` takes two ONNX models (paths, ``onnx.ModelProto`` or
+``onnx_ir.Model``), or a torch module and an ONNX model plus ``example_inputs`` (export
+parity: torch eager in eval mode is the reference). For each requested provider it opens one
+session per model, runs the same input samples through both and compares each output with
+:func:`bnfold.compare.compare_output` (dtype-aware tolerances). When CPU and CUDA both ran, the
+candidate's CPU and CUDA outputs are compared too.
+
+Guards against false confidence:
+
+* ORT graph optimizations are disabled by default (``optimize=False``): ORT's own fusions
+  (it folds Conv+BN itself) would otherwise run on the reference and could mask a wrong fold.
+* ORT only warns when a requested provider is missing and silently runs on the CPU; after
+  opening each session ``session.get_providers()`` is checked and the provider that really ran
+  is reported. A CUDA session that fell back to CPU is reported as "CUDA EP not available";
+  ``require=("cuda",)`` turns that into a failure.
+* CUDA sessions disable TF32 (``use_tf32=0``) so float32 is compared at float32 precision.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from bnfold.compare import CROSS_PROVIDER_FACTOR, compare_output, tolerance_rule
+from bnfold.errors import BadInputError, UnsupportedError
+from bnfold.fileio import load_onnx
+from bnfold.inputs import (
+    InputSpec,
+    Sample,
+    generate_samples,
+    input_specs,
+    load_samples,
+    random_array,
+)
+from bnfold.validation_result import ProviderRun, ValidationResult
+
+EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MIN_OPSET = 7
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Model:
+    """A model ready for ORT: a label for reports, its proto (for signatures) and what
+    ``InferenceSession`` opens (a path, so external data resolves, or serialized bytes)."""
+
+    label: str
+    proto: onnx.ModelProto
+    source: str | bytes
+
+
+@dataclass
+class _Torch:
+    label: str
+    module: Any
+    outputs: list[list[np.ndarray]] = field(default_factory=list)
+
+
+def validate(
+    reference: Any,
+    candidate: Any,
+    example_inputs: Any = None,
+    *,
+    providers: Sequence[str] = ("cpu", "cuda"),
+    require: Sequence[str] = (),
+    inputs: Any = None,
+    dims: Mapping[str, int] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    optimize: bool = False,
+    progress: Progress | None = None,
+) -> ValidationResult:
+    """Compare ``candidate`` against ``reference`` on every provider in ``providers``.
+
+    ``inputs``: a ``.npy``/``.npz`` path, a dict of arrays, or a list of those; otherwise
+    ``samples`` random samples are generated from the reference's input signature with
+    ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.inputs`). ``atol``/``rtol``
+    replace the dtype-aware defaults (:mod:`bnfold.compare`). ``require``: providers whose
+    absence is a failure rather than a note. ``progress(done, total)`` is called after each
+    ORT run. Raises :class:`BadInputError` for unreadable models or inputs that do not fit.
+    """
+    wanted = _check_providers(providers, require)
+    if samples < 1:
+        raise BadInputError("samples must be at least 1")
+    cand = _as_model(candidate, "candidate")
+    torch_mod = sys.modules.get("torch")
+    if torch_mod is not None and isinstance(reference, torch_mod.nn.Module):
+        ref: _Model | _Torch = _Torch(f"torch {type(reference).__name__} (eval)", reference)
+        specs = input_specs(cand.proto)
+        feeds = _torch_samples(example_inputs, specs, samples, seed)
+        source_note = "example_inputs, then random samples of the same shapes and dtypes"
+        notes: list[str] = []
+    else:
+        if example_inputs is not None:
+            raise BadInputError("example_inputs is only for a torch reference; use inputs=")
+        ref = _as_model(reference, "reference")
+        specs = input_specs(ref.proto)
+        _check_same_inputs(specs, input_specs(cand.proto))
+        if inputs is not None:
+            feeds, notes = load_samples(inputs, specs), []
+            source_note = f"given ({_describe_source(inputs)})"
+        else:
+            feeds, notes = generate_samples(specs, dims, samples, seed)
+            source_note = f"generated, seeds {seed}..{seed + samples - 1}"
+    result = ValidationResult(
+        reference=ref.label, candidate=cand.label,
+        settings={
+            "providers": list(wanted), "require": list(require), "samples": len(feeds),
+            "seed": seed, "ort_graph_optimizations": "enabled" if optimize else "disabled",
+            "atol": atol, "rtol": rtol, "tolerance_rule": tolerance_rule(),
+        },
+        inputs=[{"name": s.name, "dtype": str(feeds[0][s.name].dtype),
+                 "shape": list(feeds[0][s.name].shape), "source": source_note} for s in specs],
+        notes=notes,
+    )
+    if isinstance(ref, _Torch):
+        ref.outputs = [_run_torch(ref.module, feed) for feed in feeds]
+    out_names = _output_names(ref, cand, result.notes)
+    ticker = _Ticker(progress, len(feeds) * len(wanted) * (1 if isinstance(ref, _Torch) else 2))
+    cand_outputs: dict[str, list[list[np.ndarray]]] = {}
+    for provider in wanted:
+        run = _run_provider(provider, ref, cand, feeds, out_names, optimize, atol, rtol, ticker)
+        run.required = provider in require
+        result.runs.append(run)
+        if run.status == "ran":
+            cand_outputs[provider] = run.outputs
+    if {"cpu", "cuda"} <= cand_outputs.keys():
+        result.runs.append(_cross_run(cand, cand_outputs, out_names, atol, rtol))
+    return result
+
+
+def check_opset(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
+    newest = onnx.defs.onnx_opset_version()
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx") and not MIN_OPSET <= imp.version <= newest:
+            raise UnsupportedError(f"{label}: ai.onnx opset {imp.version} is not supported "
+                                   f"(supported: {MIN_OPSET} to {newest})")
+
+
+def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[str]:
+    if isinstance(providers, str):
+        providers = [providers]
+    wanted = [p.strip().lower() for p in providers if p.strip()]
+    for p in [*wanted, *require]:
+        if p not in EP_NAMES:
+            raise BadInputError(f"unknown provider {p!r}; choose from {', '.join(EP_NAMES)}")
+    wanted += [p for p in require if p not in wanted]
+    if not wanted:
+        raise BadInputError("no provider to validate on")
+    return list(dict.fromkeys(wanted))
+
+
+def _as_model(model: Any, role: str) -> _Model:
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_onnx(model)  # one-line BadInputError for missing/garbage files
+        proto = ir.serde.serialize_model(loaded)
+        label, source = str(model), str(Path(model))
+    else:
+        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(
+            load_onnx(model))
+        label, source = f"{role} ({proto.graph.name or 'in memory'})", proto.SerializeToString()
+    check_opset(proto, label)
+    return _Model(label, proto, source)
+
+
+def _describe_source(inputs: Any) -> str:
+    items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    return ", ".join(str(i) if isinstance(i, (str, os.PathLike)) else "arrays" for i in items)
+
+
+def _check_same_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec]) -> None:
+    if [(s.name, s.dtype) for s in ref] != [(s.name, s.dtype) for s in cand]:
+        def show(specs: Sequence[InputSpec]) -> str:
+            return ", ".join(f"{s.name}:{s.dtype}" for s in specs) or "none"
+        raise BadInputError(f"the models take different inputs: reference {show(ref)}, "
+                            f"candidate {show(cand)}")
+
+
+def _output_names(ref: _Model | _Torch, cand: _Model, notes: list[str]) -> list[tuple[str, str]]:
+    """Pairs (reference output, candidate output), by name when they agree, else by position."""
+    cand_names = [o.name for o in cand.proto.graph.output]
+    if isinstance(ref, _Torch):
+        count = len(ref.outputs[0])
+        if count != len(cand_names):
+            raise BadInputError(f"torch returns {count} outputs, the ONNX model {len(cand_names)}")
+        return [(f"torch[{i}]", n) for i, n in enumerate(cand_names)]
+    ref_names = [o.name for o in ref.proto.graph.output]
+    if sorted(ref_names) == sorted(cand_names):
+        return [(n, n) for n in ref_names]
+    if len(ref_names) != len(cand_names):
+        raise BadInputError(f"the models have different outputs: {ref_names} vs {cand_names}")
+    notes.append("output names differ; outputs matched by position")
+    return list(zip(ref_names, cand_names, strict=True))
+
+
+class _Ticker:
+    def __init__(self, callback: Progress | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def open_session(model: _Model, provider: str, optimize: bool
+                 ) -> tuple[ort.InferenceSession | None, str | None]:
+    """An ORT session on ``provider``, or ``(None, why)`` when that provider cannot run."""
+    if provider == "cuda" and EP_NAMES["cuda"] not in ort.get_available_providers():
+        return None, "CUDA EP not available (onnxruntime has no CUDAExecutionProvider; " \
+                     "install onnxruntime-gpu)"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    eps: list[Any] = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        eps.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+    try:
+        session = ort.InferenceSession(model.source, options, providers=eps)
+    except Exception as exc:
+        raise BadInputError(f"{model.label}: ONNX Runtime cannot load the model "
+                            f"({_first_line(exc)})") from exc
+    if session.get_providers()[0] != EP_NAMES[provider]:
+        return None, (f"CUDA EP not available (ORT fell back to "
+                      f"{session.get_providers()[0]}: CUDA libraries failed to load)")
+    return session, None
+
+
+def _run_provider(provider: str, ref: _Model | _Torch, cand: _Model, feeds: list[Sample],
+                  names: list[tuple[str, str]], optimize: bool, atol: float | None,
+                  rtol: float | None, ticker: _Ticker) -> ProviderRun:
+    comparison = f"{ref.label} vs {cand.label}"
+    cand_sess, why = open_session(cand, provider, optimize)
+    ref_sess = None
+    if cand_sess is not None and isinstance(ref, _Model):
+        ref_sess, why = open_session(ref, provider, optimize)
+    if cand_sess is None or (isinstance(ref, _Model) and ref_sess is None):
+        return ProviderRun(provider, comparison, "unavailable", [], note=why)
+    cand_out = [_run_ort(cand_sess, feed, [c for _, c in names], cand.label, ticker)
+                for feed in feeds]
+    if ref_sess is not None:
+        ref_out = [_run_ort(ref_sess, feed, [r for r, _ in names], ref.label, ticker)
+                   for feed in feeds]
+    else:
+        ref_out = ref.outputs  # type: ignore[union-attr]
+    comps = [compare_output(c, [o[i] for o in ref_out], [o[i] for o in cand_out],
+                            atol=atol, rtol=rtol) for i, (_, c) in enumerate(names)]
+    return ProviderRun(provider, comparison, "ran", cand_sess.get_providers(), comps,
+                       outputs=cand_out)
+
+
+def _cross_run(cand: _Model, outputs: dict[str, list[list[np.ndarray]]],
+               names: list[tuple[str, str]], atol: float | None, rtol: float | None
+               ) -> ProviderRun:
+    cpu, cuda = outputs["cpu"], outputs["cuda"]
+    comps = [compare_output(c, [o[i] for o in cpu], [o[i] for o in cuda], atol=atol, rtol=rtol,
+                            tol_factor=CROSS_PROVIDER_FACTOR) for i, (_, c) in enumerate(names)]
+    return ProviderRun("cpu vs cuda", f"{cand.label}: CPU EP vs CUDA EP", "ran",
+                       [EP_NAMES["cpu"], EP_NAMES["cuda"]], comps)
+
+
+def _run_ort(session: ort.InferenceSession, feed: Sample, names: list[str], label: str,
+             ticker: _Ticker) -> list[np.ndarray]:
+    try:
+        out = session.run(names, feed)
+    except Exception as exc:
+        raise BadInputError(f"{label}: ONNX Runtime failed to run it on these inputs "
+                            f"({_first_line(exc)})") from exc
+    ticker.tick()
+    return [np.asarray(o) for o in out]
+
+
+def _torch_samples(example_inputs: Any, specs: Sequence[InputSpec], samples: int, seed: int
+                   ) -> list[Sample]:
+    import torch
+
+    if example_inputs is None:
+        raise BadInputError("a torch reference needs example_inputs")
+    first = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    if len(first) != len(specs) or not all(isinstance(t, torch.Tensor) for t in first):
+        raise BadInputError(f"example_inputs must be {len(specs)} tensor(s), one per ONNX input")
+    base = [t.detach().cpu().numpy() for t in first]
+    feeds = [dict(zip([s.name for s in specs], base, strict=True))]
+    for i in range(1, samples):
+        rng = np.random.default_rng(seed + i)
+        feeds.append({s.name: random_array(a.shape, a.dtype, rng)
+                      for s, a in zip(specs, base, strict=True)})
+    return feeds
+
+
+def _run_torch(module: Any, feed: Sample) -> list[np.ndarray]:
+    import torch
+
+    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()]
+    if module.training:
+        raise BadInputError("the torch reference is in training mode; call model.eval() first")
+    with torch.no_grad():
+        out = module(*args)
+    return [t.detach().cpu().numpy() for t in _leaves(out)]
+
+
+def _leaves(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [leaf for o in out for leaf in _leaves(o)]
+    if isinstance(out, dict):
+        return [leaf for o in out.values() for leaf in _leaves(o)]
+    return [out]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text[:240]

@@ -1,0 +1,138 @@
+"""What :func:`bnfold.validate` returns: per provider and per output, the metrics and a verdict.
+
+``result.passed`` is true when every comparison that ran passed and every *required* provider
+really ran. ``to_dict()``/``to_json()`` give strict JSON (schema ``SCHEMA``); ``table()`` a
+plain-text table for people; ``rows()`` the cells both tables are built from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bnfold.compare import Comparison, json_safe
+
+SCHEMA = "bnfold.validation/1"
+HEADERS = ("provider", "output", "dtype", "max abs", "max rel", "cosine", "worst at",
+           "atol / rtol", "result")
+
+
+@dataclass
+class ProviderRun:
+    """The comparison of one pair of runs on one execution provider (or CPU vs CUDA).
+
+    ``status`` is ``ran`` or ``unavailable``; ``ran_on`` is ``session.get_providers()`` of the
+    candidate's session, i.e. what really ran, not what was asked for.
+    """
+
+    provider: str
+    comparison: str
+    status: str
+    ran_on: list[str]
+    comparisons: list[Comparison] = field(default_factory=list)
+    note: str | None = None
+    required: bool = False
+    outputs: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        if self.status != "ran":
+            return not self.required
+        return all(c.passed for c in self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "provider": self.provider, "comparison": self.comparison, "status": self.status,
+            "ran_on": list(self.ran_on), "required": self.required, "passed": self.passed,
+            "outputs": [c.to_dict() for c in self.comparisons],
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class ValidationResult:
+    """Everything one validation found, and the settings and inputs it used."""
+
+    reference: str
+    candidate: str
+    settings: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    runs: list[ProviderRun] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.runs) and all(r.passed for r in self.runs)
+
+    def failures(self) -> list[str]:
+        """One line per failed comparison or missing required provider."""
+        out = []
+        for run in self.runs:
+            if run.status != "ran" and run.required:
+                out.append(f"{run.provider}: required but {run.note}")
+            out.extend(f"{run.provider}: {c.output}: {c.reason}" for c in run.comparisons
+                       if not c.passed)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe({
+            "schema": SCHEMA,
+            "passed": self.passed,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "settings": dict(self.settings),
+            "inputs": list(self.inputs),
+            "notes": list(self.notes),
+            "runs": [r.to_dict() for r in self.runs],
+            "failures": self.failures(),
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """Table cells, one row per provider and output (one row for an unavailable EP)."""
+        rows = []
+        for run in self.runs:
+            if run.status != "ran":
+                verdict = "FAIL (required)" if run.required else "skipped"
+                rows.append((run.provider, "-", "-", "-", "-", "-", "-", "-",
+                             f"{verdict}: {run.note}"))
+                continue
+            for c in run.comparisons:
+                worst = (f"{c.worst['index']} s{c.worst['sample']}" if c.worst else "-")
+                rows.append((run.provider, c.output, c.dtype, f"{c.max_abs:.3g}",
+                             f"{c.max_rel:.3g}", f"{c.cosine:.9f}", worst,
+                             f"{c.atol:.2g} / {c.rtol:.2g}",
+                             "ok" if c.passed else f"FAIL: {c.reason}"))
+        return rows
+
+    def summary(self) -> str:
+        ran = [r for r in self.runs if r.status == "ran"]
+        ran_on = sorted({p for r in ran for p in r.ran_on[:1]})
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (f"validation {verdict}: {self.candidate} vs {self.reference}, "
+                f"{self.settings['samples']} samples, ran on {', '.join(ran_on) or 'nothing'}, "
+                f"ORT graph optimizations {self.settings['ort_graph_optimizations']}")
+
+    def table(self) -> str:
+        """A plain-text table (no colour codes) with the inputs used and the verdict."""
+        rows = [HEADERS, *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS) - 1)]
+        lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=False))
+                 + "  " + r[-1] for r in rows]
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        lines += [f"input {i['name']}: {i['dtype']} {i['shape']} ({i['source']})"
+                  for i in self.inputs]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"tolerance: {self.settings['tolerance_rule']}")
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

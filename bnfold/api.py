@@ -72,7 +72,7 @@ def insert_bn_onnx(model: Any, **options: Any) -> PassResult:
 
 def validate(reference: Any, candidate: Any, *args: Any, **options: Any) -> Any:
     """Run two models (ONNX vs ONNX, or torch vs ONNX) in ONNX Runtime and compare outputs."""
-    from bnfold.validate import validate as _validate
+    from bnfold.validation import validate as _validate
 
     return _validate(reference, candidate, *args, **options)
 
@@ -81,7 +81,7 @@ def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,
            fold: bool = True, validate: Sequence[str] | None = ("cpu", "cuda"),
            opset: int | None = None, dynamic_shapes: Any = None) -> Report:
     """Fold at the FX level, export to ONNX, fold what export left, validate, write atomically."""
-    from bnfold.export import export as _export
+    from bnfold.exporter import export as _export
 
     return _export(model, example_inputs, path, fold=fold, validate=validate, opset=opset,
                    dynamic_shapes=dynamic_shapes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,9 @@ def open_session(model: _Model, provider: str, optimize: bool
     if provider == "cuda":
         eps.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     try:
-        session = ort.InferenceSession(model.source, options, providers=eps)
+        with warnings.catch_warnings():  # the fallback warning; get_providers() says it below
+            warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
+            session = ort.InferenceSession(model.source, options, providers=eps)
     except Exception as exc:
         raise BadInputError(f"{model.label}: ONNX Runtime cannot load the model "
                             f"({_first_line(exc)})") from exc

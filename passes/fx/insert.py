@@ -1,0 +1,404 @@
+"""Insert BatchNorm after the dense and conv layers of a torch model: a torch.fx graph rewrite.
+
+The mirror image of the fold pass. Each candidate layer goes through one rule:
+match (Linear / Conv / ConvTranspose, as a module or a functional call) -> check (include /
+exclude, already normalized, produces the model output, channel count known) -> rewrite (a new
+BN module after the layer, or after its activation) -> record (a report entry).
+
+Which BN:
+
+* ``nn.Linear`` / ``F.linear`` whose output is ``[N, C]`` -> ``nn.BatchNorm1d(C)``; whose output
+  is ``[N, ..., C]`` (sequence models) -> :class:`bnfold.modules.FeatureBatchNorm` (BN over the
+  last dim, which the fold pass folds). Without ``example_inputs`` the rank is unknown and a
+  Linear gets ``FeatureBatchNorm``, which computes exactly ``BatchNorm1d`` on ``[N, C]``.
+* ``Conv{d}d`` / ``ConvTranspose{d}d`` (module or functional) -> ``BatchNorm{d}d(out_channels)``.
+
+A fresh BN is the identity up to ``1/sqrt(1 + eps)`` in eval mode (mean 0, var 1, gamma 1,
+beta 0); in train mode it normalizes with batch statistics, which is the point. Use
+:func:`bnfold.recalibrate` to give it statistics from data (``preserve_function=True`` makes
+the eval-mode model compute what it computed before insertion).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from bnfold.passes.fx.layers import (
+    Layer,
+    functional_groups,
+    get_attr_value,
+    is_activation,
+    is_shape_op,
+    match_layer,
+    norm_description,
+)
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bnfold.errors import BadInputError, UntraceableError
+from bnfold.modules import FeatureBatchNorm
+from bnfold.report import Entry, PassResult, Report
+
+#: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).
+INSERTED_ATTR = "bnfold_inserted"
+
+POSITIONS = ("before_activation", "after_activation")
+_BN_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d,
+                                           3: nn.BatchNorm3d}
+
+
+def insert_bn_fx(
+    model: nn.Module,
+    *,
+    position: str = "before_activation",
+    skip_last: bool = True,
+    include: Any = None,
+    exclude: Any = None,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    drop_bias: bool = False,
+    example_inputs: Any = None,
+) -> PassResult:
+    """Return ``(GraphModule, Report)``: ``model`` with a BN after each selected layer.
+
+    ``model`` (an ``nn.Module`` or ``fx.GraphModule``) is not modified. Options:
+
+    * ``position``: ``"before_activation"`` (layer -> BN -> activation) or
+      ``"after_activation"`` (layer -> activation -> BN; a layer with no activation as its only
+      user gets its BN right after it, and the report says so).
+    * ``skip_last``: leave alone each layer with a path to a model output that crosses no other
+      layer (the head).
+    * ``include`` / ``exclude``: a module-name glob (``"features.*"``; a functional call is
+      named by its node name, e.g. ``"linear_1"``, or its weight attribute), a layer type
+      (``nn.Conv2d`` also selects ``F.conv2d``), a function (``F.linear``), or a list of those.
+      ``exclude`` wins over ``include``.
+    * ``eps``, ``momentum``, ``affine``: passed to the new BN modules.
+    * ``drop_bias``: remove the bias of a layer whose BN follows it directly at every call
+      site. In train mode this is exact (BN subtracts the batch mean, so a per-channel
+      constant cancels); in eval mode the running mean must then be learned or recalibrated.
+    * ``example_inputs``: a tensor or tuple of tensors; shape propagation on them gives output
+      ranks (BatchNorm1d vs FeatureBatchNorm) and channel counts of functional calls whose
+      weight is not an attribute.
+
+    Idempotent: a layer already followed by a normalization (BatchNorm, SyncBatchNorm,
+    LayerNorm, GroupNorm, InstanceNorm, RMSNorm; module or functional; directly, after its
+    activation, or through reshapes) gets none, so inserting twice equals inserting once.
+    """
+    _check_options(position, eps, momentum)
+    gm = _trace_copy(model)
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
+    layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
+    if not layers:
+        raise BadInputError(
+            f"{type(model).__name__} has no Linear, Conv or ConvTranspose layer (module or "
+            "F.linear / F.conv* call) to insert BatchNorm after"
+        )
+    include_specs = _selectors(include, "include")
+    exclude_specs = _selectors(exclude, "exclude")
+    last = _last_layers(gm, {layer.node for layer in layers}) if skip_last else set()
+    report = Report("insert_bn")
+    direct: dict[str, list[tuple[Layer, Entry]]] = {}
+    unknown_rank = False
+    for layer in layers:
+        reason = _skip_reason(gm, layer, include_specs, exclude_specs, last)
+        plan = None if reason else _plan_bn(gm, layer)
+        if isinstance(plan, str):
+            reason = plan
+        if reason or plan is None:
+            report.add(layer.name, "skipped", reason=reason)
+            continue
+        bn_cls, channels, rank = plan
+        unknown_rank |= rank is None and layer.kind == "linear"
+        entry = _insert(gm, layer, bn_cls, channels, position,
+                        dict(eps=eps, momentum=momentum, affine=affine),
+                        training=model.training, report=report)
+        if entry.details["after"] == layer.node.name:
+            direct.setdefault(layer.name, []).append((layer, entry))
+        elif drop_bias:
+            entry.details["bias"] = "kept: an activation sits between the layer and its BN"
+    if drop_bias:
+        _drop_biases(gm, direct)
+    if unknown_rank:
+        report.notes.append(
+            "no example_inputs: Linear layers got FeatureBatchNorm (BN over the last dim, the "
+            "same as BatchNorm1d on [N, C]); pass example_inputs to get BatchNorm1d"
+        )
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input handling.
+# ---------------------------------------------------------------------------------------------
+
+def _check_options(position: str, eps: float, momentum: float | None) -> None:
+    if position not in POSITIONS:
+        raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0 and eps < float("inf")):
+        raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
+    if momentum is not None and not 0 <= momentum <= 1:
+        raise BadInputError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+
+
+def _trace_copy(model: nn.Module) -> fx.GraphModule:
+    """A traced deep copy of ``model`` (the input is never touched)."""
+    if not isinstance(model, nn.Module):
+        raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    clone = copy.deepcopy(model)
+    if isinstance(clone, fx.GraphModule):
+        return clone
+    try:
+        gm = fx.GraphModule(clone, _Tracer().trace(clone), type(clone).__name__)
+    except Exception as exc:  # TraceError, TypeError from data-dependent control flow...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UntraceableError(
+            f"cannot trace {type(model).__name__} with torch.fx ({first}); make its control "
+            "flow independent of tensor values, or pass a torch.fx.GraphModule"
+        ) from exc
+    gm.training = model.training
+    return gm
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, keeping bnfold's FeatureBatchNorm a leaf like nn.BatchNorm1d
+    (tracing into it would freeze its train/eval branch into the graph)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
+    """Record each node's output shape in ``node.meta["tensor_meta"]`` (eval mode, no grad,
+    so no running statistic of the copy changes)."""
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise BadInputError(f"example_inputs do not run through the model: {first}") from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+Selector = Any  # str glob | nn.Module subclass | function
+
+
+def _selectors(value: Any, what: str) -> list[Selector]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, type)) or callable(value) else list(value)
+    for item in items:
+        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))
+                or callable(item)):
+            raise BadInputError(
+                f"{what} takes module-name globs, layer types or functions, got {item!r}"
+            )
+    return items
+
+
+def _selected_by(layer: Layer, specs: Iterable[Selector]) -> str | None:
+    """The first selector that matches ``layer``, as text, or ``None``."""
+    names = [layer.name]
+    weight = layer.arg(1, "weight") if layer.module is None else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        names.append(str(weight.target))
+    for spec in specs:
+        if isinstance(spec, str):
+            if any(fnmatch.fnmatchcase(name, spec) for name in names):
+                return repr(spec)
+        elif isinstance(spec, type):
+            if issubclass(layer.module_type, spec):
+                return spec.__name__
+        elif spec is layer.function:
+            return getattr(spec, "__name__", repr(spec))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Check: why a candidate gets no BN.
+# ---------------------------------------------------------------------------------------------
+
+def _skip_reason(gm: fx.GraphModule, layer: Layer, include: list[Selector],
+                 exclude: list[Selector], last: set[fx.Node]) -> str | None:
+    if include and _selected_by(layer, include) is None:
+        return "not selected by include"
+    if exclude and (spec := _selected_by(layer, exclude)) is not None:
+        return f"excluded by {spec}"
+    if (norm := _following_norm(gm, layer.node)) is not None:
+        return f"already followed by {norm}"
+    if layer.node in last:
+        return "produces the model output (skip_last=True)"
+    return None
+
+
+def _following_norm(gm: fx.GraphModule, node: fx.Node, depth: int = 4) -> str | None:
+    """The normalization that ``node`` feeds directly or through activations / reshapes that
+    take it as their data input (``bn(h.flatten(0, 1))``, ``relu -> bn``)."""
+    for user in node.users:
+        if (desc := norm_description(gm, user)) is not None:
+            return desc
+    if depth == 0:
+        return None
+    for user in node.users:
+        passes_through = is_activation(gm, user) or is_shape_op(user)
+        if not (passes_through and user.args and user.args[0] is node):
+            continue
+        if (desc := _following_norm(gm, user, depth - 1)) is not None:
+            return desc
+    return None
+
+
+def _last_layers(gm: fx.GraphModule, layer_nodes: set[fx.Node]) -> set[fx.Node]:
+    """Layers with a path to a graph output that crosses no other layer."""
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg in layer_nodes:
+                found.add(arg)
+            else:
+                stack.append(arg)
+    return found
+
+
+def _plan_bn(gm: fx.GraphModule, layer: Layer
+             ) -> tuple[type[nn.Module], int, int | None] | str:
+    """``(BN class, channels, output rank or None)``, or the reason no BN fits."""
+    meta = layer.node.meta.get("tensor_meta")
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    channels = _channels(gm, layer, meta)
+    if channels is None:
+        return ("channel count unknown: the weight is computed at run time; "
+                "pass example_inputs")
+    if layer.kind == "linear":
+        if rank is not None and rank < 2:
+            return "unbatched output (rank 1): BatchNorm needs a batch dim"
+        return (nn.BatchNorm1d if rank == 2 else FeatureBatchNorm), channels, rank
+    if rank is not None and rank != layer.dims + 2:
+        return f"output has rank {rank}, not [N, C, ...] with {layer.dims} spatial dims"
+    return _BN_BY_DIMS[layer.dims], channels, rank
+
+
+def _channels(gm: fx.GraphModule, layer: Layer, meta: Any) -> int | None:
+    module = layer.module
+    if module is not None:
+        return int(module.out_features if layer.kind == "linear" else module.out_channels)
+    weight = get_attr_value(gm, layer.arg(1, "weight"))
+    if weight is not None:
+        if layer.kind == "conv_transpose":
+            return int(weight.shape[1]) * functional_groups(layer)
+        return int(weight.shape[0])
+    if meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2:
+        return int(meta.shape[-1] if layer.kind == "linear" else meta.shape[1])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite and record.
+# ---------------------------------------------------------------------------------------------
+
+def _insert(gm: fx.GraphModule, layer: Layer, bn_cls: type[nn.Module], channels: int,
+            position: str, bn_options: dict[str, Any], *, training: bool,
+            report: Report) -> Entry:
+    anchor = layer.node
+    if position == "after_activation" and len(anchor.users) == 1:
+        (user,) = anchor.users
+        if is_activation(gm, user):
+            anchor = user
+    weight = _layer_weight(gm, layer)
+    bn = bn_cls(channels, **bn_options,
+                device=weight.device if weight is not None else None,
+                dtype=weight.dtype if weight is not None and weight.is_floating_point() else None)
+    bn.train(training)
+    setattr(bn, INSERTED_ATTR, True)
+    name = _free_name(gm, f"{layer.name}_bn")
+    gm.add_submodule(name, bn)
+    with gm.graph.inserting_after(anchor):
+        bn_node = gm.graph.call_module(name, (anchor,))
+    anchor.replace_all_uses_with(bn_node, delete_user_cb=lambda user: user is not bn_node)
+    placed = "after the layer" if anchor is layer.node else f"after activation {anchor.name}"
+    if position == "after_activation" and anchor is layer.node:
+        placed = "after the layer (no activation is its only user)"
+    return report.add(name, "inserted", into=layer.name, after=anchor.name, layer=layer.name,
+                      kind=bn_cls.__name__, channels=channels, position=placed)
+
+
+def _layer_weight(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
+    if layer.module is not None:
+        return layer.module.weight
+    return get_attr_value(gm, layer.arg(1, "weight"))
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    taken = {n for n, _ in gm.named_modules()} | {n for n, _ in gm.named_parameters()} | {
+        n for n, _ in gm.named_buffers()}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _drop_biases(gm: fx.GraphModule, direct: dict[str, list[tuple[Layer, Entry]]]) -> None:
+    """Remove the bias of each layer whose every call site now feeds its own BN directly."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for name, sites in direct.items():
+        layer = sites[0][0]
+        if layer.module is not None:
+            reason = _drop_module_bias(gm, layer.module, calls[name], len(sites))
+        else:
+            reason = _drop_functional_bias(gm, layer)
+        for _, entry in sites:
+            entry.details["bias"] = reason or "dropped (BN's beta takes its role)"
+
+
+def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
+                      with_bn: int) -> str | None:
+    bias = module.bias
+    if bias is None:
+        return "none (the layer has no bias)"
+    if with_bn != calls:
+        return "kept: the module is also called where no BN follows"
+    if sum(1 for m in gm.modules() if getattr(m, "bias", None) is bias) > 1:
+        return "kept: the bias Parameter is shared with another layer"
+    module.bias = None
+    return None
+
+
+def _drop_functional_bias(gm: fx.GraphModule, layer: Layer) -> str | None:
+    node = layer.node
+    bias = layer.arg(2, "bias")
+    if bias is None:
+        return "none (the call has no bias)"
+    if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return "kept: the bias is computed at run time"
+    if len(node.args) > 2:
+        node.args = (*node.args[:2], None, *node.args[3:])
+    else:
+        node.kwargs = {**node.kwargs, "bias": None}
+    if not bias.users:
+        target = str(bias.target)
+        gm.graph.erase_node(bias)
+        if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+            owner, _, attr = target.rpartition(".")
+            delattr(gm.get_submodule(owner), attr)
+    return None

@@ -1,0 +1,149 @@
+"""What a torch.fx node is, for the insert pass: a dense/conv layer, an activation, a
+normalization, or a shape-only op that passes channels through unchanged.
+
+Layers are recognised as modules (``nn.Linear``, ``nn.Conv{1,2,3}d``,
+``nn.ConvTranspose{1,2,3}d``) and as functional calls (``F.linear``, ``F.conv*``,
+``F.conv_transpose*``, which are the same objects as ``torch.conv2d`` etc.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+LayerKind = str  # "linear" | "conv" | "conv_transpose"
+
+_LAYER_MODULES: dict[type[nn.Module], tuple[LayerKind, int]] = {
+    nn.Linear: ("linear", 0),
+    nn.Conv1d: ("conv", 1),
+    nn.Conv2d: ("conv", 2),
+    nn.Conv3d: ("conv", 3),
+    nn.ConvTranspose1d: ("conv_transpose", 1),
+    nn.ConvTranspose2d: ("conv_transpose", 2),
+    nn.ConvTranspose3d: ("conv_transpose", 3),
+}
+
+# functional -> (kind, spatial dims, the module class it stands for, index of ``groups``)
+_LAYER_FUNCTIONS: dict[Any, tuple[LayerKind, int, type[nn.Module], int | None]] = {
+    F.linear: ("linear", 0, nn.Linear, None),
+    F.conv1d: ("conv", 1, nn.Conv1d, 6),
+    F.conv2d: ("conv", 2, nn.Conv2d, 6),
+    F.conv3d: ("conv", 3, nn.Conv3d, 6),
+    F.conv_transpose1d: ("conv_transpose", 1, nn.ConvTranspose1d, 6),
+    F.conv_transpose2d: ("conv_transpose", 2, nn.ConvTranspose2d, 6),
+    F.conv_transpose3d: ("conv_transpose", 3, nn.ConvTranspose3d, 6),
+}
+
+_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
+    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU,
+    nn.LogSigmoid, nn.Softsign,
+)
+_ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu,
+    F.leaky_relu_, F.tanh, torch.tanh, F.sigmoid, torch.sigmoid, F.elu, F.elu_, F.selu,
+    torch.selu, F.celu, torch.celu, F.hardswish, F.hardsigmoid, F.hardtanh, F.hardtanh_,
+    F.mish, F.softplus, F.prelu, torch.prelu, F.logsigmoid, F.softsign,
+}
+_ACTIVATION_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+
+_NORM_MODULES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_NORM_FUNCTIONS = {
+    F.batch_norm, torch.batch_norm, F.layer_norm, torch.layer_norm, F.group_norm,
+    torch.group_norm, F.instance_norm, torch.instance_norm, F.rms_norm,
+}
+
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute,
+                    torch.squeeze, torch.unsqueeze}
+_SHAPE_METHODS = {"flatten", "reshape", "view", "transpose", "permute", "contiguous",
+                  "reshape_as", "view_as", "squeeze", "unsqueeze"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A dense or conv layer found in the graph.
+
+    ``name`` is the module path for module calls and the node name for functional calls;
+    ``module_type`` is the module class (for functionals, the class they stand for, so that
+    ``include=[nn.Linear]`` also selects ``F.linear``); ``dims`` is the number of spatial dims.
+    """
+
+    node: fx.Node
+    name: str
+    kind: LayerKind
+    dims: int
+    module_type: type[nn.Module]
+    module: nn.Module | None
+
+    @property
+    def function(self) -> Any:
+        return self.node.target if self.node.op == "call_function" else None
+
+    def arg(self, index: int, name: str) -> Any:
+        """Argument ``index`` / keyword ``name`` of a functional call (``None`` if absent)."""
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name)
+
+
+def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
+    """Return the :class:`Layer` that ``node`` calls, or ``None`` if it is not one."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        spec = _LAYER_MODULES.get(type(module))
+        if spec is None:
+            return None
+        return Layer(node, str(node.target), spec[0], spec[1], type(module), module)
+    if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
+        kind, dims, cls, _ = _LAYER_FUNCTIONS[node.target]
+        return Layer(node, node.name, kind, dims, cls, None)
+    return None
+
+
+def functional_groups(layer: Layer) -> int:
+    """``groups`` of a functional conv call (1 when absent or not a constant)."""
+    index = _LAYER_FUNCTIONS[layer.node.target][3]
+    groups = layer.arg(index, "groups") if index is not None else 1
+    return groups if isinstance(groups, int) else 1
+
+
+def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for an elementwise activation called as a module, a function or a method."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
+def norm_description(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``"BatchNorm2d 'bn1'"`` if ``node`` is a normalization layer, else ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _NORM_MODULES):
+            return f"{type(module).__name__} {node.target!r}"
+    if node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+        return f"{node.target.__name__} {node.name!r}"
+    return None
+
+
+def is_shape_op(node: fx.Node) -> bool:
+    """True for reshapes/transposes that keep every value (a BN may be reached through them)."""
+    if node.op == "call_function":
+        return node.target in _SHAPE_FUNCTIONS
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
+def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or ``None`` for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value if isinstance(value, torch.Tensor) else None

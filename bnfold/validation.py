@@ -83,6 +83,7 @@ def validate(
     samples: int = 3,
     optimize: bool = False,
     progress: Progress | None = None,
+    labels: Sequence[str] | None = None,
 ) -> ValidationResult:
     """Compare ``candidate`` against ``reference`` on every provider in ``providers``.
 
@@ -91,7 +92,8 @@ def validate(
     ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.inputs`). ``atol``/``rtol``
     replace the dtype-aware defaults (:mod:`bnfold.compare`). ``require``: providers whose
     absence is a failure rather than a note. ``progress(done, total)`` is called after each
-    ORT run. Raises :class:`BadInputError` for unreadable models or inputs that do not fit.
+    ORT run. ``labels`` names (reference, candidate) in the report. Raises
+    :class:`BadInputError` for unreadable models or inputs that do not fit.
     """
     wanted = _check_providers(providers, require)
     if samples < 1:
@@ -116,6 +118,8 @@ def validate(
         else:
             feeds, notes = generate_samples(specs, dims, samples, seed)
             source_note = f"generated, seeds {seed}..{seed + samples - 1}"
+    if labels:
+        ref.label, cand.label = labels
     result = ValidationResult(
         reference=ref.label, candidate=cand.label,
         settings={
@@ -180,7 +184,8 @@ def _as_model(model: Any, role: str) -> _Model:
 
 def _describe_source(inputs: Any) -> str:
     items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    return ", ".join(str(i) if isinstance(i, (str, os.PathLike)) else "arrays" for i in items)
+    files = [str(i) for i in items if isinstance(i, (str, os.PathLike))]
+    return ", ".join(files) if len(files) == len(items) else f"{len(items)} in-memory samples"
 
 
 def _check_same_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec]) -> None:
@@ -286,6 +291,13 @@ def _run_ort(session: ort.InferenceSession, feed: Sample, names: list[str], labe
                             f"({_first_line(exc)})") from exc
     ticker.tick()
     return [np.asarray(o) for o in out]
+
+
+def samples_like(example_inputs: Any, model: Any, samples: int, seed: int) -> list[Sample]:
+    """Feeds for ``model``'s inputs (by position): ``example_inputs`` (tensors), then
+    ``samples - 1`` random samples of the same shapes and dtypes."""
+    proto = model if isinstance(model, onnx.ModelProto) else _as_model(model, "model").proto
+    return _torch_samples(example_inputs, input_specs(proto), samples, seed)
 
 
 def _torch_samples(example_inputs: Any, specs: Sequence[InputSpec], samples: int, seed: int

@@ -1,0 +1,400 @@
+"""Fold inference-mode BatchNorm into the neighbouring conv/linear of a torch.fx graph.
+
+Forward fold (layer -> [data movement] -> BN): ``BN(y) = s * y + t`` per channel with
+``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``, so ``BN(W (*) x + b) =
+(s * W) (*) x + (s * b + t)``. Exact for Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups) and
+Linear, module or functional (``F.conv*``, ``F.linear`` and their aten forms), whenever the
+BN's channel axis is the layer's output-channel axis. Between the layer and the BN only pure
+data movement is allowed (transpose/permute, flatten/view/reshape that keep the channel axis
+whole, see :mod:`bnfold.passes.fx.axes`), e.g. LeViT's ``Linear -> flatten(0, 1) -> BN1d`` or
+``Linear -> transpose(1, 2) -> BN1d``. The channel axis is tracked exactly: with
+``example_inputs`` (or shapes already recorded in ``node.meta``) from the real shapes;
+without them from every rank the layer could produce, refusing when any rank puts the
+channels elsewhere (``Linear`` on ``[N, L, C]`` then ``BatchNorm1d`` normalizes ``L``).
+
+Backward fold (BN -> layer, BN's only value user): ``W (*) (s * x + t) + b =
+(W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
+(always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``).
+
+All math is :mod:`bnfold.algebra`: float64, rounded once to each tensor's dtype (fp16/bf16
+folds are correctly rounded, <= 0.5 ulp from the exact fold).
+
+Kept, with a reason: BN in training mode or without running statistics (batch statistics
+cannot be folded), layer output (or an intermediate reshape) with other value users, wrong or
+unprovable channel axis, layer subclasses, weights computed in the graph, non-exact backward
+folds, folds that would overflow the dtype.
+
+Sharing: a layer module called at several places (module reuse), or a weight also read
+elsewhere in the graph, is folded into a COPY for this call site (a new submodule named
+``<layer>_<bn>`` or a new attribute), so every call site folds with its own BN and nothing
+else sees the change. Folded tensors are always new ``Parameter`` objects: a Parameter shared
+by two layers (``right.weight = left.weight``) is never written through, each layer gets its
+own folded weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
+from bnfold.passes.fx.sites import (
+    BatchNormSite,
+    LayerSite,
+    arg_slot,
+    batchnorm_site,
+    bn_label,
+    fetch,
+    is_batchnorm,
+    is_layer,
+    layer_site,
+    to_numpy,
+    to_torch,
+)
+from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
+from torch import fx, nn
+
+from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
+from bnfold.errors import UnsafeFoldError
+from bnfold.report import PassResult, Report
+
+_MAX_CHAIN = 16
+
+
+def fold_fx(
+    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False
+) -> PassResult:
+    """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
+
+    ``example_inputs`` (a tensor or a tuple of inputs) gives shapes, so channel axes through
+    reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked, and enables the
+    ``torch.export`` fallback for models ``symbolic_trace`` cannot trace. Without
+    ``inplace`` the input is deep-copied and never modified; with ``inplace=True`` a
+    GraphModule input is rewritten in place, and an ``nn.Module`` input is traced without a
+    copy (its submodules get the folded weights, so use only the returned graph module).
+    Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
+    ``direction`` forward/backward) or ``kept`` with the reason.
+    """
+    args = as_args(example_inputs)
+    gm, how = graph_module_of(model, args, inplace=inplace)
+    if args is not None and not how.startswith("torch.export"):
+        annotate_shapes(gm, args)
+    report = Report("fold_fx")
+    if how.startswith("torch.export"):
+        report.notes.append(f"traced with {how}")
+    folder = _Folder(gm)
+    bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n)]
+    labels = {n: bn_label(gm, n) for n in bns}
+    outcomes = {n: folder.forward(n, labels[n]) for n in bns}
+    for n in bns:
+        if outcomes[n].action == "kept" and not outcomes[n].final:
+            outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
+    for n in bns:
+        o = outcomes[n]
+        report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details)
+    folder.cleanup()
+    return PassResult(gm, report)
+
+
+@dataclass
+class _Outcome:
+    action: str
+    into: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    final: bool = False  # a kept BN that no direction can fold (training mode...)
+
+
+def _kept(reason: str, *, final: bool = False) -> _Outcome:
+    return _Outcome("kept", reason=reason, final=final)
+
+
+class _Folder:
+    """The rules (forward, backward) and the graph edits they share."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.stale: set[str] = set()  # attribute paths whose get_attr nodes were erased
+        self.removed_modules: set[str] = set()
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def forward(self, node: fx.Node, label: str) -> _Outcome:
+        """Fold ``layer -> [data movement] -> BN`` into the layer."""
+        site = batchnorm_site(self.gm, node)
+        if isinstance(site, str):
+            return _kept(site, final=True)
+        chain: list[fx.Node] = []
+        x = site.input
+        while not is_layer(self.gm, x) and chain_op(self.gm, x) and len(chain) < _MAX_CHAIN:
+            source = chain_input(x)
+            if source is None:
+                break
+            chain.insert(0, x)
+            x = source
+        if not is_layer(self.gm, x):
+            return _kept(f"its input comes from {x.name}, not from a conv/linear")
+        layer = layer_site(self.gm, x)
+        if isinstance(layer, str):
+            return _kept(layer)
+        path = [layer.node, *chain]
+        for cur, nxt in zip(path, [*chain, site.node], strict=True):
+            others = [u.name for u in value_users(cur) if u is not nxt]
+            if others:
+                what = f"{layer.label} output" if cur is layer.node else \
+                    f"{cur.name} (between {layer.label} and the BN)"
+                return _kept(f"{what} also feeds {', '.join(others)}")
+        why = self._axis_refusal(layer, layer.node, chain, site)
+        if why:
+            return _kept(why)
+        try:
+            folded = fold_forward(
+                to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                out_axis=layer.weight_out_axis, groups=layer.groups,
+            )
+        except UnsafeFoldError as exc:
+            return _kept(str(exc))
+        into, copied = self._write(layer, folded, label)
+        self._remove(site)
+        details: dict[str, Any] = {"direction": "forward", "layer": layer.kind}
+        if chain:
+            details["through"] = [str(chain_op(self.gm, c)) for c in chain]
+        if copied:
+            details["copy_of"] = layer.label
+        return _Outcome("folded", into=into, details=details)
+
+    def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
+        """Fold ``BN -> layer`` into the layer when the BN's only value user is that layer."""
+        site = batchnorm_site(self.gm, node)
+        assert not isinstance(site, str)
+        users = value_users(site.output)
+        if len(users) != 1 or not is_layer(self.gm, users[0]) \
+                or chain_input(users[0]) is not site.output:
+            return _kept(forward_reason)
+        layer = layer_site(self.gm, users[0])
+        if isinstance(layer, str):
+            return _kept(f"{forward_reason}; backward fold: {layer}")
+        why = self._axis_refusal(layer, site.input, [], site)
+        if why is None:
+            why = backward_fold_refusal(
+                layer.kind, site.params, padding=layer.padding, padding_mode=layer.padding_mode,
+                stride=layer.stride, dilation=layer.dilation,
+                kernel=tuple(layer.weight.shape[2:]), output_padding=layer.output_padding,
+            )
+        if why:
+            return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
+        convt = layer.kind == "conv_transpose"
+        try:
+            folded = fold_backward(
+                to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                in_axis=0 if convt else 1, groups=layer.groups, out_axis=1 if convt else 0,
+            )
+        except UnsafeFoldError as exc:
+            return _kept(f"{forward_reason}; backward fold into {layer.label}: {exc}")
+        into, copied = self._write(layer, folded, label)
+        self._remove(site)
+        details: dict[str, Any] = {"direction": "backward", "layer": layer.kind}
+        if copied:
+            details["copy_of"] = layer.label
+        return _Outcome("folded", into=into, details=details)
+
+    # -- channel axis -----------------------------------------------------------------------
+
+    def _axis_refusal(
+        self, layer: LayerSite, start: fx.Node, chain: Sequence[fx.Node], site: BatchNormSite
+    ) -> str | None:
+        """Why the BN's channel axis is not (provably) the layer's channel axis, or None.
+
+        ``start`` is the tensor at the layer's channel side: its output (forward fold, then
+        ``chain``) or its input (backward fold, no chain).
+        """
+        shape = shape_of(start)
+        ranks = [len(shape)] if shape is not None else layer.ranks()
+        matched, problems = False, list[tuple[int, str]]()
+        for rank in ranks:
+            axis = layer.channel_axis(rank)
+            end = None if axis is None else follow(self.gm, chain, rank, axis)
+            if isinstance(end, str):
+                problems.append((rank, end))
+                continue
+            channel = None if end is None else site.channel_axis(end[0])
+            if end is None or channel is None:
+                continue
+            if channel == end[1]:
+                matched = True
+                continue
+            seen = shape_of(site.input)
+            where = f"of its input {list(seen)}" if seen else "of its input"
+            problems.append((rank, f"the BN normalizes dim {channel} {where} but "
+                                   f"{layer.label}'s channels are on dim {end[1]}"))
+        if problems and shape is None:
+            rank, text = problems[0]
+            return (f"channel axis not provable without shapes (if {layer.label}'s tensor had "
+                    f"rank {rank}, {text}); pass example_inputs")
+        if problems:
+            return problems[0][1]
+        if not matched:
+            return f"the BN's input rank does not fit {layer.label}'s output"
+        return None
+
+    # -- graph edits ------------------------------------------------------------------------
+
+    def _write(self, layer: LayerSite, folded: Folded, bn: str) -> tuple[str, bool]:
+        """Give ``layer`` the folded tensors; return (its name now, folded into a copy?).
+
+        "Copy" covers a new submodule (module reuse), a new attribute (a ``get_attr`` weight
+        read elsewhere) and a new Parameter replacing one that several modules shared.
+        """
+        weight = to_torch(folded.weight, layer.weight)
+        bias = to_torch(folded.bias, layer.bias if layer.bias is not None else layer.weight)
+        if layer.node.op == "call_module":
+            return self._write_module(layer, weight, bias, bn)
+        copied = False
+        for key, value in (("weight", weight), ("bias", bias)):
+            copied |= self._write_attr(layer, key, value, bn)
+        return layer.label, copied
+
+    def _write_module(
+        self, layer: LayerSite, weight: torch.Tensor, bias: torch.Tensor, bn: str
+    ) -> tuple[str, bool]:
+        target = str(layer.node.target)
+        module = self.gm.get_submodule(target)
+        refs = [n for n in self.graph.nodes
+                if (n.op == "call_module" and n.target == target)
+                or (n.op == "get_attr" and str(n.target).startswith(target + "."))]
+        copied = len(refs) > 1
+        if copied:
+            module = copy.deepcopy(module)
+            parent, _, leaf = target.rpartition(".")
+            owner = self.gm.get_submodule(parent) if parent else self.gm
+            name = _free_name(owner, f"{leaf}_{_slug(bn)}")
+            owner.add_module(name, module)
+            target = f"{parent}.{name}" if parent else name
+            layer.node.target = target
+        tied = sum(p is module.weight for _, p in
+                   self.gm.named_parameters(remove_duplicate=False)) > 1
+        old_bias = module.bias if module.bias is not None else module.weight
+        module.weight = _like(weight, module.weight)
+        module.bias = _like(bias, old_bias)
+        return target, copied or tied
+
+    def _write_attr(self, layer: LayerSite, key: str, value: torch.Tensor, bn: str) -> bool:
+        """Store a functional layer's folded ``key``; True if a new attribute was needed."""
+        node = layer.node
+        slot = arg_slot(node, key)
+        old = None if slot is None else (
+            node.args[slot[1]] if slot[0] == "args" else node.kwargs[slot[1]])
+        weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        assert isinstance(weight_node, fx.Node)
+        like = fetch(self.gm, old) if isinstance(old, fx.Node) else fetch(self.gm, weight_node)
+        if isinstance(old, fx.Node) and self._exclusive(old, node):
+            owner, leaf = self._owner(str(old.target))
+            setattr(owner, leaf, _like(value, like))
+            return False
+        base = str(old.target) if isinstance(old, fx.Node) else f"{weight_node.target}_{key}"
+        parent, leaf = self._split(base)
+        owner = self.gm.get_submodule(parent) if parent else self.gm
+        name = _free_name(owner, f"{leaf}_{_slug(bn)}")
+        new = _like(value, like)
+        if isinstance(new, nn.Parameter):
+            owner.register_parameter(name, new)
+        else:
+            owner.register_buffer(name, new)
+        with self.graph.inserting_before(node):
+            attr = self.graph.get_attr(f"{parent}.{name}" if parent else name)
+        if slot is not None and slot[0] == "args":
+            new_args = list(node.args)
+            new_args[int(slot[1])] = attr
+            node.args = tuple(new_args)
+        else:
+            node.kwargs = {**node.kwargs, key: attr}
+        if isinstance(old, fx.Node) and not old.users:
+            self.stale.add(str(old.target))
+            self.graph.erase_node(old)
+        return isinstance(old, fx.Node)
+
+    def _exclusive(self, attr: fx.Node, user: fx.Node) -> bool:
+        """True when ``attr``'s tensor is read only by ``user`` anywhere in the graph."""
+        target = str(attr.target)
+        return set(attr.users) == {user} and not any(
+            n is not attr and (
+                (n.op == "get_attr" and n.target == target)
+                or (n.op == "call_module" and target.startswith(f"{n.target}."))
+            )
+            for n in self.graph.nodes
+        )
+
+    def _remove(self, site: BatchNormSite) -> None:
+        site.output.replace_all_uses_with(site.input)
+        self.graph.erase_node(site.output)
+        if site.node is not site.output:
+            self.graph.erase_node(site.node)
+        if site.node.op == "call_module":
+            self.removed_modules.add(str(site.node.target))
+        for attr in site.attr_nodes:
+            if not attr.users:
+                self.stale.add(str(attr.target))
+                self.graph.erase_node(attr)
+
+    def cleanup(self) -> None:
+        """Drop the BN modules and constants nothing reads any more, then regenerate code."""
+        for node in list(self.graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                self.stale.add(str(node.target))
+                self.graph.erase_node(node)
+        refs = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+
+        def used(path: str) -> bool:
+            return any(r == path or r.startswith(path + ".") or path.startswith(r + ".")
+                       for r in refs)
+
+        owners = set()
+        for path in sorted(self.stale):
+            if not used(path):
+                owner, leaf = self._owner(path)
+                if hasattr(owner, leaf):
+                    delattr(owner, leaf)
+                owners.add(self._split(path)[0])
+        for path in sorted(self.removed_modules | owners, key=len, reverse=True):
+            if path and not used(path):
+                self.gm.delete_submodule(path)
+        self.graph.lint()
+        self.gm.recompile()
+
+    def _owner(self, path: str) -> tuple[nn.Module, str]:
+        parent, leaf = self._split(path)
+        return (self.gm.get_submodule(parent) if parent else self.gm), leaf
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        parent, _, leaf = path.rpartition(".")
+        return parent, leaf
+
+
+def _np_or_none(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else to_numpy(t)
+
+
+def _like(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """A new Parameter (same ``requires_grad``) when ``old`` is one, else the plain tensor."""
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(value, requires_grad=old.requires_grad)
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"\W+", "_", text).strip("_")
+
+
+def _free_name(owner: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while hasattr(owner, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+

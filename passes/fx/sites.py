@@ -1,0 +1,333 @@
+"""Recognizing BatchNorms and conv/linear layers in an FX graph, module calls and functional.
+
+A :class:`BatchNormSite` or :class:`LayerSite` describes one call site: its tensors (read from
+the module or from ``get_attr`` constants), its hyper-parameters, and which input ranks it
+accepts with the channel axis at each rank. Recognizers return a string instead of a site when
+the node is a BN/layer that cannot take part in a fold, saying why.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.algebra import BNParams
+from bnfold.modules import FeatureBatchNorm
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------------------------
+# Channel axis as a function of rank.
+# ---------------------------------------------------------------------------------------------
+
+ChannelRule = Callable[[int], "int | None"]
+
+
+def _dim1(ranks: range) -> ChannelRule:
+    return lambda rank: 1 if rank in ranks else None
+
+
+def _last(rank: int) -> int | None:
+    return rank - 1 if rank >= 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm.
+# ---------------------------------------------------------------------------------------------
+
+_BN_MODULES: dict[type, ChannelRule] = {
+    nn.BatchNorm1d: _dim1(range(2, 4)),
+    nn.BatchNorm2d: _dim1(range(4, 5)),
+    nn.BatchNorm3d: _dim1(range(5, 6)),
+    nn.SyncBatchNorm: _dim1(range(2, 64)),
+    FeatureBatchNorm: _last,
+}
+# Positional parameter names of the functional BN forms (the tensor input is index 0).
+_BN_FUNCTIONS: dict[Any, tuple[str, ...]] = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training",
+                   "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training",
+                       "momentum", "eps", "cudnn_enabled"),
+    aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
+                              "training", "momentum", "eps", "cudnn_enabled"),
+    aten._native_batch_norm_legit_no_training.default: (
+        "input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
+}
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+@dataclass
+class BatchNormSite:
+    """One BN call: ``output`` is the node whose uses the fold redirects to ``input``."""
+
+    node: fx.Node
+    output: fx.Node
+    label: str
+    channel_axis: ChannelRule
+    params: BNParams
+    attr_nodes: list[fx.Node]
+
+    @property
+    def input(self) -> fx.Node:
+        first = self.node.args[0] if self.node.args else self.node.kwargs["input"]
+        assert isinstance(first, fx.Node)
+        return first
+
+
+def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for any BN call the pass knows or refuses (module of a BN class or functional)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
+    return node.op == "call_function" and node.target in _BN_FUNCTIONS
+
+
+def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
+    """Describe the BN at ``node``, or say why it cannot be folded (training, no statistics...)."""
+    label = bn_label(gm, node)
+    if node.op == "call_module":
+        bn = gm.get_submodule(str(node.target))
+        rule = _BN_MODULES.get(type(bn))
+        if rule is None:
+            return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
+        if bn.training:
+            return "BN is in training mode: it normalizes with batch statistics, which no " \
+                   "fold can reproduce (call model.eval() first)"
+        if bn.running_mean is None or bn.running_var is None:
+            return "BN has track_running_stats=False: it normalizes with batch statistics " \
+                   "even in eval mode"
+        params = BNParams(
+            mean=to_numpy(bn.running_mean), var=to_numpy(bn.running_var), eps=float(bn.eps),
+            gamma=None if bn.weight is None else to_numpy(bn.weight),
+            beta=None if bn.bias is None else to_numpy(bn.bias),
+        )
+        return BatchNormSite(node, node, label, rule, params, [])
+    names = _BN_FUNCTIONS[node.target]
+    args = _named_args(node, names, _BN_DEFAULTS)
+    if args.get("training") is not False:
+        return "BN is in training mode: it normalizes with batch statistics, which no fold " \
+               "can reproduce"
+    if args.get("running_mean") is None or args.get("running_var") is None:
+        return "BN has no running statistics: it normalizes with batch statistics"
+    tensors: dict[str, np.ndarray | None] = {}
+    attr_nodes = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = args.get(key)
+        if value is None:
+            tensors[key] = None
+            continue
+        if not (isinstance(value, fx.Node) and value.op == "get_attr"):
+            return f"BN {key} is computed in the graph, not a constant attribute"
+        tensors[key] = to_numpy(fetch(gm, value))
+        attr_nodes.append(value)
+    output = node
+    if node.target is aten._native_batch_norm_legit_no_training.default:
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+            return "BN's mean/invstd outputs are used in the graph"
+        output = users[0]
+    params = BNParams(mean=tensors["running_mean"], var=tensors["running_var"],
+                      eps=float(args["eps"]), gamma=tensors["weight"], beta=tensors["bias"])
+    return BatchNormSite(node, output, label, _dim1(range(2, 64)), params, attr_nodes)
+
+
+def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The BN's module name, made unique by the node name when the module is called twice."""
+    if node.op != "call_module":
+        return node.name
+    calls = [n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target]
+    return str(node.target) if len(calls) == 1 else f"{node.target} ({node.name})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv / ConvTranspose / Linear.
+# ---------------------------------------------------------------------------------------------
+
+_LAYER_MODULES: dict[type, tuple[str, int]] = {
+    nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
+    nn.ConvTranspose1d: ("conv_transpose", 1), nn.ConvTranspose2d: ("conv_transpose", 2),
+    nn.ConvTranspose3d: ("conv_transpose", 3), nn.Linear: ("linear", 0),
+}
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_TCONV = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_LINEAR = ("input", "weight", "bias")
+_CONVOLUTION = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                "output_padding", "groups")
+_LAYER_FUNCTIONS: dict[Any, tuple[str, int, tuple[str, ...]]] = {
+    F.conv1d: ("conv", 1, _CONV), F.conv2d: ("conv", 2, _CONV), F.conv3d: ("conv", 3, _CONV),
+    F.conv_transpose1d: ("conv_transpose", 1, _TCONV),
+    F.conv_transpose2d: ("conv_transpose", 2, _TCONV),
+    F.conv_transpose3d: ("conv_transpose", 3, _TCONV),
+    F.linear: ("linear", 0, _LINEAR),
+    aten.conv1d.default: ("conv", 1, _CONV), aten.conv2d.default: ("conv", 2, _CONV),
+    aten.conv3d.default: ("conv", 3, _CONV), aten.conv1d.padding: ("conv", 1, _CONV),
+    aten.conv2d.padding: ("conv", 2, _CONV), aten.conv3d.padding: ("conv", 3, _CONV),
+    aten.conv_transpose1d.default: ("conv_transpose", 1, _TCONV),
+    aten.conv_transpose2d.input: ("conv_transpose", 2, _TCONV),
+    aten.conv_transpose3d.input: ("conv_transpose", 3, _TCONV),
+    aten.convolution.default: ("convolution", 0, _CONVOLUTION),
+    aten.linear.default: ("linear", 0, _LINEAR),
+}
+_LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                   "output_padding": 0}
+
+
+@dataclass
+class LayerSite:
+    """One conv/linear call with its constant weight and bias."""
+
+    node: fx.Node
+    kind: str  # "conv" | "conv_transpose" | "linear"
+    spatial: int  # 1/2/3 for convolutions, 0 for linear
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    groups: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    padding_mode: str
+    label: str
+
+    def ranks(self) -> list[int]:
+        """Input/output ranks the layer accepts (conv: unbatched or batched)."""
+        if self.kind == "linear":
+            return list(range(1, 9))
+        return [self.spatial + 1, self.spatial + 2]
+
+    def channel_axis(self, rank: int) -> int | None:
+        """Channel axis of the layer's input or output at ``rank`` (None: rank not accepted)."""
+        if rank not in self.ranks():
+            return None
+        if self.kind == "linear":
+            return rank - 1
+        return 0 if rank == self.spatial + 1 else 1
+
+    @property
+    def weight_out_axis(self) -> int:
+        """Weight axis of output channels: Conv/Linear 0, ConvTranspose 1 (grouped)."""
+        return 1 if self.kind == "conv_transpose" else 0
+
+
+def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for a conv/linear call (module of a layer class or functional)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), tuple(_LAYER_MODULES))
+    return node.op == "call_function" and node.target in _LAYER_FUNCTIONS
+
+
+def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
+    """Describe the layer at ``node``, or say why its weights cannot be rewritten."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        found = _LAYER_MODULES.get(type(m))
+        if found is None:
+            return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
+                   "transform its weight"
+        kind, spatial = found
+        if kind == "linear":
+            return LayerSite(node, kind, 0, m.weight, m.bias, 1, (), (), (), (), "zeros",
+                             str(node.target))
+        n = spatial
+        padding = _conv_padding(m.padding, m.dilation, m.kernel_size, n)
+        output_padding = _tup(getattr(m, "output_padding", 0), n)
+        if kind == "conv_transpose" and len(node.args) + len(node.kwargs) > 1:
+            output_padding = (-1,) * n  # output_size given at call time: output padding varies
+        return LayerSite(node, kind, n, m.weight, m.bias, m.groups, _tup(m.stride, n), padding,
+                         _tup(m.dilation, n), output_padding, m.padding_mode, str(node.target))
+    kind, spatial, names = _LAYER_FUNCTIONS[node.target]
+    args = _named_args(node, names, _LAYER_DEFAULTS)
+    tensors: dict[str, torch.Tensor | None] = {}
+    for key in ("weight", "bias"):
+        value = args.get(key)
+        if value is None:
+            tensors[key] = None
+        elif isinstance(value, fx.Node) and value.op == "get_attr":
+            tensors[key] = fetch(gm, value)
+        else:
+            return f"{node.name}'s {key} is computed in the graph, not a constant attribute"
+    weight = tensors["weight"]
+    assert weight is not None
+    if kind == "convolution":
+        kind = "conv_transpose" if args["transposed"] else "conv"
+        spatial = weight.dim() - 2
+    if kind == "linear":
+        return LayerSite(node, kind, 0, weight, tensors["bias"], 1, (), (), (), (), "zeros",
+                         node.name)
+    n = spatial
+    kernel = tuple(weight.shape[2:])
+    return LayerSite(
+        node, kind, n, weight, tensors["bias"], int(args["groups"]), _tup(args["stride"], n),
+        _conv_padding(args["padding"], args["dilation"], kernel, n), _tup(args["dilation"], n),
+        _tup(args["output_padding"], n), "zeros", node.name,
+    )
+
+
+def _tup(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    values = tuple(int(v) for v in value)
+    return values * n if len(values) == 1 else values
+
+
+def _conv_padding(padding: Any, dilation: Any, kernel: Any, n: int) -> tuple[int, ...]:
+    """Per-axis padding; ``'same'`` as ``dilation * (kernel - 1)`` (only zero-ness matters)."""
+    if padding == "valid":
+        return (0,) * n
+    if padding == "same":
+        return tuple(d * (k - 1) for d, k in zip(_tup(dilation, n), _tup(kernel, n), strict=True))
+    return _tup(padding, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and tensors.
+# ---------------------------------------------------------------------------------------------
+
+def _named_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = {name: defaults.get(name) for name in names}
+    out.update(zip(names, node.args, strict=False))
+    out.update(node.kwargs)
+    return out
+
+
+def arg_slot(node: fx.Node, name: str) -> tuple[str, int | str] | None:
+    """Where argument ``name`` of a functional layer/BN call lives: ("args", i) or ("kwargs", k)."""
+    if name in node.kwargs:
+        return ("kwargs", name)
+    names = (_LAYER_FUNCTIONS.get(node.target, (None, None, ()))[2]
+             or _BN_FUNCTIONS.get(node.target, ()))
+    index = names.index(name)
+    return ("args", index) if index < len(node.args) else None
+
+
+def fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads."""
+    owner, _, leaf = str(node.target).rpartition(".")
+    value = getattr(gm.get_submodule(owner) if owner else gm, leaf)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``t``; bfloat16 becomes ``ml_dtypes.bfloat16`` bit for bit."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        from bnfold.algebra import BFLOAT16
+
+        return t.contiguous().view(torch.int16).numpy().view(BFLOAT16).copy()
+    return t.numpy().copy()
+
+
+def to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``a`` as a tensor on ``like``'s device; a numpy bfloat16 array keeps its exact bits."""
+    if like.dtype == torch.bfloat16:
+        out = torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.ascontiguousarray(a).copy())
+    return out.to(like.device)

@@ -43,8 +43,12 @@ def insert_bn(model: torch.nn.Module, **options: Any) -> PassResult:
 
 def recalibrate(model: torch.nn.Module, batches: Iterable[Any], num_batches: int | None = None,
                 **options: Any) -> Any:
-    """Re-estimate BN running statistics from data, pooled exactly over all samples."""
-    from bnfold.recalibrate import recalibrate as _recalibrate
+    """Re-estimate BN running statistics from data, pooled exactly over all samples.
+
+    Returns a :class:`bnfold.recalibration.Recalibration`; its ``undo()`` reverts the change
+    (see :func:`bnfold.recalibration.recalibrate` for the options).
+    """
+    from bnfold.recalibration import recalibrate as _recalibrate
 
     return _recalibrate(model, batches, num_batches, **options)
 

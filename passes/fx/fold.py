@@ -162,11 +162,9 @@ class _Folder:
             return _kept(str(exc))
         into, copied = self._write(layer, folded, label)
         self._remove(site)
-        details: dict[str, Any] = {"direction": "forward", "layer": layer.kind}
+        details: dict[str, Any] = {"direction": "forward", "layer": layer.kind, **copied}
         if chain:
             details["through"] = [str(chain_op(self.gm, c)) for c in chain]
-        if copied:
-            details["copy_of"] = layer.label
         return _Outcome("folded", into=into, details=details)
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
@@ -199,9 +197,7 @@ class _Folder:
             return _kept(f"{forward_reason}; backward fold into {layer.label}: {exc}")
         into, copied = self._write(layer, folded, label)
         self._remove(site)
-        details: dict[str, Any] = {"direction": "backward", "layer": layer.kind}
-        if copied:
-            details["copy_of"] = layer.label
+        details: dict[str, Any] = {"direction": "backward", "layer": layer.kind, **copied}
         return _Outcome("folded", into=into, details=details)
 
     # -- channel axis -----------------------------------------------------------------------
@@ -245,11 +241,12 @@ class _Folder:
 
     # -- graph edits ------------------------------------------------------------------------
 
-    def _write(self, layer: LayerSite, folded: Folded, bn: str) -> tuple[str, bool]:
-        """Give ``layer`` the folded tensors; return (its name now, folded into a copy?).
+    def _write(self, layer: LayerSite, folded: Folded, bn: str) -> tuple[str, dict[str, Any]]:
+        """Give ``layer`` the folded tensors; return its name now and report details.
 
-        "Copy" covers a new submodule (module reuse), a new attribute (a ``get_attr`` weight
-        read elsewhere) and a new Parameter replacing one that several modules shared.
+        Details say when the fold went into a copy: ``copy_of`` (a new submodule for a reused
+        module, or new attributes for a functional weight read elsewhere) or
+        ``untied_shared_weight`` (a new Parameter for a module whose weight others share).
         """
         weight = to_torch(folded.weight, layer.weight)
         bias = to_torch(folded.bias, layer.bias if layer.bias is not None else layer.weight)
@@ -258,11 +255,11 @@ class _Folder:
         copied = False
         for key, value in (("weight", weight), ("bias", bias)):
             copied |= self._write_attr(layer, key, value, bn)
-        return layer.label, copied
+        return layer.label, {"copy_of": layer.label} if copied else {}
 
     def _write_module(
         self, layer: LayerSite, weight: torch.Tensor, bias: torch.Tensor, bn: str
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, dict[str, Any]]:
         target = str(layer.node.target)
         module = self.gm.get_submodule(target)
         refs = [n for n in self.graph.nodes
@@ -282,7 +279,8 @@ class _Folder:
         old_bias = module.bias if module.bias is not None else module.weight
         module.weight = _like(weight, module.weight)
         module.bias = _like(bias, old_bias)
-        return target, copied or tied
+        return target, {"copy_of": layer.label} if copied else (
+            {"untied_shared_weight": True} if tied else {})
 
     def _write_attr(self, layer: LayerSite, key: str, value: torch.Tensor, bn: str) -> bool:
         """Store a functional layer's folded ``key``; True if a new attribute was needed."""

@@ -1,0 +1,104 @@
+"""Every zoo model: bnfold.fold vs the unfolded model in float64, BN counts, no input mutation,
+idempotence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from bnfold.models import zoo
+from torch import fx, nn
+
+import bnfold
+
+NAMES = list(zoo.ZOO)
+
+
+def bn_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """BN calls left in a graph (modules and functional forms)."""
+    out = []
+    for n in gm.graph.nodes:
+        if (n.op == "call_module" and isinstance(
+            gm.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm
+        )) or (n.op == "call_function" and "batch_norm" in str(n.target)):
+            out.append(n)
+    return out
+
+
+def flat(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1)
+    return torch.cat([o.reshape(-1) for o in out])
+
+
+def rel_err(model: nn.Module, reference: nn.Module, x: torch.Tensor, *, double: bool) -> float:
+    """max |model(x) - reference64(x)| / max |reference64(x)| (model in fp32 or float64)."""
+    with torch.no_grad():
+        ref = flat(copy.deepcopy(reference).double()(x.double()))
+        out = flat(copy.deepcopy(model).double()(x.double())) if double else flat(model(x)).double()
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def folded(request: pytest.FixtureRequest):
+    name = request.param
+    model = zoo.get(name)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    params_before = dict(model.named_parameters(remove_duplicate=False))
+    gm, report = bnfold.fold(model, zoo.example_input(name))
+    return name, model, gm, report, before, params_before
+
+
+def test_folded_matches_float64_reference(folded) -> None:
+    name, model, gm, _, _, _ = folded
+    x = zoo.example_input(name, seed=123, batch=3)  # fresh input, another batch size
+    assert rel_err(gm, model, x, double=False) < 1e-5  # fp32 run of the folded model
+    assert rel_err(gm, model, x, double=True) < 1e-6  # only the weight rounding to fp32 left
+
+
+def test_bn_left_is_expected(folded) -> None:
+    name, _, gm, report, _, _ = folded
+    spec = zoo.ZOO[name]
+    assert len(bn_nodes(gm)) == spec.bn_left
+    assert len(report.kept) == spec.bn_left
+    assert len(report.entries) == spec.bn_total
+    assert all(e.reason for e in report.kept)
+    assert all(e.into and e.details["direction"] in ("forward", "backward")
+               for e in report.folded)
+
+
+def test_input_model_unchanged(folded) -> None:
+    _, model, gm, _, before, params_before = folded
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, (value, ptr) in before.items():
+        assert after[k].data_ptr() == ptr, k
+        assert torch.equal(after[k], value), k
+    for k, p in model.named_parameters(remove_duplicate=False):
+        assert p is params_before[k], k
+    assert gm is not model
+
+
+def test_fold_twice_equals_once(folded) -> None:
+    name, _model, gm, report, _, _ = folded
+    gm2, report2 = bnfold.fold(gm, zoo.example_input(name))
+    assert gm2.code == gm.code
+    s1, s2 = gm.state_dict(), gm2.state_dict()
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not report2.folded
+    assert [e.bn for e in report2.kept] == [e.bn for e in report.kept]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_without_example_inputs_is_exact_and_explains(name: str) -> None:
+    """Without shapes the pass folds what is provable and says what it could not prove."""
+    model = zoo.get(name)
+    gm, report = bnfold.fold(model)
+    assert len(report.kept) >= zoo.ZOO[name].bn_left
+    assert len(bn_nodes(gm)) == len(report.kept)
+    for e in report.kept:
+        assert e.reason
+    x = zoo.example_input(name, seed=7)
+    assert rel_err(gm, model, x, double=True) < 1e-6

@@ -1,0 +1,349 @@
+"""Insert ``BatchNormalization`` after the dense and conv nodes of an ONNX graph (onnx-ir).
+
+One rule per candidate: match (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D weight)
+-> check (include / exclude, already normalized, produces a graph output, channel count
+known) -> rewrite -> record. Where the BN goes, and on which axis:
+
+* Conv / ConvTranspose: output ``[N, C, ...]``, BN on axis 1, ``C`` = ``W.shape[0]`` (Conv) or
+  ``W.shape[1] * group`` (ConvTranspose).
+* Gemm: output ``[M, C]``, BN on axis 1, ``C`` from ``B`` and ``transB``.
+* MatMul ``X @ W`` with ``W`` constant ``[K, C]`` (a following ``Add`` of a constant bias counts
+  as part of the layer): output ``[..., C]``. A 2-D output gets the BN directly; otherwise (or
+  when the rank is unknown) ``Reshape(-1, C) -> BN -> Reshape(Shape(y))`` so that BN
+  normalizes the features, not dim 1.
+
+The new BN is an inference-mode BatchNormalization (``training_mode`` left at its default 0 on
+opset >= 14; no ``spatial`` attribute, whose default 1 is per-channel on opsets 7-8) with
+``epsilon = eps`` and ONNX ``momentum = 1 - momentum`` (ONNX weights the running value, PyTorch
+the batch value). Its parameters are new initializers named after the BN node
+(``<layer>_bn.scale`` / ``.bias`` / ``.mean`` / ``.var``) with identity statistics: scale 1,
+bias 0, mean 0, var 1, so the BN computes ``y / sqrt(1 + eps)`` until trained.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.errors import BadInputError, UnsupportedError
+from bnfold.fileio import load_onnx
+from bnfold.report import Entry, PassResult, Report
+
+POSITIONS = ("before_activation", "after_activation")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATION_OPS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu",
+                  "HardSigmoid", "HardSwish", "Mish", "Softplus", "Softsign", "Clip",
+                  "ThresholdedRelu"}
+NORM_OPS = {"BatchNormalization", "LayerNormalization", "GroupNormalization",
+            "InstanceNormalization", "RMSNormalization", "SkipLayerNormalization"}
+_SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+_MIN_OPSET = 7
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where one BN goes: after ``anchor``'s first output, with ``channels`` channels."""
+
+    anchor: ir.Node
+    channels: int
+    flatten: bool  # Reshape to [-1, C] around the BN (MatMul with output rank != 2)
+    dtype: ir.DataType
+
+
+def insert_bn_onnx(
+    model: Any,
+    *,
+    position: str = "before_activation",
+    skip_last: bool = True,
+    include: Any = None,
+    exclude: Any = None,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    drop_bias: bool = False,
+) -> PassResult:
+    """Return ``(onnx_ir.Model, Report)``: ``model`` with a BatchNormalization after each
+    selected Conv / ConvTranspose / Gemm / MatMul-with-constant-weight node.
+
+    ``model``: ``onnx.ModelProto``, ``onnx_ir.Model`` (not modified: a copy is rewritten) or a
+    path. ``position``: ``"before_activation"`` (layer -> BN -> activation) or
+    ``"after_activation"`` (layer -> activation -> BN when the layer's only reader is an
+    activation, else right after the layer). ``skip_last``: leave alone each layer with a path
+    to a graph output that crosses no other layer. ``include`` / ``exclude``: node-name globs
+    or op types (``"Conv"``), a string or a list; ``exclude`` wins. ``eps``, ``momentum``: the
+    BN's, in PyTorch's convention. ``drop_bias``: remove a Conv / ConvTranspose / Gemm bias
+    (an initializer read by that node only) when the BN follows the layer directly; exact in
+    training mode, where BN subtracts the batch mean. Idempotent: a layer already followed by
+    a normalization (directly, after its activation, or through reshapes) gets none.
+    """
+    if position not in POSITIONS:
+        raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
+    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+        raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not 0 <= momentum <= 1:
+        raise BadInputError(f"momentum must be in [0, 1], got {momentum!r}")
+    given = model
+    out = load_onnx(model)
+    if out is given:
+        out = out.clone()
+    opset = out.opset_imports.get("", out.opset_imports.get("ai.onnx"))
+    if opset is None or opset < _MIN_OPSET:
+        raise UnsupportedError(f"ONNX opset {opset} is not supported (need {_MIN_OPSET} or newer)")
+    graph = out.graph
+    layers = [n for n in graph if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx")]
+    if not layers:
+        raise BadInputError(
+            "the graph has no Conv, ConvTranspose, Gemm or MatMul node to insert BatchNorm after"
+        )
+    includes, excludes = _selectors(include, "include"), _selectors(exclude, "exclude")
+    last = _last_layers(graph, layers) if skip_last else set()
+    names = _Namer(graph)
+    report = Report("insert_bn_onnx")
+    for index, node in enumerate(layers):
+        name = node.name or f"{node.op_type}_{index}"
+        reason = _skip_reason(node, name, includes, excludes, last)
+        plan = None if reason else _plan(node, position)
+        if isinstance(plan, str):
+            reason, plan = plan, None
+        if plan is None:
+            report.add(name, "skipped", reason=reason)
+            continue
+        bn_name = names.fresh(f"{name}_bn")
+        _rewrite(graph, plan, bn_name, names, eps, 1.0 - momentum)
+        entry = report.add(bn_name, "inserted", into=name, after=plan.anchor.name or name,
+                           kind="BatchNormalization", channels=plan.channels,
+                           axis="last (Reshape to [-1, C])" if plan.flatten else 1,
+                           position=_placement(node, plan, position))
+        if drop_bias:
+            _drop_bias(node, plan, entry, opset)
+    return PassResult(out, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Check.
+# ---------------------------------------------------------------------------------------------
+
+def _selectors(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise BadInputError(f"{what} takes node-name globs or op types (strings), got {value!r}")
+    return items
+
+
+def _selected_by(node: ir.Node, name: str, specs: Iterable[str]) -> str | None:
+    for spec in specs:
+        if spec == node.op_type or fnmatch.fnmatchcase(name, spec):
+            return repr(spec)
+    return None
+
+
+def _skip_reason(node: ir.Node, name: str, includes: list[str], excludes: list[str],
+                 last: set[ir.Node]) -> str | None:
+    if includes and _selected_by(node, name, includes) is None:
+        return "not selected by include"
+    if excludes and (spec := _selected_by(node, name, excludes)) is not None:
+        return f"excluded by {spec}"
+    if (norm := _following_norm(_layer_output(node))) is not None:
+        return f"already followed by {norm}"
+    if node in last:
+        return "produces a graph output (skip_last=True)"
+    return None
+
+
+def _following_norm(value: ir.Value, depth: int = 4) -> str | None:
+    """The normalization node reading ``value`` directly or through activations / reshapes."""
+    for user in value.consumers():
+        if user.op_type in NORM_OPS:
+            return f"{user.op_type} {user.name!r}"
+    if depth == 0:
+        return None
+    for user in value.consumers():
+        passes = user.op_type in ACTIVATION_OPS or user.op_type in _SHAPE_OPS
+        if not (passes and user.inputs and user.inputs[0] is value):
+            continue
+        if (norm := _following_norm(user.outputs[0], depth - 1)) is not None:
+            return norm
+    return None
+
+
+def _last_layers(graph: ir.Graph, layers: list[ir.Node]) -> set[ir.Node]:
+    """Layers with a path to a graph output that crosses no other layer."""
+    layer_set, found, seen = set(layers), set(), set()
+    stack = [v.producer() for v in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in layer_set:
+            found.add(node)
+            continue
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return found
+
+
+def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None or not value.shape.is_static():
+        return None
+    return tuple(int(d) for d in value.shape)
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is not None and ir.convenience.get_const_tensor(value) is not None
+
+
+def _layer_output(node: ir.Node) -> ir.Value:
+    """The layer's output; for MatMul followed by ``Add(constant)``, the Add's output."""
+    y = node.outputs[0]
+    if node.op_type == "MatMul" and len(users := y.consumers()) == 1 and (
+            users[0].op_type == "Add" and not y.is_graph_output()):
+        other = [v for v in users[0].inputs if v is not y]
+        if len(other) == 1 and _is_constant(other[0]):
+            return users[0].outputs[0]
+    return y
+
+
+def _plan(node: ir.Node, position: str) -> _Plan | str:
+    """Where the BN goes and its channel count, or why none fits."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = _const_shape(weight)
+    if node.op_type == "MatMul" and not _is_constant(weight):
+        return "MatMul weight (second input) is not a constant"
+    if shape is None:
+        return "weight shape unknown: channel count unknown"
+    if node.op_type == "Conv":
+        channels = shape[0]
+    elif node.op_type == "ConvTranspose":
+        group = node.attributes.get("group")
+        channels = shape[1] * (group.as_int() if group is not None else 1)
+    elif node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        channels = shape[0] if trans_b is not None and trans_b.as_int() else shape[1]
+    else:
+        if len(shape) != 2:
+            return f"MatMul weight has rank {len(shape)}, not [K, C]"
+        channels = shape[1]
+    y = _layer_output(node)
+    anchor = y.producer()
+    assert anchor is not None
+    if position == "after_activation" and len(users := y.consumers()) == 1 and (
+            users[0].op_type in ACTIVATION_OPS and users[0].inputs[0] is y
+            and not y.is_graph_output()):
+        anchor = users[0]
+    x_rank = _rank(node.inputs[0])
+    flatten = node.op_type == "MatMul" and x_rank != 2
+    dtype = y.dtype or (weight.dtype if weight is not None else None) or ir.DataType.FLOAT
+    return _Plan(anchor, channels, flatten, dtype)
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _placement(layer: ir.Node, plan: _Plan, position: str) -> str:
+    if plan.anchor.op_type in ACTIVATION_OPS:
+        return f"after activation {plan.anchor.op_type} {plan.anchor.name!r}"
+    where = "after the layer" if plan.anchor is layer else "after the layer's bias Add"
+    if position == "after_activation":
+        where += " (no activation is its only reader)"
+    return where
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite.
+# ---------------------------------------------------------------------------------------------
+
+class _Namer:
+    """Fresh value / node / initializer names for the graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken = set(graph.initializers) | {v.name for v in graph.inputs}
+        for node in graph.all_nodes():
+            self.taken.add(node.name or "")
+            self.taken.update(v.name for v in node.outputs if v.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: _Namer, eps: float,
+             onnx_momentum: float) -> None:
+    y = plan.anchor.outputs[0]
+    c = plan.channels
+    np_dtype = plan.dtype.numpy()
+    params = [_initializer(graph, f"{bn_name}.{key}", value.astype(np_dtype))
+              for key, value in (("scale", np.ones(c)), ("bias", np.zeros(c)),
+                                 ("mean", np.zeros(c)), ("var", np.ones(c)))]
+    uses = list(y.uses())
+    attrs = {"epsilon": float(eps), "momentum": float(onnx_momentum)}
+    if plan.flatten:
+        flat_shape = _initializer(graph, f"{bn_name}.flat_shape", np.array([-1, c], np.int64))
+        shape = ir.node("Shape", [y], name=names.fresh(f"{bn_name}_shape"))
+        flat = ir.node("Reshape", [y, flat_shape], name=names.fresh(f"{bn_name}_flatten"))
+        bn = ir.node("BatchNormalization", [flat.outputs[0], *params], attrs, name=bn_name)
+        back = ir.node("Reshape", [bn.outputs[0], shape.outputs[0]],
+                       name=names.fresh(f"{bn_name}_unflatten"))
+        new_nodes = [shape, flat, bn, back]
+        for node in new_nodes:
+            node.outputs[0].name = names.fresh(f"{node.name}_out")
+        flat.outputs[0].type = bn.outputs[0].type = y.type
+    else:
+        bn = ir.node("BatchNormalization", [y, *params], attrs, name=bn_name)
+        bn.outputs[0].name = names.fresh(f"{bn_name}_out")
+        new_nodes = [bn]
+    result = new_nodes[-1].outputs[0]
+    result.type, result.shape = y.type, y.shape
+    graph.insert_after(plan.anchor, new_nodes)
+    for user, index in uses:
+        user.replace_input_with(index, result)
+    if y.is_graph_output():  # the graph output keeps its name and now reads the BN
+        graph.outputs[:] = [result if v is y else v for v in graph.outputs]
+        old = y.name
+        y.name = names.fresh(f"{old}_before_bn")
+        result.name = old
+
+
+def _drop_bias(layer: ir.Node, plan: _Plan, entry: Entry, opset: int) -> None:
+    entry.details["bias"] = _drop_bias_reason(layer, plan, opset) or \
+        "dropped (BN's bias takes its role)"
+
+
+def _drop_bias_reason(layer: ir.Node, plan: _Plan, opset: int) -> str | None:
+    if layer.op_type == "MatMul":
+        return "kept: a MatMul bias is a separate Add"
+    if plan.anchor is not layer:
+        return "kept: an activation sits between the layer and its BN"
+    if len(layer.inputs) < 3 or layer.inputs[2] is None:
+        return "none (the layer has no bias)"
+    if layer.op_type == "Gemm" and opset < 11:
+        return "kept: Gemm's C input is required before opset 11"
+    bias = layer.inputs[2]
+    if not bias.is_initializer() or len(bias.uses()) != 1:
+        return "kept: the bias is not an initializer read by this layer only"
+    if layer.op_type == "Gemm":
+        beta = layer.attributes.get("beta")
+        if beta is not None and beta.as_float() == 0.0:
+            return "none (Gemm beta is 0)"
+    layer.resize_inputs(2)
+    graph = layer.graph
+    assert graph is not None
+    del graph.initializers[bias.name]
+    return None

@@ -1,0 +1,252 @@
+"""bnfold.insert_bn_onnx: BatchNormalization after Conv / ConvTranspose / Gemm / MatMul, on the
+right axis, opset-appropriate; the output passes onnx.checker (full_check) and its ONNX Runtime
+output equals a float64 reference of the graph with each inserted BN = y / sqrt(1 + eps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+import bnfold
+from bnfold.errors import BadInputError, UnsupportedError
+
+EPS = 0.44  # a fresh BN scales by 1/sqrt(1 + eps) = 1/1.2: visible in the outputs
+K = 1 / np.sqrt(1 + EPS)
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def _model(nodes: list, inits: dict, x_shape: list, y_shape: list, opset: int = 17
+           ) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", FLOAT, y_shape)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _rng_inits(shapes: dict) -> dict:
+    rng = np.random.default_rng(0)
+    return {k: rng.normal(0, 0.4, s) for k, s in shapes.items()}
+
+
+CONV_INITS = _rng_inits({"W1": (8, 3, 3, 3), "B1": (8,), "W2": (8, 3, 2, 2), "B2": (6,),
+                         "W3": (2, 6, 1, 1), "B3": (2,)})
+
+
+def conv_net(opset: int = 17) -> onnx.ModelProto:
+    """Conv -> Relu -> ConvTranspose (group 2: 8 -> 6 channels) -> LeakyRelu -> Conv (output)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("ConvTranspose", ["a1", "W2", "B2"], ["h2"], name="up2", strides=[2, 2],
+                         group=2),
+        helper.make_node("LeakyRelu", ["h2"], ["a2"], name="lrelu2", alpha=0.1),
+        helper.make_node("Conv", ["a2", "W3", "B3"], ["y"], name="conv3"),
+    ]
+    return _model(nodes, CONV_INITS, ["N", 3, 6, 6], ["N", 2, 12, 12], opset)
+
+
+def conv_ref(x: np.ndarray, position: str | None) -> np.ndarray:
+    w = {k: torch.tensor(v) for k, v in CONV_INITS.items()}
+    k_before = K if position == "before_activation" else 1.0
+    k_after = K if position == "after_activation" else 1.0
+    h = torch.tensor(x, dtype=torch.float64)
+    h = F.relu(F.conv2d(h, w["W1"], w["B1"], padding=1) * k_before) * k_after
+    h = F.conv_transpose2d(h, w["W2"], w["B2"], stride=2, groups=2) * k_before
+    h = F.leaky_relu(h, 0.1) * k_after
+    return F.conv2d(h, w["W3"], w["B3"]).numpy()
+
+
+GEMM_INITS = _rng_inits({"B1": (16, 5), "C1": (16,), "B2": (16, 7), "C2": (7,),
+                         "B3": (7, 3), "C3": (3,)})
+
+
+def gemm_net() -> onnx.ModelProto:
+    """Gemm(transB=1) -> Tanh -> Gemm(transB=0) -> Sigmoid -> Gemm (output)."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "B1", "C1"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Tanh", ["h1"], ["a1"], name="tanh1"),
+        helper.make_node("Gemm", ["a1", "B2", "C2"], ["h2"], name="fc2"),
+        helper.make_node("Sigmoid", ["h2"], ["a2"], name="sig2"),
+        helper.make_node("Gemm", ["a2", "B3", "C3"], ["y"], name="fc3"),
+    ]
+    return _model(nodes, GEMM_INITS, ["N", 5], ["N", 3])
+
+
+def gemm_ref(x: np.ndarray) -> np.ndarray:
+    w = GEMM_INITS
+    h = np.tanh((x @ w["B1"].T + w["C1"]) * K)
+    h = 1 / (1 + np.exp(-(h @ w["B2"] + w["C2"]) * K))
+    return h @ w["B3"] + w["C3"]
+
+
+SEQ_INITS = _rng_inits({"W1": (8, 16), "b1": (16,), "W2": (16, 4)})
+
+
+def seq_net(x_shape: list | None = None, unknown_rank: bool = False) -> onnx.ModelProto:
+    """MatMul + Add on [N, L, C] -> Relu -> MatMul (output); with ``unknown_rank`` the first
+    MatMul reads an Identity output whose shape the graph does not record."""
+    nodes = [
+        helper.make_node("Identity", ["x"], ["xi"], name="id") if unknown_rank else None,
+        helper.make_node("MatMul", ["xi" if unknown_rank else "x", "W1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["h1"], name="bias1"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("MatMul", ["a1", "W2"], ["y"], name="mm2"),
+    ]
+    return _model([n for n in nodes if n is not None], SEQ_INITS, x_shape or ["N", "L", 8],
+                  ["N", "L", 4])
+
+
+def run(model: onnx.ModelProto | ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x.astype(np.float32)})[0]
+
+
+def bn_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == "BatchNormalization"]
+
+
+def close(out: np.ndarray, ref: np.ndarray) -> bool:
+    return float(np.abs(out - ref).max() / np.abs(ref).max()) < 1e-5
+
+
+X_CONV = np.random.default_rng(1).normal(0, 1, (3, 3, 6, 6))
+
+
+@pytest.mark.parametrize("position", ["before_activation", "after_activation"])
+def test_conv_and_conv_transpose(position: str) -> None:
+    model, report = bnfold.insert_bn_onnx(conv_net(), position=position, eps=EPS)
+    assert [(e.bn, e.details["channels"]) for e in report.inserted] == [("conv1_bn", 8),
+                                                                        ("up2_bn", 6)]
+    assert report.skipped[0].to_dict() == {
+        "bn": "conv3", "action": "skipped", "reason": "produces a graph output (skip_last=True)"}
+    bn = bn_nodes(model)[0]
+    assert bn.inputs[0].producer().name == ("conv1" if position == "before_activation"
+                                           else "relu1")
+    assert close(run(model, X_CONV), conv_ref(X_CONV, position))
+    assert not close(run(conv_net(), X_CONV), conv_ref(X_CONV, position))  # the test can fail
+
+
+def test_gemm_both_layouts() -> None:
+    model, report = bnfold.insert_bn_onnx(gemm_net(), eps=EPS)
+    assert [e.details["channels"] for e in report.inserted] == [16, 7]
+    x = np.random.default_rng(2).normal(0, 1, (4, 5))
+    assert close(run(model, x), gemm_ref(x))
+
+
+@pytest.mark.parametrize("unknown_rank", [False, True])
+def test_matmul_on_sequences_normalizes_the_features(unknown_rank: bool) -> None:
+    proto = seq_net(unknown_rank=unknown_rank)
+    model, report = bnfold.insert_bn_onnx(proto, eps=EPS, position="after_activation")
+    entry = report.inserted[0]
+    assert entry.details["axis"] == "last (Reshape to [-1, C])"
+    assert entry.details["after"] == "relu1"
+    x = np.random.default_rng(3).normal(0, 1, (2, 5, 8))
+    w = SEQ_INITS
+    ref = np.maximum(x @ w["W1"] + w["b1"], 0) * K @ w["W2"]
+    assert close(run(model, x), ref)
+
+
+def test_matmul_2d_gets_bn_directly_after_its_bias_add() -> None:
+    proto = seq_net(["N", 8])
+    proto.graph.output[0].type.tensor_type.shape.dim.pop(1)
+    model, report = bnfold.insert_bn_onnx(proto, eps=EPS)
+    assert report.inserted[0].details["axis"] == 1
+    assert report.inserted[0].details["position"] == "after the layer's bias Add"
+    assert bn_nodes(model)[0].inputs[0].producer().name == "bias1"
+    x = np.random.default_rng(3).normal(0, 1, (6, 8))
+    w = SEQ_INITS
+    assert close(run(model, x), np.maximum((x @ w["W1"] + w["b1"]) * K, 0) @ w["W2"])
+
+
+@pytest.mark.parametrize("opset", [9, 13, 15, 21])
+def test_opsets_attributes_and_initializers(opset: int) -> None:
+    model, _ = bnfold.insert_bn_onnx(conv_net(opset), eps=EPS, momentum=0.2)
+    bn = bn_nodes(model)[0]
+    assert {k: round(a.as_float(), 6) for k, a in bn.attributes.items()} == {
+        "epsilon": EPS, "momentum": 0.8}
+    assert [v.name for v in bn.inputs[1:]] == [f"conv1_bn.{k}"
+                                               for k in ("scale", "bias", "mean", "var")]
+    values = [v.const_value.numpy() for v in bn.inputs[1:]]
+    assert [v.tolist() for v in values] == [[1.0] * 8, [0.0] * 8, [0.0] * 8, [1.0] * 8]
+    assert all(v.dtype == np.float32 for v in values)
+    assert close(run(model, X_CONV), conv_ref(X_CONV, "before_activation"))
+
+
+def test_idempotent_and_existing_bn(conv_bn_proto) -> None:
+    once, _ = bnfold.insert_bn_onnx(conv_net())
+    twice, report = bnfold.insert_bn_onnx(once)
+    assert not report.inserted
+    assert ir.serde.serialize_model(twice) == ir.serde.serialize_model(once)
+    _, report = bnfold.insert_bn_onnx(conv_bn_proto(), skip_last=False)
+    assert report.skipped[0].reason == "already followed by BatchNormalization 'bn'"
+    seq_once, _ = bnfold.insert_bn_onnx(seq_net(), position="after_activation")
+    _, report = bnfold.insert_bn_onnx(seq_once)  # BN reached through Relu and Reshape
+    assert not report.inserted
+
+
+def test_skip_last_false_keeps_the_output_name() -> None:
+    model, report = bnfold.insert_bn_onnx(conv_net(), skip_last=False, eps=EPS)
+    assert len(report.inserted) == 3
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert model.graph.outputs[0].producer().op_type == "BatchNormalization"
+    assert close(run(model, X_CONV), conv_ref(X_CONV, "before_activation") * K)
+
+
+def test_include_exclude() -> None:
+    _, report = bnfold.insert_bn_onnx(conv_net(), include="ConvTranspose")
+    assert [e.bn for e in report.inserted] == ["up2_bn"]
+    _, report = bnfold.insert_bn_onnx(conv_net(), exclude=["conv*"])
+    assert [e.bn for e in report.inserted] == ["up2_bn"]
+    assert report.skipped[0].reason == "excluded by 'conv*'"
+    with pytest.raises(BadInputError, match="include takes"):
+        bnfold.insert_bn_onnx(conv_net(), include=[1])
+
+
+def test_drop_bias() -> None:
+    model, report = bnfold.insert_bn_onnx(conv_net(), drop_bias=True)
+    dropped = "dropped (BN's bias takes its role)"
+    assert [e.details["bias"] for e in report.inserted] == [dropped] * 2
+    assert "B1" not in model.graph.initializers and "B3" in model.graph.initializers
+    assert len(next(n for n in model.graph if n.name == "conv1").inputs) == 2
+    run(model, X_CONV)
+    _, report = bnfold.insert_bn_onnx(conv_net(), drop_bias=True, position="after_activation")
+    assert report.inserted[0].details["bias"].startswith("kept: an activation")
+
+
+def test_matmul_with_computed_weight_is_skipped() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "x"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    _, report = bnfold.insert_bn_onnx(_model(nodes, {}, [4, 4], [4, 4]), skip_last=False)
+    assert report.skipped[0].reason == "MatMul weight (second input) is not a constant"
+
+
+def test_input_not_mutated_and_path_input(tmp_path) -> None:
+    original = ir.serde.deserialize_model(conv_net())
+    before = ir.serde.serialize_model(original)
+    bnfold.insert_bn_onnx(original)
+    assert ir.serde.serialize_model(original) == before
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_net(), path)
+    model, _ = bnfold.insert_bn_onnx(str(path))
+    assert len(bn_nodes(model)) == 2
+
+
+def test_bad_input(tmp_path) -> None:
+    relu = _model([helper.make_node("Relu", ["x"], ["y"])], {}, [2], [2])
+    with pytest.raises(BadInputError, match="no Conv, ConvTranspose, Gemm or MatMul"):
+        bnfold.insert_bn_onnx(relu)
+    with pytest.raises(UnsupportedError, match="opset 6"):
+        bnfold.insert_bn_onnx(conv_net(6))
+    with pytest.raises(BadInputError, match="no such file"):
+        bnfold.insert_bn_onnx(tmp_path / "missing.onnx")
+    with pytest.raises(BadInputError, match="position must be"):
+        bnfold.insert_bn_onnx(conv_net(), position="later")

@@ -1,0 +1,246 @@
+"""Backward fold: ``BN -> layer`` becomes ``layer'`` reading the BN's input directly.
+
+``layer(s*x + t) = layer'(x)`` with ``W' = W * s`` on the weight's input-channel axis and
+``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`). Exact cases, checked by
+:func:`bnfold.algebra.backward_fold_refusal`:
+
+* Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector)
+  and MatMul on a rank-2 input with constant 2-D weight: always exact.
+* Conv with zero pads (explicit, ``VALID``, or ``SAME_*`` with 1x1 kernels): exact; with
+  zero padding > 0 only when the BN shift ``t`` is all zero.
+* ``BN -> Pad(mode reflect/edge/wrap, spatial axes only) -> Conv``: the pad copies BN outputs,
+  so ``pad(s*x+t) = s*pad(x)+t`` and the Pad's borders are exact; the Conv's own pads follow
+  the rule above.
+* ConvTranspose: exact when ``t == 0``, or stride 1, no output padding and
+  ``pads == dilation * (kernel - 1)`` on every side.
+* ``BN -> Flatten/Reshape -> Gemm``: with ``R`` positions per channel, flattened feature
+  ``f`` belongs to channel ``(f // R) % C`` whenever the row length ``K`` is a multiple of
+  ``C * R``; the BN then is a per-feature affine map on the Gemm input (parameters repeated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.onnx.bn import consumers_text, display_name
+from bnfold.passes.onnx.consts import const_array, set_initializer
+from bnfold.passes.onnx.edit import add_bias_after
+from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader, static_dims
+
+from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward
+from bnfold.errors import UnsafeFoldError
+
+_COPY_PAD_MODES = ("reflect", "edge", "wrap")
+
+
+def backward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
+    """Plan folding ``bn`` into the single layer that reads its output."""
+    y = bn.outputs[0]
+    if y.is_graph_output() or len(y.uses()) != 1:
+        return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
+    node, index = y.uses()[0]
+    padding_mode = "zeros"
+    if node.op_type == "Pad" and node.domain in ("", "ai.onnx") and index == 0:
+        why = _copy_pad_refusal(node, ctx)
+        if why:
+            return why
+        padding_mode = "reflect"
+        node, index = _next(node)
+    elif node.op_type in ("Flatten", "Reshape") and node.domain in ("", "ai.onnx"):
+        flat = _flattened(bn, params, node)
+        if isinstance(flat, str):
+            return flat
+        params = flat
+        node, index = _next(node)
+    if node is None or index != 0 or node.domain not in ("", "ai.onnx"):
+        return f"its output feeds {consumers_text(y)}, not the data input of a layer"
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return _conv(bn, params, node, padding_mode, ctx)
+    if node.op_type in ("Gemm", "MatMul"):
+        return _dense(bn, params, node, ctx)
+    return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+
+
+def _next(node: ir.Node) -> tuple[ir.Node | None, int]:
+    out = node.outputs[0]
+    if out.is_graph_output() or len(out.uses()) != 1:
+        return None, -1
+    user, index = out.uses()[0]
+    return user, index
+
+
+def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
+    mode = pad.attributes.get_string("mode", "constant")
+    if mode not in _COPY_PAD_MODES:
+        return f"{display_name(pad)} pads with mode {mode!r}: the BN shift would reach the border"
+    if ctx.opset >= 11:
+        pads = const_array(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        if len(pad.inputs) > 3 and pad.inputs[3] is not None:
+            return f"{display_name(pad)} has an axes input (not handled)"
+    else:
+        pads = pad.attributes.get_ints("pads", None)
+    if pads is None:
+        return f"{display_name(pad)} pads are not constant"
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    half = len(pads) // 2
+    if half < 2 or any(pads[i] or pads[half + i] for i in (0, 1)):
+        return f"{display_name(pad)} pads the batch or channel axis"
+    return sole_reader(pad.outputs[0], display_name(pad))
+
+
+def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node) -> BNParams | str:
+    """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm."""
+    gemm, index = _next(flat)
+    if gemm is None or gemm.op_type != "Gemm" or index != 0:
+        return f"{display_name(flat)} does not feed a Gemm's input A alone"
+    weight = const_array(gemm.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return f"{display_name(gemm)} weight is not a constant matrix"
+    k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
+    c = params.channels
+    dims = static_dims(bn.inputs[0]) if bn.inputs[0] is not None else None
+    if dims is not None and len(dims) >= 2 and all(d is not None for d in dims[2:]):
+        positions = math.prod(dims[2:])  # type: ignore[arg-type]
+    elif flat.op_type == "Flatten" and flat.attributes.get_int("axis", 1) == 1 and k % c == 0:
+        positions = k // c
+    else:
+        return f"the BN input shape before {display_name(flat)} is unknown"
+    if k % (c * positions):
+        return (f"{display_name(flat)} mixes channels across rows ({k} features, "
+                f"{c} channels x {positions} positions)")
+    channel = (np.arange(k) // positions) % c
+
+    def spread(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.asarray(a).reshape(-1)[channel]
+
+    return BNParams(mean=spread(params.mean), var=spread(params.var), eps=params.eps,
+                    gamma=spread(params.gamma), beta=spread(params.beta))
+
+
+def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
+          ctx: Context) -> Fold | str:
+    weight = constant(conv.inputs[1], "weight", conv)
+    if isinstance(weight, str):
+        return weight
+    bias = _bias(conv, 2)
+    if isinstance(bias, str):
+        return bias
+    attrs = conv.attributes
+    n = weight.ndim - 2
+    kernel = list(weight.shape[2:])
+    pads = list(attrs.get_ints("pads", [0] * (2 * n)))
+    auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [-1] * (2 * n) if any(k > 1 for k in kernel) else [0] * (2 * n)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * n)
+    groups = attrs.get_int("group", 1)
+    try:
+        if conv.op_type == "Conv":
+            why = backward_fold_refusal("conv", params, padding=pads, padding_mode=padding_mode)
+            axes = {"in_axis": 1, "out_axis": 0}
+        else:
+            output_padding = list(attrs.get_ints("output_padding", [0] * n))
+            if "output_shape" in attrs or pads[:n] != pads[n:]:
+                output_padding = [1] * n  # not the "every output sees every tap" layout
+            why = backward_fold_refusal(
+                "conv_transpose", params, padding=pads[:n],
+                stride=list(attrs.get_ints("strides", [1] * n)),
+                dilation=list(attrs.get_ints("dilations", [1] * n)), kernel=kernel,
+                output_padding=output_padding)
+            axes = {"in_axis": 0, "out_axis": 1}
+        if why:
+            return why
+        folded = fold_backward(weight, bias, params, groups=groups, **axes)
+    except UnsafeFoldError as exc:
+        return str(exc)
+
+    def apply() -> None:
+        _rewrite(bn, conv, folded.weight, ctx)
+        release(ctx, conv, 2)
+        set_initializer(ctx.graph, conv, 2, folded.bias, ctx.namer,
+                        f"{display_name(conv)}_bnfold_bias")
+
+    return Fold(into=conv, direction="backward", apply=apply)
+
+
+def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
+    weight = constant(layer.inputs[1], "weight", layer)
+    if isinstance(weight, str):
+        return weight
+    if weight.ndim != 2:
+        return f"{display_name(layer)} weight has rank {weight.ndim}, not 2"
+    attrs = layer.attributes
+    bias_node, bias_index = layer, 2
+    if layer.op_type == "Gemm":
+        if attrs.get_int("transA", 0):
+            return f"{display_name(layer)} has transA=1: the BN channels are not its features"
+        in_axis = 1 if attrs.get_int("transB", 0) else 0
+        has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
+        if attrs.get_float("alpha", 1.0) != 1.0 or (has_c and attrs.get_float("beta", 1.0) != 1):
+            return f"{display_name(layer)} has alpha or beta != 1 (backward fold not handled)"
+    else:
+        in_axis = 0
+        x = bn.inputs[0]
+        dims = static_dims(x) if x is not None else None
+        if dims is None or len(dims) != 2:
+            return (f"{display_name(layer)} input is not known to be rank 2, so the BN "
+                    "channel axis may not be its feature axis")
+        bias_node, bias_index = _matmul_bias(layer)
+    bias = None if bias_node is None else _bias(bias_node, bias_index)
+    if isinstance(bias, str):
+        return bias
+    n_out = weight.shape[1 - in_axis]
+    if bias is not None and (bias.size not in (1, n_out) or bias.shape[-1:] not in ((1,), (n_out,))
+                             or any(d != 1 for d in bias.shape[:-1])):
+        return f"{display_name(layer)} bias of shape {bias.shape} is not a per-feature vector"
+    try:
+        folded = fold_backward(weight, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
+    except UnsafeFoldError as exc:
+        return str(exc)
+
+    def apply() -> None:
+        _rewrite(bn, layer, folded.weight, ctx)
+        base = f"{display_name(layer)}_bnfold_bias"
+        if bias_node is None:
+            if np.any(folded.bias.astype(np.float64) != 0):
+                add_bias_after(layer, folded.bias, ctx.namer, base)
+            return
+        release(ctx, bias_node, bias_index)
+        set_initializer(ctx.graph, bias_node, bias_index, folded.bias, ctx.namer, base)
+
+    return Fold(into=layer, direction="backward", apply=apply)
+
+
+def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
+    """The ``Add`` of a constant right after ``mm`` (and which input is the constant)."""
+    user, _ = _next(mm)
+    if user is None or user.op_type != "Add":
+        return None, 0
+    for i in (0, 1):
+        other = user.inputs[1 - i]
+        if (user.inputs[i] is mm.outputs[0] and other is not None
+                and not other.is_graph_input() and const_array(other) is not None):
+            return user, 1 - i
+    return None, 0
+
+
+def _bias(node: ir.Node, index: int) -> np.ndarray | str | None:
+    if index >= len(node.inputs) or node.inputs[index] is None:
+        return None
+    return constant(node.inputs[index], "bias", node)
+
+
+def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray, ctx: Context) -> None:
+    """Write the scaled weight, then bypass and remove the BN."""
+    release(ctx, layer, 1)
+    set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{display_name(layer)}_bnfold_weight")
+    x = bn.inputs[0]
+    assert x is not None
+    bn.outputs[0].replace_all_uses_with(x)
+    ctx.released.extend(v for v in bn.inputs[1:] if v is not None)
+    graph = bn.graph
+    assert graph is not None
+    graph.remove(bn, safe=True)

@@ -1,0 +1,73 @@
+"""Reading one ONNX ``BatchNormalization`` node: is it in inference mode, and its parameters.
+
+Inference-mode BN (every opset) computes ``Y = scale * (X - mean) / sqrt(var + epsilon) + B``
+per channel (axis 1 of ``X``), which :class:`bnfold.algebra.BNParams` represents. A BN is
+*not* an inference-mode affine map, and is never folded, when:
+
+* opset >= 14 and ``training_mode=1`` (statistics come from the batch);
+* opset <= 6 and ``is_test=0`` (the default there: the same, in the old spelling);
+* any output beyond ``Y`` (running/saved mean and variance) is read by a node or the graph.
+
+Opsets 1-8 have ``spatial``; ``spatial=0`` gives per-activation parameters of shape
+``[C, D1, ...]``. They fold exactly when every channel's values are equal across positions
+(reduced with :func:`bnfold.algebra.per_channel`), and are refused otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.onnx.consts import const_array, data_uses
+
+from bnfold.algebra import BNParams, per_channel
+
+_PARAM_NAMES = ("scale", "B", "mean", "var")
+
+
+def display_name(node: ir.Node) -> str:
+    """A node's name, or ``OpType(first output)`` when the exporter left it unnamed."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op_type}({out})"
+
+
+def consumers_text(value: ir.Value, but: ir.Node | None = None) -> str:
+    """Who else reads ``value``, in words: ``"Add_1, Relu_2 and the graph output"``."""
+    names = sorted({display_name(u.node) for u in data_uses(value) if u.node is not but})
+    if value.is_graph_output():
+        names.append("the graph output")
+    return ", ".join(names) if names else "nothing"
+
+
+def inference_params(bn: ir.Node, opset: int) -> BNParams | str:
+    """The BN's :class:`BNParams`, or why it is not a foldable inference-mode BN."""
+    attrs = bn.attributes
+    if opset >= 14 and attrs.get_int("training_mode", 0) == 1:
+        return "training_mode=1: statistics come from each batch, not foldable"
+    if opset <= 6 and attrs.get_int("is_test", 0) == 0:
+        return f"is_test=0 (opset {opset} training mode): statistics come from each batch"
+    for out in bn.outputs[1:]:
+        if out is not None and (out.uses() or out.is_graph_output()):
+            return (f"its statistics output {out.name!r} is read by {consumers_text(out)}; "
+                    "removing the BN would remove it")
+    arrays = []
+    for name, value in zip(_PARAM_NAMES, bn.inputs[1:5], strict=False):
+        if value is not None and value.is_graph_input():
+            return f"BN {name} {value.name!r} is a graph input (callers may override it)"
+        arr = const_array(value)
+        if arr is None:
+            label = value.name if value is not None else "(missing)"
+            return f"BN {name} {label!r} is not a constant"
+        arrays.append(arr)
+    if len(arrays) != 4:
+        return "BN has fewer than five inputs"
+    if opset <= 8 and attrs.get_int("spatial", 1) == 0:
+        reduced = [per_channel(a, 0) for a in arrays]
+        if any(r is None for r in reduced):
+            return ("spatial=0 with per-activation parameters that differ across positions: "
+                    "not a per-channel affine map")
+        arrays = reduced  # type: ignore[assignment]
+    scale, bias, mean, var = (np.asarray(a).reshape(-1) for a in arrays)
+    return BNParams(mean=mean, var=var, eps=attrs.get_float("epsilon", 1e-5),
+                    gamma=scale, beta=bias)

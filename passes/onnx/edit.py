@@ -1,0 +1,87 @@
+"""Small, local graph edits used by the fold rules: remove a BN, add a bias, drop dead values.
+
+Every edit keeps graph input/output names: when a removed BN's output is a graph output, the
+value that replaces it takes over its name (that value had no other reader, checked by the
+rules), so callers see the same output name, shape and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.onnx.consts import Namer, make_tensor
+
+
+def remove_bn(bn: ir.Node, replacement: ir.Value) -> list[ir.Value]:
+    """Remove ``bn`` and make its readers read ``replacement``; return its released inputs."""
+    graph = bn.graph
+    assert graph is not None
+    y = bn.outputs[0]
+    name = y.name
+    renamed = y.is_graph_output()
+    if renamed and y.shape is not None and replacement.shape is None:
+        replacement.shape = y.shape
+    y.replace_all_uses_with(replacement, replace_graph_outputs=True)
+    released = [v for v in bn.inputs[1:] if v is not None]
+    graph.remove(bn, safe=True)
+    if renamed:
+        replacement.name = name
+    return released
+
+
+def add_bias_after(node: ir.Node, bias: np.ndarray, namer: Namer, base: str) -> None:
+    """Insert ``Add(node.output, bias)`` after ``node``; its readers then read the sum.
+
+    The sum takes over the output's name (and graph-output slot); the layer's own output gets
+    a fresh ``<name>_unbiased`` name.
+    """
+    graph = node.graph
+    assert graph is not None
+    out = node.outputs[0]
+    name = namer.fresh(base)
+    const = ir.Value(name=name, const_value=make_tensor(bias, name),
+                     shape=ir.Shape(bias.shape), type=ir.TensorType(ir.DataType.from_numpy(
+                         bias.dtype)))
+    graph.register_initializer(const)
+    add = ir.Node("", "Add", [out, const], name=namer.fresh(f"{base}_add"))
+    summed = add.outputs[0]
+    summed.type, summed.shape = out.type, out.shape
+    for user, index in list(out.uses()):
+        if user is not add:
+            user.replace_input_with(index, summed)
+    for i, o in enumerate(graph.outputs):
+        if o is out:
+            graph.outputs[i] = summed
+    original = out.name
+    out.name = namer.fresh(f"{original}_unbiased")
+    summed.name = original
+    graph.insert_after(node, add)
+
+
+def prune(values: Iterable[ir.Value]) -> None:
+    """Remove what became dead: unread initializers and nodes whose outputs nobody reads.
+
+    Only values released by a fold (and, transitively, their producers' inputs) are examined,
+    so dead code the user's graph already had is left as it was. Graph inputs are never
+    removed.
+    """
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if v.uses() or v.is_graph_output() or v.is_graph_input():
+            continue
+        if v.is_initializer():
+            graph = v.graph
+            if graph is not None and graph.initializers.get(v.name) is v:
+                del graph.initializers[v.name]
+            continue
+        node = v.producer()
+        if node is None or node.graph is None:
+            continue
+        if any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [i for i in node.inputs if i is not None]
+        node.graph.remove(node, safe=True)
+        stack.extend(inputs)

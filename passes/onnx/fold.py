@@ -1,0 +1,129 @@
+"""Fold ONNX ``BatchNormalization`` nodes into neighbouring Conv/ConvTranspose/Gemm/MatMul.
+
+``fold_onnx(model)`` visits every BN of the main graph and of every subgraph (If/Loop/Scan
+bodies), in graph order, and for each tries:
+
+1. a forward fold into the layer that produces its input (:mod:`.forward`), else
+2. a backward fold into the single layer that reads its output (:mod:`.backward`),
+
+repeating until nothing changes (so ``BN -> BN -> Conv`` chains fold completely). A BN that is
+not an inference-mode affine map (:mod:`.bn`) or whose fold would be inexact, overflow its
+dtype, or touch a tensor another node reads without copying it is kept, and the report says
+why. The math is :mod:`bnfold.algebra` (float64, rounded once to each tensor's dtype).
+
+Guarantees: graph input/output names, shapes and dtypes, metadata, opset imports and
+value_info of surviving values are unchanged; weights shared with other readers are copied
+before folding; new initializer names are deterministic (``<layer>_bnfold_weight``,
+``_1``... when taken); initializers and constant nodes a fold left unread are removed; the
+same input gives byte-identical output, and folding twice changes nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from bnfold.passes.onnx.backward import backward_fold
+from bnfold.passes.onnx.bn import display_name, inference_params
+from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.edit import prune
+from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.rules import Context, Fold
+
+from bnfold.errors import BadInputError
+from bnfold.fileio import load_onnx
+from bnfold.report import Entry, PassResult, Report
+
+_MAX_ROUNDS = 8
+
+
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+    """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
+
+    ``model`` is an ``onnx.ModelProto`` (a ``ModelProto`` is returned), an ``onnx_ir.Model``
+    (an ``onnx_ir.Model`` is returned; the input is cloned first unless ``inplace=True``, and
+    the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
+    external tensors still lazy: only the tensors a fold touches are read; save it with
+    :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    """
+    ir_model, as_proto = _working_copy(model, inplace)
+    report = _fold(ir_model, "fold_onnx", backward=backward)
+    out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
+    return PassResult(out, report)
+
+
+def inspect_onnx(model: Any) -> Report:
+    """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
+
+    Runs the fold on a copy that shares the input's tensors; the input is not changed.
+    """
+    ir_model, _ = _working_copy(model, inplace=False)
+    return _fold(ir_model, "inspect_onnx", backward=True)
+
+
+def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
+    if isinstance(model, onnx.ModelProto):
+        try:
+            return ir.serde.deserialize_model(model), True
+        except Exception as exc:
+            raise BadInputError(f"not a valid ONNX model: {exc}".splitlines()[0]) from exc
+    if isinstance(model, ir.Model):
+        return (model if inplace else model.clone()), False
+    if isinstance(model, (str, os.PathLike)):
+        return load_onnx(model), False
+    raise BadInputError(
+        f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
+
+
+def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    report = Report(pass_name)
+    if opset is None:
+        report.notes.append("the model imports no default-domain opset: nothing to fold")
+        return report
+    namer = Namer(model)
+    entries: dict[ir.Node, Entry] = {}
+    for graph in list(model.graphs()):
+        ctx = Context(graph, opset, namer)
+        for _ in range(_MAX_ROUNDS):
+            if not _round(ctx, entries, backward):
+                break
+    for entry in entries.values():
+        report.entries.append(entry)
+    return report
+
+
+def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
+    """One pass over the graph's BNs; true when something folded."""
+    changed = False
+    for node in list(ctx.graph):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = display_name(node)
+        outcome = _plan(node, ctx, backward)
+        if isinstance(outcome, Fold):
+            outcome.apply()
+            prune(ctx.released)
+            ctx.released.clear()
+            entries[node] = Entry(name, "folded", display_name(outcome.into),
+                                      details={"direction": outcome.direction,
+                                               "layer": outcome.into.op_type})
+            changed = True
+        else:
+            entries[node] = Entry(name, "kept", reason=outcome)
+    return changed
+
+
+def _plan(bn: ir.Node, ctx: Context, backward: bool) -> Fold | str:
+    params = inference_params(bn, ctx.opset)
+    if isinstance(params, str):
+        return params
+    forward = forward_fold(bn, params, ctx)
+    if isinstance(forward, Fold) or not backward:
+        return forward
+    back = backward_fold(bn, params, ctx)
+    if isinstance(back, Fold):
+        return back
+    return f"{forward}; and {back}"

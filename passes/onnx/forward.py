@@ -1,0 +1,245 @@
+"""Forward fold: ``layer -> [layout ops] -> BN`` becomes ``layer' -> [layout ops]``.
+
+The layer's output channel must land on the BN's channel axis (axis 1):
+
+* Conv ``W[Cout, Cin/g, k..]``: channel axis 1 of the output, weight axis 0.
+* ConvTranspose ``W[Cin, Cout/g, k..]``: channel axis 1, weight axis 1 grouped by ``group``.
+* Gemm ``Y = alpha*A'B' + beta*C``: output axis 1 is a column of ``B'`` (weight axis 1 when
+  ``transB=0``, 0 when ``transB=1``; ``transA`` does not matter). ``alpha`` stays; ``beta`` is
+  folded into the new ``C`` (``C' = s*beta*C + t``) and set to 1.
+* MatMul ``A @ W`` with constant 2-D ``W[K, N]`` (optionally followed by ``Add`` of a constant
+  bias): feature axis is the output's last axis, weight axis 1.
+
+Between the layer and the BN there may be ``Transpose``/``Reshape``/``Flatten``/``Squeeze``/
+``Unsqueeze`` nodes with a single reader each: they move the feature axis (tracked through
+known shapes; a reshape keeps it when its size and the product of the dims after it are
+unchanged), and the fold is exact when it ends on axis 1. The math is
+:func:`bnfold.algebra.fold_forward`; the fold is exact for every input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.onnx.bn import display_name
+from bnfold.passes.onnx.consts import set_initializer
+from bnfold.passes.onnx.edit import add_bias_after, remove_bn
+from bnfold.passes.onnx.rules import (
+    Context,
+    Fold,
+    constant,
+    release,
+    sole_reader,
+    static_dims,
+)
+
+from bnfold.algebra import BNParams, fold_forward
+from bnfold.errors import UnsafeFoldError
+
+LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def forward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
+    """Plan folding ``bn`` into the layer that produces its input (see module docstring)."""
+    chain: list[ir.Node] = []
+    value = bn.inputs[0]
+    assert value is not None
+    while True:
+        node = value.producer()
+        if node is None:
+            return f"its input {value.name!r} is a graph input or constant, not a layer output"
+        why = sole_reader(value, display_name(node))
+        if why:
+            return why
+        if node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS:
+            chain.insert(0, node)
+            value = node.inputs[0]
+            assert value is not None
+            continue
+        break
+    layer = node
+    if layer.domain not in ("", "ai.onnx"):
+        return f"its input comes from {display_name(layer)} ({layer.op_type}), not a layer"
+    rule = _RULES.get(layer.op_type)
+    if rule is None:
+        return (f"its input comes from {display_name(layer)} ({layer.op_type}), "
+                "not a Conv/ConvTranspose/Gemm/MatMul")
+    return rule(bn, params, layer, chain, ctx)
+
+
+def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int) -> int | str:
+    """Where the feature ``axis`` of ``value`` lands after the layout ops in ``chain``."""
+    for node in chain:
+        out = node.outputs[0]
+        dims_in, dims_out = static_dims(value), static_dims(out)
+        if node.op_type == "Transpose":
+            if dims_in is None:
+                return f"the rank before {display_name(node)} is unknown"
+            perm = node.attributes.get_ints("perm", None) or list(range(len(dims_in)))[::-1]
+            axis = list(perm).index(axis)
+        else:
+            if dims_in is None or dims_out is None:
+                return f"the shapes around {display_name(node)} are unknown"
+            mapped = _reshape_axis(dims_in, axis, dims_out)
+            if mapped is None:
+                return f"{display_name(node)} does not keep the layer's feature axis whole"
+            axis = mapped
+        value = out
+    return axis
+
+
+def _reshape_axis(dims_in: list[int | None], axis: int, dims_out: list[int | None]) -> int | None:
+    """Output axis holding input ``axis`` unchanged through a row-major reshape, if any."""
+    tail = dims_in[axis:]
+    if any(d is None for d in tail):
+        return None
+    inner, size = math.prod(tail[1:]), tail[0]
+    prod = 1
+    for j in range(len(dims_out) - 1, -1, -1):
+        d = dims_out[j]
+        if d is None:
+            return None
+        if prod == inner and d == size:
+            return j
+        if prod > inner:
+            return None
+        prod *= d
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a forward fold reads and writes: weight on ``layer``, bias on ``bias_node``
+    (``None``: add a bias after ``layer``), features on axis ``feature_axis`` of ``top``."""
+
+    layer: ir.Node
+    top: ir.Node
+    feature_axis: int
+    weight: np.ndarray
+    out_axis: int
+    groups: int = 1
+    bias: np.ndarray | None = None
+    bias_node: ir.Node | None = None
+    bias_index: int = 2
+    bias_scale: float = 1.0
+
+
+def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
+            plan: _Plan) -> Fold | str:
+    """Check the axis, compute the fold, and return the rewrite."""
+    layer = plan.layer
+    axis = _map_axis(chain, plan.top.outputs[0], plan.feature_axis)
+    if isinstance(axis, str):
+        return axis
+    if axis != 1:
+        return (f"the BN normalizes axis 1 but {display_name(layer)}'s output features reach "
+                f"it on axis {axis}: the axes do not line up")
+    try:
+        folded = fold_forward(plan.weight, plan.bias, params, out_axis=plan.out_axis,
+                              groups=plan.groups, bias_scale=plan.bias_scale)
+    except UnsafeFoldError as exc:
+        return str(exc)
+
+    def apply() -> None:
+        base = display_name(layer)
+        if plan.bias_node is None:
+            add_bias_after(layer, folded.bias, ctx.namer, f"{base}_bnfold_bias")
+        else:
+            release(ctx, plan.bias_node, plan.bias_index)
+            set_initializer(ctx.graph, plan.bias_node, plan.bias_index, folded.bias,
+                            ctx.namer, f"{base}_bnfold_bias")
+        if layer.op_type == "Gemm":
+            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        release(ctx, layer, 1)
+        set_initializer(ctx.graph, layer, 1, folded.weight, ctx.namer, f"{base}_bnfold_weight")
+        x = bn.inputs[0]
+        assert x is not None
+        ctx.released.extend(remove_bn(bn, x))
+
+    return Fold(into=layer, direction="forward", apply=apply)
+
+
+def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+          ctx: Context) -> Fold | str:
+    weight = constant(layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
+    if isinstance(weight, str):
+        return weight
+    bias = _optional(layer, 2)
+    if isinstance(bias, str):
+        return bias
+    transpose = layer.op_type == "ConvTranspose"
+    groups = layer.attributes.get_int("group", 1)
+    plan = _Plan(layer, layer, 1, weight, 1 if transpose else 0, groups, bias, layer)
+    return _finish(bn, params, chain, ctx, plan)
+
+
+def _gemm(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+          ctx: Context) -> Fold | str:
+    weight = constant(layer.inputs[1], "weight (B)", layer)
+    if isinstance(weight, str):
+        return weight
+    bias = _optional(layer, 2)
+    if isinstance(bias, str):
+        return bias
+    out_axis = 0 if layer.attributes.get_int("transB", 0) else 1
+    beta = layer.attributes.get_float("beta", 1.0)
+    plan = _Plan(layer, layer, 1, weight, out_axis, 1, bias, layer, bias_scale=beta)
+    return _finish(bn, params, chain, ctx, plan)
+
+
+def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+            ctx: Context, bias_node: ir.Node | None = None, bias_index: int = 0,
+            bias: np.ndarray | None = None) -> Fold | str:
+    weight = constant(layer.inputs[1], "weight", layer)
+    if isinstance(weight, str):
+        return weight
+    if weight.ndim != 2:
+        return f"{display_name(layer)} weight has rank {weight.ndim}, not 2"
+    rank = _matmul_rank(layer)
+    if rank is None:
+        return f"the rank of {display_name(layer)}'s output is unknown"
+    # Through an Add the feature axis is still the last one; the chain starts after the Add.
+    plan = _Plan(layer, bias_node or layer, rank - 1, weight, 1, 1, bias, bias_node, bias_index)
+    return _finish(bn, params, chain, ctx, plan)
+
+
+def _matmul_rank(layer: ir.Node) -> int | None:
+    out = static_dims(layer.outputs[0])
+    if out is not None:
+        return len(out)
+    a = layer.inputs[0]
+    dims = static_dims(a) if a is not None else None
+    return None if dims is None else max(len(dims), 1 if len(dims) == 1 else 2)
+
+
+def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+         ctx: Context) -> Fold | str:
+    """``MatMul -> Add(constant bias) -> BN``."""
+    for i in (0, 1):
+        mm_out, other = layer.inputs[i], layer.inputs[1 - i]
+        if mm_out is None or other is None:
+            continue
+        mm = mm_out.producer()
+        if mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+            continue
+        why = sole_reader(mm_out, display_name(mm))
+        if why:
+            return why
+        bias = constant(other, "bias", layer)
+        if isinstance(bias, str):
+            return bias
+        return _matmul(bn, params, mm, chain, ctx, layer, 1 - i, bias)
+    return f"its input comes from {display_name(layer)} (Add), not MatMul + constant bias"
+
+
+def _optional(layer: ir.Node, index: int) -> np.ndarray | str | None:
+    if index >= len(layer.inputs) or layer.inputs[index] is None:
+        return None
+    return constant(layer.inputs[index], "bias", layer)
+
+
+_RULES = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul,
+          "Add": _add}

@@ -1,0 +1,70 @@
+"""What the fold rules share: the context they run in, the fold they return, and checks.
+
+A rule looks at one BN and returns either a :class:`Fold` (every check passed and the new
+tensors are already computed, so applying it cannot fail halfway) or a string saying, in
+words a user understands, why that BN stays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from bnfold.passes.onnx.bn import consumers_text, display_name
+from bnfold.passes.onnx.consts import Namer, const_array, data_uses
+
+
+@dataclass
+class Context:
+    """Where a rule runs: the graph, the default-domain opset, names, and released values."""
+
+    graph: ir.Graph
+    opset: int
+    namer: Namer
+    released: list[ir.Value] = field(default_factory=list)
+
+
+@dataclass
+class Fold:
+    """A checked fold: ``apply()`` rewrites the graph (removing the BN)."""
+
+    into: ir.Node
+    direction: str
+    apply: Callable[[], None]
+
+
+def constant(value: ir.Value | None, what: str, layer: ir.Node) -> np.ndarray | str:
+    """The array behind ``value`` or why the layer's ``what`` cannot be folded into."""
+    if value is None:
+        return f"{display_name(layer)} has no {what}"
+    if value.is_graph_input():
+        return (f"{display_name(layer)} {what} {value.name!r} is a graph input "
+                "(callers may override it)")
+    arr = const_array(value)
+    if arr is None:
+        return f"{display_name(layer)} {what} {value.name!r} is not a constant"
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        return f"{display_name(layer)} {what} has dtype {arr.dtype}, not a float"
+    return arr
+
+
+def sole_reader(value: ir.Value, reader: str) -> str | None:
+    """``None`` if ``value`` has exactly one reader, else why that blocks the fold."""
+    if value.is_graph_output() or len(data_uses(value)) != 1:
+        return f"{reader} output {value.name!r} also feeds {consumers_text(value)}"
+    return None
+
+
+def static_dims(value: ir.Value) -> list[int | None] | None:
+    """The value's dims (``None`` for symbolic ones), or ``None`` if its rank is unknown."""
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def release(ctx: Context, node: ir.Node, index: int) -> None:
+    """Remember that ``node``'s input ``index`` may become dead after a rewrite."""
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        ctx.released.append(node.inputs[index])

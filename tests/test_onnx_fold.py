@@ -1,0 +1,480 @@
+"""fold_onnx on hand-built graphs: every pattern, checked in ORT and against float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
+from onnx import TensorProto
+
+from tests.onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
+
+FP32_TOL = 1e-5
+
+
+def used_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            names.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+        names.update(o.name for o in g.output)
+
+    walk(model.graph)
+    return names
+
+
+def check(model: onnx.ModelProto, bn_left: int, tol: float = FP32_TOL, ort: bool = True,
+          ref: bool = True):
+    """Fold, then check every guarantee; return the folded model and report."""
+    before = model.SerializeToString()
+    out, report = fold_onnx(model)
+    assert model.SerializeToString() == before, "input ModelProto was mutated"
+    onnx.checker.check_model(out, full_check=True)
+    assert count(out) == bn_left, report.table()
+    assert [(v.name, v.type) for v in out.graph.input] == [
+        (v.name, v.type) for v in model.graph.input]
+    assert [(v.name, v.type) for v in out.graph.output] == [
+        (v.name, v.type) for v in model.graph.output]
+    assert list(out.opset_import) == list(model.opset_import)
+    assert list(out.metadata_props) == list(model.metadata_props)
+    dead = {i.name for i in out.graph.initializer} - used_names(out)
+    assert not dead, f"dead initializers left: {dead}"
+    again, rep2 = fold_onnx(out)
+    assert again.SerializeToString() == out.SerializeToString(), "not idempotent"
+    assert not rep2.changed
+    assert fold_onnx(model).model.SerializeToString() == out.SerializeToString()
+    if not ref:
+        return out, report
+    x = feeds(model)
+    want = reference(model, x)
+    assert rel_err(reference(out, x), want) < tol
+    if ort:
+        assert rel_err(run_ort(out, x), want) < tol
+        assert rel_err(run_ort(out, x), run_ort(model, x)) < 10 * tol
+    return out, report
+
+
+# --------------------------------------------------------------------- Conv / ConvTranspose
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_bn(dims: int, groups: int, bias: bool) -> None:
+    b = Builder(dims * 10 + groups)
+    k = [3] * dims
+    ins = ["x", b.rand("w", [8, 8 // groups, *k])] + ([b.rand("bias", [8])] if bias else [])
+    b.node("Conv", ins, ["c"], group=groups, pads=[1] * 2 * dims)
+    b.bn("c", "y", 8)
+    m = b.model({"x": [2, 8, *[6] * dims]}, {"y": None})
+    _, report = check(m, 0)
+    assert report.folded[0].into == "Conv_0"
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_conv_auto_pad(auto_pad: str) -> None:
+    b = Builder(3)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 3, 3])], ["c"], auto_pad=auto_pad, strides=[2, 2])
+    b.bn("c", "y", 4)
+    check(b.model({"x": [2, 3, 7, 7]}, {"y": None}), 0)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose_bn(dims: int, groups: int, bias: bool) -> None:
+    b = Builder(dims + groups)
+    k = [2] * dims
+    ins = ["x", b.rand("w", [4, 6 // groups, *k])] + ([b.rand("bias", [6])] if bias else [])
+    b.node("ConvTranspose", ins, ["c"], group=groups, strides=[2] * dims)
+    b.bn("c", "y", 6)
+    m = b.model({"x": [2, 4, *[3] * dims]}, {"y": None})
+    if groups == 1:
+        check(m, 0)
+        return
+    # onnx's reference ConvTranspose mishandles groups: the float64 reference is torch's.
+    out, _ = check(m, 0, ort=False, ref=False)
+    x = feeds(m)
+    want = [_torch_convtranspose_bn(m, x["x"], groups)]
+    assert rel_err(run_ort(out, x), want) < FP32_TOL
+    assert rel_err(run_ort(m, x), want) < FP32_TOL
+
+
+def _torch_convtranspose_bn(m: onnx.ModelProto, x: np.ndarray, groups: int) -> np.ndarray:
+    import torch
+
+    p = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).astype(np.float64))
+         for i in m.graph.initializer}
+    fn = {3: torch.nn.functional.conv_transpose1d, 4: torch.nn.functional.conv_transpose2d,
+          5: torch.nn.functional.conv_transpose3d}[x.ndim]
+    y = fn(torch.from_numpy(x.astype(np.float64)), p["w"], p.get("bias"), stride=2,
+           groups=groups)
+    y = torch.nn.functional.batch_norm(y, p["y_mean"], p["y_var"], p["y_scale"], p["y_B"],
+                                       eps=1e-5)
+    return y.numpy()
+
+
+# --------------------------------------------------------------------- Gemm / MatMul
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("c_shape", [None, [], [1], [6], [1, 6], [3, 6]])
+@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 1.0), (0.5, 2.5)])
+def test_gemm_bn(trans_a: int, trans_b: int, c_shape, alpha: float, beta: float) -> None:
+    b = Builder(7)
+    w = b.rand("w", [6, 5] if trans_b else [5, 6])
+    ins = ["x", w] + ([] if c_shape is None else [b.rand("c0", c_shape)])
+    b.node("Gemm", ins, ["g"], transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
+    b.bn("g", "y", 6)
+    out, _ = check(b.model({"x": [5, 3] if trans_a else [3, 5]}, {"y": None}), 0)
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert {a.name: a for a in gemm.attribute}["beta"].f == 1.0
+
+
+def test_matmul_add_bn() -> None:
+    b = Builder(2)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.node("Add", [b.rand("c0", [6]), "m"], ["a"])
+    b.bn("a", "y", 6)
+    check(b.model({"x": [4, 5]}, {"y": None}), 0)
+
+
+def test_matmul_bn_no_bias_adds_one() -> None:
+    b = Builder(2)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.bn("m", "y", 6)
+    out, _ = check(b.model({"x": [4, 5]}, {"y": None}), 0)
+    assert count(out, "Add") == 1
+
+
+def test_matmul_rank3_wrong_axis_is_kept_with_reason() -> None:
+    b = Builder(2)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.bn("m", "y", 4)  # normalizes L (4), not the features (6)
+    _, report = check(b.model({"x": [2, 4, 5]}, {"y": None}), 1)
+    assert "do not line up" in report.kept[0].reason
+
+
+def test_matmul_rank3_through_transpose_folds() -> None:
+    b = Builder(2)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.node("Transpose", ["m"], ["t"], perm=[0, 2, 1])
+    b.bn("t", "y", 6)
+    check(b.model({"x": [2, 4, 5]}, {"y": None}), 0)
+
+
+def test_matmul_flatten_bn_reshape_folds() -> None:
+    """LeViT's Linear_BN: MatMul on [N, L, C] -> Reshape [N*L, C] -> BN."""
+    b = Builder(5)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.node("Reshape", ["m", b.init("shape", np.array([-1, 6]), TensorProto.INT64)], ["r"])
+    b.inits[-1] = onnx.numpy_helper.from_array(np.array([-1, 6], np.int64), "shape")
+    b.bn("r", "y", 6)
+    check(b.model({"x": [2, 4, 5]}, {"y": None}), 0)
+
+
+# --------------------------------------------------------------------- backward folds
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bn_before_conv_pad0_folds(groups: int) -> None:
+    b = Builder(4)
+    b.bn("x", "n", 4)
+    b.node("Conv", ["n", b.rand("w", [6, 4 // groups, 3, 3]), b.rand("bias", [6])], ["y"],
+           group=groups)
+    _, report = check(b.model({"x": [2, 4, 7, 7]}, {"y": None}), 0)
+    assert report.folded[0].details["direction"] == "backward"
+
+
+def test_bn_before_zero_padded_conv_is_kept() -> None:
+    b = Builder(4)
+    b.bn("x", "n", 4)
+    b.node("Conv", ["n", b.rand("w", [6, 4, 3, 3])], ["y"], pads=[1, 1, 1, 1])
+    _, report = check(b.model({"x": [2, 4, 7, 7]}, {"y": None}), 1)
+    assert "zero-padded" in report.kept[0].reason
+
+
+def test_bn_reflect_pad_conv_folds() -> None:
+    b = Builder(4)
+    b.bn("x", "n", 4)
+    pads = b.init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]), TensorProto.INT64)
+    b.inits[-1] = onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), pads)
+    b.node("Pad", ["n", pads], ["p"], mode="reflect")
+    b.node("Conv", ["p", b.rand("w", [6, 4, 3, 3])], ["y"])
+    check(b.model({"x": [2, 4, 7, 7]}, {"y": None}), 0)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_before_gemm_and_matmul(trans_b: int) -> None:
+    b = Builder(8)
+    b.bn("x", "n", 5)
+    b.node("Gemm", ["n", b.rand("w", [6, 5] if trans_b else [5, 6]), b.rand("c0", [6])], ["g"],
+           transB=trans_b)
+    b.bn("x2", "n2", 5)
+    b.node("MatMul", ["n2", b.rand("w2", [5, 3])], ["y2"])
+    check(b.model({"x": [3, 5], "x2": [3, 5]}, {"g": None, "y2": None}), 0)
+
+
+def test_bn_flatten_gemm_folds() -> None:
+    b = Builder(9)
+    b.bn("x", "n", 3)
+    b.node("Flatten", ["n"], ["f"], axis=1)
+    b.node("Gemm", ["f", b.rand("w", [4, 12])], ["y"], transB=1)
+    check(b.model({"x": [2, 3, 2, 2]}, {"y": None}), 0)
+
+
+def test_bn_before_conv_transpose_with_stride_is_kept() -> None:
+    b = Builder(9)
+    b.bn("x", "n", 4)
+    b.node("ConvTranspose", ["n", b.rand("w", [4, 2, 2, 2])], ["y"], strides=[2, 2])
+    _, report = check(b.model({"x": [2, 4, 3, 3]}, {"y": None}), 1)
+    assert "ConvTranspose" in report.kept[0].reason
+
+
+# --------------------------------------------------------------------- what must be kept
+
+def _conv_bn(opset: int = 17, **bn_attrs) -> Builder:
+    b = Builder(11)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", 4, **bn_attrs)
+    return b
+
+
+def test_training_mode_is_kept() -> None:
+    b = _conv_bn(training_mode=1)
+    b.nodes[-1].output.extend(["rm", "rv"])
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4]})
+    _, report = fold_onnx(m)
+    assert report.kept and "training_mode=1" in report.kept[0].reason
+
+
+def test_opset6_is_test_0_is_kept_and_is_test_1_folds() -> None:
+    for is_test, action in ((0, "kept"), (1, "folded")):
+        m = _conv_bn(is_test=is_test).model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4]},
+                                           opset=6, ir_version=4)
+        out, report = fold_onnx(m)
+        assert report.entries[0].action == action, report.table()
+        onnx.checker.check_model(out, full_check=True)
+    assert "is_test=0" in fold_onnx(_conv_bn(is_test=0).model(
+        {"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4]}, opset=6, ir_version=4)).report.kept[0].reason
+
+
+def test_used_statistics_outputs_are_kept() -> None:
+    b = Builder(1)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    b.nodes[-1].output.extend(["rm", "rv", "sm", "sv"])
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4], "rm": [4]}, opset=9)
+    _, report = fold_onnx(m)
+    assert "is read by the graph output" in report.kept[0].reason
+
+
+def test_layer_output_with_other_reader_is_kept() -> None:
+    b = _conv_bn()
+    b.node("Add", ["y", "c"], ["z"])
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"z": None}), 1)
+    assert "also feeds" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("opset", [7, 8, 9, 11, 13, 14, 15, onnx.defs.onnx_opset_version()])
+def test_opsets(opset: int) -> None:
+    check(_conv_bn().model({"x": [2, 3, 4, 4]}, {"y": None}, opset=opset), 0)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_spatial0(uniform: bool) -> None:
+    b = Builder(12)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", [4, 2, 2], spatial=0)
+    if uniform:  # per-activation parameters equal within each channel: folds exactly
+        for t in b.inits[-4:]:
+            arr = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(
+                np.broadcast_to(arr[:, :1, :1], arr.shape).copy(), t.name))
+    m = b.model({"x": [2, 3, 2, 2]}, {"y": None}, opset=7)
+    out, report = fold_onnx(m)
+    onnx.checker.check_model(out, full_check=True)
+    if uniform:
+        assert count(out) == 0
+        x = feeds(m)
+        assert rel_err(run_ort(out, x), reference(m, x)) < FP32_TOL
+    else:
+        assert "spatial=0" in report.kept[0].reason
+
+
+# --------------------------------------------------------------------- dtypes
+
+@pytest.mark.parametrize(("dtype", "tol"), [(TensorProto.FLOAT16, 2e-3),
+                                            (TensorProto.BFLOAT16, 1.6e-2),
+                                            (TensorProto.DOUBLE, 1e-12)])
+def test_dtypes(dtype: int, tol: float) -> None:
+    b = Builder(13, dtype=dtype)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 3, 3]), b.rand("bias", [4])], ["c"])
+    b.bn("c", "y", 4)
+    m = b.model({"x": [2, 3, 5, 5]}, {"y": None}, opset=22)  # bf16 Conv needs opset 22
+    out, _ = check(m, 0, tol=tol, ort=False)  # ORT CPU lacks bf16 / fp64 Conv
+    if dtype == TensorProto.FLOAT16:
+        x = feeds(m)
+        assert rel_err(run_ort(out, x), reference(m, x)) < 5e-3
+
+
+def test_bn15_fp16_data_fp32_params() -> None:
+    b = Builder(14, dtype=TensorProto.FLOAT16, param_dtype=TensorProto.FLOAT)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 3, 3])], ["c"])
+    b.bn("c", "y", 4)
+    m = b.model({"x": [2, 3, 5, 5]}, {"y": None}, opset=15)
+    out, _ = check(m, 0, tol=2e-3, ort=False)
+    x = feeds(m)
+    assert rel_err(run_ort(out, x), reference(m, x)) < 5e-3
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    dtypes = {i.name: i.data_type for i in out.graph.initializer}
+    assert {dtypes[n] for n in conv.input[1:]} == {TensorProto.FLOAT16}
+
+
+def test_fp16_fold_is_correctly_rounded() -> None:
+    from bnfold.algebra import BNParams, fold_forward, round_to
+
+    b = Builder(15, dtype=TensorProto.FLOAT16)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    m = b.model({"x": [1, 3, 2, 2]}, {"y": None})
+    out, _ = fold_onnx(m)
+    arr = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    got = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    s = arr["y_scale"].astype(np.float64) / np.sqrt(arr["y_var"].astype(np.float64) + 1e-5)
+    exact = arr["w"].astype(np.float64) * s[:, None, None, None]
+    np.testing.assert_array_equal(got["w"], round_to(exact, np.float16))
+    del BNParams, fold_forward
+
+
+def test_fp16_overflow_is_refused() -> None:
+    b = Builder(16, dtype=TensorProto.FLOAT16)
+    b.node("Conv", ["x", b.init("w", np.full([4, 3, 1, 1], 60000.0))], ["c"])
+    b.bn("c", "y", 4)
+    for t in b.inits:
+        if t.name == "y_var":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(4, 1e-3, np.float16), t.name))
+    m = b.model({"x": [1, 3, 2, 2]}, {"y": None})
+    out, report = fold_onnx(m)
+    assert count(out) == 1 and "not finite" in report.kept[0].reason
+    assert out.SerializeToString() == fold_onnx(m).model.SerializeToString()
+
+
+# --------------------------------------------------------------------- weights and names
+
+def test_weights_in_constant_nodes() -> None:
+    b = Builder(17)
+    w = onnx.numpy_helper.from_array(b.rng.normal(size=[4, 3, 1, 1]).astype(np.float32))
+    b.node("Constant", [], ["w"], value=w)
+    b.node("Conv", ["x", "w"], ["c"])
+    b.bn("c", "y", 4)
+    out, _ = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert count(out, "Constant") == 0
+
+
+def test_bias_from_constant_subgraph() -> None:
+    """The dynamo exporter's zero bias: Expand(CastLike(0, x), Shape(weight)[0:1])."""
+    b = Builder(18)
+    b.rand("w", [4, 3, 1, 1])
+    b.node("Shape", ["w"], ["ws"], start=0, end=1)
+    b.node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.array(0.0)))
+    b.node("CastLike", ["zero", "x"], ["zl"])
+    b.node("Expand", ["zl", "ws"], ["bias"])
+    b.node("Conv", ["x", "w", "bias"], ["c"])
+    b.bn("c", "y", 4)
+    out, _ = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert count(out, "Expand") == 0 and count(out, "Shape") == 0
+
+
+def test_shared_weight_is_copied_and_both_fold() -> None:
+    b = Builder(19)
+    w = b.rand("w", [4, 4, 1, 1])
+    b.node("Conv", ["x", w], ["c1"])
+    b.node("Conv", ["x", w], ["c2"])
+    b.bn("c1", "y1", 4)
+    b.bn("c2", "y2", 4)
+    out, _ = check(b.model({"x": [2, 4, 3, 3]}, {"y1": None, "y2": None}), 0)
+    names = sorted(i.name for i in out.graph.initializer)
+    assert names == ["Conv_0_bnfold_bias", "Conv_0_bnfold_weight", "Conv_1_bnfold_bias", "w"]
+
+
+def test_new_names_unique_when_taken() -> None:
+    b = Builder(20)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    b.rand("Conv_0_bnfold_bias", [4])
+    b.node("Add", ["y", "Conv_0_bnfold_bias"], ["z"], )
+    b.nodes[-1].op_type = "Add"
+    m = b.model({"x": [2, 3, 4, 4]}, {"z": None})
+    out, _ = check(m, 0)
+    assert "Conv_0_bnfold_bias_1" in {i.name for i in out.graph.initializer}
+
+
+def test_bn_output_is_graph_output_keeps_name_and_value_info() -> None:
+    b = _conv_bn()
+    b.node("Relu", ["c"], ["r"])  # c now has two readers: the BN stays ...
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": None, "r": None})
+    check(m, 1)
+    b2 = _conv_bn()
+    b2.node("Relu", ["y"], ["r"])  # ... here it folds; y stays an output name
+    m2 = b2.model({"x": [2, 3, 4, 4]}, {"y": None, "r": None})
+    out, _ = check(m2, 0)
+    kept = {v.name for v in m2.graph.value_info} - {"y", "c"}  # c is now named y
+    assert kept <= {v.name for v in out.graph.value_info}
+
+
+# --------------------------------------------------------------------- subgraphs, inputs
+
+def test_bn_inside_if_branch_folds() -> None:
+    inner = Builder(21)
+    inner.node("Conv", ["x", inner.rand("w", [4, 3, 1, 1])], ["c"])
+    inner.bn("c", "yt", 4)
+    then_g = onnx.helper.make_graph(inner.nodes, "then", [],
+                                    [onnx.helper.make_tensor_value_info("yt", 1, None)],
+                                    inner.inits)
+    other = Builder(22)
+    other.node("Relu", ["x"], ["ye"])
+    else_g = onnx.helper.make_graph(other.nodes, "else", [],
+                                    [onnx.helper.make_tensor_value_info("ye", 1, None)])
+    b = Builder(23)
+    b.node("ReduceMean", ["x"], ["mean"], keepdims=0)
+    b.node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.float32(0)))
+    b.node("Greater", ["mean", "zero"], ["cond"])
+    b.node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": None}, opset=17)
+    _, report = check(m, 0)
+    assert report.folded[0].action == "folded"
+
+
+def test_ir_model_input_not_mutated_and_inspect() -> None:
+    import onnx_ir as ir
+
+    m = _conv_bn().model({"x": [2, 3, 4, 4]}, {"y": None})
+    model = ir.serde.deserialize_model(m)
+    text = ir.to_onnx_text(model) if hasattr(ir, "to_onnx_text") else None
+    out, report = fold_onnx(model)
+    assert isinstance(out, ir.Model) and report.changed
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph) == 1
+    if text is not None:
+        assert ir.to_onnx_text(model) == text
+    rep = inspect_onnx(model)
+    assert [(e.bn, e.action, e.into) for e in rep.entries] == [("BatchNormalization_1",
+                                                                 "folded", "Conv_0")]
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph) == 1
+    out2, _ = fold_onnx(model, inplace=True)
+    assert out2 is model and sum(n.op_type == "BatchNormalization" for n in model.graph) == 0
+
+
+def test_bad_input_is_one_line_error(tmp_path) -> None:
+    from bnfold.errors import BadInputError
+
+    with pytest.raises(BadInputError):
+        fold_onnx(42)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    with pytest.raises(BadInputError) as err:
+        fold_onnx(bad)
+    assert "\n" not in str(err.value)

@@ -227,8 +227,7 @@ def open_session(model: _Model, provider: str, optimize: bool
                  ) -> tuple[ort.InferenceSession | None, str | None]:
     """An ORT session on ``provider``, or ``(None, why)`` when that provider cannot run."""
     if provider == "cuda" and EP_NAMES["cuda"] not in ort.get_available_providers():
-        return None, "CUDA EP not available (onnxruntime has no CUDAExecutionProvider; " \
-                     "install onnxruntime-gpu)"
+        return None, "CUDA EP not available (install onnxruntime-gpu)"
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -253,11 +252,12 @@ def _run_provider(provider: str, ref: _Model | _Torch, cand: _Model, feeds: list
                   names: list[tuple[str, str]], optimize: bool, atol: float | None,
                   rtol: float | None, ticker: _Ticker) -> ProviderRun:
     comparison = f"{ref.label} vs {cand.label}"
-    cand_sess, why = open_session(cand, provider, optimize)
-    ref_sess = None
-    if cand_sess is not None and isinstance(ref, _Model):
-        ref_sess, why = open_session(ref, provider, optimize)
-    if cand_sess is None or (isinstance(ref, _Model) and ref_sess is None):
+    ref_sess, why = open_session(ref, provider, optimize) if isinstance(ref, _Model) else (
+        None, None)
+    cand_sess = None
+    if why is None:
+        cand_sess, why = open_session(cand, provider, optimize)
+    if cand_sess is None:
         return ProviderRun(provider, comparison, "unavailable", [], note=why)
     cand_out = [_run_ort(cand_sess, feed, [c for _, c in names], cand.label, ticker)
                 for feed in feeds]

@@ -1,0 +1,78 @@
+"""Rich tables and progress bars for the CLI (people); ``--json`` bypasses all of this."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bnfold.report import Report
+from bnfold.validation_result import HEADERS, ValidationResult
+
+# Wide when piped (logs, CI, README), the terminal's width otherwise.
+console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def report_table(report: Report, title: str) -> Table:
+    """One row per BN: what happened to it, into what, or why it was kept."""
+    table = Table(title=title, title_justify="left")
+    for col in ("BN", "action", "into / reason"):
+        table.add_column(col, overflow="fold")
+    colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim"}
+    for e in report.entries:
+        detail = e.into if e.action in ("folded", "inserted") else (e.reason or "")
+        table.add_row(e.bn, f"[{colours[e.action]}]{e.action}[/]", detail or "")
+    return table
+
+
+def print_report(report: Report, title: str) -> None:
+    console.print(report_table(report, title))
+    counts = ", ".join(f"{v} {k}" for k, v in report.counts().items() if v)
+    console.print(f"{report.pass_name}: {counts or 'no BatchNormalization found'}")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def print_validation(result: ValidationResult) -> None:
+    """The per-provider, per-output table, the inputs used, the tolerance rule, the verdict."""
+    table = Table(title=f"{result.candidate} vs {result.reference}", title_justify="left")
+    for col in HEADERS:
+        table.add_column(col, overflow="fold")
+    for row in result.rows():
+        verdict = row[-1]
+        style = "green" if verdict == "ok" else "yellow" if verdict.startswith("skipped") else "red"
+        table.add_row(*row[:-1], f"[{style}]{verdict}[/]")
+    console.print(table)
+    for i in result.inputs:
+        console.print(f"input {i['name']}: {i['dtype']} {i['shape']} ({i['source']})")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"tolerance: {result.settings['tolerance_rule']}", style="dim")
+    console.print(result.summary(), style="bold green" if result.passed else "bold red")
+
+
+def print_rows(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in headers:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None
+                 ) -> Iterator[Callable[[int, int], Any]]:
+    """Yield ``update(done, total)``; shows a bar on stderr only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield lambda done, total: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

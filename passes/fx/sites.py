@@ -265,7 +265,7 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
     return LayerSite(
         node, kind, n, weight, tensors["bias"], int(args["groups"]), _tup(args["stride"], n),
         _conv_padding(args["padding"], args["dilation"], kernel, n), _tup(args["dilation"], n),
-        _tup(args["output_padding"], n), "zeros", node.name,
+        _tup(args.get("output_padding", 0), n), "zeros", node.name,
     )
 
 

@@ -22,6 +22,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bnfold.errors import BadInputError, UntraceableError
+from bnfold.modules import FeatureBatchNorm
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -49,7 +50,8 @@ def graph_module_of(
     if isinstance(work, fx.GraphModule):
         return work, "graph module"
     try:
-        return fx.symbolic_trace(work), "symbolic_trace"
+        graph = _Tracer().trace(work)
+        return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace"
     except Exception as trace_exc:
         where = _user_frame(trace_exc)
         first = _one_line(trace_exc)
@@ -66,6 +68,13 @@ def graph_module_of(
                 f"torch.export also failed: {_one_line(export_exc)}{_user_frame(export_exc)}"
             ) from export_exc
         return exported.module(), f"torch.export (symbolic_trace failed: {first}{where})"
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer, keeping bnfold's own BN modules as calls (leaves)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _one_line(exc: BaseException) -> str:

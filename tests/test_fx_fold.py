@@ -1,0 +1,419 @@
+"""The FX fold pass case by case, each against a float64 evaluation of the unfolded model."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from bnfold.models import zoo
+from bnfold.models.stats import randomize_bn_stats
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
+
+import bnfold
+from bnfold.errors import BadInputError, UntraceableError
+from bnfold.modules import FeatureBatchNorm
+
+
+def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return randomize_bn_stats(model, seed).eval()
+
+
+def rel_err(candidate: nn.Module, reference: nn.Module, *xs: torch.Tensor) -> float:
+    """Both models in float64 on ``xs``: max abs difference relative to the reference."""
+    with torch.no_grad():
+        ref = copy.deepcopy(reference).double()(*(x.double() for x in xs))
+        out = copy.deepcopy(candidate).double()(*(x.double() for x in xs))
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def fold_checked(model: nn.Module, x: torch.Tensor, *, shapes: bool = True, left: int = 0):
+    """Fold, check exactness on a fresh input and the count of kept BNs; return the result."""
+    gm, report = bnfold.fold(model, x if shapes else None)
+    fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(99))
+    assert rel_err(gm, model, fresh) < 1e-6, report
+    assert len(report.kept) == left, report
+    return gm, report
+
+
+def entry(report: bnfold.Report, bn: str) -> bnfold.Entry:
+    (found,) = [e for e in report.entries if e.bn == bn]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing: module reuse, shared weights, multi-use outputs (and what torch's fuse does).
+# ---------------------------------------------------------------------------------------------
+
+class Reuse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(self.conv(torch.relu(self.bn_a(self.conv(x)))))
+
+
+class SharedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(4, 4, 1)
+        self.right = nn.Conv2d(4, 4, 1, bias=False)
+        self.right.weight = self.left.weight
+        self.bn_l = nn.BatchNorm2d(4)
+        self.bn_r = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_l(self.left(x)) + self.bn_r(self.right(x))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.bn(y) + y
+
+
+X4 = torch.randn(2, 4, 6, 6)
+
+
+def test_module_reuse_folds_into_a_copy_per_call() -> None:
+    model = prepared(Reuse())
+    gm, report = fold_checked(model, X4)
+    a, b = entry(report, "bn_a"), entry(report, "bn_b")
+    assert {a.into, b.into} == {"conv", "conv_bn_a"}
+    assert a.details["copy_of"] == "conv"
+    assert gm.conv_bn_a.weight is not gm.conv.weight
+
+
+def test_torch_fuse_is_wrong_on_module_reuse() -> None:
+    model = prepared(Reuse())
+    assert rel_err(fuse(copy.deepcopy(model)), model, X4) > 0.1  # folds conv twice
+
+
+def test_shared_weight_gets_one_folded_weight_per_layer() -> None:
+    model = prepared(SharedWeight())
+    gm, report = fold_checked(model, X4)
+    assert [e.into for e in report.folded] == ["left", "right"]
+    assert report.folded[0].details["untied_shared_weight"]
+    assert gm.left.weight is not gm.right.weight
+    assert model.left.weight is model.right.weight  # the input keeps its tie
+    assert rel_err(fuse(copy.deepcopy(model)), model, X4) < 1e-6  # torch's fuse copies too
+
+
+def test_layer_output_with_another_user_is_kept() -> None:
+    model = prepared(Residual())
+    _gm, report = fold_checked(model, torch.randn(5, 6), left=1)
+    assert report.kept[0].reason == "fc output also feeds add"
+    assert rel_err(fuse(copy.deepcopy(model)), model, torch.randn(5, 6)) < 1e-6  # fuse skips it
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel axis of Linear on [N, L, C].
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_on_sequence_wrong_axis_is_kept_right_axis_folds() -> None:
+    model = zoo.get("linear_seq_wrong_axis")
+    x = zoo.example_input("linear_seq_wrong_axis")
+    _gm, report = fold_checked(model, x, left=1)
+    wrong = entry(report, "bn_wrong")
+    assert wrong.action == "kept"
+    assert "normalizes dim 1 of its input [2, 8, 8] but fc's channels are on dim 2" in wrong.reason
+    right = entry(report, "bn_right")
+    assert (right.action, right.into, right.details["through"]) == ("folded", "fc2", ["transpose"])
+    # torch's fuse folds bn_wrong into fc although it normalizes L, not fc's features
+    assert rel_err(fuse(copy.deepcopy(model)), model, x) > 0.1
+
+
+def test_linear_on_sequence_without_shapes_is_refused_with_advice() -> None:
+    model = zoo.get("linear_seq_wrong_axis")
+    _gm, report = fold_checked(model, zoo.example_input("linear_seq_wrong_axis"), shapes=False,
+                              left=1)
+    assert "pass example_inputs" in entry(report, "bn_wrong").reason
+    assert entry(report, "bn_right").action == "folded"  # transpose(1, 2) fixes the rank
+
+
+class LeViTFlatten(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, c)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.bn(h.flatten(0, 1)).reshape_as(h)
+
+
+def test_levit_flatten_folds_with_shapes() -> None:
+    _, report = fold_checked(prepared(LeViTFlatten(7)), torch.randn(2, 3, 5))
+    assert report.folded[0].details["through"] == ["flatten"]
+
+
+def test_flatten_that_merges_the_feature_axis_is_refused() -> None:
+    class Merge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.fc(x).flatten(1))
+
+    _, report = fold_checked(prepared(Merge()), torch.randn(4, 2, 5), left=1)
+    assert "merges or splits the layer's feature axis" in report.kept[0].reason
+
+
+def test_feature_batchnorm_folds_without_shapes() -> None:
+    model = prepared(nn.Sequential(nn.Linear(5, 6), FeatureBatchNorm(6)))
+    fold_checked(model, torch.randn(2, 3, 5), shapes=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer kinds and parameter variants.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_conv_transpose(dim: int, bias: bool) -> None:
+    convt = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dim - 1]
+    bn = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d][dim - 1]
+    model = prepared(nn.Sequential(
+        convt(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1, bias=bias),
+        bn(6),
+    ))
+    _, report = fold_checked(model, torch.randn(2, 4, *([4] * dim)))
+    assert report.folded[0].details == {"direction": "forward", "layer": "conv_transpose"}
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_grouped_and_depthwise_conv(dim: int) -> None:
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1]
+    bn = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d][dim - 1]
+    model = prepared(nn.Sequential(conv(4, 8, 3, groups=2, dilation=2, stride=2), bn(8),
+                                   conv(8, 8, 3, groups=8, padding=1, bias=False), bn(8)))
+    fold_checked(model, torch.randn(2, 4, *([9] * dim)))
+
+
+def test_bn_without_affine_and_layers_without_bias() -> None:
+    model = prepared(nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.Flatten(),
+        nn.Linear(64, 5, bias=False), nn.BatchNorm1d(5), nn.Linear(5, 2, bias=False),
+        nn.BatchNorm1d(2, affine=False),
+    ))
+    gm, _ = fold_checked(model, torch.randn(3, 3, 6, 6))
+    assert gm.get_submodule("0").bias is not None
+    assert gm.get_submodule("3").bias is not None
+
+
+def test_training_mode_bn_is_kept() -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model[1].train()
+    gm, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert report.kept[0].reason.startswith("BN is in training mode")
+    assert torch.equal(model[1].num_batches_tracked, torch.tensor(0))  # shapes ran in eval
+    assert gm.get_submodule("1").training
+
+
+def test_bn_without_running_stats_is_kept() -> None:
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), bn))
+    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert "track_running_stats=False" in report.kept[0].reason
+
+
+def test_conv_subclass_is_kept() -> None:
+    class StdConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
+            return self._conv_forward(x, w, self.bias)
+
+    model = prepared(nn.Sequential(StdConv(3, 4, 3), nn.BatchNorm2d(4)))
+    _, report = fold_checked(model, torch.randn(2, 3, 6, 6), left=1)
+    assert report.kept[0].reason == "conv2d's weight is computed in the graph, not a constant " \
+        "attribute"  # traced through StdConv.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional forms.
+# ---------------------------------------------------------------------------------------------
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3, generator=g) * 0.3)
+        self.b = nn.Parameter(torch.randn(6, generator=g))
+        self.w2 = nn.Parameter(torch.randn(6, 6, 3, 3, generator=g) * 0.3)
+        self.fw = nn.Parameter(torch.randn(4, 6, generator=g) * 0.3)
+        for name, c in (("bn1", 6), ("bn2", 6), ("bn3", 4)):
+            self.register_buffer(f"{name}_mean", torch.randn(c, generator=g))
+            self.register_buffer(f"{name}_var", torch.rand(c, generator=g) + 0.5)
+            self.register_parameter(f"{name}_g", nn.Parameter(torch.randn(c, generator=g)))
+            self.register_parameter(f"{name}_b", nn.Parameter(torch.randn(c, generator=g)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.w, self.b, padding=1)
+        y = F.batch_norm(y, self.bn1_mean, self.bn1_var, self.bn1_g, self.bn1_b, False, 0.1, 1e-3)
+        z = F.conv2d(torch.relu(y), self.w2 * 2.0, None, 1, 1)  # weight computed: kept
+        z = F.batch_norm(z, self.bn2_mean, self.bn2_var, self.bn2_g, self.bn2_b, eps=1e-4)
+        h = F.linear(z.mean((2, 3)), self.fw)
+        return F.batch_norm(h, self.bn3_mean, self.bn3_var, self.bn3_g, self.bn3_b)
+
+
+def test_functional_forms_fold_when_params_are_constants() -> None:
+    model = Functional().eval()
+    gm, report = fold_checked(model, torch.randn(2, 3, 5, 5), left=1)
+    assert [e.action for e in report.entries] == ["folded", "kept", "folded"]
+    assert "computed in the graph" in report.entries[1].reason
+    assert not any(k.startswith(("bn1", "bn3")) for k in gm.state_dict())
+
+
+def test_functional_weight_shared_by_two_calls_folds_into_copies() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+            self.bn_a = nn.BatchNorm2d(4)
+            self.bn_b = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn_a(F.conv2d(x, self.w)) * self.bn_b(F.conv2d(x, self.w))
+
+    model = prepared(Twice())
+    gm, report = fold_checked(model, X4)
+    assert [e.action for e in report.entries] == ["folded", "folded"]
+    assert report.entries[0].details["copy_of"] == "conv2d"
+    assert {"w", "w_bn_a"} <= set(dict(gm.named_parameters()))  # bn_a got a copy of w
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward fold: BN before the layer.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 4, 3),  # no padding
+    nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular", groups=1, dilation=2),
+    nn.ConvTranspose2d(3, 4, 3, padding=2),  # stride 1, padding = k - 1: every output sees all
+])
+def test_backward_fold_exact_cases(layer: nn.Module) -> None:
+    model = prepared(nn.Sequential(nn.BatchNorm2d(3), layer))
+    _, report = fold_checked(model, torch.randn(2, 3, 7, 7))
+    assert report.folded[0].details["direction"] == "backward"
+
+
+def test_backward_fold_into_linear() -> None:
+    model = prepared(nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 3, bias=False)))
+    fold_checked(model, torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3, padding=1),
+                                   nn.ConvTranspose2d(3, 4, 3, stride=2)])
+def test_backward_fold_refused_where_not_exact(layer: nn.Module) -> None:
+    model = prepared(nn.Sequential(nn.BatchNorm2d(3), layer))
+    _, report = fold_checked(model, torch.randn(2, 3, 7, 7), left=1)
+    assert "not exact" in report.kept[0].reason
+    assert "BN before a" in report.kept[0].reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Low precision: one correct rounding of the float64 fold.
+# ---------------------------------------------------------------------------------------------
+
+def ulp_of(exact: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Spacing of ``dtype`` at each exact value (in its binade, subnormals included)."""
+    mant, emin = {torch.float16: (10, -14), torch.bfloat16: (7, -126)}[dtype]
+    e = np.maximum(np.floor(np.log2(np.abs(exact) + 1e-300)), emin)
+    return 2.0 ** (e - mant)
+
+
+def ulp_error(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+    g, x = got.detach().double().numpy(), exact.detach().numpy()
+    return float((np.abs(g - x) / ulp_of(x, dtype)).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fold_is_correctly_rounded(dtype: torch.dtype) -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32))).to(dtype)
+    gm, report = bnfold.fold(model)
+    assert report.folded
+    conv, bn = model[0], model[1]
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    t = bn.bias.double() - bn.running_mean.double() * s
+    w_exact = conv.weight.double() * s.view(-1, 1, 1, 1)
+    b_exact = conv.bias.double() * s + t
+    folded = gm.get_submodule("0")
+    assert folded.weight.dtype == dtype
+    assert ulp_error(folded.weight, w_exact, dtype) <= 0.5
+    assert ulp_error(folded.bias, b_exact, dtype) <= 0.5
+    # torch's own fusion computes in the low precision dtype and misses by more than 1 ulp
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(copy.deepcopy(conv), copy.deepcopy(bn))
+    assert ulp_error(fused.weight, w_exact, dtype) > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing: fallback to torch.export, untraceable models, bad input, inplace.
+# ---------------------------------------------------------------------------------------------
+
+class ShapeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 4:  # symbolic_trace cannot branch on a traced shape
+            x = x[..., :4]
+        return self.bn(self.conv(x))
+
+
+class ValueBranch(ShapeBranch):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.bn(self.conv(x))
+
+
+def test_shape_control_flow_falls_back_to_torch_export() -> None:
+    model = prepared(ShapeBranch())
+    _gm, report = fold_checked(model, torch.randn(2, 3, 6, 6))
+    assert report.folded[0].into == "conv2d"
+    assert "torch.export" in report.notes[0]
+
+
+def test_untraceable_model_names_the_line() -> None:
+    model = prepared(ValueBranch())
+    with pytest.raises(UntraceableError) as info:
+        bnfold.fold(model)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "test_fx_fold.py" in msg and "`if x.sum() > 0:`" in msg
+    assert "pass example_inputs" in msg
+    with pytest.raises(UntraceableError, match=r"torch\.export also failed"):
+        bnfold.fold(model, torch.randn(2, 3, 6, 6))
+
+
+def test_not_a_module_is_bad_input() -> None:
+    with pytest.raises(BadInputError):
+        bnfold.fold(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_inplace_rewrites_the_given_graph_module() -> None:
+    gm = fx.symbolic_trace(prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))))
+    reference = copy.deepcopy(gm)
+    out, report = bnfold.fold(gm, inplace=True)
+    assert out is gm and report.folded
+    assert rel_err(gm, reference, torch.randn(2, 3, 6, 6)) < 1e-6

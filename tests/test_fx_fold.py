@@ -390,7 +390,7 @@ class ValueBranch(ShapeBranch):
 def test_shape_control_flow_falls_back_to_torch_export() -> None:
     model = prepared(ShapeBranch())
     _gm, report = fold_checked(model, torch.randn(2, 3, 6, 6))
-    assert report.folded[0].into == "conv2d"
+    assert (report.folded[0].bn, report.folded[0].into) == ("bn (batch_norm)", "conv (conv2d)")
     assert "torch.export" in report.notes[0]
 
 

@@ -138,9 +138,14 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
 
 
 def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The BN's module name, made unique by the node name when the module is called twice."""
+    """The BN's module name, made unique by the node name when the module is called twice.
+
+    Functional BNs are named by their node, prefixed by the module owning their statistics
+    when there is one (graphs from ``torch.export``: ``"bn (batch_norm)"``).
+    """
     if node.op != "call_module":
-        return node.name
+        mean = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS).get("running_mean")
+        return _functional_label(node, mean)
     calls = [n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target]
     return str(node.target) if len(calls) == 1 else f"{node.target} ({node.name})"
 
@@ -259,14 +264,19 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
         spatial = weight.dim() - 2
     if kind == "linear":
         return LayerSite(node, kind, 0, weight, tensors["bias"], 1, (), (), (), (), "zeros",
-                         node.name)
+                         _functional_label(node, args["weight"]))
     n = spatial
     kernel = tuple(weight.shape[2:])
     return LayerSite(
         node, kind, n, weight, tensors["bias"], int(args["groups"]), _tup(args["stride"], n),
         _conv_padding(args["padding"], args["dilation"], kernel, n), _tup(args["dilation"], n),
-        _tup(args.get("output_padding", 0), n), "zeros", node.name,
+        _tup(args.get("output_padding", 0), n), "zeros", _functional_label(node, args["weight"]),
     )
+
+
+def _functional_label(node: fx.Node, attr: Any) -> str:
+    owner = str(attr.target).rpartition(".")[0] if isinstance(attr, fx.Node) else ""
+    return f"{owner} ({node.name})" if owner and attr.op == "get_attr" else node.name
 
 
 def _tup(value: Any, n: int) -> tuple[int, ...]:

@@ -156,7 +156,12 @@ def _fold_both(model: torch.nn.Module, args: tuple[Any, ...], opset: int | None,
 
 
 def _merge(report: ExportReport, part: Report, stage: str) -> None:
+    """Add ``part``'s entries. A BN the FX pass kept reaches the ONNX pass, whose entry is
+    the final word; the FX reason is kept as a note so each BN is counted once."""
     for e in part.entries:
+        if stage == "fx" and e.action == "kept":
+            report.notes.append(f"fx: kept {e.bn}: {e.reason}")
+            continue
         report.add(e.bn, e.action, into=e.into, reason=e.reason, stage=stage, **e.details)
     report.notes.extend(f"{stage}: {n}" for n in part.notes)
 

@@ -44,8 +44,9 @@ def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
 def load_onnx(model: object) -> ir.Model:
     """Return an onnx-ir model from a ModelProto, an ``ir.Model`` or a file path.
 
-    Files are read lazily by onnx-ir (external tensors stay on disk until touched). Anything
-    that is not a readable ONNX model raises :class:`BadInputError` with a one-line message.
+    Files are parsed once, without their external data: onnx-ir keeps external tensors lazy
+    (memory-mapped when first read), so only the tensors a pass touches are ever loaded.
+    Anything that is not a readable ONNX model raises :class:`BadInputError` (one line).
     """
     if isinstance(model, ir.Model):
         return model
@@ -69,30 +70,44 @@ def load_onnx(model: object) -> ir.Model:
     if not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
     try:
-        return ir.load(str(path))
+        loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
+    del proto
+    ir.external_data.set_base_dir(loaded.graph, path.parent)
+    return loaded
 
 
-def save_onnx(model: ir.Model, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` atomically. External data, if the model had any, is written
-    beside it as ``<name>.data``."""
+#: Above this many bytes of tensors a model is written with external data (protobuf's 2 GB
+#: limit, with room for the graph itself).
+EXTERNAL_THRESHOLD = 1_800_000_000
+
+
+def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` to ``path`` atomically (temp file + rename).
+
+    If the model had external data (any initializer of any graph still external), or its
+    tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors are written to ``<name>.data`` beside
+    it; external tensors are streamed from their files, never all held in memory at once.
+    Failures raise :class:`BadInputError` with one line; ``path`` is then left as it was.
+    """
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
     target = Path(path)
-    has_external = any(
-        isinstance(v.const_value, ir.ExternalTensor)
-        for v in model.graph.initializers.values()
-    )
-    if has_external:
-        # onnx-ir writes tensors before renaming the model file; the model file is the commit.
-        data_name = target.name + ".data"
+    tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None]
+    external = any(isinstance(t, ir.ExternalTensor) for t in tensors) or sum(
+        t.nbytes for t in tensors) > EXTERNAL_THRESHOLD
+    try:
         with atomic_path(target) as tmp:
-            ir.save(model, tmp, external_data=data_name)
-            produced = tmp.parent / data_name
-            if not produced.exists():
-                raise BadInputError(f"{target}: external data was not written")
-        return
-    with atomic_path(target) as tmp:
-        ir.save(model, tmp)
+            if external:
+                # onnx-ir writes the data file (atomically) before the model file is renamed
+                # into place; the model file is the commit.
+                ir.save(model, tmp, external_data=target.name + ".data")
+            else:
+                ir.save(model, tmp)
+    except OSError as exc:
+        raise BadInputError(f"{target}: could not write ({_short(exc)})") from exc
 
 
 def _short(exc: BaseException) -> str:

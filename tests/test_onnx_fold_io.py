@@ -1,0 +1,106 @@
+"""Files: external data kept external and lazy, atomic writes, one-line load errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
+
+from bnfold.errors import BadInputError
+from bnfold.fileio import load_onnx, save_onnx
+from tests.onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
+
+
+def _external_model(tmp_path) -> tuple[onnx.ModelProto, str]:
+    b = Builder(30)
+    b.node("Conv", ["x", b.rand("w1", [16, 8, 3, 3])], ["c1"], pads=[1, 1, 1, 1])
+    b.bn("c1", "n1", 16)
+    b.node("Relu", ["n1"], ["r"])
+    b.node("Conv", ["r", b.rand("w2", [8, 16, 3, 3])], ["c2"], pads=[1, 1, 1, 1])
+    b.node("MatMul", ["x", b.rand("untouched", [6, 6])], ["y2"])  # never read by a fold
+    m = b.model({"x": [1, 8, 6, 6]}, {"c2": None, "y2": None})
+    path = tmp_path / "m.onnx"
+    ir.save(ir.serde.deserialize_model(m), path, external_data="m.onnx.data",
+            size_threshold_bytes=64)
+    return m, str(path)
+
+
+def test_external_data_lazy_and_preserved(tmp_path) -> None:
+    original, path = _external_model(tmp_path)
+    folded, report = fold_onnx(path)
+    assert isinstance(folded, ir.Model) and len(report.folded) == 1
+    tensors = {v.name: v.const_value for v in folded.graph.initializers.values()}
+    assert isinstance(tensors["untouched"], ir.ExternalTensor)
+    assert isinstance(tensors["w2"], ir.ExternalTensor)
+    assert not isinstance(tensors["w1"], ir.ExternalTensor)  # rewritten by the fold
+    out = tmp_path / "sub" / "folded.onnx"
+    save_onnx(folded, out)
+    assert (out.parent / "folded.onnx.data").exists()
+    onnx.checker.check_model(str(out), full_check=True)
+    written = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer
+               if t.name in ("w1", "w2"))  # tensors < 256 bytes are written inline
+    x = feeds(original)
+    result = run_ort(onnx.load(str(out)), x)
+    assert rel_err(result, reference(original, x)) < 1e-5
+    assert count(onnx.load(str(out))) == 0
+
+
+def test_save_over_the_source_file(tmp_path) -> None:
+    original, path = _external_model(tmp_path)
+    folded, _ = fold_onnx(path)
+    save_onnx(folded, path)  # reads its lazy tensors from the file it replaces
+    x = feeds(original)
+    assert rel_err(run_ort(onnx.load(path), x), reference(original, x)) < 1e-5
+
+
+def test_inspect_path_changes_nothing(tmp_path) -> None:
+    _, path = _external_model(tmp_path)
+    before = (tmp_path / "m.onnx").read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+    report = inspect_onnx(path)
+    assert [(e.action, e.into) for e in report.entries] == [("folded", "Conv_0")]
+    assert before == ((tmp_path / "m.onnx").read_bytes(), (tmp_path / "m.onnx.data").read_bytes())
+
+
+def test_save_accepts_modelproto_and_is_atomic(tmp_path) -> None:
+    b = Builder(31)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    m = b.model({"x": [1, 3, 2, 2]}, {"y": None})
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous")
+    folded, _ = fold_onnx(m)
+    save_onnx(folded, out)
+    assert count(onnx.load(str(out))) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(BadInputError):
+        save_onnx(folded, tmp_path / "o.onnx" / "inside")  # parent is a file
+    assert count(onnx.load(str(out))) == 0
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\x00garbage\xff" * 10, "dir"])
+def test_load_errors_are_one_line(tmp_path, content) -> None:
+    path = tmp_path / "x.onnx"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BadInputError) as err:
+        load_onnx(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_big_tensors_go_external(tmp_path, monkeypatch) -> None:
+    import bnfold.fileio as fileio
+
+    monkeypatch.setattr(fileio, "EXTERNAL_THRESHOLD", 100)
+    b = Builder(32)
+    b.node("Conv", ["x", b.rand("w", [8, 8, 3, 3])], ["y"])
+    m = b.model({"x": [1, 8, 4, 4]}, {"y": None})
+    save_onnx(m, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    x = feeds(m)
+    np.testing.assert_allclose(run_ort(onnx.load(str(tmp_path / "big.onnx")), x)[0],
+                               run_ort(m, x)[0])

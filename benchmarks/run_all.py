@@ -1,0 +1,17 @@
+"""Run every benchmark in one go (``make bench``); each writes its table to benchmarks/out/."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = ("bench_fx_fold", "bench_onnx_fold", "bench_training")
+
+
+def main() -> None:
+    for name in BENCHMARKS:
+        print(f"\n===== benchmarks.{name} =====", flush=True)
+        importlib.import_module(f"benchmarks.{name}").main()
+
+
+if __name__ == "__main__":
+    main()

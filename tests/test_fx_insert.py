@@ -483,3 +483,24 @@ def test_feature_bn_is_batchnorm1d_on_2d() -> None:
     x = torch.randn(6, 5)
     a, b = FeatureBatchNorm(5), nn.BatchNorm1d(5)
     assert torch.equal(a(x), b(x))
+
+
+def test_benchmark_inserted_curve_equals_hand_written(tmp_path) -> None:
+    from benchmarks import bench_training
+
+    out = tmp_path / "training.md"
+    bench_training.main(["--steps", "12", "--seeds", "1", "--models", "mlp_tanh", "--out",
+                         str(out)])
+    rows = [line for line in out.read_text().splitlines() if "| inserted |" in line]
+    assert len(rows) == 3 and all(row.rstrip(" |").endswith("1/1") for row in rows)
+
+
+def test_training_demo_numbers() -> None:
+    pytest.importorskip("bnfold.passes.fx.fold")
+    from bnfold.training_demo import run_training_demo
+
+    r = run_training_demo(epochs=1)
+    assert r["bn_before_fold"] == 3 and r["bn_after_fold"] == 0
+    assert r["folded_max_rel_err_vs_float64"] < 1e-5
+    assert r["argmax_agreement"] == 1.0
+    assert r["inserted_test_acc"] > r["plain_test_acc"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ def to_onnx(model: torch.nn.Module, args: tuple[Any, ...], *, opset: int | None 
     import onnxscript.optimizer
     import torch
 
+    # The exporter logs a warning per missing torchvision op; they say nothing about this model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")

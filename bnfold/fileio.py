@@ -81,33 +81,71 @@ def load_onnx(model: object) -> ir.Model:
 #: Above this many bytes of tensors a model is written with external data (protobuf's 2 GB
 #: limit, with room for the graph itself).
 EXTERNAL_THRESHOLD = 1_800_000_000
+#: Tensors of at least this many bytes go to the external data file; smaller ones inline.
+INLINE_LIMIT = 1024
 
 
 def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` atomically (temp file + rename).
+    """Write ``model`` to ``path`` atomically (temp files + rename).
 
-    If the model had external data (any initializer of any graph still external), or its
-    tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors are written to ``<name>.data`` beside
-    it; external tensors are streamed from their files, never all held in memory at once.
-    Failures raise :class:`BadInputError` with one line; ``path`` is then left as it was.
+    If the model had external data (an initializer of any graph still external, or lazy), or its
+    tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes
+    are streamed one at a time to ``<name>.data`` beside it: a lazy tensor is computed, written
+    and dropped, an external one is copied and unmapped, so peak memory stays about one tensor.
+    The model's large tensors then refer to the new file (saving over the source file is
+    safe). Failures raise :class:`BadInputError` with one line; ``path`` is left as it was.
     """
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     target = Path(path)
-    tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
-               if v.const_value is not None]
-    external = any(isinstance(t, ir.ExternalTensor) for t in tensors) or sum(
-        t.nbytes for t in tensors) > EXTERNAL_THRESHOLD
+    values = [v for g in model.graphs() for v in g.initializers.values()
+              if v.const_value is not None]
+    lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
+    external = any(isinstance(v.const_value, lazy) for v in values) or sum(
+        v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
     try:
         with atomic_path(target) as tmp:
             if external:
-                # onnx-ir writes the data file (atomically) before the model file is renamed
-                # into place; the model file is the commit.
-                ir.save(model, tmp, external_data=target.name + ".data")
+                _save_external(model, values, target, tmp)
             else:
                 ir.save(model, tmp)
     except OSError as exc:
         raise BadInputError(f"{target}: could not write ({_short(exc)})") from exc
+
+
+def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: Path) -> None:
+    """Stream large tensors to a temporary data file, save the graph, then commit the data."""
+    data_name = target.name + ".data"
+    fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=target.parent)
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for value in values:
+                tensor = value.const_value
+                assert tensor is not None
+                if tensor.nbytes < INLINE_LIMIT:
+                    if isinstance(tensor, ir.ExternalTensor):  # small: inline, off the old file
+                        swapped.append((value, tensor))
+                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
+                    continue
+                offset = f.tell()
+                f.write(tensor.tobytes())
+                swapped.append((value, tensor))
+                value.const_value = ir.ExternalTensor(
+                    data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                    name=tensor.name or value.name or "", base_dir=target.parent)
+                if isinstance(tensor, ir.ExternalTensor):
+                    with contextlib.suppress(BufferError):
+                        tensor.release()
+        ir.save(model, tmp)
+        os.replace(data_tmp, target.parent / data_name)
+    except BaseException:
+        for value, tensor in swapped:
+            value.const_value = tensor
+        raise
+    finally:
+        if os.path.exists(data_tmp):
+            os.unlink(data_tmp)
 
 
 def _short(exc: BaseException) -> str:

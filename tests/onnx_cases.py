@@ -165,3 +165,22 @@ def count(model: onnx.ModelProto, op: str = "BatchNormalization") -> int:
 
     walk(model.graph)
     return total
+
+
+def torch_convtranspose_bn(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """float64 reference for ``ConvTranspose(x, w[, bias]) -> BN(y_*)`` (one node each), from
+    torch: onnx's reference ConvTranspose mishandles ``group > 1``."""
+    import torch
+
+    p = {i.name: torch.from_numpy(numpy_helper.to_array(i).astype(np.float64))
+         for i in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    fn = {3: torch.nn.functional.conv_transpose1d, 4: torch.nn.functional.conv_transpose2d,
+          5: torch.nn.functional.conv_transpose3d}[x.ndim]
+    y = fn(torch.from_numpy(x.astype(np.float64)), p[conv.input[1]],
+           p[conv.input[2]] if len(conv.input) > 2 else None,
+           stride=list(attrs.get("strides", [1] * (x.ndim - 2))), groups=attrs.get("group", 1))
+    y = torch.nn.functional.batch_norm(y, p["y_mean"], p["y_var"], p["y_scale"], p["y_B"],
+                                       eps=1e-5)
+    return [y.numpy()]

@@ -7,8 +7,15 @@ import onnx
 import pytest
 from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 from onnx import TensorProto
-
-from tests.onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
+from onnx_cases import (
+    Builder,
+    count,
+    feeds,
+    reference,
+    rel_err,
+    run_ort,
+    torch_convtranspose_bn,
+)
 
 FP32_TOL = 1e-5
 
@@ -99,23 +106,9 @@ def test_conv_transpose_bn(dims: int, groups: int, bias: bool) -> None:
     # onnx's reference ConvTranspose mishandles groups: the float64 reference is torch's.
     out, _ = check(m, 0, ort=False, ref=False)
     x = feeds(m)
-    want = [_torch_convtranspose_bn(m, x["x"], groups)]
+    want = torch_convtranspose_bn(m, x["x"])
     assert rel_err(run_ort(out, x), want) < FP32_TOL
     assert rel_err(run_ort(m, x), want) < FP32_TOL
-
-
-def _torch_convtranspose_bn(m: onnx.ModelProto, x: np.ndarray, groups: int) -> np.ndarray:
-    import torch
-
-    p = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).astype(np.float64))
-         for i in m.graph.initializer}
-    fn = {3: torch.nn.functional.conv_transpose1d, 4: torch.nn.functional.conv_transpose2d,
-          5: torch.nn.functional.conv_transpose3d}[x.ndim]
-    y = fn(torch.from_numpy(x.astype(np.float64)), p["w"], p.get("bias"), stride=2,
-           groups=groups)
-    y = torch.nn.functional.batch_norm(y, p["y_mean"], p["y_var"], p["y_scale"], p["y_B"],
-                                       eps=1e-5)
-    return y.numpy()
 
 
 # --------------------------------------------------------------------- Gemm / MatMul

@@ -18,8 +18,7 @@ import pytest
 import torch
 from bnfold.models import zoo
 from bnfold.passes.onnx.fold import fold_onnx
-
-from tests.onnx_cases import count, rel_err, run_ort
+from onnx_cases import count, rel_err, run_ort
 
 FP32_TOL = 1e-5
 TORCHSCRIPT = ("plain_cnn", "resnet_small", "bn_before_conv", "convtranspose_decoder")

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 from bnfold.passes.onnx.bn import consumers_text, display_name
-from bnfold.passes.onnx.consts import const_array, set_initializer
+from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
 from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader, static_dims
 
@@ -156,9 +156,11 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
         folded = fold_backward(weight, bias, params, groups=groups, **axes)
     except UnsafeFoldError as exc:
         return str(exc)
+    new_weight = deferred(conv.inputs[1], folded.weight, lambda w: fold_backward(
+        w, bias, params, groups=groups, **axes).weight)
 
     def apply() -> None:
-        _rewrite(bn, conv, folded.weight, ctx)
+        _rewrite(bn, conv, new_weight, ctx)
         release(ctx, conv, 2)
         set_initializer(ctx.graph, conv, 2, folded.bias, ctx.namer,
                         f"{display_name(conv)}_bnfold_bias")
@@ -200,9 +202,11 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
         folded = fold_backward(weight, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
     except UnsafeFoldError as exc:
         return str(exc)
+    new_weight = deferred(layer.inputs[1], folded.weight, lambda w: fold_backward(
+        w, bias, params, in_axis=in_axis, out_axis=1 - in_axis).weight)
 
     def apply() -> None:
-        _rewrite(bn, layer, folded.weight, ctx)
+        _rewrite(bn, layer, new_weight, ctx)
         base = f"{display_name(layer)}_bnfold_bias"
         if bias_node is None:
             if np.any(folded.bias.astype(np.float64) != 0):
@@ -233,7 +237,8 @@ def _bias(node: ir.Node, index: int) -> np.ndarray | str | None:
     return constant(node.inputs[index], "bias", node)
 
 
-def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray, ctx: Context) -> None:
+def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray | ir.TensorProtocol,
+             ctx: Context) -> None:
     """Write the scaled weight, then bypass and remove the BN."""
     release(ctx, layer, 1)
     set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{display_name(layer)}_bnfold_weight")

@@ -11,6 +11,8 @@ the user's graph is never restructured; only the layers a fold rewrites read the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -132,9 +134,46 @@ def _evaluate_cone(value: ir.Value) -> ir.TensorProtocol | None:
     return _const_tensor(out)
 
 
-def make_tensor(array: np.ndarray, name: str) -> ir.Tensor:
+def make_tensor(array: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:
     """An onnx-ir tensor holding ``array`` (any float dtype, bfloat16 included)."""
-    return ir.Tensor(np.ascontiguousarray(array), name=name)
+    if isinstance(array, np.ndarray):
+        return ir.Tensor(np.ascontiguousarray(array), name=name)
+    array.name = name
+    return array
+
+
+def deferred(source: ir.Value | None, array: np.ndarray,
+             recompute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | ir.LazyTensor:
+    """What to store for a folded weight computed from ``source``.
+
+    In-memory sources give ``array`` itself. An external-data source gives an
+    ``ir.LazyTensor`` that recomputes ``recompute(source array)`` when the model is saved (the
+    fold already ran once, so it is known to succeed), and the source's memory map is
+    released: a large model never holds all folded weights, or all its pages, at once.
+    """
+    ext = None if source is None else source.const_value
+    if not isinstance(ext, ir.ExternalTensor):
+        return array
+    # A fresh handle on the same bytes: the current one (and its mapped pages) can then be
+    # dropped as soon as the fold's own arrays are.
+    src = ir.ExternalTensor(ext.location, ext.offset, ext.length, ext.dtype, shape=ext.shape,
+                            name=ext.name, base_dir=ext.base_dir)
+
+    def compute() -> ir.Tensor:
+        try:
+            return ir.Tensor(recompute(src.numpy()))
+        finally:
+            release_mapping(src)
+
+    return ir.LazyTensor(compute, dtype=ir.DataType.from_numpy(array.dtype),
+                         shape=ir.Shape(array.shape))
+
+
+def release_mapping(tensor: object) -> None:
+    """Unmap an external tensor's pages now if nothing else views them (else at collection)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
 
 
 class Namer:
@@ -160,8 +199,8 @@ class Namer:
         return name
 
 
-def set_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray,
-                    namer: Namer, base: str) -> None:
+def set_initializer(graph: ir.Graph, node: ir.Node, index: int,
+                    array: np.ndarray | ir.TensorProtocol, namer: Namer, base: str) -> None:
     """Make input ``index`` of ``node`` read ``array``.
 
     The tensor replaces the current initializer in place when ``node`` is its only reader (and
@@ -177,13 +216,15 @@ def set_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarra
         and not old.is_graph_input()
         and not old.is_graph_output()
     ):
+        previous = old.const_value
         old.const_value = make_tensor(array, old.name or base)
         old.type = ir.TensorType(old.const_value.dtype)
-        old.shape = ir.Shape(array.shape)
+        old.shape = ir.Shape(old.const_value.shape)
+        release_mapping(previous)
         return
     name = namer.fresh(base)
     tensor = make_tensor(array, name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape),
                      type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
     if index >= len(node.inputs):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from bnfold.passes.onnx.bn import display_name
-from bnfold.passes.onnx.consts import set_initializer
+from bnfold.passes.onnx.consts import deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
 from bnfold.passes.onnx.rules import (
     Context,
@@ -36,7 +36,7 @@ from bnfold.passes.onnx.rules import (
     static_dims,
 )
 
-from bnfold.algebra import BNParams, fold_forward
+from bnfold.algebra import BNParams, Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -137,11 +137,17 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
     if axis != 1:
         return (f"the BN normalizes axis 1 but {display_name(layer)}'s output features reach "
                 f"it on axis {axis}: the axes do not line up")
+    bias, out_axis, groups, scale = plan.bias, plan.out_axis, plan.groups, plan.bias_scale
+
+    def fold(weight: np.ndarray) -> Folded:
+        return fold_forward(weight, bias, params, out_axis=out_axis, groups=groups,
+                            bias_scale=scale)
+
     try:
-        folded = fold_forward(plan.weight, plan.bias, params, out_axis=plan.out_axis,
-                              groups=plan.groups, bias_scale=plan.bias_scale)
+        folded = fold(plan.weight)
     except UnsafeFoldError as exc:
         return str(exc)
+    weight = deferred(layer.inputs[1], folded.weight, lambda w: fold(w).weight)
 
     def apply() -> None:
         base = display_name(layer)
@@ -154,7 +160,7 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
         if layer.op_type == "Gemm":
             layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         release(ctx, layer, 1)
-        set_initializer(ctx.graph, layer, 1, folded.weight, ctx.namer, f"{base}_bnfold_weight")
+        set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{base}_bnfold_weight")
         x = bn.inputs[0]
         assert x is not None
         ctx.released.extend(remove_bn(bn, x))

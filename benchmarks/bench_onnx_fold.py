@@ -1,0 +1,335 @@
+"""bnfold's ONNX fold beside its peers: ``python -m benchmarks.bench_onnx_fold [--big]``.
+
+1. Correctness on the failure cases of issue 4 (benchmarks/onnx_fold_cases.py), side by side
+   with onnxscript's BN fusion rules, onnxoptimizer's ``fuse_bn_into_conv``, ONNX Runtime's own
+   fusions (basic level, written out with ``optimized_model_filepath``) and onnxslim: who
+   folds exactly, who is wrong, who writes an invalid model, who crashes.
+2. Speed, as ratios: folding a generated ResNet-50-size model (25M parameters, 53 BN) against
+   ``onnx.load`` + ``onnx.save`` of the same file; fold time at 10k vs 1k nodes.
+3. Peak RSS of load + fold + save on an external-data model, over the model's size (300 MB by
+   default, 3 GB with ``--big``), each in a fresh process, above that process's import baseline.
+
+Tables go to stdout and benchmarks/out/onnx_fold.md. Times are ratios, never absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.onnx_fold_cases import CASES, Case
+
+OUT = Path(__file__).resolve().parent / "out"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+# ------------------------------------------------------------------------------ peers
+
+def _bnfold(m: onnx.ModelProto) -> onnx.ModelProto:
+    from bnfold.passes.onnx.fold import fold_onnx
+
+    return fold_onnx(m).model
+
+
+def _onnxscript(m: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.rules.common import (
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+        fuse_batchnorm_into_gemm_rule,
+    )
+
+    rules = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
+             fuse_batchnorm_into_gemm_rule]
+    return rewrite(m, pattern_rewrite_rules=rules)
+
+
+def _onnxoptimizer(m: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxoptimizer
+
+    return onnxoptimizer.optimize(m, ["fuse_bn_into_conv"])
+
+
+def _ort(m: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        opts.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def _onnxslim(m: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return onnxslim.slim(m)
+
+
+PEERS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "bnfold": _bnfold, "onnxscript": _onnxscript, "onnxoptimizer": _onnxoptimizer,
+    "onnxruntime": _ort, "onnxslim": _onnxslim,
+}
+
+
+# ------------------------------------------------------------------------------ correctness
+
+def _judge(case: Case, original: onnx.ModelProto, result: onnx.ModelProto) -> str:
+    """One cell: ``folded``/``kept`` when right, ``WRONG``/``INVALID``/``missed`` otherwise."""
+    from onnx_cases import count, feeds, reference, rel_err, run_ort
+
+    try:
+        onnx.checker.check_model(result, full_check=True)
+    except Exception as exc:
+        return f"INVALID ({_first_line(exc)[:40]})"
+    before, after = count(original), count(result)
+    if case.expect == "keep":
+        if after < before:
+            return "WRONG: folded"
+        return "kept (ok)"
+    if after == before:
+        return "missed"
+    if not _weights_finite(result):
+        return "WRONG: non-finite weights"
+    x = feeds(original)
+    if case.reference is not None:
+        want = case.reference(original, next(iter(x.values())))
+    else:
+        want = reference(original, x)
+    dtype = original.graph.input[0].type.tensor_type.elem_type
+    try:
+        if dtype == TensorProto.BFLOAT16:
+            err, tol = rel_err(reference(result, x), want), 8e-3
+        else:
+            err = rel_err(run_ort(result, x), want)
+            tol = 5e-3 if dtype == TensorProto.FLOAT16 else 1e-5
+    except Exception as exc:
+        return f"INVALID (runs: {_first_line(exc)[:40]})"
+    if err > tol:
+        return f"WRONG (err {err:.1e})"
+    if case.name.startswith("fp16 Conv+BN"):
+        try:
+            return f"folded, {_fp16_ulps(original, result):.2g} ulp"
+        except LookupError as exc:
+            return f"folded ({exc})"
+    return "folded (ok)"
+
+
+def _weights_finite(m: onnx.ModelProto) -> bool:
+    return all(np.all(np.isfinite(numpy_helper.to_array(t).astype(np.float64)))
+               for t in m.graph.initializer if t.data_type in (1, 10, 11, 16))
+
+
+def _fp16_ulps(original: onnx.ModelProto, result: onnx.ModelProto) -> float:
+    """Max distance, in fp16 ulps, of the folded conv weight from the exact float64 fold."""
+    a = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in original.graph.initializer}
+    s = a["y_scale"] / np.sqrt(a["y_var"] + 1e-5)
+    exact = a["w"] * s[:, None, None, None]
+    conv = next(n for n in result.graph.node if n.op_type == "Conv")
+    got = _constant(result, conv.input[1]).astype(np.float64)
+    ulp = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
+    return float(np.max(np.abs(got - exact) / ulp))
+
+
+def _constant(m: onnx.ModelProto, name: str) -> np.ndarray:
+    """The constant behind ``name``: an initializer, a Constant node, or a Cast of one."""
+    for t in m.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    node = next(n for n in m.graph.node if name in n.output)
+    if node.op_type == "Constant":
+        return numpy_helper.to_array(node.attribute[0].t)
+    if node.op_type == "Cast":  # ONNX Runtime inserts fp16 -> fp32 casts
+        return _constant(m, node.input[0])
+    raise LookupError(f"weight computed by a {node.op_type} node at run time")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def correctness() -> str:
+    sys.path.insert(0, str(TESTS))
+    rows = [["case", "must", *PEERS]]
+    for case in CASES:
+        row = [case.name, case.expect]
+        for tool in PEERS.values():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = tool(case.build())
+            except Exception as exc:
+                row.append(f"CRASH ({_first_line(exc)[:40]})")
+                continue
+            row.append(_judge(case, case.build(), result))
+        rows.append(row)
+    return _table(rows)
+
+
+# ------------------------------------------------------------------------------ speed
+
+def chain_model(blocks: int, channels: int, kernel: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BN -> Relu, ``blocks`` times (3 nodes per block), fp32, random statistics."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "x"
+    for i in range(blocks):
+        w = rng.normal(0, 0.05, (channels, channels, kernel, kernel)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        for name, arr in (("s", rng.random(channels) + 0.5), ("b", rng.normal(0, .5, channels)),
+                          ("m", rng.normal(0, .5, channels)), ("v", rng.random(channels) + .3)):
+            inits.append(numpy_helper.from_array(arr.astype(np.float32), f"{name}{i}"))
+        nodes += [
+            helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"conv{i}",
+                             pads=[kernel // 2] * 4),
+            helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"],
+                             [f"n{i}"], name=f"bn{i}"),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _best(fn: Callable[[], object], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def speed() -> str:
+    from bnfold.passes.onnx.fold import fold_onnx
+
+    from bnfold.fileio import load_onnx, save_onnx
+
+    rows = [["measure", "ratio"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "r50.onnx", Path(tmp) / "out.onnx"
+        model = chain_model(53, 228)  # 53 x 228*228*9 = 24.8M parameters, 53 BN
+        onnx.save(model, src)
+        del model
+        base = _best(lambda: onnx.save(onnx.load(str(src)), str(dst)))
+
+        def fold_file() -> None:
+            save_onnx(fold_onnx(src).model, dst)
+
+        def fold_only() -> None:
+            fold_onnx(load_onnx(src), inplace=True)
+
+        rows.append(["ResNet-50 size (24.8M params, 53 BN): load+fold+save / onnx.load+save",
+                     f"{_best(fold_file) / base:.2f}"])
+        rows.append(["  of which load+fold (no save) / onnx.load+save",
+                     f"{_best(fold_only) / base:.2f}"])
+    small = {n: chain_model(n // 3, 8, kernel=1) for n in (1_000, 10_000)}
+    t = {n: _best(lambda m=m: fold_onnx(m), repeat=3) for n, m in small.items()}
+    rows.append(["fold time, 10k nodes / 1k nodes (linear = 10)", f"{t[10_000] / t[1_000]:.1f}"])
+    return _table(rows)
+
+
+# ------------------------------------------------------------------------------ memory
+
+_RSS_CHILD = """
+import resource, sys
+from bnfold.fileio import save_onnx
+from bnfold.passes.onnx.fold import fold_onnx
+if sys.argv[1] == "fold":
+    folded, report = fold_onnx(sys.argv[2])
+    save_onnx(folded, sys.argv[3])
+    assert len(report.folded) == int(sys.argv[4]), report.table()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def write_external_model(path: Path, total_bytes: int, blocks: int = 32) -> int:
+    """A Conv+BN chain of about ``total_bytes`` of weights, written tensor by tensor to
+    external data (never whole in memory); returns the number of BNs."""
+    import onnx_ir as ir
+
+    channels = int((total_bytes / (4 * 9 * blocks)) ** 0.5)
+    proto = chain_model(blocks, 4, kernel=3)
+    model = ir.serde.deserialize_model(proto)
+    rng = np.random.default_rng(0)
+    for i in range(blocks):
+        shape = (channels, channels, 3, 3)
+        model.graph.initializers[f"w{i}"].const_value = ir.LazyTensor(
+            lambda s=shape, k=i: ir.Tensor(np.random.default_rng(k).normal(
+                0, 0.05, s).astype(np.float32)), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape))
+        for name in "sbmv":
+            arr = (rng.random(channels) + 0.5).astype(np.float32)
+            model.graph.initializers[f"{name}{i}"].const_value = ir.Tensor(arr)
+    model.graph.inputs[0].shape = ir.Shape([1, channels, 8, 8])
+    ir.save(model, path, external_data=path.name + ".data")
+    return blocks
+
+
+def memory(big: bool) -> str:
+    size = 3 * 1024**3 if big else 300 * 1024**2
+    rows = [["external-data model, load+fold+save", "peak RSS / model size",
+             "peak RSS above an import-only process / model size"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "ext.onnx", Path(tmp) / "out.onnx"
+        n_bn = write_external_model(src, size)
+        data = src.with_name(src.name + ".data").stat().st_size
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+
+        def peak(mode: str) -> int:
+            return int(subprocess.run(
+                [sys.executable, "-c", _RSS_CHILD, mode, str(src), str(dst), str(n_bn)],
+                check=True, capture_output=True, text=True, env=env).stdout.split()[-1])
+
+        fold, imports = peak("fold"), peak("imports")
+        rows.append([f"{data / 1024**2:.0f} MB, {n_bn} Conv+BN (all folded)",
+                     f"{fold / data:.2f}", f"{(fold - imports) / data:.2f}"])
+    return _table(rows)
+
+
+# ------------------------------------------------------------------------------ main
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    fmt.insert(1, " | ".join("-" * w for w in widths))
+    return "\n".join(f"| {line} |" for line in fmt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="3 GB external-data model")
+    args = parser.parse_args(argv or [])
+    sections = [("Correctness on issue 4's failure cases", correctness),
+                ("Speed (ratios)", speed),
+                ("Memory", lambda: memory(args.big))]
+    text = []
+    for title, fn in sections:
+        body = fn()
+        block = f"## {title}\n\n{body}\n"
+        print(block, flush=True)
+        text.append(block)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "onnx_fold.md").write_text("# bnfold ONNX fold benchmark\n\n" + "\n".join(text))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

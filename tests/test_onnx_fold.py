@@ -211,10 +211,15 @@ def test_bn_before_gemm_and_matmul(trans_b: int) -> None:
     check(b.model({"x": [3, 5], "x2": [3, 5]}, {"g": None, "y2": None}), 0)
 
 
-def test_bn_flatten_gemm_folds() -> None:
+@pytest.mark.parametrize("op", ["Flatten", "Reshape"])
+def test_bn_flatten_gemm_folds(op: str) -> None:
     b = Builder(9)
     b.bn("x", "n", 3)
-    b.node("Flatten", ["n"], ["f"], axis=1)
+    if op == "Flatten":
+        b.node("Flatten", ["n"], ["f"], axis=1)
+    else:
+        b.inits.append(onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "shape"))
+        b.node("Reshape", ["n", "shape"], ["f"])
     b.node("Gemm", ["f", b.rand("w", [4, 12])], ["y"], transB=1)
     check(b.model({"x": [2, 3, 2, 2]}, {"y": None}), 0)
 
@@ -471,3 +476,35 @@ def test_bad_input_is_one_line_error(tmp_path) -> None:
     with pytest.raises(BadInputError) as err:
         fold_onnx(bad)
     assert "\n" not in str(err.value)
+
+
+def test_bn_inside_loop_body_with_outer_weights_folds() -> None:
+    """Loop body: state -> Conv(outer-scope weight) -> BN -> next state (a body output)."""
+    b = Builder(24)
+    w = b.rand("w", [3, 3, 1, 1])
+    body = Builder(25)
+    body.node("Identity", ["cond_in"], ["cond_out"])
+    body.node("Conv", ["s_in", w], ["c"])
+    body.bn("c", "s_out", 3)
+    v = onnx.helper.make_tensor_value_info
+    body_g = onnx.helper.make_graph(
+        body.nodes, "body",
+        [v("i", TensorProto.INT64, []), v("cond_in", TensorProto.BOOL, []),
+         v("s_in", TensorProto.FLOAT, [2, 3, 4, 4])],
+        [v("cond_out", TensorProto.BOOL, []), v("s_out", TensorProto.FLOAT, [2, 3, 4, 4])],
+        body.inits)
+    b.inits.append(onnx.numpy_helper.from_array(np.array(3, np.int64), "trip"))
+    b.inits.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    b.node("Loop", ["trip", "cond", "x"], ["y"], body=body_g)
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 3, 4, 4]})
+    _, report = check(m, 0)
+    assert [e.action for e in report.entries] == ["folded"]
+
+
+def test_metadata_doc_and_producer_are_kept() -> None:
+    m = _conv_bn().model({"x": [2, 3, 4, 4]}, {"y": None}, producer_name="tf2onnx",
+                         doc_string="user doc")
+    onnx.helper.set_model_props(m, {"author": "someone", "license": "MIT"})
+    out, _ = check(m, 0)
+    assert (out.producer_name, out.doc_string) == ("tf2onnx", "user doc")
+    assert {p.key: p.value for p in out.metadata_props} == {"author": "someone", "license": "MIT"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from bnfold.passes.onnx.backward import backward_fold
@@ -102,7 +103,8 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         name = display_name(node)
-        outcome = _plan(node, ctx, backward)
+        with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
+            outcome = _plan(node, ctx, backward)
         if isinstance(outcome, Fold):
             outcome.apply()
             prune(ctx.released)

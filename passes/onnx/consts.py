@@ -203,16 +203,17 @@ def set_initializer(graph: ir.Graph, node: ir.Node, index: int,
                     array: np.ndarray | ir.TensorProtocol, namer: Namer, base: str) -> None:
     """Make input ``index`` of ``node`` read ``array``.
 
-    The tensor replaces the current initializer in place when ``node`` is its only reader (and
-    no caller can override it); otherwise a new initializer with a fresh name is created, so
-    every other reader keeps the original.
+    The tensor replaces the current initializer in place when ``node`` is its only reader of
+    data (``Shape``/``CastLike`` read only its unchanged shape and dtype) and no caller can
+    override it; otherwise a new initializer with a fresh name is created, so every other
+    reader keeps the original.
     """
     old = node.inputs[index] if index < len(node.inputs) else None
     if (
         old is not None
         and old.is_initializer()
         and old.graph is graph
-        and len(old.uses()) == 1
+        and len(data_uses(old)) == 1
         and not old.is_graph_input()
         and not old.is_graph_output()
     ):

@@ -47,15 +47,17 @@ def forward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
     chain: list[ir.Node] = []
     value = bn.inputs[0]
     assert value is not None
+    reader = bn
     while True:
         node = value.producer()
         if node is None:
             return f"its input {value.name!r} is a graph input or constant, not a layer output"
-        why = sole_reader(value, display_name(node))
+        why = sole_reader(value, display_name(node), reader)
         if why:
             return why
         if node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS:
             chain.insert(0, node)
+            reader = node
             value = node.inputs[0]
             assert value is not None
             continue
@@ -231,7 +233,7 @@ def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
         mm = mm_out.producer()
         if mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
             continue
-        why = sole_reader(mm_out, display_name(mm))
+        why = sole_reader(mm_out, display_name(mm), layer)
         if why:
             return why
         bias = constant(other, "bias", layer)

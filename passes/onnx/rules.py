@@ -50,10 +50,11 @@ def constant(value: ir.Value | None, what: str, layer: ir.Node) -> np.ndarray | 
     return arr
 
 
-def sole_reader(value: ir.Value, reader: str) -> str | None:
-    """``None`` if ``value`` has exactly one reader, else why that blocks the fold."""
+def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:
+    """``None`` if ``value`` has exactly one reader (``reader``), else why that blocks the
+    fold (naming the other readers)."""
     if value.is_graph_output() or len(data_uses(value)) != 1:
-        return f"{reader} output {value.name!r} also feeds {consumers_text(value)}"
+        return f"{producer} output {value.name!r} also feeds {consumers_text(value, reader)}"
     return None
 
 

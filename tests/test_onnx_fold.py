@@ -508,3 +508,16 @@ def test_metadata_doc_and_producer_are_kept() -> None:
     out, _ = check(m, 0)
     assert (out.producer_name, out.doc_string) == ("tf2onnx", "user doc")
     assert {p.key: p.value for p in out.metadata_props} == {"author": "someone", "license": "MIT"}
+
+
+def test_weight_computed_from_input_deep_chain_is_kept_quickly() -> None:
+    """A run-time weight behind 3000 nodes: a bounded search, no recursion error."""
+    b = Builder(26)
+    prev = "wx"
+    for i in range(3000):
+        prev = b.node("Relu", [prev], [f"r{i}"])
+    b.node("Conv", ["x", prev], ["c"])
+    b.bn("c", "y", 4)
+    m = b.model({"x": [2, 3, 4, 4], "wx": [4, 3, 1, 1]}, {"y": None})
+    _, report = fold_onnx(m)
+    assert "is not a constant" in report.kept[0].reason

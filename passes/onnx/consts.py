@@ -56,29 +56,35 @@ def data_uses(value: ir.Value) -> list[Any]:
 
 
 def _cone(value: ir.Value) -> list[ir.Node] | None:
-    """Nodes (topologically ordered) that compute ``value`` from constants, or ``None``."""
+    """Nodes (topologically ordered) that compute ``value`` from constants, or ``None``.
+
+    The search stops after :data:`MAX_CONE_NODES` nodes, so a value computed from the graph's
+    inputs costs a bounded walk, never one over the whole graph.
+    """
     order: list[ir.Node] = []
     seen: set[int] = set()
+    visited = 0
 
     def visit(v: ir.Value, type_only: bool) -> bool:
-        if v.is_graph_input():
-            return type_only and _static_type(v)
-        if _const_tensor(v) is not None:
+        nonlocal visited
+        if _const_tensor(v) is not None and not v.is_graph_input():
             return True
         node = v.producer()
-        if node is None:
-            return type_only and _static_type(v)
-        if node.domain not in ("", "ai.onnx") or node.op_type in ("If", "Loop", "Scan"):
+        if (node is None or node.domain not in ("", "ai.onnx")
+                or node.op_type in ("If", "Loop", "Scan")):
             return type_only and _static_type(v)
         if id(node) in seen:
             return True
+        visited += 1
+        if visited > MAX_CONE_NODES:
+            return type_only and _static_type(v)
         skip = _TYPE_ONLY_INPUTS.get(node.op_type, ())
         for i, inp in enumerate(node.inputs):
             if inp is not None and not visit(inp, i in skip):
                 return type_only and _static_type(v)
         seen.add(id(node))
         order.append(node)
-        return len(order) <= MAX_CONE_NODES
+        return True
 
     if not visit(value, False) or not order:
         return None

@@ -1,1 +1,1 @@
-"""Benchmarks: run as modules from the repository root, e.g. ``python -m benchmarks.bench_onnx_fold``."""
+"""Benchmarks, run as modules from the repository root: ``python -m benchmarks.<name>``."""

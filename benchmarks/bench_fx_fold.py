@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bnfold.models import zoo
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import bnfold
+from bnfold.models import zoo
 
 OUT = Path(__file__).parent / "out" / "fx_fold.md"
 WRONG = 1e-4  # a relative error above this is a wrong fold, not rounding

@@ -220,9 +220,8 @@ def _best(fn: Callable[[], object], repeat: int = 3) -> float:
 
 
 def speed() -> str:
-    from bnfold.passes.onnx.fold import fold_onnx
-
     from bnfold.fileio import load_onnx, save_onnx
+    from bnfold.passes.onnx.fold import fold_onnx
 
     rows = [["measure", "ratio"]]
     with tempfile.TemporaryDirectory() as tmp:

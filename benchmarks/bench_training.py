@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bnfold.models import plain
 from torch import nn
 
 import bnfold
+from bnfold.models import plain
 from bnfold.training_demo import Digits, load_digits
 
 OUT = Path(__file__).parent / "out" / "training.md"

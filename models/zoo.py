@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from bnfold.models.stats import randomize_bn_stats
 from torch import nn
+
+from bnfold.models.stats import randomize_bn_stats
 
 
 def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:

@@ -7,11 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from bnfold.models import zoo
 
 import bnfold
 from bnfold import exporter
 from bnfold.errors import BadInputError, UnsafeFoldError
+from bnfold.models import zoo
 
 
 def ort_run(path, x: torch.Tensor) -> np.ndarray:

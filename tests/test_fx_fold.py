@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from bnfold.models import zoo
-from bnfold.models.stats import randomize_bn_stats
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 import bnfold
 from bnfold.errors import BadInputError, UntraceableError
+from bnfold.models import zoo
+from bnfold.models.stats import randomize_bn_stats
 from bnfold.modules import FeatureBatchNorm
 
 

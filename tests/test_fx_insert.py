@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from bnfold.models import plain
-from bnfold.passes.fx.insert import INSERTED_ATTR
 from torch import fx, nn
 
 import bnfold
 from bnfold.errors import BadInputError, UntraceableError
+from bnfold.models import plain
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.insert import INSERTED_ATTR
 
 
 def bn_after(gm: fx.GraphModule) -> dict[str, tuple[str, str]]:

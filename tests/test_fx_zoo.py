@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-from bnfold.models import zoo
 from torch import fx, nn
 
 import bnfold
+from bnfold.models import zoo
 
 NAMES = list(zoo.ZOO)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 from onnx import TensorProto
 from onnx_cases import (
     Builder,
@@ -16,6 +15,8 @@ from onnx_cases import (
     run_ort,
     torch_convtranspose_bn,
 )
+
+from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 
 FP32_TOL = 1e-5
 

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
 from bnfold.errors import BadInputError
 from bnfold.fileio import load_onnx, save_onnx
+from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 
 
 def _external_model(tmp_path) -> tuple[onnx.ModelProto, str]:

@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx_cases import count, rel_err, run_ort
+
 from bnfold.models import zoo
 from bnfold.passes.onnx.fold import fold_onnx
-from onnx_cases import count, rel_err, run_ort
 
 FP32_TOL = 1e-5
 TORCHSCRIPT = ("plain_cnn", "resnet_small", "bn_before_conv", "convtranspose_decoder")

@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from bnfold.models import plain
 from torch import nn
 
 import bnfold
 from bnfold.errors import BadInputError
+from bnfold.models import plain
 from bnfold.modules import FeatureBatchNorm
 
 SIZES = (7, 16, 3, 11)  # unequal batches: an average of per-batch variances would differ

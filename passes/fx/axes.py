@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from bnfold.passes.fx.trace import shape_of
 from torch import fx, nn
+
+from bnfold.passes.fx.trace import shape_of
 
 aten = torch.ops.aten
 Position = tuple[int, int]  # (rank, feature axis)

@@ -42,6 +42,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import fx, nn
+
+from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
+from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.sites import (
     BatchNormSite,
@@ -57,10 +61,6 @@ from bnfold.passes.fx.sites import (
     to_torch,
 )
 from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
-from torch import fx, nn
-
-from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
-from bnfold.errors import UnsafeFoldError
 from bnfold.report import PassResult, Report
 
 _MAX_CHAIN = 16

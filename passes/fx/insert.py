@@ -27,6 +27,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from bnfold.errors import BadInputError, UntraceableError
+from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.layers import (
     Layer,
     functional_groups,
@@ -36,11 +41,6 @@ from bnfold.passes.fx.layers import (
     match_layer,
     norm_description,
 )
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
-
-from bnfold.errors import BadInputError, UntraceableError
-from bnfold.modules import FeatureBatchNorm
 from bnfold.report import Entry, PassResult, Report
 
 #: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).

@@ -24,13 +24,13 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+
+from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward
+from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
 from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader, static_dims
-
-from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward
-from bnfold.errors import UnsafeFoldError
 
 _COPY_PAD_MODES = ("reflect", "edge", "wrap")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from bnfold.passes.onnx.consts import const_array, data_uses
 
 from bnfold.algebra import BNParams, per_channel
+from bnfold.passes.onnx.consts import const_array, data_uses
 
 _PARAM_NAMES = ("scale", "B", "mean", "var")
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.onnx.consts import Namer, make_tensor
 
 

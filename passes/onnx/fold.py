@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+
+from bnfold.errors import BadInputError
+from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Namer
 from bnfold.passes.onnx.edit import prune
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
-
-from bnfold.errors import BadInputError
-from bnfold.fileio import load_onnx
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+
+from bnfold.algebra import BNParams, Folded, fold_forward
+from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
@@ -35,9 +38,6 @@ from bnfold.passes.onnx.rules import (
     sole_reader,
     static_dims,
 )
-
-from bnfold.algebra import BNParams, Folded, fold_forward
-from bnfold.errors import UnsafeFoldError
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 

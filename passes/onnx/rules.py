@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import Namer, const_array, data_uses
 

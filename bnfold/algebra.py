@@ -117,7 +117,8 @@ def round_to(x: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     if dtype == np.float32:
         return x.astype(np.float32)
     if dtype in (np.dtype(np.float16), BFLOAT16):
-        return _round_to_odd_f32(x).astype(dtype)
+        with np.errstate(over="ignore"):  # overflow to inf is reported by the caller
+            return _round_to_odd_f32(x).astype(dtype)
     raise UnsafeFoldError(f"cannot fold into a tensor of dtype {dtype}")
 
 

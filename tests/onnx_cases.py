@@ -60,7 +60,9 @@ class Builder:
         return self.node("BatchNormalization", [x, *names], [y], **attrs)
 
     def model(self, inputs: dict[str, Sequence[int | str]], outputs: dict[str, Sequence | None],
-              opset: int = 17, ir_version: int | None = None, **kwargs) -> onnx.ModelProto:
+              opset: int = 17, ir_version: int | None = None, infer: bool = True,
+              **kwargs) -> onnx.ModelProto:
+        """A checked model; ``infer=False`` leaves intermediate values without value_info."""
         graph = helper.make_graph(
             self.nodes, "g",
             [helper.make_tensor_value_info(k, self.dtype, v) for k, v in inputs.items()],
@@ -68,7 +70,8 @@ class Builder:
             self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
         m.ir_version = ir_version or min(onnx.IR_VERSION, 10)
-        m = onnx.shape_inference.infer_shapes(m)
+        if infer:
+            m = onnx.shape_inference.infer_shapes(m)
         onnx.checker.check_model(m, full_check=True)
         return m
 

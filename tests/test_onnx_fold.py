@@ -36,6 +36,17 @@ def used_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def check_value_info(before: onnx.GraphProto, after: onnx.GraphProto) -> None:
+    """No stale value_info (for a value that is gone), none dropped for a kept value."""
+    existing = {i.name for i in after.initializer} | {o for n in after.node for o in n.output}
+    infos = {v.name: v.type for v in after.value_info}
+    assert set(infos) <= existing, f"stale value_info: {set(infos) - existing}"
+    outputs = {o.name for o in after.output}
+    for v in before.value_info:
+        if v.name in existing and v.name not in outputs:
+            assert infos.get(v.name) == v.type, f"value_info of {v.name} dropped or changed"
+
+
 def check(model: onnx.ModelProto, bn_left: int, tol: float = FP32_TOL, ort: bool = True,
           ref: bool = True):
     """Fold, then check every guarantee; return the folded model and report."""
@@ -52,6 +63,7 @@ def check(model: onnx.ModelProto, bn_left: int, tol: float = FP32_TOL, ort: bool
     assert list(out.metadata_props) == list(model.metadata_props)
     dead = {i.name for i in out.graph.initializer} - used_names(out)
     assert not dead, f"dead initializers left: {dead}"
+    check_value_info(model.graph, out.graph)
     again, rep2 = fold_onnx(out)
     assert again.SerializeToString() == out.SerializeToString(), "not idempotent"
     assert not rep2.changed
@@ -169,6 +181,43 @@ def test_matmul_flatten_bn_reshape_folds() -> None:
     b.inits[-1] = onnx.numpy_helper.from_array(np.array([-1, 6], np.int64), "shape")
     b.bn("r", "y", 6)
     check(b.model({"x": [2, 4, 5]}, {"y": None}), 0)
+
+
+def test_matmul_add_bias_of_higher_rank_is_kept() -> None:
+    """``Add`` broadcasts a rank-3 bias: the MatMul features move to axis 2, not axis 1."""
+    b = Builder(2)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.node("Add", ["m", b.rand("c0", [2, 6, 6])], ["a"])
+    b.bn("a", "y", 6)  # normalizes the MatMul's rows (6 of them), not its features
+    _, report = check(b.model({"x": [6, 5]}, {"y": None}), 1)
+    assert "do not line up" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("case", ["conv_output", "matmul_transpose", "matmul_backward"])
+def test_graph_without_value_info(case: str) -> None:
+    """TorchScript-style graphs declare no intermediate shapes: the rules that need one get it
+    from shape inference (on a clone), the output gains no value_info, and a graph output
+    that now comes straight from the layer keeps its declared type."""
+    b = Builder(40)
+    if case == "conv_output":
+        b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+        b.bn("c", "y", 4)
+        m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4]}, infer=False)
+    elif case == "matmul_transpose":
+        b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+        b.node("Transpose", ["m"], ["t"], perm=[0, 2, 1])
+        b.bn("t", "y", 6)
+        m = b.model({"x": [2, 4, 5]}, {"y": [2, 6, 4]}, infer=False)
+    else:
+        b.node("Relu", ["x"], ["r"])
+        b.bn("r", "n", 5)
+        b.node("MatMul", ["n", b.rand("w", [5, 3])], ["y"])
+        m = b.model({"x": [4, 5]}, {"y": [4, 3]}, infer=False)
+    assert not m.graph.value_info
+    out, _ = check(m, 0)
+    # only initializers (annotated by onnx-ir) and the fold's own new values gain value_info
+    assert all(v.name in {i.name for i in out.graph.initializer} or v.name.endswith("_unbiased")
+               for v in out.graph.value_info)
 
 
 # --------------------------------------------------------------------- backward folds

@@ -30,7 +30,8 @@ from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
-from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader, static_dims
+from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader
+from bnfold.passes.onnx.shapes import UNKNOWN
 
 _COPY_PAD_MODES = ("reflect", "edge", "wrap")
 
@@ -49,7 +50,7 @@ def backward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
         padding_mode = "reflect"
         node, index = _next(node)
     elif node.op_type in ("Flatten", "Reshape") and node.domain in ("", "ai.onnx"):
-        flat = _flattened(bn, params, node)
+        flat = _flattened(bn, params, node, ctx)
         if isinstance(flat, str):
             return flat
         params = flat
@@ -90,7 +91,7 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
     return sole_reader(pad.outputs[0], display_name(pad))
 
 
-def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node) -> BNParams | str:
+def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node, ctx: Context) -> BNParams | str:
     """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm."""
     gemm, index = _next(flat)
     if gemm is None or gemm.op_type != "Gemm" or index != 0:
@@ -100,13 +101,13 @@ def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node) -> BNParams | str:
         return f"{display_name(gemm)} weight is not a constant matrix"
     k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
     c = params.channels
-    dims = static_dims(bn.inputs[0]) if bn.inputs[0] is not None else None
+    dims = ctx.dims(bn.inputs[0])
     if dims is not None and len(dims) >= 2 and all(d is not None for d in dims[2:]):
         positions = math.prod(dims[2:])  # type: ignore[arg-type]
     elif flat.op_type == "Flatten" and flat.attributes.get_int("axis", 1) == 1 and k % c == 0:
         positions = k // c
     else:
-        return f"the BN input shape before {display_name(flat)} is unknown"
+        return f"the BN input shape before {display_name(flat)} is {UNKNOWN}"
     if k % (c * positions):
         return (f"{display_name(flat)} mixes channels across rows ({k} features, "
                 f"{c} channels x {positions} positions)")
@@ -186,10 +187,12 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
     else:
         in_axis = 0
         x = bn.inputs[0]
-        dims = static_dims(x) if x is not None else None
-        if dims is None or len(dims) != 2:
-            return (f"{display_name(layer)} input is not known to be rank 2, so the BN "
-                    "channel axis may not be its feature axis")
+        dims = ctx.dims(x)
+        if dims is None:
+            return f"the rank of {display_name(layer)}'s input is {UNKNOWN}"
+        if len(dims) != 2:
+            return (f"{display_name(layer)} input has rank {len(dims)}: the BN channel axis 1 "
+                    "is not the axis it multiplies")
         bias_node, bias_index = _matmul_bias(layer)
     bias = None if bias_node is None else _bias(bias_node, bias_index)
     if isinstance(bias, str):

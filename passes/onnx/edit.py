@@ -22,8 +22,8 @@ def remove_bn(bn: ir.Node, replacement: ir.Value) -> list[ir.Value]:
     y = bn.outputs[0]
     name = y.name
     renamed = y.is_graph_output()
-    if renamed and y.shape is not None and replacement.shape is None:
-        replacement.shape = y.shape
+    if renamed:  # the graph output keeps its declared dtype and shape (value_info may lack both)
+        replacement.type, replacement.shape = y.type, y.shape
     y.replace_all_uses_with(replacement, replace_graph_outputs=True)
     released = [v for v in bn.inputs[1:] if v is not None]
     graph.remove(bn, safe=True)

@@ -38,6 +38,7 @@ from bnfold.passes.onnx.consts import Namer
 from bnfold.passes.onnx.edit import prune
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
+from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8
@@ -103,10 +104,10 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
     if opset is None:
         report.notes.append("the model imports no default-domain opset: nothing to fold")
         return report
-    namer = Namer(model)
+    namer, shapes = Namer(model), Shapes(model)
     entries: dict[ir.Node, Entry] = {}
     for graph in list(model.graphs()):
-        ctx = Context(graph, opset, namer)
+        ctx = Context(graph, opset, namer, shapes)
         for _ in range(_MAX_ROUNDS):
             if not _round(ctx, entries, backward):
                 break

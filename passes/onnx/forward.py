@@ -36,8 +36,8 @@ from bnfold.passes.onnx.rules import (
     constant,
     release,
     sole_reader,
-    static_dims,
 )
+from bnfold.passes.onnx.shapes import UNKNOWN
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -72,19 +72,19 @@ def forward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
     return rule(bn, params, layer, chain, ctx)
 
 
-def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int) -> int | str:
+def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) -> int | str:
     """Where the feature ``axis`` of ``value`` lands after the layout ops in ``chain``."""
     for node in chain:
         out = node.outputs[0]
-        dims_in, dims_out = static_dims(value), static_dims(out)
+        dims_in, dims_out = ctx.dims(value), ctx.dims(out)
         if node.op_type == "Transpose":
             if dims_in is None:
-                return f"the rank before {display_name(node)} is unknown"
+                return f"the rank before {display_name(node)} is {UNKNOWN}"
             perm = node.attributes.get_ints("perm", None) or list(range(len(dims_in)))[::-1]
             axis = list(perm).index(axis)
         else:
             if dims_in is None or dims_out is None:
-                return f"the shapes around {display_name(node)} are unknown"
+                return f"the shape around {display_name(node)} is {UNKNOWN}"
             mapped = _reshape_axis(dims_in, axis, dims_out)
             if mapped is None:
                 return f"{display_name(node)} does not keep the layer's feature axis whole"
@@ -133,7 +133,7 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
             plan: _Plan) -> Fold | str:
     """Check the axis, compute the fold, and return the rewrite."""
     layer = plan.layer
-    axis = _map_axis(chain, plan.top.outputs[0], plan.feature_axis)
+    axis = _map_axis(chain, plan.top.outputs[0], plan.feature_axis, ctx)
     if isinstance(axis, str):
         return axis
     if axis != 1:
@@ -206,20 +206,22 @@ def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
         return weight
     if weight.ndim != 2:
         return f"{display_name(layer)} weight has rank {weight.ndim}, not 2"
-    rank = _matmul_rank(layer)
+    rank = _matmul_rank(layer, ctx)
     if rank is None:
-        return f"the rank of {display_name(layer)}'s output is unknown"
-    # Through an Add the feature axis is still the last one; the chain starts after the Add.
-    plan = _Plan(layer, bias_node or layer, rank - 1, weight, 1, 1, bias, bias_node, bias_index)
+        return f"the rank of {display_name(layer)}'s output is {UNKNOWN}"
+    # Through an Add the feature axis is still the last one (broadcasting aligns trailing
+    # axes), but a bias of higher rank adds leading axes; the chain starts after the Add.
+    top_rank = rank if bias is None else max(rank, bias.ndim)
+    plan = _Plan(layer, bias_node or layer, top_rank - 1, weight, 1, 1, bias, bias_node,
+                 bias_index)
     return _finish(bn, params, chain, ctx, plan)
 
 
-def _matmul_rank(layer: ir.Node) -> int | None:
-    out = static_dims(layer.outputs[0])
+def _matmul_rank(layer: ir.Node, ctx: Context) -> int | None:
+    out = ctx.dims(layer.outputs[0])
     if out is not None:
         return len(out)
-    a = layer.inputs[0]
-    dims = static_dims(a) if a is not None else None
+    dims = ctx.dims(layer.inputs[0])
     return None if dims is None else max(len(dims), 1 if len(dims) == 1 else 2)
 
 

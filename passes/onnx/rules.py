@@ -15,16 +15,22 @@ import onnx_ir as ir
 
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import Namer, const_array, data_uses
+from bnfold.passes.onnx.shapes import Dims, Shapes
 
 
 @dataclass
 class Context:
-    """Where a rule runs: the graph, the default-domain opset, names, and released values."""
+    """Where a rule runs: the graph, the default-domain opset, names, shapes, released values."""
 
     graph: ir.Graph
     opset: int
     namer: Namer
+    shapes: Shapes
     released: list[ir.Value] = field(default_factory=list)
+
+    def dims(self, value: ir.Value | None) -> Dims | None:
+        """Static dims of ``value`` (``None`` for symbolic ones; ``None`` if rank unknown)."""
+        return None if value is None else self.shapes.dims(self.graph, value)
 
 
 @dataclass
@@ -57,13 +63,6 @@ def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -
     if value.is_graph_output() or len(data_uses(value)) != 1:
         return f"{producer} output {value.name!r} also feeds {consumers_text(value, reader)}"
     return None
-
-
-def static_dims(value: ir.Value) -> list[int | None] | None:
-    """The value's dims (``None`` for symbolic ones), or ``None`` if its rank is unknown."""
-    if value.shape is None:
-        return None
-    return [d if isinstance(d, int) else None for d in value.shape]
 
 
 def release(ctx: Context, node: ir.Node, index: int) -> None:

@@ -23,9 +23,17 @@ normalize with batch statistics. Every module's mode is restored afterwards.
 ``preserve_function=True`` recalibrates the BNs that ``bnfold.insert_bn`` created, measuring
 their inputs while each of them is bypassed (so every one sees the activations of the model as
 it was before insertion), then sets ``gamma = sqrt(running_var + eps)`` and
-``beta = running_mean``: in eval mode each inserted BN is then the identity, up to fp32
+``beta = running_mean + b``: in eval mode each inserted BN then computes ``x + b``, up to fp32
 rounding, and the model computes what it did before insertion, while training-mode
-normalization starts from the data's statistics.
+normalization starts from the data's statistics. ``b`` is the layer bias that
+``insert_bn(drop_bias=True)`` removed (kept on the BN as ``bnfold_dropped_bias``), else 0; the
+bypass adds it too.
+
+Which BNs: every BN with running statistics by default, whatever its current train/eval mode
+(a BN of a frozen, eval-mode block is recalibrated too, and left in eval mode); pass ``layers``
+to choose. Every batch must give each BN at least 2 values per channel (training-mode
+normalization of one value is undefined): use ``DataLoader(..., drop_last=True)`` when the
+last batch may hold a single sample.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
-from bnfold.passes.fx.insert import INSERTED_ATTR
+from bnfold.passes.fx.insert import DROPPED_BIAS_ATTR, INSERTED_ATTR
 from bnfold.report import Report
 
 _STATE = ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
@@ -121,7 +129,8 @@ def recalibrate(
     """
     if not isinstance(model, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+    if num_batches is not None and (not isinstance(num_batches, int)
+                                    or isinstance(num_batches, bool) or num_batches < 1):
         raise BadInputError(f"num_batches must be a positive integer, got {num_batches!r}")
     targets = _targets(model, layers, preserve_function)
     saved = _save(targets)
@@ -129,9 +138,9 @@ def recalibrate(
     pooled = {name: _Pooled() for name in targets}
     handles = []
     for name, bn in targets.items():
-        handles.append(bn.register_forward_pre_hook(_collector(pooled[name], bn)))
+        handles.append(bn.register_forward_pre_hook(_collector(pooled[name], bn, name)))
         if preserve_function:  # bypass: downstream layers see the pre-insertion activations
-            handles.append(bn.register_forward_hook(lambda _m, args, _out: args[0]))
+            handles.append(bn.register_forward_hook(_bypass(bn)))
     model.eval()
     if not preserve_function:
         for bn in targets.values():
@@ -167,6 +176,10 @@ def _targets(model: nn.Module, layers: Iterable[str] | Report | None,
              preserve_function: bool) -> dict[str, _BatchNorm]:
     bns = {name: m for name, m in model.named_modules()
            if isinstance(m, _BatchNorm) and m.running_mean is not None}
+    lazy = [name for name, m in bns.items() if nn.parameter.is_lazy(m.running_mean)]
+    if lazy:
+        raise BadInputError(f"lazy BatchNorm {', '.join(lazy)} is not initialized yet; run "
+                            "one batch through the model first")
     if not bns:
         raise BadInputError(f"{type(model).__name__} has no BatchNorm with running statistics")
     if layers is not None:
@@ -188,11 +201,36 @@ def _targets(model: nn.Module, layers: Iterable[str] | Report | None,
     return bns
 
 
-def _collector(pool: _Pooled, bn: _BatchNorm) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+def _collector(pool: _Pooled, bn: _BatchNorm,
+               name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
     channel_last = isinstance(bn, FeatureBatchNorm)
 
-    def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-        pool.add(args[0], channel_last)
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        c = x.shape[-1] if channel_last else x.shape[1]
+        if module.training and x.numel() <= c:
+            raise BadInputError(
+                f"a batch gives BN {name!r} one value per channel (input "
+                f"{list(x.shape)}); training-mode BN needs at least 2: use batches of 2+ "
+                "samples (DataLoader(..., drop_last=True))"
+            )
+        pool.add(x, channel_last)
+
+    return hook
+
+
+def _bypass(bn: _BatchNorm) -> Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor]:
+    """Forward hook: the BN returns its input plus the bias ``drop_bias`` removed (if any)."""
+    bias = getattr(bn, DROPPED_BIAS_ATTR, None)
+    channel_last = isinstance(bn, FeatureBatchNorm)
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], _out: Any) -> torch.Tensor:
+        x = args[0]
+        if bias is None:
+            return x
+        shape = [1] * x.dim()
+        shape[-1 if channel_last else 1] = -1
+        return x + bias.reshape(shape).to(x.dtype)
 
     return hook
 
@@ -244,7 +282,9 @@ def _write(targets: Mapping[str, _BatchNorm], pooled: Mapping[str, _Pooled],
         if preserve_function:
             var = bn.running_var.to(torch.float64)  # as stored: eval mode divides by this
             bn.weight.copy_(torch.sqrt(var + bn.eps))
-            bn.bias.copy_(bn.running_mean)
+            dropped = getattr(bn, DROPPED_BIAS_ATTR, None)
+            shift = 0.0 if dropped is None else dropped.to(torch.float64)
+            bn.bias.copy_(bn.running_mean.to(torch.float64) + shift)
             result.preserved.append(name)
         result.layers.append(name)
         result.values[name] = pool.n

@@ -504,3 +504,88 @@ def test_training_demo_numbers() -> None:
     assert r["folded_max_rel_err_vs_float64"] < 1e-5
     assert r["argmax_agreement"] == 1.0
     assert r["inserted_test_acc"] > r["plain_test_acc"]
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: selection by containing module, frozen blocks, dropout before a norm, messages.
+# --------------------------------------------------------------------------------------------
+
+class _MyLinear(nn.Linear):
+    """A user subclass: torch.fx traces into it, so it reaches the pass as F.linear."""
+
+
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                                      nn.ReLU())
+        self.fc = _MyLinear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.backbone(x).mean((2, 3)))))
+
+
+def test_a_glob_naming_a_module_selects_the_layers_inside_it() -> None:
+    _, report = bnfold.insert_bn(Blocks(), include="backbone")
+    assert list(inserted(report)) == ["backbone.0_bn", "backbone.2_bn"]
+    _, report = bnfold.insert_bn(Blocks(), exclude="backbone")
+    assert {e.bn: e.reason for e in report.skipped}["backbone.0"] == "excluded by 'backbone'"
+    _, report = bnfold.insert_bn(Blocks(), include="fc")  # the F.linear traced inside fc
+    assert [e.into for e in report.inserted] == ["linear"]
+
+
+def test_new_bn_takes_the_mode_of_its_layer_module() -> None:
+    model = Blocks().train()
+    model.backbone.eval()  # a frozen block
+    gm, _ = bnfold.insert_bn(model)
+    assert not gm.get_submodule("backbone.0_bn").training
+    assert gm.get_submodule("linear_bn").training
+    gm.train()  # and the BN belongs to the block: the block's mode reaches it
+    gm.backbone.eval()
+    assert not gm.get_submodule("backbone.2_bn").training
+
+
+class DropThenNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.drop, self.n1 = nn.Conv2d(3, 4, 3), nn.Dropout2d(0.1), nn.BatchNorm2d(4)
+        self.c2, self.n2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.n1(self.drop(self.c1(x))))
+        x = self.n2(F.dropout(self.c2(x), 0.1, self.training))
+        return self.head(x)
+
+
+def test_a_norm_after_dropout_counts() -> None:
+    _, report = bnfold.insert_bn(DropThenNorm())
+    assert not report.inserted
+    assert {e.bn: e.reason for e in report.skipped} == {
+        "c1": "already followed by BatchNorm2d 'n1'",
+        "c2": "already followed by BatchNorm2d 'n2'",
+        "head": "produces the model output (skip_last=True)",
+    }
+
+
+def test_drop_bias_keeps_the_removed_values_off_the_state_dict() -> None:
+    model = plain.get("digits_cnn")
+    gm, _ = bnfold.insert_bn(model, drop_bias=True, example_inputs=torch.randn(2, 1, 8, 8))
+    assert torch.equal(gm.conv1_bn.bnfold_dropped_bias, model.conv1.bias)
+    assert not any("dropped" in key for key in gm.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
+    cnn = plain.get("digits_cnn")
+    with pytest.raises(BadInputError, match="momentum must be a number"):
+        bnfold.insert_bn(cnn, momentum="0.1")
+    with pytest.raises(BadInputError, match="eps must be"):
+        bnfold.insert_bn(cnn, eps=True)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)))
+    with pytest.raises(UntraceableError, match=r"TorchScript module.*original nn\.Module"):
+        bnfold.insert_bn(scripted)
+    with pytest.raises(UntraceableError, match=r"in forward `if x\.sum\(\) > 0:`") as info:
+        bnfold.insert_bn(DataDependent())
+    assert "\n" not in str(info.value)

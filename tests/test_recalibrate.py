@@ -183,3 +183,53 @@ def test_bad_input() -> None:
     with pytest.raises(RuntimeError):  # a failing batch leaves the model as it was
         bnfold.recalibrate(model, [torch.randn(4, 4), torch.randn(4, 5)], progress=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: drop_bias + preserve_function, single-sample batches, momentum=None, frozen blocks.
+# --------------------------------------------------------------------------------------------
+
+def test_preserve_function_with_dropped_biases() -> None:
+    model = plain.get("digits_cnn").eval()
+    gm, report = bnfold.insert_bn(model, drop_bias=True,
+                                  example_inputs=plain.example_input("digits_cnn", batch=4))
+    assert all(d["bias"].startswith("dropped") for d in (e.details for e in report.inserted))
+    bnfold.recalibrate(gm, _batches((1, 8, 8), seed=3), preserve_function=True, progress=False)
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    gm.eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        out = gm(x)
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_a_single_sample_batch_is_refused_and_undone() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    before = copy.deepcopy(model.state_dict())
+    batches = [*_batches((4,)), torch.randn(1, 4)]  # a DataLoader's last batch without drop_last
+    with pytest.raises(BadInputError, match=r"one value per channel.*drop_last=True"):
+        bnfold.recalibrate(model, batches, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.training and model[1].training
+
+
+def test_momentum_none_and_frozen_blocks() -> None:
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None)),
+                          nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model.train()
+    model[0].eval()  # a frozen block: its BN is recalibrated too, and stays in eval mode
+    batches = _batches((4,))
+    handle = bnfold.recalibrate(model, batches, progress=False)
+    assert handle.layers == ["0.1", "3"]
+    with torch.no_grad():
+        first = torch.cat([model[0][0](b) for b in batches]).double().numpy()
+    _assert_pooled(model[0][1], first)  # pooled, not a cumulative average of batch variances
+    assert not model[0].training and not model[0][1].training and model[3].training
+
+
+def test_lazy_and_bool_arguments() -> None:
+    lazy = nn.Sequential(nn.Linear(4, 4), nn.LazyBatchNorm1d())
+    with pytest.raises(BadInputError, match="not initialized yet"):
+        bnfold.recalibrate(lazy, _batches((4,)), progress=False)
+    with pytest.raises(BadInputError, match="num_batches"):
+        bnfold.recalibrate(nn.BatchNorm1d(4), _batches((4,)), num_batches=True, progress=False)

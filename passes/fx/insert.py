@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,14 +38,19 @@ from bnfold.passes.fx.layers import (
     functional_groups,
     get_attr_value,
     is_activation,
+    is_dropout,
     is_shape_op,
     match_layer,
     norm_description,
 )
+from bnfold.passes.fx.trace import _one_line as one_line
+from bnfold.passes.fx.trace import _user_frame as user_frame
 from bnfold.report import Entry, PassResult, Report
 
 #: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).
 INSERTED_ATTR = "bnfold_inserted"
+#: Non-persistent buffer on an inserted BN holding the bias ``drop_bias=True`` removed.
+DROPPED_BIAS_ATTR = "bnfold_dropped_bias"
 
 POSITIONS = ("before_activation", "after_activation")
 _BN_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d,
@@ -73,21 +79,26 @@ def insert_bn_fx(
       user gets its BN right after it, and the report says so).
     * ``skip_last``: leave alone each layer with a path to a model output that crosses no other
       layer (the head).
-    * ``include`` / ``exclude``: a module-name glob (``"features.*"``; a functional call is
+    * ``include`` / ``exclude``: a module-name glob (``"features.*"``, or ``"features"``:
+      a glob that matches a module selects every layer inside it; a functional call is
       named by its node name, e.g. ``"linear_1"``, or its weight attribute), a layer type
       (``nn.Conv2d`` also selects ``F.conv2d``), a function (``F.linear``), or a list of those.
       ``exclude`` wins over ``include``.
-    * ``eps``, ``momentum``, ``affine``: passed to the new BN modules.
+    * ``eps``, ``momentum``, ``affine``: passed to the new BN modules. Each new BN starts in
+      the train/eval mode of its layer's module (a frozen, eval-mode block stays frozen).
     * ``drop_bias``: remove the bias of a layer whose BN follows it directly at every call
       site. In train mode this is exact (BN subtracts the batch mean, so a per-channel
       constant cancels); in eval mode the running mean must then be learned or recalibrated.
+      The removed values stay on the BN (buffer ``bnfold_dropped_bias``, not saved in the
+      state dict) so that ``recalibrate(preserve_function=True)`` can put them into beta.
     * ``example_inputs``: a tensor or tuple of tensors; shape propagation on them gives output
       ranks (BatchNorm1d vs FeatureBatchNorm) and channel counts of functional calls whose
       weight is not an attribute.
 
     Idempotent: a layer already followed by a normalization (BatchNorm, SyncBatchNorm,
     LayerNorm, GroupNorm, InstanceNorm, RMSNorm; module or functional; directly, after its
-    activation, or through reshapes) gets none, so inserting twice equals inserting once.
+    activation, or through dropouts and reshapes) gets none, so inserting twice equals
+    inserting once.
     """
     _check_options(position, eps, momentum)
     gm = _trace_copy(model)
@@ -116,8 +127,7 @@ def insert_bn_fx(
         bn_cls, channels, rank = plan
         unknown_rank |= rank is None and layer.kind == "linear"
         entry = _insert(gm, layer, bn_cls, channels, position,
-                        dict(eps=eps, momentum=momentum, affine=affine),
-                        training=model.training, report=report)
+                        dict(eps=eps, momentum=momentum, affine=affine), report=report)
         if entry.details["after"] == layer.node.name:
             direct.setdefault(layer.name, []).append((layer, entry))
         elif drop_bias:
@@ -141,26 +151,38 @@ def insert_bn_fx(
 def _check_options(position: str, eps: float, momentum: float | None) -> None:
     if position not in POSITIONS:
         raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0 and eps < float("inf")):
+    if not (_is_number(eps) and 0 <= eps < float("inf")):
         raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
-    if momentum is not None and not 0 <= momentum <= 1:
-        raise BadInputError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+    if momentum is not None and not (_is_number(momentum) and 0 <= momentum <= 1):
+        raise BadInputError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _trace_copy(model: nn.Module) -> fx.GraphModule:
     """A traced deep copy of ``model`` (the input is never touched)."""
     if not isinstance(model, nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UntraceableError(
+            f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace; "
+            "pass the original nn.Module"
+        )
     clone = copy.deepcopy(model)
     if isinstance(clone, fx.GraphModule):
         return clone
     try:
         gm = fx.GraphModule(clone, _Tracer().trace(clone), type(clone).__name__)
     except Exception as exc:  # TraceError, TypeError from data-dependent control flow...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        where = user_frame(exc)
+        if f" {os.path.basename(__file__)}:" in where:  # no frame of the model's own code
+            where = ""
         raise UntraceableError(
-            f"cannot trace {type(model).__name__} with torch.fx ({first}); make its control "
-            "flow independent of tensor values, or pass a torch.fx.GraphModule"
+            f"cannot trace {type(model).__name__} with torch.fx: {one_line(exc)}"
+            f"{where}; make its control flow independent of tensor values, or pass "
+            "a torch.fx.GraphModule"
         ) from exc
     gm.training = model.training
     return gm
@@ -185,8 +207,8 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
         with torch.no_grad():
             ShapeProp(gm).propagate(*args)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise BadInputError(f"example_inputs do not run through the model: {first}") from exc
+        raise BadInputError(
+            f"example_inputs do not run through the model: {one_line(exc)}") from exc
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -209,14 +231,21 @@ def _selectors(value: Any, what: str) -> list[Selector]:
 
 
 def _selected_by(layer: Layer, specs: Iterable[Selector]) -> str | None:
-    """The first selector that matches ``layer``, as text, or ``None``."""
+    """The first selector that matches ``layer``, as text, or ``None``.
+
+    A glob matches the layer's name or the name of a module that contains it (``"backbone"``
+    selects ``backbone.0``); a functional call is also named by its weight attribute
+    (``"fc.weight"``, so ``"fc"`` selects the ``F.linear`` inside a traced ``fc`` module).
+    """
     names = [layer.name]
     weight = layer.arg(1, "weight") if layer.module is None else None
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
         names.append(str(weight.target))
+    paths = {".".join(parts[:i]) for name in names
+             for parts in [name.split(".")] for i in range(1, len(parts) + 1)}
     for spec in specs:
         if isinstance(spec, str):
-            if any(fnmatch.fnmatchcase(name, spec) for name in names):
+            if any(fnmatch.fnmatchcase(path, spec) for path in paths):
                 return repr(spec)
         elif isinstance(spec, type):
             if issubclass(layer.module_type, spec):
@@ -244,15 +273,16 @@ def _skip_reason(gm: fx.GraphModule, layer: Layer, include: list[Selector],
 
 
 def _following_norm(gm: fx.GraphModule, node: fx.Node, depth: int = 4) -> str | None:
-    """The normalization that ``node`` feeds directly or through activations / reshapes that
-    take it as their data input (``bn(h.flatten(0, 1))``, ``relu -> bn``)."""
+    """The normalization that ``node`` feeds directly or through activations / dropouts /
+    reshapes that take it as their data input (``bn(h.flatten(0, 1))``, ``relu -> bn``,
+    ``dropout -> bn``)."""
     for user in node.users:
         if (desc := norm_description(gm, user)) is not None:
             return desc
     if depth == 0:
         return None
     for user in node.users:
-        passes_through = is_activation(gm, user) or is_shape_op(user)
+        passes_through = is_activation(gm, user) or is_dropout(gm, user) or is_shape_op(user)
         if not (passes_through and user.args and user.args[0] is node):
             continue
         if (desc := _following_norm(gm, user, depth - 1)) is not None:
@@ -315,8 +345,10 @@ def _channels(gm: fx.GraphModule, layer: Layer, meta: Any) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 def _insert(gm: fx.GraphModule, layer: Layer, bn_cls: type[nn.Module], channels: int,
-            position: str, bn_options: dict[str, Any], *, training: bool,
-            report: Report) -> Entry:
+            position: str, bn_options: dict[str, Any], *, report: Report) -> Entry:
+    """Add the BN module next to its layer (``features.0`` -> ``features.0_bn``), in the
+    layer module's train/eval mode (a layer of a frozen, eval-mode block gets an eval-mode BN),
+    and route the layer's (or its activation's) readers through it."""
     anchor = layer.node
     if position == "after_activation" and len(anchor.users) == 1:
         (user,) = anchor.users
@@ -326,9 +358,9 @@ def _insert(gm: fx.GraphModule, layer: Layer, bn_cls: type[nn.Module], channels:
     bn = bn_cls(channels, **bn_options,
                 device=weight.device if weight is not None else None,
                 dtype=weight.dtype if weight is not None and weight.is_floating_point() else None)
-    bn.train(training)
     setattr(bn, INSERTED_ATTR, True)
     name = _free_name(gm, f"{layer.name}_bn")
+    bn.train((layer.module or gm).training)
     gm.add_submodule(name, bn)
     with gm.graph.inserting_after(anchor):
         bn_node = gm.graph.call_module(name, (anchor,))
@@ -356,7 +388,9 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
 
 
 def _drop_biases(gm: fx.GraphModule, direct: dict[str, list[tuple[Layer, Entry]]]) -> None:
-    """Remove the bias of each layer whose every call site now feeds its own BN directly."""
+    """Remove the bias of each layer whose every call site now feeds its own BN directly, and
+    keep the removed values on each such BN as the non-persistent buffer
+    ``bnfold_dropped_bias`` (``recalibrate(preserve_function=True)`` adds them back to beta)."""
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -364,15 +398,21 @@ def _drop_biases(gm: fx.GraphModule, direct: dict[str, list[tuple[Layer, Entry]]
     for name, sites in direct.items():
         layer = sites[0][0]
         if layer.module is not None:
-            reason = _drop_module_bias(gm, layer.module, calls[name], len(sites))
+            outcome = _drop_module_bias(gm, layer.module, calls[name], len(sites))
         else:
-            reason = _drop_functional_bias(gm, layer)
+            outcome = _drop_functional_bias(gm, layer)
         for _, entry in sites:
-            entry.details["bias"] = reason or "dropped (BN's beta takes its role)"
+            if isinstance(outcome, str):
+                entry.details["bias"] = outcome
+                continue
+            entry.details["bias"] = "dropped (BN's beta takes its role)"
+            gm.get_submodule(entry.bn).register_buffer(DROPPED_BIAS_ATTR, outcome.clone(),
+                                                       persistent=False)
 
 
 def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
-                      with_bn: int) -> str | None:
+                      with_bn: int) -> torch.Tensor | str:
+    """The removed bias, or why it stays."""
     bias = module.bias
     if bias is None:
         return "none (the layer has no bias)"
@@ -381,24 +421,27 @@ def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
     if sum(1 for m in gm.modules() if getattr(m, "bias", None) is bias) > 1:
         return "kept: the bias Parameter is shared with another layer"
     module.bias = None
-    return None
+    return bias.detach()
 
 
-def _drop_functional_bias(gm: fx.GraphModule, layer: Layer) -> str | None:
+def _drop_functional_bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | str:
+    """The removed bias, or why it stays."""
     node = layer.node
     bias = layer.arg(2, "bias")
     if bias is None:
         return "none (the call has no bias)"
-    if not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+    value = get_attr_value(gm, bias)
+    if value is None:
         return "kept: the bias is computed at run time"
     if len(node.args) > 2:
         node.args = (*node.args[:2], None, *node.args[3:])
     else:
         node.kwargs = {**node.kwargs, "bias": None}
+    assert isinstance(bias, fx.Node)
     if not bias.users:
         target = str(bias.target)
         gm.graph.erase_node(bias)
         if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
             owner, _, attr = target.rpartition(".")
             delattr(gm.get_submodule(owner), attr)
-    return None
+    return value.detach()

@@ -1,5 +1,5 @@
 """What a torch.fx node is, for the insert pass: a dense/conv layer, an activation, a
-normalization, or a shape-only op that passes channels through unchanged.
+normalization, a dropout, or a shape-only op that passes channels through unchanged.
 
 Layers are recognised as modules (``nn.Linear``, ``nn.Conv{1,2,3}d``,
 ``nn.ConvTranspose{1,2,3}d``) and as functional calls (``F.linear``, ``F.conv*``,
@@ -57,6 +57,13 @@ _NORM_FUNCTIONS = {
     F.batch_norm, torch.batch_norm, F.layer_norm, torch.layer_norm, F.group_norm,
     torch.group_norm, F.instance_norm, torch.instance_norm, F.rms_norm,
 }
+
+_DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Identity,
+)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout, torch.dropout}
 
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute,
                     torch.squeeze, torch.unsqueeze}
@@ -137,6 +144,14 @@ def is_shape_op(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _SHAPE_FUNCTIONS
     return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
+def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for dropout (module or function) and ``nn.Identity``: a normalization after them
+    still normalizes the layer's output (``conv -> Dropout -> BatchNorm``)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _DROPOUT_MODULES)
+    return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
 
 
 def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:

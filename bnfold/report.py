@@ -30,11 +30,16 @@ class Entry:
 
 @dataclass
 class Report:
-    """The record a pass returns; ``changed`` is true when the model was rewritten."""
+    """The record a pass returns; ``changed`` is true when the model was rewritten.
+
+    ``dry_run=True`` (``inspect_onnx``): the entries say what the pass *would* do; nothing was
+    changed, so ``changed`` is false and :meth:`label` reads "would fold".
+    """
 
     pass_name: str
     entries: list[Entry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
 
     def add(
         self,
@@ -70,7 +75,14 @@ class Report:
 
     @property
     def changed(self) -> bool:
-        return bool(self.folded or self.inserted)
+        return not self.dry_run and bool(self.folded or self.inserted)
+
+    def label(self, action: Action) -> str:
+        """How to show ``action``: as is, or ``"would fold"``/``"would keep"``... in a dry run."""
+        if not self.dry_run:
+            return action
+        return "would " + {"folded": "fold", "kept": "keep", "inserted": "insert",
+                           "skipped": "skip"}[action]
 
     def counts(self) -> dict[str, int]:
         out = {"folded": 0, "kept": 0, "inserted": 0, "skipped": 0}
@@ -81,6 +93,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "pass": self.pass_name,
+            "dry_run": self.dry_run,
             "changed": self.changed,
             "counts": self.counts(),
             "entries": [e.to_dict() for e in self.entries],
@@ -94,13 +107,13 @@ class Report:
         """A plain-text table for people (no colour codes, safe to paste in a README)."""
         rows = [("BN", "action", "into / reason")]
         for e in self.entries:
-            rows.append((e.bn, e.action, e.into if e.action in ("folded", "inserted")
+            rows.append((e.bn, self.label(e.action), e.into if e.action in ("folded", "inserted")
                          else (e.reason or "")))
         widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2] or ''}".rstrip() for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
         c = self.counts()
-        summary = ", ".join(f"{v} {k}" for k, v in c.items() if v)
+        summary = ", ".join(f"{v} {self.label(k)}" for k, v in c.items() if v)
         lines.append(f"{self.pass_name}: {summary or 'nothing to do'}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
+from onnx.inliner import inline_local_functions
 from onnx_cases import (
     Builder,
     count,
@@ -511,6 +512,10 @@ def test_ir_model_input_not_mutated_and_inspect() -> None:
     rep = inspect_onnx(model)
     assert [(e.bn, e.action, e.into) for e in rep.entries] == [("BatchNormalization_1",
                                                                  "folded", "Conv_0")]
+    # a dry run: same action names, but it says so, and it did not change anything
+    assert rep.dry_run and not rep.changed and rep.to_dict()["dry_run"]
+    assert "would fold" in rep.table() and " folded" not in rep.table()
+    assert not report.dry_run and report.to_dict()["dry_run"] is False
     assert sum(n.op_type == "BatchNormalization" for n in model.graph) == 1
     out2, _ = fold_onnx(model, inplace=True)
     assert out2 is model and sum(n.op_type == "BatchNormalization" for n in model.graph) == 0
@@ -571,3 +576,32 @@ def test_weight_computed_from_input_deep_chain_is_kept_quickly() -> None:
     m = b.model({"x": [2, 3, 4, 4], "wx": [4, 3, 1, 1]}, {"y": None})
     _, report = fold_onnx(m)
     assert "is not a constant" in report.kept[0].reason
+
+
+def test_bn_inside_model_local_function_is_reported_kept() -> None:
+    """A BN in a function body is never skipped silently: kept, with the remedy; inlining the
+    function first lets it fold."""
+    b = Builder(27)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    inner = Builder(28)
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in (
+        onnx.numpy_helper.from_array(np.linspace(0.5, 2, 4).astype(np.float32), "s"),
+        onnx.numpy_helper.from_array(np.linspace(-1, 1, 4).astype(np.float32), "bb"),
+        onnx.numpy_helper.from_array(np.linspace(-.3, .4, 4).astype(np.float32), "mu"),
+        onnx.numpy_helper.from_array(np.linspace(0.5, 3, 4).astype(np.float32), "v"))]
+    inner.node("BatchNormalization", ["i", "s", "bb", "mu", "v"], ["o"])
+    fn = onnx.helper.make_function("local", "MyBN", ["i"], ["o"], consts + inner.nodes,
+                                   [onnx.helper.make_opsetid("", 17)])
+    b.nodes.append(onnx.helper.make_node("MyBN", ["c"], ["y"], domain="local", name="call"))
+    v = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(b.nodes, "g", [v("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                                   [v("y", TensorProto.FLOAT, [2, 4, 4, 4])], b.inits)
+    m = onnx.helper.make_model(graph, functions=[fn], ir_version=10, opset_imports=[
+        onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)])
+    out, report = fold_onnx(m)
+    onnx.checker.check_model(out, full_check=True)
+    assert [(e.bn, e.action) for e in report.entries] == [("local.MyBN/BatchNormalization_0",
+                                                           "kept")]
+    assert "inline" in report.kept[0].reason
+    assert [(e.bn, e.action) for e in inspect_onnx(m).entries] == [(report.entries[0].bn, "kept")]
+    check(inline_local_functions(m), 0)

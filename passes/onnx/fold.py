@@ -9,7 +9,9 @@ bodies), in graph order, and for each tries:
 repeating until nothing changes (so ``BN -> BN -> Conv`` chains fold completely). A BN that is
 not an inference-mode affine map (:mod:`.bn`) or whose fold would be inexact, overflow its
 dtype, or touch a tensor another node reads without copying it is kept, and the report says
-why. The math is :mod:`bnfold.algebra` (float64, rounded once to each tensor's dtype).
+why. BNs inside model-local functions are reported as kept (a function body is a template
+whose weights may differ per call); inline the functions first to fold them. The math is
+:mod:`bnfold.algebra` (float64, rounded once to each tensor's dtype).
 
 Guarantees: graph input/output names, shapes and dtypes, metadata, opset imports and
 value_info of surviving values are unchanged; weights shared with other readers are copied
@@ -64,11 +66,15 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> Pa
 def inspect_onnx(model: Any) -> Report:
     """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
 
-    Runs the fold on a copy that shares the input's tensors; the input is not changed.
+    Runs the fold on a copy that shares the input's tensors; the input is not changed. The
+    report is a dry run: entries keep the action names (``folded`` means "would fold"),
+    ``report.dry_run`` is true, ``report.changed`` is false, and its table says "would fold".
     """
     with _gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
-        return _fold(ir_model, "inspect_onnx", backward=True)
+        report = _fold(ir_model, "inspect_onnx", backward=True)
+    report.dry_run = True
+    return report
 
 
 @contextlib.contextmanager
@@ -113,7 +119,23 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
                 break
     for entry in entries.values():
         report.entries.append(entry)
+    report.entries.extend(_function_entries(model))
     return report
+
+
+def _function_entries(model: ir.Model) -> list[Entry]:
+    """A kept entry for each BN inside a model-local function (never folded, never silent)."""
+    entries = []
+    for function in model.functions.values():
+        where = f"{function.domain}.{function.name}" if function.domain else function.name
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+                entries.append(Entry(
+                    f"{where}/{display_name(node)}", "kept",
+                    reason=(f"inside model-local function {where}: functions are not folded "
+                            "(each call may pass other weights); inline them first, e.g. "
+                            "onnx.inliner.inline_local_functions, to fold this BN")))
+    return entries
 
 
 def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:

@@ -250,3 +250,128 @@ def test_bad_input(tmp_path) -> None:
         bnfold.insert_bn_onnx(tmp_path / "missing.onnx")
     with pytest.raises(BadInputError, match="position must be"):
         bnfold.insert_bn_onnx(conv_net(), position="later")
+
+
+# --------------------------------------------------------------------------------------------
+# training_mode=True: training-mode BatchNormalization with running-statistics outputs.
+# --------------------------------------------------------------------------------------------
+
+def _batch_norm64(h: torch.Tensor, axis_last: bool = False) -> tuple[torch.Tensor, ...]:
+    """Training-mode BN with scale 1, bias 0, in float64: (output, batch mean, population var)."""
+    dims = tuple(range(h.dim() - 1)) if axis_last else (0, *range(2, h.dim()))
+    mean, var = h.mean(dims, keepdim=True), h.var(dims, unbiased=False, keepdim=True)
+    return (h - mean) / torch.sqrt(var + EPS), mean.flatten(), var.flatten()
+
+
+def _conv_train_ref(x: np.ndarray) -> tuple[np.ndarray, list[tuple[torch.Tensor, ...]]]:
+    w = {k: torch.tensor(v) for k, v in CONV_INITS.items()}
+    h, *stats1 = _batch_norm64(F.conv2d(torch.tensor(x), w["W1"], w["B1"], padding=1))
+    h = F.conv_transpose2d(F.relu(h), w["W2"], w["B2"], stride=2, groups=2)
+    h, *stats2 = _batch_norm64(h)
+    return F.conv2d(F.leaky_relu(h, 0.1), w["W3"], w["B3"]).numpy(), [stats1, stats2]
+
+
+def _seq_train_ref(x: np.ndarray) -> tuple[np.ndarray, list[tuple[torch.Tensor, ...]]]:
+    w = {k: torch.tensor(v) for k, v in SEQ_INITS.items()}
+    h, *stats = _batch_norm64(torch.tensor(x) @ w["W1"] + w["b1"], axis_last=True)
+    return (torch.relu(h) @ w["W2"]).numpy(), [stats]
+
+
+def _run_with_running_stats(model: ir.Model, report: bnfold.Report,
+                            x: np.ndarray) -> list[np.ndarray]:
+    """Run the model with the BNs' running-statistics outputs exposed as graph outputs."""
+    proto = ir.serde.serialize_model(model)
+    proto.graph.output.extend(helper.make_tensor_value_info(name, FLOAT, [e.details["channels"]])
+                              for e in report.inserted for name in e.details["running_stats"])
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x.astype(np.float32)})
+
+
+@pytest.mark.parametrize("opset", [9, 13, 14, 15, 17])
+@pytest.mark.parametrize("net", ["conv", "seq"])
+def test_training_mode_bn_normalizes_with_batch_stats_and_updates_running_stats(
+        opset: int, net: str) -> None:
+    proto = conv_net(opset) if net == "conv" else seq_net()
+    if net == "seq":
+        proto.opset_import[0].version = opset
+    x = X_CONV if net == "conv" else np.random.default_rng(4).normal(0, 1, (3, 5, 8))
+    model, report = bnfold.insert_bn_onnx(proto, eps=EPS, momentum=0.2, training_mode=True)
+    ref, stats = (_conv_train_ref if net == "conv" else _seq_train_ref)(x)
+    bns = bn_nodes(model)
+    assert len(bns) == len(stats) == len(report.inserted)
+    for bn in bns:
+        assert len(bn.outputs) == (3 if opset >= 14 else 5)
+        mode = bn.attributes.get("training_mode")
+        assert (mode.as_int() if mode is not None else None) == (1 if opset >= 14 else None)
+    assert all(e.details["mode"] == "training" for e in report.inserted)
+    outs = _run_with_running_stats(model, report, x)
+    assert close(outs[0], ref)
+    assert not close(run(bnfold.insert_bn_onnx(proto, eps=EPS).model, x), ref)  # can fail
+    for (mean_out, var_out), (mean, var) in zip(
+            zip(outs[1::2], outs[2::2], strict=True), stats, strict=True):
+        # ONNX: running = input * 0.8 + batch * 0.2, population variance; inputs are 0 and 1
+        np.testing.assert_allclose(mean_out, 0.2 * mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var_out, 0.8 + 0.2 * var.numpy(), rtol=1e-5)
+
+
+def test_training_mode_is_idempotent_and_inference_mode_is_the_default() -> None:
+    once, _ = bnfold.insert_bn_onnx(conv_net(), training_mode=True)
+    _, report = bnfold.insert_bn_onnx(once, training_mode=True)
+    assert not report.inserted
+    model, report = bnfold.insert_bn_onnx(conv_net())
+    assert all(len(bn.outputs) == 1 and "training_mode" not in bn.attributes
+               for bn in bn_nodes(model))
+    assert all(e.details["mode"] == "inference" and "running_stats" not in e.details
+               for e in report.inserted)
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: Constant-node weights, taken names, Dropout before a BN, subgraphs, option types.
+# --------------------------------------------------------------------------------------------
+
+def test_constant_node_weight_and_taken_parameter_names() -> None:
+    proto = conv_net()
+    w1 = next(i for i in proto.graph.initializer if i.name == "W1")
+    proto.graph.initializer.remove(w1)
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["W1"], value=w1))
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32),
+                                                           "conv1_bn.scale"))
+    model, report = bnfold.insert_bn_onnx(proto, eps=EPS)
+    assert [(e.bn, e.details["channels"]) for e in report.inserted] == [("conv1_bn", 8),
+                                                                        ("up2_bn", 6)]
+    assert bn_nodes(model)[0].inputs[1].name == "conv1_bn.scale_1"
+    assert close(run(model, X_CONV), conv_ref(X_CONV, "before_activation"))
+
+
+def test_dropout_before_a_bn_and_layers_in_subgraphs() -> None:
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Dropout", ["h"], ["d"], name="drop"),
+             helper.make_node("BatchNormalization", ["d", "s", "b", "m", "v"], ["y"], name="bn")]
+    inits = {"W1": CONV_INITS["W1"], "B1": CONV_INITS["B1"],
+             **{k: np.ones(8) for k in ("s", "b", "m", "v")}}
+    _, report = bnfold.insert_bn_onnx(_model(nodes, inits, ["N", 3, 6, 6], ["N", 8, 6, 6]),
+                                      skip_last=False)
+    assert report.skipped[0].reason == "already followed by BatchNormalization 'bn'"
+
+    body = helper.make_graph([helper.make_node("Conv", ["x", "W1"], ["t"], name="inner")],
+                             "body", [], [helper.make_tensor_value_info("t", FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], name="outer"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceSum", ["r"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)]
+    proto = _model(nodes, {"W1": CONV_INITS["W1"], "zero": np.array(0.0)}, [1, 3, 6, 6],
+                   [1, 8, 4, 4])
+    _, report = bnfold.insert_bn_onnx(proto)
+    assert report.notes == ["2 Conv/ConvTranspose/Gemm/MatMul node(s) inside If/Loop/Scan "
+                            "bodies were not considered"]
+
+
+def test_option_types() -> None:
+    with pytest.raises(BadInputError, match="no cumulative average"):
+        bnfold.insert_bn_onnx(conv_net(), momentum=None)
+    with pytest.raises(BadInputError, match="momentum must be a number"):
+        bnfold.insert_bn_onnx(conv_net(), momentum="0.1")
+    with pytest.raises(BadInputError, match="include takes"):
+        bnfold.insert_bn_onnx(conv_net(), include=ir.Node)

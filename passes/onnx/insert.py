@@ -12,12 +12,25 @@ known) -> rewrite -> record. Where the BN goes, and on which axis:
   when the rank is unknown) ``Reshape(-1, C) -> BN -> Reshape(Shape(y))`` so that BN
   normalizes the features, not dim 1.
 
-The new BN is an inference-mode BatchNormalization (``training_mode`` left at its default 0 on
-opset >= 14; no ``spatial`` attribute, whose default 1 is per-channel on opsets 7-8) with
-``epsilon = eps`` and ONNX ``momentum = 1 - momentum`` (ONNX weights the running value, PyTorch
-the batch value). Its parameters are new initializers named after the BN node
+The new BN has ``epsilon = eps`` and ONNX ``momentum = 1 - momentum`` (ONNX weights the
+running value, PyTorch the batch value), and no ``spatial`` attribute (its default 1 is
+per-channel on opsets 7-8). Its parameters are new initializers named after the BN node
 (``<layer>_bn.scale`` / ``.bias`` / ``.mean`` / ``.var``) with identity statistics: scale 1,
-bias 0, mean 0, var 1, so the BN computes ``y / sqrt(1 + eps)`` until trained.
+bias 0, mean 0, var 1.
+
+* ``training_mode=False`` (default): an inference-mode BN (outputs ``Y`` only; on opset >= 14
+  ``training_mode`` stays at its default 0). It computes ``y / sqrt(1 + eps)`` until its
+  parameters are trained elsewhere.
+* ``training_mode=True``: a training-mode BN, written as ``torch.onnx.export(...,
+  training=TrainingMode.TRAINING)`` writes one. Opset >= 14: attribute ``training_mode=1`` and
+  outputs ``Y, running_mean, running_var``; opsets 7-13 (no such attribute; the outputs say
+  the mode): ``Y, mean, var, saved_mean, saved_var``. ``Y`` normalizes with the batch's mean
+  and population variance; the running outputs are ``input * momentum + batch * (1 -
+  momentum)`` in ONNX's convention, with the *population* variance (PyTorch stores the
+  unbiased one). The running outputs are node outputs, not graph outputs: a training runtime
+  (ONNX Runtime training) binds them to the ``.mean`` / ``.var`` initializers, which must then
+  be frozen (not trainable) parameters. ONNX Runtime's CPU kernel runs both forms; its CUDA
+  kernel refuses ``training_mode=1`` on opset >= 14 (onnxruntime issue #16867).
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ ACTIVATION_OPS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu"
                   "ThresholdedRelu"}
 NORM_OPS = {"BatchNormalization", "LayerNormalization", "GroupNormalization",
             "InstanceNormalization", "RMSNormalization", "SkipLayerNormalization"}
-_SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+_SHAPE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
 _MIN_OPSET = 7
 
 
@@ -65,6 +78,7 @@ def insert_bn_onnx(
     eps: float = 1e-5,
     momentum: float = 0.1,
     drop_bias: bool = False,
+    training_mode: bool = False,
 ) -> PassResult:
     """Return ``(onnx_ir.Model, Report)``: ``model`` with a BatchNormalization after each
     selected Conv / ConvTranspose / Gemm / MatMul-with-constant-weight node.
@@ -77,15 +91,19 @@ def insert_bn_onnx(
     or op types (``"Conv"``), a string or a list; ``exclude`` wins. ``eps``, ``momentum``: the
     BN's, in PyTorch's convention. ``drop_bias``: remove a Conv / ConvTranspose / Gemm bias
     (an initializer read by that node only) when the BN follows the layer directly; exact in
-    training mode, where BN subtracts the batch mean. Idempotent: a layer already followed by
-    a normalization (directly, after its activation, or through reshapes) gets none.
+    training mode, where BN subtracts the batch mean. ``training_mode``: write training-mode
+    BNs (see the module docstring). Idempotent: a layer already followed by a normalization
+    (directly, after its activation, or through dropouts and reshapes) gets none. Layers
+    inside If / Loop / Scan bodies are not considered (the report's notes count them).
     """
     if position not in POSITIONS:
         raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
-    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+    if not (_is_number(eps) and 0 <= eps < float("inf")):
         raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not 0 <= momentum <= 1:
-        raise BadInputError(f"momentum must be in [0, 1], got {momentum!r}")
+    if not (_is_number(momentum) and 0 <= momentum <= 1):
+        raise BadInputError(
+            f"momentum must be a number in [0, 1], got {momentum!r} (ONNX BatchNormalization "
+            "has no cumulative average, PyTorch's momentum=None)")
     given = model
     out = load_onnx(model)
     if out is given:
@@ -103,6 +121,10 @@ def insert_bn_onnx(
     last = _last_layers(graph, layers) if skip_last else set()
     names = _Namer(graph)
     report = Report("insert_bn_onnx")
+    nested = sum(1 for n in graph.all_nodes() if n.graph is not graph and n.op_type in LAYER_OPS)
+    if nested:
+        report.notes.append(f"{nested} Conv/ConvTranspose/Gemm/MatMul node(s) inside If/Loop/"
+                            "Scan bodies were not considered")
     for index, node in enumerate(layers):
         name = node.name or f"{node.op_type}_{index}"
         reason = _skip_reason(node, name, includes, excludes, last)
@@ -113,11 +135,15 @@ def insert_bn_onnx(
             report.add(name, "skipped", reason=reason)
             continue
         bn_name = names.fresh(f"{name}_bn")
-        _rewrite(graph, plan, bn_name, names, eps, 1.0 - momentum)
+        running = _rewrite(graph, plan, bn_name, names, eps, 1.0 - momentum,
+                           opset if training_mode else None)
         entry = report.add(bn_name, "inserted", into=name, after=plan.anchor.name or name,
                            kind="BatchNormalization", channels=plan.channels,
                            axis="last (Reshape to [-1, C])" if plan.flatten else 1,
-                           position=_placement(node, plan, position))
+                           position=_placement(node, plan, position),
+                           mode="training" if training_mode else "inference")
+        if running:
+            entry.details["running_stats"] = running
         if drop_bias:
             _drop_bias(node, plan, entry, opset)
     return PassResult(out, report)
@@ -127,10 +153,15 @@ def insert_bn_onnx(
 # Check.
 # ---------------------------------------------------------------------------------------------
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _selectors(value: Any, what: str) -> list[str]:
     if value is None:
         return []
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else list(value) if isinstance(
+        value, (list, tuple, set, frozenset)) else [value]
     if not all(isinstance(item, str) for item in items):
         raise BadInputError(f"{what} takes node-name globs or op types (strings), got {value!r}")
     return items
@@ -189,9 +220,14 @@ def _last_layers(graph: ir.Graph, layers: list[ir.Node]) -> set[ir.Node]:
 
 
 def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None or value.shape is None or not value.shape.is_static():
+    """The static shape of ``value``: recorded, or that of its constant (a ``Constant`` node's
+    output often has no recorded shape)."""
+    if value is None:
         return None
-    return tuple(int(d) for d in value.shape)
+    if value.shape is not None and value.shape.is_static():
+        return tuple(int(d) for d in value.shape)
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tuple(int(d) for d in tensor.shape)
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -285,20 +321,32 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: _Namer, eps: float,
-             onnx_momentum: float) -> None:
+             onnx_momentum: float, training_opset: int | None) -> list[str]:
+    """Insert the BN (and its reshapes); return the names of its running-statistics outputs
+    (training mode only)."""
     y = plan.anchor.outputs[0]
     c = plan.channels
     np_dtype = plan.dtype.numpy()
-    params = [_initializer(graph, f"{bn_name}.{key}", value.astype(np_dtype))
+    params = [_initializer(graph, names.fresh(f"{bn_name}.{key}"), value.astype(np_dtype))
               for key, value in (("scale", np.ones(c)), ("bias", np.zeros(c)),
                                  ("mean", np.zeros(c)), ("var", np.ones(c)))]
     uses = list(y.uses())
-    attrs = {"epsilon": float(eps), "momentum": float(onnx_momentum)}
+    attrs: dict[str, Any] = {"epsilon": float(eps), "momentum": float(onnx_momentum)}
+    extra: tuple[str, ...] = ()
+    if training_opset is not None:
+        if training_opset >= 14:
+            attrs["training_mode"] = 1
+            extra = ("running_mean", "running_var")
+        else:
+            extra = ("running_mean", "running_var", "saved_mean", "saved_var")
+    n_out = 1 + len(extra)
     if plan.flatten:
-        flat_shape = _initializer(graph, f"{bn_name}.flat_shape", np.array([-1, c], np.int64))
+        flat_shape = _initializer(graph, names.fresh(f"{bn_name}.flat_shape"),
+                                  np.array([-1, c], np.int64))
         shape = ir.node("Shape", [y], name=names.fresh(f"{bn_name}_shape"))
         flat = ir.node("Reshape", [y, flat_shape], name=names.fresh(f"{bn_name}_flatten"))
-        bn = ir.node("BatchNormalization", [flat.outputs[0], *params], attrs, name=bn_name)
+        bn = ir.node("BatchNormalization", [flat.outputs[0], *params], attrs, name=bn_name,
+                     num_outputs=n_out)
         back = ir.node("Reshape", [bn.outputs[0], shape.outputs[0]],
                        name=names.fresh(f"{bn_name}_unflatten"))
         new_nodes = [shape, flat, bn, back]
@@ -306,9 +354,12 @@ def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: _Namer, eps: flo
             node.outputs[0].name = names.fresh(f"{node.name}_out")
         flat.outputs[0].type = bn.outputs[0].type = y.type
     else:
-        bn = ir.node("BatchNormalization", [y, *params], attrs, name=bn_name)
+        bn = ir.node("BatchNormalization", [y, *params], attrs, name=bn_name, num_outputs=n_out)
         bn.outputs[0].name = names.fresh(f"{bn_name}_out")
         new_nodes = [bn]
+    for value, key in zip(bn.outputs[1:], extra, strict=True):
+        value.name = names.fresh(f"{bn_name}.{key}")
+        value.type, value.shape = ir.TensorType(plan.dtype), ir.Shape([c])
     result = new_nodes[-1].outputs[0]
     result.type, result.shape = y.type, y.shape
     graph.insert_after(plan.anchor, new_nodes)
@@ -319,6 +370,7 @@ def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: _Namer, eps: flo
         old = y.name
         y.name = names.fresh(f"{old}_before_bn")
         result.name = old
+    return [v.name for v in bn.outputs[1:3] if v.name]
 
 
 def _drop_bias(layer: ir.Node, plan: _Plan, entry: Entry, opset: int) -> None:

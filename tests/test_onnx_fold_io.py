@@ -104,3 +104,31 @@ def test_big_tensors_go_external(tmp_path, monkeypatch) -> None:
     x = feeds(m)
     np.testing.assert_allclose(run_ort(onnx.load(str(tmp_path / "big.onnx")), x)[0],
                                run_ort(m, x)[0])
+
+
+def test_output_is_byte_identical_across_processes(tmp_path) -> None:
+    """Same input, two processes with different hash seeds: the same bytes (names, order)."""
+    import os
+    import subprocess
+    import sys
+
+    b = Builder(33)
+    w = b.rand("w", [4, 4, 1, 1])
+    b.node("Conv", ["x", w], ["c1"])
+    b.node("Conv", ["x", w], ["c2"])  # shared weight: copies get fresh names
+    b.bn("c1", "y1", 4)
+    b.bn("c2", "y2", 4)
+    b.node("MatMul", ["x", b.rand("m", [3, 5])], ["mm"])
+    b.node("Transpose", ["mm"], ["t"], perm=[0, 1, 3, 2])
+    b.bn("t", "y3", 4)  # axes do not line up: kept
+    m = b.model({"x": [2, 4, 3, 3]}, {"y1": [2, 4, 3, 3], "y2": [2, 4, 3, 3], "y3": [2, 4, 5, 3]},
+                infer=False)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    script = ("import sys, onnx; from bnfold.passes.onnx.fold import fold_onnx; "
+              "sys.stdout.buffer.write(fold_onnx(onnx.load(sys.argv[1])).model"
+              ".SerializeToString())")
+    outs = [subprocess.run([sys.executable, "-c", script, str(src)], capture_output=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2")]
+    assert outs[0] == outs[1] and count(onnx.load_from_string(outs[0])) == 1

@@ -115,6 +115,7 @@ def run_all(lrs: dict[str, float], steps: int, seeds: list[int], target: float,
     tail = max(1, steps // 15)
     for model, base_lr in lrs.items():
         example = data.x_train[:4] if model == "cnn" else data.x_train[:4].flatten(1)
+        by_lr: dict[float, dict[str, list[Run]]] = {}
         for factor in (1, 10, 100):
             lr = base_lr * factor
             runs: dict[str, list[Run]] = {v: [] for v in VARIANTS}
@@ -137,8 +138,30 @@ def run_all(lrs: dict[str, float], steps: int, seeds: list[int], target: float,
                     f"{same}/{len(seeds)}" if variant == "inserted" else "",
                 ])
             findings.append(_finding(model, lr, factor, runs, len(seeds)))
+            by_lr[lr] = runs
             log(f"{model} lr={lr:g}: done")
+        findings.append(_best_lr_finding(model, by_lr))
     return rows, findings
+
+
+def _mean_acc(runs: list[Run]) -> float:
+    finite = [r.test_acc for r in runs if math.isfinite(r.test_acc)]
+    return statistics.mean(finite) if len(finite) == len(runs) else float("nan")
+
+
+def _best_lr_finding(model: str, by_lr: dict[float, dict[str, list[Run]]]) -> str:
+    """Each variant at its own best learning rate: a tuned baseline, not one shared LR."""
+    parts = []
+    for variant in ("plain", "inserted"):
+        accs = {lr: _mean_acc(runs[variant]) for lr, runs in by_lr.items()}
+        finite = {lr: a for lr, a in accs.items() if math.isfinite(a)}
+        if not finite:
+            parts.append(f"{variant} diverged at every LR")
+            continue
+        lr = max(finite, key=lambda k: finite[k])
+        parts.append(f"{variant} {finite[lr]:.3f} (lr {lr:g})")
+    return (f"{model}, each variant at its best LR of those tried: test accuracy "
+            f"{' vs '.join(parts)}.")
 
 
 def _finding(model: str, lr: float, factor: int, runs: dict[str, list[Run]], n: int) -> str:

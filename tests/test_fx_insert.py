@@ -491,8 +491,11 @@ def test_benchmark_inserted_curve_equals_hand_written(tmp_path) -> None:
     out = tmp_path / "training.md"
     bench_training.main(["--steps", "12", "--seeds", "1", "--models", "mlp_tanh", "--out",
                          str(out)])
-    rows = [line for line in out.read_text().splitlines() if "| inserted |" in line]
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if "| inserted |" in line]
     assert len(rows) == 3 and all(row.rstrip(" |").endswith("1/1") for row in rows)
+    # plain vs inserted also compared at each one's best LR (a tuned baseline), not only at one
+    assert "mlp_tanh, each variant at its best LR of those tried: test accuracy plain" in text
 
 
 def test_training_demo_numbers() -> None:

@@ -12,10 +12,11 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 import bnfold
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.models import zoo
 from bnfold.models.stats import randomize_bn_stats
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.ranks import possible_ranks
 
 
 def prepared(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -138,12 +139,69 @@ def test_linear_on_sequence_wrong_axis_is_kept_right_axis_folds() -> None:
     assert rel_err(fuse(copy.deepcopy(model)), model, x) > 0.1
 
 
-def test_linear_on_sequence_without_shapes_is_refused_with_advice() -> None:
+def test_linear_on_sequence_without_shapes_is_refused_by_the_graph_ranks() -> None:
+    """fc2's output goes through transpose(1, 2) (rank >= 3), so bn_wrong's input has rank 3:
+    the graph alone proves that bn_wrong normalizes the sequence axis."""
     model = zoo.get("linear_seq_wrong_axis")
     _gm, report = fold_checked(model, zoo.example_input("linear_seq_wrong_axis"), shapes=False,
                               left=1)
-    assert "pass example_inputs" in entry(report, "bn_wrong").reason
-    assert entry(report, "bn_right").action == "folded"  # transpose(1, 2) fixes the rank
+    assert entry(report, "bn_wrong").reason.startswith(
+        "the BN normalizes dim 1 of its input but fc's channels are on dim 2 (the graph allows "
+        "only rank 3 there)")
+    right = entry(report, "bn_right")
+    assert right.action == "folded" and "rank_guard" not in right.details
+
+
+def test_linear_bn1d_without_inputs_folds_with_a_rank_guard() -> None:
+    """Linear -> BatchNorm1d with nothing fixing the rank: exact at rank 2, where BN1d
+    normalizes the features; at rank 3 it would normalize dim 1. Folded, with a run-time check
+    of the rank, so a rank-3 input (which the original normalizes over L when L == C) raises
+    instead of silently taking the wrong fold."""
+    model = prepared(nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)))  # BN is the output
+    gm, report = fold_checked(model, torch.randn(5, 16), shapes=False)
+    assert report.folded[0].details["rank_guard"] == [2]
+    assert "checks that rank at run time" in report.notes[0]
+    assert "_assert" in gm.code
+    seq = torch.randn(2, 8, 16)  # L == C == 8: the original runs, normalizing L
+    model(seq)
+    with pytest.raises(AssertionError, match=r"^bnfold folded BN 1 into 0 assuming rank 2 "):
+        gm(seq)
+    gm2, report2 = bnfold.fold(gm)  # folding again changes nothing
+    assert gm2.code == gm.code and not report2.entries
+
+
+@pytest.mark.parametrize(("name", "guards"), [
+    ("mlp_bn1d", {"net.1": [2], "net.4": [2]}),
+    ("conv1d_net", {"b1": [3], "b2": [3], "b3": [3]}),
+    ("levit_block", {"bn1": [3]}),  # flatten(0, 1) -> BN1d: rank 3 before the flatten
+    ("bn_before_conv", {}),  # flatten(x, 1) fixes rank 2 for BN1d -> Linear
+    ("plain_cnn", {}),
+])
+def test_rank_guards_only_where_the_graph_leaves_the_rank_open(name: str, guards: dict) -> None:
+    _gm, report = bnfold.fold(zoo.get(name))
+    assert {e.bn: e.details["rank_guard"] for e in report.folded
+            if "rank_guard" in e.details} == guards
+
+
+def test_possible_ranks_read_off_the_graph() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple:
+            a = self.fc(x).transpose(1, 2)  # rank >= 3
+            b = self.bn(torch.relu(self.fc(y) * 2.0))  # 2 or 3
+            c = self.conv(z).view(z.size(0), -1)  # conv: 3 or 4; view: 2
+            return a, b, c, torch.flatten(c, 1).unsqueeze(0)
+
+    gm = fx.symbolic_trace(Net())
+    ranks = {n.name: sorted(r) for n, r in possible_ranks(gm).items()}
+    assert ranks["x"] == list(range(3, 65))
+    assert ranks["y"] == ranks["fc_1"] == ranks["bn"] == [2, 3]
+    assert ranks["z"] == [3, 4] and ranks["view"] == [2] and ranks["unsqueeze"] == [3]
 
 
 class LeViTFlatten(nn.Module):
@@ -417,3 +475,119 @@ def test_inplace_rewrites_the_given_graph_module() -> None:
     out, report = bnfold.fold(gm, inplace=True)
     assert out is gm and report.folded
     assert rel_err(gm, reference, torch.randn(2, 3, 6, 6)) < 1e-6
+
+
+def test_inplace_refuses_a_plain_module_and_leaves_it_untouched() -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BadInputError, match=r"inplace=True rewrites a torch\.fx\.GraphModule"):
+        bnfold.fold(model, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_example_inputs_name_the_layer_in_one_line(capfd: pytest.CaptureFixture) -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(BadInputError) as info:
+        bnfold.fold(model, torch.randn(2, 5, 6, 6))
+    assert str(info.value).startswith("example_inputs do not run through the model: at 0: "
+                                      "Given groups=1, weight of size [4, 3, 3, 3]")
+    assert "\n" not in str(info.value)
+    assert "Traceback" not in capfd.readouterr().err  # nothing printed behind the error
+
+
+# ---------------------------------------------------------------------------------------------
+# Module variants users bring: SyncBN, lazy, momentum/eps, 'same' padding, padding modes,
+# nested names, dict outputs, TorchScript and torch.compile.
+# ---------------------------------------------------------------------------------------------
+
+X3 = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("shapes", [True, False])
+def test_sync_batchnorm_folds(shapes: bool) -> None:
+    """SyncBatchNorm accepts any rank >= 2; after Conv2d (rank 3 or 4) it is exact at 4."""
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)))
+    _, report = fold_checked(model, X3, shapes=shapes)
+    assert report.folded[0].details.get("rank_guard", [4]) == [4]
+
+
+@pytest.mark.parametrize("bn", [
+    nn.BatchNorm2d(4, momentum=None), nn.BatchNorm2d(4, eps=0.0), nn.BatchNorm2d(4, eps=1e-12),
+    nn.BatchNorm2d(4, eps=0.5), nn.BatchNorm2d(4, eps=10.0),
+], ids=["momentum_none", "eps0", "eps1e-12", "eps0.5", "eps10"])
+def test_bn_momentum_and_eps_variants(bn: nn.Module) -> None:
+    fold_checked(prepared(nn.Sequential(nn.Conv2d(3, 4, 3), bn)), X3)
+
+
+def test_lazy_modules_fold_once_materialized_and_are_refused_before() -> None:
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(BadInputError, match=r"^0 \(LazyConv2d\) has uninitialized lazy"):
+        bnfold.fold(model.eval())
+    model(X3)
+    fold_checked(prepared(model), X3)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_padding_modes_forward_and_backward(mode: str, padding: int | str) -> None:
+    """Forward folds ignore padding; BN before a padded conv folds unless it pads zeros."""
+    fwd = prepared(nn.Sequential(nn.Conv2d(3, 4, 4 if padding == "same" else 3,
+                                           padding=padding, padding_mode=mode),
+                                 nn.BatchNorm2d(4)))
+    fold_checked(fwd, X3)
+    bwd = prepared(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 4 if padding == "same"
+                                                                else 3, padding=padding,
+                                                                padding_mode=mode)))
+    _, report = fold_checked(bwd, X3, left=int(mode == "zeros"))
+    if mode == "zeros":
+        assert "BN before a zero-padded conv" in report.kept[0].reason
+
+
+def test_same_padding_with_a_1x1_kernel_pads_nothing() -> None:
+    fold_checked(prepared(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1, padding="same"))),
+                 X3)
+
+
+def test_nested_sequential_names_and_dict_outputs() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+            self.head = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            y = self.body(x)
+            return {"features": y, "logits": self.head(y.mean((2, 3)))}
+
+    model = prepared(Net())
+    gm, report = bnfold.fold(model)
+    assert [(e.bn, e.into) for e in report.folded] == [("body.0.1", "body.0.0"),
+                                                        ("head.1", "head.0")]
+    with torch.no_grad():
+        out, ref = gm(X3.double().float()), copy.deepcopy(model).double()(X3.double())
+    for key in ("features", "logits"):
+        assert float((out[key].double() - ref[key]).abs().max() / ref[key].abs().max()) < 1e-5
+
+
+def test_torchscript_is_refused_clearly() -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, X3)):
+        with pytest.raises(UnsupportedError, match="is a TorchScript module"):
+            bnfold.fold(scripted, X3)
+
+
+def test_torch_compiled_module_folds_its_original() -> None:
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    gm, report = fold_checked(torch.compile(model), X3, shapes=False)
+    assert (report.folded[0].bn, report.folded[0].into) == ("1", "0")
+    assert "torch.compile" in report.notes[0]
+    assert rel_err(gm, model, X3) < 1e-6
+
+
+def test_export_fallback_names_a_bn_without_running_stats() -> None:
+    model = prepared(ShapeBranch())
+    model.bn = nn.BatchNorm2d(4, track_running_stats=False).eval()
+    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert report.kept[0].bn == "bn (batch_norm)"
+    assert report.kept[0].reason.startswith("BN has no running statistics "
+                                            "(track_running_stats=False)")

@@ -96,7 +96,7 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[int] | None:
+def permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[int] | None:
     """``perm`` such that output axis ``i`` is input axis ``perm[i]``; None if invalid."""
     try:
         if op == "t":
@@ -175,7 +175,7 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
         op = chain_op(gm, node)
         rank, axis = pos
         if op in _PERMUTE:
-            perm = _permutation(gm, node, str(op), rank)
+            perm = permutation(gm, node, str(op), rank)
             if perm is None:
                 return None
             pos = (rank, perm.index(axis))

@@ -9,8 +9,15 @@ data movement is allowed (transpose/permute, flatten/view/reshape that keep the 
 whole, see :mod:`bnfold.passes.fx.axes`), e.g. LeViT's ``Linear -> flatten(0, 1) -> BN1d`` or
 ``Linear -> transpose(1, 2) -> BN1d``. The channel axis is tracked exactly: with
 ``example_inputs`` (or shapes already recorded in ``node.meta``) from the real shapes;
-without them from every rank the layer could produce, refusing when any rank puts the
-channels elsewhere (``Linear`` on ``[N, L, C]`` then ``BatchNorm1d`` normalizes ``L``).
+without them from every rank the graph allows there (:mod:`bnfold.passes.fx.ranks`: layers,
+BNs, activations and reshapes with written-out ranks constrain it). If every allowed rank puts
+the BN's channel on the layer's channel axis, the BN folds; if none does, it is kept
+(``Linear`` on ``[N, L, C]`` then ``BatchNorm1d`` normalizes ``L``); if only some do
+(``Linear -> BatchNorm1d`` with nothing fixing the rank: rank 2 folds exactly, rank 3 would
+not), it folds and the graph gets a run-time guard right after the layer,
+``torch._assert(x.dim() == 2, ...)``, so an input of another rank raises an AssertionError
+that says to fold again with ``example_inputs`` instead of running a fold that is not exact
+for it (the report entry's ``rank_guard`` lists the ranks, and a note says so).
 
 Backward fold (BN -> layer, BN's only value user): ``W (*) (s * x + t) + b =
 (W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
@@ -35,6 +42,8 @@ own folded weight.
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +56,7 @@ from torch import fx, nn
 from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
+from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     BatchNormSite,
     LayerSite,
@@ -72,11 +82,14 @@ def fold_fx(
     """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
 
     ``example_inputs`` (a tensor or a tuple of inputs) gives shapes, so channel axes through
-    reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked, and enables the
-    ``torch.export`` fallback for models ``symbolic_trace`` cannot trace. Without
-    ``inplace`` the input is deep-copied and never modified; with ``inplace=True`` a
-    GraphModule input is rewritten in place, and an ``nn.Module`` input is traced without a
-    copy (its submodules get the folded weights, so use only the returned graph module).
+    reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked without run-time
+    rank guards (see the module docstring), and enables the ``torch.export`` fallback for
+    models ``symbolic_trace`` cannot trace. Without ``inplace`` the input is deep-copied and
+    never modified; ``inplace=True`` rewrites a ``GraphModule`` input itself (its submodules,
+    shared with whatever it was traced from, get the folded weights) and is refused for any
+    other module, whose Python forward would go on calling its BNs on folded weights.
+    ``torch.compile`` wrappers are unwrapped (the result is not compiled); TorchScript modules
+    and lazy modules not yet run are refused with a :class:`~bnfold.errors.BnfoldError`.
     Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
     ``direction`` forward/backward) or ``kept`` with the reason.
     """
@@ -87,7 +100,12 @@ def fold_fx(
     report = Report("fold_fx")
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
+    elif "torch.compile" in how:
+        report.notes.append("the model was wrapped by torch.compile: folded the module it "
+                            "wraps; the result is not compiled (compile it again if wanted)")
     folder = _Folder(gm)
+    if args is None:
+        _ = folder.possible_ranks  # read the ranks off the graph before any rewrite
     bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n)]
     labels = {n: bn_label(gm, n) for n in bns}
     outcomes = {n: folder.forward(n, labels[n]) for n in bns}
@@ -97,6 +115,12 @@ def fold_fx(
     for n in bns:
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details)
+    guarded = sum("rank_guard" in e.details for e in report.entries)
+    if guarded:
+        report.notes.append(
+            f"{guarded} fold(s) are exact only at the input rank in their rank_guard (the "
+            "graph alone does not fix it); the folded model checks that rank at run time. "
+            "Pass example_inputs to fold without run-time checks")
     folder.cleanup()
     return PassResult(gm, report)
 
@@ -150,7 +174,7 @@ class _Folder:
                 what = f"{layer.label} output" if cur is layer.node else \
                     f"{cur.name} (between {layer.label} and the BN)"
                 return _kept(f"{what} also feeds {', '.join(others)}")
-        why = self._axis_refusal(layer, layer.node, chain, site)
+        why, guard = self._axis_check(layer, layer.node, chain, site)
         if why:
             return _kept(why)
         try:
@@ -165,7 +189,7 @@ class _Folder:
         details: dict[str, Any] = {"direction": "forward", "layer": layer.kind, **copied}
         if chain:
             details["through"] = [str(chain_op(self.gm, c)) for c in chain]
-        return _Outcome("folded", into=into, details=details)
+        return self._folded(into, details, layer.node, guard, label)
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
         """Fold ``BN -> layer`` into the layer when the BN's only value user is that layer."""
@@ -178,7 +202,8 @@ class _Folder:
         layer = layer_site(self.gm, users[0])
         if isinstance(layer, str):
             return _kept(f"{forward_reason}; backward fold: {layer}")
-        why = self._axis_refusal(layer, site.input, [], site)
+        start = site.input
+        why, guard = self._axis_check(layer, start, [], site)
         if why is None:
             why = backward_fold_refusal(
                 layer.kind, site.params, padding=layer.padding, padding_mode=layer.padding_mode,
@@ -198,21 +223,41 @@ class _Folder:
         into, copied = self._write(layer, folded, label)
         self._remove(site)
         details: dict[str, Any] = {"direction": "backward", "layer": layer.kind, **copied}
+        return self._folded(into, details, start, guard, label)
+
+    def _folded(self, into: str, details: dict[str, Any], start: fx.Node,
+                guard: tuple[int, ...], label: str) -> _Outcome:
+        """The outcome of a fold; with ``guard`` ranks, also the run-time rank check."""
+        if guard:
+            ranks = " or ".join(map(str, guard))
+            self._guard(start, guard, (
+                f"bnfold folded BN {label} into {into} assuming rank {ranks} there (no "
+                "example_inputs were given); this input has another rank, for which that fold "
+                "is not exact: fold the model again with example_inputs of this shape"))
+            details["rank_guard"] = list(guard)
         return _Outcome("folded", into=into, details=details)
 
     # -- channel axis -----------------------------------------------------------------------
 
-    def _axis_refusal(
+    def _axis_check(
         self, layer: LayerSite, start: fx.Node, chain: Sequence[fx.Node], site: BatchNormSite
-    ) -> str | None:
-        """Why the BN's channel axis is not (provably) the layer's channel axis, or None.
+    ) -> tuple[str | None, tuple[int, ...]]:
+        """``(why the fold is refused, ranks to guard)`` for the BN's channel axis.
 
-        ``start`` is the tensor at the layer's channel side: its output (forward fold, then
-        ``chain``) or its input (backward fold, no chain).
+        The fold needs the BN's channel axis to be the layer's channel axis. ``start`` is the
+        tensor at the layer's channel side: its output (forward fold, then ``chain``) or its
+        input (backward fold, no chain). With a recorded shape there is one rank to check.
+        Without, every rank the graph allows at ``start`` (:func:`possible_ranks`) is checked:
+        none fits -> refused; all fit -> folded; some fit -> folded with a run-time guard that
+        ``start`` has one of the fitting ranks (the returned ranks), so no input of another
+        rank can run through a fold that is not exact for it.
         """
         shape = shape_of(start)
-        ranks = [len(shape)] if shape is not None else layer.ranks()
-        matched, problems = False, list[tuple[int, str]]()
+        if shape is not None:
+            ranks = [len(shape)]
+        else:
+            ranks = sorted(self.possible_ranks[start] & set(layer.ranks()))
+        good, problems = list[int](), list[tuple[int, str]]()
         for rank in ranks:
             axis = layer.channel_axis(rank)
             end = None if axis is None else follow(self.gm, chain, rank, axis)
@@ -221,23 +266,40 @@ class _Folder:
                 continue
             channel = None if end is None else site.channel_axis(end[0])
             if end is None or channel is None:
-                continue
+                continue  # the layer, the chain or the BN raises at this rank
             if channel == end[1]:
-                matched = True
+                good.append(rank)
                 continue
             seen = shape_of(site.input)
             where = f"of its input {list(seen)}" if seen else "of its input"
             problems.append((rank, f"the BN normalizes dim {channel} {where} but "
                                    f"{layer.label}'s channels are on dim {end[1]}"))
-        if problems and shape is None:
+        if problems and (shape is not None or not good):
             rank, text = problems[0]
-            return (f"channel axis not provable without shapes (if {layer.label}'s tensor had "
-                    f"rank {rank}, {text}); pass example_inputs")
-        if problems:
-            return problems[0][1]
-        if not matched:
-            return f"the BN's input rank does not fit {layer.label}'s output"
-        return None
+            if shape is None and len(ranks) == 1:
+                text = f"{text} (the graph allows only rank {rank} there)"
+            elif shape is None:
+                allowed = ", ".join(map(str, ranks))
+                text = f"{text} (at rank {rank}, one of the ranks {allowed} the graph allows)"
+            return text, ()
+        if not good:
+            return f"the BN's input rank does not fit {layer.label}'s output", ()
+        return None, tuple(good) if problems else ()
+
+    @functools.cached_property
+    def possible_ranks(self) -> dict[fx.Node, frozenset[int]]:
+        """Ranks allowed by the graph at each node (computed once, before any rewrite)."""
+        return possible_ranks(self.gm)
+
+    def _guard(self, start: fx.Node, ranks: tuple[int, ...], message: str) -> None:
+        """Insert ``torch._assert(start.dim() in ranks, message)`` right after ``start``."""
+        with self.graph.inserting_after(start):
+            dim = self.graph.call_method("dim", (start,))
+        with self.graph.inserting_after(dim):
+            ok = (self.graph.call_function(operator.eq, (dim, ranks[0])) if len(ranks) == 1
+                  else self.graph.call_function(operator.contains, (ranks, dim)))
+        with self.graph.inserting_after(ok):
+            self.graph.call_function(torch._assert, (ok, message))
 
     # -- graph edits ------------------------------------------------------------------------
 

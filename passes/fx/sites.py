@@ -28,6 +28,7 @@ aten = torch.ops.aten
 # ---------------------------------------------------------------------------------------------
 
 ChannelRule = Callable[[int], "int | None"]
+MAX_RANK = 64  # torch tensors have at most 64 dimensions
 
 
 def _dim1(ranks: range) -> ChannelRule:
@@ -46,7 +47,7 @@ _BN_MODULES: dict[type, ChannelRule] = {
     nn.BatchNorm1d: _dim1(range(2, 4)),
     nn.BatchNorm2d: _dim1(range(4, 5)),
     nn.BatchNorm3d: _dim1(range(5, 6)),
-    nn.SyncBatchNorm: _dim1(range(2, 64)),
+    nn.SyncBatchNorm: _dim1(range(2, MAX_RANK + 1)),
     FeatureBatchNorm: _last,
 }
 # Positional parameter names of the functional BN forms (the tensor input is index 0).
@@ -88,6 +89,13 @@ def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _BN_FUNCTIONS
 
 
+def batchnorm_rule(gm: fx.GraphModule, node: fx.Node) -> ChannelRule | None:
+    """The channel axis of the BN at ``node`` as a function of its input rank (None: unknown)."""
+    if node.op == "call_module":
+        return _BN_MODULES.get(type(gm.get_submodule(str(node.target))))
+    return _dim1(range(2, MAX_RANK + 1))
+
+
 def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
     """Describe the BN at ``node``, or say why it cannot be folded (training, no statistics...)."""
     label = bn_label(gm, node)
@@ -110,11 +118,12 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
         return BatchNormSite(node, node, label, rule, params, [])
     names = _BN_FUNCTIONS[node.target]
     args = _named_args(node, names, _BN_DEFAULTS)
+    if args.get("running_mean") is None or args.get("running_var") is None:
+        return "BN has no running statistics (track_running_stats=False): it normalizes with " \
+               "batch statistics"
     if args.get("training") is not False:
         return "BN is in training mode: it normalizes with batch statistics, which no fold " \
                "can reproduce"
-    if args.get("running_mean") is None or args.get("running_var") is None:
-        return "BN has no running statistics: it normalizes with batch statistics"
     tensors: dict[str, np.ndarray | None] = {}
     attr_nodes = []
     for key in ("running_mean", "running_var", "weight", "bias"):
@@ -134,7 +143,7 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
         output = users[0]
     params = BNParams(mean=tensors["running_mean"], var=tensors["running_var"],
                       eps=float(args["eps"]), gamma=tensors["weight"], beta=tensors["bias"])
-    return BatchNormSite(node, output, label, _dim1(range(2, 64)), params, attr_nodes)
+    return BatchNormSite(node, output, label, _dim1(range(2, MAX_RANK + 1)), params, attr_nodes)
 
 
 def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -203,7 +212,7 @@ class LayerSite:
     def ranks(self) -> list[int]:
         """Input/output ranks the layer accepts (conv: unbatched or batched)."""
         if self.kind == "linear":
-            return list(range(1, 9))
+            return list(range(1, MAX_RANK + 1))
         return [self.spatial + 1, self.spatial + 2]
 
     def channel_axis(self, rank: int) -> int | None:
@@ -275,8 +284,14 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
 
 
 def _functional_label(node: fx.Node, attr: Any) -> str:
-    owner = str(attr.target).rpartition(".")[0] if isinstance(attr, fx.Node) else ""
-    return f"{owner} ({node.name})" if owner and attr.op == "get_attr" else node.name
+    """``"<module> (<node>)"``: the module owning ``attr``, else the module that made ``node``
+    (``nn_module_stack``, recorded by ``torch.export``), else just the node name."""
+    owner = str(attr.target).rpartition(".")[0] if isinstance(attr, fx.Node) \
+        and attr.op == "get_attr" else ""
+    if not owner:
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = str(list(stack.values())[-1][0]) if stack else ""
+    return f"{owner} ({node.name})" if owner else node.name
 
 
 def _tup(value: Any, n: int) -> tuple[int, ...]:

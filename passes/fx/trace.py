@@ -4,13 +4,15 @@
 fails (Python control flow on traced values or shapes) and example inputs are given,
 ``torch.export`` (non-strict) and its unlifted graph module. When both fail, an
 :class:`~bnfold.errors.UntraceableError` names the line of the model's own code that stopped
-tracing.
+tracing. TorchScript modules are refused (no Python forward), ``torch.compile`` wrappers are
+unwrapped, and lazy modules must have run once.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +21,10 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -42,16 +45,33 @@ def graph_module_of(
     """Return ``(graph module, how it was obtained)`` for ``model``.
 
     Without ``inplace`` the model is deep-copied first (parameters shared inside the model stay
-    shared inside the copy), so rewriting the result never touches the caller's tensors.
+    shared inside the copy), so rewriting the result never touches the caller's tensors;
+    ``inplace`` is accepted only for a ``GraphModule``, which is then returned as is.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): it has "
+            "no Python forward for torch.fx to trace; fold the original nn.Module, then script "
+            "the folded GraphModule"
+        )
+    original = _uncompiled(model)
+    compiled = "" if original is model else " (unwrapped from torch.compile)"
+    model = original
+    _check_materialized(model)
+    if inplace and not isinstance(model, fx.GraphModule):
+        raise BadInputError(
+            f"inplace=True rewrites a torch.fx.GraphModule, but {type(model).__name__}'s own "
+            "forward would keep calling its BNs on the folded weights; call fold without "
+            "inplace (the model is left untouched) or pass a GraphModule"
+        )
     work = model if inplace else copy.deepcopy(model)
     if isinstance(work, fx.GraphModule):
-        return work, "graph module"
+        return work, "graph module" + compiled
     try:
         graph = _Tracer().trace(work)
-        return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace"
+        return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace" + compiled
     except Exception as trace_exc:
         where = _user_frame(trace_exc)
         first = _one_line(trace_exc)
@@ -67,7 +87,26 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 f"torch.export also failed: {_one_line(export_exc)}{_user_frame(export_exc)}"
             ) from export_exc
-        return exported.module(), f"torch.export (symbolic_trace failed: {first}{where})"
+        return exported.module(), (
+            f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
+
+
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped, or ``model`` itself."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
+def _check_materialized(model: torch.nn.Module) -> None:
+    """Refuse lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``...) not yet run on an input."""
+    for name, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise BadInputError(
+                f"{name or 'the model'} ({type(module).__name__}) has uninitialized lazy "
+                "parameters; run the model once on an input before folding"
+            )
 
 
 class _Tracer(fx.Tracer):
@@ -111,15 +150,34 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
             fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             FakeTensorProp(gm, mode).propagate(*fake)
         except Exception:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*args)
-    except Exception as exc:
-        raise BadInputError(
-            f"example_inputs do not run through the model: {_one_line(exc)}"
-        ) from exc
+            real = _RealShapes(gm)
+            try:
+                with torch.no_grad():
+                    real.run(*args)
+            except Exception as exc:
+                raise BadInputError(
+                    f"example_inputs do not run through the model: {real.failure}"
+                ) from exc
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+class _RealShapes(fx.Interpreter):
+    """Run the graph on real tensors, recording each tensor's shape as ``tensor_meta``."""
+
+    failure = ""  # "at <module or node>: <first line of the error>" once a node raised
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            where = n.target if n.op == "call_module" else n.name
+            self.failure = f"at {where}: {_one_line(exc)}"
+            raise
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
 
 
 def shape_of(node: fx.Node) -> tuple[int | None, ...] | None:

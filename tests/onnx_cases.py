@@ -77,10 +77,14 @@ class Builder:
 
 
 def feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
-    """Fresh random inputs for every graph input (static shapes; symbolic dims -> 2)."""
+    """Fresh random inputs for every graph input without an initializer (static shapes;
+    symbolic dims -> 2)."""
     rng = np.random.default_rng(seed)
     out = {}
+    defaults = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
+        if vi.name in defaults:
+            continue
         t = vi.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else 2 for d in t.shape.dim]
         out[vi.name] = rng.normal(size=shape).astype(NP.get(t.elem_type, np.float32))

@@ -32,6 +32,7 @@ def used_names(model: onnx.ModelProto) -> set[str]:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
         names.update(o.name for o in g.output)
+        names.update(i.name for i in g.input)  # an initializer that is an input is an API
 
     walk(model.graph)
     return names
@@ -352,6 +353,41 @@ def test_spatial0(uniform: bool) -> None:
         assert rel_err(run_ort(out, x), reference(m, x)) < FP32_TOL
     else:
         assert "spatial=0" in report.kept[0].reason
+
+
+def test_ir3_initializers_are_inputs_and_fold() -> None:
+    """IR version 3 lists every initializer as a graph input (MXNet/old ONNX zoo models); there
+    they are constants, so BNs fold. The graph inputs stay exactly as they were, and tensors the
+    fold adds (a new bias, a shared weight's copy) are Constant nodes, not new inputs."""
+    b = Builder(41)
+    w = b.rand("w", [4, 3, 3, 3])
+    b.node("Conv", ["x", w], ["c1"])
+    b.node("Conv", ["x", w, b.rand("bias", [4])], ["c2"])
+    b.bn("c1", "y1", 4, spatial=1)
+    b.bn("c2", "y2", 4)
+    v = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        b.nodes, "g", [v("x", TensorProto.FLOAT, [2, 3, 5, 5])] + [
+            v(i.name, i.data_type, list(i.dims)) for i in b.inits],
+        [v("y1", TensorProto.FLOAT, [2, 4, 3, 3]), v("y2", TensorProto.FLOAT, [2, 4, 3, 3])],
+        b.inits)
+    m = onnx.helper.make_model(graph, ir_version=3,
+                               opset_imports=[onnx.helper.make_opsetid("", 7)])
+    onnx.checker.check_model(m, full_check=True)
+    out, report = check(m, 0)
+    assert [i.name for i in out.graph.input] == [i.name for i in m.graph.input]
+    assert {i.name for i in out.graph.initializer} == {i.name for i in m.graph.initializer}
+    assert count(out, "Constant") == 2  # Conv_0's copy of the shared w, and its new bias
+    assert "IR version 3" in report.notes[0]
+
+
+def test_initializer_that_is_a_graph_input_is_kept_with_remedy() -> None:
+    """From IR version 4 on, an initializer listed as a graph input can be overridden."""
+    b = _conv_bn()
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": None})
+    m.graph.input.append(onnx.helper.make_tensor_value_info("y_mean", TensorProto.FLOAT, [4]))
+    _, report = check(m, 1)
+    assert "keep_initializers_as_inputs=False" in report.kept[0].reason
 
 
 # --------------------------------------------------------------------- dtypes

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.algebra import BNParams, per_channel
-from bnfold.passes.onnx.consts import const_array, data_uses
+from bnfold.passes.onnx.consts import OVERRIDABLE, const_array, data_uses
 
 _PARAM_NAMES = ("scale", "B", "mean", "var")
 
@@ -54,7 +54,7 @@ def inference_params(bn: ir.Node, opset: int) -> BNParams | str:
     arrays = []
     for name, value in zip(_PARAM_NAMES, bn.inputs[1:5], strict=False):
         if value is not None and value.is_graph_input():
-            return f"BN {name} {value.name!r} is a graph input (callers may override it)"
+            return f"BN {name} {value.name!r} {OVERRIDABLE}"
         arr = const_array(value)
         if arr is None:
             label = value.name if value is not None else "(missing)"

@@ -20,6 +20,9 @@ import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
 MAX_CONE_NODES = 32
+#: Why a tensor listed among the graph inputs (IR version >= 4) is not folded.
+OVERRIDABLE = ("is a graph input (callers may override it; to fold it, take it off the graph "
+               "inputs, e.g. export with keep_initializers_as_inputs=False)")
 _TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,)}
 
 

@@ -86,3 +86,37 @@ def prune(values: Iterable[ir.Value]) -> None:
         inputs = [i for i in node.inputs if i is not None]
         node.graph.remove(node, safe=True)
         stack.extend(inputs)
+
+
+def detach_initializer_inputs(graph: ir.Graph) -> list[ir.Value]:
+    """IR version < 4 lists every initializer among the graph inputs, where it is a constant
+    (not an override point, as from IR 4 on). Take those off the input list so the rules treat
+    them as constants; return the original input list for :func:`reattach_inputs`."""
+    original = list(graph.inputs)
+    graph.inputs.clear()
+    graph.inputs.extend(v for v in original if not v.is_initializer())
+    return original
+
+
+def reattach_inputs(graph: ir.Graph, original: list[ir.Value], namer: Namer) -> None:
+    """Undo :func:`detach_initializer_inputs` after a fold: the graph inputs are exactly the
+    original ones again (each with its initializer, so none becomes required), and tensors the
+    fold created become ``Constant`` nodes, so IR < 4 needs no new graph input."""
+    listed = set(original)
+    created = [v for v in graph.initializers.values() if v not in listed]
+    for value in original:
+        if value.const_value is not None and graph.initializers.get(value.name) is not value:
+            graph.register_initializer(value)  # a folded BN's parameter: unused, still an input
+    graph.inputs.clear()
+    graph.inputs.extend(original)
+    first = graph.node(0)
+    for value in created:
+        tensor = value.const_value
+        assert tensor is not None and value.name is not None
+        del graph.initializers[value.name]
+        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)],
+                       name=namer.fresh(f"{value.name}_constant"))
+        out = node.outputs[0]
+        value.replace_all_uses_with(out)
+        out.name, out.type, out.shape = value.name, value.type, value.shape
+        graph.insert_before(first, node)

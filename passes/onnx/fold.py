@@ -37,7 +37,7 @@ from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Namer
-from bnfold.passes.onnx.edit import prune
+from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
@@ -112,11 +112,20 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
         return report
     namer, shapes = Namer(model), Shapes(model)
     entries: dict[ir.Node, Entry] = {}
+    legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
+    inputs = detach_initializer_inputs(model.graph) if legacy else []
     for graph in list(model.graphs()):
         ctx = Context(graph, opset, namer, shapes)
         for _ in range(_MAX_ROUNDS):
             if not _round(ctx, entries, backward):
                 break
+    if legacy:
+        reattach_inputs(model.graph, inputs, namer)
+        if any(e.action == "folded" for e in entries.values()):
+            report.notes.append(
+                f"IR version {model.ir_version}: initializers are graph inputs (constants at "
+                "this IR version), so folded BN parameters stay as unused graph inputs and new "
+                "tensors are Constant nodes")
     for entry in entries.values():
         report.entries.append(entry)
     report.entries.extend(_function_entries(model))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.passes.onnx.bn import consumers_text, display_name
-from bnfold.passes.onnx.consts import Namer, const_array, data_uses
+from bnfold.passes.onnx.consts import OVERRIDABLE, Namer, const_array, data_uses
 from bnfold.passes.onnx.shapes import Dims, Shapes
 
 
@@ -47,8 +47,7 @@ def constant(value: ir.Value | None, what: str, layer: ir.Node) -> np.ndarray | 
     if value is None:
         return f"{display_name(layer)} has no {what}"
     if value.is_graph_input():
-        return (f"{display_name(layer)} {what} {value.name!r} is a graph input "
-                "(callers may override it)")
+        return f"{display_name(layer)} {what} {value.name!r} {OVERRIDABLE}"
     arr = const_array(value)
     if arr is None:
         return f"{display_name(layer)} {what} {value.name!r} is not a constant"

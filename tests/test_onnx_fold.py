@@ -167,6 +167,14 @@ def test_matmul_rank3_wrong_axis_is_kept_with_reason() -> None:
     assert "do not line up" in report.kept[0].reason
 
 
+def test_matmul_constant_on_the_left_is_kept_with_reason() -> None:
+    b = Builder(2)
+    b.node("MatMul", [b.rand("w", [6, 5]), "x"], ["m"])
+    b.bn("m", "y", 6)
+    _, report = check(b.model({"x": [2, 5, 7]}, {"y": None}), 1)
+    assert "constant on the left" in report.kept[0].reason
+
+
 def test_matmul_rank3_through_transpose_folds() -> None:
     b = Builder(2)
     b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])

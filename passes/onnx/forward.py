@@ -203,6 +203,9 @@ def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
             bias: np.ndarray | None = None) -> Fold | str:
     weight = constant(layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
+        if isinstance(constant(layer.inputs[0], "weight", layer), np.ndarray):
+            return (f"{display_name(layer)} multiplies a constant on the left (W @ x): "
+                    "its rows, not a weight's columns, give the output features (not handled)")
         return weight
     if weight.ndim != 2:
         return f"{display_name(layer)} weight has rank {weight.ndim}, not 2"

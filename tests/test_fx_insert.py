@@ -580,6 +580,7 @@ def test_drop_bias_keeps_the_removed_values_off_the_state_dict() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     cnn = plain.get("digits_cnn")
     with pytest.raises(BadInputError, match="momentum must be a number"):
@@ -589,6 +590,9 @@ def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)))
     with pytest.raises(UntraceableError, match=r"TorchScript module.*original nn\.Module"):
         bnfold.insert_bn(scripted)
+    exported = torch.export.export(cnn, (torch.randn(2, 1, 8, 8),)).module()
+    with pytest.raises(BadInputError, match=r"ATen ops \(a torch\.export graph\?\)"):
+        bnfold.insert_bn(exported)
     with pytest.raises(UntraceableError, match=r"in forward `if x\.sum\(\) > 0:`") as info:
         bnfold.insert_bn(DataDependent())
     assert "\n" not in str(info.value)

@@ -106,9 +106,12 @@ def insert_bn_fx(
         _propagate_shapes(gm, example_inputs)
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
+        aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
         raise BadInputError(
             f"{type(model).__name__} has no Linear, Conv or ConvTranspose layer (module or "
-            "F.linear / F.conv* call) to insert BatchNorm after"
+            "F.linear / F.conv* call) to insert BatchNorm after" + (
+                "; its graph holds ATen ops (a torch.export graph?): pass the original "
+                "nn.Module" if aten else "")
         )
     include_specs = _selectors(include, "include")
     exclude_specs = _selectors(exclude, "exclude")

@@ -591,3 +591,23 @@ def test_export_fallback_names_a_bn_without_running_stats() -> None:
     assert report.kept[0].bn == "bn (batch_norm)"
     assert report.kept[0].reason.startswith("BN has no running statistics "
                                             "(track_running_stats=False)")
+
+
+def test_rank_guard_on_a_graph_input_comes_after_all_inputs() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(5)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(x)) + y
+
+    model = prepared(Two())
+    gm, report = bnfold.fold(model)
+    assert report.folded[0].details == {"direction": "backward", "layer": "linear",
+                                        "rank_guard": [2]}
+    ops = [n.op for n in gm.graph.nodes]
+    assert ops[:3] == ["placeholder", "placeholder", "call_method"]
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    assert rel_err(gm, model, x, y) < 1e-6

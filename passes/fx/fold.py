@@ -292,8 +292,12 @@ class _Folder:
         return possible_ranks(self.gm)
 
     def _guard(self, start: fx.Node, ranks: tuple[int, ...], message: str) -> None:
-        """Insert ``torch._assert(start.dim() in ranks, message)`` right after ``start``."""
-        with self.graph.inserting_after(start):
+        """Insert ``torch._assert(start.dim() in ranks, message)`` right after ``start`` (after
+        the last input when ``start`` is one: inputs stay first in the graph)."""
+        anchor = start
+        if start.op == "placeholder":
+            anchor = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(anchor):
             dim = self.graph.call_method("dim", (start,))
         with self.graph.inserting_after(dim):
             ok = (self.graph.call_function(operator.eq, (dim, ranks[0])) if len(ranks) == 1

@@ -183,6 +183,24 @@ def test_rank_guards_only_where_the_graph_leaves_the_rank_open(name: str, guards
             if "rank_guard" in e.details} == guards
 
 
+def test_possible_ranks_carry_a_constraint_back_through_a_deep_graph() -> None:
+    """A transpose after 100 Linear -> BN1d -> ReLU blocks proves rank 3 for every block, so
+    every BN is kept (it normalizes L); one forward and one backward sweep find it."""
+    blocks = [m for _ in range(100) for m in (nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU())]
+
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(*blocks)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x).transpose(1, 2)
+
+    _, report = bnfold.fold(prepared(Deep()))
+    assert len(report.kept) == 100
+    assert all("the graph allows only rank 3 there" in e.reason for e in report.kept)
+
+
 def test_possible_ranks_read_off_the_graph() -> None:
     class Net(nn.Module):
         def __init__(self) -> None:

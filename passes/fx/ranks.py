@@ -53,9 +53,9 @@ def possible_ranks(gm: fx.GraphModule) -> dict[fx.Node, Ranks]:
              if (found := _edge(gm, node)) is not None for src, fn in [found]]
     ranks = dict.fromkeys(gm.graph.nodes, ANY)
     changed = True
-    while changed:
+    while changed:  # sweep forward then backward: a constraint crosses the graph in one sweep
         changed = False
-        for src, dst, fn in edges:
+        for src, dst, fn in [*edges, *reversed(edges)]:
             pairs = [(r, out) for r in ranks[src] if (out := fn(r)) is not None
                      and out in ranks[dst]]
             new = frozenset(r for r, _ in pairs), frozenset(out for _, out in pairs)

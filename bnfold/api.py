@@ -33,16 +33,40 @@ def fold(
     return fold_fx(model, example_inputs, inplace=inplace)
 
 
-def insert_bn(model: torch.nn.Module, **options: Any) -> PassResult:
-    """Insert BatchNorm after the dense and conv layers of a torch model (see
-    :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options)."""
+def insert_bn(
+    model: torch.nn.Module,
+    *,
+    position: str = "before_activation",
+    skip_last: bool = True,
+    include: Any = None,
+    exclude: Any = None,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    drop_bias: bool = False,
+    example_inputs: Any = None,
+) -> PassResult:
+    """Insert BatchNorm after the dense and conv layers of a torch model; ``(GraphModule,
+    Report)``. See :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options."""
     from bnfold.passes.fx.insert import insert_bn_fx
 
-    return insert_bn_fx(model, **options)
+    return insert_bn_fx(
+        model, position=position, skip_last=skip_last, include=include, exclude=exclude,
+        eps=eps, momentum=momentum, affine=affine, drop_bias=drop_bias,
+        example_inputs=example_inputs,
+    )
 
 
-def recalibrate(model: torch.nn.Module, batches: Iterable[Any], num_batches: int | None = None,
-                **options: Any) -> Any:
+def recalibrate(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    preserve_function: bool = False,
+    progress: bool = True,
+    layers: Any = None,
+    forward: Any = None,
+) -> Any:
     """Re-estimate BN running statistics from data, pooled exactly over all samples.
 
     Returns a :class:`bnfold.recalibration.Recalibration`; its ``undo()`` reverts the change
@@ -50,14 +74,16 @@ def recalibrate(model: torch.nn.Module, batches: Iterable[Any], num_batches: int
     """
     from bnfold.recalibration import recalibrate as _recalibrate
 
-    return _recalibrate(model, batches, num_batches, **options)
+    return _recalibrate(model, batches, num_batches, preserve_function=preserve_function,
+                        progress=progress, layers=layers, forward=forward)
 
 
-def fold_onnx(model: Any, **options: Any) -> PassResult:
-    """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path)."""
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+    """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
+    ``backward=False`` folds only layer -> BN. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
-    return _fold_onnx(model, **options)
+    return _fold_onnx(model, inplace=inplace, backward=backward)
 
 
 def inspect_onnx(model: Any) -> Report:
@@ -67,11 +93,26 @@ def inspect_onnx(model: Any) -> Report:
     return _inspect_onnx(model)
 
 
-def insert_bn_onnx(model: Any, **options: Any) -> PassResult:
-    """Insert BatchNormalization after Conv/ConvTranspose/Gemm/MatMul in an ONNX graph."""
+def insert_bn_onnx(
+    model: Any,
+    *,
+    position: str = "before_activation",
+    skip_last: bool = True,
+    include: Any = None,
+    exclude: Any = None,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    drop_bias: bool = False,
+    training_mode: bool = False,
+) -> PassResult:
+    """Insert BatchNormalization after Conv/ConvTranspose/Gemm/MatMul in an ONNX graph (see
+    :func:`bnfold.passes.onnx.insert.insert_bn_onnx` for the options)."""
     from bnfold.passes.onnx.insert import insert_bn_onnx as _insert
 
-    return _insert(model, **options)
+    return _insert(
+        model, position=position, skip_last=skip_last, include=include, exclude=exclude,
+        eps=eps, momentum=momentum, drop_bias=drop_bias, training_mode=training_mode,
+    )
 
 
 def validate(reference: Any, candidate: Any, *args: Any, **options: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from bnfold.report import PassResult, Report
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     import torch
 
@@ -115,11 +115,31 @@ def insert_bn_onnx(
     )
 
 
-def validate(reference: Any, candidate: Any, *args: Any, **options: Any) -> Any:
-    """Run two models (ONNX vs ONNX, or torch vs ONNX) in ONNX Runtime and compare outputs."""
+def validate(
+    reference: Any,
+    candidate: Any,
+    example_inputs: Any = None,
+    *,
+    providers: Sequence[str] = ("cpu", "cuda"),
+    require: Sequence[str] = (),
+    inputs: Any = None,
+    dims: Mapping[str, int] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    samples: int = 3,
+    optimize: bool = False,
+    progress: Any = None,
+    labels: Sequence[str] | None = None,
+) -> Any:
+    """Run two models (ONNX vs ONNX, or torch module vs ONNX with ``example_inputs``) in ONNX
+    Runtime on each provider and compare every output; returns a ``ValidationResult`` with
+    ``.passed``. See :func:`bnfold.validation.validate`."""
     from bnfold.validation import validate as _validate
 
-    return _validate(reference, candidate, *args, **options)
+    return _validate(reference, candidate, example_inputs, providers=providers, require=require,
+                     inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, samples=samples,
+                     optimize=optimize, progress=progress, labels=labels)
 
 
 def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,

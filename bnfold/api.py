@@ -24,9 +24,12 @@ def fold(
 ) -> PassResult:
     """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
 
-    ``model`` is an ``nn.Module`` or ``torch.fx.GraphModule`` in eval mode; it is not modified
-    unless ``inplace=True``. Returns ``(GraphModule, Report)``; the report lists each BN folded
-    (and into what) and each BN kept, with the reason.
+    ``model`` is an ``nn.Module`` or ``torch.fx.GraphModule`` in eval mode; it is never
+    modified, except a ``GraphModule`` given with ``inplace=True`` (a plain module cannot be
+    folded in place: its ``forward`` would still call the BNs). ``example_inputs`` gives shapes
+    (channel axes through reshapes, no run-time rank checks) and enables the ``torch.export``
+    fallback. Returns ``(GraphModule, Report)``; the report lists each BN folded (and into
+    what) and each BN kept, with the reason.
     """
     from bnfold.passes.fx.fold import fold_fx
 

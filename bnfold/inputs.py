@@ -6,7 +6,11 @@ Generated values (stated in every validation report):
 * float inputs: standard normal, drawn in float64 and cast once to the input's dtype;
 * integer inputs: uniform integers in ``[0, 10)``; bool inputs: fair coin flips;
 * a dynamic dim named in ``dims`` takes that size; any other dynamic dim takes
-  :data:`DEFAULT_DIM` (2, not 1, so that a batch axis is really exercised).
+  :data:`DEFAULT_DIM` (2, not 1, so that a batch axis is really exercised); an input of
+  unknown rank, or of a non-numeric type, needs samples from the user.
+
+Given samples must match the signature: the same names, the exact dtypes, the fixed dims, and
+one size per named dynamic dim across all inputs.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ Sample = dict[str, np.ndarray]
 @dataclass(frozen=True)
 class InputSpec:
     """One graph input: its name, numpy dtype and shape (``str`` entries are symbolic dims,
-    ``None`` unknown ones)."""
+    ``None`` unknown ones; ``shape`` is ``None`` when even the rank is unknown)."""
 
     name: str
     dtype: np.dtype
-    shape: tuple[int | str | None, ...]
+    shape: tuple[int | str | None, ...] | None
 
 
 def numpy_dtype(elem_type: int) -> np.dtype:
@@ -60,18 +64,50 @@ def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
         if not value.type.HasField("tensor_type"):
             raise BadInputError(f"input {value.name!r} is not a tensor; give --inputs instead")
         shape: list[int | str | None] = []
-        if ttype.HasField("shape"):
-            for d in ttype.shape.dim:
-                if d.HasField("dim_value"):
-                    shape.append(int(d.dim_value))
-                else:
-                    shape.append(d.dim_param or None)
-        specs.append(InputSpec(value.name, numpy_dtype(ttype.elem_type), tuple(shape)))
+        for d in ttype.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            else:
+                shape.append(d.dim_param or None)
+        known = ttype.HasField("shape")
+        specs.append(InputSpec(value.name, numpy_dtype(ttype.elem_type),
+                               tuple(shape) if known else None))
     return specs
+
+
+def float_dtypes(proto: onnx.ModelProto) -> set[np.dtype]:
+    """The float dtypes a model computes in: those of its graph inputs and outputs, weights
+    (initializers, ``Constant`` nodes) and ``Cast`` targets, subgraphs included (a
+    ``CastLike`` target is the dtype of a tensor the model holds or reads)."""
+    types: set[int] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for v in [*graph.input, *graph.output]:
+            types.add(v.type.tensor_type.elem_type)
+        types.update(t.data_type for t in graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    types.add(attr.t.data_type)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        visit(g)
+                elif node.op_type == "Cast" and attr.name == "to":
+                    types.add(attr.i)
+
+    visit(proto.graph)
+    floats = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT,
+              onnx.TensorProto.DOUBLE}
+    return {numpy_dtype(t) for t in types & floats}
 
 
 def resolve_shape(spec: InputSpec, dims: Mapping[str, int], notes: list[str]) -> tuple[int, ...]:
     """Concrete shape for ``spec``: named dims from ``dims``, others :data:`DEFAULT_DIM`."""
+    if spec.shape is None:
+        raise BadInputError(f"input {spec.name!r} has no shape (unknown rank), so no sample can "
+                            f"be generated for it; give input samples (.npz)")
     out = []
     for axis, d in enumerate(spec.shape):
         if isinstance(d, int):
@@ -79,8 +115,8 @@ def resolve_shape(spec: InputSpec, dims: Mapping[str, int], notes: list[str]) ->
         elif isinstance(d, str) and d in dims:
             out.append(int(dims[d]))
         else:
-            label = f"dim {d!r}" if d else f"unnamed dim {axis}"
-            note = f"{spec.name}: {label} not given, used {DEFAULT_DIM}"
+            note = (f"dim {d!r} not given, used {DEFAULT_DIM}" if d else
+                    f"{spec.name}: unnamed dim {axis} not given, used {DEFAULT_DIM}")
             if note not in notes:
                 notes.append(note)
             out.append(DEFAULT_DIM)
@@ -93,8 +129,8 @@ def random_array(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generat
         return rng.random(shape) < 0.5
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, INT_HIGH, size=shape).astype(dtype)
-    if np.issubdtype(dtype, np.complexfloating):
-        raise BadInputError("complex inputs are not supported for generated validation data")
+    if dtype.kind != "f" and dtype != np.dtype(ml_dtypes.bfloat16):
+        raise BadInputError(f"{dtype} inputs cannot be generated; give input samples (.npz)")
     return rng.standard_normal(shape).astype(dtype)
 
 
@@ -103,7 +139,16 @@ def generate_samples(
 ) -> tuple[list[Sample], list[str]]:
     """``samples`` random input dicts for ``specs`` and the notes saying which defaults applied."""
     notes: list[str] = []
-    shapes = {s.name: resolve_shape(s, dims or {}, notes) for s in specs}
+    dims = dict(dims or {})
+    bad = {k: v for k, v in dims.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise BadInputError(f"dim sizes must be integers >= 1, got {bad}")
+    shapes = {s.name: resolve_shape(s, dims, notes) for s in specs}
+    named = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
+    unused = sorted(set(dims) - named)
+    if unused:
+        notes.append(f"dims not in the model's inputs, ignored: {', '.join(unused)} "
+                     f"(its dynamic dims: {', '.join(sorted(named)) or 'none'})")
     out = []
     for i in range(samples):
         rng = np.random.default_rng(seed + i)
@@ -119,6 +164,20 @@ def load_samples(source: Any, specs: Sequence[InputSpec]) -> list[Sample]:
     if not samples:
         raise BadInputError("no input samples given")
     return samples
+
+
+def _check_named_dims(sample: Sample, specs: Sequence[InputSpec]) -> None:
+    """One size per named dynamic dim across the inputs of one sample."""
+    seen: dict[str, tuple[int, str]] = {}
+    for s in specs:
+        for axis, d in enumerate(s.shape or ()):
+            if not isinstance(d, str):
+                continue
+            size = sample[s.name].shape[axis]
+            if d in seen and seen[d][0] != size:
+                raise BadInputError(f"dim {d!r} is {seen[d][0]} in input {seen[d][1]!r} but "
+                                    f"{size} in input {s.name!r}")
+            seen.setdefault(d, (size, s.name))
 
 
 def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
@@ -139,12 +198,13 @@ def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
         if arr.dtype != s.dtype:
             raise BadInputError(
                 f"input {s.name!r} has dtype {arr.dtype}, the model wants {s.dtype}")
-        fixed = [(a, d) for a, d in enumerate(s.shape) if isinstance(d, int)]
-        if arr.ndim != len(s.shape) or any(arr.shape[a] != d for a, d in fixed):
-            raise BadInputError(
-                f"input {s.name!r} has shape {list(arr.shape)}, the model wants {list(s.shape)}"
-            )
+        if s.shape is not None:
+            fixed = [(a, d) for a, d in enumerate(s.shape) if isinstance(d, int)]
+            if arr.ndim != len(s.shape) or any(arr.shape[a] != d for a, d in fixed):
+                raise BadInputError(f"input {s.name!r} has shape {list(arr.shape)}, the model "
+                                    f"wants {list(s.shape)}")
         sample[s.name] = arr
+    _check_named_dims(sample, specs)
     return sample
 
 

@@ -49,7 +49,8 @@ def print_validation(result: ValidationResult) -> None:
         table.add_row(*row[:-1], f"[{style}]{verdict}[/]")
     console.print(table)
     for i in result.inputs:
-        console.print(f"input {i['name']}: {i['dtype']} {i['shape']} ({i['source']})")
+        console.print(f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
+                      f"({i['source']})")
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"tolerance: {result.settings['tolerance_rule']}", style="dim")

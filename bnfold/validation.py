@@ -11,11 +11,16 @@ Guards against false confidence:
 
 * ORT graph optimizations are disabled by default (``optimize=False``): ORT's own fusions
   (it folds Conv+BN itself) would otherwise run on the reference and could mask a wrong fold.
-* ORT only warns when a requested provider is missing and silently runs on the CPU; after
-  opening each session ``session.get_providers()`` is checked and the provider that really ran
-  is reported. A CUDA session that fell back to CPU is reported as "CUDA EP not available";
-  ``require=("cuda",)`` turns that into a failure.
+* The CPU EP always runs; CUDA runs when asked for. ORT only warns when a requested provider
+  is missing and silently runs on the CPU; after opening each session
+  ``session.get_providers()`` is checked and the provider that really ran is reported. A CUDA
+  session that fell back to CPU, or that failed to open or run, is reported as "CUDA EP not
+  available" with the reason; ``require=("cuda",)`` turns that into a failure. An EP without
+  a kernel for some node (ORT's NOT_IMPLEMENTED, e.g. float64 Conv or bfloat16 on CPU) is
+  reported the same way; when no provider could run the models at all,
+  :class:`UnsupportedError` is raised: a validation that compared nothing never passes.
 * CUDA sessions disable TF32 (``use_tf32=0``) so float32 is compared at float32 precision.
+* ORT's own log output is silenced: its errors come back as one-line :class:`BnfoldError`.
 """
 
 from __future__ import annotations
@@ -32,13 +37,21 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from bnfold.compare import CROSS_PROVIDER_FACTOR, compare_output, tolerance_rule
-from bnfold.errors import BadInputError, UnsupportedError
+from bnfold.compare import (
+    CROSS_PROVIDER_FACTOR,
+    coarsest,
+    compare_output,
+    dtype_name,
+    tolerance_rule,
+)
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedError
 from bnfold.fileio import load_onnx
 from bnfold.inputs import (
     InputSpec,
     Sample,
+    float_dtypes,
     generate_samples,
     input_specs,
     load_samples,
@@ -48,17 +61,21 @@ from bnfold.validation_result import ProviderRun, ValidationResult
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MIN_OPSET = 7
+ORT_SILENT = 4  # ORT log severity "fatal": its errors reach the user as BnfoldError lines
+EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 Progress = Callable[[int, int], None]
 
 
 @dataclass
 class _Model:
-    """A model ready for ORT: a label for reports, its proto (for signatures) and what
-    ``InferenceSession`` opens (a path, so external data resolves, or serialized bytes)."""
+    """A model ready for ORT: a label for reports, its proto (for signatures), what
+    ``InferenceSession`` opens (a path, so external data resolves, or serialized bytes) and,
+    for bytes, the folder its external data files are in."""
 
     label: str
     proto: onnx.ModelProto
     source: str | bytes
+    data_dir: str | None = None
 
 
 @dataclass
@@ -89,23 +106,33 @@ def validate(
 
     ``inputs``: a ``.npy``/``.npz`` path, a dict of arrays, or a list of those; otherwise
     ``samples`` random samples are generated from the reference's input signature with
-    ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.inputs`). ``atol``/``rtol``
-    replace the dtype-aware defaults (:mod:`bnfold.compare`). ``require``: providers whose
-    absence is a failure rather than a note. ``progress(done, total)`` is called after each
-    ORT run. ``labels`` names (reference, candidate) in the report. Raises
-    :class:`BadInputError` for unreadable models or inputs that do not fit.
+    ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.inputs`); for a torch
+    reference, ``example_inputs`` then random samples of their shapes, unless ``inputs`` is
+    given. ``atol``/``rtol`` replace the dtype-aware defaults (:mod:`bnfold.compare`).
+    ``providers``: CPU always runs, plus these. ``require``: providers whose absence is a
+    failure rather than a note. ``progress(done, total)`` is called after each ORT run.
+    ``labels`` names (reference, candidate) in the report. Raises :class:`BadInputError` for
+    unreadable models or inputs that do not fit, :class:`UnsupportedError` when no provider
+    can run the models.
     """
     wanted = _check_providers(providers, require)
+    _check_tolerance(atol, "atol")
+    _check_tolerance(rtol, "rtol")
     if samples < 1:
         raise BadInputError("samples must be at least 1")
     cand = _as_model(candidate, "candidate")
     torch_mod = sys.modules.get("torch")
+    notes: list[str] = []
     if torch_mod is not None and isinstance(reference, torch_mod.nn.Module):
         ref: _Model | _Torch = _Torch(f"torch {type(reference).__name__} (eval)", reference)
         specs = input_specs(cand.proto)
-        feeds = _torch_samples(example_inputs, specs, samples, seed)
-        source_note = "example_inputs, then random samples of the same shapes and dtypes"
-        notes: list[str] = []
+        if inputs is not None:
+            feeds = load_samples(inputs, specs)
+            source_note = f"given ({_describe_source(inputs)})"
+        else:
+            feeds = _torch_samples(example_inputs, specs, samples, seed)
+            source_note = "example_inputs, then random samples of the same shapes and dtypes"
+        compute = coarsest(sorted(float_dtypes(cand.proto), key=str))
     else:
         if example_inputs is not None:
             raise BadInputError("example_inputs is only for a torch reference; use inputs=")
@@ -113,11 +140,12 @@ def validate(
         specs = input_specs(ref.proto)
         _check_same_inputs(specs, input_specs(cand.proto))
         if inputs is not None:
-            feeds, notes = load_samples(inputs, specs), []
+            feeds = load_samples(inputs, specs)
             source_note = f"given ({_describe_source(inputs)})"
         else:
             feeds, notes = generate_samples(specs, dims, samples, seed)
             source_note = f"generated, seeds {seed}..{seed + samples - 1}"
+        compute = coarsest(sorted(float_dtypes(ref.proto) | float_dtypes(cand.proto), key=str))
     if labels:
         ref.label, cand.label = labels
     result = ValidationResult(
@@ -126,9 +154,9 @@ def validate(
             "providers": list(wanted), "require": list(require), "samples": len(feeds),
             "seed": seed, "ort_graph_optimizations": "enabled" if optimize else "disabled",
             "atol": atol, "rtol": rtol, "tolerance_rule": tolerance_rule(),
+            "compute_dtype": dtype_name(compute) if compute is not None else None,
         },
-        inputs=[{"name": s.name, "dtype": str(feeds[0][s.name].dtype),
-                 "shape": list(feeds[0][s.name].shape), "source": source_note} for s in specs],
+        inputs=[_describe_input(s.name, feeds, source_note) for s in specs],
         notes=notes,
     )
     if isinstance(ref, _Torch):
@@ -136,15 +164,48 @@ def validate(
     out_names = _output_names(ref, cand, result.notes)
     ticker = _Ticker(progress, len(feeds) * len(wanted) * (1 if isinstance(ref, _Torch) else 2))
     cand_outputs: dict[str, list[list[np.ndarray]]] = {}
+    tol = _Tolerance(atol, rtol, compute)
     for provider in wanted:
-        run = _run_provider(provider, ref, cand, feeds, out_names, optimize, atol, rtol, ticker)
+        try:
+            run = _run_provider(provider, ref, cand, feeds, out_names, optimize, tol, ticker)
+        except _RunFailed as exc:
+            if inputs is not None or isinstance(ref, _Torch):
+                raise
+            raise BadInputError(f"{exc}; the inputs were generated (normal floats, integers in "
+                                f"[0, 10)): give real samples (.npz)") from exc
         run.required = provider in require
         result.runs.append(run)
         if run.status == "ran":
             cand_outputs[provider] = run.outputs
+    if not cand_outputs:
+        raise UnsupportedError("no execution provider could run the models: " + "; ".join(
+            f"{r.provider}: {r.note}" for r in result.runs))
     if {"cpu", "cuda"} <= cand_outputs.keys():
-        result.runs.append(_cross_run(cand, cand_outputs, out_names, atol, rtol))
+        result.runs.append(_cross_run(cand, cand_outputs, out_names, tol))
     return result
+
+
+class _RunFailed(BadInputError):
+    """ONNX Runtime loaded a model but failed to run it on the inputs."""
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    """The user's ``atol``/``rtol`` (None: dtype-aware default) and the model's compute dtype."""
+
+    atol: float | None
+    rtol: float | None
+    compute: np.dtype | None
+
+    def compare(self, name: str, refs: list[np.ndarray], cands: list[np.ndarray],
+                factor: float = 1.0) -> Any:
+        return compare_output(name, refs, cands, atol=self.atol, rtol=self.rtol,
+                              tol_factor=factor, compute_dtype=self.compute)
+
+
+def _check_tolerance(value: float | None, name: str) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+        raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_opset(proto: onnx.ModelProto, label: str) -> None:
@@ -157,29 +218,53 @@ def check_opset(proto: onnx.ModelProto, label: str) -> None:
 
 
 def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[str]:
+    """``cpu`` first, then the other providers asked for or required, each once."""
     if isinstance(providers, str):
         providers = [providers]
+    if isinstance(require, str):
+        raise BadInputError("require takes a list of providers, e.g. ('cuda',)")
     wanted = [p.strip().lower() for p in providers if p.strip()]
     for p in [*wanted, *require]:
         if p not in EP_NAMES:
             raise BadInputError(f"unknown provider {p!r}; choose from {', '.join(EP_NAMES)}")
-    wanted += [p for p in require if p not in wanted]
-    if not wanted:
-        raise BadInputError("no provider to validate on")
-    return list(dict.fromkeys(wanted))
+    return list(dict.fromkeys(["cpu", *wanted, *require]))
 
 
 def _as_model(model: Any, role: str) -> _Model:
+    data_dir = None
     if isinstance(model, (str, os.PathLike)):
         loaded = load_onnx(model)  # one-line BadInputError for missing/garbage files
         proto = ir.serde.serialize_model(loaded)
         label, source = str(model), str(Path(model))
     else:
-        proto = model if isinstance(model, onnx.ModelProto) else ir.serde.serialize_model(
-            load_onnx(model))
+        if isinstance(model, onnx.ModelProto):
+            proto = model
+        else:
+            loaded = load_onnx(model)
+            proto = ir.serde.serialize_model(loaded)
+            data_dir = _external_dir(loaded)
         label, source = f"{role} ({proto.graph.name or 'in memory'})", proto.SerializeToString()
     check_opset(proto, label)
-    return _Model(label, proto, source)
+    return _Model(label, proto, source, data_dir)
+
+
+def _external_dir(model: ir.Model) -> str | None:
+    """The folder of the external data files an in-memory model still refers to, if any."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                return str(value.const_value.base_dir or ".")
+    return None
+
+
+def _describe_input(name: str, feeds: list[Sample], source: str) -> dict[str, Any]:
+    """``{name, dtype, shape (first sample's), source}``, plus ``shapes`` when they differ."""
+    shapes = list(dict.fromkeys(tuple(f[name].shape) for f in feeds))
+    out: dict[str, Any] = {"name": name, "dtype": dtype_name(feeds[0][name].dtype),
+                           "shape": list(shapes[0]), "source": source}
+    if len(shapes) > 1:
+        out["shapes"] = [list(shape) for shape in shapes]
+    return out
 
 
 def _describe_source(inputs: Any) -> str:
@@ -225,13 +310,18 @@ class _Ticker:
 
 def open_session(model: _Model, provider: str, optimize: bool
                  ) -> tuple[ort.InferenceSession | None, str | None]:
-    """An ORT session on ``provider``, or ``(None, why)`` when that provider cannot run."""
+    """An ORT session on ``provider``, or ``(None, why)`` when that provider cannot run it.
+
+    Raises :class:`BadInputError` when ORT cannot load the model at all (on the CPU EP).
+    """
     if provider == "cuda" and EP_NAMES["cuda"] not in ort.get_available_providers():
         return None, "CUDA EP not available (install onnxruntime-gpu)"
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_SILENT
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if model.data_dir is not None:
+        options.add_session_config_entry(EXTERNAL_DIR_KEY, model.data_dir)
     eps: list[Any] = ["CPUExecutionProvider"]
     if provider == "cuda":
         eps.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
@@ -239,7 +329,11 @@ def open_session(model: _Model, provider: str, optimize: bool
         with warnings.catch_warnings():  # the fallback warning; get_providers() says it below
             warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
             session = ort.InferenceSession(model.source, options, providers=eps)
+    except OrtNotImplemented as exc:
+        return None, f"{EP_NAMES[provider]} cannot run {model.label} ({_first_line(exc)})"
     except Exception as exc:
+        if provider == "cuda":
+            return None, f"CUDA EP not available (it failed to open the model: {_first_line(exc)})"
         raise BadInputError(f"{model.label}: ONNX Runtime cannot load the model "
                             f"({_first_line(exc)})") from exc
     if session.get_providers()[0] != EP_NAMES[provider]:
@@ -249,8 +343,8 @@ def open_session(model: _Model, provider: str, optimize: bool
 
 
 def _run_provider(provider: str, ref: _Model | _Torch, cand: _Model, feeds: list[Sample],
-                  names: list[tuple[str, str]], optimize: bool, atol: float | None,
-                  rtol: float | None, ticker: _Ticker) -> ProviderRun:
+                  names: list[tuple[str, str]], optimize: bool, tol: _Tolerance,
+                  ticker: _Ticker) -> ProviderRun:
     comparison = f"{ref.label} vs {cand.label}"
     ref_sess, why = open_session(ref, provider, optimize) if isinstance(ref, _Model) else (
         None, None)
@@ -259,35 +353,42 @@ def _run_provider(provider: str, ref: _Model | _Torch, cand: _Model, feeds: list
         cand_sess, why = open_session(cand, provider, optimize)
     if cand_sess is None:
         return ProviderRun(provider, comparison, "unavailable", [], note=why)
-    cand_out = [_run_ort(cand_sess, feed, [c for _, c in names], cand.label, ticker)
-                for feed in feeds]
-    if ref_sess is not None:
-        ref_out = [_run_ort(ref_sess, feed, [r for r, _ in names], ref.label, ticker)
-                   for feed in feeds]
-    else:
-        ref_out = ref.outputs  # type: ignore[union-attr]
-    comps = [compare_output(c, [o[i] for o in ref_out], [o[i] for o in cand_out],
-                            atol=atol, rtol=rtol) for i, (_, c) in enumerate(names)]
+    try:
+        cand_out = [_run_ort(cand_sess, feed, [c for _, c in names], cand.label, ticker)
+                    for feed in feeds]
+        if ref_sess is not None:
+            ref_out = [_run_ort(ref_sess, feed, [r for r, _ in names], ref.label, ticker)
+                       for feed in feeds]
+        else:
+            ref_out = ref.outputs  # type: ignore[union-attr]
+    except BnfoldError as exc:
+        if provider == "cpu":  # the CPU ran first: a CUDA-only failure is the EP's, not the input's
+            raise
+        return ProviderRun(provider, comparison, "unavailable", [],
+                           note=f"CUDA EP not available (it failed to run the model: {exc})")
+    comps = [tol.compare(c, [o[i] for o in ref_out], [o[i] for o in cand_out])
+             for i, (_, c) in enumerate(names)]
     return ProviderRun(provider, comparison, "ran", cand_sess.get_providers(), comps,
                        outputs=cand_out)
 
 
 def _cross_run(cand: _Model, outputs: dict[str, list[list[np.ndarray]]],
-               names: list[tuple[str, str]], atol: float | None, rtol: float | None
-               ) -> ProviderRun:
+               names: list[tuple[str, str]], tol: _Tolerance) -> ProviderRun:
     cpu, cuda = outputs["cpu"], outputs["cuda"]
-    comps = [compare_output(c, [o[i] for o in cpu], [o[i] for o in cuda], atol=atol, rtol=rtol,
-                            tol_factor=CROSS_PROVIDER_FACTOR) for i, (_, c) in enumerate(names)]
+    comps = [tol.compare(c, [o[i] for o in cpu], [o[i] for o in cuda], CROSS_PROVIDER_FACTOR)
+             for i, (_, c) in enumerate(names)]
     return ProviderRun("cpu vs cuda", f"{cand.label}: CPU EP vs CUDA EP", "ran",
                        [EP_NAMES["cpu"], EP_NAMES["cuda"]], comps)
 
 
 def _run_ort(session: ort.InferenceSession, feed: Sample, names: list[str], label: str,
              ticker: _Ticker) -> list[np.ndarray]:
+    options = ort.RunOptions()
+    options.log_severity_level = ORT_SILENT
     try:
-        out = session.run(names, feed)
+        out = session.run(names, feed, options)
     except Exception as exc:
-        raise BadInputError(f"{label}: ONNX Runtime failed to run it on these inputs "
+        raise _RunFailed(f"{label}: ONNX Runtime failed to run it on these inputs "
                             f"({_first_line(exc)})") from exc
     ticker.tick()
     return [np.asarray(o) for o in out]

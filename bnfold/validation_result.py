@@ -1,8 +1,28 @@
 """What :func:`bnfold.validate` returns: per provider and per output, the metrics and a verdict.
 
-``result.passed`` is true when every comparison that ran passed and every *required* provider
-really ran. ``to_dict()``/``to_json()`` give strict JSON (schema ``SCHEMA``); ``table()`` a
-plain-text table for people; ``rows()`` the cells both tables are built from.
+``result.passed`` is true when at least one provider ran, every comparison that ran passed and
+every *required* provider really ran. ``table()`` is a plain-text table for people, ``rows()``
+the cells both tables are built from, ``to_dict()``/``to_json()`` strict JSON (no NaN/inf
+numbers: non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``), schema
+``bnfold.validation/1``; keys are only ever added within a schema version::
+
+    schema     "bnfold.validation/1"
+    passed     bool
+    reference, candidate   str (labels)
+    settings   {providers: [str], require: [str], samples: int, seed: int,
+                ort_graph_optimizations: "enabled"|"disabled", atol: float|null,
+                rtol: float|null (null: dtype-aware default), tolerance_rule: str,
+                compute_dtype: str|null}
+    inputs     [{name, dtype, shape: [int] (first sample's), shapes?: [[int]] (when samples
+                 differ), source: str}]
+    notes      [str]
+    runs       [{provider: "cpu"|"cuda"|"cpu vs cuda", comparison: str,
+                 status: "ran"|"unavailable", ran_on: [str] (session.get_providers()),
+                 required: bool, passed: bool, note?: str (why unavailable),
+                 outputs: [{output, dtype, shape, atol, rtol, tol_dtype, max_abs, max_rel,
+                            cosine, worst: {sample, index: [int], ref, cand, ratio} | {},
+                            passed, reason?: str}]}]
+    failures   [str] (one line per failed comparison or missing required provider)
 """
 
 from __future__ import annotations
@@ -67,7 +87,7 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
-        return bool(self.runs) and all(r.passed for r in self.runs)
+        return any(r.status == "ran" for r in self.runs) and all(r.passed for r in self.runs)
 
     def failures(self) -> list[str]:
         """One line per failed comparison or missing required provider."""
@@ -127,8 +147,8 @@ class ValidationResult:
         lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=False))
                  + "  " + r[-1] for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))
-        lines += [f"input {i['name']}: {i['dtype']} {i['shape']} ({i['source']})"
-                  for i in self.inputs]
+        lines += [f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
+                  f"({i['source']})" for i in self.inputs]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"tolerance: {self.settings['tolerance_rule']}")
         lines.append(self.summary())

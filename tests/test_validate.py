@@ -10,11 +10,12 @@ import onnx
 import pytest
 import torch
 from conftest import HAS_CUDA_EP, requires_cuda
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnfold
 from bnfold import validation as validate_mod
+from bnfold.algebra import BNParams, fold_forward
 from bnfold.compare import compare_output
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.validation_result import SCHEMA
@@ -238,3 +239,191 @@ def test_cuda_really_runs_and_matches_cpu(conv_bn_proto, hand_folded):
     assert any(r.provider == "cpu vs cuda" for r in res.runs)
     wrong = bnfold.validate(ref, perturbed(hand_folded(ref), 2, 1e-3), providers=("cuda",))
     assert not wrong.passed
+
+
+# --------------------------------------------------------------------------------------------
+# Audit: providers, tolerances per compute dtype, signatures, external data, ORT noise.
+# --------------------------------------------------------------------------------------------
+
+def _bf16_mul() -> onnx.ModelProto:
+    """A bfloat16 model the CPU EP has no kernel for (ORT NOT_IMPLEMENTED)."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["y"])], "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="checks the report when CUDA EP is missing")
+def test_cpu_always_runs_and_a_validation_that_ran_nothing_never_passes(
+        conv_bn_proto, hand_folded):
+    ref = conv_bn_proto()
+    res = bnfold.validate(ref, hand_folded(ref), providers=("cuda",), samples=1)
+    assert [r.provider for r in res.runs] == ["cpu", "cuda"]
+    assert res.runs[0].status == "ran" and res.runs[1].status == "unavailable" and res.passed
+    wrong = bnfold.validate(ref, perturbed(hand_folded(ref), 2, 1e-3), providers=("cuda",))
+    assert not wrong.passed
+    with pytest.raises(UnsupportedError, match=r"no execution provider could run.*Mul"):
+        bnfold.validate(_bf16_mul(), _bf16_mul(), samples=1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_tolerances_must_be_finite_and_non_negative(conv_bn_proto, bad):
+    ref = conv_bn_proto()
+    for key in ("atol", "rtol"):
+        with pytest.raises(BadInputError, match=f"{key} must be a finite number"):
+            bnfold.validate(ref, ref, providers=("cpu",), **{key: bad})
+
+
+def _keep_io_float32(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A float16 model wrapped in Casts: float32 inputs and outputs (``keep_io_types``)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    g.node[0].input[0], g.node[-1].output[0] = "x16", "y16"
+    g.node.insert(0, helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+    g.node.append(helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT))
+    g.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    g.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    return out
+
+
+def test_tolerance_follows_the_compute_dtype_of_a_float16_model_with_float32_io(
+        conv_bn_proto, hand_folded):
+    ref16 = conv_bn_proto(np.float16)
+    ref = _keep_io_float32(ref16)
+    res = bnfold.validate(ref, _keep_io_float32(hand_folded(ref16)), providers=("cpu",))
+    (c,) = res.runs[0].comparisons
+    assert res.passed, res.table()  # a float32 tolerance (1e-5) fails this correct fold ~25x
+    assert (c.dtype, c.tol_dtype, c.rtol) == ("float32", "float16", 5e-3)
+    assert res.settings["compute_dtype"] == "float16"
+    wrong = _keep_io_float32(perturbed(hand_folded(ref16), 2, 0.1))
+    assert not bnfold.validate(ref, wrong, providers=("cpu",)).passed
+    given = bnfold.validate(ref, ref, providers=("cpu",), atol=0.0, rtol=0.0)
+    assert given.runs[0].comparisons[0].tol_dtype == "given"
+
+
+def _gemm_bn(dtype: type, *, fold: bool, ulps: float = 0.0) -> onnx.ModelProto:
+    """Gemm -> BN (or its exact fold, one weight moved by ``ulps`` of its dtype)."""
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 0.3, (16, 32)), rng.normal(0, 0.5, 16)
+    gamma, beta = rng.uniform(0.5, 1.5, 16), rng.normal(0, 0.5, 16)
+    mean, var = rng.normal(0, 0.5, 16), rng.uniform(0.3, 3, 16)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if fold:
+        folded = fold_forward(w.astype(dtype), b.astype(dtype), BNParams(
+            mean.astype(dtype), var.astype(dtype), float(np.float32(1e-5)), gamma.astype(dtype),
+            beta.astype(dtype)))
+        wf = folded.weight.copy()
+        wf[3, 5] += ulps * np.finfo(dtype).eps * abs(wf[3, 5])
+        nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)]
+        inits = {"W": wf, "B": folded.bias}
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["h"], transB=1),
+                 helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["y"])]
+        inits = {"W": w, "B": b, "g": gamma, "b": beta, "m": mean, "v": var}
+    graph = helper.make_graph(
+        nodes, "gemm_bn", [helper.make_tensor_value_info("x", elem, ["n", 32])],
+        [helper.make_tensor_value_info("y", elem, ["n", 16])],
+        [numpy_helper.from_array(np.asarray(v, dtype), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("dtype", "caught_ulps"), [
+    (np.float64, 2 ** 20), (np.float32, 2 ** 12), (np.float16, 2 ** 8)])
+def test_default_tolerance_passes_a_correct_fold_and_catches_one_wrong_weight(
+        dtype, caught_ulps):
+    ref = _gemm_bn(dtype, fold=False)
+    ok = bnfold.validate(ref, _gemm_bn(dtype, fold=True), providers=("cpu",), samples=5)
+    assert ok.passed and ok.runs[0].comparisons[0].worst["ratio"] < 0.1, ok.table()
+    wrong = _gemm_bn(dtype, fold=True, ulps=caught_ulps)
+    assert not bnfold.validate(ref, wrong, providers=("cpu",), samples=5).passed
+
+
+def _multi_io(*, unknown_rank: bool = False, table: int = 10) -> onnx.ModelProto:
+    """Inputs a: float [batch, seq, 4] and idx: int64 [batch, seq]; three outputs."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["a", "W"], ["y1"]),
+             helper.make_node("Gather", ["E", "idx"], ["g"]),
+             helper.make_node("Add", ["y1", "g"], ["y2"]),
+             helper.make_node("Cast", ["idx"], ["idxf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["idxf"], ["s"], keepdims=0)]
+    a_shape = None if unknown_rank else ["batch", "seq", 4]
+    graph = helper.make_graph(
+        nodes, "multi", [helper.make_tensor_value_info("a", TensorProto.FLOAT, a_shape),
+                         helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y1", "y2", "s")],
+        [numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.normal(size=(table, 5)).astype(np.float32), "E")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_several_inputs_and_outputs_int64_and_dynamic_dims(capfd):
+    m = _multi_io()
+    res = bnfold.validate(m, m, providers=("cpu",), dims={"batch": 3, "sq": 5})
+    assert res.passed and [c.output for c in res.runs[0].comparisons] == ["y1", "y2", "s"]
+    assert [(i["name"], i["dtype"], i["shape"]) for i in res.inputs] == [
+        ("a", "float32", [3, 2, 4]), ("idx", "int64", [3, 2])]
+    assert "dim 'seq' not given, used 2" in res.notes
+    assert any("ignored: sq" in n and "batch, seq" in n for n in res.notes)
+    a, idx = np.zeros((2, 3, 4), np.float32), np.zeros((2, 3), np.int64)
+    assert bnfold.validate(m, m, providers=("cpu",), inputs={"a": a, "idx": idx}).passed
+    with pytest.raises(BadInputError, match="dim 'seq' is 3 in input 'a' but 4 in input 'idx'"):
+        bnfold.validate(m, m, providers=("cpu",), inputs={"a": a, "idx": np.zeros((2, 4), int)})
+    with pytest.raises(BadInputError, match="dtype int32"):
+        bnfold.validate(m, m, providers=("cpu",), inputs={"a": a, "idx": idx.astype(np.int32)})
+    with pytest.raises(BadInputError, match="unknown rank"):
+        bnfold.validate(_multi_io(unknown_rank=True), _multi_io(unknown_rank=True))
+    # Generated integers that the model cannot take: one error that says where they came from,
+    # and ORT's own log stays silent.
+    small = _multi_io(table=3)
+    capfd.readouterr()
+    with pytest.raises(BadInputError, match=r"Gather.*the inputs were generated"):
+        bnfold.validate(small, small, providers=("cpu",))
+    assert capfd.readouterr().err == ""
+
+
+def test_in_memory_model_with_external_data_from_another_folder(conv_bn_proto, tmp_path,
+                                                                 monkeypatch):
+    ref = conv_bn_proto()
+    g = ref.graph
+    g.node[-1].output[0] = "r"  # an unfolded weight stays external after the fold
+    g.node.append(helper.make_node("Mul", ["r", "S"], ["y"]))
+    g.initializer.append(numpy_helper.from_array(np.full((6, 1, 1), 2.0, np.float32), "S"))
+    (tmp_path / "m").mkdir()
+    onnx.save_model(ref, tmp_path / "m" / "a.onnx", save_as_external_data=True,
+                    location="a.data", size_threshold=0)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    folded, _ = bnfold.fold_onnx(tmp_path / "m" / "a.onnx")
+    res = bnfold.validate(tmp_path / "m" / "a.onnx", folded, providers=("cpu",))
+    assert res.passed, res.table()
+
+
+def test_cuda_session_that_fails_to_open_is_unavailable_not_bad_input(
+        conv_bn_proto, hand_folded, monkeypatch):
+    real_session = validate_mod.ort.InferenceSession
+
+    def session(source, options, providers):
+        if "CUDAExecutionProvider" in str(providers[0]):
+            raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+        return real_session(source, options, providers=providers)
+
+    real = validate_mod.ort.get_available_providers
+    monkeypatch.setattr(validate_mod.ort, "get_available_providers",
+                        lambda: list(dict.fromkeys(["CUDAExecutionProvider", *real()])))
+    monkeypatch.setattr(validate_mod.ort, "InferenceSession", session)
+    ref = conv_bn_proto()
+    res = bnfold.validate(ref, hand_folded(ref), samples=1, require=("cuda",))
+    cuda = res.runs[1]
+    assert cuda.status == "unavailable" and "no CUDA-capable device" in cuda.note
+    assert res.runs[0].passed and not res.passed
+
+
+def test_torch_reference_uses_given_inputs(conv_bn_proto, hand_folded):
+    ref = conv_bn_proto()
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    res = bnfold.validate(_torch_twin(ref), hand_folded(ref), inputs=[{"x": x}, {"x": x[:2]}],
+                          providers=("cpu",))
+    assert res.passed and res.settings["samples"] == 2
+    assert res.inputs[0]["shapes"] == [[5, 3, 8, 8], [2, 3, 8, 8]]

@@ -11,9 +11,14 @@
 3. ``bnfold.fold_onnx`` on the exported folded model, for what export exposed (e.g. a BN the
    FX pass kept because of a torch-level view that ONNX expresses differently);
 4. validation in ONNX Runtime: torch eager vs unfolded ONNX (export parity), torch eager vs
-   folded ONNX, and unfolded vs folded ONNX, on ``example_inputs`` plus random samples of the
-   same shapes;
+   folded ONNX, and unfolded vs folded ONNX, on ``example_inputs``, random samples of the
+   same shapes and, when the export has dynamic dims, one random sample with each of them
+   twice its example size (so a shape baked in by a fold is caught);
 5. an atomic write of the folded model to ``path`` only when every validation passed.
+
+``opset`` is the ai.onnx opset of the written file, exactly: torch.onnx implements opset 18
+and newer, so a lower one is reached with onnxscript's version converter after constant
+folding; if it cannot be reached, :class:`UnsupportedError` says so (nothing is written).
 """
 
 from __future__ import annotations
@@ -30,17 +35,22 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from bnfold.errors import BadInputError, UnsafeFoldError, UntraceableError
+from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError, UntraceableError
 from bnfold.fileio import save_onnx
+from bnfold.inputs import Sample, input_specs, random_array
 from bnfold.report import Report
-from bnfold.validation import samples_like
+from bnfold.validation import MIN_OPSET, samples_like
 from bnfold.validation import validate as run_validation
 from bnfold.validation_result import ValidationResult
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     import torch
+
+EXPORTER_MIN_OPSET = 18
+"""The lowest ai.onnx opset torch.onnx's exporter has implementations for."""
+QUIET_LOGGERS = ("torch.onnx", "onnxscript", "torch.export")
 
 
 @dataclass
@@ -91,14 +101,13 @@ def export(
         candidate = _fold_both(model, args, opset, dynamic_shapes, report)
     if validate:
         feeds = samples_like(args, reference, samples, seed=0)
+        feeds += _resized_samples(reference, feeds[0], seed=samples)
         v = report.validations
         eager = f"torch {type(model).__name__} (eval)"
         v["torch_vs_unfolded_onnx"] = run_validation(
-            model, reference, args, providers=validate, samples=samples,
-            labels=(eager, "unfolded ONNX"))
+            model, reference, providers=validate, inputs=feeds, labels=(eager, "unfolded ONNX"))
         v["torch_vs_folded_onnx"] = run_validation(
-            model, candidate, args, providers=validate, samples=samples,
-            labels=(eager, "folded ONNX"))
+            model, candidate, providers=validate, inputs=feeds, labels=(eager, "folded ONNX"))
         v["unfolded_vs_folded_onnx"] = run_validation(
             reference, candidate, providers=validate, inputs=feeds,
             labels=("unfolded ONNX", "folded ONNX"))
@@ -122,23 +131,116 @@ def export_unfolded(model: torch.nn.Module, example_inputs: Any, path: str | os.
 def to_onnx(model: torch.nn.Module, args: tuple[Any, ...], *, opset: int | None = None,
             dynamic_shapes: Any = None) -> ir.Model:
     """``torch.onnx.export`` (dynamo) without the exporter's optimizer (it fuses Conv+BN),
-    then constant folding and unused-node removal; BatchNormalization nodes stay."""
+    then constant folding and unused-node removal; BatchNormalization nodes stay. ``opset``
+    (default: the exporter's) is the model's ai.onnx opset, or :class:`UnsupportedError`."""
+    import onnx
     import onnxscript.optimizer
     import torch
 
-    # The exporter logs a warning per missing torchvision op; they say nothing about this model.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= newest):
+        raise BadInputError(f"opset must be an integer from {MIN_OPSET} to {newest}, "
+                            f"got {opset!r}")
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, args, dynamo=True, optimize=False, verbose=False,
-                                        opset_version=opset, dynamic_shapes=dynamic_shapes)
+        with _quiet():
+            program = torch.onnx.export(
+                model, args, dynamo=True, optimize=False, verbose=False,
+                opset_version=None if opset is None else max(opset, EXPORTER_MIN_OPSET),
+                dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         raise UntraceableError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
     onnx_model = program.model
     onnxscript.optimizer.fold_constants(onnx_model)
     RemoveUnusedNodesPass()(onnx_model)
+    if opset is not None and _opset(onnx_model) != opset:
+        _convert(onnx_model, opset)
     return onnx_model
+
+
+def _opset(model: ir.Model) -> int | None:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+
+
+def _convert(model: ir.Model, opset: int) -> None:
+    """Convert ``model`` in place to ai.onnx ``opset`` (onnxscript's converter, ONNX's as its
+    fallback), then check the result; :class:`UnsupportedError` if either fails."""
+    import onnx
+    from onnxscript import version_converter
+
+    exported = _opset(model)
+    with _quiet():  # converts in place, or leaves the model as it was
+        version_converter.convert_version(model, opset, fallback=True)
+    why = "onnxscript's and ONNX's version converters both failed"
+    if _opset(model) == opset:
+        _drop_default_attributes(model, exported or opset, opset)
+        try:
+            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+        except Exception as exc:
+            why = f"the converted model is invalid: {_first_line(exc)}"
+        else:
+            return
+    raise UnsupportedError(f"the export is ai.onnx opset {exported} and could not be converted "
+                           f"to opset {opset} ({why}); use opset {EXPORTER_MIN_OPSET} or newer")
+
+
+def _drop_default_attributes(model: ir.Model, source: int, target: int) -> None:
+    """Remove attributes that the ``target`` opset's schema of a node does not know and that
+    hold the ``source`` schema's default (the behaviour the older op always had). The version
+    converters leave some behind, e.g. ``noop_with_empty_axes=0`` on ReduceMean 18 -> 17."""
+    import onnx
+
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                old = onnx.defs.get_schema(node.op_type, target, "")
+                new = onnx.defs.get_schema(node.op_type, source, "")
+            except onnx.defs.SchemaError:
+                continue
+            for name in [n for n in node.attributes if n not in old.attributes]:
+                spec = new.attributes.get(name)
+                if spec is not None and spec.default_value.name and node.attributes[name].value \
+                        == onnx.helper.get_attribute_value(spec.default_value):
+                    del node.attributes[name]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's and converters' chatter (prints, warnings, log records with
+    tracebacks): what matters comes back as an exception or a checked result."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _resized_samples(reference: ir.Model, first: Sample, seed: int) -> list[Sample]:
+    """One random sample with every dynamic dim of ``reference``'s inputs at twice its size in
+    ``first`` (doubling keeps any divisibility the example had); none if all dims are fixed."""
+    import numpy as np
+
+    specs = input_specs(ir.serde.serialize_model(reference))
+    if all(isinstance(d, int) for s in specs for d in s.shape or ()):
+        return []
+    named = {d: 2 * first[s.name].shape[axis] for s in specs
+             for axis, d in enumerate(s.shape or ()) if isinstance(d, str)}
+
+    def size(name: str, axis: int, d: int | str | None) -> int:
+        if isinstance(d, int):
+            return d
+        return named[d] if isinstance(d, str) else 2 * first[name].shape[axis]
+
+    rng = np.random.default_rng(seed)
+    return [{s.name: random_array(tuple(size(s.name, a, d) for a, d in enumerate(s.shape or ())),
+                                  first[s.name].dtype, rng) for s in specs}]
 
 
 def _fold_both(model: torch.nn.Module, args: tuple[Any, ...], opset: int | None,

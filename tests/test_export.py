@@ -10,7 +10,7 @@ import torch
 
 import bnfold
 from bnfold import exporter
-from bnfold.errors import BadInputError, UnsafeFoldError
+from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError
 from bnfold.models import zoo
 
 
@@ -26,12 +26,15 @@ def float64_reference(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("name", ["resnet_small", "conv_multi_use"])
-def test_export_folds_validates_and_matches_float64(name, tmp_path):
+@pytest.mark.parametrize(("name", "opset"), [("resnet_small", 17), ("conv_multi_use", None)])
+def test_export_folds_validates_and_matches_float64(name, opset, tmp_path):
     model = zoo.get(name)
     path = tmp_path / f"{name}.onnx"
-    report = bnfold.export(model, (zoo.example_input(name),), path, validate=("cpu",))
+    report = bnfold.export(model, (zoo.example_input(name),), path, validate=("cpu",),
+                           opset=opset)
     assert report.written and report.passed and path.exists()
+    if opset is not None:  # exactly the opset asked for (torch.onnx itself starts at 18)
+        assert [o.version for o in onnx.load(path).opset_import if o.domain == ""] == [opset]
     assert set(report.validations) == {"torch_vs_unfolded_onnx", "torch_vs_folded_onnx",
                                        "unfolded_vs_folded_onnx"}
     left = [n for n in onnx.load(path).graph.node if n.op_type == "BatchNormalization"]
@@ -53,6 +56,9 @@ def test_dynamic_batch_export(tmp_path):
     report = bnfold.export(model, (zoo.example_input("mlp_bn1d"),), path, validate=("cpu",),
                            dynamic_shapes=({0: batch},))
     assert report.passed and report.counts()["folded"] == 2
+    # Every validation also ran a sample with the dynamic batch at twice the example's.
+    for v in report.validations.values():
+        assert [s[0] for s in v.inputs[0]["shapes"]] == [4, 8], v.inputs
     dim0 = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param
     x = zoo.example_input("mlp_bn1d", seed=3, batch=7)
@@ -85,6 +91,16 @@ def onnx_ir_tensor(arr: np.ndarray, name: str):
     import onnx_ir as ir
 
     return ir.tensor(arr, name=name)
+
+
+def test_opset_out_of_range_or_unreachable_is_refused(tmp_path):
+    model, x = zoo.get("plain_cnn"), zoo.example_input("plain_cnn")
+    for opset in (5, 99):
+        with pytest.raises(BadInputError, match="opset must be an integer from 7"):
+            bnfold.export(model, x, tmp_path / "m.onnx", opset=opset)
+    with pytest.raises(UnsupportedError, match="could not be converted to opset 13"):
+        bnfold.export(model, x, tmp_path / "m.onnx", opset=13)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_training_mode_and_bad_example_inputs_are_refused(tmp_path):

@@ -3,7 +3,19 @@
 Exit codes: 0 ok; 1 validation failed; 2 bad input or usage (one line on stderr, no traceback,
 no output file, the input untouched). Outputs are written through a temp file and a rename;
 ``-o`` equal to the input is refused unless ``--in-place``. ``--json`` prints one JSON document
-on stdout; otherwise rich tables, with progress bars on stderr when it is a terminal.
+on stdout and nothing else; otherwise rich tables. Progress bars go to stderr, only when it is a
+terminal. JSON schemas (keys are only ever added within a version):
+
+* ``bnfold.fold/1``: ``{schema, input, output, fold: REPORT, validation: VALIDATION|null,
+  written: bool, passed: bool}``
+* ``bnfold.fold-folder/1``: ``{schema, input, output, summary: {files, ok, validation_failed,
+  bad_input}, results: [fold/1 document + exit_code | {input, output, written: false,
+  passed: false, error, exit_code: 2}], exit_code}``
+* ``bnfold.inspect/1``: ``{schema, input, report: REPORT}``
+* ``bnfold.insert/1``: ``{schema, input, output, written, report: REPORT}``
+* ``bnfold.validation/1`` (``bnfold validate``): see :mod:`bnfold.validation_result`
+* REPORT (:meth:`bnfold.report.Report.to_dict`): ``{pass, changed, counts: {folded, kept,
+  inserted, skipped}, entries: [{bn, action, into?, reason?, details?}], notes: [str]}``
 """
 
 from __future__ import annotations
@@ -60,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     check = argparse.ArgumentParser(add_help=False)
     check.add_argument("--providers", type=_csv, default=["cpu", "cuda"],
-                       help="execution providers, comma-separated (default: cpu,cuda)")
+                       help="execution providers, comma-separated (default: cpu,cuda; the "
+                            "CPU EP always runs)")
     check.add_argument("--require", type=_csv, default=[],
                        help="providers that must really run (e.g. cuda), else exit 1")
-    check.add_argument("--atol", type=float, help="absolute tolerance (default: dtype-aware)")
-    check.add_argument("--rtol", type=float, help="relative tolerance (default: dtype-aware)")
+    check.add_argument("--atol", type=_tolerance,
+                       help="absolute tolerance (default: dtype-aware)")
+    check.add_argument("--rtol", type=_tolerance,
+                       help="relative tolerance (default: dtype-aware)")
     check.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=SIZE",
                        help="size of a dynamic dim, e.g. batch=4 (repeatable; default 2)")
     check.add_argument("--inputs", action="append", metavar="FILE",
@@ -89,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fold BNs of IN (a file, or a folder of .onnx files).")
     p.add_argument("input", type=Path, metavar="IN")
     p.add_argument("-o", "--output", type=Path, metavar="OUT")
-    p.add_argument("--in-place", action="store_true", help="allow OUT to be IN")
+    p.add_argument("--in-place", action="store_true",
+                   help="allow OUT to be IN (without -o: overwrite IN)")
     p.add_argument("--validate", action="store_true",
                    help="validate IN vs OUT in ONNX Runtime; OUT is written only if it passes")
     p.set_defaults(func=cmd_fold)
 
-    p = sub.add_parser("inspect", parents=[common],
+    p = sub.add_parser("inspect", parents=[common, report],
                        help="per-BN table: folds into what, or why not")
     p.add_argument("input", type=Path, metavar="IN")
     p.set_defaults(func=cmd_inspect)
@@ -112,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-place", action="store_true", help="allow OUT to be IN")
     p.add_argument("--position", choices=("before_activation", "after_activation"),
                    default="before_activation", help="BN before (default) or after the activation")
-    p.add_argument("--include-last", action="store_true",
-                   help="also insert after the last layer(s) before an output")
+    p.add_argument("--skip-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave alone the last layer(s) before an output (default: skip)")
+    p.add_argument("--include-last", dest="skip_last", action="store_false",
+                   help="same as --no-skip-last")
     p.add_argument("--include", action="append", metavar="GLOB|OP",
                    help="only these node-name globs or op types (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB|OP",
@@ -133,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _csv(text: str) -> list[str]:
     return [p.strip().lower() for p in text.split(",") if p.strip()]
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def _dim(text: str) -> tuple[str, int]:
@@ -162,6 +190,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     out = _output_path(args)
     if out.exists() and out.is_dir():
         raise BadInputError(f"{out}: is a directory; give an output file")
+    _check_report_path(args, args.input, out)
     outcome = _fold_file(args, args.input, out, show=not args.json)
     _emit(args, outcome.doc)
     return outcome.code
@@ -199,14 +228,19 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 def _fold_folder(args: argparse.Namespace) -> int:
     from bnfold.errors import BadInputError, BnfoldError
 
-    if args.output is None:
-        raise BadInputError("folding a folder needs -o OUTDIR")
-    src_dir, out_dir = args.input, args.output
+    if args.output is None and not args.in_place:
+        raise BadInputError("folding a folder needs -o OUTDIR (or --in-place)")
+    src_dir = args.input
+    out_dir = src_dir if args.output is None else args.output
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"{out_dir}: exists and is not a directory")
     if out_dir.resolve() == src_dir.resolve() and not args.in_place:
         raise BadInputError(f"{out_dir}: is the input folder; pass --in-place to overwrite")
-    files = sorted(p for p in src_dir.rglob("*.onnx") if p.is_file())
+    _check_report_path(args)
+    inside = out_dir.resolve() != src_dir.resolve() and out_dir.resolve().is_relative_to(
+        src_dir.resolve())  # outputs of an earlier run are not inputs
+    files = sorted(p for p in src_dir.rglob("*.onnx") if p.is_file() and not (
+        inside and p.resolve().is_relative_to(out_dir.resolve())))
     if not files:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
     from bnfold.render import progress_bar
@@ -218,9 +252,13 @@ def _fold_folder(args: argparse.Namespace) -> int:
             try:
                 outcome = _fold_file(args, src, out, show=False)
                 doc, code = outcome.doc, outcome.code
-            except BnfoldError as exc:
+            except Exception as exc:  # one bad file must not stop the others
+                if os.environ.get("BNFOLD_DEBUG"):
+                    raise
+                what = "" if isinstance(exc, BnfoldError) else (
+                    f"internal error: {type(exc).__name__}: ")
                 doc, code = {"input": str(src), "output": str(out), "written": False,
-                             "passed": False, "error": " ".join(str(exc).split())}, BAD_INPUT
+                             "passed": False, "error": what + " ".join(str(exc).split())}, BAD_INPUT
             doc["exit_code"] = code
             results.append(doc)
             update(i + 1, len(files))
@@ -254,18 +292,19 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
 
+    _check_report_path(args, args.input)
     report = bnfold.inspect_onnx(load_checked(args.input))
-    if args.json:
-        _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
-                     "report": report.to_dict()})
-    else:
+    if not args.json:
         from bnfold.render import print_report
 
         print_report(report, f"inspect {args.input}")
+    _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
+                 "report": report.to_dict()})
     return OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    _check_report_path(args, args.reference, args.candidate)
     result = _run_validation(args, args.reference, args.candidate)
     if not args.json:
         from bnfold.render import print_validation
@@ -280,9 +319,10 @@ def cmd_insert(args: argparse.Namespace) -> int:
     from bnfold.fileio import save_onnx
 
     out = _output_path(args)
+    _check_report_path(args, args.input, out)
     model = load_checked(args.input)
     inserted, report = bnfold.insert_bn_onnx(
-        model, position=args.position, skip_last=not args.include_last, include=args.include,
+        model, position=args.position, skip_last=args.skip_last, include=args.include,
         exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias)
     save_onnx(inserted, out)
     if not args.json:
@@ -296,6 +336,11 @@ def cmd_insert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from bnfold.errors import BadInputError
+    from bnfold.models import zoo
+
+    if args.model not in zoo.ZOO:
+        raise BadInputError(f"unknown zoo model {args.model!r}; choose from {', '.join(zoo.ZOO)}")
     from bnfold.demo import run_demo
 
     return int(run_demo(model=args.model, as_json=args.json))
@@ -337,6 +382,19 @@ def _output_path(args: argparse.Namespace) -> Path:
     return args.output
 
 
+def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
+    """Refuse, before any work, a ``--report`` path that is a folder or one of the models."""
+    from bnfold.errors import BadInputError
+
+    path = getattr(args, "report", None)
+    if path is None:
+        return
+    if path.is_dir():
+        raise BadInputError(f"--report {path}: is a directory; give a file")
+    if any(path.resolve() == m.resolve() for m in models):
+        raise BadInputError(f"--report {path}: is a model file of this command; give another")
+
+
 def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
                     labels: tuple[str, str] | None = None) -> Any:
     import bnfold
@@ -357,9 +415,14 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         print(text)
     path = getattr(args, "report", None)
     if path is not None:
+        from bnfold.errors import BadInputError
         from bnfold.fileio import write_atomic
 
-        write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+        try:
+            write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+        except OSError as exc:
+            raise BadInputError(f"--report {path}: could not write ({exc.strerror or exc})"
+                                ) from exc
 
 
 if __name__ == "__main__":

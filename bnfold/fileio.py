@@ -20,11 +20,14 @@ ModelLike = "onnx.ModelProto | ir.Model | str | os.PathLike[str]"
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. The file
+    gets the permissions of the file it replaces, or the usual ones for a new file (0666
+    less the umask), not the private 0600 of a temporary file.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, _file_mode(target))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -33,6 +36,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _file_mode(target: Path) -> int:
+    """The permission bits a file written at ``target`` should get."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
@@ -64,7 +77,8 @@ def load_onnx(model: object) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
-        raise BadInputError(f"{path}: not a readable ONNX model ({_short(exc)})") from exc
+        raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or _short(exc)})"
+                            ) from exc
     if not proto.graph.node and not proto.graph.output:
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     if not proto.opset_import:
@@ -117,6 +131,7 @@ def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: P
     """Stream large tensors to a temporary data file, save the graph, then commit the data."""
     data_name = target.name + ".data"
     fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, _file_mode(target.parent / data_name))
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     try:
         with os.fdopen(fd, "wb") as f:
@@ -146,6 +161,17 @@ def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: P
     finally:
         if os.path.exists(data_tmp):
             os.unlink(data_tmp)
+
+
+def _sniff(path: Path) -> str | None:
+    """What a file that is not ONNX looks like, from its first bytes, if recognisable."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive: a PyTorch checkpoint or an .npz?"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle protocol 2-5
+        return "it is a Python pickle: a PyTorch state dict?"
+    return None
 
 
 def _short(exc: BaseException) -> str:

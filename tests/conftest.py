@@ -4,7 +4,8 @@
   ``x: [batch, 3, 8, 8]`` (``batch`` symbolic), BN with non-trivial statistics.
 * ``hand_folded(proto)`` -> the same model with its BN folded by ``bnfold.algebra`` (independent
   of the fold passes), the exact candidate a correct folder produces.
-* ``run_cli(*args)`` -> ``CompletedProcess`` of the installed ``bnfold`` console script.
+* ``run_cli(*args)`` -> ``CompletedProcess`` of the installed ``bnfold`` console script;
+  ``run_cli.many([args, ...])`` runs several at once (each is a separate process start).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +82,21 @@ def hand_folded() -> Callable[[onnx.ModelProto], onnx.ModelProto]:
     return _hand_folded
 
 
-@pytest.fixture
-def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
-    def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+class CliRunner:
+    """Runs the ``bnfold`` console script in real subprocesses."""
+
+    def __call__(self, *args: object, cwd: Path | None = None
+                 ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(BNFOLD), *map(str, args)], capture_output=True, text=True,
                               cwd=cwd, timeout=300, check=False)
-    return run
+
+    def many(self, commands: list[list[object]], width: int = 4
+             ) -> list[subprocess.CompletedProcess[str]]:
+        """Each command's result, in order; ``width`` processes at a time."""
+        with ThreadPoolExecutor(width) as pool:
+            return list(pool.map(lambda argv: self(*argv), commands))
+
+
+@pytest.fixture
+def run_cli() -> CliRunner:
+    return CliRunner()

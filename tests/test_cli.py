@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +59,24 @@ def models(tmp_path, conv_bn_proto, hand_folded) -> dict[str, Path]:
     return paths
 
 
-def test_version_help_and_usage_errors(run_cli):
+def test_version_help_and_usage_errors(run_cli, models, tmp_path):
     assert run_cli("--version").stdout.startswith("bnfold ")
     res = run_cli("--help")
     assert res.returncode == 0 and "fold" in res.stdout and "exit codes" in res.stdout
-    for args in ([], ["validate", "a.onnx"], ["validate", "a", "b", "--dim", "batch"]):
-        res = run_cli(*args)
-        assert res.returncode == 2 and "Traceback" not in res.stderr
+    a = models["a"]
+    usage = [[], ["validate", "a.onnx"], ["validate", "a", "b", "--dim", "batch"],
+             ["validate", a, a, "--atol", "nan"], ["validate", a, a, "--rtol", "-1"],
+             ["validate", a, a, "--atol", "inf"]]
+    bad = [["validate", a, a, "--samples", "0"], ["demo", "--model", "no_such_model"],
+           ["fold", a], ["fold", a, "-o", tmp_path / "o.onnx", "--report", a],
+           ["validate", a, a, "--report", tmp_path], ["inspect", a, "--report", a]]
+    for args, res in zip(usage + bad, run_cli.many(usage + bad), strict=True):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and res.stdout == "", (args, res.stdout)
+        assert "Traceback" not in res.stderr and "error: " in lines[-1], args
+        if args in bad:
+            assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), (args, lines)
+    assert not (tmp_path / "o.onnx").exists() and digest(a) == digest(models["a"])
 
 
 def test_fold_validate_report_and_json_schema(run_cli, models, tmp_path):
@@ -114,6 +128,11 @@ def test_validate_exit_codes(run_cli, models, tmp_path):
     if not HAS_CUDA_EP:
         res = run_cli("validate", models["a"], good, "--require", "cuda")
         assert res.returncode == 1 and "FAIL (required)" in res.stdout
+        # --providers cuda alone still runs the CPU EP: a validation never compares nothing.
+        doc = json.loads(run_cli("validate", models["a"], models["wrong"], "--providers",
+                                 "cuda", "--json").stdout)
+        assert [r["status"] for r in doc["runs"]] == ["ran", "unavailable"]
+        assert doc["passed"] is False
 
 
 def test_fold_refuses_output_equal_to_input_unless_in_place(run_cli, models):
@@ -137,6 +156,12 @@ def test_failed_validation_writes_no_output(run_cli, models, tmp_path, monkeypat
 
 
 def _corpus(tmp_path: Path, good: Path) -> dict[str, Path]:
+    """Files a user passes where an ONNX model is expected, each wrong in its own way."""
+    import torch
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "checkpoint.onnx")  # zip archive
+    torch.save({"w": torch.ones(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    np.savez(tmp_path / "arrays.npz", x=np.ones(3))
     (tmp_path / "adir").mkdir()
     trunc = tmp_path / "truncated.onnx"
     trunc.write_bytes(good.read_bytes()[:300])
@@ -153,27 +178,46 @@ def _corpus(tmp_path: Path, good: Path) -> dict[str, Path]:
     m.graph.node[2].op_type, m.graph.node[2].domain = "Foo", "com.example"
     m.opset_import.append(helper.make_opsetid("com.example", 1))
     onnx.save(m, ort_bad)
+    old = tmp_path / "opset6.onnx"
+    m = onnx.load(good)
+    m.opset_import[0].version = 6
+    onnx.save(m, old)
     return {"missing": tmp_path / "missing.onnx", "directory": tmp_path / "adir",
             "truncated": trunc, "random": rand, "tensor": tensor, "opset": opset,
-            "ort": ort_bad}
+            "opset6": old, "ort": ort_bad, "torch zip": tmp_path / "checkpoint.onnx",
+            "torch pickle": tmp_path / "legacy.pt", "npz": tmp_path / "arrays.npz"}
 
 
 def test_bad_input_corpus(run_cli, models, tmp_path):
     corpus = _corpus(tmp_path, models["a"])
+    before = {k: digest(p) for k, p in corpus.items() if p.is_file()}
+    commands, kinds = [], []
     for kind, path in corpus.items():
-        before = digest(path) if path.is_file() else None
         out = tmp_path / f"out_{kind}.onnx"
         # The ORT-unloadable model folds fine; it is bad input once ORT must run it.
-        args = ["fold", path, "-o", out] + (["--validate", "--providers", "cpu"]
-                                            if kind == "ort" else [])
-        for cmd in (args, ["validate", models["a"], path, "--providers", "cpu"]):
-            res = run_cli(*cmd)
-            lines = res.stderr.strip().splitlines()
-            assert res.returncode == 2, (kind, cmd[0], res.stderr)
-            assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), (kind, lines)
-            assert "Traceback" not in res.stderr and not out.exists()
-            assert before is None or digest(path) == before
-    assert "opset 99" in run_cli("inspect", corpus["opset"]).stderr
+        cmds = [["fold", path, "-o", out] + (["--validate", "--providers", "cpu"]
+                                             if kind == "ort" else [])]
+        if kind in ("missing", "random", "opset", "ort", "torch zip"):
+            cmds.append(["validate", models["a"], path, "--providers", "cpu", "--json"])
+        if kind in ("directory", "opset", "opset6", "torch zip", "torch pickle", "npz"):
+            cmds.append(["inspect", path, "--json"])
+        commands += cmds
+        kinds += [kind] * len(cmds)
+    inspected = {}
+    for kind, cmd, res in zip(kinds, commands, run_cli.many(commands), strict=True):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2, (kind, cmd[0], res.stderr)
+        assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), (kind, lines)
+        assert "Traceback" not in res.stderr and not (tmp_path / f"out_{kind}.onnx").exists()
+        assert "--json" not in cmd or res.stdout == ""
+        if cmd[0] == "inspect":
+            inspected[kind] = lines[0]
+    assert {k: digest(p) for k, p in corpus.items() if p.is_file()} == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert "opset 99" in inspected["opset"] and "opset 6" in inspected["opset6"]
+    assert "zip archive" in inspected["torch zip"] and "zip archive" in inspected["npz"]
+    assert "Python pickle" in inspected["torch pickle"]
+    assert "is a directory" in inspected["directory"]
 
 
 def test_folder_continues_past_failures_and_summarises(run_cli, models, tmp_path):
@@ -237,3 +281,164 @@ def _rewire(parser, func):
     sub = next(a for a in parser._actions if a.dest == "command")
     sub.choices["inspect"].set_defaults(func=func)
     return parser
+
+
+def test_json_is_the_only_thing_on_stdout(run_cli, models, tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "m.onnx").write_bytes(models["a"].read_bytes())
+    a, wrong = models["a"], models["wrong"]
+    commands = {
+        "fold": ["fold", a, "-o", tmp_path / "f.onnx", "--validate", "--providers", "cpu"],
+        "folder": ["fold", tmp_path / "dir", "-o", tmp_path / "out", "--validate"],
+        "inspect": ["inspect", a],
+        "validate": ["validate", a, wrong, "--providers", "cpu", "--samples", "1"],
+        "insert": ["insert", a, "-o", tmp_path / "i.onnx"],
+    }
+    results = run_cli.many([[*c, "--json"] for c in commands.values()])
+    for name, res in zip(commands, results, strict=True):
+        assert res.returncode == (1 if name == "validate" else 0), (name, res.stderr)
+        doc = json.loads(res.stdout)  # the whole of stdout is one JSON document
+        assert doc["schema"].startswith("bnfold."), name
+        assert "Traceback" not in res.stderr
+
+
+def test_write_failures_leave_no_partial_or_temp_file(models, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import onnx_ir
+
+    from bnfold import fileio
+
+    def disk_full(model, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.ir, "save", disk_full)
+    out = tmp_path / "out" / "m.onnx"
+    assert cli.main(["fold", str(models["a"]), "-o", str(out), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bnfold: error: {out}: could not write (No space left on device)"] or (
+        len(err) == 1 and "No space left on device" in err[0])
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    monkeypatch.setattr(fileio.ir, "save", onnx_ir.save)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", denied)
+    for argv in (["fold", str(models["a"]), "-o", str(out)],
+                 ["inspect", str(models["a"]), "--report", str(tmp_path / "r.json")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Permission denied" in err[0] and "internal" not in err[0]
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_permission_denied_on_the_output_folder(run_cli, models, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    res = run_cli("fold", models["a"], "-o", locked / "m.onnx")
+    assert res.returncode == 2 and "Permission denied" in res.stderr
+    assert list(locked.iterdir()) == []
+
+
+def test_outputs_get_normal_file_modes_and_in_place_keeps_the_mode(run_cli, models, tmp_path):
+    out, rep = tmp_path / "new" / "out.onnx", tmp_path / "r.json"  # a missing folder is made
+    assert run_cli("fold", models["a"], "-o", out, "--report", rep).returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(rep.stat().st_mode) == 0o666 & ~umask
+    models["a"].chmod(0o640)
+    assert run_cli("fold", models["a"], "--in-place").returncode == 0
+    assert stat.S_IMODE(models["a"].stat().st_mode) == 0o640
+    assert [n.op_type for n in onnx.load(models["a"]).graph.node] == ["Conv", "Relu"]
+
+
+def test_fold_validate_of_an_external_data_model_from_another_folder(run_cli, conv_bn_proto,
+                                                                    tmp_path):
+    ref = conv_bn_proto()
+    ref.graph.node[-1].output[0] = "r"  # a weight the fold leaves external
+    ref.graph.node.append(helper.make_node("Mul", ["r", "S"], ["y"]))
+    ref.graph.initializer.append(numpy_helper.from_array(np.full((6, 1, 1), 2.0, np.float32),
+                                                         "S"))
+    (tmp_path / "m").mkdir()
+    onnx.save_model(ref, tmp_path / "m" / "a.onnx", save_as_external_data=True,
+                    location="a.data", size_threshold=0)
+    res = run_cli("fold", "m/a.onnx", "-o", "m/b.onnx", "--validate", "--providers", "cpu",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "m" / "b.onnx").exists()
+
+
+def test_folder_skips_its_own_outputs_and_records_internal_errors(models, tmp_path,
+                                                                  monkeypatch, capsys):
+    src = tmp_path / "models"
+    (src / "deep" / "er").mkdir(parents=True)
+    for rel in ("one.onnx", "deep/er/two.onnx", "three.onnx"):
+        (src / rel).write_bytes(models["a"].read_bytes())
+    (src / "README.txt").write_text("not a model")
+    out = src / "folded"  # inside the input folder
+    assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["files"] == 3
+    assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0  # not 6 files
+    assert json.loads(capsys.readouterr().out)["summary"]["files"] == 3
+    shutil.rmtree(out)
+    real = cli.load_checked
+
+    def flaky(path):
+        if "three" in str(path):
+            raise RuntimeError("a bug in a pass")
+        return real(path)
+
+    monkeypatch.setattr(cli, "load_checked", flaky)
+    assert cli.main(["fold", str(src), "--in-place", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"] == {"files": 3, "ok": 2, "validation_failed": 0, "bad_input": 1}
+    bad = next(r for r in doc["results"] if r["exit_code"] == 2)
+    assert bad["input"].endswith("three.onnx") and "internal error: RuntimeError" in bad["error"]
+    assert [n.op_type for n in onnx.load(src / "one.onnx").graph.node] == ["Conv", "Relu"]
+
+
+def test_insert_options(run_cli, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1", "B1"], ["h"], name="fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], name="act"),
+         helper.make_node("Gemm", ["r", "W2", "B2"], ["y"], name="fc2", transB=1)], "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.ones((5, 4), np.float32), "W1"),
+         numpy_helper.from_array(np.zeros(5, np.float32), "B1"),
+         numpy_helper.from_array(np.ones((3, 5), np.float32), "W2"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "B2")])
+    src = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    o = {k: tmp_path / f"{k}.onnx" for k in ("default", "all", "after", "only", "bad")}
+    results = run_cli.many([
+        ["insert", src, "-o", o["default"], "--json"],
+        ["insert", src, "-o", o["all"], "--no-skip-last", "--eps", "1e-3", "--momentum", "0.2",
+         "--drop-bias", "--json"],
+        ["insert", src, "-o", o["after"], "--position", "after_activation", "--json"],
+        ["insert", src, "-o", o["only"], "--include-last", "--include", "fc2", "--exclude",
+         "fc1", "--json"],
+        ["insert", src, "-o", o["bad"], "--momentum", "2"],
+    ])
+    assert [r.returncode for r in results] == [0, 0, 0, 0, 2], [r.stderr for r in results]
+
+    def bns(path: Path) -> list[onnx.NodeProto]:
+        return [n for n in onnx.load(path).graph.node if n.op_type == "BatchNormalization"]
+
+    def after(path: Path) -> list[str]:  # what each BN reads
+        nodes = onnx.load(path).graph.node
+        producer = {out: n.name for n in nodes for out in n.output}
+        return [producer[n.input[0]] for n in bns(path)]
+
+    assert after(o["default"]) == ["fc1"]  # skip-last by default
+    assert sorted(after(o["all"])) == ["fc1", "fc2"]
+    attrs = {a.name: a.f for a in bns(o["all"])[0].attribute}
+    assert attrs["epsilon"] == pytest.approx(1e-3) and attrs["momentum"] == pytest.approx(0.8)
+    gemms = [n for n in onnx.load(o["all"]).graph.node if n.op_type == "Gemm"]
+    assert all(len(n.input) == 2 for n in gemms)  # --drop-bias
+    assert after(o["after"]) == ["act"]
+    assert after(o["only"]) == ["fc2"]
+    assert "momentum" in results[4].stderr and not o["bad"].exists()

@@ -23,23 +23,25 @@ REPORT_KEYS = {"pass", "changed", "counts", "entries", "notes"}
 VALIDATION_KEYS = {"schema", "passed", "reference", "candidate", "settings", "inputs", "notes",
                    "runs", "failures"}
 RUN_KEYS = {"provider", "comparison", "status", "ran_on", "required", "passed", "outputs"}
-OUTPUT_KEYS = {"output", "dtype", "shape", "atol", "rtol", "max_abs", "max_rel", "cosine",
-               "worst", "passed"}
+OUTPUT_KEYS = {"output", "dtype", "shape", "atol", "rtol", "tol_dtype", "max_abs", "max_rel",
+               "cosine", "worst", "passed"}
 
 
 def check_validation_schema(doc: dict) -> None:
     assert doc.keys() >= VALIDATION_KEYS and doc["schema"] == "bnfold.validation/1"
-    assert {"providers", "samples", "seed", "ort_graph_optimizations", "tolerance_rule"} <= \
-        doc["settings"].keys()
+    assert {"providers", "require", "samples", "seed", "ort_graph_optimizations", "atol", "rtol",
+            "tolerance_rule", "compute_dtype"} <= doc["settings"].keys()
     assert all({"name", "dtype", "shape", "source"} <= i.keys() for i in doc["inputs"])
     for run in doc["runs"]:
         assert run.keys() >= RUN_KEYS and run["status"] in ("ran", "unavailable")
         assert isinstance(run["passed"], bool) and isinstance(run["ran_on"], list)
         if run["status"] == "unavailable":
-            assert "CUDA EP not available" in run["note"] and run["outputs"] == []
+            assert "not available" in run["note"] or "cannot run" in run["note"]
+            assert run["outputs"] == []
         for out in run["outputs"]:
             assert out.keys() >= OUTPUT_KEYS
             assert all(isinstance(out[k], (int, float)) for k in ("atol", "rtol", "cosine"))
+            assert out["tol_dtype"] in ("float16", "bfloat16", "float32", "float64", "given")
 
 
 def digest(path: Path) -> str:
@@ -110,29 +112,31 @@ def test_inspect_table_and_json(run_cli, models):
 def test_validate_exit_codes(run_cli, models, tmp_path):
     good = tmp_path / "good.onnx"
     assert run_cli("fold", models["a"], "-o", good).returncode == 0
-    res = run_cli("validate", models["a"], good, "--providers", "cpu")
-    assert res.returncode == 0 and "validation PASSED" in res.stdout
-    res = run_cli("validate", models["a"], models["wrong"], "--json", "--samples", "2")
-    doc = json.loads(res.stdout)
-    assert res.returncode == 1 and doc["passed"] is False and doc["failures"]
-    check_validation_schema(doc)
-    assert doc["settings"]["samples"] == 2
-    # An explicit loose tolerance lets the same wrong model through: the flags are honoured.
-    assert run_cli("validate", models["a"], models["wrong"], "--atol", "1",
-                   "--rtol", "0", "--providers", "cpu").returncode == 0
     x = np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
-    res = run_cli("validate", models["a"], good, "--inputs", tmp_path / "x.npz", "--json",
-                  "--providers", "cpu")
-    assert res.returncode == 0 and json.loads(res.stdout)["inputs"][0]["shape"] == [5, 3, 8, 8]
+    a, wrong = models["a"], models["wrong"]
+    passed, failed, loose, given, required, cuda_only = run_cli.many([
+        ["validate", a, good, "--providers", "cpu"],
+        ["validate", a, wrong, "--json", "--samples", "2"],
+        # An explicit loose tolerance lets the same wrong model through: the flags are honoured.
+        ["validate", a, wrong, "--atol", "1", "--rtol", "0", "--providers", "cpu"],
+        ["validate", a, good, "--inputs", tmp_path / "x.npz", "--json", "--providers", "cpu"],
+        ["validate", a, good, "--require", "cuda"],
+        ["validate", a, wrong, "--providers", "cuda", "--json"],
+    ])
+    assert passed.returncode == 0 and "validation PASSED" in passed.stdout
+    doc = json.loads(failed.stdout)
+    assert failed.returncode == 1 and doc["passed"] is False and doc["failures"]
+    check_validation_schema(doc)
+    assert doc["settings"]["samples"] == 2
+    assert loose.returncode == 0
+    assert given.returncode == 0 and json.loads(given.stdout)["inputs"][0]["shape"] == [5, 3, 8, 8]
     if not HAS_CUDA_EP:
-        res = run_cli("validate", models["a"], good, "--require", "cuda")
-        assert res.returncode == 1 and "FAIL (required)" in res.stdout
+        assert required.returncode == 1 and "FAIL (required)" in required.stdout
         # --providers cuda alone still runs the CPU EP: a validation never compares nothing.
-        doc = json.loads(run_cli("validate", models["a"], models["wrong"], "--providers",
-                                 "cuda", "--json").stdout)
+        doc = json.loads(cuda_only.stdout)
         assert [r["status"] for r in doc["runs"]] == ["ran", "unavailable"]
-        assert doc["passed"] is False
+        assert cuda_only.returncode == 1 and doc["passed"] is False
 
 
 def test_fold_refuses_output_equal_to_input_unless_in_place(run_cli, models):

@@ -26,7 +26,7 @@ def float64_reference(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize(("name", "opset"), [("resnet_small", 17), ("conv_multi_use", None)])
+@pytest.mark.parametrize(("name", "opset"), [("plain_cnn", 17), ("conv_multi_use", None)])
 def test_export_folds_validates_and_matches_float64(name, opset, tmp_path):
     model = zoo.get(name)
     path = tmp_path / f"{name}.onnx"

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="run the end-to-end demo on a zoo model")
     p.add_argument("--model", default="resnet_small", help="zoo model name")
+    p.add_argument("--skip-training", action="store_true",
+                   help="leave out the insert-train-fold section (the slow one)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -343,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise BadInputError(f"unknown zoo model {args.model!r}; choose from {', '.join(zoo.ZOO)}")
     from bnfold.demo import run_demo
 
-    return int(run_demo(model=args.model, as_json=args.json))
+    return int(run_demo(model=args.model, as_json=args.json, train=not args.skip_training))
 
 
 # --------------------------------------------------------------------------------------------

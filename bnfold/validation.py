@@ -274,11 +274,21 @@ def _describe_source(inputs: Any) -> str:
 
 
 def _check_same_inputs(ref: Sequence[InputSpec], cand: Sequence[InputSpec]) -> None:
+    """Same names and dtypes, in order, and no fixed dim that differs."""
     if [(s.name, s.dtype) for s in ref] != [(s.name, s.dtype) for s in cand]:
         def show(specs: Sequence[InputSpec]) -> str:
             return ", ".join(f"{s.name}:{s.dtype}" for s in specs) or "none"
         raise BadInputError(f"the models take different inputs: reference {show(ref)}, "
                             f"candidate {show(cand)}")
+    for r, c in zip(ref, cand, strict=True):
+        if r.shape is None or c.shape is None:
+            continue
+        clash = len(r.shape) != len(c.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b
+            for a, b in zip(r.shape, c.shape, strict=True))
+        if clash:
+            raise BadInputError(f"input {r.name!r} has shape {list(r.shape)} in the reference "
+                                f"but {list(c.shape)} in the candidate")
 
 
 def _output_names(ref: _Model | _Torch, cand: _Model, notes: list[str]) -> list[tuple[str, str]]:

@@ -267,7 +267,9 @@ def test_demo_wiring_and_unexpected_errors_in_process(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(bnfold.demo, "run_demo", lambda **kw: seen.update(kw) or 0)
     assert cli.main(["demo", "--model", "plain_cnn", "--json"]) == 0
-    assert seen == {"model": "plain_cnn", "as_json": True}
+    assert seen == {"model": "plain_cnn", "as_json": True, "train": True}
+    assert cli.main(["demo", "--skip-training"]) == 0
+    assert seen == {"model": "resnet_small", "as_json": False, "train": False}
 
     def boom(args):
         raise RuntimeError("something\nunexpected")

@@ -155,6 +155,11 @@ def test_bad_models_and_options_raise_one_line_errors(conv_bn_proto, tmp_path):
     other.graph.node[0].input[0] = "image"
     with pytest.raises(BadInputError, match="different inputs"):
         bnfold.validate(ref, other, providers=("cpu",))
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(ref)
+    fixed.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 16
+    with pytest.raises(BadInputError, match=r"input 'x' has shape \['batch', 3, 8, 8\]"):
+        bnfold.validate(ref, fixed, providers=("cpu",))
     with pytest.raises(BadInputError, match="cannot load"):
         broken = onnx.ModelProto()
         broken.CopyFrom(ref)

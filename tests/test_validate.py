@@ -52,6 +52,8 @@ def test_exact_fold_passes_with_metrics_and_stated_defaults(conv_bn_proto, hand_
     default = bnfold.validate(ref, hand_folded(ref), providers=("cpu",), samples=1)
     assert default.inputs[0]["shape"][0] == 2
     assert any("dim 'batch' not given, used 2" in n for n in default.notes)
+    fused = bnfold.validate(ref, hand_folded(ref), providers=("cpu",), samples=1, optimize=True)
+    assert fused.passed and fused.settings["ort_graph_optimizations"] == "enabled"
 
 
 def test_one_perturbed_weight_is_caught_and_located(conv_bn_proto, hand_folded):

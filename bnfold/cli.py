@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("insert", parents=[common, report],
-                       help="insert BatchNormalization after Conv/Gemm/MatMul (training graphs)")
+                       help="insert BatchNormalization after Conv/Gemm/MatMul")
     p.add_argument("input", type=Path, metavar="IN")
     p.add_argument("-o", "--output", type=Path, metavar="OUT")
     p.add_argument("--in-place", action="store_true", help="allow OUT to be IN")
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BN momentum, PyTorch convention (default 0.1)")
     p.add_argument("--drop-bias", action="store_true",
                    help="remove the layer bias the BN makes redundant in training")
+    p.add_argument("--training-mode", action="store_true",
+                   help="write training-mode BNs (batch statistics, running mean/var outputs); "
+                        "default: inference-mode BNs with identity statistics")
     p.set_defaults(func=cmd_insert)
 
     p = sub.add_parser("demo", parents=[common], help="run the end-to-end demo on a zoo model")
@@ -325,7 +328,8 @@ def cmd_insert(args: argparse.Namespace) -> int:
     model = load_checked(args.input)
     inserted, report = bnfold.insert_bn_onnx(
         model, position=args.position, skip_last=args.skip_last, include=args.include,
-        exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias)
+        exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias,
+        training_mode=args.training_mode)
     save_onnx(inserted, out)
     if not args.json:
         from bnfold.render import print_report

@@ -26,13 +26,13 @@ def report_table(report: Report, title: str) -> Table:
     colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim"}
     for e in report.entries:
         detail = e.into if e.action in ("folded", "inserted") else (e.reason or "")
-        table.add_row(e.bn, f"[{colours[e.action]}]{e.action}[/]", detail or "")
+        table.add_row(e.bn, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
     return table
 
 
 def print_report(report: Report, title: str) -> None:
     console.print(report_table(report, title))
-    counts = ", ".join(f"{v} {k}" for k, v in report.counts().items() if v)
+    counts = ", ".join(f"{v} {report.label(k)}" for k, v in report.counts().items() if v)
     console.print(f"{report.pass_name}: {counts or 'no BatchNormalization found'}")
     for note in report.notes:
         console.print(f"note: {note}")

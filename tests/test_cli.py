@@ -105,8 +105,10 @@ def test_fold_validate_report_and_json_schema(run_cli, models, tmp_path):
 def test_inspect_table_and_json(run_cli, models):
     res = run_cli("inspect", models["a"])
     assert res.returncode == 0 and "bn" in res.stdout and "conv" in res.stdout
+    assert "would fold" in res.stdout and "1 would fold" in res.stdout  # a dry run says so
     doc = json.loads(run_cli("inspect", models["a"], "--json").stdout)
     assert doc["schema"] == "bnfold.inspect/1" and doc["report"].keys() >= REPORT_KEYS
+    assert doc["report"]["dry_run"] is True and doc["report"]["changed"] is False
 
 
 def test_validate_exit_codes(run_cli, models, tmp_path):
@@ -244,7 +246,6 @@ def test_folder_continues_past_failures_and_summarises(run_cli, models, tmp_path
 
 
 def test_insert_subcommand(run_cli, tmp_path):
-    pytest.importorskip("bnfold.passes.onnx.insert", reason="ONNX insertion pass not built yet")
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="fc", transB=1)], "mlp",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
@@ -419,7 +420,7 @@ def test_insert_options(run_cli, tmp_path):
          numpy_helper.from_array(np.zeros(3, np.float32), "B2")])
     src = tmp_path / "mlp.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
-    o = {k: tmp_path / f"{k}.onnx" for k in ("default", "all", "after", "only", "bad")}
+    o = {k: tmp_path / f"{k}.onnx" for k in ("default", "all", "after", "only", "bad", "train")}
     results = run_cli.many([
         ["insert", src, "-o", o["default"], "--json"],
         ["insert", src, "-o", o["all"], "--no-skip-last", "--eps", "1e-3", "--momentum", "0.2",
@@ -428,8 +429,9 @@ def test_insert_options(run_cli, tmp_path):
         ["insert", src, "-o", o["only"], "--include-last", "--include", "fc2", "--exclude",
          "fc1", "--json"],
         ["insert", src, "-o", o["bad"], "--momentum", "2"],
+        ["insert", src, "-o", o["train"], "--training-mode", "--json"],
     ])
-    assert [r.returncode for r in results] == [0, 0, 0, 0, 2], [r.stderr for r in results]
+    assert [r.returncode for r in results] == [0, 0, 0, 0, 2, 0], [r.stderr for r in results]
 
     def bns(path: Path) -> list[onnx.NodeProto]:
         return [n for n in onnx.load(path).graph.node if n.op_type == "BatchNormalization"]
@@ -448,3 +450,6 @@ def test_insert_options(run_cli, tmp_path):
     assert after(o["after"]) == ["act"]
     assert after(o["only"]) == ["fc2"]
     assert "momentum" in results[4].stderr and not o["bad"].exists()
+    train = {a.name: a.i for a in bns(o["train"])[0].attribute if a.name == "training_mode"}
+    assert train == {"training_mode": 1} and len(bns(o["train"])[0].output) == 3
+    assert not any(a.name == "training_mode" and a.i for a in bns(o["default"])[0].attribute)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import bnfold
+from bnfold.errors import BadInputError
 from bnfold.models import zoo
 
 
@@ -28,7 +29,7 @@ def fold_section(model_name: str) -> dict[str, Any]:
     """Fold ``model_name`` with the FX pass; compare with float64 on fresh inputs."""
     model = zoo.get(model_name)
     x = zoo.example_input(model_name, seed=1234, batch=8)
-    folded, report = bnfold.fold(model)
+    folded, report = bnfold.fold(model, zoo.example_input(model_name))
     with torch.no_grad():
         ref = model.double()(x.double())
         model.float()
@@ -62,6 +63,8 @@ def run_demo(model: str = "resnet_small", as_json: bool = False, train: bool = T
     """Run the demo; print tables (or one JSON document); return the process exit code."""
     from rich.console import Console
 
+    if model not in zoo.ZOO:
+        raise BadInputError(f"unknown zoo model {model!r}; choose from {', '.join(zoo.ZOO)}")
     console = Console(stderr=as_json, soft_wrap=True)
     console.rule(f"[bold]1. fold {model} in its torch.fx graph")
     fx = fold_section(model)
@@ -97,6 +100,6 @@ def run_demo(model: str = "resnet_small", as_json: bool = False, train: bool = T
                           "validation": ox["validation"].to_dict()},
             "training": training,
         }
-        print(json.dumps(doc, indent=2, default=str))
+        print(json.dumps(doc, indent=2, default=str, allow_nan=False))
     console.rule("[bold green]demo passed" if ok else "[bold red]demo FAILED")
     return 0 if ok else 1

@@ -105,7 +105,7 @@ def low_precision_table() -> list[str]:
 
 def main() -> None:
     torch.manual_seed(0)
-    text = "\n".join(["## FX fold: bnfold vs torch.fx fuse", "", *zoo_table(), "",
+    text = "\n".join(["# FX fold: bnfold vs torch.fx fuse", "", *zoo_table(), "",
                       "## fp16 / bf16 folded weights: worst distance from the exact fold", "",
                       *low_precision_table(), ""])
     OUT.parent.mkdir(parents=True, exist_ok=True)

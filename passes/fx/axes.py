@@ -89,11 +89,19 @@ def _ints(args: Sequence[Any]) -> list[int] | None:
     return flat if all(isinstance(v, int) for v in flat) else None
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Argument ``index`` (counting the tensor as 0) or keyword ``name`` of ``node``."""
     if index < len(node.args):
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def flatten_dims(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any]:
+    """``(start_dim, end_dim)`` of a flatten node: ``nn.Flatten`` module or call."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return module.start_dim, module.end_dim
+    return node_arg(node, 1, "start_dim", 0), node_arg(node, 2, "end_dim", -1)
 
 
 def permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[int] | None:
@@ -104,7 +112,7 @@ def permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[i
                 return None
             return list(range(rank))[::-1]
         if op == "transpose":
-            d0, d1 = (_arg(node, 1, "dim0", None), _arg(node, 2, "dim1", None))
+            d0, d1 = (node_arg(node, 1, "dim0", None), node_arg(node, 2, "dim1", None))
             if not all(isinstance(d, int) and -rank <= d < rank for d in (d0, d1)):
                 return None
             perm = list(range(rank))
@@ -117,7 +125,7 @@ def permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[i
                     d % rank for d in dims) != list(range(rank)):
                 return None
             return [d % rank for d in dims]
-        src, dst = _arg(node, 1, "source", None), _arg(node, 2, "destination", None)
+        src, dst = node_arg(node, 1, "source", None), node_arg(node, 2, "destination", None)
         if not all(isinstance(d, int) and -rank <= d < rank for d in (src, dst)):
             return None
         order = [d for d in range(rank) if d != src % rank]
@@ -142,17 +150,13 @@ def _reshape_by_rank(gm: fx.GraphModule, node: fx.Node, op: str, rank: int, axis
     if op in ("contiguous", "clone", "identity"):
         return (rank, axis)
     if op == "unsqueeze":
-        d = _arg(node, 1, "dim", None)
+        d = node_arg(node, 1, "dim", None)
         if not isinstance(d, int) or not -rank - 1 <= d <= rank:
             return None
         d %= rank + 1
         return (rank + 1, axis + 1 if d <= axis else axis)
     if op == "flatten":
-        if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            start, end = module.start_dim, module.end_dim
-        else:
-            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+        start, end = flatten_dims(gm, node)
         if rank == 0 or not (-rank <= start < rank and -rank <= end < rank):
             return None
         start, end = start % rank, end % rank

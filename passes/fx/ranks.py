@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.passes.fx.axes import chain_input, chain_op, permutation
+from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, node_arg, permutation
 from bnfold.passes.fx.sites import MAX_RANK, batchnorm_rule, is_batchnorm, is_layer, layer_site
 
 Ranks = frozenset[int]
@@ -108,16 +108,12 @@ def _movement(gm: fx.GraphModule, node: fx.Node, op: str, src: fx.Node) -> tuple
     if op in ("contiguous", "clone", "identity"):
         return src, lambda r: r
     if op == "unsqueeze":
-        d = _arg(node, 1, "dim")
+        d = node_arg(node, 1, "dim")
         if not isinstance(d, int):
             return None
         return src, lambda r: r + 1 if -r - 1 <= d <= r else None
     if op == "flatten":
-        if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            start, end = module.start_dim, module.end_dim
-        else:
-            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+        start, end = flatten_dims(gm, node)
         if not (isinstance(start, int) and isinstance(end, int)):
             return None
         return src, lambda r: _flattened(r, start, end)
@@ -148,9 +144,3 @@ def _sizes(node: fx.Node) -> tuple[object, ...] | None:
         # one int is rank 1; one node may be a whole size (x.shape) or one int: unknown
         return (rest[0],) if isinstance(rest[0], int) else None
     return tuple(rest) or None
-
-
-def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)

@@ -13,8 +13,6 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 
-ModelLike = "onnx.ModelProto | ir.Model | str | os.PathLike[str]"
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:

@@ -10,11 +10,14 @@ unwrapped, and lazy modules must have run once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +84,8 @@ def graph_module_of(
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
         try:
-            exported = torch.export.export(work, args, strict=False)
+            with _quiet_torch_logs():
+                exported = torch.export.export(work, args, strict=False)
         except Exception as export_exc:
             raise UntraceableError(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
@@ -89,6 +93,23 @@ def graph_module_of(
             ) from export_exc
         return exported.module(), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Hold back torch.export's warnings and printouts (a failed export prints whole graphs):
+    the failure reaches the user as one line."""
+    loggers = [logging.getLogger(n) for n in
+               ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnfold-installed
+TORCH_PIP_ARGS ?=
 
 .PHONY: test demo lint bench clean
 
+# Pinned torch first. On this project's machines pip finds the CPU build of 2.13.0 on disk;
+# elsewhere pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# The CPU build of torch lies on disk; pin it here so pip never pulls a CUDA build.
-	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """bnfold's ONNX fold beside its peers: ``python -m benchmarks.bench_onnx_fold [--big]``.
 
-1. Correctness on the failure cases of issue 4 (benchmarks/onnx_fold_cases.py), side by side
+1. Correctness on known failure cases of ONNX folders (benchmarks/onnx_fold_cases.py), side by side
    with onnxscript's BN fusion rules, onnxoptimizer's ``fuse_bn_into_conv``, ONNX Runtime's own
    fusions (basic level, written out with ``optimized_model_filepath``) and onnxslim: who
    folds exactly, who is wrong, who writes an invalid model, who crashes.
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big", action="store_true", help="3 GB external-data model")
     args = parser.parse_args(argv or [])
-    sections = [("Correctness on issue 4's failure cases", correctness),
+    sections = [("Correctness on the known failure cases of ONNX folders", correctness),
                 ("Speed (ratios)", speed),
                 ("Memory", lambda: memory(args.big))]
     text = []

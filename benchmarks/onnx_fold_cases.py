@@ -1,4 +1,4 @@
-"""The failure cases of issue 4 as ModelProtos, each with what a correct folder must do.
+"""Known failure cases of ONNX BN folders as ModelProtos, each with what a correct folder does.
 
 ``expect`` is ``"fold"`` (the BN folds exactly; a tool that leaves it only misses a chance) or
 ``"keep"`` (folding it changes the model's meaning, or would write non-finite weights).

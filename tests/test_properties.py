@@ -16,12 +16,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import onnx
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from onnx_cases import count, rel_err, run_ort
+from onnx_cases import count, run_ort
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -73,7 +74,7 @@ class Geometry:
 
 
 @st.composite
-def geometries(draw: st.DrawFn, kinds: tuple[str, ...] = ("linear", "conv", "conv_transpose"),
+def geometries(draw: st.DrawFn, kinds: tuple[str, ...] = ("conv", "conv_transpose", "linear"),
                modes: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular"),
                ) -> Geometry:
     kind = draw(st.sampled_from(kinds))
@@ -197,11 +198,12 @@ def bn_count(gm: torch.fx.GraphModule) -> int:
     return modules + calls
 
 
-def fold_and_compare(model: nn.Module, g: Geometry, seed: int, with_example: bool = True
+def fold_and_compare(model: nn.Sequential, g: Geometry, seed: int, with_example: bool = True
                      ) -> tuple[Any, Any, float]:
     """Fold ``model`` (with an example input, or without: rank guards may be added); return
-    ``(folded, report, rel err)`` on a fresh input of another batch size against ``model`` in
-    float64. Also checks that the input model was not changed."""
+    ``(folded, report, err)``, ``err`` the error on a fresh input of another batch size
+    against ``model`` in float64 (see :func:`scaled_err`). Also checks that the input model
+    was not changed."""
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
@@ -211,20 +213,53 @@ def fold_and_compare(model: nn.Module, g: Geometry, seed: int, with_example: boo
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "the input model changed"
-    reference = copy.deepcopy(model).double()
     with torch.no_grad():
-        want = reference(fresh.double())
+        want = copy.deepcopy(model).double()(fresh.double())
         got = gm(fresh)
+        scale = magnitude(model, fresh)
     assert got.dtype == torch.float32 and got.shape == want.shape
-    err = float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-30)
-    return gm, report, err
+    return gm, report, scaled_err(got.double().numpy(), want.numpy(), scale)
+
+
+def scaled_err(got: np.ndarray, want: np.ndarray, scale: np.ndarray) -> float:
+    """``max|got - want| / max(scale)``: ``scale`` is the model evaluated in float64 on
+    absolute values (:func:`magnitude`), the size of the terms a float32 evaluation rounds.
+    It is ``max|want|`` unless terms cancel (BN shift against the layer output); there a
+    plain relative error measures the cancellation, not the fold."""
+    return float(np.max(np.abs(got - want))) / max(float(np.max(scale)), 1e-30)
+
+
+def _absolute(module: nn.Module) -> nn.Module:
+    """A float64 copy with ``|W|``, ``|b|``, ``|gamma|``, ``|beta|`` and mean ``-|mean|``, so
+    that on ``|x|`` every sum and the BN's ``(y - mean) * s + beta`` add magnitudes."""
+    out = copy.deepcopy(module).double()
+    for name, t in [*out.named_parameters(), *out.named_buffers()]:
+        if name.endswith("running_mean"):
+            t.copy_(-t.abs())
+        elif t.is_floating_point() and not name.endswith("running_var"):
+            t.abs_()
+    return out
+
+
+def magnitude(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
+    """``model`` on absolute values (:func:`_absolute`) in float64; activations apply to the
+    input as it is, and are skipped after the first layer (they are at most 1.13-Lipschitz,
+    so the error before them bounds the error after them)."""
+    h, started = x.double(), False
+    for m in model:
+        if isinstance(m, tuple(ACTIVATIONS.values())):
+            h = h if started else m(h)
+            continue
+        h, started = _absolute(m)(h.abs()), True
+    return h.numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. FX forward fold.
 # ---------------------------------------------------------------------------------------------
 
-@settings(PROFILE, max_examples=70)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@settings(PROFILE, max_examples=100)
 @given(g=geometries(), bn_cfg=bn_configs(), functional_layer=st.booleans(),
        act=st.sampled_from(sorted(ACTIVATIONS)), with_example=st.booleans())
 def test_fx_forward_fold_is_exact(g: Geometry, bn_cfg: dict[str, Any], functional_layer: bool,
@@ -246,9 +281,39 @@ def test_fx_forward_fold_is_exact(g: Geometry, bn_cfg: dict[str, Any], functiona
 # 2. FX backward fold.
 # ---------------------------------------------------------------------------------------------
 
-@settings(PROFILE, max_examples=70)
-@given(g=geometries(), bn_cfg=bn_configs(), zero_shift=st.sampled_from([False, False, True]),
+def _conv2d(padding: Any, mode: str = "zeros", groups: int = 2,
+            stride: tuple[int, int] = (2, 1)) -> Geometry:
+    return Geometry("conv", 2, 4, 6, groups, (3, 2), stride, padding, (1, 2), (0, 0), mode,
+                    (5, 6), True)
+
+
+def _convt2d(stride: tuple[int, int], padding: tuple[int, int]) -> Geometry:
+    return Geometry("conv_transpose", 2, 4, 6, 2, (3, 2), stride, padding, (1, 2), (0, 0),
+                    "zeros", (4, 3), True)
+
+
+_BN_CFG = {"affine": True, "eps": 1e-5, "seed": 3, "functional": False}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@settings(PROFILE, max_examples=100)
+@given(g=geometries(modes=("zeros", "zeros", "reflect", "replicate", "circular")),
+       bn_cfg=bn_configs(), zero_shift=st.sampled_from([False, False, True]),
        functional_layer=st.booleans(), act=st.sampled_from(sorted(ACTIVATIONS)))
+# Each outcome of the refusal, whatever the generator favours: zero-padded conv kept (unless
+# t == 0), copy-padded conv folded, ConvTranspose folded only when every output sees every tap.
+@example(g=_conv2d((1, 1)), bn_cfg=_BN_CFG, zero_shift=False, functional_layer=False,
+         act="none")
+@example(g=_conv2d((1, 1)), bn_cfg=_BN_CFG, zero_shift=True, functional_layer=True,
+         act="relu")
+@example(g=_conv2d("same", "reflect", stride=(1, 1)), bn_cfg=_BN_CFG, zero_shift=False,
+         functional_layer=False, act="none")
+@example(g=_conv2d((2, 1), "circular", 1), bn_cfg=_BN_CFG, zero_shift=False,
+         functional_layer=False, act="none")
+@example(g=_convt2d((1, 1), (2, 2)), bn_cfg=_BN_CFG, zero_shift=False, functional_layer=True,
+         act="none")
+@example(g=_convt2d((2, 1), (2, 2)), bn_cfg=_BN_CFG, zero_shift=False, functional_layer=False,
+         act="none")
 def test_fx_backward_fold_matches_refusal(g: Geometry, bn_cfg: dict[str, Any],
                                           zero_shift: bool, functional_layer: bool,
                                           act: str) -> None:
@@ -411,9 +476,16 @@ def onnx_cases(draw: st.DrawFn, order: str) -> OnnxCase:
 
 
 def _reference(op: str, act: str, order: str, params: dict[str, np.ndarray],
-               a: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    """float64 evaluation of the unfolded graph with torch (ONNX pads and crops written out)."""
+               a: dict[str, Any], x: np.ndarray, absolute: bool = False) -> np.ndarray:
+    """float64 evaluation of the unfolded graph with torch (ONNX pads and crops written out).
+
+    ``absolute=True``: on absolute values and without the activation, the scale that
+    :func:`scaled_err` divides by (see :func:`_absolute`)."""
     p = {k: torch.from_numpy(v) for k, v in params.items()}
+    if absolute:
+        p = {k: -v.abs() if k == "mean" else v.abs() for k, v in p.items()}
+        a = {**a, "alpha": abs(a.get("alpha", 1.0)), "beta": abs(a.get("beta", 1.0))}
+        x, act = np.abs(x), "none"
 
     def bn(h: torch.Tensor) -> torch.Tensor:
         shape = [1, -1] + [1] * (h.dim() - 2)
@@ -449,8 +521,8 @@ def _reference(op: str, act: str, order: str, params: dict[str, np.ndarray],
 
 def check_onnx_fold(case: OnnxCase, seed: int) -> Any:
     """Fold ``case``; check the input is unchanged, the output model valid and, on a fresh
-    input in ORT (no graph optimizations), equal to the float64 reference. Returns the
-    report."""
+    input in ORT (no graph optimizations), equal to the float64 reference (the unfolded
+    graph too: the reference must describe it as ORT runs it). Returns the report."""
     original = case.model.SerializeToString()
     folded, report = bnfold.fold_onnx(case.model)
     assert case.model.SerializeToString() == original, "the input model changed"
@@ -458,14 +530,16 @@ def check_onnx_fold(case: OnnxCase, seed: int) -> Any:
     (entry,) = report.entries
     assert count(folded) == (entry.action == "kept")
     fresh = np.random.default_rng(seed).normal(size=case.x.shape).astype(np.float32)
-    want = _reference(case.op, case.act, case.order, case.params, case.attrs, fresh)
-    # The reference must describe the unfolded graph as ORT runs it, else the check is moot.
-    assert rel_err(run_ort(case.model, {"x": fresh}), [want]) < FP32_TOL
-    assert rel_err(run_ort(folded, {"x": fresh}), [want]) < FP32_TOL
+    args = (case.op, case.act, case.order, case.params, case.attrs, fresh)
+    want, scale = _reference(*args), _reference(*args, absolute=True)
+    for model in (case.model, folded):
+        (got,) = run_ort(model, {"x": fresh})
+        assert got.shape == want.shape
+        assert scaled_err(got.astype(np.float64), want, scale) < FP32_TOL
     return report
 
 
-@settings(PROFILE, max_examples=80)
+@settings(PROFILE, max_examples=100)
 @given(case=onnx_cases("forward"), seed=st.integers(0, 2**31 - 1))
 def test_onnx_forward_fold_is_exact(case: OnnxCase, seed: int) -> None:
     report = check_onnx_fold(case, seed)
@@ -473,7 +547,7 @@ def test_onnx_forward_fold_is_exact(case: OnnxCase, seed: int) -> None:
     assert report.entries[0].details.get("direction") == "forward"
 
 
-@settings(PROFILE, max_examples=60)
+@settings(PROFILE, max_examples=100)
 @given(case=onnx_cases("backward"), seed=st.integers(0, 2**31 - 1))
 def test_onnx_backward_fold_iff_exact(case: OnnxCase, seed: int) -> None:
     report = check_onnx_fold(case, seed)
@@ -499,7 +573,7 @@ def assert_half_ulp(got: np.ndarray, exact: np.ndarray) -> None:
     assert not bad.any(), (g64[bad][:5], exact[bad][:5])
 
 
-@settings(PROFILE, max_examples=80)
+@settings(PROFILE, max_examples=150)
 @given(dtype=st.sampled_from([np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]),
        layout=st.sampled_from(["conv", "conv_transpose", "linear_t"]),
        direction=st.sampled_from(["forward", "backward"]),

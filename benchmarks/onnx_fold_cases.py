@@ -16,7 +16,13 @@ import onnx
 from onnx import TensorProto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from onnx_cases import Builder, torch_convtranspose_bn
+from onnx_cases import (
+    Builder,
+    constant_node_weight,
+    dynamo_bias_subgraph,
+    shared_weight,
+    torch_convtranspose_bn,
+)
 
 
 @dataclass(frozen=True)
@@ -110,37 +116,6 @@ def grouped_conv_transpose() -> onnx.ModelProto:
     return b.model({"x": [2, 4, 3, 3]}, {"y": None})
 
 
-def constant_node_weight() -> onnx.ModelProto:
-    b = Builder(7)
-    w = onnx.numpy_helper.from_array(b.rng.normal(size=[4, 3, 1, 1]).astype(np.float32))
-    b.node("Constant", [], ["w"], value=w)
-    b.node("Conv", ["x", "w"], ["c"])
-    b.bn("c", "y", 4)
-    return b.model({"x": [2, 3, 4, 4]}, {"y": None})
-
-
-def shared_weight() -> onnx.ModelProto:
-    b = Builder(8)
-    w = b.rand("w", [4, 4, 1, 1])
-    b.node("Conv", ["x", w], ["c1"])
-    b.node("Conv", ["x", w], ["c2"])
-    b.bn("c1", "y1", 4)
-    b.bn("c2", "y2", 4)
-    return b.model({"x": [2, 4, 3, 3]}, {"y1": None, "y2": None})
-
-
-def dynamo_bias_subgraph() -> onnx.ModelProto:
-    b = Builder(9)
-    b.rand("w", [4, 3, 1, 1])
-    b.node("Shape", ["w"], ["ws"], start=0, end=1)
-    b.node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.array(0.0)))
-    b.node("CastLike", ["zero", "x"], ["zl"])
-    b.node("Expand", ["zl", "ws"], ["bias"])
-    b.node("Conv", ["x", "w", "bias"], ["c"])
-    b.bn("c", "y", 4)
-    return b.model({"x": [2, 3, 4, 4]}, {"y": None})
-
-
 def conv_output_shared() -> onnx.ModelProto:
     b = _conv_bn()
     b.node("Add", ["y", "c"], ["z"])
@@ -160,8 +135,8 @@ CASES = [
     Case("Gemm alpha=.5 beta=2.5 transB=0", "fold", gemm(0)),
     Case("Gemm alpha=.5 beta=2.5 transB=1", "fold", gemm(1)),
     Case("grouped ConvTranspose", "fold", grouped_conv_transpose, torch_convtranspose_bn),
-    Case("weight in a Constant node", "fold", constant_node_weight),
-    Case("weight shared by two Conv+BN", "fold", shared_weight),
-    Case("bias from Shape/Expand subgraph", "fold", dynamo_bias_subgraph),
+    Case("weight in a Constant node", "fold", lambda: constant_node_weight(7)),
+    Case("weight shared by two Conv+BN", "fold", lambda: shared_weight(8)),
+    Case("bias from Shape/Expand subgraph", "fold", lambda: dynamo_bias_subgraph(9)),
     Case("conv output also feeds Add", "keep", conv_output_shared),
 ]

@@ -76,6 +76,40 @@ class Builder:
         return m
 
 
+def constant_node_weight(seed: int) -> onnx.ModelProto:
+    """Conv + BN whose weight comes from a ``Constant`` node, not an initializer."""
+    b = Builder(seed)
+    w = numpy_helper.from_array(b.rng.normal(size=[4, 3, 1, 1]).astype(np.float32))
+    b.node("Constant", [], ["w"], value=w)
+    b.node("Conv", ["x", "w"], ["c"])
+    b.bn("c", "y", 4)
+    return b.model({"x": [2, 3, 4, 4]}, {"y": None})
+
+
+def dynamo_bias_subgraph(seed: int) -> onnx.ModelProto:
+    """Conv + BN with the dynamo exporter's zero bias: Expand(CastLike(0, x), Shape(w)[0:1])."""
+    b = Builder(seed)
+    b.rand("w", [4, 3, 1, 1])
+    b.node("Shape", ["w"], ["ws"], start=0, end=1)
+    b.node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0)))
+    b.node("CastLike", ["zero", "x"], ["zl"])
+    b.node("Expand", ["zl", "ws"], ["bias"])
+    b.node("Conv", ["x", "w", "bias"], ["c"])
+    b.bn("c", "y", 4)
+    return b.model({"x": [2, 3, 4, 4]}, {"y": None})
+
+
+def shared_weight(seed: int) -> onnx.ModelProto:
+    """One weight initializer read by two Convs, each followed by its own BN."""
+    b = Builder(seed)
+    w = b.rand("w", [4, 4, 1, 1])
+    b.node("Conv", ["x", w], ["c1"])
+    b.node("Conv", ["x", w], ["c2"])
+    b.bn("c1", "y1", 4)
+    b.bn("c2", "y2", 4)
+    return b.model({"x": [2, 4, 3, 3]}, {"y1": None, "y2": None})
+
+
 def feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
     """Fresh random inputs for every graph input without an initializer (static shapes;
     symbolic dims -> 2)."""

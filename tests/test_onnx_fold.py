@@ -9,11 +9,14 @@ from onnx import TensorProto
 from onnx.inliner import inline_local_functions
 from onnx_cases import (
     Builder,
+    constant_node_weight,
     count,
+    dynamo_bias_subgraph,
     feeds,
     reference,
     rel_err,
     run_ort,
+    shared_weight,
     torch_convtranspose_bn,
 )
 
@@ -459,37 +462,18 @@ def test_fp16_overflow_is_refused() -> None:
 # --------------------------------------------------------------------- weights and names
 
 def test_weights_in_constant_nodes() -> None:
-    b = Builder(17)
-    w = onnx.numpy_helper.from_array(b.rng.normal(size=[4, 3, 1, 1]).astype(np.float32))
-    b.node("Constant", [], ["w"], value=w)
-    b.node("Conv", ["x", "w"], ["c"])
-    b.bn("c", "y", 4)
-    out, _ = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    out, _ = check(constant_node_weight(17), 0)
     assert count(out, "Constant") == 0
 
 
 def test_bias_from_constant_subgraph() -> None:
     """The dynamo exporter's zero bias: Expand(CastLike(0, x), Shape(weight)[0:1])."""
-    b = Builder(18)
-    b.rand("w", [4, 3, 1, 1])
-    b.node("Shape", ["w"], ["ws"], start=0, end=1)
-    b.node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.array(0.0)))
-    b.node("CastLike", ["zero", "x"], ["zl"])
-    b.node("Expand", ["zl", "ws"], ["bias"])
-    b.node("Conv", ["x", "w", "bias"], ["c"])
-    b.bn("c", "y", 4)
-    out, _ = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    out, _ = check(dynamo_bias_subgraph(18), 0)
     assert count(out, "Expand") == 0 and count(out, "Shape") == 0
 
 
 def test_shared_weight_is_copied_and_both_fold() -> None:
-    b = Builder(19)
-    w = b.rand("w", [4, 4, 1, 1])
-    b.node("Conv", ["x", w], ["c1"])
-    b.node("Conv", ["x", w], ["c2"])
-    b.bn("c1", "y1", 4)
-    b.bn("c2", "y2", 4)
-    out, _ = check(b.model({"x": [2, 4, 3, 3]}, {"y1": None, "y2": None}), 0)
+    out, _ = check(shared_weight(19), 0)
     names = sorted(i.name for i in out.graph.initializer)
     assert names == ["Conv_0_bnfold_bias", "Conv_0_bnfold_weight", "Conv_1_bnfold_bias", "w"]
 

@@ -344,6 +344,19 @@ def test_constant_node_weight_and_taken_parameter_names() -> None:
     assert close(run(model, X_CONV), conv_ref(X_CONV, "before_activation"))
 
 
+def test_constant_node_weight_leaves_the_callers_proto_untouched() -> None:
+    proto = conv_net()
+    w1 = next(i for i in proto.graph.initializer if i.name == "W1")
+    proto.graph.initializer.remove(w1)
+    w1.name = "a_tensor_named_otherwise"  # onnx-ir's get_const_tensor would rename it in place
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["W1"], value=w1))
+    before = proto.SerializeToString()
+    model, report = bnfold.insert_bn_onnx(proto, eps=EPS)
+    assert proto.SerializeToString() == before
+    assert [e.bn for e in report.inserted] == ["conv1_bn", "up2_bn"]
+    assert close(run(model, X_CONV), conv_ref(X_CONV, "before_activation"))
+
+
 def test_dropout_before_a_bn_and_layers_in_subgraphs() -> None:
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Dropout", ["h"], ["d"], name="drop"),

@@ -30,13 +30,13 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of ``value`` if it is constant (see module docstring), else ``None``."""
     if value is None:
         return None
-    tensor = _const_tensor(value)
+    tensor = const_tensor(value)
     if tensor is None:
         tensor = _evaluate_cone(value)
     return None if tensor is None else tensor.numpy()
 
 
-def _const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     """Like ``ir.convenience.get_const_tensor``, but never renames a ``Constant`` node's tensor
     (that tensor may wrap the caller's own ModelProto, which must stay untouched)."""
     node = value.producer()
@@ -70,7 +70,7 @@ def _cone(value: ir.Value) -> list[ir.Node] | None:
 
     def visit(v: ir.Value, type_only: bool) -> bool:
         nonlocal visited
-        if _const_tensor(v) is not None and not v.is_graph_input():
+        if const_tensor(v) is not None and not v.is_graph_input():
             return True
         node = v.producer()
         if (node is None or node.domain not in ("", "ai.onnx")
@@ -114,7 +114,7 @@ def _evaluate_cone(value: ir.Value) -> ir.TensorProtocol | None:
         if v is None:
             return None
         if v not in mapping:
-            const = _const_tensor(v)
+            const = const_tensor(v)
             if const is None:  # a value read only for its type: give a placeholder of it
                 shape = v.shape
                 assert shape is not None and v.dtype is not None
@@ -140,7 +140,7 @@ def _evaluate_cone(value: ir.Value) -> ir.TensorProtocol | None:
     except Exception:  # an op the evaluator cannot run: treat as not constant
         return None
     out = cone.outputs[0]
-    return _const_tensor(out)
+    return const_tensor(out)
 
 
 def make_tensor(array: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:

@@ -45,6 +45,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.fileio import load_onnx
+from bnfold.passes.onnx.consts import Namer, const_tensor
 from bnfold.report import Entry, PassResult, Report
 
 POSITIONS = ("before_activation", "after_activation")
@@ -119,7 +120,7 @@ def insert_bn_onnx(
         )
     includes, excludes = _selectors(include, "include"), _selectors(exclude, "exclude")
     last = _last_layers(graph, layers) if skip_last else set()
-    names = _Namer(graph)
+    names = Namer(out)
     report = Report("insert_bn_onnx")
     nested = sum(1 for n in graph.all_nodes() if n.graph is not graph and n.op_type in LAYER_OPS)
     if nested:
@@ -226,12 +227,12 @@ def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
         return None
     if value.shape is not None and value.shape.is_static():
         return tuple(int(d) for d in value.shape)
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = const_tensor(value)
     return None if tensor is None else tuple(int(d) for d in tensor.shape)
 
 
 def _is_constant(value: ir.Value | None) -> bool:
-    return value is not None and ir.convenience.get_const_tensor(value) is not None
+    return value is not None and const_tensor(value) is not None
 
 
 def _layer_output(node: ir.Node) -> ir.Value:
@@ -295,23 +296,6 @@ def _placement(layer: ir.Node, plan: _Plan, position: str) -> str:
 # Rewrite.
 # ---------------------------------------------------------------------------------------------
 
-class _Namer:
-    """Fresh value / node / initializer names for the graph."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken = set(graph.initializers) | {v.name for v in graph.inputs}
-        for node in graph.all_nodes():
-            self.taken.add(node.name or "")
-            self.taken.update(v.name for v in node.outputs if v.name)
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     tensor = ir.tensor(array, name=name)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape),
@@ -320,7 +304,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: _Namer, eps: float,
+def _rewrite(graph: ir.Graph, plan: _Plan, bn_name: str, names: Namer, eps: float,
              onnx_momentum: float, training_opset: int | None) -> list[str]:
     """Insert the BN (and its reshapes); return the names of its running-statistics outputs
     (training mode only)."""

@@ -631,3 +631,18 @@ def test_rank_guard_on_a_graph_input_comes_after_all_inputs() -> None:
     assert ops[:3] == ["placeholder", "placeholder", "call_method"]
     x, y = torch.randn(4, 5), torch.randn(4, 3)
     assert rel_err(gm, model, x, y) < 1e-6
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_bn_with_negative_variance_is_kept_not_raised(direction: str) -> None:
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)] if direction == "forward" \
+        else [nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)]
+    model = prepared(nn.Sequential(*layers))
+    bn = next(m for m in model if isinstance(m, nn.BatchNorm2d))
+    bn.running_var[0] = -1.0
+    gm, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert [e.action for e in report.entries] == ["kept"]
+    assert "not positive" in report.entries[0].reason
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(torch.isnan(gm(x)), torch.isnan(model(x)))

@@ -204,22 +204,24 @@ class _Folder:
             return _kept(f"{forward_reason}; backward fold: {layer}")
         start = site.input
         why, guard = self._axis_check(layer, start, [], site)
-        if why is None:
-            why = backward_fold_refusal(
-                layer.kind, site.params, padding=layer.padding, padding_mode=layer.padding_mode,
-                stride=layer.stride, dilation=layer.dilation,
-                kernel=tuple(layer.weight.shape[2:]), output_padding=layer.output_padding,
-            )
+        try:  # both the exactness check and the fold read the BN's statistics
+            if why is None:
+                why = backward_fold_refusal(
+                    layer.kind, site.params, padding=layer.padding,
+                    padding_mode=layer.padding_mode, stride=layer.stride,
+                    dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
+                    output_padding=layer.output_padding,
+                )
+            if not why:
+                folded = fold_backward(
+                    to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                    in_axis=1 - layer.weight_out_axis, groups=layer.groups,
+                    out_axis=layer.weight_out_axis,
+                )
+        except UnsafeFoldError as exc:
+            why = str(exc)
         if why:
             return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
-        convt = layer.kind == "conv_transpose"
-        try:
-            folded = fold_backward(
-                to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
-                in_axis=0 if convt else 1, groups=layer.groups, out_axis=1 if convt else 0,
-            )
-        except UnsafeFoldError as exc:
-            return _kept(f"{forward_reason}; backward fold into {layer.label}: {exc}")
         into, copied = self._write(layer, folded, label)
         self._remove(site)
         details: dict[str, Any] = {"direction": "backward", "layer": layer.kind, **copied}

@@ -43,8 +43,7 @@ from bnfold.passes.fx.layers import (
     match_layer,
     norm_description,
 )
-from bnfold.passes.fx.trace import _one_line as one_line
-from bnfold.passes.fx.trace import _user_frame as user_frame
+from bnfold.passes.fx.trace import Tracer, one_line, user_frame
 from bnfold.report import Entry, PassResult, Report
 
 #: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).
@@ -177,7 +176,7 @@ def _trace_copy(model: nn.Module) -> fx.GraphModule:
     if isinstance(clone, fx.GraphModule):
         return clone
     try:
-        gm = fx.GraphModule(clone, _Tracer().trace(clone), type(clone).__name__)
+        gm = fx.GraphModule(clone, Tracer().trace(clone), type(clone).__name__)
     except Exception as exc:  # TraceError, TypeError from data-dependent control flow...
         where = user_frame(exc)
         if f" {os.path.basename(__file__)}:" in where:  # no frame of the model's own code
@@ -189,14 +188,6 @@ def _trace_copy(model: nn.Module) -> fx.GraphModule:
         ) from exc
     gm.training = model.training
     return gm
-
-
-class _Tracer(fx.Tracer):
-    """``symbolic_trace``'s tracer, keeping bnfold's FeatureBatchNorm a leaf like nn.BatchNorm1d
-    (tracing into it would freeze its train/eval branch into the graph)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:

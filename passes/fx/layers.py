@@ -16,17 +16,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-LayerKind = str  # "linear" | "conv" | "conv_transpose"
+from bnfold.passes.fx.sites import LAYER_MODULES
 
-_LAYER_MODULES: dict[type[nn.Module], tuple[LayerKind, int]] = {
-    nn.Linear: ("linear", 0),
-    nn.Conv1d: ("conv", 1),
-    nn.Conv2d: ("conv", 2),
-    nn.Conv3d: ("conv", 3),
-    nn.ConvTranspose1d: ("conv_transpose", 1),
-    nn.ConvTranspose2d: ("conv_transpose", 2),
-    nn.ConvTranspose3d: ("conv_transpose", 3),
-}
+LayerKind = str  # "linear" | "conv" | "conv_transpose"
 
 # functional -> (kind, spatial dims, the module class it stands for, index of ``groups``)
 _LAYER_FUNCTIONS: dict[Any, tuple[LayerKind, int, type[nn.Module], int | None]] = {
@@ -102,7 +94,7 @@ def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Return the :class:`Layer` that ``node`` calls, or ``None`` if it is not one."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        spec = _LAYER_MODULES.get(type(module))
+        spec = LAYER_MODULES.get(type(module))
         if spec is None:
             return None
         return Layer(node, str(node.target), spec[0], spec[1], type(module), module)

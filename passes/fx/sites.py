@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.algebra import BNParams
+from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
 
 aten = torch.ops.aten
@@ -70,7 +70,6 @@ class BatchNormSite:
 
     node: fx.Node
     output: fx.Node
-    label: str
     channel_axis: ChannelRule
     params: BNParams
     attr_nodes: list[fx.Node]
@@ -98,10 +97,9 @@ def batchnorm_rule(gm: fx.GraphModule, node: fx.Node) -> ChannelRule | None:
 
 def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
     """Describe the BN at ``node``, or say why it cannot be folded (training, no statistics...)."""
-    label = bn_label(gm, node)
+    rule = batchnorm_rule(gm, node)
     if node.op == "call_module":
         bn = gm.get_submodule(str(node.target))
-        rule = _BN_MODULES.get(type(bn))
         if rule is None:
             return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
         if bn.training:
@@ -115,7 +113,7 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
             gamma=None if bn.weight is None else to_numpy(bn.weight),
             beta=None if bn.bias is None else to_numpy(bn.bias),
         )
-        return BatchNormSite(node, node, label, rule, params, [])
+        return BatchNormSite(node, node, rule, params, [])
     names = _BN_FUNCTIONS[node.target]
     args = _named_args(node, names, _BN_DEFAULTS)
     if args.get("running_mean") is None or args.get("running_var") is None:
@@ -143,7 +141,8 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
         output = users[0]
     params = BNParams(mean=tensors["running_mean"], var=tensors["running_var"],
                       eps=float(args["eps"]), gamma=tensors["weight"], beta=tensors["bias"])
-    return BatchNormSite(node, output, label, _dim1(range(2, MAX_RANK + 1)), params, attr_nodes)
+    assert rule is not None
+    return BatchNormSite(node, output, rule, params, attr_nodes)
 
 
 def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -163,7 +162,7 @@ def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
 # Conv / ConvTranspose / Linear.
 # ---------------------------------------------------------------------------------------------
 
-_LAYER_MODULES: dict[type, tuple[str, int]] = {
+LAYER_MODULES: dict[type, tuple[str, int]] = {
     nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
     nn.ConvTranspose1d: ("conv_transpose", 1), nn.ConvTranspose2d: ("conv_transpose", 2),
     nn.ConvTranspose3d: ("conv_transpose", 3), nn.Linear: ("linear", 0),
@@ -232,7 +231,7 @@ class LayerSite:
 def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True for a conv/linear call (module of a layer class or functional)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), tuple(_LAYER_MODULES))
+        return isinstance(gm.get_submodule(str(node.target)), tuple(LAYER_MODULES))
     return node.op == "call_function" and node.target in _LAYER_FUNCTIONS
 
 
@@ -240,7 +239,7 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
     """Describe the layer at ``node``, or say why its weights cannot be rewritten."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        found = _LAYER_MODULES.get(type(m))
+        found = LAYER_MODULES.get(type(m))
         if found is None:
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
@@ -343,8 +342,6 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A numpy copy of ``t``; bfloat16 becomes ``ml_dtypes.bfloat16`` bit for bit."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        from bnfold.algebra import BFLOAT16
-
         return t.contiguous().view(torch.int16).numpy().view(BFLOAT16).copy()
     return t.numpy().copy()
 

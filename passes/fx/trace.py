@@ -73,11 +73,11 @@ def graph_module_of(
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
-        graph = _Tracer().trace(work)
+        graph = Tracer().trace(work)
         return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace" + compiled
     except Exception as trace_exc:
-        where = _user_frame(trace_exc)
-        first = _one_line(trace_exc)
+        where = user_frame(trace_exc)
+        first = one_line(trace_exc)
         if args is None:
             raise UntraceableError(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
@@ -89,7 +89,7 @@ def graph_module_of(
         except Exception as export_exc:
             raise UntraceableError(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
-                f"torch.export also failed: {_one_line(export_exc)}{_user_frame(export_exc)}"
+                f"torch.export also failed: {one_line(export_exc)}{user_frame(export_exc)}"
             ) from export_exc
         return exported.module(), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
@@ -130,20 +130,20 @@ def _check_materialized(model: torch.nn.Module) -> None:
             )
 
 
-class _Tracer(fx.Tracer):
+class Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, keeping bnfold's own BN modules as calls (leaves)."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """`` at file.py:12 in forward: `if x.sum() > 0:` `` for the innermost non-torch frame."""
     frames = [
         f for f in traceback.extract_tb(exc.__traceback__)
@@ -194,7 +194,7 @@ class _RealShapes(fx.Interpreter):
             result = super().run_node(n)
         except Exception as exc:
             where = n.target if n.op == "call_module" else n.name
-            self.failure = f"at {where}: {_one_line(exc)}"
+            self.failure = f"at {where}: {one_line(exc)}"
             raise
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = _extract_tensor_metadata(result)

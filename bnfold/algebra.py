@@ -136,46 +136,37 @@ def _checked(x64: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
 # Broadcasting a per-channel vector onto a weight axis.
 # ---------------------------------------------------------------------------------------------
 
-def _channel_view(weight_shape: Sequence[int], axis: int, groups: int) -> tuple[int, ...]:
-    """Shape that groups ``axis`` with the axis before it, for grouped layouts.
-
-    With ``groups > 1`` the channel index is ``g * per_group + j`` where ``g`` indexes groups
-    along axis 0 (ConvTranspose forward, Conv backward) and ``j`` runs along ``axis``.
-    """
-    ndim = len(weight_shape)
-    axis = axis % ndim
-    if groups == 1:
-        return tuple(weight_shape)
-    if axis != 1:
-        raise ValueError("grouped channel layout needs the channel axis at 1")
-    lead = weight_shape[0]
-    if lead % groups:
-        raise UnsafeFoldError(f"weight dim 0 ({lead}) is not divisible by groups={groups}")
-    return (groups, lead // groups, *weight_shape[1:])
-
-
 def _scale_axis(
     weight: np.ndarray, vec: np.ndarray, axis: int, groups: int
 ) -> np.ndarray:
-    """float64 ``weight * vec`` with ``vec`` indexing channel ``axis`` (grouped as above)."""
+    """float64 ``weight * vec`` with ``vec`` indexing the channels on weight ``axis``.
+
+    Only a channel axis at 1 is grouped: there the channel index is ``g * per_group + j``,
+    ``g`` indexing groups along axis 0 (ConvTranspose forward, Conv backward) and ``j`` running
+    along axis 1. On axis 0 (Conv forward, ConvTranspose backward) ``groups`` does not matter.
+    """
     w = _f64(weight)
     ndim = w.ndim
-    axis = axis % ndim
-    view = _channel_view(w.shape, axis, groups)
+    axis %= ndim
+    if axis != 1:
+        groups = 1
     per = w.shape[axis]
     if vec.size != per * groups:
         raise UnsafeFoldError(
             f"BN has {vec.size} channels but the layer has {per * groups} on the folded axis"
         )
-    wv = w.reshape(view)
     if groups == 1:
         shape = [1] * ndim
         shape[axis] = per
-        return wv * vec.reshape(shape)
-    shape = [1] * len(view)
+        return w * vec.reshape(shape)
+    lead = w.shape[0]
+    if lead % groups:
+        raise UnsafeFoldError(f"weight dim 0 ({lead}) is not divisible by groups={groups}")
+    grouped = w.reshape(groups, lead // groups, *w.shape[1:])
+    shape = [1] * grouped.ndim
     shape[0] = groups
     shape[2] = per
-    return (wv * vec.reshape(shape)).reshape(w.shape)
+    return (grouped * vec.reshape(shape)).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +203,7 @@ def fold_forward(
     weight's), rounded once; a non-finite result raises :class:`UnsafeFoldError`.
     """
     s, t = bn.scale_shift()
-    # Conv groups leave output channels whole on axis 0; only axis 1 layouts are grouped.
-    grouped = groups if out_axis % np.ndim(weight) == 1 else 1
-    w = _scale_axis(weight, s, out_axis, grouped)
+    w = _scale_axis(weight, s, out_axis, groups)
     b64 = np.zeros_like(s) if bias is None else _f64(bias) * float(bias_scale)
     try:
         b_new = s * b64 + t
@@ -305,12 +294,8 @@ def fold_backward(
     ndim = w64.ndim
     in_axis %= ndim
     out_axis %= ndim
-    if in_axis == 1 and groups > 1:
-        w_new = _scale_axis(w64, s, 1, groups)
-        tw = _scale_axis(w64, t, 1, groups)
-    else:
-        w_new = _scale_axis(w64, s, in_axis, 1)
-        tw = _scale_axis(w64, t, in_axis, 1)
+    w_new = _scale_axis(w64, s, in_axis, groups)
+    tw = _scale_axis(w64, t, in_axis, groups)
     # Sum W*t over everything except the output-channel axis (and the group axis).
     if out_axis == 0:
         shift = tw.reshape(tw.shape[0], -1).sum(axis=1)

@@ -39,7 +39,7 @@ from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError, Untr
 from bnfold.fileio import save_onnx
 from bnfold.inputs import Sample, input_specs, random_array
 from bnfold.report import Report
-from bnfold.validation import MIN_OPSET, samples_like
+from bnfold.validation import MIN_OPSET, _first_line, samples_like
 from bnfold.validation import validate as run_validation
 from bnfold.validation_result import ValidationResult
 
@@ -98,7 +98,7 @@ def export(
     reference = to_onnx(model, args, opset=opset, dynamic_shapes=dynamic_shapes)
     candidate = reference
     if fold:
-        candidate = _fold_both(model, args, opset, dynamic_shapes, report)
+        candidate = _fold_both(model, args, reference, opset, dynamic_shapes, report)
     if validate:
         feeds = samples_like(args, reference, samples, seed=0)
         feeds += _resized_samples(reference, feeds[0], seed=samples)
@@ -243,15 +243,17 @@ def _resized_samples(reference: ir.Model, first: Sample, seed: int) -> list[Samp
                                   first[s.name].dtype, rng) for s in specs}]
 
 
-def _fold_both(model: torch.nn.Module, args: tuple[Any, ...], opset: int | None,
-               dynamic_shapes: Any, report: ExportReport) -> ir.Model:
+def _fold_both(model: torch.nn.Module, args: tuple[Any, ...], reference: ir.Model,
+               opset: int | None, dynamic_shapes: Any, report: ExportReport) -> ir.Model:
+    """FX fold then export, then the ONNX fold; a model FX cannot trace has only the ONNX
+    fold, of ``reference`` (its unfolded export; ``fold_onnx`` works on a copy)."""
     import bnfold
 
     try:
         graph_module, fx_report = bnfold.fold(model, args)
     except UntraceableError as exc:
         report.notes.append(f"FX fold skipped ({exc}); folding the exported ONNX only")
-        exported = to_onnx(model, args, opset=opset, dynamic_shapes=dynamic_shapes)
+        exported = reference
     else:
         _merge(report, fx_report, "fx")
         exported = to_onnx(graph_module, args, opset=opset, dynamic_shapes=dynamic_shapes)
@@ -279,8 +281,3 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise BadInputError("example_inputs must be a tensor or a tuple of tensors")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:240]

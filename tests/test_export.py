@@ -110,3 +110,20 @@ def test_training_mode_and_bad_example_inputs_are_refused(tmp_path):
     with pytest.raises(BadInputError, match="tensor"):
         bnfold.export(model.eval(), "not a tensor", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_fx_cannot_fold_is_folded_from_its_onnx_export(tmp_path, monkeypatch):
+    from bnfold.errors import UntraceableError
+
+    def untraceable(*args, **kwargs):
+        raise UntraceableError("cannot trace (simulated)")
+
+    monkeypatch.setattr(bnfold, "fold", untraceable)
+    model, x = zoo.get("plain_cnn"), zoo.example_input("plain_cnn")
+    path = tmp_path / "m.onnx"
+    report = bnfold.export(model, (x,), path, validate=("cpu",))
+    assert report.written and any("FX fold skipped" in n for n in report.notes)
+    assert [e.action for e in report.entries] == ["folded", "folded"]
+    assert not [n for n in onnx.load(path).graph.node if n.op_type == "BatchNormalization"]
+    want = float64_reference(model, x)
+    assert np.abs(ort_run(path, x) - want).max() / np.abs(want).max() < 1e-5

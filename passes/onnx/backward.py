@@ -29,8 +29,15 @@ from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
-from bnfold.passes.onnx.edit import add_bias_after
-from bnfold.passes.onnx.rules import Context, Fold, constant, release, sole_reader
+from bnfold.passes.onnx.edit import add_bias_after, remove_bn
+from bnfold.passes.onnx.rules import (
+    Context,
+    Fold,
+    constant,
+    optional_bias,
+    release,
+    sole_reader,
+)
 from bnfold.passes.onnx.shapes import UNKNOWN
 
 _COPY_PAD_MODES = ("reflect", "edge", "wrap")
@@ -125,7 +132,7 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
     weight = constant(conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
         return weight
-    bias = _bias(conv, 2)
+    bias = optional_bias(conv, 2)
     if isinstance(bias, str):
         return bias
     attrs = conv.attributes
@@ -194,7 +201,7 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
             return (f"{display_name(layer)} input has rank {len(dims)}: the BN channel axis 1 "
                     "is not the axis it multiplies")
         bias_node, bias_index = _matmul_bias(layer)
-    bias = None if bias_node is None else _bias(bias_node, bias_index)
+    bias = None if bias_node is None else optional_bias(bias_node, bias_index)
     if isinstance(bias, str):
         return bias
     n_out = weight.shape[1 - in_axis]
@@ -234,11 +241,6 @@ def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
     return None, 0
 
 
-def _bias(node: ir.Node, index: int) -> np.ndarray | str | None:
-    if index >= len(node.inputs) or node.inputs[index] is None:
-        return None
-    return constant(node.inputs[index], "bias", node)
-
 
 def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray | ir.TensorProtocol,
              ctx: Context) -> None:
@@ -247,8 +249,4 @@ def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray | ir.TensorProtocol
     set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{display_name(layer)}_bnfold_weight")
     x = bn.inputs[0]
     assert x is not None
-    bn.outputs[0].replace_all_uses_with(x)
-    ctx.released.extend(v for v in bn.inputs[1:] if v is not None)
-    graph = bn.graph
-    assert graph is not None
-    graph.remove(bn, safe=True)
+    ctx.released.extend(remove_bn(bn, x))

@@ -126,8 +126,7 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
                 f"IR version {model.ir_version}: initializers are graph inputs (constants at "
                 "this IR version), so folded BN parameters stay as unused graph inputs and new "
                 "tensors are Constant nodes")
-    for entry in entries.values():
-        report.entries.append(entry)
+    report.entries.extend(entries.values())
     report.entries.extend(_function_entries(model))
     return report
 

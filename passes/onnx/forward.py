@@ -34,6 +34,7 @@ from bnfold.passes.onnx.rules import (
     Context,
     Fold,
     constant,
+    optional_bias,
     release,
     sole_reader,
 )
@@ -175,7 +176,7 @@ def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
     weight = constant(layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
     if isinstance(weight, str):
         return weight
-    bias = _optional(layer, 2)
+    bias = optional_bias(layer, 2)
     if isinstance(bias, str):
         return bias
     transpose = layer.op_type == "ConvTranspose"
@@ -189,7 +190,7 @@ def _gemm(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
     weight = constant(layer.inputs[1], "weight (B)", layer)
     if isinstance(weight, str):
         return weight
-    bias = _optional(layer, 2)
+    bias = optional_bias(layer, 2)
     if isinstance(bias, str):
         return bias
     out_axis = 0 if layer.attributes.get_int("transB", 0) else 1
@@ -247,11 +248,6 @@ def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
         return _matmul(bn, params, mm, chain, ctx, layer, 1 - i, bias)
     return f"its input comes from {display_name(layer)} (Add), not MatMul + constant bias"
 
-
-def _optional(layer: ir.Node, index: int) -> np.ndarray | str | None:
-    if index >= len(layer.inputs) or layer.inputs[index] is None:
-        return None
-    return constant(layer.inputs[index], "bias", layer)
 
 
 _RULES = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul,

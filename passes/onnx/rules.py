@@ -56,6 +56,13 @@ def constant(value: ir.Value | None, what: str, layer: ir.Node) -> np.ndarray | 
     return arr
 
 
+def optional_bias(layer: ir.Node, index: int) -> np.ndarray | str | None:
+    """The constant bias at input ``index`` of ``layer``; ``None`` when it has none."""
+    if index >= len(layer.inputs) or layer.inputs[index] is None:
+        return None
+    return constant(layer.inputs[index], "bias", layer)
+
+
 def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:
     """``None`` if ``value`` has exactly one reader (``reader``), else why that blocks the
     fold (naming the other readers)."""

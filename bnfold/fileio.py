@@ -147,9 +147,7 @@ def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: P
                 value.const_value = ir.ExternalTensor(
                     data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                     name=tensor.name or value.name or "", base_dir=target.parent)
-                if isinstance(tensor, ir.ExternalTensor):
-                    with contextlib.suppress(BufferError):
-                        tensor.release()
+                release_mapping(tensor)
         ir.save(model, tmp)
         os.replace(data_tmp, target.parent / data_name)
     except BaseException:
@@ -159,6 +157,13 @@ def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: P
     finally:
         if os.path.exists(data_tmp):
             os.unlink(data_tmp)
+
+
+def release_mapping(tensor: object) -> None:
+    """Unmap an external tensor's pages now if nothing else views them (else at collection)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            tensor.release()
 
 
 def _sniff(path: Path) -> str | None:

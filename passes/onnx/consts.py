@@ -11,13 +11,14 @@ the user's graph is never restructured; only the layers a fold rewrites read the
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
+
+from bnfold.fileio import release_mapping
 
 MAX_CONE_NODES = 32
 #: Why a tensor listed among the graph inputs (IR version >= 4) is not folded.
@@ -176,13 +177,6 @@ def deferred(source: ir.Value | None, array: np.ndarray,
 
     return ir.LazyTensor(compute, dtype=ir.DataType.from_numpy(array.dtype),
                          shape=ir.Shape(array.shape))
-
-
-def release_mapping(tensor: object) -> None:
-    """Unmap an external tensor's pages now if nothing else views them (else at collection)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):
-            tensor.release()
 
 
 class Namer:

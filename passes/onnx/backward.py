@@ -25,7 +25,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward
+from bnfold.algebra import BNParams, Folded, backward_fold_refusal, fold_backward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
@@ -46,9 +46,9 @@ _COPY_PAD_MODES = ("reflect", "edge", "wrap")
 def backward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
     """Plan folding ``bn`` into the single layer that reads its output."""
     y = bn.outputs[0]
-    if y.is_graph_output() or len(y.uses()) != 1:
+    node, index = _next(bn)
+    if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
-    node, index = y.uses()[0]
     padding_mode = "zeros"
     if node.op_type == "Pad" and node.domain in ("", "ai.onnx") and index == 0:
         why = _copy_pad_refusal(node, ctx)
@@ -161,11 +161,14 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
             axes = {"in_axis": 0, "out_axis": 1}
         if why:
             return why
-        folded = fold_backward(weight, bias, params, groups=groups, **axes)
+
+        def fold(w: np.ndarray) -> Folded:
+            return fold_backward(w, bias, params, groups=groups, **axes)
+
+        folded = fold(weight)
     except UnsafeFoldError as exc:
         return str(exc)
-    new_weight = deferred(conv.inputs[1], folded.weight, lambda w: fold_backward(
-        w, bias, params, groups=groups, **axes).weight)
+    new_weight = deferred(conv.inputs[1], folded.weight, lambda w: fold(w).weight)
 
     def apply() -> None:
         _rewrite(bn, conv, new_weight, ctx)
@@ -208,12 +211,14 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
     if bias is not None and (bias.size not in (1, n_out) or bias.shape[-1:] not in ((1,), (n_out,))
                              or any(d != 1 for d in bias.shape[:-1])):
         return f"{display_name(layer)} bias of shape {bias.shape} is not a per-feature vector"
+    def fold(w: np.ndarray) -> Folded:
+        return fold_backward(w, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
+
     try:
-        folded = fold_backward(weight, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
+        folded = fold(weight)
     except UnsafeFoldError as exc:
         return str(exc)
-    new_weight = deferred(layer.inputs[1], folded.weight, lambda w: fold_backward(
-        w, bias, params, in_axis=in_axis, out_axis=1 - in_axis).weight)
+    new_weight = deferred(layer.inputs[1], folded.weight, lambda w: fold(w).weight)
 
     def apply() -> None:
         _rewrite(bn, layer, new_weight, ctx)

@@ -366,8 +366,7 @@ def load_checked(path: Path) -> Any:
     from bnfold.validation import check_opset
 
     model = load_onnx(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    check_opset(proto, str(path))
+    check_opset(model, str(path))
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:

@@ -208,12 +208,14 @@ def _check_tolerance(value: float | None, name: str) -> None:
         raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_opset(proto: onnx.ModelProto, label: str) -> None:
+def check_opset(model: onnx.ModelProto | ir.Model, label: str) -> None:
     """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
     newest = onnx.defs.onnx_opset_version()
-    for imp in proto.opset_import:
-        if imp.domain in ("", "ai.onnx") and not MIN_OPSET <= imp.version <= newest:
-            raise UnsupportedError(f"{label}: ai.onnx opset {imp.version} is not supported "
+    imports = ([(i.domain, i.version) for i in model.opset_import]
+               if isinstance(model, onnx.ModelProto) else list(model.opset_imports.items()))
+    for domain, version in imports:
+        if domain in ("", "ai.onnx") and not MIN_OPSET <= version <= newest:
+            raise UnsupportedError(f"{label}: ai.onnx opset {version} is not supported "
                                    f"(supported: {MIN_OPSET} to {newest})")
 
 

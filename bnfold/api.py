@@ -81,19 +81,21 @@ def recalibrate(
                         progress=progress, layers=layers, forward=forward)
 
 
-def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
+              base_dir: Any = None) -> PassResult:
     """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
-    ``backward=False`` folds only layer -> BN. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
+    ``backward=False`` folds only layer -> BN; ``base_dir``: the folder of an in-memory
+    model's external data. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
-    return _fold_onnx(model, inplace=inplace, backward=backward)
+    return _fold_onnx(model, inplace=inplace, backward=backward, base_dir=base_dir)
 
 
-def inspect_onnx(model: Any) -> Report:
+def inspect_onnx(model: Any, *, base_dir: Any = None) -> Report:
     """Report, without changing anything, what each BN of an ONNX model would fold into."""
     from bnfold.passes.onnx.fold import inspect_onnx as _inspect_onnx
 
-    return _inspect_onnx(model)
+    return _inspect_onnx(model, base_dir=base_dir)
 
 
 def insert_bn_onnx(
@@ -134,6 +136,7 @@ def validate(
     optimize: bool = False,
     progress: Any = None,
     labels: Sequence[str] | None = None,
+    base_dir: Any = None,
 ) -> Any:
     """Run two models (ONNX vs ONNX, or torch module vs ONNX with ``example_inputs``) in ONNX
     Runtime on each provider and compare every output; returns a ``ValidationResult`` with
@@ -142,7 +145,7 @@ def validate(
 
     return _validate(reference, candidate, example_inputs, providers=providers, require=require,
                      inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, samples=samples,
-                     optimize=optimize, progress=progress, labels=labels)
+                     optimize=optimize, progress=progress, labels=labels, base_dir=base_dir)
 
 
 def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,

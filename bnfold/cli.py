@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            return int(args.func(args))
+            return int(_run_trapping_signals(args))
     except BnfoldError as exc:
         _error(str(exc))
     except KeyboardInterrupt:
@@ -63,6 +63,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _error(message: str) -> None:
     line = " ".join(message.split())
     print(f"bnfold: error: {line}", file=sys.stderr)
+
+
+def _run_trapping_signals(args: argparse.Namespace) -> int:
+    """Run the command with SIGTERM and SIGHUP (unless ignored, as under ``nohup``) raising
+    ``SystemExit(128 + signal)``, as SIGINT raises KeyboardInterrupt: the writers' cleanup
+    runs, so no temporary or half-written file is left behind."""
+    import signal
+    import threading
+
+    def stop(signum: int, frame: object) -> None:
+        _error(f"terminated by {signal.Signals(signum).name}")
+        raise SystemExit(128 + signum)
+
+    trapped = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                trapped[sig] = signal.signal(sig, stop)
+    try:
+        return int(args.func(args))
+    finally:
+        for sig, previous in trapped.items():
+            signal.signal(sig, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,10 +204,12 @@ def _dim(text: str) -> tuple[str, int]:
 
 @dataclass
 class _Outcome:
-    """What folding one file gave: its exit code and the JSON document describing it."""
+    """What folding one file gave: its exit code, the JSON document describing it, and the
+    output written beside its path, still to commit (:func:`_emit`)."""
 
     code: int
     doc: dict[str, Any]
+    staged: Any = None
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
@@ -197,13 +222,16 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise BadInputError(f"{out}: is a directory; give an output file")
     _check_report_path(args, args.input, out)
     outcome = _fold_file(args, args.input, out, show=not args.json)
-    _emit(args, outcome.doc)
+    _emit(args, outcome.doc, [outcome.staged] if outcome.staged else [])
+    if outcome.staged and not args.json:
+        print(f"wrote {out}")
     return outcome.code
 
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
     import bnfold
-    from bnfold.fileio import save_onnx
+    from bnfold.external_data import referenced_files
+    from bnfold.fileio import stage_save
 
     model = load_checked(src)
     folded, report = bnfold.fold_onnx(model)
@@ -222,12 +250,11 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
             print_validation(result)
     passed = result is None or result.passed
-    if passed:
-        save_onnx(folded, out)
+    staged = stage_save(folded, out, keep=referenced_files(model)) if passed else None
     doc.update(written=passed, passed=passed)
-    if show:
-        print(f"wrote {out}" if passed else f"validation failed: {out} not written")
-    return _Outcome(OK if passed else FAILED, doc)
+    if show and not passed:
+        print(f"validation failed: {out} not written")
+    return _Outcome(OK if passed else FAILED, doc, staged)
 
 
 def _fold_folder(args: argparse.Namespace) -> int:
@@ -248,15 +275,20 @@ def _fold_folder(args: argparse.Namespace) -> int:
         inside and p.resolve().is_relative_to(out_dir.resolve())))
     if not files:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
+    _check_report_path(args, *files, *(out_dir / f.relative_to(src_dir) for f in files))
     from bnfold.render import progress_bar
 
     results: list[dict[str, Any]] = []
+    staged: list[Any] = []  # committed together with the report, after every file is folded
     with progress_bar("folding", len(files)) as update:
         for i, src in enumerate(files):
             out = out_dir / src.relative_to(src_dir)
             try:
                 outcome = _fold_file(args, src, out, show=False)
                 doc, code = outcome.doc, outcome.code
+                if outcome.staged:
+                    outcome.staged.release_model()
+                    staged.append(outcome.staged)
             except Exception as exc:  # one bad file must not stop the others
                 if os.environ.get("BNFOLD_DEBUG"):
                     raise
@@ -275,7 +307,10 @@ def _fold_folder(args: argparse.Namespace) -> int:
            "summary": summary, "results": results, "exit_code": code}
     if not args.json:
         _print_folder(results, summary)
-    _emit(args, doc)
+    inputs_read = set().union(*(s.keep for s in staged))
+    for s in staged:  # no output removes a data file that another input reads
+        s.keep = inputs_read
+    _emit(args, doc, staged)
     return code
 
 
@@ -321,7 +356,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_insert(args: argparse.Namespace) -> int:
     import bnfold
-    from bnfold.fileio import save_onnx
+    from bnfold.external_data import referenced_files
+    from bnfold.fileio import stage_save
 
     out = _output_path(args)
     _check_report_path(args, args.input, out)
@@ -330,14 +366,15 @@ def cmd_insert(args: argparse.Namespace) -> int:
         model, position=args.position, skip_last=args.skip_last, include=args.include,
         exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias,
         training_mode=args.training_mode)
-    save_onnx(inserted, out)
+    staged = stage_save(inserted, out, keep=referenced_files(model))
     if not args.json:
         from bnfold.render import print_report
 
         print_report(report, f"insert {args.input}")
-        print(f"wrote {out}")
     _emit(args, {"schema": "bnfold.insert/1", "input": str(args.input), "output": str(out),
-                 "written": True, "report": report.to_dict()})
+                 "written": True, "report": report.to_dict()}, [staged])
+    if not args.json:
+        print(f"wrote {out}")
     return OK
 
 
@@ -384,7 +421,33 @@ def _output_path(args: argparse.Namespace) -> Path:
         raise BadInputError("missing -o OUT (or --in-place to overwrite the input)")
     if args.output.resolve() == args.input.resolve() and not args.in_place:
         raise BadInputError(f"-o {args.output} is the input file; pass --in-place to overwrite it")
+    _check_output_file(args.output, args.input)
     return args.output
+
+
+def _check_output_file(out: Path, src: Path) -> None:
+    """Refuse an output that is stdout (``-``, or the stream this process writes to) or an
+    external data file of the input (writing it would destroy the input)."""
+    from bnfold.errors import BadInputError
+    from bnfold.external_data import files_named_by
+
+    if str(out) == "-" or _is_own_stream(out):
+        raise BadInputError(f"-o {out}: bnfold does not write a model to its standard output "
+                            "or error (tables and JSON go there); give a file")
+    if out.exists() and out.resolve() in files_named_by(src):
+        raise BadInputError(f"-o {out}: is an external data file of the input {src}; "
+                            "give another output")
+
+
+def _is_own_stream(path: Path) -> bool:
+    """True if ``path`` is this process's stdout or stderr (``/dev/null`` is nobody's)."""
+    try:
+        st = os.stat(path)
+        if os.path.samestat(st, os.stat(os.devnull)):
+            return False
+        return any(os.path.samestat(st, os.fstat(fd)) for fd in (1, 2))
+    except OSError:
+        return False
 
 
 def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
@@ -398,6 +461,11 @@ def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
         raise BadInputError(f"--report {path}: is a directory; give a file")
     if any(path.resolve() == m.resolve() for m in models):
         raise BadInputError(f"--report {path}: is a model file of this command; give another")
+    from bnfold.external_data import files_named_by
+
+    if path.exists() and any(path.resolve() in files_named_by(m) for m in models):
+        raise BadInputError(f"--report {path}: is an external data file of a model of this "
+                            "command; give another")
 
 
 def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
@@ -413,21 +481,35 @@ def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
             progress=update, labels=labels)
 
 
-def _emit(args: argparse.Namespace, doc: dict[str, Any]) -> None:
-    """Print ``doc`` as JSON with ``--json``; write it to ``--report`` atomically if given."""
+def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] = ()) -> None:
+    """Write ``doc`` to ``--report`` atomically if given, commit the ``staged`` model outputs
+    (:func:`bnfold.fileio.stage_save`) between the report's write and its rename, then print
+    ``doc`` as JSON with ``--json``. A report that cannot be written leaves no model written
+    (exit 2 means nothing was written), and a model that cannot be written, no report."""
+    import contextlib
+
     text = json.dumps(doc, indent=2, allow_nan=False, default=str)
+    path = getattr(args, "report", None)
+    with contextlib.ExitStack() as pending:
+        for output in staged:
+            pending.enter_context(output)  # discarded unless committed
+        if path is None:
+            for output in staged:
+                output.commit()
+        else:
+            from bnfold.errors import BadInputError
+            from bnfold.fileio import atomic_path
+
+            try:
+                with atomic_path(path) as tmp:
+                    tmp.write_text(text + "\n")
+                    for output in staged:
+                        output.commit()
+            except OSError as exc:
+                raise BadInputError(f"--report {path}: could not write ({exc.strerror or exc})"
+                                    ) from exc
     if args.json:
         print(text)
-    path = getattr(args, "report", None)
-    if path is not None:
-        from bnfold.errors import BadInputError
-        from bnfold.fileio import write_atomic
-
-        try:
-            write_atomic(path, lambda tmp: tmp.write_text(text + "\n"))
-        except OSError as exc:
-            raise BadInputError(f"--report {path}: could not write ({exc.strerror or exc})"
-                                ) from exc
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
+from bnfold.external_data import bind_external_data
+from bnfold.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
 @contextlib.contextmanager
@@ -20,12 +22,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On any exception the temporary file is removed and ``path`` is left as it was. The file
     gets the permissions of the file it replaces, or the usual ones for a new file (0666
-    less the umask), not the private 0600 of a temporary file.
+    less the umask), not the private 0600 of a temporary file. A ``path`` that is not a regular
+    file (``/dev/null``, a FIFO, a symlink to a device) is yielded itself: written through,
+    never replaced.
     """
     target = Path(path)
+    if is_special_file(target):
+        yield target
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, _file_mode(target))
+    os.fchmod(fd, file_mode(target))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -36,33 +43,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _file_mode(target: Path) -> int:
-    """The permission bits a file written at ``target`` should get."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
-def load_onnx(model: object) -> ir.Model:
+def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) -> ir.Model:
     """Return an onnx-ir model from a ModelProto, an ``ir.Model`` or a file path.
 
     Files are parsed once, without their external data: onnx-ir keeps external tensors lazy
     (memory-mapped when first read), so only the tensors a pass touches are ever loaded.
     Anything that is not a readable ONNX model raises :class:`BadInputError` (one line).
+    External data must lie in the file's folder, or for an in-memory model in ``base_dir``
+    (required when it has external tensors; :func:`bnfold.external_data.bind_external_data`).
     """
     if isinstance(model, ir.Model):
+        bind_external_data(model, base_dir)
         return model
     if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model)
+        converted = ir.serde.deserialize_model(model)
+        bind_external_data(converted, base_dir)
+        return converted
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
     path = Path(model)
@@ -86,7 +82,7 @@ def load_onnx(model: object) -> ir.Model:
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
     del proto
-    ir.external_data.set_base_dir(loaded.graph, path.parent)
+    bind_external_data(loaded, path.parent, str(path))
     return loaded
 
 
@@ -97,66 +93,37 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 INLINE_LIMIT = 1024
 
 
-def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write ``model`` to ``path`` atomically (temp files + rename).
+def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *,
+              base_dir: str | os.PathLike[str] | None = None) -> None:
+    """Write ``model`` to ``path`` atomically: readers see the old file or the new one.
 
     If the model had external data (an initializer of any graph still external, or lazy), or its
     tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes
-    are streamed one at a time to ``<name>.data`` beside it: a lazy tensor is computed, written
-    and dropped, an external one is copied and unmapped, so peak memory stays about one tensor.
-    The model's large tensors then refer to the new file (saving over the source file is
-    safe). Failures raise :class:`BadInputError` with one line; ``path`` is left as it was.
+    are streamed one at a time to a new file ``<name>.<content hash>.data`` beside it (a lazy
+    tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
+    stays about one tensor) and the model's large tensors then refer to it; no existing file is
+    overwritten, and saving over the source file is safe (:mod:`bnfold.staged_save`). An
+    in-memory model with external tensors needs ``base_dir=`` (their folder). Failures raise
+    :class:`BadInputError` with one line; ``path`` is left as it was.
     """
-    if isinstance(model, onnx.ModelProto):
-        model = ir.serde.deserialize_model(model)
-    target = Path(path)
+    with stage_save(model, path, base_dir=base_dir) as staged:
+        staged.commit()
+
+
+def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *,
+               base_dir: str | os.PathLike[str] | None = None,
+               keep: Collection[Path] = ()) -> StagedModel:
+    """:func:`save_onnx` up to, not including, the final rename: ``.commit()`` it or
+    ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
+    inputs read, never removed as the old output's data."""
+    model = load_onnx(model, base_dir=base_dir)
     values = [v for g in model.graphs() for v in g.initializers.values()
               if v.const_value is not None]
     lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
     external = any(isinstance(v.const_value, lazy) for v in values) or sum(
         v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
-    try:
-        with atomic_path(target) as tmp:
-            if external:
-                _save_external(model, values, target, tmp)
-            else:
-                ir.save(model, tmp)
-    except OSError as exc:
-        raise BadInputError(f"{target}: could not write ({_short(exc)})") from exc
-
-
-def _save_external(model: ir.Model, values: list[ir.Value], target: Path, tmp: Path) -> None:
-    """Stream large tensors to a temporary data file, save the graph, then commit the data."""
-    data_name = target.name + ".data"
-    fd, data_tmp = tempfile.mkstemp(prefix=f".{data_name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, _file_mode(target.parent / data_name))
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for value in values:
-                tensor = value.const_value
-                assert tensor is not None
-                if tensor.nbytes < INLINE_LIMIT:
-                    if isinstance(tensor, ir.ExternalTensor):  # small: inline, off the old file
-                        swapped.append((value, tensor))
-                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
-                    continue
-                offset = f.tell()
-                f.write(tensor.tobytes())
-                swapped.append((value, tensor))
-                value.const_value = ir.ExternalTensor(
-                    data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
-                    name=tensor.name or value.name or "", base_dir=target.parent)
-                release_mapping(tensor)
-        ir.save(model, tmp)
-        os.replace(data_tmp, target.parent / data_name)
-    except BaseException:
-        for value, tensor in swapped:
-            value.const_value = tensor
-        raise
-    finally:
-        if os.path.exists(data_tmp):
-            os.unlink(data_tmp)
+    return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
+                      keep=keep)
 
 
 def release_mapping(tensor: object) -> None:

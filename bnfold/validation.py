@@ -47,6 +47,7 @@ from bnfold.compare import (
     tolerance_rule,
 )
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedError
+from bnfold.external_data import external_tensors
 from bnfold.fileio import load_onnx
 from bnfold.inputs import (
     InputSpec,
@@ -101,6 +102,7 @@ def validate(
     optimize: bool = False,
     progress: Progress | None = None,
     labels: Sequence[str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> ValidationResult:
     """Compare ``candidate`` against ``reference`` on every provider in ``providers``.
 
@@ -113,14 +115,15 @@ def validate(
     failure rather than a note. ``progress(done, total)`` is called after each ORT run.
     ``labels`` names (reference, candidate) in the report. Raises :class:`BadInputError` for
     unreadable models or inputs that do not fit, :class:`UnsupportedError` when no provider
-    can run the models.
+    can run the models. ``base_dir``: the folder of the external data of in-memory models
+    (required when they have any).
     """
     wanted = _check_providers(providers, require)
     _check_tolerance(atol, "atol")
     _check_tolerance(rtol, "rtol")
     if samples < 1:
         raise BadInputError("samples must be at least 1")
-    cand = _as_model(candidate, "candidate")
+    cand = _as_model(candidate, "candidate", base_dir)
     torch_mod = sys.modules.get("torch")
     notes: list[str] = []
     if torch_mod is not None and isinstance(reference, torch_mod.nn.Module):
@@ -136,7 +139,7 @@ def validate(
     else:
         if example_inputs is not None:
             raise BadInputError("example_inputs is only for a torch reference; use inputs=")
-        ref = _as_model(reference, "reference")
+        ref = _as_model(reference, "reference", base_dir)
         specs = input_specs(ref.proto)
         _check_same_inputs(specs, input_specs(cand.proto))
         if inputs is not None:
@@ -232,7 +235,7 @@ def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[s
     return list(dict.fromkeys(["cpu", *wanted, *require]))
 
 
-def _as_model(model: Any, role: str) -> _Model:
+def _as_model(model: Any, role: str, base_dir: str | os.PathLike[str] | None = None) -> _Model:
     data_dir = None
     if isinstance(model, (str, os.PathLike)):
         loaded = load_onnx(model)  # one-line BadInputError for missing/garbage files
@@ -241,8 +244,10 @@ def _as_model(model: Any, role: str) -> _Model:
     else:
         if isinstance(model, onnx.ModelProto):
             proto = model
+            if next(external_tensors(load_onnx(model, base_dir=base_dir)), None) is not None:
+                data_dir = os.fspath(base_dir)  # type: ignore[arg-type]  # checked: not None
         else:
-            loaded = load_onnx(model)
+            loaded = load_onnx(model, base_dir=base_dir)
             proto = ir.serde.serialize_model(loaded)
             data_dir = _external_dir(loaded)
         label, source = f"{role} ({proto.graph.name or 'in memory'})", proto.SerializeToString()

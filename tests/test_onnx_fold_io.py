@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -9,6 +11,7 @@ import pytest
 from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
 from bnfold.errors import BadInputError
+from bnfold.external_data import files_named_by
 from bnfold.fileio import load_onnx, save_onnx
 from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 
@@ -37,7 +40,9 @@ def test_external_data_lazy_and_preserved(tmp_path) -> None:
     assert not isinstance(tensors["w1"], ir.ExternalTensor)  # rewritten by the fold
     out = tmp_path / "sub" / "folded.onnx"
     save_onnx(folded, out)
-    assert (out.parent / "folded.onnx.data").exists()
+    (data,) = files_named_by(out)  # <name>.<content hash>.data, beside it
+    assert data.parent == out.parent
+    assert re.fullmatch(r"folded\.onnx\.[0-9a-f]{16}\.data", data.name)
     onnx.checker.check_model(str(out), full_check=True)
     written = onnx.load(str(out), load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer
@@ -100,7 +105,7 @@ def test_big_tensors_go_external(tmp_path, monkeypatch) -> None:
     b.node("Conv", ["x", b.rand("w", [8, 8, 3, 3])], ["y"])
     m = b.model({"x": [1, 8, 4, 4]}, {"y": None})
     save_onnx(m, tmp_path / "big.onnx")
-    assert (tmp_path / "big.onnx.data").exists()
+    assert [p.parent for p in files_named_by(tmp_path / "big.onnx")] == [tmp_path.resolve()]
     x = feeds(m)
     np.testing.assert_allclose(run_ort(onnx.load(str(tmp_path / "big.onnx")), x)[0],
                                run_ort(m, x)[0])

@@ -33,6 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
+from bnfold.external_data import bind_external_data
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
@@ -46,7 +47,8 @@ from bnfold.report import Entry, PassResult, Report
 _MAX_ROUNDS = 8
 
 
-def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
+              base_dir: str | os.PathLike[str] | None = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -55,15 +57,18 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> Pa
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
     :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
+    (:func:`bnfold.external_data.bind_external_data`).
     """
     with _gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
+        bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
 
-def inspect_onnx(model: Any) -> Report:
+def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None) -> Report:
     """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
 
     Runs the fold on a copy that shares the input's tensors; the input is not changed. The
@@ -72,6 +77,7 @@ def inspect_onnx(model: Any) -> Report:
     """
     with _gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
+        bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "inspect_onnx", backward=True)
     report.dry_run = True
     return report

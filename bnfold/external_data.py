@@ -1,0 +1,103 @@
+"""Which files a model's external tensors name, and the folder they must stay inside.
+
+An ONNX tensor stored outside the model names a file by a ``location`` relative to a base
+folder (the model file's folder). bnfold reads such a file only when it lies inside that folder:
+the location is relative, does not climb out with ``..``, and does not reach out through a
+symlink. A model that comes as a path has its folder; an in-memory model has none, so one that
+names external files needs ``base_dir=`` (else :class:`BadInputError`), and then the same checks
+apply as for a path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from bnfold.errors import BadInputError
+
+#: A graph file larger than this is not parsed just to list the data files it names (a model
+#: with external data keeps its graph small; a larger file holds its tensors inline).
+GRAPH_SCAN_LIMIT = 64 * 1024**2
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every external tensor of ``model``: initializers and tensor attributes, in every graph
+    and function body."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+    bodies = [model.graph, *model.functions.values()]
+    for node in (n for body in bodies for n in ir.traversal.RecursiveGraphIterator(body)):
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                tensors = [attr.value]
+            elif attr.type == ir.AttributeType.TENSORS:
+                tensors = list(attr.value)
+            else:
+                continue
+            yield from (t for t in tensors if isinstance(t, ir.ExternalTensor))
+
+
+def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
+                       label: str = "model") -> None:
+    """Give the external tensors of an in-memory ``model`` their folder and check them.
+
+    ``base_dir`` (if given) becomes the folder of every external tensor that has none; a tensor
+    with neither is refused, as is any whose file lies outside its folder (absolute location,
+    ``..`` escape, symlink out). Raises :class:`BadInputError` naming the location.
+    """
+    for tensor in external_tensors(model):
+        if not tensor.base_dir:
+            if base_dir is None:
+                raise BadInputError(
+                    f"{label}: an in-memory model whose tensor {tensor.name!r} is stored in "
+                    f"external file {tensor.location!r}; pass base_dir= (the folder that file "
+                    "is relative to), or give the model's path")
+            tensor.base_dir = base_dir
+        check_contained(tensor.location, Path(tensor.base_dir), label)
+
+
+def check_contained(location: str, folder: Path, label: str) -> Path:
+    """The file ``location`` names inside ``folder``; :class:`BadInputError` if it is not
+    inside (absolute, ``..`` out of the folder, or a symlink that leads out)."""
+    where = f"{label}: external data location {location!r}"
+    if not location or os.path.isabs(location) or Path(location).drive:
+        raise BadInputError(f"{where} is not a relative path")
+    root = Path(os.path.abspath(folder))
+    path = Path(os.path.normpath(root / location))
+    if not path.is_relative_to(root) or path == root:
+        raise BadInputError(f"{where} leaves the folder {root}")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BadInputError(f"{where} leads out of the folder {root} through a symlink")
+    return path
+
+
+def referenced_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the files ``model``'s external tensors read."""
+    return {Path(t.path).resolve() for t in external_tensors(model) if t.base_dir}
+
+
+def files_named_by(path: Path) -> set[Path]:
+    """The resolved paths of the external data files that the ONNX file ``path`` names inside
+    its folder; empty when it is not a readable, reasonably small ONNX file."""
+    try:
+        if not path.is_file() or path.stat().st_size > GRAPH_SCAN_LIMIT:
+            return set()
+        proto = onnx.load(str(path), load_external_data=False)
+        model = ir.serde.deserialize_model(proto)
+    except Exception:  # not ONNX (any parse error): it names no data files
+        return set()
+    folder, named = path.parent, set()
+    for tensor in external_tensors(model):
+        try:
+            named.add(check_contained(tensor.location, folder, str(path)).resolve())
+        except BadInputError:
+            continue  # a location bnfold would never read
+    return named

@@ -1,0 +1,239 @@
+"""Write an ONNX model and its external data so that a reader sees the old pair or the new one.
+
+:func:`stage_onnx` does all the writing beside the target and returns a :class:`StagedModel`;
+its :meth:`~StagedModel.commit` puts the model in place with one rename, and
+:meth:`~StagedModel.discard` (also on leaving a ``with`` block uncommitted) removes every file
+the stage wrote. The sequence, and why a reader never sees a mix:
+
+1. Large tensors stream to a temporary file, which is flushed to disk and renamed to a data
+   file name that did not exist: ``<target name>.<content hash>.data`` (``-1``, ``-2``... when
+   that name is taken), in the target's folder. No existing file is ever overwritten: not an
+   unrelated one, not a data file of the input, not the data of the graph now at the target.
+2. The graph, naming that data file, goes to a temporary file, flushed to disk.
+3. Commit: the graph is renamed onto the target (atomic), then the data file the replaced graph
+   named is removed if bnfold wrote it for this target (its name says so) and no input, and
+   not the new graph, reads it. A failure before the rename leaves the old pair untouched; two
+   writers to one target each write their own data file, and the graph that wins names its own.
+
+A target that exists and is not a regular file (``/dev/null``, a FIFO, a symlink to a device)
+is written through, never replaced; a model with external data cannot go to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from bnfold.errors import BadInputError
+from bnfold.external_data import files_named_by, referenced_files
+
+#: What follows the target's name in the name of a data file bnfold wrote for it.
+OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
+
+
+class StagedModel:
+    """A model written beside its target, not yet visible there: ``commit()`` or ``discard()``.
+
+    ``keep``: resolved paths of files that inputs read, never removed by the commit.
+    """
+
+    def __init__(self, target: Path, keep: Collection[Path] = ()) -> None:
+        self.target = target
+        self.keep = {Path(p).resolve() for p in keep}
+        self.graph_tmp: Path | None = None
+        self.data: Path | None = None
+        self.payload: bytes | None = None  # the serialized model, for a target not a file
+        self.swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+        self.reads: set[Path] = set()  # what the staged graph names (its own data)
+        self.committed = False
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def commit(self) -> None:
+        """Put the model in place (one rename), then remove the data file it made obsolete."""
+        with one_line_oserror(self.target):
+            if self.payload is not None:
+                with open(self.target, "wb") as f:
+                    f.write(self.payload)
+                self.committed = True
+                return
+            assert self.graph_tmp is not None
+            old = files_named_by(self.target)
+            keep = self.keep | self.reads
+            os.replace(self.graph_tmp, self.target)
+            self.graph_tmp, self.committed = None, True
+        _fsync_folder(self.target.parent)
+        folder = self.target.parent.resolve()
+        for path in old - keep:
+            name = path.name
+            if path.parent == folder and name.startswith(self.target.name) and \
+                    OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def release_model(self) -> None:
+        """Drop the references to the in-memory model (a discard then only removes files)."""
+        self.swapped.clear()
+
+    def discard(self) -> None:
+        """Remove what the stage wrote and give the model back its tensors (no-op after a
+        commit, except that no temporary file is left)."""
+        if self.graph_tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.graph_tmp.unlink()
+            self.graph_tmp = None
+        if self.committed:
+            return
+        if self.data is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.data.unlink()
+            self.data = None
+        for value, tensor in reversed(self.swapped):
+            value.const_value = tensor
+        self.swapped.clear()
+
+
+def stage_onnx(model: ir.Model, target: Path, *, external: bool, inline_limit: int,
+               keep: Collection[Path] = ()) -> StagedModel:
+    """Write ``model`` beside ``target`` (see the module docstring); ``external``: tensors of
+    at least ``inline_limit`` bytes go to a new data file. :class:`BadInputError` on failure,
+    with nothing left behind."""
+    staged = StagedModel(target, keep)
+    try:
+        with one_line_oserror(target):
+            if is_special_file(target):
+                if external:
+                    raise BadInputError(
+                        f"{target}: not a regular file; a model with external data is written "
+                        "only to a regular file (its data file goes beside it)")
+                staged.payload = ir.serde.serialize_model(model).SerializeToString()
+                return staged
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if external:
+                _write_data(model, target, inline_limit, staged)
+            staged.graph_tmp = Path(_new_temp(target, ".tmp"))
+            ir.save(model, staged.graph_tmp)
+            _fsync(staged.graph_tmp)
+            staged.reads = referenced_files(model)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: StagedModel) -> None:
+    """Stream large tensors (one at a time: lazy ones computed, external ones copied and
+    unmapped) to a new data file; point the model's values at it; small external ones inline."""
+    from bnfold.fileio import release_mapping
+
+    tmp = _new_temp(target, ".data.tmp")
+    digest = hashlib.blake2b(digest_size=8)
+    placed: list[tuple[ir.Value, ir.TensorProtocol, int, int]] = []
+    try:
+        with open(tmp, "wb") as f:
+            for value in (v for g in model.graphs() for v in g.initializers.values()):
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                if tensor.nbytes < inline_limit:
+                    if isinstance(tensor, ir.ExternalTensor):  # small: inline, off the old file
+                        staged.swapped.append((value, tensor))
+                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
+                    continue
+                data = tensor.tobytes()
+                placed.append((value, tensor, f.tell(), len(data)))
+                f.write(data)
+                digest.update(data)
+                del data
+                release_mapping(tensor)
+            f.flush()
+            os.fsync(f.fileno())
+        staged.data = _reserve(target, digest.hexdigest())
+        os.replace(tmp, staged.data)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for value, tensor, offset, length in placed:
+        staged.swapped.append((value, tensor))
+        value.const_value = ir.ExternalTensor(
+            staged.data.name, offset, length, tensor.dtype, shape=tensor.shape,
+            name=tensor.name or value.name or "", base_dir=target.parent)
+
+
+def _reserve(target: Path, digest: str) -> Path:
+    """Create, empty, a data file name beside ``target`` that did not exist (O_EXCL)."""
+    for n in itertools.count():
+        path = target.with_name(f"{target.name}.{digest}{f'-{n}' if n else ''}.data")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
+
+
+def _new_temp(target: Path, suffix: str) -> str:
+    """A new hidden temporary file beside ``target``, with the mode ``target`` should get."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.fchmod(fd, file_mode(target))
+    os.close(fd)
+    return tmp
+
+
+def file_mode(target: Path) -> int:
+    """The permission bits a file written at ``target`` should get: those of the file it
+    replaces, or the usual ones for a new file (0666 less the umask)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def is_special_file(path: Path) -> bool:
+    """True if ``path`` exists (following symlinks) and is neither a regular file nor a folder:
+    a device, a FIFO, a socket. Such a path is written through, never replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def one_line_oserror(target: Path) -> Iterator[None]:
+    """Turn an ``OSError`` into :class:`BadInputError` ``"<target>: could not write (...)"``."""
+    try:
+        yield
+    except OSError as exc:
+        text = (exc.strerror or str(exc)).strip().splitlines()
+        raise BadInputError(f"{target}: could not write ({text[0] if text else exc!r})"
+                            ) from exc
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every file system allows it)."""
+    with contextlib.suppress(OSError):
+        _fsync(folder)

@@ -459,7 +459,7 @@ def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
         return
     if path.is_dir():
         raise BadInputError(f"--report {path}: is a directory; give a file")
-    if any(path.resolve() == m.resolve() for m in models):
+    if path.resolve() != Path(os.devnull) and any(path.resolve() == m.resolve() for m in models):
         raise BadInputError(f"--report {path}: is a model file of this command; give another")
     from bnfold.external_data import files_named_by
 

@@ -161,12 +161,14 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
                 release_mapping(tensor)
             f.flush()
             os.fsync(f.fileno())
-        staged.data = _reserve(target, digest.hexdigest())
-        os.replace(tmp, staged.data)
+        if placed:  # else every tensor is inline: no data file
+            staged.data = _reserve(target, digest.hexdigest())
+            os.replace(tmp, staged.data)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     for value, tensor, offset, length in placed:
+        assert staged.data is not None
         staged.swapped.append((value, tensor))
         value.const_value = ir.ExternalTensor(
             staged.data.name, offset, length, tensor.dtype, shape=tensor.shape,

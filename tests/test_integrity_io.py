@@ -1,0 +1,349 @@
+"""What bnfold writes, and where: external data never overwrites a file, a graph and its data
+change together, -o/--report never name a data file or replace a special file, exit 2 means
+nothing was written, and in-memory models read external data only inside ``base_dir``.
+
+The CLI runs in real subprocesses. Every output is checked numerically: ONNX Runtime on the
+written file against a float64 reference of the unfolded model, on fresh random inputs, with
+non-trivial BN statistics (``onnx_cases.Builder.bn``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
+
+import bnfold
+from bnfold.errors import BadInputError
+from bnfold.external_data import files_named_by
+from bnfold.fileio import save_onnx
+
+TOL = 1e-5
+
+
+def conv_bn(seed: int) -> onnx.ModelProto:
+    """Conv -> BN -> Relu -> Conv, plus a MatMul weight no fold touches (it stays external):
+    every weight is over 1 KiB, so an output keeps external data."""
+    b = Builder(seed)
+    b.node("Conv", ["x", b.rand("w1", [16, 8, 3, 3])], ["c1"], pads=[1, 1, 1, 1])
+    b.bn("c1", "n1", 16)
+    b.node("Relu", ["n1"], ["r"])
+    b.node("Conv", ["r", b.rand("w2", [8, 16, 3, 3])], ["c2"], pads=[1, 1, 1, 1])
+    b.node("MatMul", ["x", b.rand("untouched", [6, 64])], ["y2"])
+    return b.model({"x": [1, 8, 6, 6]}, {"c2": None, "y2": None})
+
+
+def save_external(model: onnx.ModelProto, path: Path, location: str) -> Path:
+    """Write ``model`` with every tensor in ``location`` (appended if that file exists)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, path, save_as_external_data=True, location=location,
+                    size_threshold=0)
+    return path
+
+
+def assert_computes(path: Path, original: onnx.ModelProto, bn_left: int = 0) -> None:
+    """The model at ``path`` (with its external data) computes ``original`` in float64."""
+    written = onnx.load(str(path))
+    x = feeds(original, seed=7)
+    assert rel_err(run_ort(written, x), reference(original, x)) < TOL
+    assert count(written) == bn_left
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_line_error(res: subprocess.CompletedProcess[str]) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("bnfold: error: ") and "Traceback" not in res.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def ext(tmp_path) -> tuple[onnx.ModelProto, Path]:
+    """``m.onnx`` with its tensors in ``m.onnx.data``."""
+    model = conv_bn(1)
+    return model, save_external(model, tmp_path / "m.onnx", "m.onnx.data")
+
+
+# ----------------------------------------------------------------------------- item 1
+
+def test_output_data_never_overwrites_a_file(run_cli, ext, tmp_path):
+    model, src = ext
+    first = tmp_path / "a" / "out.onnx"
+    assert run_cli("fold", src, "-o", first).returncode == 0
+    (data,) = files_named_by(first)  # <out name>.<content hash>.data, beside it
+    assert data.parent == first.parent.resolve() and data.name.startswith("out.onnx.")
+    other = tmp_path / "b"
+    other.mkdir()
+    # Unrelated files where the old code put the data, and where this content's name goes.
+    for name in ("out.onnx.data", data.name):
+        (other / name).write_bytes(b"unrelated " + name.encode())
+    res = run_cli("fold", src, "-o", other / "out.onnx")
+    assert res.returncode == 0, res.stderr
+    for name in ("out.onnx.data", data.name):
+        assert (other / name).read_bytes() == b"unrelated " + name.encode()
+    (taken,) = files_named_by(other / "out.onnx")
+    assert taken.name == data.name.replace(".data", "-1.data")
+    assert_computes(other / "out.onnx", model)
+
+
+def test_output_named_after_the_input_data_file(run_cli, tmp_path):
+    model = conv_bn(2)
+    src = save_external(model, tmp_path / "m.onnx", "f.onnx.data")
+    before = digest(tmp_path / "f.onnx.data")
+    res = run_cli("fold", src, "-o", tmp_path / "f.onnx")
+    assert res.returncode == 0, res.stderr
+    assert digest(tmp_path / "f.onnx.data") == before
+    assert_computes(src, model, bn_left=1)  # the input still computes what it did
+    assert_computes(tmp_path / "f.onnx", model)
+
+
+def test_folder_in_place_over_models_sharing_one_data_file(run_cli, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    models = {"a": conv_bn(3), "b": conv_bn(4)}
+    for name, model in models.items():  # b's tensors are appended to a's data file
+        save_external(model, folder / f"{name}.onnx", "a.onnx.data")
+    for name, model in models.items():
+        assert_computes(folder / f"{name}.onnx", model, bn_left=1)
+    res = run_cli("fold", folder, "--in-place")
+    assert res.returncode == 0, res.stderr
+    for name, model in models.items():
+        assert_computes(folder / f"{name}.onnx", model)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- item 2
+
+def test_a_failing_graph_rename_leaves_the_old_pair(ext, tmp_path, monkeypatch):
+    model, src = ext
+    out = tmp_path / "o" / "out.onnx"
+    save_onnx(bnfold.fold_onnx(src).model, out)
+    before = sorted(p.name for p in out.parent.iterdir())
+    other = save_external(conv_bn(5), tmp_path / "n.onnx", "n.onnx.data")
+    real = os.replace
+
+    def crash_on_graph(src_path, dst, *args, **kwargs):
+        if Path(dst) == out:
+            raise OSError(5, "Input/output error")
+        return real(src_path, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", crash_on_graph)
+    with pytest.raises(BadInputError, match="Input/output error"):
+        save_onnx(bnfold.fold_onnx(other).model, out)
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing new, nothing lost
+    assert_computes(out, model)
+
+
+_WRITER = """
+import os, sys, time
+from pathlib import Path
+from bnfold.fileio import save_onnx
+from bnfold.passes.onnx.fold import fold_onnx
+src, out, ready, go = sys.argv[1:5]
+delays = [float(d) for d in sys.argv[5:7]]  # before the 1st and the 2nd rename
+real = os.replace
+def slow(*args, **kwargs):
+    time.sleep(delays.pop(0) if delays else 0)
+    return real(*args, **kwargs)
+os.replace = slow
+folded = fold_onnx(src).model
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.01)
+save_onnx(folded, out)
+"""
+
+
+def test_two_concurrent_writers_leave_a_consistent_pair(tmp_path):
+    """Writer A renames its data first and its graph last, B in between: the old code ended
+    with A's graph and B's data."""
+    srcs = {k: save_external(conv_bn(s), tmp_path / f"{k}.onnx", f"{k}.onnx.data")
+            for k, s in (("a", 6), ("b", 7))}
+    out, go = tmp_path / "o" / "out.onnx", tmp_path / "go"
+    delays = {"a": ("0", "1.5"), "b": ("0.5", "0")}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, srcs[k], out, tmp_path / f"r{k}",
+                               go, *delays[k]]) for k in srcs]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"r{k}").exists() for k in srcs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    go.touch()
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    written = onnx.load(str(out))
+    x = feeds(conv_bn(6), seed=7)
+    got = run_ort(written, x)
+    errs = [rel_err(got, reference(onnx.load(str(srcs[k])), x)) for k in srcs]
+    assert min(errs) < TOL, errs  # A's pair or B's, never a mix
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+_BLOCKED_CLI = """
+import sys, time
+import onnx_ir
+from pathlib import Path
+from bnfold import cli
+real = onnx_ir.save
+def blocked(model, path, **kwargs):
+    real(model, path, **kwargs)
+    Path(sys.argv[1]).touch()
+    time.sleep(120)
+onnx_ir.save = blocked
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_remove_temp_files(ext, tmp_path, sig):
+    _, src = ext
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "out.onnx").write_bytes(b"previous")
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLI, marker, "fold", src, "-o",
+                             out_dir / "out.onnx"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+        time.sleep(0.05)
+    assert len(list(out_dir.iterdir())) > 1  # the data and graph temp files exist now
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines() == [f"bnfold: error: terminated by {sig.name}"]
+    assert [p.name for p in out_dir.iterdir()] == ["out.onnx"]
+    assert (out_dir / "out.onnx").read_bytes() == b"previous"
+
+
+# ----------------------------------------------------------------------------- item 3
+
+def test_output_or_report_naming_a_data_file_is_refused(run_cli, ext, tmp_path):
+    model, src = ext
+    data = tmp_path / "m.onnx.data"
+    out = tmp_path / "out.onnx"
+    assert run_cli("fold", src, "-o", out).returncode == 0
+    (out_data,) = files_named_by(out)
+    before = {p: digest(p) for p in (src, data, out, out_data)}
+    cases = [["fold", src, "-o", data], ["fold", src, "-o", data, "--in-place"],
+             ["inspect", src, "--report", data], ["validate", src, out, "--report", out_data],
+             ["fold", src, "-o", out, "--report", out_data], ["insert", src, "-o", data],
+             ["fold", tmp_path, "-o", tmp_path / "folded", "--report", data]]
+    for args, res in zip(cases, run_cli.many(cases), strict=True):
+        assert "external data file" in one_line_error(res), args
+    assert {p: digest(p) for p in before} == before
+    assert not (tmp_path / "folded").exists()
+    assert_computes(src, model, bn_left=1)
+
+
+# ----------------------------------------------------------------------------- item 4
+
+def test_special_files_are_written_through(run_cli, ext, conv_bn_proto, tmp_path):
+    plain = tmp_path / "plain.onnx"
+    onnx.save(conv_bn_proto(), plain)
+    link = tmp_path / "null_link"
+    link.symlink_to(os.devnull)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    res = run_cli("fold", plain, "-o", link, "--report", fifo)
+    reader.join(timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert link.is_symlink() and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert b'"schema": "bnfold.fold/1"' in got[0]
+    # /dev/null itself, as output and as report (checked through the symlink first, above).
+    res = run_cli("fold", plain, "-o", os.devnull, "--report", os.devnull)
+    assert res.returncode == 0, res.stderr
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert run_cli("inspect", plain, "--report", os.devnull).returncode == 0
+    # Refused, one line: the model to stdout, and an external-data model to a device.
+    _, src = ext
+    for args in (["-o", "-"], ["-o", "/dev/stdout"]):
+        assert "standard output" in one_line_error(run_cli("fold", plain, *args))
+    assert "not a regular file" in one_line_error(run_cli("fold", src, "-o", os.devnull))
+    assert not (tmp_path / "-").exists()
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+# ----------------------------------------------------------------------------- item 5
+
+def test_a_failing_report_write_leaves_no_model_written(run_cli, ext, tmp_path):
+    model, src = ext
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    report = blocker / "report.json"  # its folder cannot be made
+    out = tmp_path / "o" / "out.onnx"
+    cases = [["fold", src, "-o", out, "--report", report],
+             ["insert", src, "-o", out, "--report", report],
+             ["fold", src, "-o", out, "--report", report, "--json"]]
+    for args, res in zip(cases, run_cli.many(cases, width=2), strict=True):
+        assert "--report" in one_line_error(res), args
+        assert "--json" not in args or res.stdout == ""  # no JSON claims a written model
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save_external(model, folder / "m.onnx", "m.onnx.data")
+    res = run_cli("fold", folder, "-o", tmp_path / "o", "--report", report)
+    assert res.returncode == 2 and "--report" in res.stderr.strip().splitlines()[-1]
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- item 9
+
+def test_in_memory_models_with_external_data_need_base_dir(ext, tmp_path):
+    model, src = ext
+    proto = onnx.load(str(src), load_external_data=False)
+    for call in (lambda **kw: bnfold.fold_onnx(proto, **kw),
+                 lambda **kw: bnfold.inspect_onnx(proto, **kw),
+                 lambda **kw: bnfold.validate(proto, proto, providers=("cpu",), samples=1, **kw),
+                 lambda **kw: save_onnx(proto, tmp_path / "saved.onnx", **kw)):
+        with pytest.raises(BadInputError, match="base_dir"):
+            call()
+    assert not (tmp_path / "saved.onnx").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folded, report = bnfold.fold_onnx(proto, base_dir=tmp_path)
+    assert len(report.folded) == 1
+    save_onnx(folded, elsewhere / "f.onnx", base_dir=tmp_path)
+    assert_computes(elsewhere / "f.onnx", model)
+    assert bnfold.inspect_onnx(proto, base_dir=tmp_path).folded
+    assert bnfold.validate(proto, folded, providers=("cpu",), samples=1,
+                           base_dir=tmp_path).passed
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_base_dir_contains_external_data(ext, tmp_path, where):
+    _, src = ext
+    folder = tmp_path / "inner"
+    folder.mkdir()
+    location = {"absolute": str(tmp_path / "m.onnx.data"), "dotdot": "../m.onnx.data",
+                "symlink": "link.data"}[where]
+    (folder / "link.data").symlink_to(tmp_path / "m.onnx.data")  # leads out of inner/
+    proto = onnx.load(str(src), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    for call in (lambda: bnfold.fold_onnx(proto, base_dir=folder),
+                 lambda: bnfold.inspect_onnx(proto, base_dir=folder),
+                 lambda: bnfold.validate(proto, proto, providers=("cpu",), base_dir=folder),
+                 lambda: save_onnx(proto, folder / "out.onnx", base_dir=folder)):
+        with pytest.raises(BadInputError, match="location"):
+            call()
+    onnx.save(proto, folder / "p.onnx")  # the same model as a file: the same refusal
+    with pytest.raises(BadInputError, match="location"):
+        bnfold.fold_onnx(folder / "p.onnx")

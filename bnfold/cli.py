@@ -26,7 +26,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,7 @@ class _Outcome:
     code: int
     doc: dict[str, Any]
     staged: Any = None
+    reads: set[Path] = field(default_factory=set)  # the input's external data files
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
@@ -250,11 +251,18 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
             print_validation(result)
     passed = result is None or result.passed
-    staged = stage_save(folded, out, keep=referenced_files(model)) if passed else None
+    reads = referenced_files(model)
+    staged = stage_save(folded, out, keep=_kept(reads, src, out)) if passed else None
     doc.update(written=passed, passed=passed)
     if show and not passed:
         print(f"validation failed: {out} not written")
-    return _Outcome(OK if passed else FAILED, doc, staged)
+    return _Outcome(OK if passed else FAILED, doc, staged, reads)
+
+
+def _kept(reads: set[Path], src: Path, out: Path) -> set[Path]:
+    """The data files an output may not remove: what its input reads, unless it replaces
+    that input (folding in place), whose old data then goes if bnfold wrote it."""
+    return set() if src.resolve() == out.resolve() else reads
 
 
 def _fold_folder(args: argparse.Namespace) -> int:
@@ -280,12 +288,14 @@ def _fold_folder(args: argparse.Namespace) -> int:
 
     results: list[dict[str, Any]] = []
     staged: list[Any] = []  # committed together with the report, after every file is folded
+    reads: dict[Path, set[Path]] = {}  # input -> the data files it reads
     with progress_bar("folding", len(files)) as update:
         for i, src in enumerate(files):
             out = out_dir / src.relative_to(src_dir)
             try:
                 outcome = _fold_file(args, src, out, show=False)
                 doc, code = outcome.doc, outcome.code
+                reads[src.resolve()] = outcome.reads
                 if outcome.staged:
                     outcome.staged.release_model()
                     staged.append(outcome.staged)
@@ -307,9 +317,8 @@ def _fold_folder(args: argparse.Namespace) -> int:
            "summary": summary, "results": results, "exit_code": code}
     if not args.json:
         _print_folder(results, summary)
-    inputs_read = set().union(*(s.keep for s in staged))
     for s in staged:  # no output removes a data file that another input reads
-        s.keep = inputs_read
+        s.keep = set().union(*(r for src, r in reads.items() if src != s.target.resolve()))
     _emit(args, doc, staged)
     return code
 
@@ -366,7 +375,7 @@ def cmd_insert(args: argparse.Namespace) -> int:
         model, position=args.position, skip_last=args.skip_last, include=args.include,
         exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias,
         training_mode=args.training_mode)
-    staged = stage_save(inserted, out, keep=referenced_files(model))
+    staged = stage_save(inserted, out, keep=_kept(referenced_files(model), args.input, out))
     if not args.json:
         from bnfold.render import print_report
 

@@ -126,6 +126,18 @@ def test_folder_in_place_over_models_sharing_one_data_file(run_cli, tmp_path):
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_in_place_refolds_remove_only_data_bnfold_wrote(run_cli, ext, tmp_path):
+    model, src = ext
+    before = digest(tmp_path / "m.onnx.data")
+    for _ in range(3):
+        res = run_cli("fold", src, "--in-place")
+        assert res.returncode == 0, res.stderr
+    assert digest(tmp_path / "m.onnx.data") == before  # not written by bnfold: kept
+    (current,) = files_named_by(src)
+    assert [p.name for p in tmp_path.glob("m.onnx.*.data")] == [current.name]
+    assert_computes(src, model)
+
+
 # ----------------------------------------------------------------------------- item 2
 
 def test_a_failing_graph_rename_leaves_the_old_pair(ext, tmp_path, monkeypatch):

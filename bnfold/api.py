@@ -109,6 +109,7 @@ def insert_bn_onnx(
     momentum: float = 0.1,
     drop_bias: bool = False,
     training_mode: bool = False,
+    base_dir: Any = None,
 ) -> PassResult:
     """Insert BatchNormalization after Conv/ConvTranspose/Gemm/MatMul in an ONNX graph (see
     :func:`bnfold.passes.onnx.insert.insert_bn_onnx` for the options)."""
@@ -117,6 +118,7 @@ def insert_bn_onnx(
     return _insert(
         model, position=position, skip_last=skip_last, include=include, exclude=exclude,
         eps=eps, momentum=momentum, drop_bias=drop_bias, training_mode=training_mode,
+        base_dir=base_dir,
     )
 
 

@@ -515,8 +515,9 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] =
                     for output in staged:
                         output.commit()
             except OSError as exc:
-                raise BadInputError(f"--report {path}: could not write ({exc.strerror or exc})"
-                                    ) from exc
+                where = f": {exc.filename}" if exc.filename and exc.strerror else ""
+                raise BadInputError(f"--report {path}: could not write "
+                                    f"({exc.strerror or exc}{where})") from exc
     if args.json:
         print(text)
 

@@ -321,6 +321,7 @@ def test_in_memory_models_with_external_data_need_base_dir(ext, tmp_path):
     proto = onnx.load(str(src), load_external_data=False)
     for call in (lambda **kw: bnfold.fold_onnx(proto, **kw),
                  lambda **kw: bnfold.inspect_onnx(proto, **kw),
+                 lambda **kw: bnfold.insert_bn_onnx(proto, **kw),
                  lambda **kw: bnfold.validate(proto, proto, providers=("cpu",), samples=1, **kw),
                  lambda **kw: save_onnx(proto, tmp_path / "saved.onnx", **kw)):
         with pytest.raises(BadInputError, match="base_dir"):
@@ -333,6 +334,7 @@ def test_in_memory_models_with_external_data_need_base_dir(ext, tmp_path):
     save_onnx(folded, elsewhere / "f.onnx", base_dir=tmp_path)
     assert_computes(elsewhere / "f.onnx", model)
     assert bnfold.inspect_onnx(proto, base_dir=tmp_path).folded
+    assert bnfold.insert_bn_onnx(proto, base_dir=tmp_path, skip_last=False).report.inserted
     assert bnfold.validate(proto, folded, providers=("cpu",), samples=1,
                            base_dir=tmp_path).passed
 

@@ -80,6 +80,7 @@ def insert_bn_onnx(
     momentum: float = 0.1,
     drop_bias: bool = False,
     training_mode: bool = False,
+    base_dir: Any = None,
 ) -> PassResult:
     """Return ``(onnx_ir.Model, Report)``: ``model`` with a BatchNormalization after each
     selected Conv / ConvTranspose / Gemm / MatMul-with-constant-weight node.
@@ -96,6 +97,7 @@ def insert_bn_onnx(
     BNs (see the module docstring). Idempotent: a layer already followed by a normalization
     (directly, after its activation, or through dropouts and reshapes) gets none. Layers
     inside If / Loop / Scan bodies are not considered (the report's notes count them).
+    ``base_dir``: the folder of an in-memory model's external data (required when it has any).
     """
     if position not in POSITIONS:
         raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
@@ -106,7 +108,7 @@ def insert_bn_onnx(
             f"momentum must be a number in [0, 1], got {momentum!r} (ONNX BatchNormalization "
             "has no cumulative average, PyTorch's momentum=None)")
     given = model
-    out = load_onnx(model)
+    out = load_onnx(model, base_dir=base_dir)
     if out is given:
         out = out.clone()
     opset = out.opset_imports.get("", out.opset_imports.get("ai.onnx"))

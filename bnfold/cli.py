@@ -21,11 +21,12 @@ terminal. JSON schemas (keys are only ever added within a version):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,7 +290,7 @@ def _fold_folder(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     staged: list[Any] = []  # committed together with the report, after every file is folded
     reads: dict[Path, set[Path]] = {}  # input -> the data files it reads
-    with progress_bar("folding", len(files)) as update:
+    with progress_bar("folding", len(files)) as update, _discarded_on_error(staged):
         for i, src in enumerate(files):
             out = out_dir / src.relative_to(src_dir)
             try:
@@ -321,6 +322,18 @@ def _fold_folder(args: argparse.Namespace) -> int:
         s.keep = set().union(*(r for src, r in reads.items() if src != s.target.resolve()))
     _emit(args, doc, staged)
     return code
+
+
+@contextlib.contextmanager
+def _discarded_on_error(staged: list[Any]) -> Iterator[None]:
+    """Remove every staged output if the block fails (an interrupt, a signal): a folder run
+    commits nothing until all its files are folded."""
+    try:
+        yield
+    except BaseException:
+        for output in staged:
+            output.discard()
+        raise
 
 
 def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> None:
@@ -495,8 +508,6 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] =
     (:func:`bnfold.fileio.stage_save`) between the report's write and its rename, then print
     ``doc`` as JSON with ``--json``. A report that cannot be written leaves no model written
     (exit 2 means nothing was written), and a model that cannot be written, no report."""
-    import contextlib
-
     text = json.dumps(doc, indent=2, allow_nan=False, default=str)
     path = getattr(args, "report", None)
     with contextlib.ExitStack() as pending:

@@ -210,35 +210,45 @@ import onnx_ir
 from pathlib import Path
 from bnfold import cli
 real = onnx_ir.save
-def blocked(model, path, **kwargs):
+saves = []
+def blocked(model, path, **kwargs):  # the last file's graph: written, not yet renamed
     real(model, path, **kwargs)
-    Path(sys.argv[1]).touch()
-    time.sleep(120)
+    saves.append(path)
+    if len(saves) == int(sys.argv[2]):
+        Path(sys.argv[1]).touch()
+        time.sleep(120)
 onnx_ir.save = blocked
-sys.exit(cli.main(sys.argv[2:]))
+sys.exit(cli.main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_remove_temp_files(ext, tmp_path, sig):
-    _, src = ext
+@pytest.mark.parametrize(("sig", "folder"), [(signal.SIGTERM, False), (signal.SIGHUP, False),
+                                             (signal.SIGTERM, True)])
+def test_sigterm_and_sighup_remove_temp_files(ext, tmp_path, sig, folder):
+    model, src = ext
     out_dir = tmp_path / "o"
     out_dir.mkdir()
-    (out_dir / "out.onnx").write_bytes(b"previous")
+    (out_dir / "m.onnx").write_bytes(b"previous")
+    if folder:  # the first file is staged when the second is killed: neither is written
+        src = tmp_path / "in"
+        src.mkdir()
+        for name in ("a", "m"):
+            save_external(model, src / f"{name}.onnx", f"{name}.onnx.data")
     marker = tmp_path / "writing"
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLI, marker, "fold", src, "-o",
-                             out_dir / "out.onnx"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_CLI, marker, str(1 + folder),
+                             "fold", src, "-o", out_dir if folder else out_dir / "m.onnx"],
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
         time.sleep(0.05)
-    assert len(list(out_dir.iterdir())) > 1  # the data and graph temp files exist now
+    assert len(list(out_dir.iterdir())) > 2  # data and graph temp files exist now
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     assert err.strip().splitlines() == [f"bnfold: error: terminated by {sig.name}"]
-    assert [p.name for p in out_dir.iterdir()] == ["out.onnx"]
-    assert (out_dir / "out.onnx").read_bytes() == b"previous"
+    assert [p.name for p in out_dir.iterdir()] == ["m.onnx"]
+    assert (out_dir / "m.onnx").read_bytes() == b"previous"
 
 
 # ----------------------------------------------------------------------------- item 3

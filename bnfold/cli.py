@@ -38,8 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = args.json or args.json_top
+    from bnfold.cli_errors import expected_error, quiet_libraries
     from bnfold.errors import BnfoldError
 
+    quiet_libraries()
     try:
         import onnxruntime
 
@@ -50,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except BnfoldError as exc:
         _error(str(exc))
+    except OSError as exc:
+        _error(expected_error(exc) or str(exc))
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -203,10 +207,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
     import bnfold
+    from bnfold.cli_errors import naming
     from bnfold.fileio import save_onnx
 
     model = load_checked(src)
-    folded, report = bnfold.fold_onnx(model)
+    with naming(src):
+        folded, report = bnfold.fold_onnx(model)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -231,7 +237,9 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
 
 def _fold_folder(args: argparse.Namespace) -> int:
-    from bnfold.errors import BadInputError, BnfoldError
+    from bnfold.cli_errors import expected_error
+    from bnfold.errors import BadInputError
+    from bnfold.folderscan import model_files
 
     if args.output is None and not args.in_place:
         raise BadInputError("folding a folder needs -o OUTDIR (or --in-place)")
@@ -244,13 +252,16 @@ def _fold_folder(args: argparse.Namespace) -> int:
     _check_report_path(args)
     inside = out_dir.resolve() != src_dir.resolve() and out_dir.resolve().is_relative_to(
         src_dir.resolve())  # outputs of an earlier run are not inputs
-    files = sorted(p for p in src_dir.rglob("*.onnx") if p.is_file() and not (
-        inside and p.resolve().is_relative_to(out_dir.resolve())))
-    if not files:
+    files, unreadable = model_files(src_dir, out_dir.resolve() if inside else None)
+    if not files and not unreadable:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
     from bnfold.render import progress_bar
 
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = [
+        {"input": str(d), "output": str(out_dir / d.relative_to(src_dir)), "written": False,
+         "passed": False, "error": f"{d}: could not read this folder ({why})",
+         "exit_code": BAD_INPUT}
+        for d, why in unreadable]
     with progress_bar("folding", len(files)) as update:
         for i, src in enumerate(files):
             out = out_dir / src.relative_to(src_dir)
@@ -260,10 +271,10 @@ def _fold_folder(args: argparse.Namespace) -> int:
             except Exception as exc:  # one bad file must not stop the others
                 if os.environ.get("BNFOLD_DEBUG"):
                     raise
-                what = "" if isinstance(exc, BnfoldError) else (
-                    f"internal error: {type(exc).__name__}: ")
+                error = expected_error(exc) or " ".join(
+                    f"internal error: {type(exc).__name__}: {exc}".split())
                 doc, code = {"input": str(src), "output": str(out), "written": False,
-                             "passed": False, "error": what + " ".join(str(exc).split())}, BAD_INPUT
+                             "passed": False, "error": error}, BAD_INPUT
             doc["exit_code"] = code
             results.append(doc)
             update(i + 1, len(files))
@@ -296,9 +307,11 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
+    from bnfold.cli_errors import naming
 
     _check_report_path(args, args.input)
-    report = bnfold.inspect_onnx(load_checked(args.input))
+    with naming(args.input):
+        report = bnfold.inspect_onnx(load_checked(args.input))
     if not args.json:
         from bnfold.render import print_report
 
@@ -359,16 +372,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def load_checked(path: Path) -> Any:
     """Load an ONNX file for a pass: readable (:func:`bnfold.fileio.load_onnx`), a known
     ai.onnx opset, and accepted by ``onnx.checker``; else a one-line BnfoldError."""
-    import onnx
 
     from bnfold.errors import BadInputError
+    from bnfold.filechecks import check_onnx_file
     from bnfold.fileio import load_onnx
     from bnfold.validation import check_opset
 
     model = load_onnx(path)
     check_opset(model, str(path))
     try:
-        onnx.checker.check_model(str(path))
+        check_onnx_file(path)
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise BadInputError(f"{path}: invalid ONNX model ({lines[0] if lines else exc!r})") from exc

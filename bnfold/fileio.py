@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
+from bnfold.filechecks import check_external_data, check_input_file, check_no_sparse
 
 
 @contextlib.contextmanager
@@ -62,15 +63,12 @@ def load_onnx(model: object) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
+        check_no_sparse(model, "model")
         return ir.serde.deserialize_model(model)
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
     path = Path(model)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    if check_input_file(path) == 0:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -81,12 +79,14 @@ def load_onnx(model: object) -> ir.Model:
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     if not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
+    check_no_sparse(proto, str(path))
     try:
         loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
     del proto
     ir.external_data.set_base_dir(loaded.graph, path.parent)
+    check_external_data(loaded, str(path))
     return loaded
 
 

@@ -52,15 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except BnfoldError as exc:
         _error(str(exc))
-    except OSError as exc:
-        _error(expected_error(exc) or str(exc))
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     except Exception as exc:
         if os.environ.get("BNFOLD_DEBUG"):
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc} (BNFOLD_DEBUG=1 shows the traceback)")
+        _error(expected_error(exc) or
+               f"internal error: {type(exc).__name__}: {exc} (BNFOLD_DEBUG=1 shows the traceback)")
     return BAD_INPUT
 
 

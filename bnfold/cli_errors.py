@@ -2,7 +2,8 @@
 
 * :func:`expected_error`: the line for a failure caused by the input, not by a bug in bnfold:
   a :class:`~bnfold.errors.BnfoldError`'s message, or ``FILE: problem`` for an ``OSError``
-  (permission denied, file name too long, no space left...); ``None`` for anything else.
+  (permission denied, file name too long, no space left...) and for the ``RuntimeError``
+  that ``pathlib`` raises before Python 3.13 for a symlink loop; ``None`` for anything else.
 * :func:`naming`: a pass over a model read from a file does not know the file's name; errors
   it raises get the name in front.
 * :func:`quiet_libraries`: the libraries' own log and warning lines (onnx-ir's "cannot be found
@@ -35,6 +36,8 @@ def expected_error(exc: BaseException) -> str | None:
         name = exc.filename
         where = f"{Path(name) if isinstance(name, bytes) else name}: " if name else ""
         return f"{where}{os_problem(exc)}"
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from "):
+        return f"{str(exc).removeprefix('Symlink loop from ')}: too many levels of symbolic links"
     return None
 
 

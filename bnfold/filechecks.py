@@ -8,8 +8,9 @@
   model's folder (also after following symlinks), in a regular file, and its bytes
   ``[offset, offset + length)`` are all in that file, with ``length`` equal to what its shape
   and dtype need. A model that breaks this is invalid and is refused, not "repaired".
-* :func:`check_no_sparse`: onnx-ir drops ``sparse_initializer`` entries, so a model that has
-  them is refused rather than written without them.
+* :func:`check_initializers`: onnx-ir drops ``sparse_initializer`` entries, so a model that
+  has them is refused rather than written without them; an initializer whose data does not
+  fill its shape exactly (too few or too many bytes or values) makes the model invalid.
 * :func:`check_onnx_file`: ``onnx.checker`` on a file, also one whose name is not valid
   UTF-8 (the checker's C++ side takes only UTF-8 paths).
 * :func:`os_problem`, :func:`first_line`: the words for an ``OSError`` (``"Permission
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from onnx import TensorProto
 
 from bnfold.errors import BadInputError, UnsupportedError
 
@@ -109,22 +111,59 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_no_sparse(proto: onnx.ModelProto, label: str) -> None:
-    """Refuse a model with sparse initializers (in any graph): they would be lost."""
-    names: list[str] = []
+def check_initializers(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse a model with sparse initializers, or with an initializer (in any graph) whose
+    data does not match its shape and dtype."""
+    sparse: list[str] = []
 
     def visit(graph: onnx.GraphProto) -> None:
-        names.extend(s.values.name for s in graph.sparse_initializer)
+        sparse.extend(s.values.name for s in graph.sparse_initializer)
+        for tensor in graph.initializer:
+            problem = _data_problem(tensor)
+            if problem:
+                raise BadInputError(f"{label}: invalid model: initializer {tensor.name!r} "
+                                    f"{problem}")
         for node in graph.node:
             for attr in node.attribute:
                 for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
                     visit(sub)
 
     visit(proto.graph)
-    if names:
+    if sparse:
         raise UnsupportedError(
-            f"{label}: sparse initializers ({', '.join(sorted(names)[:3])}) are not supported "
+            f"{label}: sparse initializers ({', '.join(sorted(sparse)[:3])}) are not supported "
             "(bnfold would drop them); convert them to dense initializers first")
+
+
+#: The repeated field holding each fixed-size element type's values when not in raw_data.
+_TYPED_FIELDS = {
+    TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data",
+    TensorProto.INT64: "int64_data", TensorProto.UINT32: "uint64_data",
+    TensorProto.UINT64: "uint64_data", **dict.fromkeys(
+        (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
+         TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.BFLOAT16),
+        "int32_data")}
+
+
+def _data_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why ``tensor``'s stored data does not fill its shape, if it does not (external data
+    is checked after loading, by :func:`check_external_data`)."""
+    if any(d < 0 for d in tensor.dims):
+        return f"has a negative dim {list(tensor.dims)}"
+    field = _TYPED_FIELDS.get(tensor.data_type)
+    if field is None or tensor.data_location == TensorProto.EXTERNAL:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    if tensor.HasField("raw_data"):
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        have, need, unit = len(tensor.raw_data), count * itemsize, "bytes"
+    else:
+        have, need, unit = len(getattr(tensor, field)), count, "values"
+    if have != need:
+        return f"holds {have} {unit} of data, but its shape {list(tensor.dims)} needs {need}"
+    return None
 
 
 def utf8_path(path: Path | str) -> bool:

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
-from bnfold.filechecks import check_external_data, check_input_file, check_no_sparse
+from bnfold.filechecks import check_external_data, check_initializers, check_input_file
 
 
 @contextlib.contextmanager
@@ -63,7 +63,7 @@ def load_onnx(model: object) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        check_no_sparse(model, "model")
+        check_initializers(model, "model")
         return ir.serde.deserialize_model(model)
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
@@ -79,7 +79,7 @@ def load_onnx(model: object) -> ir.Model:
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     if not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
-    check_no_sparse(proto, str(path))
+    check_initializers(proto, str(path))
     try:
         loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:

@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
-from bnfold.filechecks import check_no_sparse
+from bnfold.filechecks import check_initializers
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
@@ -94,7 +94,7 @@ def _gc_paused() -> Iterator[None]:
 
 def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
     if isinstance(model, onnx.ModelProto):
-        check_no_sparse(model, "model")
+        check_initializers(model, "model")
         try:
             return ir.serde.deserialize_model(model), True
         except Exception as exc:

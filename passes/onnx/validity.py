@@ -9,8 +9,8 @@ so external weights stay unread:
   (``spatial=0`` at opsets <= 8: one row per channel), the same count for all four, equal to
   ``X``'s channel dim (axis 1) when that is known, from its declared shape or from the output
   channels of the Conv that produces it;
-* ``Conv`` / ``ConvTranspose``: a weight of rank >= 3 and a ``group`` >= 1 that divides its
-  channel axis;
+* ``Conv`` / ``ConvTranspose``: a weight of rank >= 3, a ``group`` >= 1 that divides its
+  channel axis, and a bias (if any) of one value per output channel;
 * ``Transpose``: ``perm`` a permutation of ``0 .. rank-1``.
 """
 
@@ -106,6 +106,12 @@ def _conv(node: ir.Node, opset: int) -> str | None:
                 "(channels, channels per group, kernel...)")
     if weight[0] is not None and weight[0] % group:  # Cout (Conv) or Cin (ConvTranspose)
         return f"has group={group}, which does not divide its weight's {weight[0]} channels"
+    bias = _shape(node.inputs[2] if len(node.inputs) > 2 else None)
+    channels = weight[0] if node.op_type == "Conv" else (
+        None if weight[1] is None else weight[1] * group)
+    if bias is not None and channels is not None and bias != (channels,):
+        return (f"has a bias of shape {list(bias)} for {channels} output channels (ONNX needs "
+                "a 1-D bias, one value per channel)")
     return None
 
 

@@ -501,6 +501,11 @@ def build(root: Path) -> Corpus:
             f.write(model.SerializeToString())
         fold(name, path, codes, contains)
         cases.append(Case(f"inspect:{name}", ["inspect", str(path)], codes, contains))
+        cases.append(Case(f"insert:{name}", ["insert", str(path), "-o",
+                                             str(out / f"ins_{name}.onnx")], (0, 2)))
+        cases.append(Case(f"validate-b:{name}", ["validate", str(path), str(path),
+                                                 "--providers", "cpu", "--samples", "1"],
+                          (0, 2)))
         if name in ("string_output", "expand_bomb_bias", "bn_var_len1", "conv_weight_scalar",
                     "transpose_perm_out_of_range", "sparse_weight"):
             ort_fails = {"string_output": "string", "expand_bomb_bias": "ONNX Runtime"}

@@ -109,7 +109,8 @@ def _conv(node: ir.Node, opset: int) -> str | None:
     bias = _shape(node.inputs[2] if len(node.inputs) > 2 else None)
     channels = weight[0] if node.op_type == "Conv" else (
         None if weight[1] is None else weight[1] * group)
-    if bias is not None and channels is not None and bias != (channels,):
+    if bias is not None and channels is not None and (
+            len(bias) != 1 or bias[0] not in (None, channels)):
         return (f"has a bias of shape {list(bias)} for {channels} output channels (ONNX needs "
                 "a 1-D bias, one value per channel)")
     return None

@@ -333,15 +333,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_insert(args: argparse.Namespace) -> int:
     import bnfold
+    from bnfold.cli_errors import naming
     from bnfold.fileio import save_onnx
 
     out = _output_path(args)
     _check_report_path(args, args.input, out)
     model = load_checked(args.input)
-    inserted, report = bnfold.insert_bn_onnx(
-        model, position=args.position, skip_last=args.skip_last, include=args.include,
-        exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias,
-        training_mode=args.training_mode)
+    with naming(args.input):
+        inserted, report = bnfold.insert_bn_onnx(
+            model, position=args.position, skip_last=args.skip_last, include=args.include,
+            exclude=args.exclude, eps=args.eps, momentum=args.momentum,
+            drop_bias=args.drop_bias, training_mode=args.training_mode)
     save_onnx(inserted, out)
     if not args.json:
         from bnfold.render import print_report

@@ -9,8 +9,7 @@
   ``[offset, offset + length)`` are all in that file, with ``length`` equal to what its shape
   and dtype need. A model that breaks this is invalid and is refused, not "repaired".
 * :func:`check_initializers`: onnx-ir drops ``sparse_initializer`` entries, so a model that
-  has them is refused rather than written without them; an initializer whose data does not
-  fill its shape exactly (too few or too many bytes or values) makes the model invalid.
+  has them is refused rather than written without them.
 * :func:`check_onnx_file`: ``onnx.checker`` on a file, also one whose name is not valid
   UTF-8 (the checker's C++ side takes only UTF-8 paths).
 * :func:`os_problem`, :func:`first_line`: the words for an ``OSError`` (``"Permission
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto
 
 from bnfold.errors import BadInputError, UnsupportedError
 
@@ -112,17 +110,18 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def check_initializers(proto: onnx.ModelProto, label: str) -> None:
-    """Refuse a model with sparse initializers, or with an initializer (in any graph) whose
-    data does not match its shape and dtype."""
+    """Refuse a model with sparse initializers, or an initializer with a negative dim (in
+    any graph). Data that does not fill its shape is found when a pass reads the tensor
+    (:func:`bnfold.passes.onnx.consts.const_array`): checking every tensor here would copy
+    all of a model's bytes once more."""
     sparse: list[str] = []
 
     def visit(graph: onnx.GraphProto) -> None:
         sparse.extend(s.values.name for s in graph.sparse_initializer)
         for tensor in graph.initializer:
-            problem = _data_problem(tensor)
-            if problem:
+            if any(d < 0 for d in tensor.dims):
                 raise BadInputError(f"{label}: invalid model: initializer {tensor.name!r} "
-                                    f"{problem}")
+                                    f"has a negative dim {list(tensor.dims)}")
         for node in graph.node:
             for attr in node.attribute:
                 for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
@@ -133,37 +132,6 @@ def check_initializers(proto: onnx.ModelProto, label: str) -> None:
         raise UnsupportedError(
             f"{label}: sparse initializers ({', '.join(sorted(sparse)[:3])}) are not supported "
             "(bnfold would drop them); convert them to dense initializers first")
-
-
-#: The repeated field holding each fixed-size element type's values when not in raw_data.
-_TYPED_FIELDS = {
-    TensorProto.FLOAT: "float_data", TensorProto.DOUBLE: "double_data",
-    TensorProto.INT64: "int64_data", TensorProto.UINT32: "uint64_data",
-    TensorProto.UINT64: "uint64_data", **dict.fromkeys(
-        (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16,
-         TensorProto.UINT8, TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.BFLOAT16),
-        "int32_data")}
-
-
-def _data_problem(tensor: onnx.TensorProto) -> str | None:
-    """Why ``tensor``'s stored data does not fill its shape, if it does not (external data
-    is checked after loading, by :func:`check_external_data`)."""
-    if any(d < 0 for d in tensor.dims):
-        return f"has a negative dim {list(tensor.dims)}"
-    field = _TYPED_FIELDS.get(tensor.data_type)
-    if field is None or tensor.data_location == TensorProto.EXTERNAL:
-        return None
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    if tensor.HasField("raw_data"):
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        have, need, unit = len(tensor.raw_data), count * itemsize, "bytes"
-    else:
-        have, need, unit = len(getattr(tensor, field)), count, "values"
-    if have != need:
-        return f"holds {have} {unit} of data, but its shape {list(tensor.dims)} needs {need}"
-    return None
 
 
 def utf8_path(path: Path | str) -> bool:

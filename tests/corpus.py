@@ -542,6 +542,7 @@ def argument_cases(g: str, src: Path, out: Path) -> list[Case]:
     (src / "folder").mkdir()
     (src / "folder" / "a.onnx").write_bytes(Path(g).read_bytes())
     (src / "folder" / "bad.onnx").write_bytes(b"garbage")
+    (src / "folder" / os.fsdecode(b"\xff.onnx")).write_bytes(Path(g).read_bytes())
     (src / "emptyfolder").mkdir()
     (out / "afile").write_text("x")
     bad: list[tuple[str, list[str], tuple[int, ...], str | None]] = [

@@ -12,15 +12,17 @@ Generated values (stated in every validation report):
 Given samples must match the signature: the same names, the exact dtypes, the fixed dims, and
 one size per named dynamic dim across all inputs.
 
-Bounds: at most :data:`MAX_SAMPLES` samples; generated samples together, and each sample file,
-at most :data:`INPUT_BUDGET_BYTES` bytes (checked from the shapes, or the file's size, before
-anything is allocated or read).
+Bounds: at most :data:`MAX_SAMPLES` samples; generated samples together, and each sample file
+(its size, and an ``.npz``'s arrays unpacked), at most :data:`INPUT_BUDGET_BYTES` bytes,
+checked from the shapes, the file's size or its zip directory before anything is allocated or
+read.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +246,24 @@ def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
     return sample
 
 
+def _check_unpacked_size(path: Path) -> None:
+    """Refuse an ``.npz`` whose arrays, uncompressed, exceed :data:`INPUT_BUDGET_BYTES` (a
+    small compressed file can unpack to any size), from its zip directory alone."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BadInputError(f"{path}: not a readable .npz file ({first_line(exc)})") from exc
+    if unpacked > INPUT_BUDGET_BYTES:
+        raise BadInputError(f"{path}: its arrays unpack to {unpacked} bytes, more than the "
+                            f"{INPUT_BUDGET_BYTES}-byte validation input budget")
+
+
 def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     check_input_file(path, "input sample", INPUT_BUDGET_BYTES, "the validation input budget")
+    _check_unpacked_size(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):

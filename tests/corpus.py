@@ -448,6 +448,11 @@ def sample_files(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str | N
     with open(huge, "wb") as f:
         f.truncate(3 * 2**30)
     out["npy_huge_sparse"] = (huge, (2,), "budget")
+    bomb = folder / "bomb.npz"  # its zip directory says 3 GiB (a compressed bomb would)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", (folder / "ok.npy").read_bytes())
+        z.filelist[0].file_size = 3 * 2**30
+    out["npz_unpacks_too_large"] = (bomb, (2,), "unpack")
     fifo = folder / "fifo.npz"
     os.mkfifo(fifo)
     out["npz_fifo"] = (fifo, (2,), "regular file")

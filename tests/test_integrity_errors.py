@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from corpus import Case, build, conv_bn, sparsify
+from corpus import Case, build, conv_bn, sample_files, sparsify
 from corpus import graph_models as corpus_models
 
 import bnfold
@@ -200,13 +200,17 @@ def test_validation_sizes_and_files_are_bounded_before_anything_is_read(tmp_path
     def never(*args, **kwargs):
         raise AssertionError("read a file that is too large")
 
+    (tmp_path / "samples").mkdir()
+    sample_files(tmp_path / "samples")  # writes bomb.npz: a small file whose arrays unpack to 3 GiB
     monkeypatch.setattr(onnx, "load", never)
-    monkeypatch.setattr(np, "load", never)
     with pytest.raises(BadInputError, match="2147483649 bytes, more than ONNX models may have"):
         bnfold.fold_onnx(huge_model)
     monkeypatch.undo()
+    monkeypatch.setattr(np, "load", never)
     with pytest.raises(BadInputError, match="more than input samples may have"):
         bnfold.validate(path, path, providers=("cpu",), inputs=huge_npy)
+    with pytest.raises(BadInputError, match="unpack to 3221225472 bytes"):
+        bnfold.validate(path, path, providers=("cpu",), inputs=tmp_path / "samples" / "bomb.npz")
 
 
 def test_the_api_raises_bnfold_errors_for_bad_arguments(tmp_path):

@@ -65,7 +65,7 @@ def run_workers(cases: list[Case], tmp: Path, workers: int = 2) -> list[dict]:
         todo, done = tmp / f"cases{i}.json", tmp / f"results{i}.json"
         todo.write_text(json.dumps([c.argv for c in chunks[i]]))
         proc = subprocess.run([sys.executable, str(CORPUS), str(todo), str(done)],
-                              capture_output=True, text=True, timeout=600, check=False)
+                              capture_output=True, text=True, timeout=240, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(done.read_text())
 

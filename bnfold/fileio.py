@@ -108,6 +108,7 @@ def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str]) -
     safe). Failures raise :class:`BadInputError` with one line; ``path`` is left as it was.
     """
     if isinstance(model, onnx.ModelProto):
+        check_initializers(model, str(path))
         model = ir.serde.deserialize_model(model)
     target = Path(path)
     values = [v for g in model.graphs() for v in g.initializers.values()

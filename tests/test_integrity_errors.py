@@ -33,6 +33,7 @@ from corpus import graph_models as corpus_models
 import bnfold
 from bnfold import cli
 from bnfold.errors import BadInputError, UnsupportedError
+from bnfold.fileio import save_onnx
 from bnfold.inputs import INPUT_BUDGET_BYTES
 
 CORPUS = Path(__file__).with_name("corpus.py")
@@ -170,6 +171,9 @@ def test_sparse_initializers_are_refused_by_the_api_and_the_cli(tmp_path, run_cl
     for call in (bnfold.fold_onnx, bnfold.inspect_onnx, bnfold.insert_bn_onnx):
         with pytest.raises(UnsupportedError, match=r"sparse initializers \(W\)"):
             call(model)
+    with pytest.raises(UnsupportedError, match="sparse"):
+        save_onnx(model, tmp_path / "written.onnx")
+    assert not list(tmp_path.iterdir())
     path = save(model, tmp_path / "sparse.onnx")
     with pytest.raises(UnsupportedError, match="sparse"):
         bnfold.fold_onnx(path)

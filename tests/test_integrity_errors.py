@@ -306,11 +306,15 @@ def test_odd_file_names_and_a_quiet_successful_run(tmp_path, run_cli):
     name = tmp_path / os.fsdecode(b"caf\xe9 \xff.onnx")  # Latin-1 bytes: not valid UTF-8
     save(conv_bn(), name)
     bomb = save(corpus_models()["expand_bomb_bias"][0], tmp_path / "bomb.onnx")
-    folded, report, quiet = run_cli.many([
+    dangling = save(corpus_models()["undefined_input"][0], tmp_path / "dangling.onnx")
+    folded, report, quiet, warned = run_cli.many([
         ["fold", name, "-o", tmp_path / os.fsdecode(b"out\xff.onnx"), "--validate",
          "--providers", "cpu"],
         ["fold", name, "-o", tmp_path / "o.onnx", "--json"],
-        ["fold", bomb, "-o", tmp_path / "bomb.folded.onnx"]])
+        ["fold", bomb, "-o", tmp_path / "bomb.folded.onnx"],
+        ["inspect", dangling]])
+    assert "cannot be found in any scope" not in warned.stderr  # onnx-ir's warning line
+    assert "'nope'" in one_error_line(warned)
     assert folded.returncode == 0 and folded.stderr == "", folded.stderr
     assert "validation PASSED" in folded.stdout
     assert (tmp_path / os.fsdecode(b"out\xff.onnx")).exists()

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,6 @@ class Case:
     source: str | None = None
     usage: bool = False  # an argparse usage error: its usage line comes first
     folder: bool = False  # a folder run: per-file errors are in its table, not on stderr
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def params(c: int = C, seed: int = 0) -> dict[str, np.ndarray]:

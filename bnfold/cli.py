@@ -39,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = args.json or args.json_top
+    from bnfold.cli_errors import expected_error, quiet_libraries
     from bnfold.errors import BnfoldError
 
+    quiet_libraries()
     try:
         import onnxruntime
 
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("BNFOLD_DEBUG"):
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc} (BNFOLD_DEBUG=1 shows the traceback)")
+        _error(expected_error(exc) or
+               f"internal error: {type(exc).__name__}: {exc} (BNFOLD_DEBUG=1 shows the traceback)")
     return BAD_INPUT
 
 
@@ -232,11 +235,13 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
     import bnfold
+    from bnfold.cli_errors import naming
     from bnfold.external_data import referenced_files
     from bnfold.fileio import stage_save
 
     model = load_checked(src)
-    folded, report = bnfold.fold_onnx(model)
+    with naming(src):
+        folded, report = bnfold.fold_onnx(model)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -267,7 +272,9 @@ def _kept(reads: set[Path], src: Path, out: Path) -> set[Path]:
 
 
 def _fold_folder(args: argparse.Namespace) -> int:
-    from bnfold.errors import BadInputError, BnfoldError
+    from bnfold.cli_errors import expected_error
+    from bnfold.errors import BadInputError
+    from bnfold.folderscan import model_files
 
     if args.output is None and not args.in_place:
         raise BadInputError("folding a folder needs -o OUTDIR (or --in-place)")
@@ -280,14 +287,17 @@ def _fold_folder(args: argparse.Namespace) -> int:
     _check_report_path(args)
     inside = out_dir.resolve() != src_dir.resolve() and out_dir.resolve().is_relative_to(
         src_dir.resolve())  # outputs of an earlier run are not inputs
-    files = sorted(p for p in src_dir.rglob("*.onnx") if p.is_file() and not (
-        inside and p.resolve().is_relative_to(out_dir.resolve())))
-    if not files:
+    files, unreadable = model_files(src_dir, out_dir.resolve() if inside else None)
+    if not files and not unreadable:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
     _check_report_path(args, *files, *(out_dir / f.relative_to(src_dir) for f in files))
     from bnfold.render import progress_bar
 
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = [
+        {"input": str(d), "output": str(out_dir / d.relative_to(src_dir)), "written": False,
+         "passed": False, "error": f"{d}: could not read this folder ({why})",
+         "exit_code": BAD_INPUT}
+        for d, why in unreadable]
     staged: list[Any] = []  # committed together with the report, after every file is folded
     reads: dict[Path, set[Path]] = {}  # input -> the data files it reads
     with progress_bar("folding", len(files)) as update, _discarded_on_error(staged):
@@ -303,10 +313,10 @@ def _fold_folder(args: argparse.Namespace) -> int:
             except Exception as exc:  # one bad file must not stop the others
                 if os.environ.get("BNFOLD_DEBUG"):
                     raise
-                what = "" if isinstance(exc, BnfoldError) else (
-                    f"internal error: {type(exc).__name__}: ")
+                error = expected_error(exc) or " ".join(
+                    f"internal error: {type(exc).__name__}: {exc}".split())
                 doc, code = {"input": str(src), "output": str(out), "written": False,
-                             "passed": False, "error": what + " ".join(str(exc).split())}, BAD_INPUT
+                             "passed": False, "error": error}, BAD_INPUT
             doc["exit_code"] = code
             results.append(doc)
             update(i + 1, len(files))
@@ -353,9 +363,11 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
+    from bnfold.cli_errors import naming
 
     _check_report_path(args, args.input)
-    report = bnfold.inspect_onnx(load_checked(args.input))
+    with naming(args.input):
+        report = bnfold.inspect_onnx(load_checked(args.input))
     if not args.json:
         from bnfold.render import print_report
 
@@ -378,16 +390,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_insert(args: argparse.Namespace) -> int:
     import bnfold
+    from bnfold.cli_errors import naming
     from bnfold.external_data import referenced_files
     from bnfold.fileio import stage_save
 
     out = _output_path(args)
     _check_report_path(args, args.input, out)
     model = load_checked(args.input)
-    inserted, report = bnfold.insert_bn_onnx(
-        model, position=args.position, skip_last=args.skip_last, include=args.include,
-        exclude=args.exclude, eps=args.eps, momentum=args.momentum, drop_bias=args.drop_bias,
-        training_mode=args.training_mode)
+    with naming(args.input):
+        inserted, report = bnfold.insert_bn_onnx(
+            model, position=args.position, skip_last=args.skip_last, include=args.include,
+            exclude=args.exclude, eps=args.eps, momentum=args.momentum,
+            drop_bias=args.drop_bias, training_mode=args.training_mode)
     staged = stage_save(inserted, out, keep=_kept(referenced_files(model), args.input, out))
     if not args.json:
         from bnfold.render import print_report
@@ -418,16 +432,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def load_checked(path: Path) -> Any:
     """Load an ONNX file for a pass: readable (:func:`bnfold.fileio.load_onnx`), a known
     ai.onnx opset, and accepted by ``onnx.checker``; else a one-line BnfoldError."""
-    import onnx
-
     from bnfold.errors import BadInputError
+    from bnfold.filechecks import check_onnx_file
     from bnfold.fileio import load_onnx
     from bnfold.validation import check_opset
 
     model = load_onnx(path)
     check_opset(model, str(path))
     try:
-        onnx.checker.check_model(str(path))
+        check_onnx_file(path)
     except Exception as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise BadInputError(f"{path}: invalid ONNX model ({lines[0] if lines else exc!r})") from exc

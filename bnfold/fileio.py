@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.external_data import bind_external_data
+from bnfold.filechecks import check_external_data, check_initializers, check_input_file
 from bnfold.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -56,17 +57,14 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
         bind_external_data(model, base_dir)
         return model
     if isinstance(model, onnx.ModelProto):
+        check_initializers(model, "model")
         converted = ir.serde.deserialize_model(model)
         bind_external_data(converted, base_dir)
         return converted
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
     path = Path(model)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path}: is a directory, not an ONNX file")
-    if path.stat().st_size == 0:
+    if check_input_file(path) == 0:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -77,12 +75,14 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     if not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
+    check_initializers(proto, str(path))
     try:
         loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
     del proto
     bind_external_data(loaded, path.parent, str(path))
+    check_external_data(loaded, str(path))
     return loaded
 
 

@@ -11,11 +11,18 @@ Generated values (stated in every validation report):
 
 Given samples must match the signature: the same names, the exact dtypes, the fixed dims, and
 one size per named dynamic dim across all inputs.
+
+Bounds: at most :data:`MAX_SAMPLES` samples; generated samples together, and each sample file
+(its size, and an ``.npz``'s arrays unpacked), at most :data:`INPUT_BUDGET_BYTES` bytes,
+checked from the shapes, the file's size or its zip directory before anything is allocated or
+read.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +33,14 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BadInputError
+from bnfold.filechecks import check_input_file, first_line
 
 DEFAULT_DIM = 2
 INT_HIGH = 10
+#: Most samples a validation runs.
+MAX_SAMPLES = 10_000
+#: Most bytes of input samples a validation holds (generated ones together, or one file).
+INPUT_BUDGET_BYTES = 2**31
 Sample = dict[str, np.ndarray]
 
 
@@ -134,16 +146,42 @@ def random_array(shape: tuple[int, ...], dtype: np.dtype, rng: np.random.Generat
     return rng.standard_normal(shape).astype(dtype)
 
 
+def check_counts(samples: object, seed: object) -> None:
+    """Refuse a sample count outside ``1..MAX_SAMPLES`` or a seed that is not an int >= 0."""
+    if not _is_int(samples) or not 1 <= samples <= MAX_SAMPLES:  # type: ignore[operator]
+        raise BadInputError(f"samples must be an integer from 1 to {MAX_SAMPLES}, "
+                            f"got {samples!r}")
+    if not _is_int(seed) or seed < 0:  # type: ignore[operator]
+        raise BadInputError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_budget(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]],
+                  samples: int) -> None:
+    """Refuse generated samples that would take more than :data:`INPUT_BUDGET_BYTES`."""
+    per_sample = sum(math.prod(shapes[s.name]) * s.dtype.itemsize for s in specs)
+    if per_sample * samples > INPUT_BUDGET_BYTES:
+        sizes = ", ".join(f"{s.name} {list(shapes[s.name])}" for s in specs)
+        raise BadInputError(
+            f"the generated inputs would take {per_sample * samples} bytes ({samples} "
+            f"sample(s) of {sizes}), more than the {INPUT_BUDGET_BYTES}-byte budget; use "
+            "smaller --dim sizes or fewer --samples")
+
+
 def generate_samples(
     specs: Sequence[InputSpec], dims: Mapping[str, int] | None, samples: int, seed: int,
 ) -> tuple[list[Sample], list[str]]:
     """``samples`` random input dicts for ``specs`` and the notes saying which defaults applied."""
     notes: list[str] = []
     dims = dict(dims or {})
-    bad = {k: v for k, v in dims.items() if not isinstance(v, int) or v < 1}
+    bad = {k: v for k, v in dims.items() if not _is_int(v) or v < 1}
     if bad:
         raise BadInputError(f"dim sizes must be integers >= 1, got {bad}")
     shapes = {s.name: resolve_shape(s, dims, notes) for s in specs}
+    _check_budget(specs, shapes, samples)
     named = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
     unused = sorted(set(dims) - named)
     if unused:
@@ -208,17 +246,38 @@ def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
     return sample
 
 
+def _check_unpacked_size(path: Path) -> None:
+    """Refuse an ``.npz`` whose arrays, uncompressed, exceed :data:`INPUT_BUDGET_BYTES` (a
+    small compressed file can unpack to any size), from its zip directory alone."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BadInputError(f"{path}: not a readable .npz file ({first_line(exc)})") from exc
+    if unpacked > INPUT_BUDGET_BYTES:
+        raise BadInputError(f"{path}: its arrays unpack to {unpacked} bytes, more than the "
+                            f"{INPUT_BUDGET_BYTES}-byte validation input budget")
+
+
 def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such input file")
+    check_input_file(path, "input sample", INPUT_BUDGET_BYTES, "the validation input budget")
+    _check_unpacked_size(path)
     try:
         loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise BadInputError(f"{path}: not a readable .npy/.npz file") from exc
-    if isinstance(loaded, np.ndarray):
-        if len(specs) != 1:
-            raise BadInputError(f"{path}: a .npy holds one array but the model has "
-                                f"{len(specs)} inputs; use an .npz keyed by input name")
-        return {specs[0].name: loaded}
-    with loaded:
-        return {k: loaded[k] for k in loaded.files}
+        if isinstance(loaded, np.ndarray):
+            single, arrays = loaded, {}
+        else:
+            with loaded:
+                single, arrays = None, {k: loaded[k] for k in loaded.files}
+    except Exception as exc:  # numpy raises ValueError, OSError, zipfile errors, EOFError...
+        why = ("it holds Python objects, which bnfold does not unpickle"
+               if "allow_pickle" in str(exc) else first_line(exc))
+        raise BadInputError(f"{path}: not a readable .npy/.npz file ({why})") from exc
+    if single is None:
+        return arrays
+    if len(specs) != 1:
+        raise BadInputError(f"{path}: a .npy holds one array but the model has "
+                            f"{len(specs)} inputs; use an .npz keyed by input name")
+    return {specs[0].name: single}

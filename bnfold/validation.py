@@ -48,10 +48,12 @@ from bnfold.compare import (
 )
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedError
 from bnfold.external_data import external_tensors
+from bnfold.filechecks import utf8_path
 from bnfold.fileio import load_onnx
 from bnfold.inputs import (
     InputSpec,
     Sample,
+    check_counts,
     float_dtypes,
     generate_samples,
     input_specs,
@@ -121,8 +123,7 @@ def validate(
     wanted = _check_providers(providers, require)
     _check_tolerance(atol, "atol")
     _check_tolerance(rtol, "rtol")
-    if samples < 1:
-        raise BadInputError("samples must be at least 1")
+    check_counts(samples, seed)
     cand = _as_model(candidate, "candidate", base_dir)
     torch_mod = sys.modules.get("torch")
     notes: list[str] = []
@@ -165,6 +166,7 @@ def validate(
     if isinstance(ref, _Torch):
         ref.outputs = [_run_torch(ref.module, feed) for feed in feeds]
     out_names = _output_names(ref, cand, result.notes)
+    _check_numeric_outputs(cand)
     ticker = _Ticker(progress, len(feeds) * len(wanted) * (1 if isinstance(ref, _Torch) else 2))
     cand_outputs: dict[str, list[list[np.ndarray]]] = {}
     tol = _Tolerance(atol, rtol, compute)
@@ -228,6 +230,11 @@ def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[s
         providers = [providers]
     if isinstance(require, str):
         raise BadInputError("require takes a list of providers, e.g. ('cuda',)")
+    for name, names in (("providers", providers), ("require", require)):
+        listed = isinstance(names, (list, tuple, set, frozenset))
+        if not listed or not all(isinstance(p, str) for p in names):
+            raise BadInputError(f"{name} takes a list of provider names, e.g. ('cpu', 'cuda'), "
+                                f"got {names!r}")
     wanted = [p.strip().lower() for p in providers if p.strip()]
     for p in [*wanted, *require]:
         if p not in EP_NAMES:
@@ -241,6 +248,8 @@ def _as_model(model: Any, role: str, base_dir: str | os.PathLike[str] | None = N
         loaded = load_onnx(model)  # one-line BadInputError for missing/garbage files
         proto = ir.serde.serialize_model(loaded)
         label, source = str(model), str(Path(model))
+        if not utf8_path(Path(model).resolve()):  # ORT takes UTF-8 paths only: give the bytes
+            source, data_dir = proto.SerializeToString(), str(Path(model).parent)
     else:
         if isinstance(model, onnx.ModelProto):
             proto = model
@@ -313,6 +322,17 @@ def _output_names(ref: _Model | _Torch, cand: _Model, notes: list[str]) -> list[
         raise BadInputError(f"the models have different outputs: {ref_names} vs {cand_names}")
     notes.append("output names differ; outputs matched by position")
     return list(zip(ref_names, cand_names, strict=True))
+
+
+def _check_numeric_outputs(model: _Model) -> None:
+    """Refuse outputs that are not numeric tensors: there is no tolerance to compare them by."""
+    for out in model.proto.graph.output:
+        kind = out.type.WhichOneof("value")
+        elem = out.type.tensor_type.elem_type if kind == "tensor_type" else None
+        if kind != "tensor_type" or elem == onnx.TensorProto.STRING:
+            what = "string tensor" if elem == onnx.TensorProto.STRING else (kind or "untyped")
+            raise UnsupportedError(f"{model.label}: output {out.name!r} is a {what}; bnfold "
+                                   "validates numeric tensor outputs only")
 
 
 class _Ticker:

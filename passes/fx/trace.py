@@ -121,12 +121,19 @@ def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _check_materialized(model: torch.nn.Module) -> None:
-    """Refuse lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``...) not yet run on an input."""
+    """Refuse lazy modules (``LazyConv2d``, ``LazyBatchNorm2d``...) not yet run on an input,
+    and tensors on the ``meta`` device (shapes without data: nothing to fold)."""
     for name, module in model.named_modules():
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             raise BadInputError(
                 f"{name or 'the model'} ({type(module).__name__}) has uninitialized lazy "
                 "parameters; run the model once on an input before folding"
+            )
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta:
+            raise BadInputError(
+                f"{name} is on the meta device (a shape without data): load the weights "
+                "(e.g. model.to_empty(device='cpu') then load_state_dict) before folding"
             )
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.optimizer import fold_constants
 
+from bnfold.errors import BadInputError
+from bnfold.filechecks import first_line
 from bnfold.fileio import release_mapping
 
 MAX_CONE_NODES = 32
@@ -28,13 +30,20 @@ _TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,)}
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of ``value`` if it is constant (see module docstring), else ``None``."""
+    """The numpy value of ``value`` if it is constant (see module docstring), else ``None``;
+    :class:`BadInputError` if its stored data does not fill its shape (an invalid model)."""
     if value is None:
         return None
     tensor = const_tensor(value)
     if tensor is None:
         tensor = _evaluate_cone(value)
-    return None if tensor is None else tensor.numpy()
+    if tensor is None:
+        return None
+    try:
+        return tensor.numpy()
+    except ValueError as exc:  # data that does not fill the shape: an invalid model
+        raise BadInputError(f"invalid model: tensor {value.name!r} cannot be read "
+                            f"({first_line(exc)})") from exc
 
 
 def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:

@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.external_data import bind_external_data
+from bnfold.filechecks import check_initializers
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
@@ -42,6 +43,7 @@ from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_i
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
+from bnfold.passes.onnx.validity import check_graphs
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8
@@ -98,6 +100,7 @@ def _gc_paused() -> Iterator[None]:
 
 def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
     if isinstance(model, onnx.ModelProto):
+        check_initializers(model, "model")
         try:
             return ir.serde.deserialize_model(model), True
         except Exception as exc:
@@ -116,6 +119,7 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
     if opset is None:
         report.notes.append("the model imports no default-domain opset: nothing to fold")
         return report
+    check_graphs(model)
     namer, shapes = Namer(model), Shapes(model)
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)

@@ -1,0 +1,131 @@
+"""Refuse an invalid ONNX model before any fold is planned, with one line naming the node.
+
+The fold rules assume what the ONNX spec requires of the nodes they read; a model that breaks
+it is refused (:class:`bnfold.errors.BadInputError`), not "repaired" by numpy broadcasting nor
+crashed on. Only shapes are read (declared, or those of constant tensors), never tensor data,
+so external weights stay unread:
+
+* ``BatchNormalization``: ``scale``, ``B``, ``mean`` and ``var`` hold one value per channel
+  (``spatial=0`` at opsets <= 8: one row per channel), the same count for all four, equal to
+  ``X``'s channel dim (axis 1) when that is known, from its declared shape or from the output
+  channels of the Conv that produces it;
+* ``Conv`` / ``ConvTranspose``: a weight of rank >= 3, a ``group`` >= 1 that divides its
+  channel axis, and a bias (if any) of one value per output channel;
+* ``Transpose``: ``perm`` a permutation of ``0 .. rank-1``.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from bnfold.errors import BadInputError
+from bnfold.passes.onnx.bn import display_name
+from bnfold.passes.onnx.consts import const_tensor
+
+_BN_PARAMS = ("scale", "B", "mean", "var")
+
+
+def check_graphs(model: ir.Model) -> None:
+    """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            check = _CHECKS.get(node.op_type)
+            problem = check(node, opset) if check else None
+            if problem:
+                raise BadInputError(f"invalid model: {node.op_type} {display_name(node)!r} "
+                                    f"{problem}")
+
+
+def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
+    """Static dims of ``value`` (``None`` for symbolic ones), from a constant or declared."""
+    if value is None:
+        return None
+    tensor = const_tensor(value)
+    shape = tensor.shape if tensor is not None else value.shape
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in shape)
+
+
+def _batch_norm(node: ir.Node, opset: int) -> str | None:
+    per_row = opset <= 8 and node.attributes.get_int("spatial", 1) == 0
+    counts: dict[str, int] = {}
+    for name, value in zip(_BN_PARAMS, node.inputs[1:5], strict=False):
+        shape = _shape(value)
+        if shape is None or None in shape:
+            continue
+        if per_row:
+            if shape:
+                counts[name] = shape[0]  # type: ignore[assignment]
+        else:
+            size = 1
+            for d in shape:
+                size *= d  # type: ignore[operator]
+            counts[name] = size
+    channels = _channels(node.inputs[0])
+    if channels is not None:
+        wrong = {k: n for k, n in counts.items() if n != channels}
+        if wrong:
+            what = ", ".join(f"{k} has {n}" for k, n in wrong.items())
+            return (f"normalizes {channels} channels but {what} value(s) (ONNX needs one per "
+                    "channel)")
+    if len(set(counts.values())) > 1:
+        what = ", ".join(f"{k} {n}" for k, n in counts.items())
+        return f"has parameters of different lengths ({what}); ONNX needs one value per channel"
+    return None
+
+
+def _channels(x: ir.Value | None) -> int | None:
+    """The channel count (axis 1) of ``x``, if its shape or a producing Conv tells."""
+    shape = _shape(x)
+    if shape is not None and len(shape) > 1 and shape[1] is not None:
+        return shape[1]
+    node = x.producer() if x is not None else None
+    if node is None or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    weight = _shape(node.inputs[1])
+    if node.op_type == "Conv" and weight and len(weight) >= 3:
+        return weight[0]
+    if node.op_type == "ConvTranspose" and weight and len(weight) >= 3 and weight[1] is not None:
+        return weight[1] * node.attributes.get_int("group", 1)
+    return None
+
+
+def _conv(node: ir.Node, opset: int) -> str | None:
+    group = node.attributes.get_int("group", 1)
+    if group < 1:
+        return f"has group={group}; it must be at least 1"
+    weight = _shape(node.inputs[1] if len(node.inputs) > 1 else None)
+    if weight is None:
+        return None
+    if len(weight) < 3:
+        return (f"has a weight of shape {list(weight)}; a {node.op_type} weight has rank >= 3 "
+                "(channels, channels per group, kernel...)")
+    if weight[0] is not None and weight[0] % group:  # Cout (Conv) or Cin (ConvTranspose)
+        return f"has group={group}, which does not divide its weight's {weight[0]} channels"
+    bias = _shape(node.inputs[2] if len(node.inputs) > 2 else None)
+    channels = weight[0] if node.op_type == "Conv" else (
+        None if weight[1] is None else weight[1] * group)
+    if bias is not None and channels is not None and (
+            len(bias) != 1 or bias[0] not in (None, channels)):
+        return (f"has a bias of shape {list(bias)} for {channels} output channels (ONNX needs "
+                "a 1-D bias, one value per channel)")
+    return None
+
+
+def _transpose(node: ir.Node, opset: int) -> str | None:
+    perm = node.attributes.get_ints("perm", None)
+    if perm is None:
+        return None
+    rank = _shape(node.inputs[0])
+    n = len(perm) if rank is None else len(rank)
+    if sorted(perm) != list(range(n)):
+        return f"has perm={list(perm)}, not a permutation of the axes 0..{n - 1}"
+    return None
+
+
+_CHECKS = {"BatchNormalization": _batch_norm, "Conv": _conv, "ConvTranspose": _conv,
+           "Transpose": _transpose}

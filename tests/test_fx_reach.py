@@ -70,8 +70,7 @@ def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
 # The reach zoo: exact against float64, with the BN-left count each net declares.
 # ---------------------------------------------------------------------------------------------
 
-_PENDING = {"noops_between", "mixnet_concat", "add_of_layers", "bn_multi_reader",
-            "linear_bn1d_tokens"}
+_PENDING = {"mixnet_concat", "add_of_layers", "linear_bn1d_tokens"}
 REACH = [n for n in reach.REACH if n not in _PENDING]
 
 
@@ -120,3 +119,82 @@ def test_constant_bn_is_evaluated_once_into_the_weight() -> None:
     constant = [e for e in report.folded if e.details["direction"] == "constant"]
     assert [e.bn for e in constant] == ["conv1 (batch_norm)", "conv2 (batch_norm_1)"]
     assert all(isinstance(gm.get_parameter(e.into), nn.Parameter) for e in constant)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval no-ops, several readers.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Chain(nn.Module):
+    """conv -> <between> -> BN, and BN -> <between> -> linear."""
+
+    def __init__(self, between) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 2)
+        self.between = between
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.between(self.conv(x))))
+        h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
+        return self.fc(self.between(self.bn2(h)))
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    from bnfold.models.stats import randomize_bn_stats
+    return randomize_bn_stats(model).eval()
+
+
+@pytest.mark.parametrize(("between", "folded"), [
+    (lambda t: torch.nn.functional.dropout(t, 0.3, training=False), 2),
+    (lambda t: t.to(torch.float64).double(), 2),
+    (lambda t: torch.nn.functional.dropout(t, 0.3), 0),  # training=True: not a no-op
+    (lambda t: t.float().double(), 0),  # a round trip through float32 is not a no-op
+])
+def test_functional_noops_and_casts(between, folded: int) -> None:
+    """On a float64 model (the reference itself): casts to float64 are no-ops."""
+    model = _prepared(_Chain(between)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.folded) == folded, report.table()
+    assert all(e.reason for e in report.kept)
+    if folded:
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_dropout_in_training_mode_is_not_a_noop() -> None:
+    model = _prepared(_Chain(nn.Dropout(0.5)))
+    model.between.train()
+    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert not report.folded
+
+
+def test_a_zero_padded_reader_keeps_the_bn_whole() -> None:
+    """Plan-then-apply: one reader that cannot take the shift leaves every reader unchanged."""
+    model = reach.get("bn_multi_reader")
+    model.c = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm, report = bnfold.fold(model, reach.example_input("bn_multi_reader"))
+    assert len(report.kept) == 1 and "zero-padded conv" in report.kept[0].reason
+    assert all(torch.equal(gm.get_parameter(f"{m}.weight"), before[f"{m}.weight"])
+               for m in "abc")
+
+
+def test_several_readers_fold_into_copies_of_a_shared_layer() -> None:
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(x)) + self.fc(x)  # fc also reads the raw input
+
+    model = _prepared(Reuse())
+    x = torch.randn(5, 4)
+    gm, report = bnfold.fold(model, x)
+    assert report.folded[0].details.get("copy_of") == "fc"
+    assert rel_err(gm, model, x, double=True) < 1e-6

@@ -60,6 +60,7 @@ from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants
 from bnfold.passes.fx.hooks import carry_hooks
+from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     BatchNormSite,
@@ -214,6 +215,8 @@ class _Folder:
                     f"{cur.name} (between {layer.label} and the BN)"
                 return _kept(f"{what} also feeds {', '.join(others)}")
         why, guard = self._axis_check(layer, layer.node, chain, site)
+        why = why or self._dtype_refusal(site, layer) or next(
+            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype))), None)
         if why:
             return _kept(why)
         try:
@@ -231,40 +234,82 @@ class _Folder:
         return self._folded(into, details, layer.node, guard, label)
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
-        """Fold ``BN -> layer`` into the layer when the BN's only value user is that layer."""
+        """Fold ``BN -> [no-ops] -> layer`` into the layer when every value reader of the BN
+        is a layer (each through its own eval no-ops): into each, as copies where a layer is
+        shared. Planned for every reader first; one refusal keeps the BN whole."""
         site = self.site(node)
         assert not isinstance(site, str)
-        users = value_users(site.output)
-        if len(users) != 1 or not is_layer(self.gm, users[0]) \
-                or chain_input(users[0]) is not site.output:
-            return _kept(forward_reason)
-        layer = layer_site(self.gm, users[0])
-        if isinstance(layer, str):
-            return _kept(f"{forward_reason}; backward fold: {layer}")
+        readers = self._readers(site.output)
+        if isinstance(readers, str):
+            return _kept(f"{forward_reason}; backward fold: {readers}" if readers
+                         else forward_reason)
+        plans: list[tuple[LayerSite, Folded]] = []
+        guards: set[tuple[int, ...]] = set()
+        for reader in readers:
+            layer = layer_site(self.gm, reader)
+            if isinstance(layer, str):
+                return _kept(f"{forward_reason}; backward fold: {layer}")
+            why, guard = self._axis_check(layer, site.input, [], site)
+            try:  # both the exactness check and the fold read the BN's statistics
+                if why is None:
+                    why = backward_fold_refusal(
+                        layer.kind, site.params, padding=layer.padding,
+                        padding_mode=layer.padding_mode, stride=layer.stride,
+                        dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
+                        output_padding=layer.output_padding,
+                    ) or self._dtype_refusal(site, layer)
+                if not why:
+                    plans.append((layer, fold_backward(
+                        to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                        in_axis=1 - layer.weight_out_axis, groups=layer.groups,
+                        out_axis=layer.weight_out_axis,
+                    )))
+            except UnsafeFoldError as exc:
+                why = str(exc)
+            if why:
+                return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
+            guards.add(guard)
+        if len(guards) > 1:
+            return _kept(f"{forward_reason}; backward fold: its readers fold exactly at "
+                         "different input ranks")
         start = site.input
-        why, guard = self._axis_check(layer, start, [], site)
-        try:  # both the exactness check and the fold read the BN's statistics
-            if why is None:
-                why = backward_fold_refusal(
-                    layer.kind, site.params, padding=layer.padding,
-                    padding_mode=layer.padding_mode, stride=layer.stride,
-                    dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
-                    output_padding=layer.output_padding,
-                )
-            if not why:
-                folded = fold_backward(
-                    to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
-                    in_axis=1 - layer.weight_out_axis, groups=layer.groups,
-                    out_axis=layer.weight_out_axis,
-                )
-        except UnsafeFoldError as exc:
-            why = str(exc)
-        if why:
-            return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
-        into, copied = self._write(layer, folded, label)
+        written = [self._write(layer, folded, label) for layer, folded in plans]
         self._remove(site)
-        details: dict[str, Any] = {"direction": "backward", "layer": layer.kind, **copied}
-        return self._folded(into, details, start, guard, label)
+        details: dict[str, Any] = {"direction": "backward", "layer": plans[0][0].kind}
+        if len(written) == 1:
+            details.update(written[0][1])
+        else:
+            details["readers"] = len(written)
+        return self._folded(", ".join(into for into, _ in written), details, start,
+                            guards.pop(), label)
+
+    def _readers(self, output: fx.Node) -> list[fx.Node] | str:
+        """The layers reading ``output`` (through eval no-ops), or why not all readers are
+        layers ("" when a reader is simply not a layer: the forward reason says enough)."""
+        layers = []
+        for user in value_users(output):
+            prev, cur = output, user
+            while not is_layer(self.gm, cur) and chain_op(self.gm, cur) in IDENTITY_OPS \
+                    and chain_input(cur) is prev:
+                why = cast_refusal(cur, None)
+                if why:
+                    return why
+                nxt = value_users(cur)
+                if len(nxt) != 1:
+                    return f"{cur.name} (after the BN) is read by {len(nxt)} nodes"
+                prev, cur = cur, nxt[0]
+            if not is_layer(self.gm, cur) or chain_input(cur) is not prev:
+                return ""
+            layers.append(cur)
+        return layers if layers else ""
+
+    @staticmethod
+    def _dtype_refusal(site: BatchNormSite, layer: LayerSite) -> str | None:
+        """An affine chain's constants must have the layer's dtype (else they promote it)."""
+        if site.dtype is not None and site.dtype != layer.weight.dtype:
+            return f"the affine's constants are {site.dtype} but {layer.label}'s weight is " \
+                   f"{layer.weight.dtype} (the product would be promoted)"
+        return None
 
     def _folded(self, into: str, details: dict[str, Any], start: fx.Node,
                 guard: tuple[int, ...], label: str) -> _Outcome:

@@ -14,14 +14,22 @@ BNs, activations and reshapes with written-out ranks constrain it). If every all
 the BN's channel on the layer's channel axis, the BN folds; if none does, it is kept
 (``Linear`` on ``[N, L, C]`` then ``BatchNorm1d`` normalizes ``L``); if only some do
 (``Linear -> BatchNorm1d`` with nothing fixing the rank: rank 2 folds exactly, rank 3 would
-not), it folds and the graph gets a run-time guard right after the layer,
-``torch._assert(x.dim() == 2, ...)``, so an input of another rank raises an AssertionError
-that says to fold again with ``example_inputs`` instead of running a fold that is not exact
-for it (the report entry's ``rank_guard`` lists the ranks, and a note says so).
+not), it folds with a rank dispatch (:mod:`bnfold.passes.fx.dispatch`): the folded layer
+runs at the proven ranks, the original layer and BN at any other, so every input the original
+accepted gives the original's result (the report entry's ``rank_dispatch`` lists the ranks,
+and a note says so); a fold that cannot be dispatched (functional BN, affine chain, BN module
+called twice) is kept with the reason.
 
-Backward fold (BN -> layer, BN's only value user): ``W (*) (s * x + t) + b =
-(W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
-(always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``).
+Backward fold (BN -> [eval no-ops] -> layer, every value reader a layer): ``W (*) (s * x + t)
++ b = (W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
+(always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``); with
+several readers, into each (planned for all first: one refusal keeps the BN).
+
+BN spellings: BN modules (SyncBatchNorm included), ``F.batch_norm`` and its aten forms,
+constant per-channel affine chains (:mod:`bnfold.passes.fx.affine`: FrozenBatchNorm2d,
+``(x - mean) / std``), and BNs on constants (:mod:`bnfold.passes.fx.constant_bn`: weight
+standardization, evaluated once). Eval no-ops (:mod:`bnfold.passes.fx.noops`) are looked
+through in both directions. Hooks: :mod:`bnfold.passes.fx.hooks`.
 
 All math is :mod:`bnfold.algebra`: float64, rounded once to each tensor's dtype (fp16/bf16
 folds are correctly rounded, <= 0.5 ulp from the exact fold).
@@ -43,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +66,7 @@ from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants
+from bnfold.passes.fx.dispatch import RankDispatch, dispatch_refusal, extract, install, replace
 from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
@@ -94,7 +102,7 @@ def fold_fx(
 
     ``example_inputs`` (a tensor or a tuple of inputs) gives shapes, so channel axes through
     reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked without run-time
-    rank guards (see the module docstring), and enables the ``torch.export`` fallback for
+    rank dispatch (see the module docstring), and enables the ``torch.export`` fallback for
     models ``symbolic_trace`` cannot trace. Without ``inplace`` the input is deep-copied and
     never modified; ``inplace=True`` rewrites a ``GraphModule`` input itself (its submodules,
     shared with whatever it was traced from, get the folded weights) and is refused for any
@@ -130,6 +138,7 @@ def fold_fx(
     bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n) or n in folder.affine]
     labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
               for n in bns}
+    kinds = {n: folder.kind(n) for n in bns}
     outcomes = {n: folder.forward(n, labels[n]) for n in bns}
     for n in bns:
         if outcomes[n].action == "kept" and not outcomes[n].final:
@@ -137,13 +146,14 @@ def fold_fx(
     for n in bns:
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
-                   kind=folder.kind(n))
-    guarded = sum("rank_guard" in e.details for e in report.entries)
-    if guarded:
+                   kind=kinds[n])
+    dispatched = sum("rank_dispatch" in e.details for e in report.entries)
+    if dispatched:
         report.notes.append(
-            f"{guarded} fold(s) are exact only at the input rank in their rank_guard (the "
-            "graph alone does not fix it); the folded model checks that rank at run time. "
-            "Pass example_inputs to fold without run-time checks")
+            f"{dispatched} fold(s) are exact only at the input ranks in their rank_dispatch "
+            "(the graph alone does not fix the rank): the folded model runs the folded layer "
+            "at those ranks and the original layer and BN at any other. Pass example_inputs "
+            "to fold without dispatch")
     folder.cleanup()
     return PassResult(gm, report)
 
@@ -226,12 +236,17 @@ class _Folder:
             )
         except UnsafeFoldError as exc:
             return _kept(str(exc))
+        why = self._dispatch_refusal(guard, [layer.node], site)
+        if why:
+            return _kept(why)
+        original = self._original([layer]) if guard else []
         into, copied = self._write(layer, folded, label)
-        self._remove(site)
         details: dict[str, Any] = {"direction": "forward", "layer": layer.kind, **copied}
         if chain:
             details["through"] = [str(chain_op(self.gm, c)) for c in chain]
-        return self._folded(into, details, layer.node, guard, label)
+        bn_ranks = tuple(end[0] for r in guard if isinstance(
+            end := follow(self.gm, chain, r, layer.channel_axis(r) or 0), tuple))
+        return self._folded(into, details, site, guard, bn_ranks, original)
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
         """Fold ``BN -> [no-ops] -> layer`` into the layer when every value reader of the BN
@@ -269,19 +284,20 @@ class _Folder:
             if why:
                 return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
             guards.add(guard)
-        if len(guards) > 1:
-            return _kept(f"{forward_reason}; backward fold: its readers fold exactly at "
-                         "different input ranks")
-        start = site.input
+        guard = guards.pop()
+        why = "its readers fold exactly at different input ranks" if guards else \
+            self._dispatch_refusal(guard, [layer.node for layer, _ in plans], site)
+        if why:
+            return _kept(f"{forward_reason}; backward fold: {why}")
+        original = self._original([layer for layer, _ in plans]) if guard else []
         written = [self._write(layer, folded, label) for layer, folded in plans]
-        self._remove(site)
         details: dict[str, Any] = {"direction": "backward", "layer": plans[0][0].kind}
         if len(written) == 1:
             details.update(written[0][1])
         else:
             details["readers"] = len(written)
-        return self._folded(", ".join(into for into, _ in written), details, start,
-                            guards.pop(), label)
+        return self._folded(", ".join(into for into, _ in written), details, site, guard,
+                            guard, original)
 
     def _readers(self, output: fx.Node) -> list[fx.Node] | str:
         """The layers reading ``output`` (through eval no-ops), or why not all readers are
@@ -311,17 +327,63 @@ class _Folder:
                    f"{layer.weight.dtype} (the product would be promoted)"
         return None
 
-    def _folded(self, into: str, details: dict[str, Any], start: fx.Node,
-                guard: tuple[int, ...], label: str) -> _Outcome:
-        """The outcome of a fold; with ``guard`` ranks, also the run-time rank check."""
-        if guard:
-            ranks = " or ".join(map(str, guard))
-            self._guard(start, guard, (
-                f"bnfold folded BN {label} into {into} assuming rank {ranks} there (no "
-                "example_inputs were given); this input has another rank, for which that fold "
-                "is not exact: fold the model again with example_inputs of this shape"))
-            details["rank_guard"] = list(guard)
+    def _folded(self, into: str, details: dict[str, Any], site: BatchNormSite,
+                ranks: tuple[int, ...], bn_ranks: tuple[int, ...],
+                originals: list[tuple[fx.Node, nn.Module]]) -> _Outcome:
+        """Remove the BN of a written fold; with ``ranks`` (the fold is exact only at those
+        layer input ranks) rank-dispatch the layers and the BN instead (:mod:`.dispatch`):
+        module calls in place, functions and affine chains cut out into modules."""
+        if not ranks:
+            self._remove(site)
+            return _Outcome("folded", into=into, details=details)
+        for node, original in originals:
+            if node.op == "call_module":
+                target = str(node.target)
+                install(self.gm, target, ranks, self.gm.get_submodule(target), original)
+                continue
+            source = chain_input(node)
+            assert source is not None
+            folded = extract(self.gm, [node], source)
+            replace(self.gm, [node], source, f"{node.name}_dispatch",
+                    RankDispatch(ranks, folded, original))
+        nodes = _site_nodes(site)
+        if nodes[0].op == "call_module" and len(nodes) == 1:
+            bn = str(site.node.target)
+            install(self.gm, bn, bn_ranks, nn.Identity(), self.gm.get_submodule(bn))
+        else:
+            source, operands = site.input, [a for n in nodes for a in n.all_input_nodes]
+            original_bn = extract(self.gm, nodes, source)
+            replace(self.gm, nodes, source, f"{nodes[0].name}_dispatch",
+                    RankDispatch(bn_ranks, nn.Identity(), original_bn))
+            for a in operands:
+                self.consts.erase_unused(a)
+        details["rank_dispatch"] = list(ranks)
         return _Outcome("folded", into=into, details=details)
+
+    def _dispatch_refusal(self, ranks: tuple[int, ...], layers: list[fx.Node],
+                          site: BatchNormSite) -> str | None:
+        """Why a fold exact only at ``ranks`` cannot be rank-dispatched (None: it can, or
+        ``ranks`` is empty: exact at every rank)."""
+        why = dispatch_refusal(layers, _site_nodes(site), site.input, self.consts) \
+            if ranks else None
+        if why is None:
+            return None
+        return (f"the fold is exact only at input rank {' or '.join(map(str, ranks))} of the "
+                f"ranks the graph allows, and {why}; pass example_inputs to fold it")
+
+    def _original(self, layers: list[LayerSite]) -> list[tuple[fx.Node, nn.Module]]:
+        """Unfolded copies of ``layers`` (modules, or functions cut out of the graph), kept
+        for the other ranks."""
+        out = []
+        for layer in layers:
+            node = layer.node
+            if node.op == "call_module":
+                out.append((node, copy.deepcopy(self.gm.get_submodule(str(node.target)))))
+            else:
+                source = chain_input(node)
+                assert source is not None
+                out.append((node, copy.deepcopy(extract(self.gm, [node], source))))
+        return out
 
     # -- channel axis -----------------------------------------------------------------------
 
@@ -351,6 +413,10 @@ class _Folder:
                 problems.append((rank, end))
                 continue
             channel = None if end is None else site.channel_axis(end[0])
+            if end is not None and channel is None and site.chain:
+                problems.append((rank, f"the affine's constants have more dims than its "
+                                       f"rank-{end[0]} input (they broadcast it up)"))
+                continue
             if end is None or channel is None:
                 continue  # the layer, the chain or the BN raises at this rank
             if channel == end[1]:
@@ -376,20 +442,6 @@ class _Folder:
     def possible_ranks(self) -> dict[fx.Node, frozenset[int]]:
         """Ranks allowed by the graph at each node (computed once, before any rewrite)."""
         return possible_ranks(self.gm)
-
-    def _guard(self, start: fx.Node, ranks: tuple[int, ...], message: str) -> None:
-        """Insert ``torch._assert(start.dim() in ranks, message)`` right after ``start`` (after
-        the last input when ``start`` is one: inputs stay first in the graph)."""
-        anchor = start
-        if start.op == "placeholder":
-            anchor = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
-        with self.graph.inserting_after(anchor):
-            dim = self.graph.call_method("dim", (start,))
-        with self.graph.inserting_after(dim):
-            ok = (self.graph.call_function(operator.eq, (dim, ranks[0])) if len(ranks) == 1
-                  else self.graph.call_function(operator.contains, (ranks, dim)))
-        with self.graph.inserting_after(ok):
-            self.graph.call_function(torch._assert, (ok, message))
 
     # -- graph edits ------------------------------------------------------------------------
 
@@ -532,6 +584,13 @@ class _Folder:
     def _split(path: str) -> tuple[str, str]:
         parent, _, leaf = path.rpartition(".")
         return parent, leaf
+
+
+def _site_nodes(site: BatchNormSite) -> list[fx.Node]:
+    """The nodes a BN (or affine chain) is made of, input to output."""
+    if site.chain:
+        return list(site.chain)
+    return [site.node] if site.node is site.output else [site.node, site.output]
 
 
 def _np_or_none(t: torch.Tensor | None) -> np.ndarray | None:

@@ -70,8 +70,7 @@ def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
 # The reach zoo: exact against float64, with the BN-left count each net declares.
 # ---------------------------------------------------------------------------------------------
 
-_PENDING = {"mixnet_concat", "add_of_layers"}
-REACH = [n for n in reach.REACH if n not in _PENDING]
+REACH = list(reach.REACH)
 
 
 @pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
@@ -258,3 +257,55 @@ def test_rank_dispatch_that_cannot_be_installed_keeps_the_bn() -> None:
     assert report.folded[0].details["rank_dispatch"] == [2]
     for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
         assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Concat and sum splits.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shapes", [True, False])
+def test_concat_and_sum_splits_say_where_each_share_went(shapes: bool) -> None:
+    entries = {}
+    for name in ("mixnet_concat", "concat_passthrough", "add_of_layers"):
+        x = reach.example_input(name) if shapes else None
+        gm, report = bnfold.fold(reach.get(name), x)
+        entries.update({f"{name}:{e.bn}": e for e in report.entries})
+        if name == "concat_passthrough":
+            sliced = [n for n in bn_nodes(gm) if n.args[0].name == "x"]
+            assert len(sliced) == 1 and gm.get_buffer(sliced[0].args[1].target).numel() == 3
+            gm2, report2 = bnfold.fold(gm)
+            assert gm2.code == gm.code and len(report2.kept) == 2
+    mix = entries["mixnet_concat:bn"]
+    assert (mix.action, mix.into, mix.details["split"]) == ("folded", "dw.0, dw.1, dw.2",
+                                                              "concat")
+    part = entries["concat_passthrough:bn1"]
+    assert part.action == "kept" and part.details["folded_into"] == "conv1"
+    assert part.reason.startswith("channels 5:8 of cat come from x (x is not a conv/linear): "
+                                  "kept as a BN over those 3 channels only")
+    assert "2 of its inputs are not foldable" in entries["concat_passthrough:bn2"].reason
+    add = entries["add_of_layers:bn"]
+    assert (add.into, add.details["split"]) == ("conv3, conv1", "add")
+    assert entries["add_of_layers:bn_fc"].into == "fc_a, fc_b"
+    assert "summand relu is not a conv/linear" in entries["add_of_layers:bn_r"].reason
+
+
+def test_a_layer_read_elsewhere_keeps_its_concat_slice() -> None:
+    class Tapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a = self.a(x)
+            return self.bn(torch.cat([a, self.b(x)], 1)), a
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Tapped()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.kept) == 1 and report.kept[0].details["folded_into"] == "b"
+    assert "come from a (a output also feeds output)" in report.kept[0].reason
+    assert rel_err(gm, model, x, double=True) < 1e-6

@@ -58,9 +58,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
+from bnfold.algebra import (
+    BFLOAT16,
+    BNParams,
+    Folded,
+    backward_fold_refusal,
+    fold_backward,
+    fold_forward,
+)
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
@@ -83,6 +91,7 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
+from bnfold.passes.fx.splits import is_split_point, plan_split
 from bnfold.passes.fx.trace import (
     annotate_shapes,
     as_args,
@@ -213,6 +222,8 @@ class _Folder:
             chain.insert(0, x)
             x = source
         if not is_layer(self.gm, x):
+            if not chain and is_split_point(x):
+                return self._split_bn(site, x, label)
             return _kept(f"its input comes from {x.name}, not from a conv/linear")
         layer = layer_site(self.gm, x)
         if isinstance(layer, str):
@@ -247,6 +258,61 @@ class _Folder:
         bn_ranks = tuple(end[0] for r in guard if isinstance(
             end := follow(self.gm, chain, r, layer.channel_axis(r) or 0), tuple))
         return self._folded(into, details, site, guard, bn_ranks, original)
+
+    def _split_bn(self, site: BatchNormSite, point: fx.Node, label: str) -> _Outcome:
+        """Fold a BN after a concat or sum of layer outputs into those layers
+        (:mod:`bnfold.passes.fx.splits`); a concat input that is no layer keeps its slice."""
+        shape = shape_of(point)
+        ranks = {len(shape)} if shape is not None else set(
+            self.possible_ranks.get(point, ()))
+
+        def axis_check(layer: LayerSite) -> str | None:
+            why, guard = self._axis_check(layer, layer.node, [], site)
+            if guard:
+                why = f"{layer.label} fits the BN only at some input ranks (pass " \
+                      "example_inputs)"
+            return why or self._dtype_refusal(site, layer)
+
+        try:
+            plan = plan_split(self.gm, site, point, ranks, axis_check)
+        except UnsafeFoldError as exc:
+            return _kept(str(exc))
+        if isinstance(plan, str):
+            return _kept(plan)
+        written = [self._write(layer, folded, label) for layer, folded in plan.folds]
+        into = ", ".join(name for name, _ in written)
+        details: dict[str, Any] = {"direction": "forward", "layer": plan.folds[0][0].kind,
+                                   "split": plan.kind}
+        if plan.kept is None:
+            self._remove(site)
+            return _Outcome("folded", into=into, details=details)
+        node, part, start, stop, why = plan.kept
+        self._slice_bn(point, node, part, label)
+        self._remove(site)
+        details["folded_into"] = into
+        return _Outcome("kept", reason=(
+            f"channels {start}:{stop} of {point.name} come from {node.name} ({why}): kept as a "
+            f"BN over those {stop - start} channels only (the others folded into {into})"),
+            details=details, final=True)
+
+    def _slice_bn(self, cat: fx.Node, node: fx.Node, bn: BNParams, label: str) -> None:
+        """Insert ``F.batch_norm`` with ``bn`` (a slice of the BN, same dtype) on ``node``
+        where ``cat`` reads it."""
+        attrs: list[fx.Node | None] = []
+        for key, value in (("mean", bn.mean), ("var", bn.var), ("weight", bn.gamma),
+                           ("bias", bn.beta)):
+            if value is None:
+                attrs.append(None)
+                continue
+            name = _free_name(self.gm, f"{_slug(label)}_slice_{key}")
+            self.gm.register_buffer(name, _from_numpy(value))
+            with self.graph.inserting_before(cat):
+                attrs.append(self.graph.get_attr(name))
+        with self.graph.inserting_before(cat):
+            sliced = self.graph.call_function(
+                F.batch_norm, (node, *attrs, False, 0.0, float(bn.eps)))
+        tensors = [sliced if t is node else t for t in cat.args[0]]
+        cat.args = (tensors, *cat.args[1:])
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
         """Fold ``BN -> [no-ops] -> layer`` into the layer when every value reader of the BN
@@ -591,6 +657,13 @@ def _site_nodes(site: BatchNormSite) -> list[fx.Node]:
     if site.chain:
         return list(site.chain)
     return [site.node] if site.node is site.output else [site.node, site.output]
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor of ``a`` (same dtype; ml_dtypes bfloat16 becomes torch.bfloat16)."""
+    if a.dtype == BFLOAT16:
+        return to_torch(a, torch.empty(0, dtype=torch.bfloat16))
+    return torch.from_numpy(np.ascontiguousarray(a).copy())
 
 
 def _np_or_none(t: torch.Tensor | None) -> np.ndarray | None:

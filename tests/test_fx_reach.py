@@ -59,6 +59,30 @@ def test_root_hooks_are_carried_over() -> None:
         assert float((gm.double()(x.double()) - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
+def test_hooks_under_torch_export_are_traced_into_the_graph() -> None:
+    """A model only torch.export can trace runs its hooks while exporting: the hook's ops are
+    in the graph, so the BN folds and the result still includes what the hooks do."""
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.shape[2] > 3 else x
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Branchy()).eval()
+    model.bn.register_forward_hook(_double)
+    model.register_forward_hook(lambda _m, _a, out: out + 100)
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert "torch.export" in report.notes[0] and len(report.folded) == 1
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        assert float((gm(x).double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
     model = zoo.get("resnet_small")
     model.layer1.register_forward_hook(_double)

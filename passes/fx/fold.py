@@ -490,7 +490,8 @@ class _Folder:
                 continue
             seen = shape_of(site.input)
             where = f"of its input {list(seen)}" if seen else "of its input"
-            problems.append((rank, f"the BN normalizes dim {channel} {where} but "
+            what = "the affine scales" if site.chain else "the BN normalizes"
+            problems.append((rank, f"{what} dim {channel} {where} but "
                                    f"{layer.label}'s channels are on dim {end[1]}"))
         if problems and (shape is not None or not good):
             rank, text = problems[0]

@@ -53,10 +53,14 @@ def test_root_hooks_are_carried_over() -> None:
     gm, report = bnfold.fold(model)
     assert len(report.folded) == 2
     assert any("carried over" in n for n in report.notes)
+    gm2, report2 = bnfold.fold(gm)  # a GraphModule's own hooks are carried over too
+    assert any("carried over" in n for n in report2.notes)
     x = zoo.example_input("plain_cnn", seed=5)
     with torch.no_grad():  # copy.deepcopy of a GraphModule rebuilds it without hooks
         ref = model.double()(x.double())
-        assert float((gm.double()(x.double()) - ref).abs().max() / ref.abs().max()) < 1e-6
+        for folded in (gm, gm2):
+            out = folded.double()(x.double())
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
 def test_hooks_under_torch_export_are_traced_into_the_graph() -> None:
@@ -102,7 +106,12 @@ REACH = list(reach.REACH)
 def test_reach_zoo_folds_exactly_to_its_bn_left(name: str, shapes: bool) -> None:
     model = reach.get(name)
     spec = reach.REACH[name]
-    gm, report = bnfold.fold(model, reach.example_input(name) if shapes else None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = reach.example_input(name) if shapes else None
+    gm, report = bnfold.fold(model, example)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gm2, report2 = bnfold.fold(gm, example)  # idempotent: nothing more to fold
+    assert gm2.code == gm.code and not report2.folded
     assert len(report.entries) == spec.bn_total, report.table()
     if shapes:
         assert len(report.kept) == spec.bn_left, report.table()

@@ -127,6 +127,8 @@ def fold_fx(
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
         carried = carry_hooks(uncompiled(model), gm, leaves)
+    elif how.startswith("graph module") and gm is not uncompiled(model):
+        carried = carry_hooks(uncompiled(model), gm, None)
     if args is not None and not how.startswith("torch.export"):
         annotate_shapes(gm, args)
     report = Report("fold_fx")

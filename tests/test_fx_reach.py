@@ -244,6 +244,7 @@ def test_several_readers_fold_into_copies_of_a_shared_layer() -> None:
 @pytest.mark.parametrize(("name", "module", "shapes"), [
     ("linear_bn1d_tokens", reach, [(4, 16), (2, 8, 16), (3, 2, 8, 16)]),
     ("mlp_bn1d", zoo, [(4, 32), (2, 64, 32)]),
+    ("frozen_bn_backbone", reach, [(2, 3, 12, 12), (3, 12, 12)]),  # unbatched: broadcast up
 ])
 def test_every_rank_the_original_accepts_runs_the_same(name: str, module, shapes) -> None:
     """Without example_inputs a fold exact only at some ranks is rank-dispatched: at every

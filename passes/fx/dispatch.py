@@ -14,6 +14,7 @@ rank and keep one branch.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import fx, nn
@@ -57,8 +58,9 @@ def dispatch_refusal(layers: list[fx.Node], site_nodes: list[fx.Node], source: f
         calls = [n for n in bn.graph.nodes if n.op == "call_module" and n.target == bn.target]
         if len(calls) > 1:
             return f"BN module {bn.target} is called {len(calls)} times"
-    pieces = [([n], n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None)
-              for n in layers if n.op != "call_module"]
+    pieces: list[tuple[list[fx.Node], fx.Node | None]] = [
+        ([n], n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None)
+        for n in layers if n.op != "call_module"]
     if bn.op != "call_module":
         pieces.append((site_nodes, source))
     for nodes, start in pieces:
@@ -102,3 +104,49 @@ def replace(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node, name: str
     nodes[-1].replace_all_uses_with(call)
     for node in reversed(nodes):
         gm.graph.erase_node(node)
+
+
+def originals(gm: fx.GraphModule, layers: list[fx.Node]) -> list[tuple[fx.Node, nn.Module]]:
+    """Unfolded copies of the layers at ``layers`` (modules, or functions cut out of the
+    graph), taken before a fold writes them, for the ranks the fold is not exact at."""
+    out = []
+    for node in layers:
+        if node.op == "call_module":
+            out.append((node, copy.deepcopy(gm.get_submodule(str(node.target)))))
+        else:
+            out.append((node, copy.deepcopy(extract(gm, [node], _source(node)))))
+    return out
+
+
+def dispatch_fold(gm: fx.GraphModule, consts: Constants,
+                  layers: list[tuple[fx.Node, nn.Module]], ranks: tuple[int, ...],
+                  bn_nodes: list[fx.Node], source: fx.Node, bn_ranks: tuple[int, ...]) -> None:
+    """Rank-dispatch a written fold: each layer runs folded at ``ranks`` and as its
+    :func:`originals` copy otherwise; the BN (``bn_nodes`` reading ``source``) is skipped at
+    ``bn_ranks`` and runs otherwise. Module calls are switched in place, functions and affine
+    chains cut out into modules."""
+    for node, original in layers:
+        if node.op == "call_module":
+            target = str(node.target)
+            install(gm, target, ranks, gm.get_submodule(target), original)
+            continue
+        start = _source(node)
+        replace(gm, [node], start, f"{node.name}_dispatch",
+                RankDispatch(ranks, extract(gm, [node], start), original))
+    if bn_nodes[0].op == "call_module" and len(bn_nodes) == 1:
+        bn = str(bn_nodes[0].target)
+        install(gm, bn, bn_ranks, nn.Identity(), gm.get_submodule(bn))
+        return
+    operands = [a for n in bn_nodes for a in n.all_input_nodes]
+    original_bn = extract(gm, bn_nodes, source)
+    replace(gm, bn_nodes, source, f"{bn_nodes[0].name}_dispatch",
+            RankDispatch(bn_ranks, nn.Identity(), original_bn))
+    for a in operands:
+        consts.erase_unused(a)
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The tensor a layer call reads (its first argument)."""
+    first = node.args[0]
+    assert isinstance(first, fx.Node)
+    return first

@@ -74,7 +74,7 @@ from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants
-from bnfold.passes.fx.dispatch import RankDispatch, dispatch_refusal, extract, install, replace
+from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
@@ -252,7 +252,7 @@ class _Folder:
         why = self._dispatch_refusal(guard, [layer.node], site)
         if why:
             return _kept(why)
-        original = self._original([layer]) if guard else []
+        original = originals(self.gm, [layer.node]) if guard else []
         into, copied = self._write(layer, folded, label)
         details: dict[str, Any] = {"direction": "forward", "layer": layer.kind, **copied}
         if chain:
@@ -357,7 +357,7 @@ class _Folder:
             self._dispatch_refusal(guard, [layer.node for layer, _ in plans], site)
         if why:
             return _kept(f"{forward_reason}; backward fold: {why}")
-        original = self._original([layer for layer, _ in plans]) if guard else []
+        original = originals(self.gm, [layer.node for layer, _ in plans]) if guard else []
         written = [self._write(layer, folded, label) for layer, folded in plans]
         details: dict[str, Any] = {"direction": "backward", "layer": plans[0][0].kind}
         if len(written) == 1:
@@ -397,34 +397,15 @@ class _Folder:
 
     def _folded(self, into: str, details: dict[str, Any], site: BatchNormSite,
                 ranks: tuple[int, ...], bn_ranks: tuple[int, ...],
-                originals: list[tuple[fx.Node, nn.Module]]) -> _Outcome:
+                unfolded: list[tuple[fx.Node, nn.Module]]) -> _Outcome:
         """Remove the BN of a written fold; with ``ranks`` (the fold is exact only at those
         layer input ranks) rank-dispatch the layers and the BN instead (:mod:`.dispatch`):
         module calls in place, functions and affine chains cut out into modules."""
         if not ranks:
             self._remove(site)
             return _Outcome("folded", into=into, details=details)
-        for node, original in originals:
-            if node.op == "call_module":
-                target = str(node.target)
-                install(self.gm, target, ranks, self.gm.get_submodule(target), original)
-                continue
-            source = chain_input(node)
-            assert source is not None
-            folded = extract(self.gm, [node], source)
-            replace(self.gm, [node], source, f"{node.name}_dispatch",
-                    RankDispatch(ranks, folded, original))
-        nodes = _site_nodes(site)
-        if nodes[0].op == "call_module" and len(nodes) == 1:
-            bn = str(site.node.target)
-            install(self.gm, bn, bn_ranks, nn.Identity(), self.gm.get_submodule(bn))
-        else:
-            source, operands = site.input, [a for n in nodes for a in n.all_input_nodes]
-            original_bn = extract(self.gm, nodes, source)
-            replace(self.gm, nodes, source, f"{nodes[0].name}_dispatch",
-                    RankDispatch(bn_ranks, nn.Identity(), original_bn))
-            for a in operands:
-                self.consts.erase_unused(a)
+        dispatch_fold(self.gm, self.consts, unfolded, ranks, _site_nodes(site), site.input,
+                      bn_ranks)
         details["rank_dispatch"] = list(ranks)
         return _Outcome("folded", into=into, details=details)
 
@@ -438,20 +419,6 @@ class _Folder:
             return None
         return (f"the fold is exact only at input rank {' or '.join(map(str, ranks))} of the "
                 f"ranks the graph allows, and {why}; pass example_inputs to fold it")
-
-    def _original(self, layers: list[LayerSite]) -> list[tuple[fx.Node, nn.Module]]:
-        """Unfolded copies of ``layers`` (modules, or functions cut out of the graph), kept
-        for the other ranks."""
-        out = []
-        for layer in layers:
-            node = layer.node
-            if node.op == "call_module":
-                out.append((node, copy.deepcopy(self.gm.get_submodule(str(node.target)))))
-            else:
-                source = chain_input(node)
-                assert source is not None
-                out.append((node, copy.deepcopy(extract(self.gm, [node], source))))
-        return out
 
     # -- channel axis -----------------------------------------------------------------------
 

@@ -343,3 +343,22 @@ def test_a_layer_read_elsewhere_keeps_its_concat_slice() -> None:
     assert len(report.kept) == 1 and report.kept[0].details["folded_into"] == "b"
     assert "come from a (a output also feeds output)" in report.kept[0].reason
     assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_a_concat_of_one_module_called_twice_folds_into_copies() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.conv(x), self.conv(x * 2)], 1)) + self.conv(x)[:, :1]
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Twice()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.folded
+    assert entry.details["copy_of"] == ["conv", "conv"] and entry.details["split"] == "concat"
+    assert rel_err(gm, model, x, double=True) < 1e-6

@@ -284,7 +284,7 @@ class _Folder:
         written = [self._write(layer, folded, label) for layer, folded in plan.folds]
         into = ", ".join(name for name, _ in written)
         details: dict[str, Any] = {"direction": "forward", "layer": plan.folds[0][0].kind,
-                                   "split": plan.kind}
+                                   "split": plan.kind, **_copies(written)}
         if plan.kept is None:
             self._remove(site)
             return _Outcome("folded", into=into, details=details)
@@ -363,7 +363,7 @@ class _Folder:
         if len(written) == 1:
             details.update(written[0][1])
         else:
-            details["readers"] = len(written)
+            details.update(readers=len(written), **_copies(written))
         return self._folded(", ".join(into for into, _ in written), details, site, guard,
                             guard, original)
 
@@ -620,6 +620,13 @@ class _Folder:
     def _split(path: str) -> tuple[str, str]:
         parent, _, leaf = path.rpartition(".")
         return parent, leaf
+
+
+def _copies(written: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Report details for folds into several layers: which went into copies (``copy_of``:
+    the layers copied, in order)."""
+    copies = [c["copy_of"] for _, c in written if "copy_of" in c]
+    return {"copy_of": copies} if copies else {}
 
 
 def _site_nodes(site: BatchNormSite) -> list[fx.Node]:

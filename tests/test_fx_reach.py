@@ -46,6 +46,18 @@ def test_bn_or_layer_with_a_hook_is_kept(where: str, kind: str) -> None:
     assert rel_err(gm, model, zoo.example_input("plain_cnn", seed=5), double=True) < 1e-6
 
 
+def test_a_bn_with_a_patched_forward_is_kept() -> None:
+    model = zoo.get("plain_cnn")
+    bn = model.features[1]
+    bn.forward = lambda x: nn.BatchNorm2d.forward(bn, x) * 2
+    x = zoo.example_input("plain_cnn")
+    gm, report = bnfold.fold(model, x)
+    assert "forward replaced on the instance" in report.kept[0].reason
+    with torch.no_grad():  # the patched forward closes over the model's own BN: fp32 only
+        want = model(x)
+        assert float((gm(x) - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def test_root_hooks_are_carried_over() -> None:
     model = zoo.get("plain_cnn")
     model.register_forward_pre_hook(_triple_input)

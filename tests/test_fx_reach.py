@@ -374,3 +374,26 @@ def test_a_concat_of_one_module_called_twice_folds_into_copies() -> None:
     (entry,) = report.folded
     assert entry.details["copy_of"] == ["conv", "conv"] and entry.details["split"] == "concat"
     assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_bit_views_stay_as_written_and_indexed_constants_fold() -> None:
+    """A bit-level view of a parameter is not evaluated in float64 (it would reinterpret other
+    bits): that product stays as written; an indexed parameter is a constant and folds."""
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.bits = nn.Parameter(torch.rand(4, 1, 1) + 0.5)  # traced, not precomputed
+            self.register_buffer("idx", torch.tensor([0, 1, 2, 3]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x) * self.bits.view(torch.int32).view(torch.float32)
+            return self.conv2(y) * self.bits[self.idx]  # an indexed constant still folds
+
+    model = Odd().eval()
+    x = torch.randn(2, 3, 4, 4)
+    gm, report = bnfold.fold(model, x)
+    assert [e.into for e in report.folded] == ["conv2"]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)

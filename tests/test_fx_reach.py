@@ -397,3 +397,22 @@ def test_bit_views_stay_as_written_and_indexed_constants_fold() -> None:
     assert [e.into for e in report.folded] == ["conv2"]
     with torch.no_grad():
         assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_dispatched_model_exports_its_folded_branch(tmp_path) -> None:
+    """torch.onnx sees a static rank: the export holds the folded Gemms and no BN."""
+    import onnx
+    import onnxruntime as ort
+
+    model = zoo.get("mlp_bn1d")
+    gm, report = bnfold.fold(model)
+    assert all("rank_dispatch" in e.details for e in report.folded)
+    x = zoo.example_input("mlp_bn1d")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(gm, (x,), dynamo=True, optimize=False).save(str(path))
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model.double()(x.double())
+    assert float((torch.from_numpy(out).double() - want).abs().max() / want.abs().max()) < 1e-5

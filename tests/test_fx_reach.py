@@ -278,6 +278,27 @@ def test_every_rank_the_original_accepts_runs_the_same(name: str, module, shapes
     assert ran >= 2
 
 
+def test_functional_linear_and_bn_are_both_cut_out_into_dispatches() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fc, bn = self.fc, self.bn
+            y = torch.nn.functional.linear(x, fc.weight, fc.bias)
+            return torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var,
+                                                  bn.weight, bn.bias, False)
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Functional()).eval()
+    gm, report = bnfold.fold(model)
+    assert report.folded[0].details["rank_dispatch"] == [2]
+    for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
 def test_rank_dispatch_that_cannot_be_installed_keeps_the_bn() -> None:
     """A BN module called at two places cannot be switched off for one of them: kept, the
     reason names the ranks; a functional BN is cut out into a dispatch of its own."""

@@ -437,3 +437,29 @@ def test_a_rank_dispatched_model_exports_its_folded_branch(tmp_path) -> None:
     with torch.no_grad():
         want = model.double()(x.double())
     assert float((torch.from_numpy(out).double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_a_frozen_bn_after_a_concat(passthrough: bool) -> None:
+    """An affine chain splits over a concat of layers like a BN; a slice of it over an input
+    that is not a layer is not written (kept whole, with the reason)."""
+    class CatFrozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 5, 3, padding=1)
+            self.b = nn.Conv2d(3, 3, 1)
+            self.bn = reach.FrozenBatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), x if passthrough else self.b(x)], 1))
+
+    model = reach.randomize_frozen_stats(CatFrozen()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.entries
+    if passthrough:
+        assert entry.action == "kept" and "slice of this affine chain" in entry.reason
+    else:
+        assert (entry.action, entry.into, entry.details["kind"]) == ("folded", "a, b",
+                                                                     "affine mul+add")
+    assert rel_err(gm, model, x, double=True) < 1e-6

@@ -11,7 +11,8 @@
   layer is scaled, the first also takes the shift.
 
 Both are exact whenever the layers' channel axis is the BN's (and, for a concat, the concat's
-axis); the rules check it like the forward fold does. This module only matches and plans; the
+axis); the rules check it like the forward fold does. A BN-like affine chain splits the same
+way, except that a slice of it is never written as a kept BN (its constants are float64). This module only matches and plans; the
 fold pass writes the plan (:mod:`bnfold.passes.fx.fold`).
 """
 
@@ -69,8 +70,6 @@ def plan_split(gm: fx.GraphModule, site: BatchNormSite, point: fx.Node, ranks: s
     others = [u.name for u in value_users(point) if u is not site.node]
     if others:
         return f"{point.name} also feeds {', '.join(others)}"
-    if site.dtype is not None:
-        return f"its input comes from {point.name}; an affine chain is not split over it"
     if _is_add(point):
         return _plan_add(gm, site, point, axis_check)
     return _plan_concat(gm, site, point, ranks, axis_check)
@@ -152,6 +151,9 @@ def _plan_concat(gm: fx.GraphModule, site: BatchNormSite, cat: fx.Node, ranks: s
         sizes[rest[0]] = site.params.channels - sum(s or 0 for s in known)
     if None in sizes or sum(sizes) != site.params.channels or (rest and sizes[rest[0]] < 1):
         return f"the channels of the concat {cat.name} do not add up to the BN's"
+    if rest and site.chain:
+        return f"its input is the concat {cat.name}, and {inputs[rest[0]].name} would keep " \
+               "a slice of this affine chain, which bnfold writes only as a BatchNorm"
     if rest and site.channel_axis(max(ranks)) != 1:
         return f"its input is the concat {cat.name}: the slice over {inputs[rest[0]].name} " \
                "would need a BN over a channel axis other than 1"

@@ -12,8 +12,9 @@
 
 Both are exact whenever the layers' channel axis is the BN's (and, for a concat, the concat's
 axis); the rules check it like the forward fold does. A BN-like affine chain splits the same
-way, except that a slice of it is never written as a kept BN (its constants are float64). This module only matches and plans; the
-fold pass writes the plan (:mod:`bnfold.passes.fx.fold`).
+way, except that a slice of it is never written as a kept BN (its constants are float64).
+This module only matches and plans; the fold pass writes the plan
+(:mod:`bnfold.passes.fx.fold`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.hooks import hook_reason
 
 aten = torch.ops.aten
 
@@ -66,16 +67,25 @@ _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1
 
 @dataclass
 class BatchNormSite:
-    """One BN call: ``output`` is the node whose uses the fold redirects to ``input``."""
+    """One BN call: ``output`` is the node whose uses the fold redirects to ``input``.
+
+    A BN-like affine chain (:mod:`bnfold.passes.fx.affine`) sets ``source`` (its tensor input),
+    ``chain`` (its nodes, in graph order) and ``dtype`` (of its constants, which the layer it
+    folds into must share: a constant of another dtype would promote the result)."""
 
     node: fx.Node
     output: fx.Node
     channel_axis: ChannelRule
     params: BNParams
     attr_nodes: list[fx.Node]
+    source: fx.Node | None = None
+    chain: tuple[fx.Node, ...] = ()
+    dtype: torch.dtype | None = None
 
     @property
     def input(self) -> fx.Node:
+        if self.source is not None:
+            return self.source
         first = self.node.args[0] if self.node.args else self.node.kwargs["input"]
         assert isinstance(first, fx.Node)
         return first
@@ -102,6 +112,9 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
         bn = gm.get_submodule(str(node.target))
         if rule is None:
             return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
+        hooked = hook_reason(str(node.target), bn)
+        if hooked:
+            return hooked
         if bn.training:
             return "BN is in training mode: it normalizes with batch statistics, which no " \
                    "fold can reproduce (call model.eval() first)"
@@ -243,6 +256,9 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
         if found is None:
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
+        hooked = hook_reason(str(node.target), m)
+        if hooked:
+            return hooked
         kind, spatial = found
         if kind == "linear":
             return LayerSite(node, kind, 0, m.weight, m.bias, 1, (), (), (), (), "zeros",

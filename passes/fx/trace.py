@@ -29,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.dispatch import RankDispatch
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -59,7 +60,7 @@ def graph_module_of(
             "no Python forward for torch.fx to trace; fold the original nn.Module, then script "
             "the folded GraphModule"
         )
-    original = _uncompiled(model)
+    original = uncompiled(model)
     compiled = "" if original is model else " (unwrapped from torch.compile)"
     model = original
     _check_materialized(model)
@@ -112,7 +113,7 @@ def _quiet_torch_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module ``torch.compile`` wrapped, or ``model`` itself."""
     dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled
     if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
@@ -141,7 +142,8 @@ class Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, keeping bnfold's own BN modules as calls (leaves)."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (FeatureBatchNorm, RankDispatch)) or super().is_leaf_module(
+            m, module_qualified_name)
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,0 +1,465 @@
+"""Reach of the FX fold (issue 9) and hooks (issue 8 item 6): every reach-zoo model folded vs
+its float64 unfolded reference on fresh inputs with random statistics, the BN-left counts,
+and the report's words for each case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fx_zoo import bn_nodes, rel_err
+from torch import nn
+
+import bnfold
+from bnfold.errors import UnsupportedError
+from bnfold.models import reach, zoo
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: a BN or layer with hooks is kept; other hooks are carried over or the fold refused.
+# ---------------------------------------------------------------------------------------------
+
+
+def _double(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
+def _triple_input(_module: nn.Module, args: tuple) -> tuple:
+    return (args[0] * 3,)
+
+
+@pytest.mark.parametrize("where", ["features.1", "features.0"])
+@pytest.mark.parametrize("kind", ["forward", "pre", "backward"])
+def test_bn_or_layer_with_a_hook_is_kept(where: str, kind: str) -> None:
+    model = zoo.get("plain_cnn")
+    module = model.get_submodule(where)
+    if kind == "forward":
+        module.register_forward_hook(_double)
+    elif kind == "pre":
+        module.register_forward_pre_hook(_triple_input)
+    else:
+        module.register_full_backward_hook(lambda *_: None)
+    x = zoo.example_input("plain_cnn")
+    gm, report = bnfold.fold(model, x)
+    kept = {e.bn: e.reason for e in report.kept}
+    assert list(kept) == ["features.1"]
+    assert where in kept["features.1"] and "hook" in kept["features.1"]
+    assert len(report.folded) == 1  # the other BN still folds
+    assert rel_err(gm, model, zoo.example_input("plain_cnn", seed=5), double=True) < 1e-6
+
+
+def test_a_bn_with_a_patched_forward_is_kept() -> None:
+    model = zoo.get("plain_cnn")
+    bn = model.features[1]
+    bn.forward = lambda x: nn.BatchNorm2d.forward(bn, x) * 2
+    x = zoo.example_input("plain_cnn")
+    gm, report = bnfold.fold(model, x)
+    assert "forward replaced on the instance" in report.kept[0].reason
+    with torch.no_grad():  # the patched forward closes over the model's own BN: fp32 only
+        want = model(x)
+        assert float((gm(x) - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_root_hooks_are_carried_over() -> None:
+    model = zoo.get("plain_cnn")
+    model.register_forward_pre_hook(_triple_input)
+    model.register_forward_hook(lambda _m, _a, out: out + 100)
+    gm, report = bnfold.fold(model)
+    assert len(report.folded) == 2
+    assert any("carried over" in n for n in report.notes)
+    gm2, report2 = bnfold.fold(gm)  # a GraphModule's own hooks are carried over too
+    assert any("carried over" in n for n in report2.notes)
+    x = zoo.example_input("plain_cnn", seed=5)
+    with torch.no_grad():  # copy.deepcopy of a GraphModule rebuilds it without hooks
+        ref = model.double()(x.double())
+        for folded in (gm, gm2):
+            out = folded.double()(x.double())
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_hooks_under_torch_export_are_traced_into_the_graph() -> None:
+    """A model only torch.export can trace runs its hooks while exporting: the hook's ops are
+    in the graph, so the BN folds and the result still includes what the hooks do."""
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.shape[2] > 3 else x
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Branchy()).eval()
+    model.bn.register_forward_hook(_double)
+    model.register_forward_hook(lambda _m, _a, out: out + 100)
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert "torch.export" in report.notes[0] and len(report.folded) == 1
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        assert float((gm(x).double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
+    model = zoo.get("resnet_small")
+    model.layer1.register_forward_hook(_double)
+    with pytest.raises(UnsupportedError, match=r"layer1 .*inlines"):
+        bnfold.fold(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reach zoo: exact against float64, with the BN-left count each net declares.
+# ---------------------------------------------------------------------------------------------
+
+REACH = list(reach.REACH)
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
+@pytest.mark.parametrize("name", REACH)
+def test_reach_zoo_folds_exactly_to_its_bn_left(name: str, shapes: bool) -> None:
+    model = reach.get(name)
+    spec = reach.REACH[name]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = reach.example_input(name) if shapes else None
+    gm, report = bnfold.fold(model, example)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gm2, report2 = bnfold.fold(gm, example)  # idempotent: nothing more to fold
+    assert gm2.code == gm.code and not report2.folded
+    assert len(report.entries) == spec.bn_total, report.table()
+    if shapes:
+        assert len(report.kept) == spec.bn_left, report.table()
+    else:  # a BN kept at the example's rank may fold, rank-dispatched, at another
+        dispatched = [e for e in report.folded if "rank_dispatch" in e.details]
+        assert len(report.kept) <= spec.bn_left <= len(report.kept) + len(dispatched)
+    assert all(e.reason and e.details["kind"] for e in report.kept)
+    x = reach.example_input(name, seed=123, batch=3)  # fresh input, another batch size
+    assert rel_err(gm, model, x, double=False) < 1e-5
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+@pytest.mark.parametrize(("name", "kinds"), [
+    ("frozen_bn_backbone", {"affine mul+add"}),
+    ("bn_act_timm", {"F.batch_norm", "affine mul+add"}),
+    ("sync_bn_eval", {"SyncBatchNorm"}),
+    ("affine_chain", {"affine sub+div", "affine mul+add", "affine sub+mul+mul+add"}),
+    ("weight_standardization", {"batch_norm on a constant", "BatchNorm2d"}),
+])
+def test_report_says_what_was_folded(name: str, kinds: set[str]) -> None:
+    _, report = bnfold.fold(reach.get(name), reach.example_input(name))
+    assert {e.details["kind"] for e in report.folded} == kinds
+    assert not report.kept
+
+
+def test_off_channel_and_scalar_affines_are_kept_with_the_reason() -> None:
+    model = reach.get("affine_off_channel")
+    gm, report = bnfold.fold(model, reach.example_input("affine_off_channel"))
+    reasons = [e.reason for e in report.kept]
+    assert "dim 3" in reasons[0] and "conv1's channels are on dim 1" in reasons[0]
+    assert "scalar affine" in reasons[1]
+    assert gm.code == bnfold.fold(gm)[0].code
+
+
+def test_constant_bn_is_evaluated_once_into_the_weight() -> None:
+    """Weight standardization: no batch_norm left on the weight path, the standardized weight
+    is a new Parameter, and the BN after the conv folds into it."""
+    model = reach.get("weight_standardization")
+    gm, report = bnfold.fold(model, reach.example_input("weight_standardization"))
+    assert not bn_nodes(gm)
+    constant = [e for e in report.folded if e.details["direction"] == "constant"]
+    assert [e.bn for e in constant] == ["conv1 (batch_norm)", "conv2 (batch_norm_1)"]
+    assert all(isinstance(gm.get_parameter(e.into), nn.Parameter) for e in constant)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval no-ops, several readers.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Chain(nn.Module):
+    """conv -> <between> -> BN, and BN -> <between> -> linear."""
+
+    def __init__(self, between) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 2)
+        self.between = between
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.between(self.conv(x))))
+        h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
+        return self.fc(self.between(self.bn2(h)))
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    from bnfold.models.stats import randomize_bn_stats
+    return randomize_bn_stats(model).eval()
+
+
+@pytest.mark.parametrize(("between", "folded"), [
+    (lambda t: torch.nn.functional.dropout(t, 0.3, training=False), 2),
+    (lambda t: t.to(torch.float64).double(), 2),
+    (lambda t: torch.nn.functional.dropout(t, 0.3), 0),  # training=True: not a no-op
+    (lambda t: t.float().double(), 0),  # a round trip through float32 is not a no-op
+])
+def test_functional_noops_and_casts(between, folded: int) -> None:
+    """On a float64 model (the reference itself): casts to float64 are no-ops."""
+    model = _prepared(_Chain(between)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.folded) == folded, report.table()
+    assert all(e.reason for e in report.kept)
+    if folded:
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_dropout_in_training_mode_is_not_a_noop() -> None:
+    model = _prepared(_Chain(nn.Dropout(0.5)))
+    model.between.train()
+    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert not report.folded
+
+
+def test_a_zero_padded_reader_keeps_the_bn_whole() -> None:
+    """Plan-then-apply: one reader that cannot take the shift leaves every reader unchanged."""
+    model = reach.get("bn_multi_reader")
+    model.c = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm, report = bnfold.fold(model, reach.example_input("bn_multi_reader"))
+    assert len(report.kept) == 1 and "zero-padded conv" in report.kept[0].reason
+    assert all(torch.equal(gm.get_parameter(f"{m}.weight"), before[f"{m}.weight"])
+               for m in "abc")
+
+
+def test_several_readers_fold_into_copies_of_a_shared_layer() -> None:
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(x)) + self.fc(x)  # fc also reads the raw input
+
+    model = _prepared(Reuse())
+    x = torch.randn(5, 4)
+    gm, report = bnfold.fold(model, x)
+    assert report.folded[0].details.get("copy_of") == "fc"
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input rank the original accepts still runs, with the same result.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "module", "shapes"), [
+    ("linear_bn1d_tokens", reach, [(4, 16), (2, 8, 16), (3, 2, 8, 16)]),
+    ("mlp_bn1d", zoo, [(4, 32), (2, 64, 32)]),
+    ("frozen_bn_backbone", reach, [(2, 3, 12, 12), (3, 12, 12)]),  # unbatched: broadcast up
+])
+def test_every_rank_the_original_accepts_runs_the_same(name: str, module, shapes) -> None:
+    """Without example_inputs a fold exact only at some ranks is rank-dispatched: at every
+    input rank the original runs on, the folded model gives the original's float64 result."""
+    model = module.get(name)
+    gm, report = bnfold.fold(model)
+    assert any("rank_dispatch" in e.details for e in report.folded)
+    assert any("rank_dispatch" in n for n in report.notes)
+    ran = 0
+    for shape in shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+        try:
+            with torch.no_grad():
+                model(x)
+        except (RuntimeError, ValueError, AssertionError):
+            continue
+        ran += 1
+        assert rel_err(gm, model, x, double=True) < 1e-6, shape
+    assert ran >= 2
+
+
+def test_functional_linear_and_bn_are_both_cut_out_into_dispatches() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fc, bn = self.fc, self.bn
+            y = torch.nn.functional.linear(x, fc.weight, fc.bias)
+            return torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var,
+                                                  bn.weight, bn.bias, False)
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Functional()).eval()
+    gm, report = bnfold.fold(model)
+    assert report.folded[0].details["rank_dispatch"] == [2]
+    for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_rank_dispatch_that_cannot_be_installed_keeps_the_bn() -> None:
+    """A BN module called at two places cannot be switched off for one of them: kept, the
+    reason names the ranks; a functional BN is cut out into a dispatch of its own."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.fc2 = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bn = self.bn
+            y = self.bn(self.fc(x)) + self.bn(x)
+            return torch.nn.functional.batch_norm(self.fc2(y), bn.running_mean, bn.running_var,
+                                                  bn.weight, bn.bias, False)
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Twice()).eval()
+    gm, report = bnfold.fold(model)
+    kept = {e.bn: e.reason for e in report.kept}
+    assert "exact only at input rank 2" in kept["bn (bn)"]
+    assert "called 2 times" in kept["bn (bn)"]
+    assert report.folded[0].details["rank_dispatch"] == [2]
+    for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Concat and sum splits.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shapes", [True, False])
+def test_concat_and_sum_splits_say_where_each_share_went(shapes: bool) -> None:
+    entries = {}
+    for name in ("mixnet_concat", "concat_passthrough", "add_of_layers"):
+        x = reach.example_input(name) if shapes else None
+        gm, report = bnfold.fold(reach.get(name), x)
+        entries.update({f"{name}:{e.bn}": e for e in report.entries})
+        if name == "concat_passthrough":
+            sliced = [n for n in bn_nodes(gm) if n.args[0].name == "x"]
+            assert len(sliced) == 1 and gm.get_buffer(sliced[0].args[1].target).numel() == 3
+            gm2, report2 = bnfold.fold(gm)
+            assert gm2.code == gm.code and len(report2.kept) == 2
+    mix = entries["mixnet_concat:bn"]
+    assert (mix.action, mix.into, mix.details["split"]) == ("folded", "dw.0, dw.1, dw.2",
+                                                              "concat")
+    part = entries["concat_passthrough:bn1"]
+    assert part.action == "kept" and part.details["folded_into"] == "conv1"
+    assert part.reason.startswith("channels 5:8 of cat come from x (x is not a conv/linear): "
+                                  "kept as a BN over those 3 channels only")
+    assert "2 of its inputs are not foldable" in entries["concat_passthrough:bn2"].reason
+    add = entries["add_of_layers:bn"]
+    assert (add.into, add.details["split"]) == ("conv3, conv1", "add")
+    assert entries["add_of_layers:bn_fc"].into == "fc_a, fc_b"
+    assert "summand relu is not a conv/linear" in entries["add_of_layers:bn_r"].reason
+
+
+def test_a_layer_read_elsewhere_keeps_its_concat_slice() -> None:
+    class Tapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a = self.a(x)
+            return self.bn(torch.cat([a, self.b(x)], 1)), a
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Tapped()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.kept) == 1 and report.kept[0].details["folded_into"] == "b"
+    assert "come from a (a output also feeds output)" in report.kept[0].reason
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_a_concat_of_one_module_called_twice_folds_into_copies() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.conv(x), self.conv(x * 2)], 1)) + self.conv(x)[:, :1]
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Twice()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.folded
+    assert entry.details["copy_of"] == ["conv", "conv"] and entry.details["split"] == "concat"
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_bit_views_stay_as_written_and_indexed_constants_fold() -> None:
+    """A bit-level view of a parameter is not evaluated in float64 (it would reinterpret other
+    bits): that product stays as written; an indexed parameter is a constant and folds."""
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.bits = nn.Parameter(torch.rand(4, 1, 1) + 0.5)  # traced, not precomputed
+            self.register_buffer("idx", torch.tensor([0, 1, 2, 3]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x) * self.bits.view(torch.int32).view(torch.float32)
+            return self.conv2(y) * self.bits[self.idx]  # an indexed constant still folds
+
+    model = Odd().eval()
+    x = torch.randn(2, 3, 4, 4)
+    gm, report = bnfold.fold(model, x)
+    assert [e.into for e in report.folded] == ["conv2"]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_dispatched_model_exports_its_folded_branch(tmp_path) -> None:
+    """torch.onnx sees a static rank: the export holds the folded Gemms and no BN."""
+    import onnx
+    import onnxruntime as ort
+
+    model = zoo.get("mlp_bn1d")
+    gm, report = bnfold.fold(model)
+    assert all("rank_dispatch" in e.details for e in report.folded)
+    x = zoo.example_input("mlp_bn1d")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(gm, (x,), dynamo=True, optimize=False).save(str(path))
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model.double()(x.double())
+    assert float((torch.from_numpy(out).double() - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_a_frozen_bn_after_a_concat(passthrough: bool) -> None:
+    """An affine chain splits over a concat of layers like a BN; a slice of it over an input
+    that is not a layer is not written (kept whole, with the reason)."""
+    class CatFrozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 5, 3, padding=1)
+            self.b = nn.Conv2d(3, 3, 1)
+            self.bn = reach.FrozenBatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), x if passthrough else self.b(x)], 1))
+
+    model = reach.randomize_frozen_stats(CatFrozen()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.entries
+    if passthrough:
+        assert entry.action == "kept" and "slice of this affine chain" in entry.reason
+    else:
+        assert (entry.action, entry.into, entry.details["kind"]) == ("folded", "a, b",
+                                                                     "affine mul+add")
+    assert rel_err(gm, model, x, double=True) < 1e-6

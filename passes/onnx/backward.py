@@ -4,7 +4,8 @@
 ``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`). Exact cases, checked by
 :func:`bnfold.algebra.backward_fold_refusal`:
 
-* Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector)
+* Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector;
+  without ``C`` the shift becomes ``C`` and ``beta`` is set to 1)
   and MatMul on a rank-2 input with constant 2-D weight: always exact.
 * Conv with zero pads (explicit, ``VALID``, or ``SAME_*`` with 1x1 kernels): exact; with
   zero padding > 0 only when the BN shift ``t`` is all zero.
@@ -28,7 +29,7 @@ import onnx_ir as ir
 from bnfold.algebra import BNParams, Folded, backward_fold_refusal, fold_backward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
-from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
+from bnfold.passes.onnx.consts import deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
 from bnfold.passes.onnx.rules import (
     Context,
@@ -84,12 +85,13 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
     if mode not in _COPY_PAD_MODES:
         return f"{display_name(pad)} pads with mode {mode!r}: the BN shift would reach the border"
     if ctx.opset >= 11:
-        pads = const_array(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        pads = ctx.consts.array(pad.inputs[1]) if len(pad.inputs) > 1 and pad.inputs[1] \
+            else None
         if len(pad.inputs) > 3 and pad.inputs[3] is not None:
             return f"{display_name(pad)} has an axes input (not handled)"
     else:
         pads = pad.attributes.get_ints("pads", None)
-    if pads is None:
+    if pads is None or isinstance(pads, str):
         return f"{display_name(pad)} pads are not constant"
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
     half = len(pads) // 2
@@ -103,8 +105,8 @@ def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node, ctx: Context) -> BN
     gemm, index = _next(flat)
     if gemm is None or gemm.op_type != "Gemm" or index != 0:
         return f"{display_name(flat)} does not feed a Gemm's input A alone"
-    weight = const_array(gemm.inputs[1])
-    if weight is None or weight.ndim != 2:
+    weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"
+    if isinstance(weight, str) or weight.ndim != 2:
         return f"{display_name(gemm)} weight is not a constant matrix"
     k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
     c = params.channels
@@ -129,10 +131,10 @@ def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node, ctx: Context) -> BN
 
 def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
           ctx: Context) -> Fold | str:
-    weight = constant(conv.inputs[1], "weight", conv)
+    weight = constant(ctx, conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(conv, 2)
+    bias = optional_bias(ctx, conv, 2)
     if isinstance(bias, str):
         return bias
     attrs = conv.attributes
@@ -180,7 +182,7 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
 
 
 def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight", layer)
+    weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
         return weight
     if weight.ndim != 2:
@@ -194,6 +196,7 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
         has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
         if attrs.get_float("alpha", 1.0) != 1.0 or (has_c and attrs.get_float("beta", 1.0) != 1):
             return f"{display_name(layer)} has alpha or beta != 1 (backward fold not handled)"
+        # Without C, beta multiplies nothing; the new C (the BN shift) is used with beta = 1.
     else:
         in_axis = 0
         x = bn.inputs[0]
@@ -203,8 +206,8 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
         if len(dims) != 2:
             return (f"{display_name(layer)} input has rank {len(dims)}: the BN channel axis 1 "
                     "is not the axis it multiplies")
-        bias_node, bias_index = _matmul_bias(layer)
-    bias = None if bias_node is None else optional_bias(bias_node, bias_index)
+        bias_node, bias_index = _matmul_bias(layer, ctx)
+    bias = None if bias_node is None else optional_bias(ctx, bias_node, bias_index)
     if isinstance(bias, str):
         return bias
     n_out = weight.shape[1 - in_axis]
@@ -229,11 +232,13 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
             return
         release(ctx, bias_node, bias_index)
         set_initializer(ctx.graph, bias_node, bias_index, folded.bias, ctx.namer, base)
+        if layer.op_type == "Gemm":
+            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     return Fold(into=layer, direction="backward", apply=apply)
 
 
-def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
+def _matmul_bias(mm: ir.Node, ctx: Context) -> tuple[ir.Node | None, int]:
     """The ``Add`` of a constant right after ``mm`` (and which input is the constant)."""
     user, _ = _next(mm)
     if user is None or user.op_type != "Add":
@@ -241,7 +246,7 @@ def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
     for i in (0, 1):
         other = user.inputs[1 - i]
         if (user.inputs[i] is mm.outputs[0] and other is not None
-                and not other.is_graph_input() and const_array(other) is not None):
+                and isinstance(ctx.consts.array(other), np.ndarray)):
             return user, 1 - i
     return None, 0
 

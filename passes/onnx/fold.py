@@ -36,7 +36,7 @@ from bnfold.errors import BadInputError
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
-from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
@@ -46,7 +46,8 @@ from bnfold.report import Entry, PassResult, Report
 _MAX_ROUNDS = 8
 
 
-def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
+              max_const_elements: int | None = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -55,15 +56,20 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> Pa
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
     :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    ``max_const_elements`` bounds the size of any tensor computed from constants (a bias or BN
+    parameter built by ``Expand``/``ConstantOfShape``/...); default: the largest tensor the
+    model stores (see :class:`bnfold.passes.onnx.consts.Constants`). A BN whose fold needs a
+    larger one is kept, with the reason.
     """
     with _gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
-        report = _fold(ir_model, "fold_onnx", backward=backward)
+        report = _fold(ir_model, "fold_onnx", backward=backward,
+                       max_const_elements=max_const_elements)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
 
-def inspect_onnx(model: Any) -> Report:
+def inspect_onnx(model: Any, *, max_const_elements: int | None = None) -> Report:
     """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
 
     Runs the fold on a copy that shares the input's tensors; the input is not changed. The
@@ -72,7 +78,8 @@ def inspect_onnx(model: Any) -> Report:
     """
     with _gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
-        report = _fold(ir_model, "inspect_onnx", backward=True)
+        report = _fold(ir_model, "inspect_onnx", backward=True,
+                       max_const_elements=max_const_elements)
     report.dry_run = True
     return report
 
@@ -104,7 +111,8 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
         f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
 
 
-def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
+def _fold(model: ir.Model, pass_name: str, *, backward: bool,
+          max_const_elements: int | None) -> Report:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -114,8 +122,9 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
+    consts = Constants(model, max_const_elements)
     for graph in list(model.graphs()):
-        ctx = Context(graph, opset, namer, shapes)
+        ctx = Context(graph, opset, namer, shapes, consts)
         for _ in range(_MAX_ROUNDS):
             if not _round(ctx, entries, backward):
                 break
@@ -169,7 +178,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
 
 
 def _plan(bn: ir.Node, ctx: Context, backward: bool) -> Fold | str:
-    params = inference_params(bn, ctx.opset)
+    params = inference_params(bn, ctx.opset, ctx.consts)
     if isinstance(params, str):
         return params
     forward = forward_fold(bn, params, ctx)

@@ -173,10 +173,10 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
 
 def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
+    weight = constant(ctx, layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(layer, 2)
+    bias = optional_bias(ctx, layer, 2)
     if isinstance(bias, str):
         return bias
     transpose = layer.op_type == "ConvTranspose"
@@ -187,10 +187,10 @@ def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
 
 def _gemm(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight (B)", layer)
+    weight = constant(ctx, layer.inputs[1], "weight (B)", layer)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(layer, 2)
+    bias = optional_bias(ctx, layer, 2)
     if isinstance(bias, str):
         return bias
     out_axis = 0 if layer.attributes.get_int("transB", 0) else 1
@@ -202,9 +202,9 @@ def _gemm(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
 def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
             ctx: Context, bias_node: ir.Node | None = None, bias_index: int = 0,
             bias: np.ndarray | None = None) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight", layer)
+    weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
-        if isinstance(constant(layer.inputs[0], "weight", layer), np.ndarray):
+        if isinstance(constant(ctx, layer.inputs[0], "weight", layer), np.ndarray):
             return (f"{display_name(layer)} multiplies a constant on the left (W @ x): "
                     "its rows, not a weight's columns, give the output features (not handled)")
         return weight
@@ -242,7 +242,7 @@ def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
         why = sole_reader(mm_out, display_name(mm), layer)
         if why:
             return why
-        bias = constant(other, "bias", layer)
+        bias = constant(ctx, other, "bias", layer)
         if isinstance(bias, str):
             return bias
         return _matmul(bn, params, mm, chain, ctx, layer, 1 - i, bias)

@@ -56,6 +56,7 @@ from torch import fx, nn
 from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
+from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     BatchNormSite,
@@ -70,7 +71,13 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
-from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
+from bnfold.passes.fx.trace import (
+    annotate_shapes,
+    as_args,
+    graph_module_of,
+    shape_of,
+    uncompiled,
+)
 from bnfold.report import PassResult, Report
 
 _MAX_CHAIN = 16
@@ -95,9 +102,15 @@ def fold_fx(
     """
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
+    carried = None
+    if how.startswith("symbolic_trace"):
+        leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        carried = carry_hooks(uncompiled(model), gm, leaves)
     if args is not None and not how.startswith("torch.export"):
         annotate_shapes(gm, args)
     report = Report("fold_fx")
+    if carried:
+        report.notes.append(carried)
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
     elif "torch.compile" in how:

@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.hooks import hook_reason
 
 aten = torch.ops.aten
 
@@ -102,6 +103,9 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
         bn = gm.get_submodule(str(node.target))
         if rule is None:
             return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
+        hooked = hook_reason(str(node.target), bn)
+        if hooked:
+            return hooked
         if bn.training:
             return "BN is in training mode: it normalizes with batch statistics, which no " \
                    "fold can reproduce (call model.eval() first)"
@@ -243,6 +247,9 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
         if found is None:
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
+        hooked = hook_reason(str(node.target), m)
+        if hooked:
+            return hooked
         kind, spatial = found
         if kind == "linear":
             return LayerSite(node, kind, 0, m.weight, m.bias, 1, (), (), (), (), "zeros",

@@ -59,7 +59,7 @@ def graph_module_of(
             "no Python forward for torch.fx to trace; fold the original nn.Module, then script "
             "the folded GraphModule"
         )
-    original = _uncompiled(model)
+    original = uncompiled(model)
     compiled = "" if original is model else " (unwrapped from torch.compile)"
     model = original
     _check_materialized(model)
@@ -112,7 +112,7 @@ def _quiet_torch_logs() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module ``torch.compile`` wrapped, or ``model`` itself."""
     dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing is compiled
     if dynamo is not None and isinstance(model, dynamo.OptimizedModule):

@@ -1,0 +1,83 @@
+"""Run-time state a traced graph does not show: module hooks.
+
+``symbolic_trace`` keeps leaf modules (Conv, BN, ...) as ``call_module`` nodes, so their hooks
+keep running in the GraphModule, but it inlines every other module's ``forward`` and builds a
+new root: hooks on inlined modules and on the root would silently stop running. And a hook on
+a BN or on a layer observes (or rewrites) the very tensor a fold removes or changes, so such
+a BN or layer never takes part in a fold (:func:`hook_reason`).
+
+* hooks of the root module are carried over to the GraphModule (same hook functions, same
+  order; they then receive the GraphModule as ``module``), with a report note;
+* hooks of a module the trace inlined cannot run in the graph: the fold is refused
+  (:class:`~bnfold.errors.UnsupportedError`), since its result would differ from the model
+  whether or not a BN folds.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from torch import fx, nn
+
+from bnfold.errors import UnsupportedError
+
+# Hook kind as users know it -> the nn.Module dict holding it.
+_HOOKS = {
+    "forward hook": "_forward_hooks",
+    "forward pre-hook": "_forward_pre_hooks",
+    "backward hook": "_backward_hooks",
+    "backward pre-hook": "_backward_pre_hooks",
+}
+# Everything nn.Module.__call__ reads to run the hooks above.
+_HOOK_STATE = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_is_full_backward_hook",
+)
+
+
+def hook_kinds(module: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``module`` (empty when none)."""
+    return [kind for kind, attr in _HOOKS.items() if getattr(module, attr, None)]
+
+
+def hook_reason(name: str, module: nn.Module) -> str | None:
+    """Why the BN or layer ``name`` cannot fold because of its hooks, or None."""
+    kinds = hook_kinds(module)
+    if not kinds:
+        return None
+    return (f"{name} has a {' and a '.join(kinds)}: it sees the tensors a fold would change "
+            "or remove, so folding would silently change what it does (remove the hook to "
+            "fold)")
+
+
+def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str]) -> str | None:
+    """Move ``model``'s hooks onto ``gm`` traced from it; return a report note, or None.
+
+    ``leaves`` are the module paths ``gm`` still calls (their hooks run as before). Any other
+    submodule with hooks was inlined by the trace: raises :class:`UnsupportedError`.
+    """
+    for name, module in model.named_modules():
+        kinds = hook_kinds(module)
+        if name and kinds and name not in leaves and not _leaf_of(name, leaves):
+            raise UnsupportedError(
+                f"{name} ({type(module).__name__}) has a {' and a '.join(kinds)}, but tracing "
+                "inlines its forward, so the hook would not run in the folded model; remove "
+                "the hook before folding (hooks on Conv/Linear/BN modules and on the model "
+                "itself are kept)")
+    kinds = hook_kinds(model)
+    if not kinds:
+        return None
+    for attr in _HOOK_STATE:
+        value = getattr(model, attr, None)
+        if isinstance(value, dict):
+            setattr(gm, attr, collections.OrderedDict(value))
+        elif value is not None:
+            setattr(gm, attr, value)
+    return (f"the model's {', '.join(kinds)} carried over to the folded GraphModule (copy."
+            "deepcopy of a GraphModule rebuilds it without hooks: register them again there)")
+
+
+def _leaf_of(name: str, leaves: set[str]) -> bool:
+    """True when ``name`` lies inside a module the graph calls as a whole."""
+    return any(name.startswith(leaf + ".") for leaf in leaves)

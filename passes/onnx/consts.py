@@ -119,22 +119,24 @@ class Constants:
         if node is None or node not in self._nodes:
             return "is not a constant"
         order: list[ir.Node] = []
-        seen = {node}
+        seen: set[ir.Node] = set()
         stack: list[tuple[ir.Node, bool]] = [(node, False)]
-        while stack:
+        while stack:  # depth-first, post-order: every node after the nodes it reads
             current, expanded = stack.pop()
             if expanded:
                 order.append(current)
                 continue
+            if current in seen:
+                continue
+            seen.add(current)
+            if len(seen) > MAX_CONE_NODES:
+                return f"is computed by more than {MAX_CONE_NODES} constant nodes"
             stack.append((current, True))
             for inp in self._value_inputs(current):
                 producer = inp.producer()
-                if (producer is not None and producer not in seen
-                        and const_tensor(inp) is None):
-                    seen.add(producer)
+                if producer is not None and producer not in seen \
+                        and const_tensor(inp) is None:
                     stack.append((producer, False))
-            if len(seen) > MAX_CONE_NODES:
-                return f"is computed by more than {MAX_CONE_NODES} constant nodes"
         return order
 
     @staticmethod

@@ -323,3 +323,87 @@ def per_channel(values: np.ndarray, channel_axis: int = 0) -> np.ndarray | None:
     if np.all(moved == moved[:, :1]):
         return moved[:, 0].copy()
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reach (issue 9): affine chains as BNs, BN slices over a concat, BN over a sum.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Where a constant operand of ``x * a`` / ``x + b`` lies: ``channels`` values on the axis
+    ``from_end`` places before the end of ``x`` (``-1``: the last axis), read off the
+    constant's shape by right-aligned broadcasting; ``rank`` is the constant's own rank (an
+    ``x`` of lower rank would be broadcast up, which no fold reproduces)."""
+
+    from_end: int | None  # None: a scalar (one value for every element)
+    channels: int
+    rank: int
+
+
+def broadcast_of(shape: Sequence[int]) -> Broadcast | None:
+    """The :class:`Broadcast` of a constant of ``shape``; None if it varies on several axes
+    (then ``x * a`` is not a per-channel affine, e.g. a positional embedding)."""
+    varying = [i for i, d in enumerate(shape) if d != 1]
+    if not varying:
+        return Broadcast(None, 1, len(shape))
+    if len(varying) > 1:
+        return None
+    return Broadcast(varying[0] - len(shape), int(shape[varying[0]]), len(shape))
+
+
+def compose_affine(
+    steps: Sequence[tuple[str, np.ndarray | float, bool]], channels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compose a chain of ``x op c`` steps into ``x * a + b`` per channel, in float64.
+
+    Each step is ``(op, c, c_first)`` with ``op`` in ``add``/``sub``/``mul``/``div``, ``c`` one
+    value per channel (size ``channels``) or one value in all, ``c_first`` for ``c op x``
+    (``c - x``: ``a, b -> -a, c - b``; ``c + x``, ``c * x`` commute; ``c / x`` is not affine
+    and raises). The result is exact in float64 up to the rounding of each step.
+    """
+    a = np.ones(channels)
+    b = np.zeros(channels)
+    for op, c, c_first in steps:
+        v = _f64(c).reshape(-1)
+        if v.size not in (1, channels):
+            raise UnsafeFoldError(f"affine constant has {v.size} values, expected {channels}")
+        if op == "mul":
+            a, b = a * v, b * v
+        elif op == "div" and not c_first:
+            a, b = a / v, b / v
+        elif op == "add":
+            b = b + v
+        elif op == "sub":
+            a, b = (-a, v - b) if c_first else (a, b - v)
+        else:
+            raise UnsafeFoldError(f"{op} with the constant first is not an affine map of x")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise UnsafeFoldError("the affine chain has non-finite scale or shift")
+    return a, b
+
+
+def affine_bn(scale: np.ndarray, shift: np.ndarray) -> BNParams:
+    """The BN that computes ``x * scale + shift`` exactly: mean 0, var 1, eps 0, so
+    ``s = scale / sqrt(1) = scale`` and ``t = shift - 0 * s = shift`` bit for bit."""
+    scale = _f64(scale).reshape(-1)
+    return BNParams(np.zeros_like(scale), np.ones_like(scale), 0.0, scale,
+                    _f64(shift).reshape(-1))
+
+
+def slice_bn(bn: BNParams, start: int, stop: int) -> BNParams:
+    """The BN over channels ``start:stop`` of ``bn`` (a BN after a channel concat acts on each
+    input's slice independently: ``BN(cat(y1, y2)) = cat(BN[:c1](y1), BN[c1:](y2))``)."""
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.asarray(a).reshape(-1)[start:stop].copy()
+
+    mean, var = cut(bn.mean), cut(bn.var)
+    assert mean is not None and var is not None
+    return BNParams(mean, var, bn.eps, cut(bn.gamma), cut(bn.beta))
+
+
+def split_sum(bn: BNParams, summands: int) -> list[BNParams]:
+    """BNs for each summand of ``BN(y1 + ... + yn) = (s*y1 + t) + s*y2 + ... + s*yn``:
+    the first carries the shift, the others scale only (exact, as affine BNs)."""
+    s, t = bn.scale_shift()
+    return [affine_bn(s, t if i == 0 else np.zeros_like(t)) for i in range(summands)]

@@ -255,3 +255,84 @@ def test_per_channel_reduction() -> None:
     assert per_channel(a).tolist() == [0.0, 1.0, 2.0]
     a[1, 0, 0] = 9
     assert per_channel(a) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reach (issue 9): affine chains, concat slices, sums.
+# ---------------------------------------------------------------------------------------------
+
+def test_broadcast_of_finds_the_one_varying_axis() -> None:
+    from bnfold.algebra import Broadcast, broadcast_of
+    assert broadcast_of((5, 1, 1)) == Broadcast(-3, 5, 3)
+    assert broadcast_of((1, 5, 1, 1)) == Broadcast(-3, 5, 4)
+    assert broadcast_of((7,)) == Broadcast(-1, 7, 1)
+    assert broadcast_of((1, 1)) == Broadcast(None, 1, 2)
+    assert broadcast_of(()) == Broadcast(None, 1, 0)
+    assert broadcast_of((3, 4)) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "sub", "mul", "div"]), st.booleans(),
+                          st.booleans()), min_size=1, max_size=6), st.integers(0, 2**31 - 1))
+def test_compose_affine_matches_the_chain(ops: list[tuple[str, bool, bool]], seed: int) -> None:
+    from bnfold.algebra import compose_affine
+    rng = np.random.default_rng(seed)
+    c = 4
+    x = rng.normal(size=(3, c))
+    y = x.copy()
+    steps = []
+    for op, scalar, first in ops:
+        first = first and op != "div"
+        v = rng.uniform(0.5, 1.5, 1 if scalar else c) * rng.choice([-1, 1])
+        steps.append((op, v, first))
+        y = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b,
+             "mul": lambda a, b: a * b, "div": lambda a, b: a / b}[op](
+            *((v, y) if first else (y, v)))
+    a, b = compose_affine(steps, c)
+    np.testing.assert_allclose(x * a + b, y, rtol=1e-12, atol=1e-12)
+
+
+def test_compose_affine_refuses_what_is_not_affine() -> None:
+    from bnfold.algebra import compose_affine
+    with pytest.raises(UnsafeFoldError, match="not an affine"):
+        compose_affine([("div", np.ones(3), True)], 3)
+    with pytest.raises(UnsafeFoldError, match="non-finite"):
+        compose_affine([("div", np.array([1.0, 0.0, 2.0]), False)], 3)
+    with pytest.raises(UnsafeFoldError, match="2 values, expected 3"):
+        compose_affine([("mul", np.ones(2), False)], 3)
+
+
+def test_affine_bn_scale_shift_is_bit_exact() -> None:
+    from bnfold.algebra import affine_bn
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=8), rng.normal(size=8)
+    s, t = affine_bn(a, b).scale_shift()
+    assert np.array_equal(s, a) and np.array_equal(t, b)
+
+
+def test_slices_of_a_bn_fold_like_the_whole_bn() -> None:
+    """cat(conv1, conv2) -> BN == cat(conv1 folded with BN[:c1], conv2 with BN[c1:])."""
+    from bnfold.algebra import slice_bn
+    rng = np.random.default_rng(1)
+    bn = BNParams(rng.normal(size=7), rng.uniform(0.3, 3, 7), 1e-5, rng.normal(size=7),
+                  rng.normal(size=7))
+    w, bias = rng.normal(size=(7, 3, 3, 3)), rng.normal(size=7)
+    whole = fold_forward(w, bias, bn)
+    parts = [fold_forward(w[i:j], bias[i:j], slice_bn(bn, i, j)) for i, j in ((0, 3), (3, 7))]
+    assert np.array_equal(np.concatenate([p.weight for p in parts]), whole.weight)
+    assert np.array_equal(np.concatenate([p.bias for p in parts]), whole.bias)
+    assert slice_bn(BNParams(bn.mean, bn.var, 1e-5), 2, 4).gamma is None
+
+
+def test_split_sum_scales_every_summand_and_shifts_once() -> None:
+    from bnfold.algebra import split_sum
+    rng = np.random.default_rng(2)
+    bn = BNParams(rng.normal(size=5), rng.uniform(0.3, 3, 5), 1e-3, rng.normal(size=5),
+                  rng.normal(size=5))
+    ys = [rng.normal(size=(4, 5)) for _ in range(3)]
+    s, t = bn.scale_shift()
+    parts = split_sum(bn, 3)
+    total = sum(y * p.scale_shift()[0] + p.scale_shift()[1] for y, p in zip(ys, parts,
+                                                                           strict=True))
+    np.testing.assert_allclose(total, sum(ys) * s + t, rtol=1e-12, atol=1e-12)
+    assert all(not np.any(p.scale_shift()[1]) for p in parts[1:])

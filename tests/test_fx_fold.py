@@ -271,7 +271,8 @@ def test_grouped_conv_transpose(dim: int, bias: bool) -> None:
         bn(6),
     ))
     _, report = fold_checked(model, torch.randn(2, 4, *([4] * dim)))
-    assert report.folded[0].details == {"direction": "forward", "layer": "conv_transpose"}
+    assert report.folded[0].details == {"direction": "forward", "layer": "conv_transpose",
+                                        "kind": bn.__name__}
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
@@ -626,7 +627,7 @@ def test_rank_guard_on_a_graph_input_comes_after_all_inputs() -> None:
     model = prepared(Two())
     gm, report = bnfold.fold(model)
     assert report.folded[0].details == {"direction": "backward", "layer": "linear",
-                                        "rank_guard": [2]}
+                                        "rank_guard": [2], "kind": "BatchNorm1d"}
     ops = [n.op for n in gm.graph.nodes]
     assert ops[:3] == ["placeholder", "placeholder", "call_method"]
     x, y = torch.randn(4, 5), torch.randn(4, 3)

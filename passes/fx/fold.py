@@ -55,7 +55,10 @@ from torch import fx, nn
 
 from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
 from bnfold.errors import UnsafeFoldError
+from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
+from bnfold.passes.fx.constant_bn import fold_constant_bns
+from bnfold.passes.fx.constants import Constants
 from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -116,18 +119,24 @@ def fold_fx(
     elif "torch.compile" in how:
         report.notes.append("the model was wrapped by torch.compile: folded the module it "
                             "wraps; the result is not compiled (compile it again if wanted)")
-    folder = _Folder(gm)
+    consts = Constants(gm)
+    for label, path in fold_constant_bns(gm, consts):
+        report.add(label, "folded", into=path, direction="constant",
+                   kind="batch_norm on a constant")
+    folder = _Folder(gm, consts)
     if args is None:
         _ = folder.possible_ranks  # read the ranks off the graph before any rewrite
-    bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n)]
-    labels = {n: bn_label(gm, n) for n in bns}
+    bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n) or n in folder.affine]
+    labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
+              for n in bns}
     outcomes = {n: folder.forward(n, labels[n]) for n in bns}
     for n in bns:
         if outcomes[n].action == "kept" and not outcomes[n].final:
             outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
     for n in bns:
         o = outcomes[n]
-        report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details)
+        report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
+                   kind=folder.kind(n))
     guarded = sum("rank_guard" in e.details for e in report.entries)
     if guarded:
         report.notes.append(
@@ -154,17 +163,34 @@ def _kept(reason: str, *, final: bool = False) -> _Outcome:
 class _Folder:
     """The rules (forward, backward) and the graph edits they share."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, consts: Constants) -> None:
         self.gm = gm
         self.graph = gm.graph
+        self.consts = consts
+        self.affine = affine_chains(gm, consts)
         self.stale: set[str] = set()  # attribute paths whose get_attr nodes were erased
         self.removed_modules: set[str] = set()
+
+    def site(self, node: fx.Node) -> BatchNormSite | str:
+        """The BN (or BN-like affine chain) at ``node``, or why it cannot fold."""
+        if node in self.affine:
+            return self.affine[node].site
+        return batchnorm_site(self.gm, node)
+
+    def kind(self, node: fx.Node) -> str:
+        """What the report calls the BN at ``node``: its class, ``F.batch_norm`` or the
+        affine chain's ops (``affine mul+add``)."""
+        if node in self.affine:
+            return self.affine[node].kind
+        if node.op == "call_module":
+            return type(self.gm.get_submodule(str(node.target))).__name__
+        return "F.batch_norm"
 
     # -- rules ------------------------------------------------------------------------------
 
     def forward(self, node: fx.Node, label: str) -> _Outcome:
         """Fold ``layer -> [data movement] -> BN`` into the layer."""
-        site = batchnorm_site(self.gm, node)
+        site = self.site(node)
         if isinstance(site, str):
             return _kept(site, final=True)
         chain: list[fx.Node] = []
@@ -206,7 +232,7 @@ class _Folder:
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
         """Fold ``BN -> layer`` into the layer when the BN's only value user is that layer."""
-        site = batchnorm_site(self.gm, node)
+        site = self.site(node)
         assert not isinstance(site, str)
         users = value_users(site.output)
         if len(users) != 1 or not is_layer(self.gm, users[0]) \
@@ -411,6 +437,13 @@ class _Folder:
 
     def _remove(self, site: BatchNormSite) -> None:
         site.output.replace_all_uses_with(site.input)
+        if site.chain:
+            operands = [a for n in site.chain for a in n.all_input_nodes]
+            for n in reversed(site.chain):
+                self.graph.erase_node(n)
+            for a in operands:
+                self.consts.erase_unused(a)
+            return
         self.graph.erase_node(site.output)
         if site.node is not site.output:
             self.graph.erase_node(site.node)

@@ -67,16 +67,25 @@ _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1
 
 @dataclass
 class BatchNormSite:
-    """One BN call: ``output`` is the node whose uses the fold redirects to ``input``."""
+    """One BN call: ``output`` is the node whose uses the fold redirects to ``input``.
+
+    A BN-like affine chain (:mod:`bnfold.passes.fx.affine`) sets ``source`` (its tensor input),
+    ``chain`` (its nodes, in graph order) and ``dtype`` (of its constants, which the layer it
+    folds into must share: a constant of another dtype would promote the result)."""
 
     node: fx.Node
     output: fx.Node
     channel_axis: ChannelRule
     params: BNParams
     attr_nodes: list[fx.Node]
+    source: fx.Node | None = None
+    chain: tuple[fx.Node, ...] = ()
+    dtype: torch.dtype | None = None
 
     @property
     def input(self) -> fx.Node:
+        if self.source is not None:
+            return self.source
         first = self.node.args[0] if self.node.args else self.node.kwargs["input"]
         assert isinstance(first, fx.Node)
         return first

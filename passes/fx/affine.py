@@ -1,0 +1,149 @@
+"""BN-like affine chains in an FX graph: ``x * a + b`` written out with arithmetic.
+
+torchvision's ``FrozenBatchNorm2d`` (``x * scale + bias`` with ``scale = w * (rv +
+eps).rsqrt()``), input normalization ``(x - mean) / std``, ``(x - m) * rsqrt(v + eps) * g + b``
+are BatchNorms in all but name. A chain is a run of nodes ``x op c`` (``op`` in
+add/sub/mul/div, ``c - x`` and ``c + x``/``c * x`` too) with ``c`` constant
+(:class:`~bnfold.passes.fx.constants.Constants`: computed only from the model's tensors), each
+node but the last read only by the next. Its constants are evaluated in float64 and composed
+by :func:`bnfold.algebra.compose_affine` into ``x * a + b``, then presented to the fold rules
+as the BN ``mean 0, var 1, eps 0, gamma a, beta b`` (:func:`bnfold.algebra.affine_bn`), whose
+``s, t`` are exactly ``a, b``: every BN rule (forward, backward, splits) folds it exactly.
+
+The channel axis is where the constants vary, by right-aligned broadcasting
+(:func:`bnfold.algebra.broadcast_of`): a ``[C, 1, 1]`` constant is on axis ``rank - 3`` of a
+rank-``rank`` input (axis 1 of ``[N, C, H, W]``); the fold rules then check it is the layer's
+channel axis. A chain whose tensor constants are all scalars is kept with the reason (one
+value for all channels is not a per-channel normalization); a chain of Python numbers only
+(``x * 0.5``) or with a constant varying on several axes (a positional embedding) is not
+BN-like and not reported.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from bnfold.algebra import Broadcast, affine_bn, broadcast_of, compose_affine
+from bnfold.errors import UnsafeFoldError
+from bnfold.passes.fx.constants import Constants, owner_label
+from bnfold.passes.fx.sites import BatchNormSite
+
+_OPS: dict[Any, str] = {
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+}
+_METHOD_OPS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
+
+
+@dataclass
+class AffineChain:
+    """One BN-like chain: its site (or why it is kept), report label and kind."""
+
+    head: fx.Node
+    site: BatchNormSite | str
+    label: str
+    kind: str  # "affine mul+add"
+
+
+@dataclass
+class _Step:
+    node: fx.Node
+    op: str
+    x: fx.Node
+    c: Any  # a constant node or a Python number
+    c_first: bool
+
+
+def affine_chains(gm: fx.GraphModule, consts: Constants) -> dict[fx.Node, AffineChain]:
+    """Every BN-like affine chain of ``gm``, by its first node."""
+    chains: list[list[_Step]] = []
+    tail: dict[fx.Node, list[_Step]] = {}
+    for node in gm.graph.nodes:
+        step = _step(node, consts)
+        if step is None:
+            continue
+        prev = tail.pop(step.x, None)
+        if prev is not None and len(step.x.users) == 1:
+            prev.append(step)
+        else:
+            prev = [step]
+            chains.append(prev)
+        tail[node] = prev
+    found = {}
+    for steps in chains:
+        chain = _describe(gm, steps, consts)
+        if chain is not None:
+            found[chain.head] = chain
+    return found
+
+
+def _step(node: fx.Node, consts: Constants) -> _Step | None:
+    if node.op == "call_function":
+        op = _OPS.get(node.target)
+    elif node.op == "call_method":
+        op = _METHOD_OPS.get(str(node.target))
+    else:
+        return None
+    if op is None or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(a, fx.Node) and not consts.is_constant(a) and consts.is_constant(b):
+        return _Step(node, op, a, b, False)
+    if isinstance(b, fx.Node) and not consts.is_constant(b) and consts.is_constant(a):
+        return _Step(node, op, b, a, True)
+    return None
+
+
+def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> AffineChain | None:
+    """The chain as a BN site, a reason to keep it, or None when it is not BN-like."""
+    values, shapes, dtypes = [], [], set()
+    for s in steps:
+        v = consts.value(s.c)
+        if isinstance(v, torch.Tensor):
+            shape = broadcast_of(tuple(v.shape))
+            if shape is None or not v.is_floating_point():
+                return None
+            shapes.append(shape)
+            dtypes.add(consts.dtype(s.c))
+            v = v.reshape(-1).numpy()
+        elif not isinstance(v, (int, float)):
+            return None
+        values.append(v)
+    if not shapes:
+        return None  # Python numbers only: not a BN spelling
+    head = steps[0].node
+    kind = "affine " + "+".join(s.op for s in steps)
+    label = owner_label(head, [s.c for s in steps])
+    channel = [b for b in shapes if b.from_end is not None]
+    if not channel:
+        return AffineChain(head, "a scalar affine (one value for every channel) is not a "
+                                 "per-channel normalization; kept as written", label, kind)
+    if len({(b.from_end, b.channels) for b in channel}) > 1:
+        return None  # constants varying on different axes: not one per-channel affine
+    if len(dtypes) > 1:
+        return AffineChain(head, f"its constants mix dtypes {sorted(map(str, dtypes))}", label,
+                           kind)
+    c = channel[0].channels
+    try:
+        a, b = compose_affine([(s.op, np.asarray(v), s.c_first)
+                               for s, v in zip(steps, values, strict=True)], c)
+    except UnsafeFoldError as exc:
+        return AffineChain(head, str(exc), label, kind)
+    site = BatchNormSite(
+        head, steps[-1].node, _rule(channel[0], max(s.rank for s in shapes)), affine_bn(a, b),
+        [], source=steps[0].x, chain=tuple(s.node for s in steps), dtype=dtypes.pop(),
+    )
+    return AffineChain(head, site, label, kind)
+
+
+def _rule(where: Broadcast, min_rank: int) -> Any:
+    """Channel axis at each input rank: ``rank + from_end`` when the constants do not
+    broadcast the input to a higher rank."""
+    assert where.from_end is not None
+    return lambda rank: rank + where.from_end if rank >= max(min_rank, 1) else None

@@ -45,6 +45,12 @@ def consumers_text(value: ir.Value, but: ir.Node | None = None) -> str:
 
 def inference_params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
     """The BN's :class:`BNParams`, or why it is not a foldable inference-mode BN."""
+    why = training_reason(bn, opset) or statistics_read(bn)
+    return why if why else params(bn, opset, consts)
+
+
+def training_reason(bn: ir.Node, opset: int) -> str | None:
+    """Why ``bn`` is in training mode (statistics from each batch), or ``None``."""
     attrs = bn.attributes
     if opset >= 14 and attrs.get_int("training_mode", 0) == 1:
         return "training_mode=1: statistics come from each batch, not foldable"
@@ -55,10 +61,21 @@ def inference_params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | s
         return (f"training mode by the ONNX spec: at opset {opset} a BatchNormalization that "
                 f"declares statistics outputs ({', '.join(map(repr, declared))}) computes Y "
                 "from each batch's statistics, not foldable")
+    return None
+
+
+def statistics_read(bn: ir.Node) -> str | None:
+    """Why removing ``bn`` would remove a statistics output someone reads, or ``None``."""
     for out in bn.outputs[1:]:
         if out is not None and (out.uses() or out.is_graph_output()):
             return (f"its statistics output {out.name!r} is read by {consumers_text(out)}; "
                     "removing the BN would remove it")
+    return None
+
+
+def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
+    """The BN's constant parameters (whatever its mode), or why they are not constant."""
+    attrs = bn.attributes
     arrays = []
     for name, value in zip(_PARAM_NAMES, bn.inputs[1:5], strict=False):
         if value is None:

@@ -85,10 +85,11 @@ class Constants:
         if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_CONSTANT_OPS:
             return False
         type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
-        return all(v is None or self._is_constant(v) or (i in type_only and _static_type(v))
+        return all(v is None or self.is_constant(v) or (i in type_only and _static_type(v))
                    for i, v in enumerate(node.inputs))
 
-    def _is_constant(self, value: ir.Value) -> bool:
+    def is_constant(self, value: ir.Value) -> bool:
+        """Whether ``value`` is computed from constants only (nothing is evaluated)."""
         if value.is_graph_input():
             return False
         node = value.producer()

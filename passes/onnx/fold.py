@@ -36,11 +36,13 @@ from bnfold.errors import BadInputError
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
+from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
+from bnfold.passes.onnx.sites import Site, affine_chains, affine_site
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8
@@ -156,35 +158,57 @@ def _function_entries(model: ir.Model) -> list[Entry]:
 
 
 def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
-    """One pass over the graph's BNs; true when something folded."""
+    """One pass over the graph's BNs and BN-like affine chains; true when something folded."""
     changed = False
-    for node in list(ctx.graph):
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        name = display_name(node)
-        with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
-            outcome = _plan(node, ctx, backward)
-        if isinstance(outcome, Fold):
-            outcome.apply()
-            prune(ctx.released)
-            ctx.released.clear()
-            entries[node] = Entry(name, "folded", display_name(outcome.into),
-                                      details={"direction": outcome.direction,
-                                               "layer": outcome.into.op_type})
+    for bn in [n for n in ctx.graph
+               if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        if bn.graph is None:
+            continue  # removed by an earlier fold of this round
+        value = constant_bn(bn, ctx)
+        if isinstance(value, ir.Value):
+            entries[bn] = Entry(display_name(bn), "folded", value.name, details={
+                "direction": "constant", "kind": "BatchNormalization on a constant"})
+            _release(ctx)
             changed = True
-        else:
-            entries[node] = Entry(name, "kept", reason=outcome)
+            continue
+        params = inference_params(bn, ctx.opset, ctx.consts) if value is None else value
+        site = params if isinstance(params, str) else Site([bn], bn.inputs[0], params)
+        changed |= _settle(bn, site, ctx, entries, backward)
+    for chain in affine_chains(ctx.graph, ctx.consts):
+        site = affine_site(chain, ctx)
+        if site is not None:
+            kind = chain[0].node.op_type if isinstance(site, str) else site.kind
+            changed |= _settle(chain[0].node, site, ctx, entries, backward, kind)
     return changed
 
 
-def _plan(bn: ir.Node, ctx: Context, backward: bool) -> Fold | str:
-    params = inference_params(bn, ctx.opset, ctx.consts)
-    if isinstance(params, str):
-        return params
-    forward = forward_fold(bn, params, ctx)
+def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node, Entry],
+            backward: bool, kind: str = "BatchNormalization") -> bool:
+    """Plan and apply one site's fold, or record why it stays; true when it folded."""
+    name = display_name(key)
+    with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
+        outcome = site if isinstance(site, str) else _plan(site, ctx, backward)
+    if isinstance(outcome, str):
+        entries[key] = Entry(name, "kept", reason=outcome, details={"kind": kind})
+        return False
+    outcome.apply()
+    _release(ctx)
+    into = ", ".join(display_name(n) for n in [outcome.into, *outcome.also])
+    entries[key] = Entry(name, "folded", into, details={
+        "direction": outcome.direction, "layer": outcome.into.op_type, "kind": kind})
+    return True
+
+
+def _release(ctx: Context) -> None:
+    prune(ctx.released)
+    ctx.released.clear()
+
+
+def _plan(site: Site, ctx: Context, backward: bool) -> Fold | str:
+    forward = forward_fold(site, ctx)
     if isinstance(forward, Fold) or not backward:
         return forward
-    back = backward_fold(bn, params, ctx)
+    back = backward_fold(site, ctx)
     if isinstance(back, Fold):
         return back
     return f"{forward}; and {back}"

@@ -42,6 +42,7 @@ class Fold:
     into: ir.Node
     direction: str
     apply: Callable[[], None]
+    also: list[ir.Node] = field(default_factory=list)  # further layers folded into
 
 
 def constant(ctx: Context, value: ir.Value | None, what: str, layer: ir.Node

@@ -3,6 +3,7 @@ spec, graph-input parameters, Gemm beta; every fold checked against float64."""
 
 from __future__ import annotations
 
+import io
 import tracemalloc
 import warnings
 
@@ -15,8 +16,7 @@ from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 from test_onnx_fold import check
 from torch import nn
 
-import bnfold
-from bnfold.models import zoo
+from bnfold.models import reach, zoo
 from bnfold.models.stats import randomize_bn_stats
 from bnfold.passes.onnx.fold import fold_onnx
 
@@ -30,11 +30,29 @@ def dynamo_export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
                                  verbose=False).model_proto
 
 
-def _ort_vs_float64(model: nn.Module, proto: onnx.ModelProto, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        want = model.double()(x.double()).numpy()
+def torchscript_export(model: nn.Module, x: torch.Tensor, opset: int = 17) -> onnx.ModelProto:
+    """TorchScript export with every BN kept (``TrainingMode.PRESERVE``)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _ort_vs_float64(model: nn.Module, proto: onnx.ModelProto, x: torch.Tensor,
+                    unfolded: onnx.ModelProto | None = None) -> float:
+    """Relative error of ``proto`` in ORT against the torch model in float64 (or, for a model
+    that casts to float32 itself, against ``unfolded`` evaluated in float64)."""
+    feeds = {proto.graph.input[0].name: x.numpy()}
+    try:
+        with torch.no_grad():
+            want = [model.double()(x.double()).numpy()]
+    except RuntimeError:  # an explicit .to(torch.float32) inside the model
+        assert unfolded is not None
+        want = reference(unfolded, feeds)
     model.float()
-    return rel_err(run_ort(proto, {proto.graph.input[0].name: x.numpy()}), [want])
+    return rel_err(run_ort(proto, feeds), want)
 
 
 # --------------------------------------------------------------------- 1. dynamo exports
@@ -55,13 +73,36 @@ def test_dynamo_deep_chain_folds_every_bn() -> None:
     assert _ort_vs_float64(model, folded, torch.randn(2, 4, 8, 8)) < FP32_TOL
 
 
-@pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_dynamo_fold_leaves_what_fx_leaves(name: str) -> None:
-    model, x = zoo.get(name), zoo.example_input(name)
-    _, fx_report = bnfold.fold(model, (x,))
-    folded, report = fold_onnx(dynamo_export(model, x))
-    assert len(report.kept) == len(fx_report.kept) == count(folded), report.table()
+ZOOS = [(zoo, n) for n in zoo.ZOO] + [(reach, n) for n in reach.REACH]
+
+
+@pytest.mark.parametrize(("source", "name"), ZOOS, ids=[n for _, n in ZOOS])
+def test_dynamo_fold_leaves_what_fx_leaves(source, name: str) -> None:
+    """The ONNX fold of a dynamo export keeps exactly the sites an exact folder must keep
+    (``bn_left``, which the FX fold's own tests hold it to), each with a reason."""
+    model, x = source.get(name), source.example_input(name)
+    entry = source.ZOO[name] if source is zoo else source.REACH[name]
+    _, report = fold_onnx(dynamo_export(model, x))
+    assert len(report.kept) == entry.bn_left, report.table()
     assert all(e.reason for e in report.kept)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", list(reach.REACH))
+def test_reach_zoo_folds_exactly(name: str, dynamo: bool) -> None:
+    """Every reach case, both exporters: exactly ``bn_left`` sites kept (each with a reason),
+    the folded model equal to the unfolded torch model in float64 on a fresh input."""
+    model, x = reach.get(name), reach.example_input(name)
+    proto = (dynamo_export if dynamo else torchscript_export)(model, x)
+    before = proto.SerializeToString()
+    folded, report = fold_onnx(proto)
+    assert proto.SerializeToString() == before
+    onnx.checker.check_model(folded, full_check=True)
+    assert len(report.kept) == reach.REACH[name].bn_left, report.table()
+    assert all(e.reason and e.details.get("kind") for e in report.kept)
+    assert _ort_vs_float64(model, folded, reach.example_input(name, seed=7), proto) < FP32_TOL
+    again, rep2 = fold_onnx(folded)
+    assert not rep2.changed and again.SerializeToString() == folded.SerializeToString()
 
 
 def test_long_activation_ancestry_costs_nothing() -> None:

@@ -40,12 +40,14 @@ from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.linear import structure_fold
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.passes.onnx.sites import Site, affine_chains, affine_site
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8
+_NONE = Entry("", "kept")
 
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
@@ -162,8 +164,8 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
     changed = False
     for bn in [n for n in ctx.graph
                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
-        if bn.graph is None:
-            continue  # removed by an earlier fold of this round
+        if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
+            continue  # removed by an earlier fold of this round, or left by a split fold
         value = constant_bn(bn, ctx)
         if isinstance(value, ir.Value):
             entries[bn] = Entry(display_name(bn), "folded", value.name, details={
@@ -194,8 +196,14 @@ def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node,
     outcome.apply()
     _release(ctx)
     into = ", ".join(display_name(n) for n in [outcome.into, *outcome.also])
-    entries[key] = Entry(name, "folded", into, details={
-        "direction": outcome.direction, "layer": outcome.into.op_type, "kind": kind})
+    details = {"direction": outcome.direction, "layer": outcome.into.op_type, "kind": kind}
+    if outcome.kept:  # the BN left in the site's place carries the entry
+        entries.pop(key, None)
+        left = next(n for n in ctx.graph if n.op_type == "BatchNormalization"
+                    and n.name == name and n is not key)
+        entries[left] = Entry(name, "kept", into, outcome.kept, {**details, "sliced": True})
+    else:
+        entries[key] = Entry(name, "folded", into, details=details)
     return True
 
 
@@ -206,7 +214,14 @@ def _release(ctx: Context) -> None:
 
 def _plan(site: Site, ctx: Context, backward: bool) -> Fold | str:
     forward = forward_fold(site, ctx)
-    if isinstance(forward, Fold) or not backward:
+    if isinstance(forward, Fold):
+        return forward
+    split = structure_fold(site, ctx)
+    if split is not None:
+        if isinstance(split, Fold):
+            return split
+        forward = split
+    if not backward:
         return forward
     back = backward_fold(site, ctx)
     if isinstance(back, Fold):

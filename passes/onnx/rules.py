@@ -43,6 +43,7 @@ class Fold:
     direction: str
     apply: Callable[[], None]
     also: list[ir.Node] = field(default_factory=list)  # further layers folded into
+    kept: str | None = None  # a partial fold: why a (smaller) BN stays in the site's place
 
 
 def constant(ctx: Context, value: ir.Value | None, what: str, layer: ir.Node

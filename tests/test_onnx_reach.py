@@ -214,3 +214,207 @@ def test_bn_into_gemm_without_c_and_beta(beta: float) -> None:
     b.node("Gemm", ["h", b.rand("w", [6, 5])], ["y"], beta=beta)
     _, report = check(b.model({"x": [3, 6]}, {"y": None}), 0)
     assert report.folded[0].details["direction"] == "backward"
+
+
+# --------------------------------------------------------------------- 2. BN in every spelling
+
+def _frozen_bn(b: Builder, x: str, y: str, c: int, rank: int = 4, unsqueeze: bool = False
+               ) -> str:
+    """tf2onnx / TorchScript FrozenBN: ``x * Reshape(scale) + Unsqueeze(shift)`` with
+    ``scale = gamma * Reciprocal(Sqrt(var + eps))``, ``shift = beta - mean * scale``."""
+    rng = b.rng
+    g = b.init(f"{y}_g", (rng.random(c) + 0.5) * np.where(rng.random(c) < 0.2, -1, 1))
+    beta, mean = b.rand(f"{y}_beta", [c]), b.rand(f"{y}_mean", [c])
+    var = b.init(f"{y}_var", rng.random(c) * 2.7 + 0.3)
+    eps = b.init(f"{y}_eps", np.array([1e-5]))
+    s = b.node("Add", [var, eps], [f"{y}_ve"])
+    s = b.node("Sqrt", [s], [f"{y}_sd"])
+    s = b.node("Reciprocal", [s], [f"{y}_inv"])
+    s = b.node("Mul", [g, s], [f"{y}_s"])
+    t = b.node("Mul", [mean, s], [f"{y}_ms"])
+    t = b.node("Sub", [beta, t], [f"{y}_t"])
+    tail = [1] * (rank - 2)
+    shape = b.init(f"{y}_shape", np.array([1, c, *tail]), TensorProto.INT64)
+    s = b.node("Reshape", [s, shape], [f"{y}_s4"])
+    if unsqueeze:
+        axes = b.init(f"{y}_axes", np.array([0, *range(2, rank)]), TensorProto.INT64)
+        t = b.node("Unsqueeze", [t, axes], [f"{y}_t4"])
+    else:
+        t = b.node("Reshape", [t, shape], [f"{y}_t4"])
+    h = b.node("Mul", [x, s], [f"{y}_xs"])
+    return b.node("Add", [h, t], [y])
+
+
+@pytest.mark.parametrize("unsqueeze", [False, True])
+def test_frozen_bn_chain_folds_forward(unsqueeze: bool) -> None:
+    b = Builder(9)
+    b.node("Conv", ["x", b.rand("w", [6, 3, 3, 3])], ["c"], pads=[1, 1, 1, 1])
+    _frozen_bn(b, "c", "f", 6, unsqueeze=unsqueeze)
+    b.node("Relu", ["f"], ["y"])
+    out, report = check(b.model({"x": [2, 3, 5, 5]}, {"y": None}), 0)
+    (entry,) = report.entries
+    assert entry.action == "folded" and entry.details["kind"] == "affine Mul+Add"
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
+
+
+def test_input_normalization_folds_backward() -> None:
+    """``(x - mean) / std`` before an unpadded conv: folded into it (Sub+Div)."""
+    b = Builder(10)
+    b.node("Sub", ["x", b.rand("mean", [3, 1, 1])], ["centered"])
+    b.node("Div", ["centered", b.init("std", [[[0.229]], [[0.224]], [[0.225]]])], ["n"])
+    b.node("Conv", ["n", b.rand("w", [4, 3, 3, 3])], ["y"])
+    _, report = check(b.model({"x": [2, 3, 6, 6]}, {"y": None}), 0)
+    assert report.entries[0].details == {"direction": "backward", "layer": "Conv",
+                                         "kind": "affine Sub+Div"}
+
+
+def test_scalar_and_off_channel_affines_are_kept_with_reason() -> None:
+    b = Builder(11)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.node("Mul", ["c", b.rand("cols", [5])], ["m"])  # scales W (the last axis)
+    b.node("Relu", ["m"], ["r"])
+    b.node("Conv", ["r", b.rand("w2", [4, 4, 1, 1])], ["c2"])
+    b.node("Mul", ["c2", b.init("alpha", [1.7])], ["s"])
+    b.node("Add", ["s", b.init("beta", [-0.3])], ["y"])
+    out, report = check(b.model({"x": [2, 3, 5, 5]}, {"y": None}), 0)
+    reasons = {e.details["kind"]: e.reason for e in report.kept}
+    assert "normalizes axis 3" in reasons["affine Mul"]
+    assert "scalar affine" in reasons["Mul"]
+    assert count(out, "Mul") == 2
+
+
+def test_python_number_scale_is_not_a_site() -> None:
+    b = Builder(12)
+    b.node("MatMul", ["x", b.rand("w", [5, 6])], ["m"])
+    b.node("Mul", ["m", b.init("half", np.array(0.5))], ["y"])
+    _, report = check(b.model({"x": [2, 5]}, {"y": None}), 0)
+    assert report.entries == []
+
+
+def test_training_bn_on_a_constant_is_evaluated_once() -> None:
+    """Weight standardization: a training-mode BN over the weight, then a Conv and a BN."""
+    b = Builder(13)
+    w = b.rand("w", [1, 6, 27])
+    b.bn(w, "wn", 6, training_mode=1)
+    b.nodes[-1].output.extend(["wn_running_mean", "wn_running_var"])  # declared, unread
+    b.node("Reshape", ["wn", b.init("wshape", np.array([6, 3, 3, 3]), TensorProto.INT64)],
+           ["ws"])
+    b.node("Conv", ["x", "ws"], ["c"], pads=[1, 1, 1, 1])
+    b.bn("c", "y", 6)
+    m = b.model({"x": [2, 3, 5, 5]}, {"y": [2, 6, 5, 5]}, infer=False)
+    out, report = check(m, 0, ref=False)
+    assert [e.details["direction"] for e in report.entries] == ["constant", "forward"]
+    # float64 reference: standardize the weight with torch, conv, BN.
+    p = {i.name: torch.from_numpy(numpy_helper.to_array(i).astype(np.float64))
+         for i in m.graph.initializer}
+    x = feeds(m)["x"]
+    wn = torch.nn.functional.batch_norm(p["w"], None, None, p["wn_scale"], p["wn_B"],
+                                        training=True, eps=1e-5).reshape(6, 3, 3, 3)
+    h = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64)), wn, padding=1)
+    want = torch.nn.functional.batch_norm(h, p["y_mean"], p["y_var"], p["y_scale"],
+                                          p["y_B"], eps=1e-5)
+    assert rel_err(run_ort(out, {"x": x}), [want.numpy()]) < FP32_TOL
+
+
+# --------------------------------------------------------------------- 3. no-ops
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_forward_and_backward_through_identity_and_dropout(opset: int) -> None:
+    b = Builder(14)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.node("Identity", ["c"], ["i"])
+    b.node("Dropout", ["i"], ["d"], ratio=0.3) if opset < 12 else \
+        b.node("Dropout", ["i", b.init("ratio", np.array(0.3))], ["d"])
+    b.bn("d", "z", 4)
+    b.node("Relu", ["z"], ["r"])
+    b.bn("r", "z2", 4)
+    b.node("Dropout", ["z2"], ["d2"])
+    b.node("Identity", ["d2"], ["i2"])
+    b.node("Gemm", [b.node("Flatten", ["i2"], ["f"]), b.rand("w2", [4, 3])], ["y"])
+    _, report = check(b.model({"x": [2, 3, 1, 1]}, {"y": [2, 3]}, opset=opset, infer=False), 0)
+    assert [e.details["direction"] for e in report.entries] == ["forward", "backward"]
+
+
+def test_training_dropout_is_not_a_noop() -> None:
+    b = Builder(15)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.inits.append(numpy_helper.from_array(np.array(True), "on"))
+    b.node("Dropout", ["c", b.init("ratio", np.array(0.0)), "on"], ["d"])
+    b.bn("d", "y", 4)
+    _, report = fold_onnx(b.model({"x": [2, 3, 4, 4]}, {"y": None}))
+    assert "Dropout" in report.kept[0].reason
+
+
+# --------------------------------------------------------------------- 4. linear structure
+
+def test_concat_of_layers_splits_and_folds() -> None:
+    b = Builder(16)
+    b.node("Conv", ["x", b.rand("w1", [3, 3, 3, 3])], ["a"], pads=[1, 1, 1, 1])
+    b.node("ConvTranspose", ["x", b.rand("w2", [3, 2, 1, 1])], ["t"])
+    b.node("Concat", ["a", "t"], ["cat"], axis=1)
+    b.bn("cat", "y", 5)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert report.folded[0].into == "Conv_0, ConvTranspose_1"
+
+
+def test_concat_with_one_non_layer_keeps_a_smaller_bn() -> None:
+    b = Builder(17)
+    b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])
+    b.node("Concat", ["a", "x"], ["cat"], axis=1)
+    b.bn("cat", "y", 9)
+    out, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    (entry,) = report.kept
+    assert "smaller BatchNormalization" in entry.reason and entry.into == "Conv_0"
+    (bn,) = [n for n in out.graph.node if n.op_type == "BatchNormalization"]
+    assert bn.input[0] == "x"
+    sizes = {i.name: numpy_helper.to_array(i).size for i in out.graph.initializer}
+    assert all(sizes[n] == 3 for n in list(bn.input)[1:])
+
+
+def test_concat_with_two_non_layers_keeps_whole_bn() -> None:
+    b = Builder(18)
+    b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])
+    b.node("Relu", ["x"], ["r"])
+    b.node("Concat", ["a", "x", "r"], ["cat"], axis=1)
+    b.bn("cat", "y", 12)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    assert "kept whole" in report.kept[0].reason
+
+
+def test_sum_of_layers_scales_each_and_shifts_once() -> None:
+    b = Builder(19)
+    b.node("Conv", ["x", b.rand("w1", [4, 3, 3, 3])], ["a"], pads=[1, 1, 1, 1])
+    b.node("Conv", ["x", b.rand("w2", [4, 3, 1, 1])], ["c"])
+    b.node("Add", ["a", "c"], ["s"])
+    b.bn("s", "y", 4)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert report.folded[0].into == "Conv_0, Conv_1"
+
+
+def test_sum_with_a_non_layer_is_kept() -> None:
+    b = Builder(20)
+    b.node("Conv", ["x", b.rand("w1", [3, 3, 1, 1])], ["a"])
+    b.node("Add", ["a", "x"], ["s"])
+    b.bn("s", "y", 3)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    assert "its input is the sum Add_1" in report.kept[0].reason
+
+
+def test_bn_read_by_several_layers_folds_into_each() -> None:
+    b = Builder(21)
+    w = b.rand("w", [4, 3, 1, 1])
+    b.bn("x", "n", 3)
+    b.node("Conv", ["n", w], ["a"])
+    b.node("Conv", ["n", w], ["c"], strides=[2, 2])  # shares the weight: copied
+    b.node("Gemm", [b.node("Flatten", ["x"], ["f"]), b.rand("g", [48, 2])], ["z"])
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"a": None, "c": None, "z": None}), 0)
+    assert report.folded[0].into == "Conv_1, Conv_2"
+
+
+def test_bn_read_by_a_padded_conv_too_is_kept() -> None:
+    b = Builder(22)
+    b.bn("x", "n", 3)
+    b.node("Conv", ["n", b.rand("w1", [4, 3, 1, 1])], ["a"])
+    b.node("Conv", ["n", b.rand("w2", [4, 3, 3, 3])], ["c"], pads=[1, 1, 1, 1])
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"a": None, "c": None}), 1)
+    assert "every reader must be a foldable layer, but for Conv_2" in report.kept[0].reason

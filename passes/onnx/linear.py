@@ -101,8 +101,8 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
     if len(kept) > 1 or not folds:
         why = "; ".join(k[2] for k in kept)
         return (f"its input is the concat {display_name(concat)} of which {len(kept)} inputs "
-                f"are not foldable layers ({why}); a BN over their slices would not be "
-                "smaller than the whole BN, kept whole")
+                f"are not foldable layers ({why}); BNs over their slices would not be fewer "
+                "than the whole BN, kept whole")
     name = site.name
     param_dtype = np.asarray(site.params.mean).dtype if site.kind == "BatchNormalization" \
         else None

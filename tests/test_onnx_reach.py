@@ -418,3 +418,16 @@ def test_bn_read_by_a_padded_conv_too_is_kept() -> None:
     b.node("Conv", ["n", b.rand("w2", [4, 3, 3, 3])], ["c"], pads=[1, 1, 1, 1])
     _, report = check(b.model({"x": [2, 3, 4, 4]}, {"a": None, "c": None}), 1)
     assert "every reader must be a foldable layer, but for Conv_2" in report.kept[0].reason
+
+
+def test_layer_read_only_by_bns_folds_into_copies() -> None:
+    """TorchScript merges two identical convs that each had a BN: one copy per BN."""
+    b = Builder(23)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 3, 3]), b.rand("bias", [4])], ["c"],
+           pads=[1, 1, 1, 1])
+    b.bn("c", "y1", 4)
+    b.bn("c", "y2", 4)
+    b.node("Add", ["y1", "y2"], ["y"])
+    out, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert [e.into for e in report.entries] == ["Conv_0", "Conv_0_copy"]
+    assert count(out, "Conv") == 2

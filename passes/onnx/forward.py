@@ -28,7 +28,7 @@ import onnx_ir as ir
 from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import display_name
-from bnfold.passes.onnx.consts import deferred, set_initializer
+from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
@@ -63,12 +63,14 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
     chain: list[ir.Node] = []
     value = site.x
     reader = site.nodes[0]
+    shared = False
     while True:
         node = value.producer()
         if node is None:
             return f"its input {value.name!r} is a graph input or constant, not a layer output"
         why = sole_reader(value, display_name(node), reader)
-        if why:
+        shared = bool(why) and not chain and _only_bns_read(node)
+        if why and not shared:
             return why
         if (node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS) \
                 or is_noop(node, ctx):
@@ -85,7 +87,34 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
     if rule is None:
         return (f"its input comes from {display_name(layer)} ({layer.op_type}), "
                 "not a Conv/ConvTranspose/Gemm/MatMul")
-    return rule(site, layer, chain, ctx)
+    fold = rule(site, layer, chain, ctx)
+    if not shared or isinstance(fold, str):
+        return fold
+    return Fold(fold.into, fold.direction, lambda: (_copy_for(layer, reader, ctx), fold.apply()))
+
+
+def _only_bns_read(layer: ir.Node) -> bool:
+    """A Conv/ConvTranspose/Gemm whose output only BNs read (TorchScript merges identical
+    layers that each had their own BN): each BN can fold into its own copy of the layer."""
+    out = layer.outputs[0]
+    return (layer.op_type in ("Conv", "ConvTranspose", "Gemm") and not out.is_graph_output()
+            and all(u.node.op_type == "BatchNormalization" and u.node.domain in ("", "ai.onnx")
+                    and u.idx == 0 for u in data_uses(out)))
+
+
+def _copy_for(layer: ir.Node, reader: ir.Node, ctx: Context) -> None:
+    """Give every reader of ``layer`` but ``reader`` a copy of it, so ``reader`` is its only
+    reader (the copy reads the same tensors; a fold then copies those it rewrites)."""
+    copy = ir.Node(layer.domain, layer.op_type, list(layer.inputs),
+                   list(layer.attributes.values()),
+                   name=ctx.namer.fresh(f"{display_name(layer)}_copy"))
+    out = layer.outputs[0]
+    copy.outputs[0].name = ctx.namer.fresh(f"{out.name}_copy")
+    copy.outputs[0].type, copy.outputs[0].shape = out.type, out.shape
+    ctx.graph.insert_after(layer, copy)
+    for user, index in list(out.uses()):
+        if user is not reader:
+            user.replace_input_with(index, copy.outputs[0])
 
 
 def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) -> int | str:

@@ -123,11 +123,12 @@ def test_long_activation_ancestry_costs_nothing() -> None:
 
 # --------------------------------------------------------------------- constant budget
 
-def _bomb(op: str, n: int) -> onnx.ModelProto:
-    """Conv -> BN whose scale is a constant of ``n`` elements built by ``op`` (an invalid
-    model: the point is that reading it must not allocate ``n`` floats)."""
+def _bomb(op: str, n: int, where: str) -> onnx.ModelProto:
+    """Conv -> BN whose scale (or the conv's bias) is a constant of ``n`` elements built by
+    ``op`` (an invalid model: the point is that reading it must not allocate ``n`` floats)."""
     b = Builder(4)
-    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["h"])
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])] + (["big"] if where == "bias" else []),
+           ["h"])
     shape = b.init("shape", np.array([n]), TensorProto.INT64)
     if op == "Expand":
         b.node("Expand", [b.init("zero", np.array(0.0)), shape], ["big"])
@@ -137,16 +138,18 @@ def _bomb(op: str, n: int) -> onnx.ModelProto:
     else:
         b.node("Tile", [b.init("zero", np.zeros(1)), shape], ["big"])
     b.bn("h", "y", 4)
-    b.nodes[-1].input[1] = "big"
+    if where == "scale":
+        b.nodes[-1].input[1] = "big"
     graph = helper.make_graph(
         b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], b.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.parametrize("where", ["scale", "bias"])
 @pytest.mark.parametrize("op", ["Expand", "ConstantOfShape", "Tile"])
-def test_size_bomb_is_not_materialized(op: str) -> None:
-    proto = _bomb(op, 2**28)
+def test_size_bomb_is_not_materialized(op: str, where: str) -> None:
+    proto = _bomb(op, 2**28, where)
     assert proto.ByteSize() < 1000
     tracemalloc.start()
     try:

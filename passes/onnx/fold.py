@@ -1,10 +1,13 @@
 """Fold ONNX ``BatchNormalization`` nodes into neighbouring Conv/ConvTranspose/Gemm/MatMul.
 
 ``fold_onnx(model)`` visits every BN of the main graph and of every subgraph (If/Loop/Scan
-bodies), in graph order, and for each tries:
+bodies), in graph order, then every BN-like constant affine chain (:mod:`.sites`). A BN on a
+constant is evaluated once (:mod:`.constant_bn`); for every other site it tries:
 
-1. a forward fold into the layer that produces its input (:mod:`.forward`), else
-2. a backward fold into the single layer that reads its output (:mod:`.backward`),
+1. a forward fold into the layer that produces its input (:mod:`.forward`), through
+   eval-mode no-ops (:mod:`.noops`), else
+2. a split fold over a sum or channel concat of layers (:mod:`.linear`), else
+3. a backward fold into the layer(s) that read its output (:mod:`.backward`),
 
 repeating until nothing changes (so ``BN -> BN -> Conv`` chains fold completely). A BN that is
 not an inference-mode affine map (:mod:`.bn`) or whose fold would be inexact, overflow its

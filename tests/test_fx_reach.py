@@ -53,10 +53,38 @@ def test_root_hooks_are_carried_over() -> None:
     gm, report = bnfold.fold(model)
     assert len(report.folded) == 2
     assert any("carried over" in n for n in report.notes)
+    gm2, report2 = bnfold.fold(gm)  # a GraphModule's own hooks are carried over too
+    assert any("carried over" in n for n in report2.notes)
     x = zoo.example_input("plain_cnn", seed=5)
     with torch.no_grad():  # copy.deepcopy of a GraphModule rebuilds it without hooks
         ref = model.double()(x.double())
-        assert float((gm.double()(x.double()) - ref).abs().max() / ref.abs().max()) < 1e-6
+        for folded in (gm, gm2):
+            out = folded.double()(x.double())
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_hooks_under_torch_export_are_traced_into_the_graph() -> None:
+    """A model only torch.export can trace runs its hooks while exporting: the hook's ops are
+    in the graph, so the BN folds and the result still includes what the hooks do."""
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.shape[2] > 3 else x
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Branchy()).eval()
+    model.bn.register_forward_hook(_double)
+    model.register_forward_hook(lambda _m, _a, out: out + 100)
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert "torch.export" in report.notes[0] and len(report.folded) == 1
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        assert float((gm(x).double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
 def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
@@ -70,9 +98,7 @@ def test_hook_on_an_inlined_module_refuses_the_fold() -> None:
 # The reach zoo: exact against float64, with the BN-left count each net declares.
 # ---------------------------------------------------------------------------------------------
 
-_PENDING = {"noops_between", "mixnet_concat", "add_of_layers", "bn_multi_reader",
-            "linear_bn1d_tokens"}
-REACH = [n for n in reach.REACH if n not in _PENDING]
+REACH = list(reach.REACH)
 
 
 @pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
@@ -80,9 +106,18 @@ REACH = [n for n in reach.REACH if n not in _PENDING]
 def test_reach_zoo_folds_exactly_to_its_bn_left(name: str, shapes: bool) -> None:
     model = reach.get(name)
     spec = reach.REACH[name]
-    gm, report = bnfold.fold(model, reach.example_input(name) if shapes else None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    example = reach.example_input(name) if shapes else None
+    gm, report = bnfold.fold(model, example)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gm2, report2 = bnfold.fold(gm, example)  # idempotent: nothing more to fold
+    assert gm2.code == gm.code and not report2.folded
     assert len(report.entries) == spec.bn_total, report.table()
-    assert len(report.kept) == spec.bn_left, report.table()
+    if shapes:
+        assert len(report.kept) == spec.bn_left, report.table()
+    else:  # a BN kept at the example's rank may fold, rank-dispatched, at another
+        dispatched = [e for e in report.folded if "rank_dispatch" in e.details]
+        assert len(report.kept) <= spec.bn_left <= len(report.kept) + len(dispatched)
     assert all(e.reason and e.details["kind"] for e in report.kept)
     x = reach.example_input(name, seed=123, batch=3)  # fresh input, another batch size
     assert rel_err(gm, model, x, double=False) < 1e-5
@@ -120,3 +155,210 @@ def test_constant_bn_is_evaluated_once_into_the_weight() -> None:
     constant = [e for e in report.folded if e.details["direction"] == "constant"]
     assert [e.bn for e in constant] == ["conv1 (batch_norm)", "conv2 (batch_norm_1)"]
     assert all(isinstance(gm.get_parameter(e.into), nn.Parameter) for e in constant)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval no-ops, several readers.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Chain(nn.Module):
+    """conv -> <between> -> BN, and BN -> <between> -> linear."""
+
+    def __init__(self, between) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 2)
+        self.between = between
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.between(self.conv(x))))
+        h = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)
+        return self.fc(self.between(self.bn2(h)))
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    from bnfold.models.stats import randomize_bn_stats
+    return randomize_bn_stats(model).eval()
+
+
+@pytest.mark.parametrize(("between", "folded"), [
+    (lambda t: torch.nn.functional.dropout(t, 0.3, training=False), 2),
+    (lambda t: t.to(torch.float64).double(), 2),
+    (lambda t: torch.nn.functional.dropout(t, 0.3), 0),  # training=True: not a no-op
+    (lambda t: t.float().double(), 0),  # a round trip through float32 is not a no-op
+])
+def test_functional_noops_and_casts(between, folded: int) -> None:
+    """On a float64 model (the reference itself): casts to float64 are no-ops."""
+    model = _prepared(_Chain(between)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.folded) == folded, report.table()
+    assert all(e.reason for e in report.kept)
+    if folded:
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_dropout_in_training_mode_is_not_a_noop() -> None:
+    model = _prepared(_Chain(nn.Dropout(0.5)))
+    model.between.train()
+    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+    assert not report.folded
+
+
+def test_a_zero_padded_reader_keeps_the_bn_whole() -> None:
+    """Plan-then-apply: one reader that cannot take the shift leaves every reader unchanged."""
+    model = reach.get("bn_multi_reader")
+    model.c = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm, report = bnfold.fold(model, reach.example_input("bn_multi_reader"))
+    assert len(report.kept) == 1 and "zero-padded conv" in report.kept[0].reason
+    assert all(torch.equal(gm.get_parameter(f"{m}.weight"), before[f"{m}.weight"])
+               for m in "abc")
+
+
+def test_several_readers_fold_into_copies_of_a_shared_layer() -> None:
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(x)) + self.fc(x)  # fc also reads the raw input
+
+    model = _prepared(Reuse())
+    x = torch.randn(5, 4)
+    gm, report = bnfold.fold(model, x)
+    assert report.folded[0].details.get("copy_of") == "fc"
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input rank the original accepts still runs, with the same result.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "module", "shapes"), [
+    ("linear_bn1d_tokens", reach, [(4, 16), (2, 8, 16), (3, 2, 8, 16)]),
+    ("mlp_bn1d", zoo, [(4, 32), (2, 64, 32)]),
+    ("frozen_bn_backbone", reach, [(2, 3, 12, 12), (3, 12, 12)]),  # unbatched: broadcast up
+])
+def test_every_rank_the_original_accepts_runs_the_same(name: str, module, shapes) -> None:
+    """Without example_inputs a fold exact only at some ranks is rank-dispatched: at every
+    input rank the original runs on, the folded model gives the original's float64 result."""
+    model = module.get(name)
+    gm, report = bnfold.fold(model)
+    assert any("rank_dispatch" in e.details for e in report.folded)
+    assert any("rank_dispatch" in n for n in report.notes)
+    ran = 0
+    for shape in shapes:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+        try:
+            with torch.no_grad():
+                model(x)
+        except (RuntimeError, ValueError, AssertionError):
+            continue
+        ran += 1
+        assert rel_err(gm, model, x, double=True) < 1e-6, shape
+    assert ran >= 2
+
+
+def test_rank_dispatch_that_cannot_be_installed_keeps_the_bn() -> None:
+    """A BN module called at two places cannot be switched off for one of them: kept, the
+    reason names the ranks; a functional BN is cut out into a dispatch of its own."""
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.fc2 = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bn = self.bn
+            y = self.bn(self.fc(x)) + self.bn(x)
+            return torch.nn.functional.batch_norm(self.fc2(y), bn.running_mean, bn.running_var,
+                                                  bn.weight, bn.bias, False)
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Twice()).eval()
+    gm, report = bnfold.fold(model)
+    kept = {e.bn: e.reason for e in report.kept}
+    assert "exact only at input rank 2" in kept["bn (bn)"]
+    assert "called 2 times" in kept["bn (bn)"]
+    assert report.folded[0].details["rank_dispatch"] == [2]
+    for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Concat and sum splits.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shapes", [True, False])
+def test_concat_and_sum_splits_say_where_each_share_went(shapes: bool) -> None:
+    entries = {}
+    for name in ("mixnet_concat", "concat_passthrough", "add_of_layers"):
+        x = reach.example_input(name) if shapes else None
+        gm, report = bnfold.fold(reach.get(name), x)
+        entries.update({f"{name}:{e.bn}": e for e in report.entries})
+        if name == "concat_passthrough":
+            sliced = [n for n in bn_nodes(gm) if n.args[0].name == "x"]
+            assert len(sliced) == 1 and gm.get_buffer(sliced[0].args[1].target).numel() == 3
+            gm2, report2 = bnfold.fold(gm)
+            assert gm2.code == gm.code and len(report2.kept) == 2
+    mix = entries["mixnet_concat:bn"]
+    assert (mix.action, mix.into, mix.details["split"]) == ("folded", "dw.0, dw.1, dw.2",
+                                                              "concat")
+    part = entries["concat_passthrough:bn1"]
+    assert part.action == "kept" and part.details["folded_into"] == "conv1"
+    assert part.reason.startswith("channels 5:8 of cat come from x (x is not a conv/linear): "
+                                  "kept as a BN over those 3 channels only")
+    assert "2 of its inputs are not foldable" in entries["concat_passthrough:bn2"].reason
+    add = entries["add_of_layers:bn"]
+    assert (add.into, add.details["split"]) == ("conv3, conv1", "add")
+    assert entries["add_of_layers:bn_fc"].into == "fc_a, fc_b"
+    assert "summand relu is not a conv/linear" in entries["add_of_layers:bn_r"].reason
+
+
+def test_a_layer_read_elsewhere_keeps_its_concat_slice() -> None:
+    class Tapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a = self.a(x)
+            return self.bn(torch.cat([a, self.b(x)], 1)), a
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Tapped()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    assert len(report.kept) == 1 and report.kept[0].details["folded_into"] == "b"
+    assert "come from a (a output also feeds output)" in report.kept[0].reason
+    assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_a_concat_of_one_module_called_twice_folds_into_copies() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.conv(x), self.conv(x * 2)], 1)) + self.conv(x)[:, :1]
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Twice()).eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.folded
+    assert entry.details["copy_of"] == ["conv", "conv"] and entry.details["split"] == "concat"
+    assert rel_err(gm, model, x, double=True) < 1e-6

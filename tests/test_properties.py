@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bnfold
 from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward, fold_forward
 from bnfold.models.stats import randomize_bn_stats
+from bnfold.passes.fx.dispatch import RankDispatch
 
 FP32_TOL = 1e-5
 PROFILE = settings(database=None, derandomize=True, deadline=None,
@@ -204,8 +205,12 @@ def bn_params(bn: nn.Module) -> BNParams:
 
 
 def bn_count(gm: torch.fx.GraphModule) -> int:
-    """BN modules still present plus functional BN calls left in the graph."""
-    modules = sum(isinstance(m, _BatchNorm | FunctionalBN) for m in gm.modules())
+    """BN modules still present plus functional BN calls left in the graph (a BN kept only
+    for the ranks a rank dispatch sends to the original path does not count)."""
+    dispatched = {id(m) for d in gm.modules() if isinstance(d, RankDispatch)
+                  for m in d.original.modules()}
+    modules = sum(isinstance(m, _BatchNorm | FunctionalBN) and id(m) not in dispatched
+                  for m in gm.modules())
     calls = sum(n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)
                 for n in gm.graph.nodes)
     return modules + calls
@@ -213,7 +218,7 @@ def bn_count(gm: torch.fx.GraphModule) -> int:
 
 def fold_and_compare(model: nn.Sequential, g: Geometry, seed: int, with_example: bool = True
                      ) -> tuple[Any, Any, float]:
-    """Fold ``model`` (with an example input, or without: rank guards may be added); return
+    """Fold ``model`` (with an example input, or without: folds may be rank-dispatched); return
     ``(folded, report, err)``, ``err`` the error on a fresh input of another batch size
     against ``model`` in float64 (see :func:`scaled_err`). Also checks that the input model
     was not changed."""
@@ -284,7 +289,7 @@ def test_fx_forward_fold_is_exact(g: Geometry, bn_cfg: dict[str, Any], functiona
     model = nn.Sequential(layer, make_bn(g.cout, g.dims, bn_cfg), ACTIVATIONS[act]())
     gm, report, err = fold_and_compare(model, g, bn_cfg["seed"], with_example)
     assert [e.action for e in report.entries] == ["folded"], report.table()
-    event("rank guard" if "rank_guard" in report.entries[0].details else "no rank guard")
+    event("rank dispatch" if "rank_dispatch" in report.entries[0].details else "no dispatch")
     assert report.entries[0].details["direction"] == "forward"
     assert bn_count(gm) == 0
     assert err < FP32_TOL, (err, g)

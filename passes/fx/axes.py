@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
 from bnfold.passes.fx.trace import shape_of
 
 aten = torch.ops.aten
@@ -56,11 +57,11 @@ def chain_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The data-movement op ``node`` performs on its first argument, or None."""
     if node.op == "call_method" and node.target in _PERMUTE | _RESHAPE:
         return str(node.target)
-    if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)
-    if node.op == "call_module":
-        return _MODULES.get(type(gm.get_submodule(str(node.target))))
-    return None
+    if node.op == "call_function" and node.target in _FUNCTIONS:
+        return _FUNCTIONS[node.target]
+    if node.op == "call_module" and type(gm.get_submodule(str(node.target))) in _MODULES:
+        return _MODULES[type(gm.get_submodule(str(node.target)))]
+    return noop_kind(gm, node)
 
 
 def shape_only_use(user: fx.Node, node: fx.Node) -> bool:
@@ -147,7 +148,7 @@ def _reshape_by_shapes(
 
 def _reshape_by_rank(gm: fx.GraphModule, node: fx.Node, op: str, rank: int, axis: int) -> Step:
     """Follow rank-determined reshapes without shapes; None if ``rank`` is invalid for the op."""
-    if op in ("contiguous", "clone", "identity"):
+    if op in IDENTITY_OPS:
         return (rank, axis)
     if op == "unsqueeze":
         d = node_arg(node, 1, "dim", None)

@@ -110,7 +110,10 @@ def roots(*operands: Any) -> list[fx.Node]:
 
 
 def owner_label(node: fx.Node, operands: list[Any]) -> str:
-    """``"<module> (<node>)"``: the module owning the first model tensor ``operands`` read."""
+    """``"<module> (<node>)"``: the module whose forward made ``node`` (``nn_module_stack``),
+    else the module owning the first model tensor ``operands`` read."""
+    stack = node.meta.get("nn_module_stack") or {}
     found = roots(*operands)
-    owner = str(found[0].target).rpartition(".")[0] if found else ""
+    owner = str(list(stack.values())[-1][0]) if stack else (
+        str(found[0].target).rpartition(".")[0] if found else "")
     return f"{owner} ({node.name})" if owner else node.name

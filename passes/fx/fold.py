@@ -14,14 +14,22 @@ BNs, activations and reshapes with written-out ranks constrain it). If every all
 the BN's channel on the layer's channel axis, the BN folds; if none does, it is kept
 (``Linear`` on ``[N, L, C]`` then ``BatchNorm1d`` normalizes ``L``); if only some do
 (``Linear -> BatchNorm1d`` with nothing fixing the rank: rank 2 folds exactly, rank 3 would
-not), it folds and the graph gets a run-time guard right after the layer,
-``torch._assert(x.dim() == 2, ...)``, so an input of another rank raises an AssertionError
-that says to fold again with ``example_inputs`` instead of running a fold that is not exact
-for it (the report entry's ``rank_guard`` lists the ranks, and a note says so).
+not), it folds with a rank dispatch (:mod:`bnfold.passes.fx.dispatch`): the folded layer
+runs at the proven ranks, the original layer and BN at any other, so every input the original
+accepted gives the original's result (the report entry's ``rank_dispatch`` lists the ranks,
+and a note says so); a fold that cannot be dispatched (functional BN, affine chain, BN module
+called twice) is kept with the reason.
 
-Backward fold (BN -> layer, BN's only value user): ``W (*) (s * x + t) + b =
-(W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
-(always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``).
+Backward fold (BN -> [eval no-ops] -> layer, every value reader a layer): ``W (*) (s * x + t)
++ b = (W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
+(always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``); with
+several readers, into each (planned for all first: one refusal keeps the BN).
+
+BN spellings: BN modules (SyncBatchNorm included), ``F.batch_norm`` and its aten forms,
+constant per-channel affine chains (:mod:`bnfold.passes.fx.affine`: FrozenBatchNorm2d,
+``(x - mean) / std``), and BNs on constants (:mod:`bnfold.passes.fx.constant_bn`: weight
+standardization, evaluated once). Eval no-ops (:mod:`bnfold.passes.fx.noops`) are looked
+through in both directions. Hooks: :mod:`bnfold.passes.fx.hooks`.
 
 All math is :mod:`bnfold.algebra`: float64, rounded once to each tensor's dtype (fp16/bf16
 folds are correctly rounded, <= 0.5 ulp from the exact fold).
@@ -43,7 +51,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,15 +58,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from bnfold.algebra import Folded, backward_fold_refusal, fold_backward, fold_forward
+from bnfold.algebra import (
+    BFLOAT16,
+    BNParams,
+    Folded,
+    backward_fold_refusal,
+    fold_backward,
+    fold_forward,
+)
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants
+from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_hooks
+from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     BatchNormSite,
@@ -74,6 +91,7 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
+from bnfold.passes.fx.splits import is_split_point, plan_split
 from bnfold.passes.fx.trace import (
     annotate_shapes,
     as_args,
@@ -93,7 +111,7 @@ def fold_fx(
 
     ``example_inputs`` (a tensor or a tuple of inputs) gives shapes, so channel axes through
     reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked without run-time
-    rank guards (see the module docstring), and enables the ``torch.export`` fallback for
+    rank dispatch (see the module docstring), and enables the ``torch.export`` fallback for
     models ``symbolic_trace`` cannot trace. Without ``inplace`` the input is deep-copied and
     never modified; ``inplace=True`` rewrites a ``GraphModule`` input itself (its submodules,
     shared with whatever it was traced from, get the folded weights) and is refused for any
@@ -109,6 +127,8 @@ def fold_fx(
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
         carried = carry_hooks(uncompiled(model), gm, leaves)
+    elif how.startswith("graph module") and gm is not uncompiled(model):
+        carried = carry_hooks(uncompiled(model), gm, None)
     if args is not None and not how.startswith("torch.export"):
         annotate_shapes(gm, args)
     report = Report("fold_fx")
@@ -129,6 +149,7 @@ def fold_fx(
     bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n) or n in folder.affine]
     labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
               for n in bns}
+    kinds = {n: folder.kind(n) for n in bns}
     outcomes = {n: folder.forward(n, labels[n]) for n in bns}
     for n in bns:
         if outcomes[n].action == "kept" and not outcomes[n].final:
@@ -136,13 +157,14 @@ def fold_fx(
     for n in bns:
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
-                   kind=folder.kind(n))
-    guarded = sum("rank_guard" in e.details for e in report.entries)
-    if guarded:
+                   kind=kinds[n])
+    dispatched = sum("rank_dispatch" in e.details for e in report.entries)
+    if dispatched:
         report.notes.append(
-            f"{guarded} fold(s) are exact only at the input rank in their rank_guard (the "
-            "graph alone does not fix it); the folded model checks that rank at run time. "
-            "Pass example_inputs to fold without run-time checks")
+            f"{dispatched} fold(s) are exact only at the input ranks in their rank_dispatch "
+            "(the graph alone does not fix the rank): the folded model runs the folded layer "
+            "at those ranks and the original layer and BN at any other. Pass example_inputs "
+            "to fold without dispatch")
     folder.cleanup()
     return PassResult(gm, report)
 
@@ -202,6 +224,8 @@ class _Folder:
             chain.insert(0, x)
             x = source
         if not is_layer(self.gm, x):
+            if not chain and is_split_point(x):
+                return self._split_bn(site, x, label)
             return _kept(f"its input comes from {x.name}, not from a conv/linear")
         layer = layer_site(self.gm, x)
         if isinstance(layer, str):
@@ -214,6 +238,8 @@ class _Folder:
                     f"{cur.name} (between {layer.label} and the BN)"
                 return _kept(f"{what} also feeds {', '.join(others)}")
         why, guard = self._axis_check(layer, layer.node, chain, site)
+        why = why or self._dtype_refusal(site, layer) or next(
+            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype))), None)
         if why:
             return _kept(why)
         try:
@@ -223,60 +249,176 @@ class _Folder:
             )
         except UnsafeFoldError as exc:
             return _kept(str(exc))
+        why = self._dispatch_refusal(guard, [layer.node], site)
+        if why:
+            return _kept(why)
+        original = originals(self.gm, [layer.node]) if guard else []
         into, copied = self._write(layer, folded, label)
-        self._remove(site)
         details: dict[str, Any] = {"direction": "forward", "layer": layer.kind, **copied}
         if chain:
             details["through"] = [str(chain_op(self.gm, c)) for c in chain]
-        return self._folded(into, details, layer.node, guard, label)
+        bn_ranks = tuple(end[0] for r in guard if isinstance(
+            end := follow(self.gm, chain, r, layer.channel_axis(r) or 0), tuple))
+        return self._folded(into, details, site, guard, bn_ranks, original)
+
+    def _split_bn(self, site: BatchNormSite, point: fx.Node, label: str) -> _Outcome:
+        """Fold a BN after a concat or sum of layer outputs into those layers
+        (:mod:`bnfold.passes.fx.splits`); a concat input that is no layer keeps its slice."""
+        shape = shape_of(point)
+        ranks = {len(shape)} if shape is not None else set(
+            self.possible_ranks.get(point, ()))
+
+        def axis_check(layer: LayerSite) -> str | None:
+            why, guard = self._axis_check(layer, layer.node, [], site)
+            if guard:
+                why = f"{layer.label} fits the BN only at some input ranks (pass " \
+                      "example_inputs)"
+            return why or self._dtype_refusal(site, layer)
+
+        try:
+            plan = plan_split(self.gm, site, point, ranks, axis_check)
+        except UnsafeFoldError as exc:
+            return _kept(str(exc))
+        if isinstance(plan, str):
+            return _kept(plan)
+        written = [self._write(layer, folded, label) for layer, folded in plan.folds]
+        into = ", ".join(name for name, _ in written)
+        details: dict[str, Any] = {"direction": "forward", "layer": plan.folds[0][0].kind,
+                                   "split": plan.kind, **_copies(written)}
+        if plan.kept is None:
+            self._remove(site)
+            return _Outcome("folded", into=into, details=details)
+        node, part, start, stop, why = plan.kept
+        self._slice_bn(point, node, part, label)
+        self._remove(site)
+        details["folded_into"] = into
+        return _Outcome("kept", reason=(
+            f"channels {start}:{stop} of {point.name} come from {node.name} ({why}): kept as a "
+            f"BN over those {stop - start} channels only (the others folded into {into})"),
+            details=details, final=True)
+
+    def _slice_bn(self, cat: fx.Node, node: fx.Node, bn: BNParams, label: str) -> None:
+        """Insert ``F.batch_norm`` with ``bn`` (a slice of the BN, same dtype) on ``node``
+        where ``cat`` reads it."""
+        attrs: list[fx.Node | None] = []
+        for key, value in (("mean", bn.mean), ("var", bn.var), ("weight", bn.gamma),
+                           ("bias", bn.beta)):
+            if value is None:
+                attrs.append(None)
+                continue
+            name = _free_name(self.gm, f"{_slug(label)}_slice_{key}")
+            self.gm.register_buffer(name, _from_numpy(value))
+            with self.graph.inserting_before(cat):
+                attrs.append(self.graph.get_attr(name))
+        with self.graph.inserting_before(cat):
+            sliced = self.graph.call_function(
+                F.batch_norm, (node, *attrs, False, 0.0, float(bn.eps)))
+        tensors = [sliced if t is node else t for t in cat.args[0]]
+        cat.args = (tensors, *cat.args[1:])
 
     def backward(self, node: fx.Node, label: str, forward_reason: str) -> _Outcome:
-        """Fold ``BN -> layer`` into the layer when the BN's only value user is that layer."""
+        """Fold ``BN -> [no-ops] -> layer`` into the layer when every value reader of the BN
+        is a layer (each through its own eval no-ops): into each, as copies where a layer is
+        shared. Planned for every reader first; one refusal keeps the BN whole."""
         site = self.site(node)
         assert not isinstance(site, str)
-        users = value_users(site.output)
-        if len(users) != 1 or not is_layer(self.gm, users[0]) \
-                or chain_input(users[0]) is not site.output:
-            return _kept(forward_reason)
-        layer = layer_site(self.gm, users[0])
-        if isinstance(layer, str):
-            return _kept(f"{forward_reason}; backward fold: {layer}")
-        start = site.input
-        why, guard = self._axis_check(layer, start, [], site)
-        try:  # both the exactness check and the fold read the BN's statistics
-            if why is None:
-                why = backward_fold_refusal(
-                    layer.kind, site.params, padding=layer.padding,
-                    padding_mode=layer.padding_mode, stride=layer.stride,
-                    dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
-                    output_padding=layer.output_padding,
-                )
-            if not why:
-                folded = fold_backward(
-                    to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
-                    in_axis=1 - layer.weight_out_axis, groups=layer.groups,
-                    out_axis=layer.weight_out_axis,
-                )
-        except UnsafeFoldError as exc:
-            why = str(exc)
+        readers = self._readers(site.output)
+        if isinstance(readers, str):
+            return _kept(f"{forward_reason}; backward fold: {readers}" if readers
+                         else forward_reason)
+        plans: list[tuple[LayerSite, Folded]] = []
+        guards: set[tuple[int, ...]] = set()
+        for reader in readers:
+            layer = layer_site(self.gm, reader)
+            if isinstance(layer, str):
+                return _kept(f"{forward_reason}; backward fold: {layer}")
+            why, guard = self._axis_check(layer, site.input, [], site)
+            try:  # both the exactness check and the fold read the BN's statistics
+                if why is None:
+                    why = backward_fold_refusal(
+                        layer.kind, site.params, padding=layer.padding,
+                        padding_mode=layer.padding_mode, stride=layer.stride,
+                        dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
+                        output_padding=layer.output_padding,
+                    ) or self._dtype_refusal(site, layer)
+                if not why:
+                    plans.append((layer, fold_backward(
+                        to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                        in_axis=1 - layer.weight_out_axis, groups=layer.groups,
+                        out_axis=layer.weight_out_axis,
+                    )))
+            except UnsafeFoldError as exc:
+                why = str(exc)
+            if why:
+                return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
+            guards.add(guard)
+        guard = guards.pop()
+        why = "its readers fold exactly at different input ranks" if guards else \
+            self._dispatch_refusal(guard, [layer.node for layer, _ in plans], site)
         if why:
-            return _kept(f"{forward_reason}; backward fold into {layer.label}: {why}")
-        into, copied = self._write(layer, folded, label)
-        self._remove(site)
-        details: dict[str, Any] = {"direction": "backward", "layer": layer.kind, **copied}
-        return self._folded(into, details, start, guard, label)
+            return _kept(f"{forward_reason}; backward fold: {why}")
+        original = originals(self.gm, [layer.node for layer, _ in plans]) if guard else []
+        written = [self._write(layer, folded, label) for layer, folded in plans]
+        details: dict[str, Any] = {"direction": "backward", "layer": plans[0][0].kind}
+        if len(written) == 1:
+            details.update(written[0][1])
+        else:
+            details.update(readers=len(written), **_copies(written))
+        return self._folded(", ".join(into for into, _ in written), details, site, guard,
+                            guard, original)
 
-    def _folded(self, into: str, details: dict[str, Any], start: fx.Node,
-                guard: tuple[int, ...], label: str) -> _Outcome:
-        """The outcome of a fold; with ``guard`` ranks, also the run-time rank check."""
-        if guard:
-            ranks = " or ".join(map(str, guard))
-            self._guard(start, guard, (
-                f"bnfold folded BN {label} into {into} assuming rank {ranks} there (no "
-                "example_inputs were given); this input has another rank, for which that fold "
-                "is not exact: fold the model again with example_inputs of this shape"))
-            details["rank_guard"] = list(guard)
+    def _readers(self, output: fx.Node) -> list[fx.Node] | str:
+        """The layers reading ``output`` (through eval no-ops), or why not all readers are
+        layers ("" when a reader is simply not a layer: the forward reason says enough)."""
+        layers = []
+        for user in value_users(output):
+            prev, cur = output, user
+            while not is_layer(self.gm, cur) and chain_op(self.gm, cur) in IDENTITY_OPS \
+                    and chain_input(cur) is prev:
+                why = cast_refusal(cur, None)
+                if why:
+                    return why
+                nxt = value_users(cur)
+                if len(nxt) != 1:
+                    return f"{cur.name} (after the BN) is read by {len(nxt)} nodes"
+                prev, cur = cur, nxt[0]
+            if not is_layer(self.gm, cur) or chain_input(cur) is not prev:
+                return ""
+            layers.append(cur)
+        return layers if layers else ""
+
+    @staticmethod
+    def _dtype_refusal(site: BatchNormSite, layer: LayerSite) -> str | None:
+        """An affine chain's constants must have the layer's dtype (else they promote it)."""
+        if site.dtype is not None and site.dtype != layer.weight.dtype:
+            return f"the affine's constants are {site.dtype} but {layer.label}'s weight is " \
+                   f"{layer.weight.dtype} (the product would be promoted)"
+        return None
+
+    def _folded(self, into: str, details: dict[str, Any], site: BatchNormSite,
+                ranks: tuple[int, ...], bn_ranks: tuple[int, ...],
+                unfolded: list[tuple[fx.Node, nn.Module]]) -> _Outcome:
+        """Remove the BN of a written fold; with ``ranks`` (the fold is exact only at those
+        layer input ranks) rank-dispatch the layers and the BN instead (:mod:`.dispatch`):
+        module calls in place, functions and affine chains cut out into modules."""
+        if not ranks:
+            self._remove(site)
+            return _Outcome("folded", into=into, details=details)
+        dispatch_fold(self.gm, self.consts, unfolded, ranks, _site_nodes(site), site.input,
+                      bn_ranks)
+        details["rank_dispatch"] = list(ranks)
         return _Outcome("folded", into=into, details=details)
+
+    def _dispatch_refusal(self, ranks: tuple[int, ...], layers: list[fx.Node],
+                          site: BatchNormSite) -> str | None:
+        """Why a fold exact only at ``ranks`` cannot be rank-dispatched (None: it can, or
+        ``ranks`` is empty: exact at every rank)."""
+        why = dispatch_refusal(layers, _site_nodes(site), site.input, self.consts) \
+            if ranks else None
+        if why is None:
+            return None
+        return (f"the fold is exact only at input rank {' or '.join(map(str, ranks))} of the "
+                f"ranks the graph allows, and {why}; pass example_inputs to fold it")
 
     # -- channel axis -----------------------------------------------------------------------
 
@@ -306,6 +448,10 @@ class _Folder:
                 problems.append((rank, end))
                 continue
             channel = None if end is None else site.channel_axis(end[0])
+            if end is not None and channel is None and site.chain:
+                problems.append((rank, f"the affine's constants have more dims than its "
+                                       f"rank-{end[0]} input (they broadcast it up)"))
+                continue
             if end is None or channel is None:
                 continue  # the layer, the chain or the BN raises at this rank
             if channel == end[1]:
@@ -313,7 +459,8 @@ class _Folder:
                 continue
             seen = shape_of(site.input)
             where = f"of its input {list(seen)}" if seen else "of its input"
-            problems.append((rank, f"the BN normalizes dim {channel} {where} but "
+            what = "the affine scales" if site.chain else "the BN normalizes"
+            problems.append((rank, f"{what} dim {channel} {where} but "
                                    f"{layer.label}'s channels are on dim {end[1]}"))
         if problems and (shape is not None or not good):
             rank, text = problems[0]
@@ -331,20 +478,6 @@ class _Folder:
     def possible_ranks(self) -> dict[fx.Node, frozenset[int]]:
         """Ranks allowed by the graph at each node (computed once, before any rewrite)."""
         return possible_ranks(self.gm)
-
-    def _guard(self, start: fx.Node, ranks: tuple[int, ...], message: str) -> None:
-        """Insert ``torch._assert(start.dim() in ranks, message)`` right after ``start`` (after
-        the last input when ``start`` is one: inputs stay first in the graph)."""
-        anchor = start
-        if start.op == "placeholder":
-            anchor = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
-        with self.graph.inserting_after(anchor):
-            dim = self.graph.call_method("dim", (start,))
-        with self.graph.inserting_after(dim):
-            ok = (self.graph.call_function(operator.eq, (dim, ranks[0])) if len(ranks) == 1
-                  else self.graph.call_function(operator.contains, (ranks, dim)))
-        with self.graph.inserting_after(ok):
-            self.graph.call_function(torch._assert, (ok, message))
 
     # -- graph edits ------------------------------------------------------------------------
 
@@ -487,6 +620,27 @@ class _Folder:
     def _split(path: str) -> tuple[str, str]:
         parent, _, leaf = path.rpartition(".")
         return parent, leaf
+
+
+def _copies(written: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Report details for folds into several layers: which went into copies (``copy_of``:
+    the layers copied, in order)."""
+    copies = [c["copy_of"] for _, c in written if "copy_of" in c]
+    return {"copy_of": copies} if copies else {}
+
+
+def _site_nodes(site: BatchNormSite) -> list[fx.Node]:
+    """The nodes a BN (or affine chain) is made of, input to output."""
+    if site.chain:
+        return list(site.chain)
+    return [site.node] if site.node is site.output else [site.node, site.output]
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A tensor of ``a`` (same dtype; ml_dtypes bfloat16 becomes torch.bfloat16)."""
+    if a.dtype == BFLOAT16:
+        return to_torch(a, torch.empty(0, dtype=torch.bfloat16))
+    return torch.from_numpy(np.ascontiguousarray(a).copy())
 
 
 def _np_or_none(t: torch.Tensor | None) -> np.ndarray | None:

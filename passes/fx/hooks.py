@@ -51,13 +51,15 @@ def hook_reason(name: str, module: nn.Module) -> str | None:
             "fold)")
 
 
-def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str]) -> str | None:
-    """Move ``model``'s hooks onto ``gm`` traced from it; return a report note, or None.
+def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -> str | None:
+    """Move ``model``'s hooks onto ``gm`` traced (or copied) from it; return a report note.
 
     ``leaves`` are the module paths ``gm`` still calls (their hooks run as before). Any other
-    submodule with hooks was inlined by the trace: raises :class:`UnsupportedError`.
+    submodule with hooks was inlined by the trace: raises :class:`UnsupportedError`. None:
+    ``gm`` is a copy of the GraphModule ``model`` (nothing inlined; ``copy.deepcopy`` of a
+    GraphModule drops only the root's hooks).
     """
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if leaves is not None else ():
         kinds = hook_kinds(module)
         if name and kinds and name not in leaves and not _leaf_of(name, leaves):
             raise UnsupportedError(

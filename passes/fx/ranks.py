@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, node_arg, permutation
+from bnfold.passes.fx.noops import IDENTITY_OPS
 from bnfold.passes.fx.sites import MAX_RANK, batchnorm_rule, is_batchnorm, is_layer, layer_site
 
 Ranks = frozenset[int]
@@ -105,7 +106,7 @@ def _movement(gm: fx.GraphModule, node: fx.Node, op: str, src: fx.Node) -> tuple
     """Rank maps of the data-movement ops of :mod:`bnfold.passes.fx.axes`."""
     if op in ("transpose", "permute", "t", "movedim"):
         return src, lambda r: r if r == 0 or permutation(gm, node, op, r) is not None else None
-    if op in ("contiguous", "clone", "identity"):
+    if op in IDENTITY_OPS:
         return src, lambda r: r
     if op == "unsqueeze":
         d = node_arg(node, 1, "dim")

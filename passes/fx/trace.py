@@ -29,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.dispatch import RankDispatch
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -134,7 +135,8 @@ class Tracer(fx.Tracer):
     """``symbolic_trace``'s tracer, keeping bnfold's own BN modules as calls (leaves)."""
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FeatureBatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (FeatureBatchNorm, RankDispatch)) or super().is_leaf_module(
+            m, module_qualified_name)
 
 
 def one_line(exc: BaseException) -> str:

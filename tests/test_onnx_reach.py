@@ -16,6 +16,7 @@ from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 from test_onnx_fold import check
 from torch import nn
 
+import bnfold
 from bnfold.models import reach, zoo
 from bnfold.models.stats import randomize_bn_stats
 from bnfold.passes.onnx.fold import fold_onnx
@@ -78,12 +79,14 @@ ZOOS = [(zoo, n) for n in zoo.ZOO] + [(reach, n) for n in reach.REACH]
 
 @pytest.mark.parametrize(("source", "name"), ZOOS, ids=[n for _, n in ZOOS])
 def test_dynamo_fold_leaves_what_fx_leaves(source, name: str) -> None:
-    """The ONNX fold of a dynamo export keeps exactly the sites an exact folder must keep
-    (``bn_left``, which the FX fold's own tests hold it to), each with a reason."""
+    """The ONNX fold of a dynamo export keeps exactly the sites the FX fold keeps, which is
+    what an exact folder must keep (``bn_left``), each with a reason."""
     model, x = source.get(name), source.example_input(name)
     entry = source.ZOO[name] if source is zoo else source.REACH[name]
+    _, fx_report = bnfold.fold(model, (x,))
     _, report = fold_onnx(dynamo_export(model, x))
-    assert len(report.kept) == entry.bn_left, report.table()
+    assert len(report.kept) == len(fx_report.kept) == entry.bn_left, \
+        report.table() + "\n" + fx_report.table()
     assert all(e.reason for e in report.kept)
 
 

@@ -437,3 +437,17 @@ def test_layer_read_only_by_bns_folds_into_copies() -> None:
     out, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
     assert [e.into for e in report.entries] == ["Conv_0", "Conv_0_copy"]
     assert count(out, "Conv") == 2
+
+
+def test_budget_bounds_a_concat_by_the_sum_of_its_inputs() -> None:
+    b = Builder(24)
+    b.node("Conv", ["x", b.rand("w", [12, 3, 1, 1])], ["h"])
+    part = b.init("part", np.zeros(4))
+    b.node("Concat", [part, part, part], ["zeros"], axis=0)
+    b.bn("h", "y", 12)
+    b.nodes[-1].input[2] = "zeros"
+    b.inits = [i for i in b.inits if i.name != "y_B"]
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": None})
+    check(m, 0)
+    _, report = fold_onnx(m, max_const_elements=8)
+    assert "Concat with 12 elements" in report.kept[0].reason

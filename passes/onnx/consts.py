@@ -46,7 +46,7 @@ _NOT_GROWING = {
     "Ceil", "Round", "Sign", "Erf", "Softplus", "Cast", "CastLike", "Identity", "Reshape",
     "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Slice", "Shape", "Size", "ReduceMean",
     "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Clip", "Not", "Split", "Softmax",
-    "BatchNormalization", "Concat",
+    "BatchNormalization",
 }
 #: Ops whose inputs broadcast (numpy rules) to the result shape.
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
@@ -192,6 +192,8 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
     try:
         if op in _NOT_GROWING:
             return max([int(np.prod(a.shape, dtype=object)) for a in arrays] + [1])
+        if op == "Concat":
+            return sum(int(a.size) for a in arrays)
         if op in _BROADCASTING:
             return math.prod(np.broadcast_shapes(*(a.shape for a in arrays)))
         if op == "Expand":

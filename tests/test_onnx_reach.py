@@ -444,3 +444,14 @@ def test_layer_read_only_by_bns_folds_into_copies() -> None:
     out, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
     assert [e.into for e in report.entries] == ["Conv_0", "Conv_0_copy"]
     assert count(out, "Conv") == 2
+
+
+def test_layer_read_by_a_training_bn_too_is_not_copied() -> None:
+    b = Builder(25)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
+    b.bn("c", "y1", 4)
+    b.bn("c", "y2", 4, training_mode=1)
+    b.nodes[-1].output.extend(["y2_running_mean", "y2_running_var"])
+    graph_outputs = {"y1": [2, 4, 4, 4], "y2": [2, 4, 4, 4]}
+    out, report = check(b.model({"x": [2, 3, 4, 4]}, graph_outputs, infer=False), 2, ref=False)
+    assert count(out, "Conv") == 1 and "also feeds" in report.kept[0].reason

@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
-from bnfold.passes.onnx.bn import display_name
+from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
 from bnfold.passes.onnx.noops import is_noop
@@ -69,7 +69,7 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
         if node is None:
             return f"its input {value.name!r} is a graph input or constant, not a layer output"
         why = sole_reader(value, display_name(node), reader)
-        shared = bool(why) and not chain and _only_bns_read(node)
+        shared = bool(why) and not chain and _only_bns_read(node, ctx)
         if why and not shared:
             return why
         if (node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS) \
@@ -93,13 +93,16 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
     return Fold(fold.into, fold.direction, lambda: (_copy_for(layer, reader, ctx), fold.apply()))
 
 
-def _only_bns_read(layer: ir.Node) -> bool:
-    """A Conv/ConvTranspose/Gemm whose output only BNs read (TorchScript merges identical
-    layers that each had their own BN): each BN can fold into its own copy of the layer."""
+def _only_bns_read(layer: ir.Node, ctx: Context) -> bool:
+    """A Conv/ConvTranspose/Gemm whose output only inference-mode BNs read (TorchScript
+    merges identical layers that each had their own BN): each BN can fold into its own copy
+    of the layer."""
     out = layer.outputs[0]
     return (layer.op_type in ("Conv", "ConvTranspose", "Gemm") and not out.is_graph_output()
             and all(u.node.op_type == "BatchNormalization" and u.node.domain in ("", "ai.onnx")
-                    and u.idx == 0 for u in data_uses(out)))
+                    and u.idx == 0
+                    and not isinstance(inference_params(u.node, ctx.opset, ctx.consts), str)
+                    for u in data_uses(out)))
 
 
 def _copy_for(layer: ir.Node, reader: ir.Node, ctx: Context) -> None:

@@ -46,6 +46,18 @@ def test_bn_or_layer_with_a_hook_is_kept(where: str, kind: str) -> None:
     assert rel_err(gm, model, zoo.example_input("plain_cnn", seed=5), double=True) < 1e-6
 
 
+def test_a_bn_with_a_patched_forward_is_kept() -> None:
+    model = zoo.get("plain_cnn")
+    bn = model.features[1]
+    bn.forward = lambda x: nn.BatchNorm2d.forward(bn, x) * 2
+    x = zoo.example_input("plain_cnn")
+    gm, report = bnfold.fold(model, x)
+    assert "forward replaced on the instance" in report.kept[0].reason
+    with torch.no_grad():  # the patched forward closes over the model's own BN: fp32 only
+        want = model(x)
+        assert float((gm(x) - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def test_root_hooks_are_carried_over() -> None:
     model = zoo.get("plain_cnn")
     model.register_forward_pre_hook(_triple_input)
@@ -266,6 +278,27 @@ def test_every_rank_the_original_accepts_runs_the_same(name: str, module, shapes
     assert ran >= 2
 
 
+def test_functional_linear_and_bn_are_both_cut_out_into_dispatches() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            fc, bn = self.fc, self.bn
+            y = torch.nn.functional.linear(x, fc.weight, fc.bias)
+            return torch.nn.functional.batch_norm(y, bn.running_mean, bn.running_var,
+                                                  bn.weight, bn.bias, False)
+
+    from bnfold.models.stats import randomize_bn_stats
+    model = randomize_bn_stats(Functional()).eval()
+    gm, report = bnfold.fold(model)
+    assert report.folded[0].details["rank_dispatch"] == [2]
+    for x in (torch.randn(4, 8), torch.randn(2, 8, 8)):
+        assert rel_err(gm, model, x, double=True) < 1e-6
+
+
 def test_rank_dispatch_that_cannot_be_installed_keeps_the_bn() -> None:
     """A BN module called at two places cannot be switched off for one of them: kept, the
     reason names the ranks; a functional BN is cut out into a dispatch of its own."""
@@ -362,3 +395,45 @@ def test_a_concat_of_one_module_called_twice_folds_into_copies() -> None:
     (entry,) = report.folded
     assert entry.details["copy_of"] == ["conv", "conv"] and entry.details["split"] == "concat"
     assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+def test_bit_views_stay_as_written_and_indexed_constants_fold() -> None:
+    """A bit-level view of a parameter is not evaluated in float64 (it would reinterpret other
+    bits): that product stays as written; an indexed parameter is a constant and folds."""
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.bits = nn.Parameter(torch.rand(4, 1, 1) + 0.5)  # traced, not precomputed
+            self.register_buffer("idx", torch.tensor([0, 1, 2, 3]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x) * self.bits.view(torch.int32).view(torch.float32)
+            return self.conv2(y) * self.bits[self.idx]  # an indexed constant still folds
+
+    model = Odd().eval()
+    x = torch.randn(2, 3, 4, 4)
+    gm, report = bnfold.fold(model, x)
+    assert [e.into for e in report.folded] == ["conv2"]
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_dispatched_model_exports_its_folded_branch(tmp_path) -> None:
+    """torch.onnx sees a static rank: the export holds the folded Gemms and no BN."""
+    import onnx
+    import onnxruntime as ort
+
+    model = zoo.get("mlp_bn1d")
+    gm, report = bnfold.fold(model)
+    assert all("rank_dispatch" in e.details for e in report.folded)
+    x = zoo.example_input("mlp_bn1d")
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(gm, (x,), dynamo=True, optimize=False).save(str(path))
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model.double()(x.double())
+    assert float((torch.from_numpy(out).double() - want).abs().max() / want.abs().max()) < 1e-5

@@ -31,7 +31,7 @@ from torch import fx
 
 from bnfold.algebra import Broadcast, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
-from bnfold.passes.fx.constants import Constants, owner_label
+from bnfold.passes.fx.constants import Constants, NotConstant, owner_label
 from bnfold.passes.fx.sites import BatchNormSite
 
 _OPS: dict[Any, str] = {
@@ -104,7 +104,10 @@ def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> Affi
     """The chain as a BN site, a reason to keep it, or None when it is not BN-like."""
     values, shapes, dtypes = [], [], set()
     for s in steps:
-        v = consts.value(s.c)
+        try:
+            v = consts.value(s.c)
+        except NotConstant:
+            return None
         if isinstance(v, torch.Tensor):
             shape = broadcast_of(tuple(v.shape))
             if shape is None or not v.is_floating_point():

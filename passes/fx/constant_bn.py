@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.algebra import round_to
-from bnfold.passes.fx.constants import Constants, owner_label, roots
+from bnfold.passes.fx.constants import Constants, NotConstant, owner_label, roots
 from bnfold.passes.fx.sites import fetch, is_batchnorm, to_numpy, to_torch
 
 
@@ -32,10 +32,14 @@ def fold_constant_bns(gm: fx.GraphModule, consts: Constants) -> list[tuple[str, 
         while len(end.users) == 1 and consts.is_constant(next(iter(end.users))):
             end = next(iter(end.users))
         tensors = roots(node)
-        if not tensors or not isinstance(consts.value(end), torch.Tensor):
+        try:
+            exact = consts.value(end)
+        except NotConstant:
+            continue
+        if not tensors or not isinstance(exact, torch.Tensor):
             continue
         like = fetch(gm, tensors[0])
-        value = round_to(consts.value(end).numpy(), to_numpy(like[:0]).dtype)
+        value = round_to(exact.numpy(), to_numpy(like[:0]).dtype)
         path = _register(gm, tensors[0], node.name, to_torch(value, like))
         with gm.graph.inserting_after(end):
             attr = gm.graph.get_attr(path)

@@ -31,6 +31,10 @@ _METHODS = {
 }
 
 
+class NotConstant(Exception):
+    """A constant-looking node whose evaluation failed (it is then treated as computed)."""
+
+
 class Constants:
     """Which nodes of ``gm`` are constant, and their float64 values (both memoized)."""
 
@@ -56,10 +60,13 @@ class Constants:
             return True
         pure = (node.op == "call_function" and node.target in _FUNCTIONS) or (
             node.op == "call_method" and node.target in _METHODS)
-        return pure and all(self.is_constant(a) for a in node.all_input_nodes)
+        # a dtype argument (``view(torch.int32)``) would reinterpret float64 bits differently
+        typed = any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values()))
+        return pure and not typed and all(self.is_constant(a) for a in node.all_input_nodes)
 
     def value(self, node: Any) -> Any:
-        """The float64 value of a constant node (literals as they are)."""
+        """The float64 value of a constant node (literals as they are); raises
+        :class:`NotConstant` when an op of it fails on the float64 values."""
         if not isinstance(node, fx.Node):
             return node
         if node not in self._values:
@@ -73,10 +80,14 @@ class Constants:
             return t.double() if t.is_floating_point() else t
         args = fx.node.map_arg(node.args, self.value)
         kwargs = fx.node.map_arg(node.kwargs, self.value)
-        with torch.no_grad():
-            if node.op == "call_method":
-                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)  # type: ignore[operator]
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            self._constant[node] = False
+            raise NotConstant(f"{node.name} cannot be evaluated: {exc}") from exc
 
     def dtype(self, node: fx.Node) -> torch.dtype | None:
         """The floating dtype the model's tensors under ``node`` have (None: no float one)."""

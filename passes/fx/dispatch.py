@@ -91,10 +91,10 @@ def extract(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node) -> fx.Gra
 
 
 def replace(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node, name: str,
-            module: nn.Module) -> None:
+            module: nn.Module) -> fx.Node:
     """Put ``module`` (registered on ``gm`` as a fresh ``name``) in place of the path
-    ``nodes`` read from ``source``; the path's nodes are erased (its constants are left to
-    the caller's cleanup)."""
+    ``nodes`` read from ``source``; return the new call. The path's nodes are erased (its
+    constants are left to the caller's cleanup)."""
     target, i = name, 1
     while hasattr(gm, target):
         target, i = f"{name}_{i}", i + 1
@@ -104,6 +104,7 @@ def replace(gm: fx.GraphModule, nodes: list[fx.Node], source: fx.Node, name: str
     nodes[-1].replace_all_uses_with(call)
     for node in reversed(nodes):
         gm.graph.erase_node(node)
+    return call
 
 
 def originals(gm: fx.GraphModule, layers: list[fx.Node]) -> list[tuple[fx.Node, nn.Module]]:
@@ -131,8 +132,9 @@ def dispatch_fold(gm: fx.GraphModule, consts: Constants,
             install(gm, target, ranks, gm.get_submodule(target), original)
             continue
         start = _source(node)
-        replace(gm, [node], start, f"{node.name}_dispatch",
-                RankDispatch(ranks, extract(gm, [node], start), original))
+        call = replace(gm, [node], start, f"{node.name}_dispatch",
+                       RankDispatch(ranks, extract(gm, [node], start), original))
+        source = call if node is source else source
     if bn_nodes[0].op == "call_module" and len(bn_nodes) == 1:
         bn = str(bn_nodes[0].target)
         install(gm, bn, bn_ranks, nn.Identity(), gm.get_submodule(bn))

@@ -1,4 +1,4 @@
-"""Run-time state a traced graph does not show: module hooks.
+"""Run-time state a traced graph does not show: module hooks (and patched forwards).
 
 ``symbolic_trace`` keeps leaf modules (Conv, BN, ...) as ``call_module`` nodes, so their hooks
 keep running in the GraphModule, but it inlines every other module's ``forward`` and builds a
@@ -42,7 +42,11 @@ def hook_kinds(module: nn.Module) -> list[str]:
 
 
 def hook_reason(name: str, module: nn.Module) -> str | None:
-    """Why the BN or layer ``name`` cannot fold because of its hooks, or None."""
+    """Why the BN or layer ``name`` cannot fold because of its hooks (or a ``forward``
+    replaced on the instance, which the class's fold rules know nothing of), or None."""
+    if "forward" in vars(module):
+        return f"{name} has its forward replaced on the instance: what it computes is not " \
+               f"what a {type(module).__name__} computes, so it is left as it is"
     kinds = hook_kinds(module)
     if not kinds:
         return None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("bench_fx_fold", "bench_onnx_fold", "bench_training", "bench_fx_reach")
+BENCHMARKS = ("bench_fx_fold", "bench_onnx_fold", "bench_training", "bench_fx_reach",
+              "bench_bn_left")
 
 
 def main() -> None:

@@ -407,3 +407,25 @@ def split_sum(bn: BNParams, summands: int) -> list[BNParams]:
     the first carries the shift, the others scale only (exact, as affine BNs)."""
     s, t = bn.scale_shift()
     return [affine_bn(s, t if i == 0 else np.zeros_like(t)) for i in range(summands)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reach, ONNX side (issue 9): BN on a constant, BN over a concat of several layers.
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_bn(x: np.ndarray, bn: BNParams, *, training: bool, axis: int = 1) -> np.ndarray:
+    """``BN(x)`` in float64 for a constant ``x`` with channels on ``axis``.
+
+    ``training=True`` uses the batch statistics of ``x`` (mean and biased variance over every
+    axis but ``axis``, as ONNX and torch normalize in training mode) instead of ``bn``'s
+    running ones. The caller rounds the result once to its dtype (:func:`round_to`).
+    """
+    x64 = _f64(x)
+    axis %= x64.ndim
+    if training:
+        others = tuple(i for i in range(x64.ndim) if i != axis)
+        bn = BNParams(x64.mean(axis=others), x64.var(axis=others), bn.eps, bn.gamma, bn.beta)
+    s, t = bn.scale_shift()
+    shape = [1] * x64.ndim
+    shape[axis] = -1
+    return x64 * s.reshape(shape) + t.reshape(shape)

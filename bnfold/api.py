@@ -82,20 +82,23 @@ def recalibrate(
 
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
-              base_dir: Any = None) -> PassResult:
+              base_dir: Any = None, max_const_elements: int | None = None) -> PassResult:
     """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
     ``backward=False`` folds only layer -> BN; ``base_dir``: the folder of an in-memory
-    model's external data. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
+    model's external data; ``max_const_elements``: the size budget of tensors computed from
+    constants. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
-    return _fold_onnx(model, inplace=inplace, backward=backward, base_dir=base_dir)
+    return _fold_onnx(model, inplace=inplace, backward=backward, base_dir=base_dir,
+                      max_const_elements=max_const_elements)
 
 
-def inspect_onnx(model: Any, *, base_dir: Any = None) -> Report:
+def inspect_onnx(model: Any, *, base_dir: Any = None,
+                 max_const_elements: int | None = None) -> Report:
     """Report, without changing anything, what each BN of an ONNX model would fold into."""
     from bnfold.passes.onnx.fold import inspect_onnx as _inspect_onnx
 
-    return _inspect_onnx(model, base_dir=base_dir)
+    return _inspect_onnx(model, base_dir=base_dir, max_const_elements=max_const_elements)
 
 
 def insert_bn_onnx(

@@ -336,3 +336,24 @@ def test_split_sum_scales_every_summand_and_shifts_once() -> None:
                                                                            strict=True))
     np.testing.assert_allclose(total, sum(ys) * s + t, rtol=1e-12, atol=1e-12)
     assert all(not np.any(p.scale_shift()[1]) for p in parts[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reach, ONNX side: a BN evaluated on a constant.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_bn_matches_torch_in_float64(training: bool) -> None:
+    from bnfold.algebra import evaluate_bn
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)
+    bn = BNParams(rng.normal(size=5), rng.uniform(0.3, 3, 5), 1e-3, rng.normal(size=5),
+                  rng.normal(size=5))
+    want = F.batch_norm(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(bn.mean),
+                        torch.from_numpy(bn.var), torch.from_numpy(bn.gamma),
+                        torch.from_numpy(bn.beta), training=training, eps=1e-3).numpy()
+    got = evaluate_bn(x, bn, training=training)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    moved = evaluate_bn(np.moveaxis(x, 1, 3), bn, training=training, axis=3)
+    np.testing.assert_allclose(np.moveaxis(moved, 3, 1), want, rtol=1e-12, atol=1e-12)

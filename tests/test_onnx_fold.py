@@ -326,9 +326,9 @@ def test_opset6_is_test_0_is_kept_and_is_test_1_folds() -> None:
 def test_used_statistics_outputs_are_kept() -> None:
     b = Builder(1)
     b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])
-    b.bn("c", "y", 4)
+    b.bn("c", "y", 4, is_test=1)
     b.nodes[-1].output.extend(["rm", "rv", "sm", "sv"])
-    m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4], "rm": [4]}, opset=9)
+    m = b.model({"x": [2, 3, 4, 4]}, {"y": [2, 4, 4, 4], "rm": [4]}, opset=6, ir_version=4)
     _, report = fold_onnx(m)
     assert "is read by the graph output" in report.kept[0].reason
 

@@ -366,7 +366,9 @@ class OnnxCase:
     """A hand-built ONNX graph and everything needed to evaluate it in float64 with torch.
 
     ``order`` is ``"forward"`` (``x -> layer -> BN -> act``) or ``"backward"``
-    (``x -> BN -> layer -> act``); ``exact`` says whether a backward fold would be exact.
+    (``x -> BN -> layer -> act``); ``exact`` says whether a backward fold would be exact;
+    ``training``: the BN declares its statistics outputs at opset <= 13 (training mode by the
+    spec: ONNX Runtime uses batch statistics), so it must be kept.
     """
 
     model: onnx.ModelProto
@@ -377,6 +379,7 @@ class OnnxCase:
     act: str
     order: str
     exact: bool = True
+    training: bool = False
 
 
 def _bn_arrays(rng: np.random.Generator, c: int, zero_shift: bool) -> dict[str, np.ndarray]:
@@ -397,7 +400,8 @@ def onnx_out_size(op: str, size: int, k: int, s: int, d: int, op_pad: int, pads:
 def _gemm(draw: st.DrawFn, rng: np.random.Generator, opset: int, order: str
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], tuple[int, ...], int]:
     """Gemm attributes and tensors; backward folds are drawn only where documented exact
-    (``transA=0``, ``alpha = beta = 1``, ``C`` absent or a per-feature vector)."""
+    (``transA=0``, ``alpha = 1``, ``C`` absent (any ``beta``) or a per-feature vector with
+    ``beta = 1``)."""
     m, k, n = draw(st.integers(1, 5)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
     backward = order == "backward"
     trans_a = False if backward else draw(st.booleans())
@@ -412,6 +416,8 @@ def _gemm(draw: st.DrawFn, rng: np.random.Generator, opset: int, order: str
         c_shape = (n,)
     if c_shape != "none":
         params["B"] = rng.normal(0, 0.5, c_shape)
+    elif backward:  # beta multiplies no C: the fold's new C must not be scaled by it
+        attrs["beta"] = draw(st.sampled_from([1.0, 0.3, 0.0, 2.0]))
     return attrs, params, ((k, m) if trans_a else (m, k)), (k if backward else n)
 
 
@@ -460,6 +466,7 @@ def onnx_cases(draw: st.DrawFn, order: str) -> OnnxCase:
     act = draw(st.sampled_from(["none", "Relu", "Tanh"]))
     eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
     zero_shift = order == "backward" and draw(st.sampled_from([False, False, True]))
+    training = opset <= 13 and draw(st.sampled_from([False, False, False, True]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     if op == "Gemm":
         attrs, params, x_shape, channels = _gemm(draw, rng, opset, order)
@@ -476,6 +483,8 @@ def onnx_cases(draw: st.DrawFn, order: str) -> OnnxCase:
                              name="layer", **attrs)
     bn = helper.make_node("BatchNormalization", ["h", "scale", "bn_b", "mean", "var"], ["z"],
                           name="bn", epsilon=eps)
+    if training:  # declared, read by nothing
+        bn.output.extend(["running_mean", "running_var", "saved_mean", "saved_var"])
     first, second = (layer, bn) if order == "forward" else (bn, layer)
     first.input[0], first.output[0], second.input[0] = "x", "h", "h"
     nodes = [first, second]
@@ -490,7 +499,7 @@ def onnx_cases(draw: st.DrawFn, order: str) -> OnnxCase:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(onnx.IR_VERSION, 10)
     onnx.checker.check_model(model, full_check=True)
-    return OnnxCase(model, x, stored, attrs_eps, op, act, order, exact)
+    return OnnxCase(model, x, stored, attrs_eps, op, act, order, exact, training)
 
 
 def _reference(op: str, act: str, order: str, params: dict[str, np.ndarray],
@@ -550,8 +559,11 @@ def check_onnx_fold(case: OnnxCase, seed: int) -> Any:
     fresh = np.random.default_rng(seed).normal(size=case.x.shape).astype(np.float32)
     args = (case.op, case.act, case.order, case.params, case.attrs, fresh)
     want, scale = _reference(*args), _reference(*args, absolute=True)
-    for model in (case.model, folded):
-        (got,) = run_ort(model, {"x": fresh})
+    outputs = [run_ort(model, {"x": fresh})[0] for model in (case.model, folded)]
+    if case.training:  # kept as it was: ORT computes the same batch-statistics output
+        np.testing.assert_array_equal(outputs[1], outputs[0])
+        return report
+    for got in outputs:
         assert got.shape == want.shape
         assert scaled_err(got.astype(np.float64), want, scale) < FP32_TOL
     return report
@@ -561,6 +573,9 @@ def check_onnx_fold(case: OnnxCase, seed: int) -> Any:
 @given(case=onnx_cases("forward"), seed=st.integers(0, 2**31 - 1))
 def test_onnx_forward_fold_is_exact(case: OnnxCase, seed: int) -> None:
     report = check_onnx_fold(case, seed)
+    if case.training:
+        assert "training mode" in (report.kept[0].reason or ""), report.table()
+        return
     assert [e.action for e in report.entries] == ["folded"], report.table()
     assert report.entries[0].details.get("direction") == "forward"
 
@@ -571,8 +586,9 @@ def test_onnx_backward_fold_iff_exact(case: OnnxCase, seed: int) -> None:
     report = check_onnx_fold(case, seed)
     (entry,) = report.entries
     event(f"{case.op} {entry.action}")
-    assert entry.action == ("folded" if case.exact else "kept"), report.table()
-    if case.exact:
+    assert entry.action == ("folded" if case.exact and not case.training else "kept"), \
+        report.table()
+    if case.exact and not case.training:
         assert entry.details.get("direction") == "backward"
     else:
         assert entry.reason

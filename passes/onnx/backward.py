@@ -4,7 +4,8 @@
 ``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`). Exact cases, checked by
 :func:`bnfold.algebra.backward_fold_refusal`:
 
-* Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector)
+* Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector;
+  without ``C`` the shift becomes ``C`` and ``beta`` is set to 1)
   and MatMul on a rank-2 input with constant 2-D weight: always exact.
 * Conv with zero pads (explicit, ``VALID``, or ``SAME_*`` with 1x1 kernels): exact; with
   zero padding > 0 only when the BN shift ``t`` is all zero.
@@ -28,8 +29,10 @@ import onnx_ir as ir
 from bnfold.algebra import BNParams, Folded, backward_fold_refusal, fold_backward
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
-from bnfold.passes.onnx.consts import const_array, deferred, set_initializer
-from bnfold.passes.onnx.edit import add_bias_after, remove_bn
+from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
+from bnfold.passes.onnx.edit import add_bias_after
+from bnfold.passes.onnx.forward import remove
+from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
     Context,
     Fold,
@@ -39,14 +42,33 @@ from bnfold.passes.onnx.rules import (
     sole_reader,
 )
 from bnfold.passes.onnx.shapes import UNKNOWN
+from bnfold.passes.onnx.sites import Site
 
 _COPY_PAD_MODES = ("reflect", "edge", "wrap")
 
 
-def backward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
-    """Plan folding ``bn`` into the single layer that reads its output."""
-    y = bn.outputs[0]
-    node, index = _next(bn)
+def backward_fold(site: Site, ctx: Context) -> Fold | str:
+    """Plan folding ``site`` into the layer(s) that read its output."""
+    if site.axis != 1:
+        return (f"{site.what} scales axis {site.axis} of its input, not axis 1 that a layer "
+                "reads as input channels")
+    y = site.y
+    readers = [] if y.is_graph_output() else data_uses(y)
+    if len(readers) > 1:
+        return _readers_fold(site, readers, ctx)
+    fold = _single_fold(site, ctx)
+    if isinstance(fold, str):
+        return fold
+    return Fold(fold.into, fold.direction, lambda: (fold.apply(), remove(site, ctx)))
+
+
+def _single_fold(site: Site, ctx: Context) -> Fold | str:
+    """The rewrite of the one layer that reads ``site`` (through no-ops, a copying Pad or a
+    Flatten before a Gemm)."""
+    y, params = site.y, site.params
+    node, index = _next(site.nodes[-1])
+    while node is not None and index == 0 and is_noop(node, ctx):
+        node, index = _next(node)
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
     padding_mode = "zeros"
@@ -57,18 +79,43 @@ def backward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
         padding_mode = "reflect"
         node, index = _next(node)
     elif node.op_type in ("Flatten", "Reshape") and node.domain in ("", "ai.onnx"):
-        flat = _flattened(bn, params, node, ctx)
+        flat = _flattened(site, node, ctx)
         if isinstance(flat, str):
             return flat
         params = flat
         node, index = _next(node)
     if node is None or index != 0 or node.domain not in ("", "ai.onnx"):
         return f"its output feeds {consumers_text(y)}, not the data input of a layer"
+    return _layer(site, params, node, padding_mode, ctx)
+
+
+def _layer(site: Site, params: BNParams, node: ir.Node, padding_mode: str, ctx: Context
+           ) -> Fold | str:
     if node.op_type in ("Conv", "ConvTranspose"):
-        return _conv(bn, params, node, padding_mode, ctx)
+        return _conv(site, params, node, padding_mode, ctx)
     if node.op_type in ("Gemm", "MatMul"):
-        return _dense(bn, params, node, ctx)
+        return _dense(site, params, node, ctx)
     return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+
+
+def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
+    """One output read by several layers: fold into each (weights shared with other readers
+    are copied by :func:`set_initializer`), then remove the site once."""
+    folds = []
+    for node, index in readers:
+        fold = _layer(site, site.params, node, "zeros", ctx) if index == 0 \
+            and node.domain in ("", "ai.onnx") else "it is not the layer's data input"
+        if isinstance(fold, str):
+            return (f"its output feeds {consumers_text(site.y)}; every reader must be a "
+                    f"foldable layer, but for {display_name(node)}: {fold}")
+        folds.append(fold)
+
+    def apply() -> None:
+        for fold in folds:
+            fold.apply()
+        remove(site, ctx)
+
+    return Fold(folds[0].into, "backward", apply, [f.into for f in folds[1:]])
 
 
 def _next(node: ir.Node) -> tuple[ir.Node | None, int]:
@@ -84,12 +131,13 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
     if mode not in _COPY_PAD_MODES:
         return f"{display_name(pad)} pads with mode {mode!r}: the BN shift would reach the border"
     if ctx.opset >= 11:
-        pads = const_array(pad.inputs[1]) if len(pad.inputs) > 1 else None
+        pads = ctx.consts.array(pad.inputs[1]) if len(pad.inputs) > 1 and pad.inputs[1] \
+            else None
         if len(pad.inputs) > 3 and pad.inputs[3] is not None:
             return f"{display_name(pad)} has an axes input (not handled)"
     else:
         pads = pad.attributes.get_ints("pads", None)
-    if pads is None:
+    if pads is None or isinstance(pads, str):
         return f"{display_name(pad)} pads are not constant"
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
     half = len(pads) // 2
@@ -98,17 +146,18 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
     return sole_reader(pad.outputs[0], display_name(pad))
 
 
-def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node, ctx: Context) -> BNParams | str:
+def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm."""
     gemm, index = _next(flat)
     if gemm is None or gemm.op_type != "Gemm" or index != 0:
         return f"{display_name(flat)} does not feed a Gemm's input A alone"
-    weight = const_array(gemm.inputs[1])
-    if weight is None or weight.ndim != 2:
+    weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"
+    if isinstance(weight, str) or weight.ndim != 2:
         return f"{display_name(gemm)} weight is not a constant matrix"
     k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
+    params = site.params
     c = params.channels
-    dims = ctx.dims(bn.inputs[0])
+    dims = ctx.dims(site.x)
     if dims is not None and len(dims) >= 2 and all(d is not None for d in dims[2:]):
         positions = math.prod(dims[2:])  # type: ignore[arg-type]
     elif flat.op_type == "Flatten" and flat.attributes.get_int("axis", 1) == 1 and k % c == 0:
@@ -127,12 +176,12 @@ def _flattened(bn: ir.Node, params: BNParams, flat: ir.Node, ctx: Context) -> BN
                     gamma=spread(params.gamma), beta=spread(params.beta))
 
 
-def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
+def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
           ctx: Context) -> Fold | str:
-    weight = constant(conv.inputs[1], "weight", conv)
+    weight = constant(ctx, conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(conv, 2)
+    bias = optional_bias(ctx, conv, 2)
     if isinstance(bias, str):
         return bias
     attrs = conv.attributes
@@ -171,7 +220,7 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
     new_weight = deferred(conv.inputs[1], folded.weight, lambda w: fold(w).weight)
 
     def apply() -> None:
-        _rewrite(bn, conv, new_weight, ctx)
+        _rewrite(conv, new_weight, ctx)
         release(ctx, conv, 2)
         set_initializer(ctx.graph, conv, 2, folded.bias, ctx.namer,
                         f"{display_name(conv)}_bnfold_bias")
@@ -179,8 +228,8 @@ def _conv(bn: ir.Node, params: BNParams, conv: ir.Node, padding_mode: str,
     return Fold(into=conv, direction="backward", apply=apply)
 
 
-def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight", layer)
+def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
+    weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
         return weight
     if weight.ndim != 2:
@@ -194,17 +243,17 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
         has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
         if attrs.get_float("alpha", 1.0) != 1.0 or (has_c and attrs.get_float("beta", 1.0) != 1):
             return f"{display_name(layer)} has alpha or beta != 1 (backward fold not handled)"
+        # Without C, beta multiplies nothing; the new C (the BN shift) is used with beta = 1.
     else:
         in_axis = 0
-        x = bn.inputs[0]
-        dims = ctx.dims(x)
+        dims = ctx.dims(site.x)
         if dims is None:
             return f"the rank of {display_name(layer)}'s input is {UNKNOWN}"
         if len(dims) != 2:
             return (f"{display_name(layer)} input has rank {len(dims)}: the BN channel axis 1 "
                     "is not the axis it multiplies")
-        bias_node, bias_index = _matmul_bias(layer)
-    bias = None if bias_node is None else optional_bias(bias_node, bias_index)
+        bias_node, bias_index = _matmul_bias(layer, ctx)
+    bias = None if bias_node is None else optional_bias(ctx, bias_node, bias_index)
     if isinstance(bias, str):
         return bias
     n_out = weight.shape[1 - in_axis]
@@ -221,7 +270,7 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
     new_weight = deferred(layer.inputs[1], folded.weight, lambda w: fold(w).weight)
 
     def apply() -> None:
-        _rewrite(bn, layer, new_weight, ctx)
+        _rewrite(layer, new_weight, ctx)
         base = f"{display_name(layer)}_bnfold_bias"
         if bias_node is None:
             if np.any(folded.bias.astype(np.float64) != 0):
@@ -229,11 +278,13 @@ def _dense(bn: ir.Node, params: BNParams, layer: ir.Node, ctx: Context) -> Fold 
             return
         release(ctx, bias_node, bias_index)
         set_initializer(ctx.graph, bias_node, bias_index, folded.bias, ctx.namer, base)
+        if layer.op_type == "Gemm":
+            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     return Fold(into=layer, direction="backward", apply=apply)
 
 
-def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
+def _matmul_bias(mm: ir.Node, ctx: Context) -> tuple[ir.Node | None, int]:
     """The ``Add`` of a constant right after ``mm`` (and which input is the constant)."""
     user, _ = _next(mm)
     if user is None or user.op_type != "Add":
@@ -241,17 +292,13 @@ def _matmul_bias(mm: ir.Node) -> tuple[ir.Node | None, int]:
     for i in (0, 1):
         other = user.inputs[1 - i]
         if (user.inputs[i] is mm.outputs[0] and other is not None
-                and not other.is_graph_input() and const_array(other) is not None):
+                and isinstance(ctx.consts.array(other), np.ndarray)):
             return user, 1 - i
     return None, 0
 
 
 
-def _rewrite(bn: ir.Node, layer: ir.Node, weight: np.ndarray | ir.TensorProtocol,
-             ctx: Context) -> None:
-    """Write the scaled weight, then bypass and remove the BN."""
+def _rewrite(layer: ir.Node, weight: np.ndarray | ir.TensorProtocol, ctx: Context) -> None:
+    """Write the scaled weight."""
     release(ctx, layer, 1)
     set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{display_name(layer)}_bnfold_weight")
-    x = bn.inputs[0]
-    assert x is not None
-    ctx.released.extend(remove_bn(bn, x))

@@ -6,6 +6,9 @@ per channel (axis 1 of ``X``), which :class:`bnfold.algebra.BNParams` represents
 
 * opset >= 14 and ``training_mode=1`` (statistics come from the batch);
 * opset <= 6 and ``is_test=0`` (the default there: the same, in the old spelling);
+* opsets 7-13 and the node declares any statistics output (mean, var, saved_mean,
+  saved_var), even one nothing reads: by the spec that is training mode (ONNX Runtime then
+  computes ``Y`` from the batch statistics);
 * any output beyond ``Y`` (running/saved mean and variance) is read by a node or the graph.
 
 Opsets 1-8 have ``spatial``; ``spatial=0`` gives per-activation parameters of shape
@@ -19,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.algebra import BNParams, per_channel
-from bnfold.passes.onnx.consts import OVERRIDABLE, const_array, data_uses
+from bnfold.passes.onnx.consts import Constants, data_uses
 
 _PARAM_NAMES = ("scale", "B", "mean", "var")
 
@@ -40,25 +43,46 @@ def consumers_text(value: ir.Value, but: ir.Node | None = None) -> str:
     return ", ".join(names) if names else "nothing"
 
 
-def inference_params(bn: ir.Node, opset: int) -> BNParams | str:
+def inference_params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
     """The BN's :class:`BNParams`, or why it is not a foldable inference-mode BN."""
+    why = training_reason(bn, opset) or statistics_read(bn)
+    return why if why else params(bn, opset, consts)
+
+
+def training_reason(bn: ir.Node, opset: int) -> str | None:
+    """Why ``bn`` is in training mode (statistics from each batch), or ``None``."""
     attrs = bn.attributes
     if opset >= 14 and attrs.get_int("training_mode", 0) == 1:
         return "training_mode=1: statistics come from each batch, not foldable"
     if opset <= 6 and attrs.get_int("is_test", 0) == 0:
         return f"is_test=0 (opset {opset} training mode): statistics come from each batch"
+    declared = [out.name for out in bn.outputs[1:] if out is not None and out.name]
+    if 7 <= opset <= 13 and declared:
+        return (f"training mode by the ONNX spec: at opset {opset} a BatchNormalization that "
+                f"declares statistics outputs ({', '.join(map(repr, declared))}) computes Y "
+                "from each batch's statistics, not foldable")
+    return None
+
+
+def statistics_read(bn: ir.Node) -> str | None:
+    """Why removing ``bn`` would remove a statistics output someone reads, or ``None``."""
     for out in bn.outputs[1:]:
         if out is not None and (out.uses() or out.is_graph_output()):
             return (f"its statistics output {out.name!r} is read by {consumers_text(out)}; "
                     "removing the BN would remove it")
+    return None
+
+
+def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
+    """The BN's constant parameters (whatever its mode), or why they are not constant."""
+    attrs = bn.attributes
     arrays = []
     for name, value in zip(_PARAM_NAMES, bn.inputs[1:5], strict=False):
-        if value is not None and value.is_graph_input():
-            return f"BN {name} {value.name!r} {OVERRIDABLE}"
-        arr = const_array(value)
-        if arr is None:
-            label = value.name if value is not None else "(missing)"
-            return f"BN {name} {label!r} is not a constant"
+        if value is None:
+            return f"BN {name} is missing"
+        arr = consts.array(value)
+        if isinstance(arr, str):
+            return f"BN {name} {value.name!r} {arr}"
         arrays.append(arr)
     if len(arrays) != 4:
         return "BN has fewer than five inputs"

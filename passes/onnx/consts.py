@@ -1,49 +1,241 @@
 """Reading constant tensors out of an onnx-ir graph, and writing folded ones back.
 
 A value is constant when it is an initializer, the output of a ``Constant`` node, or the
-output of a *small constant subgraph*: a cone of at most :data:`MAX_CONE_NODES` nodes whose
-leaves are constants (torch's dynamo exporter with ``optimize=False`` builds a zero conv bias
-as ``Expand(CastLike(0, x), Shape(weight))``). Such cones are evaluated with onnxscript's
-constant folder restricted to the cone (``should_fold``), on a detached copy of the cone, so
-the user's graph is never restructured; only the layers a fold rewrites read the result.
-``CastLike`` and ``Shape`` may read a non-constant value for its dtype or static shape only.
+output of a *constant subgraph*: default-domain nodes (no control flow, nothing random) whose
+inputs are constants. torch's dynamo exporter with ``optimize=False`` builds a zero conv bias
+as ``Expand(CastLike(0, x), Shape(weight)[0:1])``: ``CastLike``'s target and the input of
+``Shape``/``Size`` contribute only their dtype or static shape, so they are never walked for
+values (the activation ``x`` and its ancestry cost nothing).
+
+:class:`Constants` decides which nodes are constant once per model, in one pass over it
+(linear in its size), and evaluates a value's cone of constant nodes node by node with ONNX's
+reference kernels, on copies: the user's graph is never restructured. Before each node runs,
+its result size is computed from its inputs' shapes; a node whose result would exceed the
+*element budget* (by default the largest tensor the model stores, at least
+:data:`MIN_BUDGET`) is not run, so an ``Expand(0, [2**28])`` bias is reported, never
+materialized.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants
+from onnx.reference.ops import load_op
 
 from bnfold.errors import BadInputError
 from bnfold.filechecks import first_line
 from bnfold.fileio import release_mapping
 
-MAX_CONE_NODES = 32
+#: At most this many nodes are evaluated for one constant (a bias or BN parameter cone).
+MAX_CONE_NODES = 64
+#: The element budget is never below this (small models still evaluate small cones).
+MIN_BUDGET = 4096
 #: Why a tensor listed among the graph inputs (IR version >= 4) is not folded.
 OVERRIDABLE = ("is a graph input (callers may override it; to fold it, take it off the graph "
                "inputs, e.g. export with keep_initializers_as_inputs=False)")
-_TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,)}
+#: Why a graph input without an initializer is not folded.
+RUNTIME_INPUT = "is a graph input without an initializer: its value is only known at run time"
+_TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,)}
+_NOT_CONSTANT_OPS = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                     "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+#: Ops whose result has no more elements than their largest input.
+_NOT_GROWING = {
+    "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Relu", "Sigmoid", "Tanh", "Floor",
+    "Ceil", "Round", "Sign", "Erf", "Softplus", "Cast", "CastLike", "Identity", "Reshape",
+    "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Slice", "Shape", "Size", "ReduceMean",
+    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Clip", "Not", "Split", "Softmax",
+    "BatchNormalization",
+}
+#: Ops whose inputs broadcast (numpy rules) to the result shape.
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
+                 "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or",
+                 "Xor", "Mod"}
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of ``value`` if it is constant (see module docstring), else ``None``;
-    :class:`BadInputError` if its stored data does not fill its shape (an invalid model)."""
-    if value is None:
+def graph_input_reason(value: ir.Value) -> str | None:
+    """Why a graph input cannot be folded (``None`` if ``value`` is not one)."""
+    if not value.is_graph_input():
         return None
-    tensor = const_tensor(value)
-    if tensor is None:
-        tensor = _evaluate_cone(value)
-    if tensor is None:
-        return None
+    return OVERRIDABLE if value.const_value is not None else RUNTIME_INPUT
+
+
+class Constants:
+    """Which values of one model are constant, and their arrays, under an element budget."""
+
+    def __init__(self, model: ir.Model, max_elements: int | None = None) -> None:
+        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self._nodes: set[ir.Node] = set()
+        self._known: dict[ir.Value, np.ndarray] = {}
+        largest = MIN_BUDGET
+        for graph in model.graphs():
+            for v in graph.initializers.values():
+                if v.shape is not None and v.shape.is_static():
+                    largest = max(largest, math.prod(v.shape.numpy()))
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type == "Constant" and node.outputs[0].shape is not None \
+                    and node.outputs[0].shape.is_static():
+                largest = max(largest, math.prod(node.outputs[0].shape.numpy()))
+            if self._computable(node):
+                self._nodes.add(node)
+        self.budget = largest if max_elements is None else max_elements
+
+    def _computable(self, node: ir.Node) -> bool:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_CONSTANT_OPS:
+            return False
+        type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
+        return all(v is None or self.is_constant(v) or (i in type_only and _static_type(v))
+                   for i, v in enumerate(node.inputs))
+
+    def is_constant(self, value: ir.Value) -> bool:
+        """Whether ``value`` is computed from constants only (nothing is evaluated)."""
+        if value.is_graph_input():
+            return False
+        node = value.producer()
+        return const_tensor(value) is not None if node is None or node not in self._nodes \
+            else True
+
+    def array(self, value: ir.Value) -> np.ndarray | str:
+        """The numpy value of ``value``, or why it has none (a phrase: "is not a constant")."""
+        why = graph_input_reason(value)
+        if why:
+            return why
+        tensor = const_tensor(value)
+        if tensor is not None:
+            return _numpy(tensor, value)
+        if value in self._known:
+            return self._known[value]
+        cone = self._cone(value)
+        if isinstance(cone, str):
+            return cone
+        out = self._evaluate(cone, value)
+        if isinstance(out, np.ndarray):
+            self._known[value] = out
+        return out
+
+    def _cone(self, value: ir.Value) -> list[ir.Node] | str:
+        """The constant nodes computing ``value``, in topological order."""
+        node = value.producer()
+        if node is None or node not in self._nodes:
+            return "is not a constant"
+        order: list[ir.Node] = []
+        seen: set[ir.Node] = set()
+        stack: list[tuple[ir.Node, bool]] = [(node, False)]
+        while stack:  # depth-first, post-order: every node after the nodes it reads
+            current, expanded = stack.pop()
+            if expanded:
+                order.append(current)
+                continue
+            if current in seen:
+                continue
+            seen.add(current)
+            if len(seen) > MAX_CONE_NODES:
+                return f"is computed by more than {MAX_CONE_NODES} constant nodes"
+            stack.append((current, True))
+            for inp in self._value_inputs(current):
+                producer = inp.producer()
+                if producer is not None and producer not in seen \
+                        and const_tensor(inp) is None:
+                    stack.append((producer, False))
+        return order
+
+    @staticmethod
+    def _value_inputs(node: ir.Node) -> list[ir.Value]:
+        type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
+        return [v for i, v in enumerate(node.inputs)
+                if v is not None and (i not in type_only or not _static_type(v))]
+
+    def _evaluate(self, cone: list[ir.Node], value: ir.Value) -> np.ndarray | str:
+        results: dict[ir.Value, np.ndarray] = {}
+        for node in cone:
+            args = [None if v is None else results[v] if v in results
+                    else self._leaf(node, i, v) for i, v in enumerate(node.inputs)]
+            size = _result_elements(node, args)
+            if size is None:
+                return (f"is computed by {node.op_type}, whose result size bnfold cannot "
+                        "bound before running it")
+            if size > self.budget:
+                return (f"is computed by {node.op_type} with {size} elements, over the "
+                        f"constant-evaluation budget of {self.budget} (max_const_elements)")
+            outputs = _run(node, args, node.version or self.opset)
+            if outputs is None:
+                return f"is computed by {node.op_type}, which bnfold cannot evaluate"
+            results.update(zip(node.outputs, outputs, strict=False))
+        return results[value]
+
+    def _leaf(self, node: ir.Node, index: int, value: ir.Value) -> np.ndarray:
+        """A cone input: its array, or for a dtype/shape-only input a zero-stride stand-in
+        of its type (nothing read, nothing allocated)."""
+        if index in _TYPE_ONLY_INPUTS.get(node.op_type, ()) and _static_type(value):
+            assert value.dtype is not None and value.shape is not None
+            return np.broadcast_to(np.zeros((), value.dtype.numpy()), tuple(value.shape.numpy()))
+        if value in self._known:
+            return self._known[value]
+        tensor = const_tensor(value)
+        assert tensor is not None
+        return _numpy(tensor, value)
+
+
+def _numpy(tensor: ir.TensorProtocol, value: ir.Value) -> np.ndarray:
+    """``tensor``'s array; :class:`BadInputError` if its stored data does not fill its shape
+    (an invalid model)."""
     try:
         return tensor.numpy()
-    except ValueError as exc:  # data that does not fill the shape: an invalid model
+    except ValueError as exc:
         raise BadInputError(f"invalid model: tensor {value.name!r} cannot be read "
                             f"({first_line(exc)})") from exc
+
+
+def _static_type(value: ir.Value) -> bool:
+    shape = value.shape
+    return value.dtype is not None and shape is not None and shape.is_static()
+
+
+def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None:
+    """How many elements ``node`` produces from ``args`` (an upper bound), or ``None``."""
+    op = node.op_type
+    if op in ("Shape", "Size"):
+        return max(1, args[0].ndim)
+    type_only = _TYPE_ONLY_INPUTS.get(op, ())
+    arrays = [a for i, a in enumerate(args) if a is not None and i not in type_only]
+    try:
+        if op in _NOT_GROWING:
+            return max([int(np.prod(a.shape, dtype=object)) for a in arrays] + [1])
+        if op == "Concat":
+            return sum(int(a.size) for a in arrays)
+        if op in _BROADCASTING:
+            return math.prod(np.broadcast_shapes(*(a.shape for a in arrays)))
+        if op == "Expand":
+            return math.prod(np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1])))
+        if op == "ConstantOfShape":
+            return math.prod(int(d) for d in args[0].reshape(-1))
+        if op == "Tile":
+            return math.prod(int(d) * int(r) for d, r in zip(args[0].shape, args[1],
+                                                                strict=True))
+        if op == "Range":
+            start, limit, delta = (float(a) for a in args)
+            return max(0, math.ceil((limit - start) / delta))
+        if op == "Gather":
+            return int(args[0].size) * max(1, int(args[1].size))
+    except (ValueError, TypeError, ZeroDivisionError, IndexError):
+        return None
+    return None
+
+
+def _run(node: ir.Node, args: list[np.ndarray | None], version: int
+         ) -> list[np.ndarray] | None:
+    """Run ``node`` on ``args`` with ONNX's reference kernel at opset ``version``."""
+    try:
+        kernel = load_op("", node.op_type, version)
+        attrs = {name: ir.serde.serialize_tensor(a.value) if a.type == ir.AttributeType.TENSOR
+                 else a.value for name, a in node.attributes.items()}
+        out = kernel.eval(*args, **attrs)
+    except Exception:  # an op or attribute the reference kernels cannot run
+        return None
+    return [np.asarray(o) for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
 def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
@@ -66,91 +258,6 @@ def data_uses(value: ir.Value) -> list[Any]:
     return [u for u in value.uses()
             if u.idx not in _TYPE_ONLY_INPUTS.get(u.node.op_type, ())
             or u.node.domain not in ("", "ai.onnx")]
-
-
-def _cone(value: ir.Value) -> list[ir.Node] | None:
-    """Nodes (topologically ordered) that compute ``value`` from constants, or ``None``.
-
-    The search stops after :data:`MAX_CONE_NODES` nodes, so a value computed from the graph's
-    inputs costs a bounded walk, never one over the whole graph.
-    """
-    order: list[ir.Node] = []
-    seen: set[int] = set()
-    visited = 0
-
-    def visit(v: ir.Value, type_only: bool) -> bool:
-        nonlocal visited
-        if const_tensor(v) is not None and not v.is_graph_input():
-            return True
-        node = v.producer()
-        if (node is None or node.domain not in ("", "ai.onnx")
-                or node.op_type in ("If", "Loop", "Scan")):
-            return type_only and _static_type(v)
-        if id(node) in seen:
-            return True
-        visited += 1
-        if visited > MAX_CONE_NODES:
-            return type_only and _static_type(v)
-        skip = _TYPE_ONLY_INPUTS.get(node.op_type, ())
-        for i, inp in enumerate(node.inputs):
-            if inp is not None and not visit(inp, i in skip):
-                return type_only and _static_type(v)
-        seen.add(id(node))
-        order.append(node)
-        return True
-
-    if not visit(value, False) or not order:
-        return None
-    return order
-
-
-def _static_type(value: ir.Value) -> bool:
-    shape = value.shape
-    return value.dtype is not None and shape is not None and shape.is_static()
-
-
-def _evaluate_cone(value: ir.Value) -> ir.TensorProtocol | None:
-    """Evaluate the small constant cone of ``value`` on a detached copy, with onnxscript."""
-    nodes = _cone(value)
-    if nodes is None:
-        return None
-    graph = value.graph
-    opset = graph.opset_imports.get("", None) if graph is not None else None
-    if opset is None:
-        return None
-    mapping: dict[ir.Value, ir.Value] = {}
-
-    def copy(v: ir.Value | None) -> ir.Value | None:
-        if v is None:
-            return None
-        if v not in mapping:
-            const = const_tensor(v)
-            if const is None:  # a value read only for its type: give a placeholder of it
-                shape = v.shape
-                assert shape is not None and v.dtype is not None
-                const = ir.Tensor(np.zeros(shape.numpy(), dtype=v.dtype.numpy()))
-            mapping[v] = ir.Value(name=f"c{len(mapping)}", const_value=const,
-                                  shape=ir.Shape(const.shape), type=ir.TensorType(const.dtype))
-        return mapping[v]
-
-    new_nodes = []
-    for node in nodes:
-        inputs = [copy(i) for i in node.inputs]
-        new = ir.Node(node.domain, node.op_type, inputs, node.attributes.values(),
-                      num_outputs=len(node.outputs), version=node.version)
-        for old, out in zip(node.outputs, new.outputs, strict=True):
-            mapping[old] = out
-        new_nodes.append(new)
-    consts = [v for v in mapping.values() if v.producer() is None]
-    target = mapping[value]
-    cone = ir.Graph([], [target], nodes=new_nodes, initializers=consts,
-                    opset_imports={"": opset})
-    try:
-        fold_constants(ir.Model(cone, ir_version=10), should_fold=lambda _n: True)
-    except Exception:  # an op the evaluator cannot run: treat as not constant
-        return None
-    out = cone.outputs[0]
-    return const_tensor(out)
 
 
 def make_tensor(array: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:

@@ -7,7 +7,7 @@ rules), so callers see the same output name, shape and dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -15,18 +15,21 @@ import onnx_ir as ir
 from bnfold.passes.onnx.consts import Namer, make_tensor
 
 
-def remove_bn(bn: ir.Node, replacement: ir.Value) -> list[ir.Value]:
-    """Remove ``bn`` and make its readers read ``replacement``; return its released inputs."""
-    graph = bn.graph
+def remove_bn(nodes: Sequence[ir.Node], replacement: ir.Value) -> list[ir.Value]:
+    """Remove a BN site (a BN node, or a chain of nodes whose last output is its ``y``) and
+    make its readers read ``replacement`` (its input); return its released inputs."""
+    graph = nodes[-1].graph
     assert graph is not None
-    y = bn.outputs[0]
+    y = nodes[-1].outputs[0]
     name = y.name
     renamed = y.is_graph_output()
     if renamed:  # the graph output keeps its declared dtype and shape (value_info may lack both)
         replacement.type, replacement.shape = y.type, y.shape
     y.replace_all_uses_with(replacement, replace_graph_outputs=True)
-    released = [v for v in bn.inputs[1:] if v is not None]
-    graph.remove(bn, safe=True)
+    internal = {n.outputs[0] for n in nodes} | {replacement}
+    released = [v for n in nodes for v in n.inputs if v is not None and v not in internal]
+    for node in reversed(nodes):
+        graph.remove(node, safe=True)
     if renamed:
         replacement.name = name
     return released

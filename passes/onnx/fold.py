@@ -1,10 +1,13 @@
 """Fold ONNX ``BatchNormalization`` nodes into neighbouring Conv/ConvTranspose/Gemm/MatMul.
 
 ``fold_onnx(model)`` visits every BN of the main graph and of every subgraph (If/Loop/Scan
-bodies), in graph order, and for each tries:
+bodies), in graph order, then every BN-like constant affine chain (:mod:`.sites`). A BN on a
+constant is evaluated once (:mod:`.constant_bn`); for every other site it tries:
 
-1. a forward fold into the layer that produces its input (:mod:`.forward`), else
-2. a backward fold into the single layer that reads its output (:mod:`.backward`),
+1. a forward fold into the layer that produces its input (:mod:`.forward`), through
+   eval-mode no-ops (:mod:`.noops`), else
+2. a split fold over a sum or channel concat of layers (:mod:`.linear`), else
+3. a backward fold into the layer(s) that read its output (:mod:`.backward`),
 
 repeating until nothing changes (so ``BN -> BN -> Conv`` chains fold completely). A BN that is
 not an inference-mode affine map (:mod:`.bn`) or whose fold would be inexact, overflow its
@@ -38,19 +41,24 @@ from bnfold.filechecks import check_initializers
 from bnfold.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
-from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.constant_bn import constant_bn
+from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.linear import structure_fold
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
+from bnfold.passes.onnx.sites import Site, affine_chains, affine_site
 from bnfold.passes.onnx.validity import check_graphs
 from bnfold.report import Entry, PassResult, Report
 
 _MAX_ROUNDS = 8
+_NONE = Entry("", "kept")
 
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
-              base_dir: str | os.PathLike[str] | None = None) -> PassResult:
+              base_dir: str | os.PathLike[str] | None = None,
+              max_const_elements: int | None = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -60,17 +68,23 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     external tensors still lazy: only the tensors a fold touches are read; save it with
     :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
     An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
-    (:func:`bnfold.external_data.bind_external_data`).
+    (:func:`bnfold.external_data.bind_external_data`). ``max_const_elements`` bounds the size
+    of any tensor computed from constants (a bias or BN parameter built by
+    ``Expand``/``ConstantOfShape``/...); default: the largest tensor the model stores (see
+    :class:`bnfold.passes.onnx.consts.Constants`). A BN whose fold needs a larger one is kept,
+    with the reason.
     """
     with _gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
-        report = _fold(ir_model, "fold_onnx", backward=backward)
+        report = _fold(ir_model, "fold_onnx", backward=backward,
+                       max_const_elements=max_const_elements)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
 
-def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None) -> Report:
+def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
+                 max_const_elements: int | None = None) -> Report:
     """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
 
     Runs the fold on a copy that shares the input's tensors; the input is not changed. The
@@ -80,7 +94,8 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None) 
     with _gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
         bind_external_data(ir_model, base_dir)
-        report = _fold(ir_model, "inspect_onnx", backward=True)
+        report = _fold(ir_model, "inspect_onnx", backward=True,
+                       max_const_elements=max_const_elements)
     report.dry_run = True
     return report
 
@@ -113,7 +128,8 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
         f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
 
 
-def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
+def _fold(model: ir.Model, pass_name: str, *, backward: bool,
+          max_const_elements: int | None) -> Report:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -124,8 +140,9 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
+    consts = Constants(model, max_const_elements)
     for graph in list(model.graphs()):
-        ctx = Context(graph, opset, namer, shapes)
+        ctx = Context(graph, opset, namer, shapes, consts)
         for _ in range(_MAX_ROUNDS):
             if not _round(ctx, entries, backward):
                 break
@@ -157,35 +174,70 @@ def _function_entries(model: ir.Model) -> list[Entry]:
 
 
 def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
-    """One pass over the graph's BNs; true when something folded."""
+    """One pass over the graph's BNs and BN-like affine chains; true when something folded."""
     changed = False
-    for node in list(ctx.graph):
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        name = display_name(node)
-        with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
-            outcome = _plan(node, ctx, backward)
-        if isinstance(outcome, Fold):
-            outcome.apply()
-            prune(ctx.released)
-            ctx.released.clear()
-            entries[node] = Entry(name, "folded", display_name(outcome.into),
-                                      details={"direction": outcome.direction,
-                                               "layer": outcome.into.op_type})
+    for bn in [n for n in ctx.graph
+               if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
+            continue  # removed by an earlier fold of this round, or left by a split fold
+        value = constant_bn(bn, ctx)
+        if isinstance(value, ir.Value):
+            entries[bn] = Entry(display_name(bn), "folded", value.name, details={
+                "direction": "constant", "kind": "BatchNormalization on a constant"})
+            _release(ctx)
             changed = True
-        else:
-            entries[node] = Entry(name, "kept", reason=outcome)
+            continue
+        params = inference_params(bn, ctx.opset, ctx.consts) if value is None else value
+        site = params if isinstance(params, str) else Site([bn], bn.inputs[0], params)
+        changed |= _settle(bn, site, ctx, entries, backward)
+    for chain in affine_chains(ctx.graph, ctx.consts):
+        site = affine_site(chain, ctx)
+        if site is not None:
+            kind = chain[0].node.op_type if isinstance(site, str) else site.kind
+            changed |= _settle(chain[0].node, site, ctx, entries, backward, kind)
     return changed
 
 
-def _plan(bn: ir.Node, ctx: Context, backward: bool) -> Fold | str:
-    params = inference_params(bn, ctx.opset)
-    if isinstance(params, str):
-        return params
-    forward = forward_fold(bn, params, ctx)
-    if isinstance(forward, Fold) or not backward:
+def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node, Entry],
+            backward: bool, kind: str = "BatchNormalization") -> bool:
+    """Plan and apply one site's fold, or record why it stays; true when it folded."""
+    name = display_name(key)
+    with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
+        outcome = site if isinstance(site, str) else _plan(site, ctx, backward)
+    if isinstance(outcome, str):
+        entries[key] = Entry(name, "kept", reason=outcome, details={"kind": kind})
+        return False
+    outcome.apply()
+    _release(ctx)
+    into = ", ".join(display_name(n) for n in [outcome.into, *outcome.also])
+    details = {"direction": outcome.direction, "layer": outcome.into.op_type, "kind": kind}
+    if outcome.kept:  # the BN left in the site's place carries the entry
+        entries.pop(key, None)
+        left = next(n for n in ctx.graph if n.op_type == "BatchNormalization"
+                    and n.name == name and n is not key)
+        entries[left] = Entry(name, "kept", into, outcome.kept, {**details, "sliced": True})
+    else:
+        entries[key] = Entry(name, "folded", into, details=details)
+    return True
+
+
+def _release(ctx: Context) -> None:
+    prune(ctx.released)
+    ctx.released.clear()
+
+
+def _plan(site: Site, ctx: Context, backward: bool) -> Fold | str:
+    forward = forward_fold(site, ctx)
+    if isinstance(forward, Fold):
         return forward
-    back = backward_fold(bn, params, ctx)
+    split = structure_fold(site, ctx)
+    if split is not None:
+        if isinstance(split, Fold):
+            return split
+        forward = split
+    if not backward:
+        return forward
+    back = backward_fold(site, ctx)
     if isinstance(back, Fold):
         return back
     return f"{forward}; and {back}"

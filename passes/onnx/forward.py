@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.algebra import BNParams, Folded, fold_forward
+from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
-from bnfold.passes.onnx.bn import display_name
-from bnfold.passes.onnx.consts import deferred, set_initializer
+from bnfold.passes.onnx.bn import display_name, inference_params
+from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
+from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
     Context,
     Fold,
@@ -39,24 +40,40 @@ from bnfold.passes.onnx.rules import (
     sole_reader,
 )
 from bnfold.passes.onnx.shapes import UNKNOWN
+from bnfold.passes.onnx.sites import Site
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
-def forward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
-    """Plan folding ``bn`` into the layer that produces its input (see module docstring)."""
+def forward_fold(site: Site, ctx: Context) -> Fold | str:
+    """Plan folding ``site`` into the layer that produces its input (see module docstring)."""
+    fold = layer_fold(site, ctx)
+    if isinstance(fold, str):
+        return fold
+    return Fold(fold.into, fold.direction, lambda: (fold.apply(), remove(site, ctx)))
+
+
+def remove(site: Site, ctx: Context) -> None:
+    """Bypass and remove the site (its readers read its input)."""
+    ctx.released.extend(remove_bn(site.nodes, site.current_x()))
+
+
+def layer_fold(site: Site, ctx: Context) -> Fold | str:
+    """The rewrite of the layer before ``site`` that makes the site an identity."""
     chain: list[ir.Node] = []
-    value = bn.inputs[0]
-    assert value is not None
-    reader = bn
+    value = site.x
+    reader = site.nodes[0]
+    shared = False
     while True:
         node = value.producer()
         if node is None:
             return f"its input {value.name!r} is a graph input or constant, not a layer output"
         why = sole_reader(value, display_name(node), reader)
-        if why:
+        shared = bool(why) and not chain and _only_bns_read(node, ctx)
+        if why and not shared:
             return why
-        if node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS:
+        if (node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS) \
+                or is_noop(node, ctx):
             chain.insert(0, node)
             reader = node
             value = node.inputs[0]
@@ -70,7 +87,37 @@ def forward_fold(bn: ir.Node, params: BNParams, ctx: Context) -> Fold | str:
     if rule is None:
         return (f"its input comes from {display_name(layer)} ({layer.op_type}), "
                 "not a Conv/ConvTranspose/Gemm/MatMul")
-    return rule(bn, params, layer, chain, ctx)
+    fold = rule(site, layer, chain, ctx)
+    if not shared or isinstance(fold, str):
+        return fold
+    return Fold(fold.into, fold.direction, lambda: (_copy_for(layer, reader, ctx), fold.apply()))
+
+
+def _only_bns_read(layer: ir.Node, ctx: Context) -> bool:
+    """A Conv/ConvTranspose/Gemm whose output only inference-mode BNs read (TorchScript
+    merges identical layers that each had their own BN): each BN can fold into its own copy
+    of the layer."""
+    out = layer.outputs[0]
+    return (layer.op_type in ("Conv", "ConvTranspose", "Gemm") and not out.is_graph_output()
+            and all(u.node.op_type == "BatchNormalization" and u.node.domain in ("", "ai.onnx")
+                    and u.idx == 0
+                    and not isinstance(inference_params(u.node, ctx.opset, ctx.consts), str)
+                    for u in data_uses(out)))
+
+
+def _copy_for(layer: ir.Node, reader: ir.Node, ctx: Context) -> None:
+    """Give every reader of ``layer`` but ``reader`` a copy of it, so ``reader`` is its only
+    reader (the copy reads the same tensors; a fold then copies those it rewrites)."""
+    copy = ir.Node(layer.domain, layer.op_type, list(layer.inputs),
+                   list(layer.attributes.values()),
+                   name=ctx.namer.fresh(f"{display_name(layer)}_copy"))
+    out = layer.outputs[0]
+    copy.outputs[0].name = ctx.namer.fresh(f"{out.name}_copy")
+    copy.outputs[0].type, copy.outputs[0].shape = out.type, out.shape
+    ctx.graph.insert_after(layer, copy)
+    for user, index in list(out.uses()):
+        if user is not reader:
+            user.replace_input_with(index, copy.outputs[0])
 
 
 def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) -> int | str:
@@ -83,7 +130,7 @@ def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) ->
                 return f"the rank before {display_name(node)} is {UNKNOWN}"
             perm = node.attributes.get_ints("perm", None) or list(range(len(dims_in)))[::-1]
             axis = list(perm).index(axis)
-        else:
+        elif node.op_type in LAYOUT_OPS:  # (no-ops keep every axis)
             if dims_in is None or dims_out is None:
                 return f"the shape around {display_name(node)} is {UNKNOWN}"
             mapped = _reshape_axis(dims_in, axis, dims_out)
@@ -130,16 +177,16 @@ class _Plan:
     bias_scale: float = 1.0
 
 
-def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
-            plan: _Plan) -> Fold | str:
+def _finish(site: Site, chain: list[ir.Node], ctx: Context, plan: _Plan) -> Fold | str:
     """Check the axis, compute the fold, and return the rewrite."""
     layer = plan.layer
     axis = _map_axis(chain, plan.top.outputs[0], plan.feature_axis, ctx)
     if isinstance(axis, str):
         return axis
-    if axis != 1:
-        return (f"the BN normalizes axis 1 but {display_name(layer)}'s output features reach "
-                f"it on axis {axis}: the axes do not line up")
+    if axis != site.axis:
+        return (f"{site.what} normalizes axis {site.axis} but {display_name(layer)}'s output "
+                f"features reach it on axis {axis}: the axes do not line up")
+    params = site.params
     bias, out_axis, groups, scale = plan.bias, plan.out_axis, plan.groups, plan.bias_scale
 
     def fold(weight: np.ndarray) -> Folded:
@@ -164,47 +211,44 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
             layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         release(ctx, layer, 1)
         set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{base}_bnfold_weight")
-        x = bn.inputs[0]
-        assert x is not None
-        ctx.released.extend(remove_bn(bn, x))
 
     return Fold(into=layer, direction="forward", apply=apply)
 
 
-def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+def _conv(site: Site, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
+    weight = constant(ctx, layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(layer, 2)
+    bias = optional_bias(ctx, layer, 2)
     if isinstance(bias, str):
         return bias
     transpose = layer.op_type == "ConvTranspose"
     groups = layer.attributes.get_int("group", 1)
     plan = _Plan(layer, layer, 1, weight, 1 if transpose else 0, groups, bias, layer)
-    return _finish(bn, params, chain, ctx, plan)
+    return _finish(site, chain, ctx, plan)
 
 
-def _gemm(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+def _gemm(site: Site, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight (B)", layer)
+    weight = constant(ctx, layer.inputs[1], "weight (B)", layer)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(layer, 2)
+    bias = optional_bias(ctx, layer, 2)
     if isinstance(bias, str):
         return bias
     out_axis = 0 if layer.attributes.get_int("transB", 0) else 1
     beta = layer.attributes.get_float("beta", 1.0)
     plan = _Plan(layer, layer, 1, weight, out_axis, 1, bias, layer, bias_scale=beta)
-    return _finish(bn, params, chain, ctx, plan)
+    return _finish(site, chain, ctx, plan)
 
 
-def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+def _matmul(site: Site, layer: ir.Node, chain: list[ir.Node],
             ctx: Context, bias_node: ir.Node | None = None, bias_index: int = 0,
             bias: np.ndarray | None = None) -> Fold | str:
-    weight = constant(layer.inputs[1], "weight", layer)
+    weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
-        if isinstance(constant(layer.inputs[0], "weight", layer), np.ndarray):
+        if isinstance(constant(ctx, layer.inputs[0], "weight", layer), np.ndarray):
             return (f"{display_name(layer)} multiplies a constant on the left (W @ x): "
                     "its rows, not a weight's columns, give the output features (not handled)")
         return weight
@@ -218,7 +262,7 @@ def _matmul(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
     top_rank = rank if bias is None else max(rank, bias.ndim)
     plan = _Plan(layer, bias_node or layer, top_rank - 1, weight, 1, 1, bias, bias_node,
                  bias_index)
-    return _finish(bn, params, chain, ctx, plan)
+    return _finish(site, chain, ctx, plan)
 
 
 def _matmul_rank(layer: ir.Node, ctx: Context) -> int | None:
@@ -229,7 +273,7 @@ def _matmul_rank(layer: ir.Node, ctx: Context) -> int | None:
     return None if dims is None else max(len(dims), 1 if len(dims) == 1 else 2)
 
 
-def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
+def _add(site: Site, layer: ir.Node, chain: list[ir.Node],
          ctx: Context) -> Fold | str:
     """``MatMul -> Add(constant bias) -> BN``."""
     for i in (0, 1):
@@ -242,10 +286,10 @@ def _add(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
         why = sole_reader(mm_out, display_name(mm), layer)
         if why:
             return why
-        bias = constant(other, "bias", layer)
+        bias = constant(ctx, other, "bias", layer)
         if isinstance(bias, str):
             return bias
-        return _matmul(bn, params, mm, chain, ctx, layer, 1 - i, bias)
+        return _matmul(site, mm, chain, ctx, layer, 1 - i, bias)
     return f"its input comes from {display_name(layer)} (Add), not MatMul + constant bias"
 
 

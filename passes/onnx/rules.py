@@ -14,18 +14,20 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.passes.onnx.bn import consumers_text, display_name
-from bnfold.passes.onnx.consts import OVERRIDABLE, Namer, const_array, data_uses
+from bnfold.passes.onnx.consts import Constants, Namer, data_uses
 from bnfold.passes.onnx.shapes import Dims, Shapes
 
 
 @dataclass
 class Context:
-    """Where a rule runs: the graph, the default-domain opset, names, shapes, released values."""
+    """Where a rule runs: the graph, the default-domain opset, names, shapes, constants,
+    released values."""
 
     graph: ir.Graph
     opset: int
     namer: Namer
     shapes: Shapes
+    consts: Constants
     released: list[ir.Value] = field(default_factory=list)
 
     def dims(self, value: ir.Value | None) -> Dims | None:
@@ -40,27 +42,28 @@ class Fold:
     into: ir.Node
     direction: str
     apply: Callable[[], None]
+    also: list[ir.Node] = field(default_factory=list)  # further layers folded into
+    kept: str | None = None  # a partial fold: why a (smaller) BN stays in the site's place
 
 
-def constant(value: ir.Value | None, what: str, layer: ir.Node) -> np.ndarray | str:
+def constant(ctx: Context, value: ir.Value | None, what: str, layer: ir.Node
+             ) -> np.ndarray | str:
     """The array behind ``value`` or why the layer's ``what`` cannot be folded into."""
     if value is None:
         return f"{display_name(layer)} has no {what}"
-    if value.is_graph_input():
-        return f"{display_name(layer)} {what} {value.name!r} {OVERRIDABLE}"
-    arr = const_array(value)
-    if arr is None:
-        return f"{display_name(layer)} {what} {value.name!r} is not a constant"
+    arr = ctx.consts.array(value)
+    if isinstance(arr, str):
+        return f"{display_name(layer)} {what} {value.name!r} {arr}"
     if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
         return f"{display_name(layer)} {what} has dtype {arr.dtype}, not a float"
     return arr
 
 
-def optional_bias(layer: ir.Node, index: int) -> np.ndarray | str | None:
+def optional_bias(ctx: Context, layer: ir.Node, index: int) -> np.ndarray | str | None:
     """The constant bias at input ``index`` of ``layer``; ``None`` when it has none."""
     if index >= len(layer.inputs) or layer.inputs[index] is None:
         return None
-    return constant(layer.inputs[index], "bias", layer)
+    return constant(ctx, layer.inputs[index], "bias", layer)
 
 
 def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:

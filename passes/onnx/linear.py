@@ -1,0 +1,152 @@
+"""Forward folds through linear structure: a BN after a sum or a channel concat of layers.
+
+* ``BN(y1 + y2)`` with each ``yi`` a layer output read only by the ``Add`` (same shape as the
+  sum, so nothing broadcasts): ``BN(y1 + y2) = (s*y1 + t) + s*y2``
+  (:func:`bnfold.algebra.split_sum`): every summand's layer is scaled, the shift goes into the
+  first one's bias. Exact for every input.
+* ``BN(Concat(y1, ..., yn))`` on the BN's channel axis: the BN acts on each input's channel
+  slice independently, ``BN(cat(y1, y2)) = cat(BN[:c1](y1), BN[c1:](y2))``
+  (:func:`bnfold.algebra.slice_bn`), so each slice folds into its layer (forward rules of
+  :mod:`.forward`). When exactly one input is not a foldable layer, the others fold and a
+  ``BatchNormalization`` over that input's slice only is left in its place (smaller than the
+  whole BN); with more such inputs the whole BN is kept, with the reason.
+
+Between the sum or concat and the BN there may be eval-mode no-ops (:mod:`.noops`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.algebra import BNParams, round_to, slice_bn, split_sum
+from bnfold.passes.onnx.bn import display_name
+from bnfold.passes.onnx.consts import make_tensor
+from bnfold.passes.onnx.forward import layer_fold, remove
+from bnfold.passes.onnx.noops import is_noop
+from bnfold.passes.onnx.rules import Context, Fold, sole_reader
+from bnfold.passes.onnx.shapes import UNKNOWN
+from bnfold.passes.onnx.sites import Site
+
+
+def structure_fold(site: Site, ctx: Context) -> Fold | str | None:
+    """Plan a split fold of ``site``; ``None`` when its input is not a sum or concat."""
+    value, reader = site.x, site.nodes[0]
+    node = value.producer()
+    while node is not None and is_noop(node, ctx) and not sole_reader(value, "", reader):
+        reader, value = node, node.inputs[0]
+        assert value is not None
+        node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") \
+            or node.op_type not in ("Add", "Concat"):
+        return None
+    if node.op_type == "Add" and any(v is None or ctx.consts.is_constant(v)
+                                     for v in node.inputs):
+        return None  # a layer's bias (the forward rules' case), not a sum of layers
+    why = sole_reader(value, display_name(node), reader)
+    if why:
+        return why
+    if node.op_type == "Add":
+        return _sum(site, node, ctx)
+    return _concat(site, node, ctx)
+
+
+def _sum(site: Site, add: ir.Node, ctx: Context) -> Fold | str:
+    out = ctx.dims(add.outputs[0])
+    folds = []
+    for i, params in enumerate(split_sum(site.params, 2)):
+        v = add.inputs[i]
+        assert v is not None
+        if out is None or ctx.dims(v) != out:
+            return (f"its input is the sum {display_name(add)}, whose summand {v.name!r} "
+                    f"does not have the sum's (known) shape")
+        fold = layer_fold(Site([add], v, params, site.kind, site.axis, i), ctx)
+        if isinstance(fold, str):
+            return f"its input is the sum {display_name(add)}; for summand {v.name!r}: {fold}"
+        folds.append(fold)
+
+    def apply() -> None:
+        for fold in folds:
+            fold.apply()
+        remove(site, ctx)
+
+    return Fold(folds[0].into, "forward", apply, [folds[1].into])
+
+
+def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
+    out = ctx.dims(concat.outputs[0])
+    if out is None:
+        return f"the rank of {display_name(concat)}'s output is {UNKNOWN}"
+    axis = concat.attributes.get_int("axis", 0) % len(out)
+    if axis != site.axis:
+        return (f"its input is {display_name(concat)} on axis {axis}, not on the channel axis "
+                f"{site.axis}")
+    folds: list[Fold] = []
+    kept: list[tuple[int, BNParams, str]] = []
+    start = 0
+    for i, v in enumerate(concat.inputs):
+        dims = None if v is None else ctx.dims(v)
+        if v is None or dims is None or dims[axis] is None:
+            return f"the channel count of an input of {display_name(concat)} is {UNKNOWN}"
+        params = slice_bn(site.params, start, start + dims[axis])
+        start += dims[axis]
+        fold = layer_fold(Site([concat], v, params, site.kind, site.axis, i), ctx)
+        if isinstance(fold, str):
+            kept.append((i, params, f"{v.name!r}: {fold}"))
+        else:
+            folds.append(fold)
+    if start != site.params.channels:
+        return (f"{display_name(concat)} concatenates {start} channels but {site.what} has "
+                f"{site.params.channels}")
+    if len(kept) > 1 or not folds:
+        why = "; ".join(k[2] for k in kept)
+        return (f"its input is the concat {display_name(concat)} of which {len(kept)} inputs "
+                f"are not foldable layers ({why}); BNs over their slices would not be fewer "
+                "than the whole BN, kept whole")
+    name = site.name
+    param_dtype = np.asarray(site.params.mean).dtype if site.kind == "BatchNormalization" \
+        else None
+
+    def apply() -> None:
+        for fold in folds:
+            fold.apply()
+        if kept:
+            index, params, _ = kept[0]
+            _insert_slice_bn(concat, index, params, name, param_dtype, ctx)
+        remove(site, ctx)
+
+    reason = None
+    if kept:
+        reason = (f"split over {display_name(concat)}: its other channels folded into "
+                  f"{', '.join(display_name(f.into) for f in folds)}; kept as a smaller "
+                  f"BatchNormalization over the channels of input {kept[0][2]}")
+    return Fold(folds[0].into, "forward", apply, [f.into for f in folds[1:]], kept=reason)
+
+
+def _insert_slice_bn(concat: ir.Node, index: int, params: BNParams, name: str,
+                     param_dtype: np.dtype | None, ctx: Context) -> None:
+    """Put ``BatchNormalization(params)`` (named ``name``, parameters in ``param_dtype``, else
+    the input's dtype) on ``concat``'s input ``index``."""
+    x = concat.inputs[index]
+    assert x is not None and x.dtype is not None
+    dtype = param_dtype or x.dtype.numpy()
+    inputs = [x]
+    gamma = np.ones(params.channels) if params.gamma is None else params.gamma
+    beta = np.zeros(params.channels) if params.beta is None else params.beta
+    for part, arr in (("scale", gamma), ("B", beta), ("mean", params.mean),
+                      ("var", params.var)):
+        label = ctx.namer.fresh(f"{name}_slice_{part}")
+        tensor = make_tensor(round_to(np.asarray(arr, np.float64), dtype), label)
+        value = ir.Value(name=label, const_value=tensor, shape=ir.Shape(tensor.shape),
+                         type=ir.TensorType(tensor.dtype))
+        ctx.graph.register_initializer(value)
+        inputs.append(value)
+    attrs = [ir.AttrFloat32("epsilon", params.eps)]
+    if ctx.opset <= 6:
+        attrs.append(ir.AttrInt64("is_test", 1))
+    bn = ir.Node("", "BatchNormalization", inputs, attrs, name=name)
+    out = bn.outputs[0]
+    out.name = ctx.namer.fresh(f"{x.name}_bn")
+    out.type, out.shape = x.type, x.shape
+    ctx.graph.insert_before(concat, bn)
+    concat.replace_input_with(index, out)

@@ -21,6 +21,8 @@ def fold(
     example_inputs: Any = None,
     *,
     inplace: bool = False,
+    include: Any = None,
+    exclude: Any = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
 
@@ -29,11 +31,13 @@ def fold(
     folded in place: its ``forward`` would still call the BNs). ``example_inputs`` gives shapes
     (channel axes through reshapes, no run-time rank checks) and enables the ``torch.export``
     fallback. Returns ``(GraphModule, Report)``; the report lists each BN folded (and into
-    what) and each BN kept, with the reason.
+    what) and each BN kept, with the reason. ``include`` / ``exclude``: BN name globs
+    (module paths like ``"layer1.*"``, or node names); BNs left out are kept, "excluded by
+    the user" (:mod:`bnfold.selection`).
     """
     from bnfold.passes.fx.fold import fold_fx
 
-    return fold_fx(model, example_inputs, inplace=inplace)
+    return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude)
 
 
 def insert_bn(
@@ -81,12 +85,15 @@ def recalibrate(
                         progress=progress, layers=layers, forward=forward)
 
 
-def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
+              include: Any = None, exclude: Any = None) -> PassResult:
     """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
-    ``backward=False`` folds only layer -> BN. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
+    ``backward=False`` folds only layer -> BN; ``include`` / ``exclude``: BN name globs, as
+    for :func:`fold`. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
-    return _fold_onnx(model, inplace=inplace, backward=backward)
+    return _fold_onnx(model, inplace=inplace, backward=backward, include=include,
+                      exclude=exclude)
 
 
 def inspect_onnx(model: Any) -> Report:

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow OUT to be IN (without -o: overwrite IN)")
     p.add_argument("--validate", action="store_true",
                    help="validate IN vs OUT in ONNX Runtime; OUT is written only if it passes")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="fold only BNs whose node name or torch module path matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="keep BNs whose node name or torch module path matches (repeatable; wins)")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("inspect", parents=[common, report],
@@ -206,7 +210,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     from bnfold.fileio import save_onnx
 
     model = load_checked(src)
-    folded, report = bnfold.fold_onnx(model)
+    folded, report = bnfold.fold_onnx(model, include=args.include, exclude=args.exclude)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:

@@ -26,7 +26,7 @@ def report_table(report: Report, title: str) -> Table:
     colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim"}
     for e in report.entries:
         detail = e.into if e.action in ("folded", "inserted") else (e.reason or "")
-        table.add_row(e.bn, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
+        table.add_row(e.shown, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
     return table
 
 

@@ -72,12 +72,14 @@ from bnfold.passes.fx.sites import (
 )
 from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
 from bnfold.report import PassResult, Report
+from bnfold.selection import Selection
 
 _MAX_CHAIN = 16
 
 
 def fold_fx(
-    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False
+    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
+    include: Any = None, exclude: Any = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
 
@@ -90,9 +92,12 @@ def fold_fx(
     other module, whose Python forward would go on calling its BNs on folded weights.
     ``torch.compile`` wrappers are unwrapped (the result is not compiled); TorchScript modules
     and lazy modules not yet run are refused with a :class:`~bnfold.errors.BnfoldError`.
+    ``include`` / ``exclude``: BN name globs (:mod:`bnfold.selection`; the module path,
+    ``"layer1.*"``, or the node name); a BN they leave out is kept, "excluded by the user".
     Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
     ``direction`` forward/backward) or ``kept`` with the reason.
     """
+    select = Selection.of(include, exclude)
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
@@ -108,7 +113,8 @@ def fold_fx(
         _ = folder.possible_ranks  # read the ranks off the graph before any rewrite
     bns = [n for n in gm.graph.nodes if is_batchnorm(gm, n)]
     labels = {n: bn_label(gm, n) for n in bns}
-    outcomes = {n: folder.forward(n, labels[n]) for n in bns}
+    outcomes = {n: _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
+                for n in bns}
     for n in bns:
         if outcomes[n].action == "kept" and not outcomes[n].final:
             outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
@@ -136,6 +142,13 @@ class _Outcome:
 
 def _kept(reason: str, *, final: bool = False) -> _Outcome:
     return _Outcome("kept", reason=reason, final=final)
+
+
+def _excluded(select: Selection, node: fx.Node, label: str) -> _Outcome | None:
+    """A final "kept" when the user's globs leave the BN out; its label is ``module``,
+    ``module (node)`` or ``node``, so the globs see the module path and the node name."""
+    why = select.refusal((label, node.name, label.split(" (")[0]))
+    return None if why is None else _kept(why, final=True)
 
 
 class _Folder:

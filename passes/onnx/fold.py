@@ -39,14 +39,17 @@ from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.names import module_path
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import Entry, PassResult, Report
+from bnfold.selection import EVERY_BN, Selection
 
 _MAX_ROUNDS = 8
 
 
-def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> PassResult:
+def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
+              include: Any = None, exclude: Any = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -55,10 +58,14 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True) -> Pa
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
     :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    ``include`` / ``exclude``: globs on the BN's node name or torch module path
+    (:mod:`bnfold.selection`, :mod:`.names`); a BN they leave out is kept, "excluded by the
+    user".
     """
+    select = Selection.of(include, exclude)
     with _gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
-        report = _fold(ir_model, "fold_onnx", backward=backward)
+        report = _fold(ir_model, "fold_onnx", backward=backward, select=select)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
@@ -104,7 +111,8 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
         f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
 
 
-def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
+def _fold(model: ir.Model, pass_name: str, *, backward: bool,
+          select: Selection = EVERY_BN) -> Report:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -117,7 +125,7 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
     for graph in list(model.graphs()):
         ctx = Context(graph, opset, namer, shapes)
         for _ in range(_MAX_ROUNDS):
-            if not _round(ctx, entries, backward):
+            if not _round(ctx, entries, backward, select):
                 break
     if legacy:
         reattach_inputs(model.graph, inputs, namer)
@@ -126,6 +134,8 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool) -> Report:
                 f"IR version {model.ir_version}: initializers are graph inputs (constants at "
                 "this IR version), so folded BN parameters stay as unused graph inputs and new "
                 "tensors are Constant nodes")
+    for node, entry in entries.items():
+        entry.module = module_path(node)
     report.entries.extend(entries.values())
     report.entries.extend(_function_entries(model))
     return report
@@ -146,7 +156,8 @@ def _function_entries(model: ir.Model) -> list[Entry]:
     return entries
 
 
-def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
+def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
+           select: Selection) -> bool:
     """One pass over the graph's BNs; true when something folded."""
     changed = False
     for node in list(ctx.graph):
@@ -154,7 +165,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
             continue
         name = display_name(node)
         with np.errstate(over="ignore"):  # an overflowing fold is refused and reported
-            outcome = _plan(node, ctx, backward)
+            outcome = select.refusal((name, module_path(node))) or _plan(node, ctx, backward)
         if isinstance(outcome, Fold):
             outcome.apply()
             prune(ctx.released)

@@ -26,7 +26,8 @@ def fold(
 ) -> PassResult:
     """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
 
-    ``model`` is an ``nn.Module`` or ``torch.fx.GraphModule`` in eval mode; it is never
+    ``model`` is an ``nn.Module``, ``torch.fx.GraphModule`` or ``torch.export.ExportedProgram``
+    (then an ``ExportedProgram`` is returned, see :mod:`bnfold.programs`), in eval mode; it is never
     modified, except a ``GraphModule`` given with ``inplace=True`` (a plain module cannot be
     folded in place: its ``forward`` would still call the BNs). ``example_inputs`` gives shapes
     (channel axes through reshapes, no run-time rank checks) and enables the ``torch.export``
@@ -36,7 +37,11 @@ def fold(
     the user" (:mod:`bnfold.selection`).
     """
     from bnfold.passes.fx.fold import fold_fx
+    from bnfold.programs import is_program, on_program
 
+    if is_program(model):  # torch.export.ExportedProgram in, ExportedProgram out
+        return on_program(fold_fx, model, example_inputs, inplace=inplace, include=include,
+                          exclude=exclude)
     return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude)
 
 
@@ -54,14 +59,16 @@ def insert_bn(
     example_inputs: Any = None,
 ) -> PassResult:
     """Insert BatchNorm after the dense and conv layers of a torch model; ``(GraphModule,
-    Report)``. See :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options."""
+    Report)``. See :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options. A
+    ``torch.export.ExportedProgram`` gives an ``ExportedProgram`` (:mod:`bnfold.programs`)."""
     from bnfold.passes.fx.insert import insert_bn_fx
+    from bnfold.programs import is_program, on_program
 
-    return insert_bn_fx(
-        model, position=position, skip_last=skip_last, include=include, exclude=exclude,
-        eps=eps, momentum=momentum, affine=affine, drop_bias=drop_bias,
-        example_inputs=example_inputs,
-    )
+    options = dict(position=position, skip_last=skip_last, include=include, exclude=exclude,
+                   eps=eps, momentum=momentum, affine=affine, drop_bias=drop_bias)
+    if is_program(model):
+        return on_program(insert_bn_fx, model, example_inputs, **options)
+    return insert_bn_fx(model, example_inputs=example_inputs, **options)
 
 
 def recalibrate(

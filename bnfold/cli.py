@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fold", parents=[common, check, report],
                        help="fold BatchNormalization into neighbouring layers",
-                       description="Fold BNs of IN (a file, or a folder of .onnx files).")
+                       description="Fold BNs of IN (a file, or a folder of .onnx files); a "
+                                   "torch.export .pt2 archive gives a .pt2 archive.")
     p.add_argument("input", type=Path, metavar="IN")
     p.add_argument("-o", "--output", type=Path, metavar="OUT")
     p.add_argument("--in-place", action="store_true",
@@ -196,6 +197,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     if args.input.is_dir():
         return _fold_folder(args)
+    from bnfold.program_commands import fold_program, is_program_file
+
+    if is_program_file(args.input):  # a torch.export.save archive (.pt2)
+        return fold_program(args)
     out = _output_path(args)
     if out.exists() and out.is_dir():
         raise BadInputError(f"{out}: is a directory; give an output file")
@@ -300,7 +305,10 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
+    from bnfold.program_commands import inspect_program, is_program_file
 
+    if is_program_file(args.input):  # a torch.export.save archive (.pt2)
+        return inspect_program(args)
     _check_report_path(args, args.input)
     report = bnfold.inspect_onnx(load_checked(args.input))
     if not args.json:

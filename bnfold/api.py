@@ -148,15 +148,18 @@ def validate(
     optimize: bool = False,
     progress: Any = None,
     labels: Sequence[str] | None = None,
+    upcast_reference: bool = True,
 ) -> Any:
     """Run two models (ONNX vs ONNX, or torch module vs ONNX with ``example_inputs``) in ONNX
     Runtime on each provider and compare every output; returns a ``ValidationResult`` with
-    ``.passed``. See :func:`bnfold.validation.validate`."""
+    ``.passed``; a float16/bfloat16 model is checked against its reference computed in float32
+    unless ``upcast_reference=False``. See :func:`bnfold.validation.validate`."""
     from bnfold.validation import validate as _validate
 
     return _validate(reference, candidate, example_inputs, providers=providers, require=require,
                      inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, samples=samples,
-                     optimize=optimize, progress=progress, labels=labels)
+                     optimize=optimize, progress=progress, labels=labels,
+                     upcast_reference=upcast_reference)
 
 
 def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,

@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare two ONNX models in ONNX Runtime (exit 1 if they differ)")
     p.add_argument("reference", type=Path, metavar="A")
     p.add_argument("candidate", type=Path, metavar="B")
+    p.add_argument("--save-inputs", type=Path, metavar="FILE.npz",
+                   help="write the input samples used (golden inputs)")
+    p.add_argument("--save-outputs", type=Path, metavar="FILE.npz",
+                   help="write the reference's and the candidate's outputs")
+    p.add_argument("--load-inputs", type=Path, metavar="FILE.npz",
+                   help="run on the samples of a --save-inputs file")
+    p.add_argument("--no-upcast-reference", dest="upcast_reference", action="store_false",
+                   help="compare a float16/bfloat16 model against itself, not against its "
+                        "graph computed in float32")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("insert", parents=[common, report],
@@ -321,8 +330,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from bnfold.golden import handle_args, write_requested
+
     _check_report_path(args, args.reference, args.candidate)
+    handle_args(args)
     result = _run_validation(args, args.reference, args.candidate)
+    write_requested(args, result)
     if not args.json:
         from bnfold.render import print_validation
 
@@ -422,7 +435,8 @@ def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
             reference, candidate, providers=args.providers, require=args.require,
             inputs=args.inputs, dims=dict(args.dim), atol=args.atol, rtol=args.rtol,
             seed=args.seed, samples=args.samples, optimize=args.ort_optimize,
-            progress=update, labels=labels)
+            progress=update, labels=labels,
+            upcast_reference=getattr(args, "upcast_reference", True))
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any]) -> None:

@@ -208,17 +208,31 @@ def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
     return sample
 
 
-def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+def load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of an ``.npy`` or the named arrays of an ``.npz``, read without pickle: an
+    object array (pickled Python objects) is a one-line BadInputError, never unpickled."""
     if not path.is_file():
         raise BadInputError(f"{path}: no such input file")
     try:
         loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    except ValueError as exc:
+        if "Object arrays" not in str(exc):
+            raise BadInputError(f"{path}: not a readable .npy/.npz file") from exc
+        raise BadInputError(f"{path}: holds an object array (pickled Python objects); only "
+                            "numeric arrays are loaded") from exc
     except Exception as exc:
         raise BadInputError(f"{path}: not a readable .npy/.npz file") from exc
+
+
+def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    loaded = load_arrays(path)
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
             raise BadInputError(f"{path}: a .npy holds one array but the model has "
                                 f"{len(specs)} inputs; use an .npz keyed by input name")
         return {specs[0].name: loaded}
-    with loaded:
-        return {k: loaded[k] for k in loaded.files}
+    return loaded

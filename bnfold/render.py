@@ -51,6 +51,8 @@ def print_validation(result: ValidationResult) -> None:
     for i in result.inputs:
         console.print(f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
                       f"({i['source']})")
+    for line in result.stats_lines() + result.reference_lines():
+        console.print(line)
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"tolerance: {result.settings['tolerance_rule']}", style="dim")

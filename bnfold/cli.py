@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", parents=[common, report],
                        help="per-BN table: folds into what, or why not")
     p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("--html", type=Path, metavar="FILE.html",
+                   help="also write the table with each BN's graph neighbourhood as HTML")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("validate", parents=[common, check, report],
@@ -319,7 +321,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
-    report = bnfold.inspect_onnx(load_checked(args.input))
+    model = load_checked(args.input)
+    report = bnfold.inspect_onnx(model)
+    if args.html is not None:
+        from bnfold import html_report
+        from bnfold.passes.onnx.names import neighbourhoods
+
+        html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", neighbourhoods(model)))
     if not args.json:
         from bnfold.render import print_report
 

@@ -9,7 +9,9 @@ written with ``torch.export.save``, atomically. The JSON documents are the ONNX 
 from __future__ import annotations
 
 import argparse
+import operator
 from pathlib import Path
+from typing import Any
 
 from bnfold.errors import BadInputError
 
@@ -57,8 +59,14 @@ def inspect_program(args: argparse.Namespace) -> int:
     _check_report_path(args, args.input)
     program = load_program(args.input)
     args_, kwargs = program.example_inputs or (None, None)
-    _, report = bnfold.fold(program.module(), None if kwargs else args_)  # no re-export
+    module = program.module()
+    _, report = bnfold.fold(module, None if kwargs else args_)  # no re-export
     report.dry_run = True
+    if args.html is not None:
+        from bnfold import html_report
+
+        html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", _neighbourhoods(module)))
     if not args.json:
         from bnfold.render import print_report
 
@@ -66,3 +74,25 @@ def inspect_program(args: argparse.Namespace) -> int:
     _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
                  "report": report.to_dict()})
     return OK
+
+
+def _neighbourhoods(module: Any) -> dict[str, Any]:
+    """For each BN of a program's module, by its report label: the node feeding it and the
+    nodes reading it (through the ``getitem`` of ATen BNs that return a tuple)."""
+    from bnfold.html_report import Neighbourhood
+    from bnfold.passes.fx.sites import bn_label, is_batchnorm
+
+    def label(node: Any) -> tuple[str, str]:
+        what = node.target.__name__ if callable(node.target) else str(node.target)
+        return node.name, f"{what.split('.')[0]} {node.name}"
+
+    out = {}
+    for node in module.graph.nodes:
+        if not is_batchnorm(module, node) or not node.args:
+            continue
+        users = [u for u in node.users if u.target is not operator.getitem] + [
+            w for u in node.users if u.target is operator.getitem for w in u.users]
+        source = node.args[0]
+        out[bn_label(module, node)] = Neighbourhood(
+            [label(source)] if hasattr(source, "name") else [], [label(u) for u in users])
+    return out

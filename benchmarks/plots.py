@@ -56,3 +56,34 @@ def _mean_curve(runs: list[list[float]]) -> list[float]:
         values = [r[step] for r in runs if step < len(r) and math.isfinite(r[step])]
         out.append(sum(values) / len(values) if values else math.nan)
     return out
+
+
+def fold_time_vs_size(times: Mapping[str, Mapping[int, float]], path: Path) -> str:
+    """Fold time against graph size (nodes) per tool, log-log, each time divided by bnfold's
+    at the smallest size (ratios, not seconds), with a linear-scaling guide."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install '.[bench]')"
+    sizes = sorted(times["bnfold"])
+    unit = times["bnfold"][sizes[0]]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for tool, by_size in times.items():
+        xs = sorted(by_size)
+        ax.plot(xs, [by_size[n] / unit for n in xs], marker="o", label=tool,
+                lw=2.2 if tool == "bnfold" else 1.2)
+    ax.plot(sizes, [n / sizes[0] for n in sizes], ls=":", color="#999", label="linear")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("graph size (nodes)")
+    ax.set_ylabel(f"fold time / bnfold's at {sizes[0]} nodes")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"wrote {path}"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.plots import _mean_curve, training_curves
+from benchmarks.plots import _mean_curve, fold_time_vs_size, training_curves
 
 CURVES = {("cnn", "0.01 (1x)"): {"plain": [[2.0, 1.0, 0.5], [2.0, 1.5]],
                                  "inserted": [[2.0, 0.5, 0.1], [2.0, 0.3, 0.1]]},
@@ -32,3 +32,11 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch) -> None:
     path = tmp_path / "training.png"
     assert "matplotlib is not installed" in training_curves(CURVES, path)
     assert not path.exists()
+
+
+def test_fold_time_vs_size_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "fold_scaling.png"
+    times = {"bnfold": {300: 0.01, 3000: 0.1}, "peer": {300: 0.02, 3000: 0.5}}
+    assert fold_time_vs_size(times, path) == f"wrote {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

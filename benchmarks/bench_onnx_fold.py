@@ -5,7 +5,8 @@
    fusions (basic level, written out with ``optimized_model_filepath``) and onnxslim: who
    folds exactly, who is wrong, who writes an invalid model, who crashes.
 2. Speed, as ratios: folding a generated ResNet-50-size model (25M parameters, 53 BN) against
-   ``onnx.load`` + ``onnx.save`` of the same file; fold time at 10k vs 1k nodes.
+   ``onnx.load`` + ``onnx.save`` of the same file; fold time at 10k vs 1k nodes; fold time of
+   each peer at 300 to 10k nodes (table, and a PNG plot with matplotlib).
 3. Peak RSS of load + fold + save on an external-data model, over the model's size (300 MB by
    default, 3 GB with ``--big``), each in a fresh process, above that process's import baseline.
 
@@ -251,6 +252,40 @@ def speed() -> str:
     return _table(rows)
 
 
+SIZES = (300, 1_000, 3_000, 10_000)
+BUDGET_S = 5.0  # a tool slower than this at one size is not timed at the larger ones
+
+
+def scaling() -> str:
+    """Fold time of each peer at several graph sizes (Conv -> BN -> Relu chains), as ratios to
+    bnfold's time at the smallest size; plotted to benchmarks/out/fold_scaling.png. A tool
+    that takes more than :data:`BUDGET_S` at one size is not run at the larger ones."""
+    from benchmarks.plots import fold_time_vs_size
+
+    models = {n: chain_model(n // 3, 8, kernel=1) for n in SIZES}
+    times: dict[str, dict[int, float]] = {}
+    for tool, fn in PEERS.items():
+        by_size: dict[int, float] = {}
+        try:
+            for n, m in models.items():
+                first = _best(lambda m=m, fn=fn: fn(m), repeat=1)  # also warms up imports
+                by_size[n] = first if first > BUDGET_S else min(
+                    first, _best(lambda m=m, fn=fn: fn(m), repeat=1))
+                if by_size[n] > BUDGET_S:
+                    break
+        except Exception as exc:  # a peer that is not installed or fails: left out, said so
+            print(f"{tool}: left out of the scaling plot ({_first_line(exc)})", flush=True)
+        if by_size:
+            times[tool] = by_size
+    unit = times["bnfold"][SIZES[0]]
+    rows = [["tool", *(f"{n} nodes" for n in SIZES)]]
+    rows += [[tool, *(f"{by[n] / unit:.1f}" if n in by else f"not run (> {BUDGET_S:g} s before)"
+                      for n in SIZES)] for tool, by in times.items()]
+    note = fold_time_vs_size(times, OUT / "fold_scaling.png")
+    return (f"{_table(rows)}\n\nfold time (ModelProto in and out) / bnfold's at {SIZES[0]} "
+            f"nodes; {note}")
+
+
 # ------------------------------------------------------------------------------ memory
 
 # Peak from /proc's VmHWM (this process's own memory map): ru_maxrss would inherit the
@@ -330,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv or [])
     sections = [("Correctness on the known failure cases of ONNX folders", correctness),
                 ("Speed (ratios)", speed),
+                ("Fold time vs graph size (ratios)", scaling),
                 ("Memory", lambda: memory(args.big))]
     text = []
     for title, fn in sections:

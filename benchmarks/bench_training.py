@@ -11,7 +11,8 @@ layers), each
 with SGD (momentum 0.9) at a normal learning rate and at 10x and 100x it, over several seeds.
 The inserted and hand-written nets start from the same weights (BN construction draws no random
 numbers) and see the same batches, so their loss curves must be identical; the table says
-whether they were. Writes ``benchmarks/out/training.md`` and prints it.
+whether they were. Writes ``benchmarks/out/training.md`` and prints it, and the loss curves
+with and without inserted BN to ``benchmarks/out/training.png`` (with matplotlib).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import bnfold
+from benchmarks.plots import training_curves
 from bnfold.models import plain
 from bnfold.training_demo import Digits, load_digits
 
@@ -108,7 +111,8 @@ def _steps(values: list[int | None]) -> str:
 
 
 def run_all(lrs: dict[str, float], steps: int, seeds: list[int], target: float,
-            log: Callable[[str], None]) -> tuple[list[list[str]], list[str]]:
+            log: Callable[[str], None], curves: dict[tuple[str, str], dict[str, Any]] | None = None,
+            ) -> tuple[list[list[str]], list[str]]:
     data = load_digits()
     rows: list[list[str]] = []
     findings: list[str] = []
@@ -139,6 +143,9 @@ def run_all(lrs: dict[str, float], steps: int, seeds: list[int], target: float,
                 ])
             findings.append(_finding(model, lr, factor, runs, len(seeds)))
             by_lr[lr] = runs
+            if curves is not None:  # loss curves for the plot (plots.training_curves)
+                curves[(model, f"{lr:g} ({factor}x)")] = {
+                    v: [r.losses for r in runs[v]] for v in ("plain", "inserted")}
             log(f"{model} lr={lr:g}: done")
         findings.append(_best_lr_finding(model, by_lr))
     return rows, findings
@@ -220,14 +227,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
+    curves: dict[tuple[str, str], dict[str, Any]] = {}
     rows, findings = run_all({m: args.lr for m in args.models}, args.steps,
                              list(range(args.seeds)), args.target,
-                             log=lambda s: print(s, flush=True))
+                             log=lambda s: print(s, flush=True), curves=curves)
     text = markdown(rows, findings, args.steps, list(range(args.seeds)), args.target,
                     time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
+    print(training_curves(curves, args.out.with_suffix(".png")))
 
 
 if __name__ == "__main__":

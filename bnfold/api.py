@@ -21,19 +21,28 @@ def fold(
     example_inputs: Any = None,
     *,
     inplace: bool = False,
+    include: Any = None,
+    exclude: Any = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
 
-    ``model`` is an ``nn.Module`` or ``torch.fx.GraphModule`` in eval mode; it is never
+    ``model`` is an ``nn.Module``, ``torch.fx.GraphModule`` or ``torch.export.ExportedProgram``
+    (then an ``ExportedProgram`` is returned, see :mod:`bnfold.programs`), in eval mode; it is never
     modified, except a ``GraphModule`` given with ``inplace=True`` (a plain module cannot be
     folded in place: its ``forward`` would still call the BNs). ``example_inputs`` gives shapes
     (channel axes through reshapes, no run-time rank checks) and enables the ``torch.export``
     fallback. Returns ``(GraphModule, Report)``; the report lists each BN folded (and into
-    what) and each BN kept, with the reason.
+    what) and each BN kept, with the reason. ``include`` / ``exclude``: BN name globs
+    (module paths like ``"layer1.*"``, or node names); BNs left out are kept, "excluded by
+    the user" (:mod:`bnfold.selection`).
     """
     from bnfold.passes.fx.fold import fold_fx
+    from bnfold.programs import is_program, on_program
 
-    return fold_fx(model, example_inputs, inplace=inplace)
+    if is_program(model):  # torch.export.ExportedProgram in, ExportedProgram out
+        return on_program(fold_fx, model, example_inputs, inplace=inplace, include=include,
+                          exclude=exclude)
+    return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude)
 
 
 def insert_bn(
@@ -50,14 +59,16 @@ def insert_bn(
     example_inputs: Any = None,
 ) -> PassResult:
     """Insert BatchNorm after the dense and conv layers of a torch model; ``(GraphModule,
-    Report)``. See :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options."""
+    Report)``. See :func:`bnfold.passes.fx.insert.insert_bn_fx` for the options. A
+    ``torch.export.ExportedProgram`` gives an ``ExportedProgram`` (:mod:`bnfold.programs`)."""
     from bnfold.passes.fx.insert import insert_bn_fx
+    from bnfold.programs import is_program, on_program
 
-    return insert_bn_fx(
-        model, position=position, skip_last=skip_last, include=include, exclude=exclude,
-        eps=eps, momentum=momentum, affine=affine, drop_bias=drop_bias,
-        example_inputs=example_inputs,
-    )
+    options = dict(position=position, skip_last=skip_last, include=include, exclude=exclude,
+                   eps=eps, momentum=momentum, affine=affine, drop_bias=drop_bias)
+    if is_program(model):
+        return on_program(insert_bn_fx, model, example_inputs, **options)
+    return insert_bn_fx(model, example_inputs=example_inputs, **options)
 
 
 def recalibrate(
@@ -82,15 +93,17 @@ def recalibrate(
 
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
-              base_dir: Any = None, max_const_elements: int | None = None) -> PassResult:
+              base_dir: Any = None, max_const_elements: int | None = None,
+              include: Any = None, exclude: Any = None) -> PassResult:
     """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
     ``backward=False`` folds only layer -> BN; ``base_dir``: the folder of an in-memory
     model's external data; ``max_const_elements``: the size budget of tensors computed from
-    constants. See :func:`bnfold.passes.onnx.fold.fold_onnx`."""
+    constants; ``include`` / ``exclude``: BN name globs, as for :func:`fold`. See
+    :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
     return _fold_onnx(model, inplace=inplace, backward=backward, base_dir=base_dir,
-                      max_const_elements=max_const_elements)
+                      max_const_elements=max_const_elements, include=include, exclude=exclude)
 
 
 def inspect_onnx(model: Any, *, base_dir: Any = None,
@@ -142,15 +155,18 @@ def validate(
     progress: Any = None,
     labels: Sequence[str] | None = None,
     base_dir: Any = None,
+    upcast_reference: bool = True,
 ) -> Any:
     """Run two models (ONNX vs ONNX, or torch module vs ONNX with ``example_inputs``) in ONNX
     Runtime on each provider and compare every output; returns a ``ValidationResult`` with
-    ``.passed``. See :func:`bnfold.validation.validate`."""
+    ``.passed``; a float16/bfloat16 model is checked against its reference computed in float32
+    unless ``upcast_reference=False``. See :func:`bnfold.validation.validate`."""
     from bnfold.validation import validate as _validate
 
     return _validate(reference, candidate, example_inputs, providers=providers, require=require,
                      inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, samples=samples,
-                     optimize=optimize, progress=progress, labels=labels, base_dir=base_dir)
+                     optimize=optimize, progress=progress, labels=labels, base_dir=base_dir,
+                     upcast_reference=upcast_reference)
 
 
 def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,

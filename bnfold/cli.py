@@ -128,24 +128,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fold", parents=[common, check, report],
                        help="fold BatchNormalization into neighbouring layers",
-                       description="Fold BNs of IN (a file, or a folder of .onnx files).")
+                       description="Fold BNs of IN (a file, or a folder of .onnx files); a "
+                                   "torch.export .pt2 archive gives a .pt2 archive.")
     p.add_argument("input", type=Path, metavar="IN")
     p.add_argument("-o", "--output", type=Path, metavar="OUT")
     p.add_argument("--in-place", action="store_true",
                    help="allow OUT to be IN (without -o: overwrite IN)")
     p.add_argument("--validate", action="store_true",
                    help="validate IN vs OUT in ONNX Runtime; OUT is written only if it passes")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="fold only BNs whose node name or torch module path matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="keep BNs whose node name or torch module path matches (repeatable; wins)")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("inspect", parents=[common, report],
                        help="per-BN table: folds into what, or why not")
     p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("--html", type=Path, metavar="FILE.html",
+                   help="also write the table with each BN's graph neighbourhood as HTML")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("validate", parents=[common, check, report],
                        help="compare two ONNX models in ONNX Runtime (exit 1 if they differ)")
     p.add_argument("reference", type=Path, metavar="A")
     p.add_argument("candidate", type=Path, metavar="B")
+    p.add_argument("--save-inputs", type=Path, metavar="FILE.npz",
+                   help="write the input samples used (golden inputs)")
+    p.add_argument("--save-outputs", type=Path, metavar="FILE.npz",
+                   help="write the reference's and the candidate's outputs")
+    p.add_argument("--load-inputs", type=Path, metavar="FILE.npz",
+                   help="run on the samples of a --save-inputs file")
+    p.add_argument("--no-upcast-reference", dest="upcast_reference", action="store_false",
+                   help="compare a float16/bfloat16 model against itself, not against its "
+                        "graph computed in float32")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("insert", parents=[common, report],
@@ -222,6 +238,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     if args.input.is_dir():
         return _fold_folder(args)
+    from bnfold.program_commands import fold_program, is_program_file
+
+    if is_program_file(args.input):  # a torch.export.save archive (.pt2)
+        return fold_program(args)
     out = _output_path(args)
     if out.exists() and out.is_dir():
         raise BadInputError(f"{out}: is a directory; give an output file")
@@ -241,7 +261,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
     model = load_checked(src)
     with naming(src):
-        folded, report = bnfold.fold_onnx(model)
+        folded, report = bnfold.fold_onnx(model, include=args.include, exclude=args.exclude)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -364,10 +384,20 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
     from bnfold.cli_errors import naming
+    from bnfold.program_commands import inspect_program, is_program_file
 
+    if is_program_file(args.input):  # a torch.export.save archive (.pt2)
+        return inspect_program(args)
     _check_report_path(args, args.input)
+    model = load_checked(args.input)
     with naming(args.input):
-        report = bnfold.inspect_onnx(load_checked(args.input))
+        report = bnfold.inspect_onnx(model)
+    if args.html is not None:
+        from bnfold import html_report
+        from bnfold.passes.onnx.names import neighbourhoods
+
+        html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", neighbourhoods(model)))
     if not args.json:
         from bnfold.render import print_report
 
@@ -378,8 +408,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from bnfold.golden import handle_args, write_requested
+
     _check_report_path(args, args.reference, args.candidate)
+    handle_args(args)
     result = _run_validation(args, args.reference, args.candidate)
+    write_requested(args, result)
     if not args.json:
         from bnfold.render import print_validation
 
@@ -513,7 +547,8 @@ def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
             reference, candidate, providers=args.providers, require=args.require,
             inputs=args.inputs, dims=dict(args.dim), atol=args.atol, rtol=args.rtol,
             seed=args.seed, samples=args.samples, optimize=args.ort_optimize,
-            progress=update, labels=labels)
+            progress=update, labels=labels,
+            upcast_reference=getattr(args, "upcast_reference", True))
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] = ()) -> None:

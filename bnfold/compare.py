@@ -28,6 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from bnfold.error_stats import error_stats
+
 DEFAULT_TOL: dict[str, float] = {
     "float64": 1e-13,
     "float32": 1e-5,
@@ -89,6 +91,7 @@ class Comparison:
     worst: dict[str, Any] = field(default_factory=dict)
     passed: bool = True
     reason: str | None = None
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # error_stats.py
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data; non-finite floats become the strings "inf"/"nan"."""
@@ -163,7 +166,7 @@ def compare_output(
         f"error {worst['cand'] - worst['ref']:.3g} at {worst['index']} (sample {worst['sample']}) "
         f"is {worst_ratio:.3g}x the allowed {a:.3g} + {rt:.3g}*|ref|")
     return Comparison(name, dtype_name(dtype), shape, a, rt, tol_name, max_abs, max_rel,
-                      float(cosine), worst, passed, reason)
+                      float(cosine), worst, passed, reason, error_stats(r64, c64, a))
 
 
 def _errors(r: np.ndarray, c: np.ndarray, atol: float, rtol: float

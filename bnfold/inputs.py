@@ -261,23 +261,33 @@ def _check_unpacked_size(path: Path) -> None:
                             f"{INPUT_BUDGET_BYTES}-byte validation input budget")
 
 
-def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+def load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
+    """The array of an ``.npy`` or the named arrays of an ``.npz``, read without pickle and
+    within :data:`INPUT_BUDGET_BYTES`: an object array (pickled Python objects) is a one-line
+    BadInputError, never unpickled."""
+    if not path.exists():
+        raise BadInputError(f"{path}: no such input file")
     check_input_file(path, "input sample", INPUT_BUDGET_BYTES, "the validation input budget")
     _check_unpacked_size(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
-            single, arrays = loaded, {}
-        else:
-            with loaded:
-                single, arrays = None, {k: loaded[k] for k in loaded.files}
+            return loaded
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
     except Exception as exc:  # numpy raises ValueError, OSError, zipfile errors, EOFError...
-        why = ("it holds Python objects, which bnfold does not unpickle"
-               if "allow_pickle" in str(exc) else first_line(exc))
-        raise BadInputError(f"{path}: not a readable .npy/.npz file ({why})") from exc
-    if single is None:
-        return arrays
-    if len(specs) != 1:
-        raise BadInputError(f"{path}: a .npy holds one array but the model has "
-                            f"{len(specs)} inputs; use an .npz keyed by input name")
-    return {specs[0].name: single}
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise BadInputError(f"{path}: holds an object array (pickled Python objects), "
+                                "which bnfold does not unpickle") from exc
+        raise BadInputError(f"{path}: not a readable .npy/.npz file ({first_line(exc)})"
+                            ) from exc
+
+
+def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    loaded = load_arrays(path)
+    if isinstance(loaded, np.ndarray):
+        if len(specs) != 1:
+            raise BadInputError(f"{path}: a .npy holds one array but the model has "
+                                f"{len(specs)} inputs; use an .npz keyed by input name")
+        return {specs[0].name: loaded}
+    return loaded

@@ -26,7 +26,7 @@ def report_table(report: Report, title: str) -> Table:
     colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim"}
     for e in report.entries:
         detail = e.into if e.action in ("folded", "inserted") else (e.reason or "")
-        table.add_row(e.bn, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
+        table.add_row(e.shown, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
     return table
 
 
@@ -51,6 +51,8 @@ def print_validation(result: ValidationResult) -> None:
     for i in result.inputs:
         console.print(f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
                       f"({i['source']})")
+    for line in result.stats_lines() + result.reference_lines():
+        console.print(line)
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"tolerance: {result.settings['tolerance_rule']}", style="dim")

@@ -23,9 +23,16 @@ class Entry:
     into: str | None = None
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # the torch module path the graph records for the BN, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+    @property
+    def shown(self) -> str:
+        """The BN as tables show it: ``"node (module path)"`` when the module differs."""
+        return f"{self.bn} ({self.module})" if self.module and self.module != self.bn \
+            else self.bn
 
 
 @dataclass
@@ -107,7 +114,7 @@ class Report:
         """A plain-text table for people (no colour codes, safe to paste in a README)."""
         rows = [("BN", "action", "into / reason")]
         for e in self.entries:
-            rows.append((e.bn, self.label(e.action), e.into if e.action in ("folded", "inserted")
+            rows.append((e.shown, self.label(e.action), e.into if e.action in ("folded", "inserted")
                          else (e.reason or "")))
         widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2] or ''}".rstrip() for r in rows]

@@ -58,8 +58,10 @@ from bnfold.inputs import (
     generate_samples,
     input_specs,
     load_samples,
+    numpy_dtype,
     random_array,
 )
+from bnfold.upcast import float64_torch_outputs, is_low_precision, upcast_to_float32
 from bnfold.validation_result import ProviderRun, ValidationResult
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -105,6 +107,7 @@ def validate(
     progress: Progress | None = None,
     labels: Sequence[str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    upcast_reference: bool = True,
 ) -> ValidationResult:
     """Compare ``candidate`` against ``reference`` on every provider in ``providers``.
 
@@ -115,10 +118,13 @@ def validate(
     given. ``atol``/``rtol`` replace the dtype-aware defaults (:mod:`bnfold.compare`).
     ``providers``: CPU always runs, plus these. ``require``: providers whose absence is a
     failure rather than a note. ``progress(done, total)`` is called after each ORT run.
-    ``labels`` names (reference, candidate) in the report. Raises :class:`BadInputError` for
-    unreadable models or inputs that do not fit, :class:`UnsupportedError` when no provider
-    can run the models. ``base_dir``: the folder of the external data of in-memory models
-    (required when they have any).
+    ``labels`` names (reference, candidate) in the report. ``upcast_reference``: when the
+    models compute in float16/bfloat16, the reference is the reference graph computed in
+    float32 (:mod:`bnfold.upcast`), or a torch reference run in float64, not the 16-bit
+    reference itself; ``settings["reference_model"]`` says which was used. Raises
+    :class:`BadInputError` for unreadable models or inputs that do not fit,
+    :class:`UnsupportedError` when no provider can run the models. ``base_dir``: the folder
+    of the external data of in-memory models (required when they have any).
     """
     wanted = _check_providers(providers, require)
     _check_tolerance(atol, "atol")
@@ -152,6 +158,7 @@ def validate(
         compute = coarsest(sorted(float_dtypes(ref.proto) | float_dtypes(cand.proto), key=str))
     if labels:
         ref.label, cand.label = labels
+    how = _upcast(ref, compute) if upcast_reference else "as given"
     result = ValidationResult(
         reference=ref.label, candidate=cand.label,
         settings={
@@ -159,11 +166,16 @@ def validate(
             "seed": seed, "ort_graph_optimizations": "enabled" if optimize else "disabled",
             "atol": atol, "rtol": rtol, "tolerance_rule": tolerance_rule(),
             "compute_dtype": dtype_name(compute) if compute is not None else None,
+            "reference_model": how,
         },
         inputs=[_describe_input(s.name, feeds, source_note) for s in specs],
         notes=notes,
+        samples=feeds,
     )
-    if isinstance(ref, _Torch):
+    if isinstance(ref, _Torch) and how.startswith("torch module run in float64"):
+        ref.outputs = float64_torch_outputs(ref.module, feeds, [
+            numpy_dtype(o.type.tensor_type.elem_type) for o in cand.proto.graph.output])
+    elif isinstance(ref, _Torch):
         ref.outputs = [_run_torch(ref.module, feed) for feed in feeds]
     out_names = _output_names(ref, cand, result.notes)
     _check_numeric_outputs(cand)
@@ -188,6 +200,23 @@ def validate(
     if {"cpu", "cuda"} <= cand_outputs.keys():
         result.runs.append(_cross_run(cand, cand_outputs, out_names, tol))
     return result
+
+
+def _upcast(ref: _Model | _Torch, compute: np.dtype | None) -> str:
+    """Make a 16-bit reference compute in float32 (ONNX) or float64 (torch); say how."""
+    if compute is None or not is_low_precision(dtype_name(compute)):
+        return "as given"
+    if isinstance(ref, _Torch):
+        ref.label += " in float64"
+        return f"torch module run in float64, outputs rounded once to {dtype_name(compute)}"
+    try:
+        ref.proto = upcast_to_float32(ref.proto)
+    except Exception as exc:  # e.g. external data out of reach: compare as given, and say so
+        return f"as given (could not compute the reference in float32: {_first_line(exc)})"
+    ref.source, ref.label = ref.proto.SerializeToString(), f"{ref.label} (float32)"
+    return (f"the reference graph computed in float32 (weights and inputs are the "
+            f"{dtype_name(compute)} values; outputs rounded once to their dtype), not the "
+            f"{dtype_name(compute)} graph itself")
 
 
 class _RunFailed(BadInputError):
@@ -406,7 +435,7 @@ def _run_provider(provider: str, ref: _Model | _Torch, cand: _Model, feeds: list
     comps = [tol.compare(c, [o[i] for o in ref_out], [o[i] for o in cand_out])
              for i, (_, c) in enumerate(names)]
     return ProviderRun(provider, comparison, "ran", cand_sess.get_providers(), comps,
-                       outputs=cand_out)
+                       outputs=cand_out, ref_outputs=ref_out)
 
 
 def _cross_run(cand: _Model, outputs: dict[str, list[list[np.ndarray]]],

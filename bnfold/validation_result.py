@@ -12,7 +12,8 @@ numbers: non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``), sc
     settings   {providers: [str], require: [str], samples: int, seed: int,
                 ort_graph_optimizations: "enabled"|"disabled", atol: float|null,
                 rtol: float|null (null: dtype-aware default), tolerance_rule: str,
-                compute_dtype: str|null}
+                compute_dtype: str|null, reference_model: str ("as given", or how a
+                float16/bfloat16 reference was computed in higher precision)}
     inputs     [{name, dtype, shape: [int] (first sample's), shapes?: [[int]] (when samples
                  differ), source: str}]
     notes      [str]
@@ -21,7 +22,8 @@ numbers: non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``), sc
                  required: bool, passed: bool, note?: str (why unavailable),
                  outputs: [{output, dtype, shape, atol, rtol, tol_dtype, max_abs, max_rel,
                             cosine, worst: {sample, index: [int], ref, cand, ratio} | {},
-                            passed, reason?: str}]}]
+                            passed, reason?: str, stats: {abs: {mean, median, p99},
+                            rel: {mean, median, p99}} (see bnfold.error_stats)}]}]
     failures   [str] (one line per failed comparison or missing required provider)
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.compare import Comparison, json_safe
+from bnfold.error_stats import stats_line
 
 SCHEMA = "bnfold.validation/1"
 HEADERS = ("provider", "output", "dtype", "max abs", "max rel", "cosine", "worst at",
@@ -56,6 +59,7 @@ class ProviderRun:
     note: str | None = None
     required: bool = False
     outputs: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+    ref_outputs: list[list[np.ndarray]] = field(default_factory=list, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -84,6 +88,7 @@ class ValidationResult:
     inputs: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     runs: list[ProviderRun] = field(default_factory=list)
+    samples: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # the feeds
 
     @property
     def passed(self) -> bool:
@@ -132,6 +137,16 @@ class ValidationResult:
                              "ok" if c.passed else f"FAIL: {c.reason}"))
         return rows
 
+    def reference_lines(self) -> list[str]:
+        """``reference: ...`` when the reference is not the given model as is (16-bit)."""
+        how = self.settings.get("reference_model", "as given")
+        return [] if how == "as given" else [f"reference: {how}"]
+
+    def stats_lines(self) -> list[str]:
+        """One line per provider and output: the error distribution (mean, median, p99)."""
+        return [f"errors {run.provider} {c.output}: {stats_line(c.stats)}" for run in self.runs
+                for c in run.comparisons if c.stats]
+
     def summary(self) -> str:
         ran = [r for r in self.runs if r.status == "ran"]
         ran_on = sorted({p for r in ran for p in r.ran_on[:1]})
@@ -149,6 +164,7 @@ class ValidationResult:
         lines.insert(1, "-" * max(len(line) for line in lines))
         lines += [f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
                   f"({i['source']})" for i in self.inputs]
+        lines += self.stats_lines() + self.reference_lines()
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"tolerance: {self.settings['tolerance_rule']}")
         lines.append(self.summary())

@@ -100,12 +100,14 @@ from bnfold.passes.fx.trace import (
     uncompiled,
 )
 from bnfold.report import PassResult, Report
+from bnfold.selection import Selection
 
 _MAX_CHAIN = 16
 
 
 def fold_fx(
-    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False
+    model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
+    include: Any = None, exclude: Any = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
 
@@ -118,9 +120,12 @@ def fold_fx(
     other module, whose Python forward would go on calling its BNs on folded weights.
     ``torch.compile`` wrappers are unwrapped (the result is not compiled); TorchScript modules
     and lazy modules not yet run are refused with a :class:`~bnfold.errors.BnfoldError`.
+    ``include`` / ``exclude``: BN name globs (:mod:`bnfold.selection`; the module path,
+    ``"layer1.*"``, or the node name); a BN they leave out is kept, "excluded by the user".
     Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
     ``direction`` forward/backward) or ``kept`` with the reason.
     """
+    select = Selection.of(include, exclude)
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
     carried = None
@@ -150,7 +155,8 @@ def fold_fx(
     labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
               for n in bns}
     kinds = {n: folder.kind(n) for n in bns}
-    outcomes = {n: folder.forward(n, labels[n]) for n in bns}
+    outcomes = {n: _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
+                for n in bns}
     for n in bns:
         if outcomes[n].action == "kept" and not outcomes[n].final:
             outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
@@ -180,6 +186,13 @@ class _Outcome:
 
 def _kept(reason: str, *, final: bool = False) -> _Outcome:
     return _Outcome("kept", reason=reason, final=final)
+
+
+def _excluded(select: Selection, node: fx.Node, label: str) -> _Outcome | None:
+    """A final "kept" when the user's globs leave the BN out; its label is ``module``,
+    ``module (node)`` or ``node``, so the globs see the module path and the node name."""
+    why = select.refusal((label, node.name, label.split(" (")[0]))
+    return None if why is None else _kept(why, final=True)
 
 
 class _Folder:

@@ -31,6 +31,18 @@ _LAYER_FUNCTIONS: dict[Any, tuple[LayerKind, int, type[nn.Module], int | None]] 
     F.conv_transpose3d: ("conv_transpose", 3, nn.ConvTranspose3d, 6),
 }
 
+# The same layers as the ATen ops of torch.export graphs (bnfold.programs), same arguments.
+_ATEN = torch.ops.aten
+_LAYER_FUNCTIONS.update({
+    _ATEN.linear.default: ("linear", 0, nn.Linear, None),
+    _ATEN.conv1d.default: ("conv", 1, nn.Conv1d, 6),
+    _ATEN.conv2d.default: ("conv", 2, nn.Conv2d, 6),
+    _ATEN.conv3d.default: ("conv", 3, nn.Conv3d, 6),
+    _ATEN.conv_transpose1d.default: ("conv_transpose", 1, nn.ConvTranspose1d, 6),
+    _ATEN.conv_transpose2d.input: ("conv_transpose", 2, nn.ConvTranspose2d, 6),
+    _ATEN.conv_transpose3d.input: ("conv_transpose", 3, nn.ConvTranspose3d, 6),
+})
+
 _ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
     nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU,
@@ -42,12 +54,21 @@ _ACTIVATION_FUNCTIONS = {
     torch.selu, F.celu, torch.celu, F.hardswish, F.hardsigmoid, F.hardtanh, F.hardtanh_,
     F.mish, F.softplus, F.prelu, torch.prelu, F.logsigmoid, F.softsign,
 }
+_ACTIVATION_FUNCTIONS |= {
+    _ATEN.relu.default, _ATEN.relu_.default, _ATEN.hardtanh.default, _ATEN.hardtanh_.default,
+    _ATEN.gelu.default, _ATEN.silu.default, _ATEN.silu_.default, _ATEN.sigmoid.default,
+    _ATEN.tanh.default, _ATEN.leaky_relu.default, _ATEN.hardswish.default, _ATEN.elu.default,
+}
 _ACTIVATION_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
 
 _NORM_MODULES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _NORM_FUNCTIONS = {
     F.batch_norm, torch.batch_norm, F.layer_norm, torch.layer_norm, F.group_norm,
     torch.group_norm, F.instance_norm, torch.instance_norm, F.rms_norm,
+}
+_NORM_FUNCTIONS |= {
+    _ATEN.batch_norm.default, _ATEN._native_batch_norm_legit_no_training.default,
+    _ATEN.layer_norm.default, _ATEN.group_norm.default, _ATEN.instance_norm.default,
 }
 
 _DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
@@ -59,6 +80,9 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute,
                     torch.squeeze, torch.unsqueeze}
+_DROPOUT_FUNCTIONS |= {_ATEN.dropout.default}
+_SHAPE_FUNCTIONS |= {_ATEN.flatten.using_ints, _ATEN.reshape.default, _ATEN.view.default,
+                     _ATEN.transpose.int, _ATEN.permute.default}
 _SHAPE_METHODS = {"flatten", "reshape", "view", "transpose", "permute", "contiguous",
                   "reshape_as", "view_as", "squeeze", "unsqueeze"}
 
@@ -100,8 +124,16 @@ def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
         return Layer(node, str(node.target), spec[0], spec[1], type(module), module)
     if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
         kind, dims, cls, _ = _LAYER_FUNCTIONS[node.target]
-        return Layer(node, node.name, kind, dims, cls, None)
+        return Layer(node, _aten_module_path(node) or node.name, kind, dims, cls, None)
     return None
+
+
+def _aten_module_path(node: fx.Node) -> str | None:
+    """For an ATen layer op of a torch.export graph, the module that made it (``conv1``, from
+    the ``nn_module_stack`` export records), so inserted BNs get module-like names."""
+    stack = node.meta.get("nn_module_stack") if isinstance(
+        node.target, torch._ops.OpOverload) else None
+    return str(list(stack.values())[-1][0]) or None if stack else None
 
 
 def functional_groups(layer: Layer) -> int:

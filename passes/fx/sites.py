@@ -132,7 +132,7 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
     if args.get("running_mean") is None or args.get("running_var") is None:
         return "BN has no running statistics (track_running_stats=False): it normalizes with " \
                "batch statistics"
-    if args.get("training") is not False:
+    if args.get("training", False) is not False:  # absent: _no_training
         return "BN is in training mode: it normalizes with batch statistics, which no fold " \
                "can reproduce"
     tensors: dict[str, np.ndarray | None] = {}

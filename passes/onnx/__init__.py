@@ -1,0 +1,5 @@
+"""bnfold's ONNX passes; the onnx-ir pass classes are importable from here."""
+
+from bnfold.passes.onnx.ir_passes import BnfoldPass, FoldBatchNormPass, InsertBatchNormPass
+
+__all__ = ["BnfoldPass", "FoldBatchNormPass", "InsertBatchNormPass"]

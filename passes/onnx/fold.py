@@ -46,11 +46,13 @@ from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.linear import structure_fold
+from bnfold.passes.onnx.names import module_path
 from bnfold.passes.onnx.rules import Context, Fold
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.passes.onnx.sites import Site, affine_chains, affine_site
 from bnfold.passes.onnx.validity import check_graphs
 from bnfold.report import Entry, PassResult, Report
+from bnfold.selection import EVERY_BN, Selection
 
 _MAX_ROUNDS = 8
 _NONE = Entry("", "kept")
@@ -58,7 +60,8 @@ _NONE = Entry("", "kept")
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
               base_dir: str | os.PathLike[str] | None = None,
-              max_const_elements: int | None = None) -> PassResult:
+              max_const_elements: int | None = None,
+              include: Any = None, exclude: Any = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -72,13 +75,16 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     of any tensor computed from constants (a bias or BN parameter built by
     ``Expand``/``ConstantOfShape``/...); default: the largest tensor the model stores (see
     :class:`bnfold.passes.onnx.consts.Constants`). A BN whose fold needs a larger one is kept,
-    with the reason.
+    with the reason. ``include`` / ``exclude``: globs on the BN's node name or torch module
+    path (:mod:`bnfold.selection`, :mod:`.names`); a BN they leave out is kept, "excluded by
+    the user".
     """
+    select = Selection.of(include, exclude)
     with _gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
-                       max_const_elements=max_const_elements)
+                       max_const_elements=max_const_elements, select=select)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
@@ -129,7 +135,7 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
 
 
 def _fold(model: ir.Model, pass_name: str, *, backward: bool,
-          max_const_elements: int | None) -> Report:
+          max_const_elements: int | None, select: Selection = EVERY_BN) -> Report:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -144,7 +150,7 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     for graph in list(model.graphs()):
         ctx = Context(graph, opset, namer, shapes, consts)
         for _ in range(_MAX_ROUNDS):
-            if not _round(ctx, entries, backward):
+            if not _round(ctx, entries, backward, select):
                 break
     if legacy:
         reattach_inputs(model.graph, inputs, namer)
@@ -153,6 +159,8 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
                 f"IR version {model.ir_version}: initializers are graph inputs (constants at "
                 "this IR version), so folded BN parameters stay as unused graph inputs and new "
                 "tensors are Constant nodes")
+    for node, entry in entries.items():
+        entry.module = module_path(node)
     report.entries.extend(entries.values())
     report.entries.extend(_function_entries(model))
     return report
@@ -173,13 +181,18 @@ def _function_entries(model: ir.Model) -> list[Entry]:
     return entries
 
 
-def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
+def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
+           select: Selection) -> bool:
     """One pass over the graph's BNs and BN-like affine chains; true when something folded."""
     changed = False
     for bn in [n for n in ctx.graph
                if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
         if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
             continue  # removed by an earlier fold of this round, or left by a split fold
+        excluded = select.refusal((display_name(bn), module_path(bn)))
+        if excluded:
+            changed |= _settle(bn, excluded, ctx, entries, backward)
+            continue
         value = constant_bn(bn, ctx)
         if isinstance(value, ir.Value):
             entries[bn] = Entry(display_name(bn), "folded", value.name, details={
@@ -193,6 +206,8 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool) -> bool:
     for chain in affine_chains(ctx.graph, ctx.consts):
         site = affine_site(chain, ctx)
         if site is not None:
+            head = chain[0].node
+            site = select.refusal((display_name(head), module_path(head))) or site
             kind = chain[0].node.op_type if isinstance(site, str) else site.kind
             changed |= _settle(chain[0].node, site, ctx, entries, backward, kind)
     return changed

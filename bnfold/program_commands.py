@@ -1,0 +1,98 @@
+"""``bnfold fold`` / ``bnfold inspect`` for ``torch.export.save`` archives (``.pt2``).
+
+The archive is loaded with ``torch.export.load`` (only after :func:`bnfold.programs.is_pt2_archive`
+has recognised it; a plain checkpoint is never unpickled), folded with :func:`bnfold.fold` and
+written with ``torch.export.save``, atomically. The JSON documents are the ONNX commands'
+(``bnfold.fold/1``, ``bnfold.inspect/1``), with ``validation: null``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import operator
+from pathlib import Path
+from typing import Any
+
+from bnfold.errors import BadInputError
+
+
+def is_program_file(path: Path) -> bool:
+    """A ``.pt2`` name, or a zip that is a PT2 archive whatever its name."""
+    from bnfold.programs import is_pt2_archive
+
+    return path.suffix == ".pt2" or (path.is_file() and is_pt2_archive(path))
+
+
+def fold_program(args: argparse.Namespace) -> int:
+    """Fold the program in ``args.input``, write it to ``-o``; exit code 0."""
+    import bnfold
+    from bnfold.cli import OK, _check_report_path, _emit, _output_path
+    from bnfold.programs import load_program, save_program
+
+    out = _output_path(args)
+    _check_report_path(args, args.input, out)
+    if args.validate:
+        raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "
+                            "to a torch.export program (the fold is exact: compare "
+                            "program.module() outputs in torch)")
+    folded, report = bnfold.fold(load_program(args.input), include=args.include,
+                                 exclude=args.exclude)
+    if not args.json:
+        from bnfold.render import print_report
+
+        print_report(report, f"fold {args.input}")
+    save_program(folded, out)
+    if not args.json:
+        print(f"wrote {out}")
+    _emit(args, {"schema": "bnfold.fold/1", "input": str(args.input), "output": str(out),
+                 "fold": report.to_dict(), "validation": None, "written": True,
+                 "passed": True})
+    return OK
+
+
+def inspect_program(args: argparse.Namespace) -> int:
+    """What folding the program in ``args.input`` would do; nothing is written."""
+    import bnfold
+    from bnfold.cli import OK, _check_report_path, _emit
+    from bnfold.programs import load_program
+
+    _check_report_path(args, args.input)
+    program = load_program(args.input)
+    args_, kwargs = program.example_inputs or (None, None)
+    module = program.module()
+    _, report = bnfold.fold(module, None if kwargs else args_)  # no re-export
+    report.dry_run = True
+    if args.html is not None:
+        from bnfold import html_report
+
+        html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", _neighbourhoods(module)))
+    if not args.json:
+        from bnfold.render import print_report
+
+        print_report(report, f"inspect {args.input}")
+    _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
+                 "report": report.to_dict()})
+    return OK
+
+
+def _neighbourhoods(module: Any) -> dict[str, Any]:
+    """For each BN of a program's module, by its report label: the node feeding it and the
+    nodes reading it (through the ``getitem`` of ATen BNs that return a tuple)."""
+    from bnfold.html_report import Neighbourhood
+    from bnfold.passes.fx.sites import bn_label, is_batchnorm
+
+    def label(node: Any) -> tuple[str, str]:
+        what = node.target.__name__ if callable(node.target) else str(node.target)
+        return node.name, f"{what.split('.')[0]} {node.name}"
+
+    out = {}
+    for node in module.graph.nodes:
+        if not is_batchnorm(module, node) or not node.args:
+            continue
+        users = [u for u in node.users if u.target is not operator.getitem] + [
+            w for u in node.users if u.target is operator.getitem for w in u.users]
+        source = node.args[0]
+        out[bn_label(module, node)] = Neighbourhood(
+            [label(source)] if hasattr(source, "name") else [], [label(u) for u in users])
+    return out

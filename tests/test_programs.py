@@ -1,0 +1,122 @@
+"""torch.export programs in and out of fold / insert_bn, and .pt2 archives in the CLI.
+
+Each folded program is run on fresh inputs (another batch size than the example, through the
+dynamic dim) and compared with a float64 evaluation of the unfolded model (BNs with
+non-trivial statistics)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.export import Dim, ExportedProgram
+
+import bnfold
+from bnfold.errors import BadInputError
+from bnfold.models import plain, zoo
+from bnfold.models.stats import randomize_bn_stats
+from bnfold.programs import load_program, save_program
+
+BN_OPS = ("batch_norm", "_native_batch_norm_legit_no_training")
+
+
+def resnet() -> tuple[torch.nn.Module, ExportedProgram]:
+    model = randomize_bn_stats(zoo.get("resnet_small"), seed=3).eval()
+    program = torch.export.export(model, (zoo.example_input("resnet_small"),),
+                                  dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+    return model, program
+
+
+def bn_ops(program: ExportedProgram) -> int:
+    return sum(1 for n in program.graph.nodes if n.op == "call_function"
+               and getattr(n.target, "__name__", "").split(".")[0] in BN_OPS)
+
+
+def float64_error(program: ExportedProgram, model: torch.nn.Module, batch: int) -> float:
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        got = program.module()(x).double()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_fold_returns_a_program_that_runs_like_the_input() -> None:
+    model, program = resnet()
+    before = {k: v.clone() for k, v in program.state_dict.items()}
+    folded, report = bnfold.fold(program)
+    assert isinstance(folded, ExportedProgram)
+    assert len(report.folded) == 9 and bn_ops(program) == 9 and bn_ops(folded) == 0
+    assert folded.graph_signature.user_inputs == program.graph_signature.user_inputs
+    assert folded.call_spec.in_spec == program.call_spec.in_spec
+    assert folded.call_spec.out_spec == program.call_spec.out_spec
+    assert [str(r) for r in folded.range_constraints.values()] == [
+        str(r) for r in program.range_constraints.values()]
+    assert not any("running_mean" in k or ".bn" in k for k in folded.state_dict)
+    assert all(torch.equal(program.state_dict[k], v) for k, v in before.items())
+    for batch in (5, 1):
+        assert float64_error(folded, model, batch) < 1e-6
+
+
+def test_saved_folded_program_loads_and_runs(tmp_path) -> None:
+    model, program = resnet()
+    folded, _ = bnfold.fold(program, exclude="layer3.*")
+    save_program(folded, tmp_path / "f.pt2")
+    loaded = load_program(tmp_path / "f.pt2")
+    assert bn_ops(loaded) == 3
+    assert float64_error(loaded, model, 4) < 1e-6
+
+
+def test_a_decomposed_program_is_folded_and_decomposed_again() -> None:
+    model, program = resnet()
+    lowered = program.run_decompositions()
+    folded, report = bnfold.fold(lowered)
+    assert len(report.folded) == 9 and bn_ops(folded) == 0
+    assert folded.dialect == "ATEN"
+    assert float64_error(folded, model, 3) < 1e-6
+
+
+def test_insert_bn_on_a_program_matches_insert_bn_on_the_module() -> None:
+    """The program gets the BNs insert_bn gives the module, named after the layers' modules,
+    in training mode (batch statistics: insertion is for training graphs)."""
+    model = plain.get("digits_cnn").eval()
+    x = torch.randn(4, 1, 8, 8)
+    inserted, report = bnfold.insert_bn(torch.export.export(model, (x,)))
+    gm, same = bnfold.insert_bn(model, example_inputs=x)
+    assert [e.bn for e in report.inserted] == [e.bn for e in same.inserted] == [
+        "conv1_bn", "conv2_bn", "fc1_bn"]
+    assert bn_ops(inserted) == 3
+    fresh = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(inserted.module()(fresh), gm.train()(fresh))
+
+
+def test_inplace_on_a_program_is_refused() -> None:
+    _, program = resnet()
+    with pytest.raises(BadInputError, match="inplace"):
+        bnfold.fold(program, inplace=True)
+
+
+def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
+    model, program = resnet()
+    src, out = tmp_path / "m.pt2", tmp_path / "out" / "folded.pt2"
+    torch.export.save(program, src)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt2")
+    fold, inspect, ckpt, validate = run_cli.many([
+        ["fold", src, "-o", out, "--exclude", "stem.*", "--json"],
+        ["inspect", src, "--json"],
+        ["inspect", tmp_path / "ckpt.pt2"],
+        ["fold", src, "-o", tmp_path / "v.pt2", "--validate"],
+    ])
+    assert fold.returncode == 0, fold.stderr
+    doc = json.loads(fold.stdout)
+    assert doc["written"] and doc["fold"]["counts"]["folded"] == 8
+    assert float64_error(torch.export.load(out), model, 2) < 1e-6
+    assert inspect.returncode == 0 and json.loads(inspect.stdout)["report"]["dry_run"]
+    assert json.loads(inspect.stdout)["report"]["counts"]["folded"] == 9
+    for bad in (ckpt, validate):
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    assert "not a torch.export archive" in ckpt.stderr
+    assert not (tmp_path / "v.pt2").exists()

@@ -265,8 +265,6 @@ def load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     """The array of an ``.npy`` or the named arrays of an ``.npz``, read without pickle and
     within :data:`INPUT_BUDGET_BYTES`: an object array (pickled Python objects) is a one-line
     BadInputError, never unpickled."""
-    if not path.exists():
-        raise BadInputError(f"{path}: no such input file")
     check_input_file(path, "input sample", INPUT_BUDGET_BYTES, "the validation input budget")
     _check_unpacked_size(path)
     try:
@@ -276,11 +274,10 @@ def load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         with loaded:
             return {k: loaded[k] for k in loaded.files}
     except Exception as exc:  # numpy raises ValueError, OSError, zipfile errors, EOFError...
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise BadInputError(f"{path}: holds an object array (pickled Python objects), "
-                                "which bnfold does not unpickle") from exc
-        raise BadInputError(f"{path}: not a readable .npy/.npz file ({first_line(exc)})"
-                            ) from exc
+        why = ("it holds an object array (pickled Python objects), which bnfold does not "
+               "unpickle" if "allow_pickle" in str(exc) or "Object arrays" in str(exc)
+               else first_line(exc))
+        raise BadInputError(f"{path}: not a readable .npy/.npz file ({why})") from exc
 
 
 def _read_arrays(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:

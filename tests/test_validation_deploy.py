@@ -143,7 +143,7 @@ def test_cli_golden_refusals_are_one_line(conv_bn_proto, tmp_path, run_cli) -> N
         ["validate", a, a, "--load-inputs", plain, "--inputs", plain],
         ["validate", a, a, "--load-inputs", tmp_path / "missing.npz"],
     ])
-    for res, words in zip(results, ("object array", "not both", "no such input file"), strict=True):
+    for res, words in zip(results, ("object array", "not both", "no such file"), strict=True):
         assert res.returncode == 2 and words in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     ok = run_cli("validate", a, a, "--load-inputs", plain, "--json")

@@ -35,8 +35,9 @@ sum is float64; the weight and bias are rounded once to the convs' dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -253,3 +254,73 @@ def _show(value: object) -> str:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching a sum: which tensor the block shares, and why a block cannot merge (IR-free).
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Summand:
+    """One summand of a sum, as a graph pass sees it.
+
+    ``options`` maps each tensor the summand could be a branch of (a graph value) to that
+    branch, or to why it cannot be one; ``erase`` to the nodes a merge removes, ``absorbed`` to
+    the BN nodes a merge absorbs. ``others`` names readers of the summand outside the sum.
+    """
+
+    name: str
+    options: dict[Any, Branch | str]
+    erase: dict[Any, list[Any]] = field(default_factory=dict)
+    absorbed: dict[Any, list[Any]] = field(default_factory=dict)
+    others: list[str] = field(default_factory=list)
+
+    def add(self, x: Any, branch: Branch | str, erase: Sequence[Any] = (),
+            absorbed: Sequence[Any] = ()) -> None:
+        self.options[x], self.erase[x], self.absorbed[x] = branch, list(erase), list(absorbed)
+
+
+def shared_input(summands: Sequence[Summand]) -> Any:
+    """The tensor most summands read (at least two, one through a conv), or ``None``: a sum
+    with no such tensor (a residual ``conv(h) + x``) is not a branch block."""
+    best, count = None, 1
+    for x in {x for s in summands for x in s.options}:
+        readers = sum(x in s.options for s in summands)
+        conv = any(isinstance(s.options.get(x), ConvBranch) for s in summands)
+        if conv and readers > count:
+            best, count = x, readers
+    return best
+
+
+def block_refusal(summands: Sequence[Summand], shared: Any, shared_name: str) -> str | None:
+    """Why the summands are not all branches of ``shared`` that a merge may remove."""
+    for s in summands:
+        option = s.options.get(shared)
+        if option is None:
+            return f"branches read different tensors: {s.name} does not come from {shared_name}"
+        if isinstance(option, str):
+            return option
+        if s.others and s.erase[shared]:
+            return f"branch {option.name} output also feeds {', '.join(s.others)}"
+    return None
+
+
+def branches_of(summands: Sequence[Summand], shared: Any) -> list[Branch]:
+    """The branches of ``shared`` (after :func:`block_refusal` passed: all of them)."""
+    return [b for s in summands if not isinstance(b := s.options.get(shared, ""), str)]
+
+
+def plan_block(summands: Sequence[Summand], shared: Any, shared_name: str,
+               check: Callable[[list[Branch]], str | None]) -> MergedConv | str:
+    """The merged conv for a block, or why not: :func:`block_refusal`, then the pass's own
+    ``check`` of the branches (channel axes), then :func:`merge`."""
+    why = block_refusal(summands, shared, shared_name)
+    branches = branches_of(summands, shared)
+    if why is None:
+        why = check(branches)
+    if why is not None:
+        return why
+    try:
+        return merge(branches)
+    except UnsafeFoldError as exc:
+        return str(exc)

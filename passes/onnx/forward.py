@@ -34,6 +34,7 @@ from bnfold.passes.onnx.rules import (
     Context,
     Fold,
     constant,
+    conv_tensors,
     optional_bias,
     release,
     sole_reader,
@@ -173,12 +174,10 @@ def _finish(bn: ir.Node, params: BNParams, chain: list[ir.Node], ctx: Context,
 
 def _conv(bn: ir.Node, params: BNParams, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
-    if isinstance(weight, str):
-        return weight
-    bias = optional_bias(layer, 2)
-    if isinstance(bias, str):
-        return bias
+    tensors = conv_tensors(layer)
+    if isinstance(tensors, str):
+        return tensors
+    weight, bias = tensors
     transpose = layer.op_type == "ConvTranspose"
     groups = layer.attributes.get_int("group", 1)
     plan = _Plan(layer, layer, 1, weight, 1 if transpose else 0, groups, bias, layer)

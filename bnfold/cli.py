@@ -11,7 +11,8 @@ terminal. JSON schemas (keys are only ever added within a version):
 * ``bnfold.fold-folder/1``: ``{schema, input, output, summary: {files, ok, validation_failed,
   bad_input}, results: [fold/1 document + exit_code | {input, output, written: false,
   passed: false, error, exit_code: 2}], exit_code}``
-* ``bnfold.inspect/1``: ``{schema, input, report: REPORT}``
+* ``bnfold.inspect/1``: ``{schema, input, report: REPORT, branches: REPORT}`` (``branches``:
+  one entry per block of parallel branches, ``merged`` = would merge with ``--merge-branches``)
 * ``bnfold.insert/1``: ``{schema, input, output, written, report: REPORT}``
 * ``bnfold.validation/1`` (``bnfold validate``): see :mod:`bnfold.validation_result`
 * REPORT (:meth:`bnfold.report.Report.to_dict`): ``{pass, changed, counts: {folded, kept,
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow OUT to be IN (without -o: overwrite IN)")
     p.add_argument("--validate", action="store_true",
                    help="validate IN vs OUT in ONNX Runtime; OUT is written only if it passes")
+    p.add_argument("--merge-branches", action="store_true",
+                   help="also merge parallel Conv(+BN)/BN/identity branches summed by an Add "
+                        "into one Conv (RepVGG, MobileOne...; exact)")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("inspect", parents=[common, report],
@@ -206,7 +210,8 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     from bnfold.fileio import save_onnx
 
     model = load_checked(src)
-    folded, report = bnfold.fold_onnx(model)
+    fold = bnfold.reparameterize_onnx if args.merge_branches else bnfold.fold_onnx
+    folded, report = fold(model)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -298,13 +303,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
 
     _check_report_path(args, args.input)
-    report = bnfold.inspect_onnx(load_checked(args.input))
+    from bnfold.passes.onnx.reparam import inspect_branches
+
+    model = load_checked(args.input)
+    report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
     if not args.json:
         from bnfold.render import print_report
 
         print_report(report, f"inspect {args.input}")
+        if blocks.entries:
+            print_report(blocks, "branch blocks (bnfold fold --merge-branches)")
     _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
-                 "report": report.to_dict()})
+                 "report": report.to_dict(), "branches": blocks.to_dict()})
     return OK
 
 

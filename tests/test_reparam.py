@@ -388,3 +388,31 @@ def test_onnx_property_merged_exactly_or_refused(block, seed: int) -> None:
     got = _run(out, x)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_fold_merge_branches_and_inspect(run_cli, tmp_path) -> None:
+    import json
+
+    src, out = tmp_path / "rep.onnx", tmp_path / "rep.merged.onnx"
+    onnx.save(_export(rep.get("repvgg_stage"), rep.example_input("repvgg_stage"), True), src)
+    refused = tmp_path / "refused.onnx"
+    onnx.save(_export(rep.get("refuse_stride"), rep.example_input("refuse_stride"), True),
+              refused)
+    merged, plain, inspect, kept, bad = run_cli.many([
+        ["fold", src, "-o", out, "--merge-branches", "--validate", "--providers", "cpu",
+         "--json"],
+        ["fold", src, "-o", tmp_path / "plain.onnx", "--json"],
+        ["inspect", src, "--json"], ["inspect", refused],
+        ["fold", tmp_path / "missing.onnx", "-o", out, "--merge-branches"]])
+    doc = json.loads(merged.stdout)
+    assert merged.returncode == 0 and doc["passed"] and doc["fold"]["counts"]["merged"] == 3
+    assert sum(n.op_type == "Conv" for n in onnx.load(out).graph.node) == 3
+    assert "merged" not in json.loads(plain.stdout)["fold"]["counts"]  # not by default
+    blocks = json.loads(inspect.stdout)["branches"]
+    assert [e["action"] for e in blocks["entries"]] == ["merged"] * 3 and blocks["dry_run"]
+    assert "would keep" in kept.stdout and "different strides" in kept.stdout
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

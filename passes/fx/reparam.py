@@ -112,7 +112,7 @@ class _Merger:
         merged = br.plan_block(leaves, shared, shared.name,
                             lambda branches: self._axis_refusal(shared, branches, leaves))
         if isinstance(merged, str):
-            report.add(label, "kept", reason=f"not merged: {merged}")
+            report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
             return
         into = self._rewrite(root, shared, merged, leaves)
         report.add(label, "merged", into=into, branches=len(leaves),

@@ -46,24 +46,27 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
 
 
 def inspect_branches(model: Any) -> Report:
-    """What :func:`reparameterize_onnx` would merge and fold (a dry run on a copy)."""
+    """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
+    branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries."""
     with _gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
-        report = _reparameterize(ir_model, "inspect_branches")
+        report = _reparameterize(ir_model, "inspect_branches", fold=False)
+    report.entries = [e for e in report.entries if "branches" in e.details]
     report.dry_run = True
     return report
 
 
-def _reparameterize(model: ir.Model, name: str) -> Report:
+def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
     report = Report(name)
     namer = Namer(model)
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     for graph in list(model.graphs()) if opset is not None else []:
         for node in [n for n in graph if _is_add(n) and not _inner_add(n)]:
             _Block(graph, namer, opset).run(node, report)
-    folded = _fold(model, name, backward=True)
-    report.entries.extend(folded.entries)
-    report.notes.extend(folded.notes)
+    if fold:
+        folded = _fold(model, name, backward=True)
+        report.entries.extend(folded.entries)
+        report.notes.extend(folded.notes)
     return report
 
 
@@ -117,7 +120,7 @@ class _Block:
         label = display_name(root)
         merged = br.plan_block(leaves, shared, str(shared.name), _scale_refusal)
         if isinstance(merged, str):
-            report.add(label, "kept", reason=f"not merged: {merged}")
+            report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
             return
         into = self._rewrite(root, tree, shared, merged, leaves)
         report.add(label, "merged", into=into, branches=len(leaves),

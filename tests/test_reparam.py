@@ -385,6 +385,7 @@ def test_onnx_property_merged_exactly_or_refused(block, seed: int) -> None:
                            (s["dil"],) * n, s["groups"]) for i, s in enumerate(specs)]
     branches += [AffineBranch(e) for e in extras]
     assert len(report.merged) == int(merge_refusal(branches) is None), report.table()
+    assert [o.name for o in out.graph.output] == ["y"]  # the sum's name survives the merge
     got = _run(out, x)
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

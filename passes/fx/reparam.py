@@ -109,8 +109,9 @@ class _Merger:
         if shared is None:
             return
         label = self._block_label(root, [b for lf in leaves for b in lf.options.values()])
-        merged = br.plan_block(leaves, shared, shared.name,
-                            lambda branches: self._axis_refusal(shared, branches, leaves))
+        merged = br.plan_block(
+            leaves, shared, shared.name,
+            lambda branches: self._axis_refusal(shared, branches, leaves))
         if isinstance(merged, str):
             report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
             return

@@ -189,13 +189,11 @@ class _Block:
                              type=ir.TensorType(tensor.dtype))
             self.graph.register_initializer(value)
             tensors.append(value)
-        n = merged.weight.ndim - 2
         attrs = [ir.AttrInt64s("kernel_shape", list(merged.weight.shape[2:])),
                  ir.AttrInt64s("pads", [b for b, _ in merged.pads] + [e for _, e in merged.pads]),
                  ir.AttrInt64s("strides", list(merged.stride)),
                  ir.AttrInt64s("dilations", list(merged.dilation)),
                  ir.AttrInt64("group", merged.groups)]
-        assert len(attrs[0].value) == n
         name = base.name or self.namer.fresh(f"{merged.base}_merged")
         conv = ir.Node("", "Conv", [x, *tensors], attrs, name=name)
         out, y = conv.outputs[0], root.outputs[0]

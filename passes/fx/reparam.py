@@ -68,9 +68,10 @@ def reparameterize_fx(
     for root in [n for n in gm.graph.nodes if _is_add(n) and not _inner_add(n)]:
         merger.block(root, report)
     merger.cleanup()
-    gm, folded = fold_fx(gm, args, inplace=True)
+    exported = how.startswith("torch.export")  # shapes already in node.meta; no eval() there
+    gm, folded = fold_fx(gm, None if exported else args, inplace=True)
     report.entries.extend(folded.entries)
-    report.notes.extend(folded.notes)
+    report.notes.extend(folded.notes if not exported else [f"traced with {how}"])
     return PassResult(gm, report)
 
 
@@ -275,6 +276,7 @@ class _Merger:
                 flat = [p for pair in reversed(merged.pads) for p in pair]
                 source = self.graph.call_function(F.pad, (x, flat))
             new = self.graph.call_module(target, (source,))
+        new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "tensor_meta")})
         root.replace_all_uses_with(new)
         doomed = {*self._tree(root), *(n for lf in leaves for n in lf.erase[x])}
         for node in reversed(list(self.graph.nodes)):
@@ -307,10 +309,13 @@ class _Merger:
                 or (n.op == "get_attr" and str(n.target).startswith(path + ".")))]
             if not others:
                 return path
-        else:
-            path = "".join(c if c.isalnum() else "_" for c in layer.label).strip("_")
+        else:  # functional: next to the module owning its weight ("block.conv (conv2d)")
+            path = layer.label.split(" (")[0] if " (" in layer.label else conv.name
         owner, _, leaf = path.rpartition(".")
-        holder = self.gm.get_submodule(owner) if owner else self.gm
+        try:
+            holder = self.gm.get_submodule(owner) if owner else self.gm
+        except AttributeError:
+            owner, leaf, holder = "", "".join(c if c.isalnum() else "_" for c in path), self.gm
         name, i = f"{leaf}_merged", 1
         while hasattr(holder, name):
             name, i = f"{leaf}_merged_{i}", i + 1

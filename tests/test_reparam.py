@@ -166,6 +166,39 @@ def test_fx_functional_convs_scalar_scale_and_identity() -> None:
         assert _rel(_flat(gm(x)), _reference(model, x)) < 1e-5
 
 
+class _TimmStyle(nn.Module):
+    """timm's way of writing a block: ``0 + identity``, ``out += branch(x)``, ``nn.Identity``
+    drop-path/attn/act modules between the branches and the sum, a shape assert on a branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+                                                 nn.BatchNorm2d(8), nn.Identity())
+                                   for _ in range(2))
+        self.identity = nn.BatchNorm2d(8)
+        self.drop_path, self.attn = nn.Identity(), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0 + self.identity(x)
+        for conv in self.convs:
+            y = conv(x)
+            torch._assert(y.ndim == 4, "expected 4D")
+            out += self.drop_path(y)
+        return torch.relu(self.attn(out))
+
+
+def test_fx_timm_style_block() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn_stats(_TimmStyle()).eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm, report = bnfold.reparameterize(model, x)
+    assert len(report.merged) == 1 and len(report.folded) == 3 and not report.kept
+    assert sum(isinstance(m, nn.Conv2d) for m in gm.modules()) == 1
+    assert any("no-op" in n for n in report.notes)
+    with torch.no_grad():
+        assert _rel(_flat(gm(x)), _reference(model, x)) < 1e-5
+
+
 class _Untraceable(nn.Module):
     """Shape-dependent Python control flow: symbolic_trace fails, torch.export traces it."""
 

@@ -44,7 +44,8 @@ from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, sh
 from bnfold.report import PassResult, Report
 
 aten = torch.ops.aten
-_ADDS = {operator.add, torch.add, aten.add.Tensor}
+_ADDS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
+_NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _MULS = {operator.mul, torch.mul, aten.mul.Tensor}
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -64,6 +65,10 @@ def reparameterize_fx(
     if args is not None and not how.startswith("torch.export"):
         annotate_shapes(gm, args)
     report = Report("reparameterize")
+    skipped = _drop_no_ops(gm)
+    if skipped:
+        report.notes.append(f"removed {skipped} no-op module call(s) (nn.Identity, eval-mode "
+                            "dropout) so the branches around them could be matched")
     merger = _Merger(gm, shapes=args is not None)
     for root in [n for n in gm.graph.nodes if _is_add(n) and not _inner_add(n)]:
         merger.block(root, report)
@@ -73,6 +78,23 @@ def reparameterize_fx(
     report.entries.extend(folded.entries)
     report.notes.extend(folded.notes if not exported else [f"traced with {how}"])
     return PassResult(gm, report)
+
+
+def _drop_no_ops(gm: fx.GraphModule) -> int:
+    """Remove calls of ``nn.Identity`` and eval-mode dropout modules (exact: they return their
+    input), which timm puts between a block's branches and its sum (``drop_path``, ``attn``,
+    a BN's ``act``); return how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, _NO_OPS) and not (module.training and not isinstance(
+                module, nn.Identity)) and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            count += 1
+    return count
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -270,15 +292,20 @@ class _Merger:
                                    requires_grad=layer.weight.requires_grad)
         owner, _, leaf = target.rpartition(".")
         setattr(self.gm.get_submodule(owner) if owner else self.gm, leaf, module)
-        with self.graph.inserting_before(root):
-            source = x
-            if pad_first:
+        anchor = x if x.op != "placeholder" else [
+            n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(anchor):  # before every reader of a branch
+            new = self.graph.call_module(target, (x,))
+        if pad_first:
+            with self.graph.inserting_after(anchor):
                 flat = [p for pair in reversed(merged.pads) for p in pair]
-                source = self.graph.call_function(F.pad, (x, flat))
-            new = self.graph.call_module(target, (source,))
+                new.args = (self.graph.call_function(F.pad, (x, flat)),)
         new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "tensor_meta")})
         root.replace_all_uses_with(new)
         doomed = {*self._tree(root), *(n for lf in leaves for n in lf.erase[x])}
+        for node in doomed:  # shape checks on a branch (timm asserts ndim) read the same shape
+            for user in [u for u in node.users if u not in doomed]:
+                user.replace_input_with(node, new)
         for node in reversed(list(self.graph.nodes)):
             if node in doomed and not node.users:
                 if node.op == "call_module" and node.target != target:

@@ -475,3 +475,15 @@ def test_cli_fold_merge_branches_and_inspect(run_cli, tmp_path) -> None:
     assert [e["action"] for e in blocks["entries"]] == ["merged"] * 3 and blocks["dry_run"]
     assert "would keep" in kept.stdout and "different strides" in kept.stdout
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_onnx_deep_dynamo_export_zero_bias_cones_merge() -> None:
+    """torch's dynamo export writes a bias-free conv's zero bias as ``Expand(CastLike(0, x),
+    Shape(W))``; ``x`` deep in a branchy net (read for its dtype only) must not stop a merge."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(10) for m in (rep.RepBlock(2, 4, 4), nn.Tanh())]
+    model = randomize_bn_stats(nn.Sequential(*layers)).eval()
+    x = torch.randn(1, 4, 8, 8)
+    out, report = bnfold.reparameterize_onnx(_export(model, x, True))
+    assert len(report.merged) == 10 and not report.kept
+    assert _rel(_run(out, x), _reference(model, x)) < 1e-5

@@ -73,6 +73,8 @@ def _cone(value: ir.Value) -> list[ir.Node] | None:
         nonlocal visited
         if const_tensor(v) is not None and not v.is_graph_input():
             return True
+        if type_only and _static_type(v):
+            return True  # read for its dtype/shape only, both known: no need to walk its producers
         node = v.producer()
         if (node is None or node.domain not in ("", "ai.onnx")
                 or node.op_type in ("If", "Loop", "Scan")):

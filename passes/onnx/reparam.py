@@ -108,12 +108,12 @@ class _Block:
         leaves = []
         for v in summands:
             producer = v.producer()
-            if v.is_initializer() or (producer is not None and producer.op_type == "Constant"):
-                arr = const_array(v)
-                if arr is None or np.any(arr != 0):
-                    return  # a constant summand: a bias add, not a branch block
-                continue
-            leaves.append(self._leaf(v, set(tree)))
+            arr = None if v.is_graph_input() or (producer is not None and producer.op_type in (
+                "Conv", "BatchNormalization", "Mul")) else const_array(v)
+            if arr is not None and np.any(arr != 0):
+                return  # a constant summand: a bias add, not a branch block
+            if arr is None:  # (a zero, e.g. timm's ``0 + identity``, adds nothing)
+                leaves.append(self._leaf(v, set(tree)))
         shared = br.shared_input(leaves)
         if shared is None:
             return

@@ -10,6 +10,8 @@ from bnfold.api import (
     insert_bn_onnx,
     inspect_onnx,
     recalibrate,
+    reparameterize,
+    reparameterize_onnx,
     validate,
 )
 from bnfold.errors import (
@@ -43,5 +45,7 @@ __all__ = [
     "insert_bn_onnx",
     "inspect_onnx",
     "recalibrate",
+    "reparameterize",
+    "reparameterize_onnx",
     "validate",
 ]

@@ -45,6 +45,20 @@ def fold(
     return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude)
 
 
+def reparameterize(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+) -> PassResult:
+    """Merge parallel Conv(+BN) branches summed by an Add (RepVGG, MobileOne, RepViT...) into
+    one conv each, exactly, then fold the remaining BNs; ``(GraphModule, Report)``. Arguments
+    as :func:`fold`. See :mod:`bnfold.passes.fx.reparam` and :mod:`bnfold.branches`."""
+    from bnfold.passes.fx.reparam import reparameterize_fx
+
+    return reparameterize_fx(model, example_inputs, inplace=inplace)
+
+
 def insert_bn(
     model: torch.nn.Module,
     *,
@@ -177,3 +191,12 @@ def export(model: torch.nn.Module, example_inputs: Any, path: Any, *,
 
     return _export(model, example_inputs, path, fold=fold, validate=validate, opset=opset,
                    dynamic_shapes=dynamic_shapes)
+
+
+def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
+    """Merge parallel Conv(+BN) branches of an ONNX model (ModelProto, onnx_ir.Model or path)
+    into one Conv each, then fold the remaining BNs. See
+    :func:`bnfold.passes.onnx.reparam.reparameterize_onnx`."""
+    from bnfold.passes.onnx.reparam import reparameterize_onnx as _reparameterize_onnx
+
+    return _reparameterize_onnx(model, inplace=inplace)

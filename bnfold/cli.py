@@ -11,7 +11,8 @@ terminal. JSON schemas (keys are only ever added within a version):
 * ``bnfold.fold-folder/1``: ``{schema, input, output, summary: {files, ok, validation_failed,
   bad_input}, results: [fold/1 document + exit_code | {input, output, written: false,
   passed: false, error, exit_code: 2}], exit_code}``
-* ``bnfold.inspect/1``: ``{schema, input, report: REPORT}``
+* ``bnfold.inspect/1``: ``{schema, input, report: REPORT, branches: REPORT}`` (``branches``:
+  one entry per block of parallel branches, ``merged`` = would merge with ``--merge-branches``)
 * ``bnfold.insert/1``: ``{schema, input, output, written, report: REPORT}``
 * ``bnfold.validation/1`` (``bnfold validate``): see :mod:`bnfold.validation_result`
 * REPORT (:meth:`bnfold.report.Report.to_dict`): ``{pass, changed, counts: {folded, kept,
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold only BNs whose node name or torch module path matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="keep BNs whose node name or torch module path matches (repeatable; wins)")
+    p.add_argument("--merge-branches", action="store_true",
+                   help="also merge parallel Conv(+BN)/BN/identity branches summed by an Add "
+                        "into one Conv (RepVGG, MobileOne...; exact)")
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("inspect", parents=[common, report],
@@ -261,7 +265,16 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
     model = load_checked(src)
     with naming(src):
-        folded, report = bnfold.fold_onnx(model, include=args.include, exclude=args.exclude)
+        if args.merge_branches:
+            if args.include or args.exclude:
+                from bnfold.errors import BadInputError
+
+                raise BadInputError("--include/--exclude select BNs to fold; they do not "
+                                    "combine with --merge-branches")
+            folded, report = bnfold.reparameterize_onnx(model)
+        else:
+            folded, report = bnfold.fold_onnx(model, include=args.include,
+                                              exclude=args.exclude)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -389,9 +402,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
+    from bnfold.passes.onnx.reparam import inspect_branches
+
     model = load_checked(args.input)
     with naming(args.input):
-        report = bnfold.inspect_onnx(model)
+        report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
     if args.html is not None:
         from bnfold import html_report
         from bnfold.passes.onnx.names import neighbourhoods
@@ -402,8 +417,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from bnfold.render import print_report
 
         print_report(report, f"inspect {args.input}")
+        if blocks.entries:
+            print_report(blocks, "branch blocks (bnfold fold --merge-branches)")
     _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
-                 "report": report.to_dict()})
+                 "report": report.to_dict(), "branches": blocks.to_dict()})
     return OK
 
 

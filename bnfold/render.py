@@ -23,9 +23,10 @@ def report_table(report: Report, title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("BN", "action", "into / reason"):
         table.add_column(col, overflow="fold")
-    colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim"}
+    colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim",
+               "merged": "green"}
     for e in report.entries:
-        detail = e.into if e.action in ("folded", "inserted") else (e.reason or "")
+        detail = e.into if e.action in ("folded", "inserted", "merged") else (e.reason or "")
         table.add_row(e.shown, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
     return table
 

@@ -2,7 +2,8 @@
 
 Each entry is ``{bn, action, into, reason, ...}`` where ``action`` is one of
 ``folded`` (BN removed into ``into``), ``kept`` (BN left in the graph, ``reason`` says why),
-``inserted`` (a new BN after ``after``) or ``skipped`` (an insertion candidate left alone).
+``inserted`` (a new BN after ``after``) or ``skipped`` (an insertion candidate left alone);
+``merged`` is a block of parallel branches merged ``into`` one conv (``bnfold.reparameterize``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-Action = Literal["folded", "kept", "inserted", "skipped"]
+Action = Literal["folded", "kept", "inserted", "skipped", "merged"]
 
 
 @dataclass
@@ -81,20 +82,24 @@ class Report:
         return self.by_action("skipped")
 
     @property
+    def merged(self) -> list[Entry]:
+        return self.by_action("merged")
+
+    @property
     def changed(self) -> bool:
-        return not self.dry_run and bool(self.folded or self.inserted)
+        return not self.dry_run and bool(self.folded or self.inserted or self.merged)
 
     def label(self, action: Action) -> str:
         """How to show ``action``: as is, or ``"would fold"``/``"would keep"``... in a dry run."""
         if not self.dry_run:
             return action
         return "would " + {"folded": "fold", "kept": "keep", "inserted": "insert",
-                           "skipped": "skip"}[action]
+                           "skipped": "skip", "merged": "merge"}[action]
 
     def counts(self) -> dict[str, int]:
         out = {"folded": 0, "kept": 0, "inserted": 0, "skipped": 0}
         for e in self.entries:
-            out[e.action] += 1
+            out[e.action] = out.get(e.action, 0) + 1  # "merged" only where a block merged
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,8 +119,8 @@ class Report:
         """A plain-text table for people (no colour codes, safe to paste in a README)."""
         rows = [("BN", "action", "into / reason")]
         for e in self.entries:
-            rows.append((e.shown, self.label(e.action), e.into if e.action in ("folded", "inserted")
-                         else (e.reason or "")))
+            rows.append((e.shown, self.label(e.action), e.into if e.action in (
+                "folded", "inserted", "merged") else (e.reason or "")))
         widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2] or ''}".rstrip() for r in rows]
         lines.insert(1, "-" * max(len(line) for line in lines))

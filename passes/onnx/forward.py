@@ -35,6 +35,7 @@ from bnfold.passes.onnx.rules import (
     Context,
     Fold,
     constant,
+    conv_tensors,
     optional_bias,
     release,
     sole_reader,
@@ -217,12 +218,10 @@ def _finish(site: Site, chain: list[ir.Node], ctx: Context, plan: _Plan) -> Fold
 
 def _conv(site: Site, layer: ir.Node, chain: list[ir.Node],
           ctx: Context) -> Fold | str:
-    weight = constant(ctx, layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
-    if isinstance(weight, str):
-        return weight
-    bias = optional_bias(ctx, layer, 2)
-    if isinstance(bias, str):
-        return bias
+    tensors = conv_tensors(ctx, layer)
+    if isinstance(tensors, str):
+        return tensors
+    weight, bias = tensors
     transpose = layer.op_type == "ConvTranspose"
     groups = layer.attributes.get_int("group", 1)
     plan = _Plan(layer, layer, 1, weight, 1 if transpose else 0, groups, bias, layer)

@@ -66,6 +66,17 @@ def optional_bias(ctx: Context, layer: ir.Node, index: int) -> np.ndarray | str 
     return constant(ctx, layer.inputs[index], "bias", layer)
 
 
+def conv_tensors(ctx: Context, layer: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """A Conv/ConvTranspose's constant ``(weight, bias or None)``, or why they are not."""
+    weight = constant(ctx, layer.inputs[1] if len(layer.inputs) > 1 else None, "weight", layer)
+    if isinstance(weight, str):
+        return weight
+    bias = optional_bias(ctx, layer, 2)
+    if isinstance(bias, str):
+        return bias
+    return weight, bias
+
+
 def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:
     """``None`` if ``value`` has exactly one reader (``reader``), else why that blocks the
     fold (naming the other readers)."""

@@ -1,0 +1,262 @@
+"""Merge parallel Conv(+BN) branches of an ONNX graph into one Conv (re-parameterization).
+
+A block is an ``Add`` (or a chain of ``Add`` nodes whose intermediate sums have no other
+reader) whose summands each read one tensor ``x``: ``BatchNormalization(Conv(x))``,
+``Conv(x)``, ``BatchNormalization(x)``, ``Mul(x, c)`` (``c`` a constant scalar or one value per
+channel) or ``x`` itself. Every block with at least two summands on one tensor, one of them a
+Conv, is merged into one ``Conv`` (named as its largest-kernel Conv; the math and its exactness
+conditions are :mod:`bnfold.branches`) or kept with the reason. The sum's output keeps its
+name, so graph outputs and later readers are unchanged. The remaining BNs are then folded by
+:mod:`.fold`. ONNX Conv inputs always have the batch axis, so channels are always axis 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold import branches as br
+from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
+from bnfold.passes.onnx.bn import display_name, inference_params
+from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
+from bnfold.passes.onnx.edit import prune
+from bnfold.passes.onnx.fold import _fold, _gc_paused, _working_copy
+from bnfold.passes.onnx.rules import Context, conv_tensors
+from bnfold.passes.onnx.shapes import Shapes
+from bnfold.report import PassResult, Report
+
+
+def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
+    """Merge every exactly mergeable branch block of ``model``, then fold the remaining BNs.
+
+    ``model`` and the returned model's type as :func:`bnfold.passes.onnx.fold.fold_onnx` (a
+    ModelProto in gives a new ModelProto; an ``onnx_ir.Model`` is cloned unless ``inplace``; a
+    path gives a lazily loaded ``onnx_ir.Model``). The report has one ``merged`` entry per
+    block (``into`` the new Conv), ``kept`` entries for blocks left as they were (with the
+    reason), a ``folded`` entry per absorbed BN and the fold pass's entries for the others.
+    """
+    with _gc_paused():
+        ir_model, as_proto = _working_copy(model, inplace)
+        report = _reparameterize(ir_model, "reparameterize_onnx")
+        out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
+    return PassResult(out, report)
+
+
+def inspect_branches(model: Any) -> Report:
+    """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
+    branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries."""
+    with _gc_paused():
+        ir_model, _ = _working_copy(model, inplace=False)
+        report = _reparameterize(ir_model, "inspect_branches", fold=False)
+    report.entries = [e for e in report.entries if "branches" in e.details]
+    report.dry_run = True
+    return report
+
+
+def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
+    report = Report(name)
+    namer, shapes, consts = Namer(model), Shapes(model), Constants(model)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    for graph in list(model.graphs()) if opset is not None else []:
+        for node in [n for n in graph if _is_add(n) and not _inner_add(n)]:
+            _Block(Context(graph, opset, namer, shapes, consts)).run(node, report)
+    if fold:
+        folded = _fold(model, name, backward=True, max_const_elements=None)
+        report.entries.extend(folded.entries)
+        report.notes.extend(folded.notes)
+    return report
+
+
+def _is_add(node: ir.Node) -> bool:
+    return node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+
+
+def _inner_add(node: ir.Node) -> bool:
+    out = node.outputs[0]
+    uses = data_uses(out)
+    return len(uses) == 1 and not out.is_graph_output() and _is_add(uses[0].node)
+
+
+def _tree(root: ir.Node) -> list[ir.Node]:
+    """The add nodes of the sum at ``root``."""
+    out, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        for v in node.inputs:
+            p = None if v is None else v.producer()
+            if p is not None and _is_add(p) and _inner_add(p):
+                stack.append(p)
+    return out
+
+
+@dataclass
+class _Block:
+    ctx: Context
+
+    @property
+    def graph(self) -> ir.Graph:
+        return self.ctx.graph
+
+    @property
+    def namer(self) -> Namer:
+        return self.ctx.namer
+
+    def _array(self, value: ir.Value) -> np.ndarray | None:
+        """``value``'s constant array, or ``None`` when it is not a constant."""
+        arr = self.ctx.consts.array(value)
+        return None if isinstance(arr, str) else arr
+
+    def run(self, root: ir.Node, report: Report) -> None:
+        tree = _tree(root)
+        summands = [v for n in tree for v in n.inputs
+                    if v is not None and (v.producer() not in tree)]
+        if any(v is None for n in tree for v in n.inputs):
+            return
+        leaves = []
+        for v in summands:
+            producer = v.producer()
+            arr = None if v.is_graph_input() or (producer is not None and producer.op_type in (
+                "Conv", "BatchNormalization", "Mul")) else self._array(v)
+            if arr is not None and np.any(arr != 0):
+                return  # a constant summand: a bias add, not a branch block
+            if arr is None:  # (a zero, e.g. timm's ``0 + identity``, adds nothing)
+                leaves.append(self._leaf(v, set(tree)))
+        shared = br.shared_input(leaves)
+        if shared is None:
+            return
+        label = display_name(root)
+        merged = br.plan_block(leaves, shared, str(shared.name), _scale_refusal)
+        if isinstance(merged, str):
+            report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
+            return
+        into = self._rewrite(root, tree, shared, merged, leaves)
+        report.add(label, "merged", into=into, branches=len(leaves),
+                   summands=[str(lf.options[shared].name) for lf in leaves])  # type: ignore
+        for lf in leaves:
+            for bn in lf.absorbed[shared]:
+                report.add(display_name(bn), "folded", into=into, direction="branch merge",
+                           block=label)
+
+    def _leaf(self, v: ir.Value, tree: set[ir.Node]) -> Summand:
+        others = sorted({display_name(u.node) for u in data_uses(v) if u.node not in tree})
+        leaf = Summand(str(v.name), {}, others=others + (
+            ["the graph output"] if v.is_graph_output() else []))
+        leaf.add(v, AffineBranch(str(v.name)))
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return leaf
+        if node.op_type == "BatchNormalization":
+            x = node.inputs[0]
+            assert x is not None
+            params = inference_params(node, self.ctx.opset, self.ctx.consts)
+            if isinstance(params, str):
+                leaf.add(x, f"{display_name(node)}: {params}")
+                return leaf
+            leaf.add(x, AffineBranch(display_name(node), bn=params), [node], [node])
+            conv = x.producer()
+            if conv is not None and conv.op_type == "Conv" and conv.domain in ("", "ai.onnx"):
+                self._conv_option(leaf, conv, node, params)
+        elif node.op_type == "Conv":
+            self._conv_option(leaf, node, None, None)
+        elif node.op_type == "Mul" and len(node.inputs) == 2:
+            for x, c in (node.inputs, node.inputs[::-1]):
+                arr = None if c is None or c.is_graph_input() else self._array(c)
+                if x is not None and arr is not None:
+                    leaf.add(x, AffineBranch(display_name(node), scale=arr), [node])
+        return leaf
+
+    def _conv_option(self, leaf: Summand, conv: ir.Node, bn: ir.Node | None, params: Any
+                     ) -> None:
+        x = conv.inputs[0]
+        if x is None:
+            return
+        if bn is not None:
+            readers = [u.node for u in data_uses(conv.outputs[0]) if u.node is not bn]
+            if readers or conv.outputs[0].is_graph_output():
+                names = sorted({display_name(n) for n in readers}) + (
+                    ["the graph output"] if conv.outputs[0].is_graph_output() else [])
+                leaf.add(x, f"{display_name(conv)} output also feeds {', '.join(names)}")
+                return
+        branch = _conv_branch(self.ctx, conv, params)
+        if isinstance(branch, str):
+            leaf.add(x, branch)
+        else:
+            leaf.add(x, branch, [n for n in (bn, conv) if n is not None],
+                     [bn] if bn is not None else [])
+
+    def _rewrite(self, root: ir.Node, tree: Sequence[ir.Node], x: ir.Value,
+                 merged: br.MergedConv, leaves: Sequence[Summand]) -> str:
+        base = next(n for lf in leaves for n in lf.erase[x]
+                    if n.op_type == "Conv" and display_name(n) == merged.base)
+        tensors = []
+        for what, array in (("weight", merged.weight), ("bias", merged.bias)):
+            name = self.namer.fresh(f"{merged.base}_merged_{what}")
+            tensor = make_tensor(array, name)
+            value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape),
+                             type=ir.TensorType(tensor.dtype))
+            self.graph.register_initializer(value)
+            tensors.append(value)
+        attrs = [ir.AttrInt64s("kernel_shape", list(merged.weight.shape[2:])),
+                 ir.AttrInt64s("pads", [b for b, _ in merged.pads] + [e for _, e in merged.pads]),
+                 ir.AttrInt64s("strides", list(merged.stride)),
+                 ir.AttrInt64s("dilations", list(merged.dilation)),
+                 ir.AttrInt64("group", merged.groups)]
+        name = base.name or self.namer.fresh(f"{merged.base}_merged")
+        conv = ir.Node("", "Conv", [x, *tensors], attrs, name=name)
+        out, y = conv.outputs[0], root.outputs[0]
+        out.type, out.shape = y.type, y.shape
+        self.graph.insert_before(root, conv)
+        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        doomed = list(tree) + [n for lf in leaves for n in lf.erase[x]]
+        released = [v for node in doomed for v in node.inputs if v is not None and v is not x]
+        base.name = None  # its name passes to the merged conv
+        order = {node: i for i, node in enumerate(self.graph)}
+        self.graph.remove(sorted(set(doomed), key=order.__getitem__), safe=True)
+        original = y.name
+        y.name = self.namer.fresh(f"{original}_unmerged")
+        out.name = original
+        prune(released)
+        return name
+
+
+def _conv_branch(ctx: Context, conv: ir.Node, params: Any) -> ConvBranch | str:
+    """The conv's :class:`ConvBranch`, or why it cannot be merged."""
+    tensors = conv_tensors(ctx, conv)
+    if isinstance(tensors, str):
+        return tensors
+    weight, bias = tensors
+    if bias is not None and not np.any(bias):
+        bias = None  # a zero bias of any shape (torch's 3-D export writes [Cout, 2]) adds nothing
+    if bias is not None and bias.shape != weight.shape[:1]:
+        return f"{display_name(conv)} bias has shape {list(bias.shape)}, not [{weight.shape[0]}]"
+    attrs = conv.attributes
+    n = weight.ndim - 2
+    auto = attrs.get_string("auto_pad", "NOTSET")
+    if auto not in ("NOTSET", "VALID"):
+        return f"{display_name(conv)} has auto_pad={auto} (pads depend on the input size)"
+    pads = list(attrs.get_ints("pads", [0] * 2 * n)) if auto == "NOTSET" else [0] * 2 * n
+    return ConvBranch(
+        display_name(conv), weight, bias, tuple(attrs.get_ints("strides", [1] * n)),
+        tuple((pads[i], pads[i + n]) for i in range(n)),
+        tuple(attrs.get_ints("dilations", [1] * n)), attrs.get_int("group", 1), "zeros",
+        params)
+
+
+def _scale_refusal(branches: Sequence[Branch]) -> str | None:
+    """A ``Mul`` branch's constant must hold one value per channel (axis 1 of the Conv input,
+    whose rank is the Conv weight's) or one value in all."""
+    rank = next(b.weight.ndim for b in branches if isinstance(b, ConvBranch))
+    for b in branches:
+        if not isinstance(b, AffineBranch) or b.scale is None:
+            continue
+        dims = np.shape(b.scale)
+        big = [i for i, d in enumerate(dims) if d != 1]
+        if len(dims) > rank or len(big) > 1 or (big and len(dims) - big[0] != rank - 1):
+            return (f"{b.name} multiplies by a constant of shape {list(dims)}, not one value "
+                    "per channel")
+    return None

@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+import bnfold.deferred_imports  # noqa: F401  (first: defers sympy, which no fold needs)
 from bnfold.api import (
     export,
     fold,

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.optimizer import fold_constants
 
 from bnfold.fileio import release_mapping
 
@@ -136,6 +135,8 @@ def _evaluate_cone(value: ir.Value) -> ir.TensorProtocol | None:
     target = mapping[value]
     cone = ir.Graph([], [target], nodes=new_nodes, initializers=consts,
                     opset_imports={"": opset})
+    from onnxscript.optimizer import fold_constants  # slow import; rarely needed
+
     try:
         fold_constants(ir.Model(cone, ir_version=10), should_fold=lambda _n: True)
     except Exception:  # an op the evaluator cannot run: treat as not constant

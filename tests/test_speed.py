@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -155,3 +156,21 @@ def test_fold_with_either_shape_pass_is_exact(monkeypatch, limit) -> None:
     with torch.no_grad():
         got, want = gm(x).double(), ref(x.double())
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("show_after", "shown"), [(60.0, False), (0.0, True)])
+def test_progress_bar_appears_only_on_long_runs(monkeypatch, show_after, shown) -> None:
+    from bnfold import render
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(render, "SHOW_AFTER_S", show_after)
+    with render.progress_bar("validating", 3) as update:
+        for i in range(3):
+            update(i + 1, 3)
+    assert ("validating" in terminal.getvalue()) is shown

@@ -186,9 +186,9 @@ def _scaled_rounded(
     """``weight * vec`` as :func:`_scale_axis`, rounded once to the weight's dtype, checked.
 
     float32/float64: each product is formed in float64 and cast (IEEE round to nearest even)
-    straight into the result, chunk by chunk, with no float64 copy of the whole weight; the
-    cast of an exact float64 product is the correctly rounded product. Half types go through
-    :func:`round_to`.
+    straight into the result, chunk by chunk, with no float64 copy of the whole weight: bit
+    for bit the value of rounding a float64 copy ``float64(W) * s`` once, in less memory and
+    time. Half types go through :func:`round_to` (rounding to odd first, no double rounding).
     """
     w = np.asarray(weight)
     dtype = w.dtype

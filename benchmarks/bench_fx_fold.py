@@ -68,6 +68,7 @@ def _judge(run: Callable[[], nn.Module], ref: nn.Module, x: torch.Tensor, want_l
 def zoo_table() -> list[str]:
     rows = ["| model | expected BN left | bnfold.fold | torch.fx fuse | time bnfold / fuse |",
             "| --- | --- | --- | --- | --- |"]
+    ratios = []
     for name, entry in zoo.ZOO.items():
         model = zoo.get(name)
         ref = copy.deepcopy(model).double()
@@ -75,8 +76,11 @@ def zoo_table() -> list[str]:
         ours, t_ours = _judge(lambda m=model, e=example: bnfold.fold(m, e).model, ref, fresh,
                               entry.bn_left)
         peer, t_peer = _judge(lambda m=model: fuse(m), ref, fresh, entry.bn_left)
-        ratio = f"{t_ours / t_peer:.1f}x" if t_ours and t_peer else "-"
+        ratio = f"{t_ours / t_peer:.2f}x" if t_ours and t_peer else "-"
+        if t_ours and t_peer:
+            ratios.append(t_ours / t_peer)
         rows.append(f"| {name} | {entry.bn_left} | {ours} | {peer} | {ratio} |")
+    rows.append(f"| **median** | | | | {statistics.median(ratios):.2f}x |")
     return rows
 
 

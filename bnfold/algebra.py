@@ -82,7 +82,8 @@ class BNParams:
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a).astype(np.float64)
+    """``a`` as float64: a view when it already is, else one conversion."""
+    return np.asarray(a, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,10 +113,8 @@ def round_to(x: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """
     dtype = np.dtype(dtype)
     x = _f64(x)
-    if dtype == np.float64:
-        return x.copy()
-    if dtype == np.float32:
-        return x.astype(np.float32)
+    if dtype in (np.float64, np.float32):  # IEEE cast: round to nearest, ties to even
+        return x.astype(dtype)
     if dtype in (np.dtype(np.float16), BFLOAT16):
         with np.errstate(over="ignore"):  # overflow to inf is reported by the caller
             return _round_to_odd_f32(x).astype(dtype)
@@ -124,49 +123,84 @@ def round_to(x: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
 
 def _checked(x64: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     out = round_to(x64, dtype)
-    if not np.all(np.isfinite(out.astype(np.float64))):
+    _require_finite(out, what)
+    return out
+
+
+def _require_finite(out: np.ndarray, what: str) -> None:
+    """Raise :class:`UnsafeFoldError` if rounding ``out`` to its dtype overflowed."""
+    dtype = out.dtype
+    if not np.isfinite(out).all():
         limit = float(ml_dtypes.finfo(dtype).max)
         raise UnsafeFoldError(
             f"folded {what} is not finite in {dtype} (a value exceeds {limit:g}); not written"
         )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Broadcasting a per-channel vector onto a weight axis.
 # ---------------------------------------------------------------------------------------------
 
-def _scale_axis(
-    weight: np.ndarray, vec: np.ndarray, axis: int, groups: int
-) -> np.ndarray:
-    """float64 ``weight * vec`` with ``vec`` indexing the channels on weight ``axis``.
+def _channel_view(
+    shape: tuple[int, ...], channels: int, axis: int, groups: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes that put a per-channel vector onto weight ``axis``: ``(weight view, vector)``.
 
     Only a channel axis at 1 is grouped: there the channel index is ``g * per_group + j``,
     ``g`` indexing groups along axis 0 (ConvTranspose forward, Conv backward) and ``j`` running
     along axis 1. On axis 0 (Conv forward, ConvTranspose backward) ``groups`` does not matter.
+    The weight is reshaped to the view (no copy), the vector to a shape that broadcasts on it.
     """
-    w = _f64(weight)
-    ndim = w.ndim
+    ndim = len(shape)
     axis %= ndim
     if axis != 1:
         groups = 1
-    per = w.shape[axis]
-    if vec.size != per * groups:
+    per = shape[axis]
+    if channels != per * groups:
         raise UnsafeFoldError(
-            f"BN has {vec.size} channels but the layer has {per * groups} on the folded axis"
+            f"BN has {channels} channels but the layer has {per * groups} on the folded axis"
         )
+    vec = [1] * ndim
+    vec[axis] = per
     if groups == 1:
-        shape = [1] * ndim
-        shape[axis] = per
-        return w * vec.reshape(shape)
-    lead = w.shape[0]
+        return shape, tuple(vec)
+    lead = shape[0]
     if lead % groups:
         raise UnsafeFoldError(f"weight dim 0 ({lead}) is not divisible by groups={groups}")
-    grouped = w.reshape(groups, lead // groups, *w.shape[1:])
-    shape = [1] * grouped.ndim
-    shape[0] = groups
-    shape[2] = per
-    return (grouped * vec.reshape(shape)).reshape(w.shape)
+    return (groups, lead // groups, *shape[1:]), (groups, 1, per, *vec[2:])
+
+
+def _scale_axis(
+    weight: np.ndarray, vec: np.ndarray, axis: int, groups: int
+) -> np.ndarray:
+    """float64 ``weight * vec`` with ``vec`` indexing the channels on weight ``axis``
+    (grouping as in :func:`_channel_view`)."""
+    w = np.asarray(weight)
+    view, vshape = _channel_view(w.shape, vec.size, axis, groups)
+    return np.multiply(w.reshape(view), vec.reshape(vshape), dtype=np.float64).reshape(w.shape)
+
+
+def _scaled_rounded(
+    weight: np.ndarray, vec: np.ndarray, axis: int, groups: int, what: str
+) -> np.ndarray:
+    """``weight * vec`` as :func:`_scale_axis`, rounded once to the weight's dtype, checked.
+
+    float32/float64: each product is formed in float64 and cast (IEEE round to nearest even)
+    straight into the result, chunk by chunk, with no float64 copy of the whole weight: bit
+    for bit the value of rounding a float64 copy ``float64(W) * s`` once, in less memory and
+    time. Half types go through :func:`round_to` (rounding to odd first, no double rounding).
+    """
+    w = np.asarray(weight)
+    dtype = w.dtype
+    if dtype not in (np.float32, np.float64):
+        return _checked(_scale_axis(w, vec, axis, groups), dtype, what)
+    view, vshape = _channel_view(w.shape, vec.size, axis, groups)
+    out = np.empty(view, dtype)
+    with np.errstate(over="ignore"):  # overflow to inf is refused just below
+        np.multiply(w.reshape(view), vec.reshape(vshape), out=out, dtype=np.float64,
+                    casting="same_kind")
+    _require_finite(out, what)
+    return out.reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +237,7 @@ def fold_forward(
     weight's), rounded once; a non-finite result raises :class:`UnsafeFoldError`.
     """
     s, t = bn.scale_shift()
-    w = _scale_axis(weight, s, out_axis, groups)
+    w = _scaled_rounded(weight, s, out_axis, groups, "weight")
     b64 = np.zeros_like(s) if bias is None else _f64(bias) * float(bias_scale)
     try:
         b_new = s * b64 + t
@@ -211,11 +245,10 @@ def fold_forward(
         raise UnsafeFoldError(
             f"bias of shape {np.shape(bias)} does not broadcast against {s.size} channels"
         ) from exc
-    w_dtype = np.asarray(weight).dtype
     b_dtype = np.dtype(bias_dtype) if bias_dtype is not None else (
-        np.asarray(bias).dtype if bias is not None else w_dtype
+        np.asarray(bias).dtype if bias is not None else w.dtype
     )
-    return Folded(_checked(w, w_dtype, "weight"), _checked(b_new, b_dtype, "bias"))
+    return Folded(w, _checked(b_new, b_dtype, "bias"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +323,11 @@ def fold_backward(
     :func:`fold_forward`.
     """
     s, t = bn.scale_shift()
-    w64 = _f64(weight)
-    ndim = w64.ndim
+    ndim = np.ndim(weight)
     in_axis %= ndim
     out_axis %= ndim
-    w_new = _scale_axis(w64, s, in_axis, groups)
-    tw = _scale_axis(w64, t, in_axis, groups)
+    w_new = _scaled_rounded(weight, s, in_axis, groups, "weight")
+    tw = _scale_axis(weight, t, in_axis, groups)
     # Sum W*t over everything except the output-channel axis (and the group axis).
     if out_axis == 0:
         shift = tw.reshape(tw.shape[0], -1).sum(axis=1)
@@ -305,9 +337,8 @@ def fold_backward(
         shift = grouped.sum(axis=(1, 3)).reshape(-1)
     b64 = np.zeros_like(shift) if bias is None else _f64(bias).reshape(-1)
     b_new = b64 + shift
-    w_dtype = np.asarray(weight).dtype
-    b_dtype = np.asarray(bias).dtype if bias is not None else w_dtype
-    return Folded(_checked(w_new, w_dtype, "weight"), _checked(b_new, b_dtype, "bias"))
+    b_dtype = np.asarray(bias).dtype if bias is not None else w_new.dtype
+    return Folded(w_new, _checked(b_new, b_dtype, "bias"))
 
 
 def per_channel(values: np.ndarray, channel_axis: int = 0) -> np.ndarray | None:

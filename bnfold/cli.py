@@ -45,9 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_libraries()
     try:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
@@ -473,6 +470,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise BadInputError(f"unknown zoo model {args.model!r}; choose from {', '.join(zoo.ZOO)}")
     from bnfold.demo import run_demo
 
+    _quiet_onnxruntime()
     return int(run_demo(model=args.model, as_json=args.json, train=not args.skip_training))
 
 
@@ -559,6 +557,8 @@ def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
     import bnfold
     from bnfold.render import progress_bar
 
+    _quiet_onnxruntime()
+
     with progress_bar("validating") as update:
         return bnfold.validate(
             reference, candidate, providers=args.providers, require=args.require,
@@ -566,6 +566,13 @@ def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
             seed=args.seed, samples=args.samples, optimize=args.ort_optimize,
             progress=update, labels=labels,
             upcast_reference=getattr(args, "upcast_reference", True))
+
+
+def _quiet_onnxruntime() -> None:
+    """Silence ONNX Runtime's own logging; imported only by commands that run it."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] = ()) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -27,22 +28,29 @@ GRAPH_SCAN_LIMIT = 64 * 1024**2
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of ``model``: initializers and tensor attributes, in every graph
     and function body."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                yield value.const_value
-    bodies = [model.graph, *model.functions.values()]
-    for node in (n for body in bodies for n in ir.traversal.RecursiveGraphIterator(body)):
-        for attr in node.attributes.values():
-            if attr.is_ref() or attr.value is None:
+    bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    while bodies:  # every graph, subgraph and function body, each node visited once
+        body = bodies.pop()
+        if isinstance(body, ir.Graph):
+            for value in body.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    yield value.const_value
+        for node in body:
+            if not node.attributes:
                 continue
-            if attr.type == ir.AttributeType.TENSOR:
-                tensors = [attr.value]
-            elif attr.type == ir.AttributeType.TENSORS:
-                tensors = list(attr.value)
-            else:
-                continue
-            yield from (t for t in tensors if isinstance(t, ir.ExternalTensor))
+            for attr in node.attributes.values():
+                if attr.type not in _WALKED or attr.is_ref() or attr.value is None:
+                    continue
+                single = attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.GRAPH)
+                items = [attr.value] if single else list(attr.value)
+                if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                    bodies.extend(items)
+                else:
+                    yield from (t for t in items if isinstance(t, ir.ExternalTensor))
+
+
+_WALKED = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS, ir.AttributeType.GRAPH,
+           ir.AttributeType.GRAPHS)
 
 
 def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
@@ -91,13 +99,30 @@ def files_named_by(path: Path) -> set[Path]:
         if not path.is_file() or path.stat().st_size > GRAPH_SCAN_LIMIT:
             return set()
         proto = onnx.load(str(path), load_external_data=False)
-        model = ir.serde.deserialize_model(proto)
+        locations = set(_proto_locations(proto))
     except Exception:  # not ONNX (any parse error): it names no data files
         return set()
     folder, named = path.parent, set()
-    for tensor in external_tensors(model):
+    for location in locations:
         try:
-            named.add(check_contained(tensor.location, folder, str(path)).resolve())
+            named.add(check_contained(location, folder, str(path)).resolve())
         except BadInputError:
             continue  # a location bnfold would never read
     return named
+
+
+def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:
+    """The ``location`` of every external tensor of ``proto`` (initializers and tensor
+    attributes, in every graph, subgraph and function body), read off the protobuf without
+    building an onnx-ir model (a listing of a large graph costs a parse, not a conversion)."""
+    bodies: list[Any] = [proto.graph, *proto.functions]
+    while bodies:
+        body = bodies.pop()
+        tensors = list(getattr(body, "initializer", ()))
+        for node in body.node:
+            for attr in node.attribute:
+                tensors.extend([attr.t] if attr.HasField("t") else attr.tensors)
+                bodies.extend([attr.g] if attr.HasField("g") else attr.graphs)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                yield from (e.value for e in tensor.external_data if e.key == "location")

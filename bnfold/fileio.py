@@ -14,6 +14,7 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError
 from bnfold.external_data import bind_external_data
 from bnfold.filechecks import check_external_data, check_initializers, check_input_file
+from bnfold.gc_pause import gc_paused
 from bnfold.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -77,7 +78,8 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
     check_initializers(proto, str(path))
     try:
-        loaded = ir.serde.deserialize_model(proto)
+        with gc_paused():
+            loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
     del proto
@@ -116,14 +118,15 @@ def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], 
     """:func:`save_onnx` up to, not including, the final rename: ``.commit()`` it or
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
-    model = load_onnx(model, base_dir=base_dir)
-    values = [v for g in model.graphs() for v in g.initializers.values()
-              if v.const_value is not None]
-    lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
-    external = any(isinstance(v.const_value, lazy) for v in values) or sum(
-        v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
-    return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
-                      keep=keep)
+    with gc_paused():
+        model = load_onnx(model, base_dir=base_dir)
+        values = [v for g in model.graphs() for v in g.initializers.values()
+                  if v.const_value is not None]
+        lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
+        external = any(isinstance(v.const_value, lazy) for v in values) or sum(
+            v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
+        return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
+                          keep=keep)
 
 
 def release_mapping(tensor: object) -> None:

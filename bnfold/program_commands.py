@@ -1,6 +1,6 @@
 """``bnfold fold`` / ``bnfold inspect`` for ``torch.export.save`` archives (``.pt2``).
 
-The archive is loaded with ``torch.export.load`` (only after :func:`bnfold.programs.is_pt2_archive`
+The archive is loaded with ``torch.export.load`` (only after :func:`is_pt2_archive`
 has recognised it; a plain checkpoint is never unpickled), folded with :func:`bnfold.fold` and
 written with ``torch.export.save``, atomically. The JSON documents are the ONNX commands'
 (``bnfold.fold/1``, ``bnfold.inspect/1``), with ``validation: null``.
@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import argparse
 import operator
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BadInputError
 
 
-def is_program_file(path: Path) -> bool:
-    """A ``.pt2`` name, or a zip that is a PT2 archive whatever its name."""
-    from bnfold.programs import is_pt2_archive
+def is_pt2_archive(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a ``torch.export.save`` archive (read from the zip's directory
+    and its ``archive_format`` entry only; nothing is unpickled)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.rpartition("/")[2] == "archive_format"]
+            return any(archive.read(n).strip() == b"pt2" for n in names)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
+
+def is_program_file(path: Path) -> bool:
+    """A ``.pt2`` name, or a zip that is a PT2 archive whatever its name (torch is imported
+    only for programs)."""
     return path.suffix == ".pt2" or (path.is_file() and is_pt2_archive(path))
 
 

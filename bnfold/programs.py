@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from bnfold.errors import BadInputError, UnsupportedError
+from bnfold.program_commands import is_pt2_archive
 from bnfold.report import PassResult
 
 
@@ -117,17 +117,6 @@ def _dim(program: ExportedProgram, size: torch.SymInt, dims: dict[Any, Any]) -> 
         finite = upper is not None and upper.is_finite
         dims[expr] = Dim(str(expr), min=lower, max=int(upper) if finite else None)
     return dims[expr]
-
-
-def is_pt2_archive(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a ``torch.export.save`` archive (read from the zip's directory
-    and its ``archive_format`` entry only; nothing is unpickled)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.rpartition("/")[2] == "archive_format"]
-            return any(archive.read(n).strip() == b"pt2" for n in names)
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 def load_program(path: str | os.PathLike[str]) -> ExportedProgram:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,14 +70,30 @@ def print_rows(title: str, headers: tuple[str, ...], rows: list[tuple[str, ...]]
     console.print(table)
 
 
+#: A progress bar appears only once its work has run this long (short runs print nothing).
+SHOW_AFTER_S = 1.0
+
+
 @contextmanager
 def progress_bar(description: str, total: int | None = None
                  ) -> Iterator[Callable[[int, int], Any]]:
-    """Yield ``update(done, total)``; shows a bar on stderr only when stderr is a terminal."""
+    """Yield ``update(done, total)``; shows a bar on stderr only when stderr is a terminal,
+    and only from the first update after :data:`SHOW_AFTER_S` seconds."""
     if not sys.stderr.isatty():
         yield lambda done, total: None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task(description, total=total)
+    start = time.monotonic()
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+        if not bar.live.is_started and time.monotonic() - start >= SHOW_AFTER_S:
+            bar.start()
+
+    try:
+        yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()

@@ -31,13 +31,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from bnfold.compare import (
     CROSS_PROVIDER_FACTOR,
@@ -63,6 +61,18 @@ from bnfold.inputs import (
 )
 from bnfold.upcast import float64_torch_outputs, is_low_precision, upcast_to_float32
 from bnfold.validation_result import ProviderRun, ValidationResult
+
+if TYPE_CHECKING:  # onnxruntime is imported when a session is opened (start-up time)
+    import onnxruntime as ort
+
+
+def __getattr__(name: str) -> Any:
+    """``validation.ort``: onnxruntime, imported on first use rather than with this module."""
+    if name == "ort":
+        import onnxruntime
+
+        return onnxruntime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MIN_OPSET = 7
@@ -380,6 +390,9 @@ def open_session(model: _Model, provider: str, optimize: bool
 
     Raises :class:`BadInputError` when ORT cannot load the model at all (on the CPU EP).
     """
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
     if provider == "cuda" and EP_NAMES["cuda"] not in ort.get_available_providers():
         return None, "CUDA EP not available (install onnxruntime-gpu)"
     options = ort.SessionOptions()
@@ -449,6 +462,8 @@ def _cross_run(cand: _Model, outputs: dict[str, list[list[np.ndarray]]],
 
 def _run_ort(session: ort.InferenceSession, feed: Sample, names: list[str], label: str,
              ticker: _Ticker) -> list[np.ndarray]:
+    import onnxruntime as ort
+
     options = ort.RunOptions()
     options.log_severity_level = ORT_SILENT
     try:

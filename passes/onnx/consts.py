@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx.reference.ops import load_op
 
 from bnfold.errors import BadInputError
 from bnfold.filechecks import first_line
@@ -228,6 +227,8 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
 def _run(node: ir.Node, args: list[np.ndarray | None], version: int
          ) -> list[np.ndarray] | None:
     """Run ``node`` on ``args`` with ONNX's reference kernel at opset ``version``."""
+    from onnx.reference.ops import load_op  # deferred: only constant cones need it
+
     try:
         kernel = load_op("", node.op_type, version)
         attrs = {name: ir.serde.serialize_tensor(a.value) if a.type == ir.AttributeType.TENSOR

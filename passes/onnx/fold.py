@@ -25,10 +25,7 @@ same input gives byte-identical output, and folding twice changes nothing more.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -39,6 +36,7 @@ from bnfold.errors import BadInputError
 from bnfold.external_data import bind_external_data
 from bnfold.filechecks import check_initializers
 from bnfold.fileio import load_onnx
+from bnfold.gc_pause import gc_paused
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.constant_bn import constant_bn
@@ -80,7 +78,7 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     the user".
     """
     select = Selection.of(include, exclude)
-    with _gc_paused():
+    with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
@@ -97,26 +95,13 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
     report is a dry run: entries keep the action names (``folded`` means "would fold"),
     ``report.dry_run`` is true, ``report.changed`` is false, and its table says "would fold".
     """
-    with _gc_paused():
+    with gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "inspect_onnx", backward=True,
                        max_const_elements=max_const_elements)
     report.dry_run = True
     return report
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a graph is many small linked objects, and its
-    repeated scans cost about 40% of a fold (reference counting still frees memory)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:

@@ -21,10 +21,11 @@ import onnx_ir as ir
 
 from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
+from bnfold.gc_pause import gc_paused
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
 from bnfold.passes.onnx.edit import prune
-from bnfold.passes.onnx.fold import _fold, _gc_paused, _working_copy
+from bnfold.passes.onnx.fold import _fold, _working_copy
 from bnfold.passes.onnx.rules import Context, conv_tensors
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import PassResult, Report
@@ -39,7 +40,7 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
     block (``into`` the new Conv), ``kept`` entries for blocks left as they were (with the
     reason), a ``folded`` entry per absorbed BN and the fold pass's entries for the others.
     """
-    with _gc_paused():
+    with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         report = _reparameterize(ir_model, "reparameterize_onnx")
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
@@ -49,7 +50,7 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
 def inspect_branches(model: Any) -> Report:
     """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
     branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries."""
-    with _gc_paused():
+    with gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
         report = _reparameterize(ir_model, "inspect_branches", fold=False)
     report.entries = [e for e in report.entries if "branches" in e.details]

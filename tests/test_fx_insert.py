@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import bnfold
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.models import plain
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.insert import INSERTED_ATTR
@@ -588,7 +588,7 @@ def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     with pytest.raises(BadInputError, match="eps must be"):
         bnfold.insert_bn(cnn, eps=True)
     scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)))
-    with pytest.raises(UntraceableError, match=r"TorchScript module.*original nn\.Module"):
+    with pytest.raises(UnsupportedError, match=r"TorchScript module.*original nn\.Module"):
         bnfold.insert_bn(scripted)
     exported = torch.export.export(cnn, (torch.randn(2, 1, 8, 8),)).run_decompositions().module()
     with pytest.raises(BadInputError, match=r"ATen ops \(a torch\.export graph\?\)"):

@@ -21,17 +21,14 @@ the eval-mode model compute what it computed before insertion).
 
 from __future__ import annotations
 
-import copy
 import fnmatch
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.layers import (
     Layer,
@@ -43,7 +40,7 @@ from bnfold.passes.fx.layers import (
     match_layer,
     norm_description,
 )
-from bnfold.passes.fx.trace import Tracer, one_line, user_frame
+from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.report import Entry, PassResult, Report
 
 #: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).
@@ -100,9 +97,8 @@ def insert_bn_fx(
     inserting once.
     """
     _check_options(position, eps, momentum)
-    gm = _trace_copy(model)
-    if example_inputs is not None:
-        _propagate_shapes(gm, example_inputs)
+    gm = open_model(model, example_inputs)[0]
+    gm.training = model.training
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
         aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
@@ -161,51 +157,6 @@ def _check_options(position: str, eps: float, momentum: float | None) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _trace_copy(model: nn.Module) -> fx.GraphModule:
-    """A traced deep copy of ``model`` (the input is never touched)."""
-    if not isinstance(model, nn.Module):
-        raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UntraceableError(
-            f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace; "
-            "pass the original nn.Module"
-        )
-    clone = copy.deepcopy(model)
-    if isinstance(clone, fx.GraphModule):
-        return clone
-    try:
-        gm = fx.GraphModule(clone, Tracer().trace(clone), type(clone).__name__)
-    except Exception as exc:  # TraceError, TypeError from data-dependent control flow...
-        where = user_frame(exc)
-        if f" {os.path.basename(__file__)}:" in where:  # no frame of the model's own code
-            where = ""
-        raise UntraceableError(
-            f"cannot trace {type(model).__name__} with torch.fx: {one_line(exc)}"
-            f"{where}; make its control flow independent of tensor values, or pass "
-            "a torch.fx.GraphModule"
-        ) from exc
-    gm.training = model.training
-    return gm
-
-
-def _propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Record each node's output shape in ``node.meta["tensor_meta"]`` (eval mode, no grad,
-    so no running statistic of the copy changes)."""
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs)
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
-    except Exception as exc:
-        raise BadInputError(
-            f"example_inputs do not run through the model: {one_line(exc)}") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
 
 
 Selector = Any  # str glob | nn.Module subclass | function
@@ -305,9 +256,9 @@ def _last_layers(gm: fx.GraphModule, layer_nodes: set[fx.Node]) -> set[fx.Node]:
 def _plan_bn(gm: fx.GraphModule, layer: Layer
              ) -> tuple[type[nn.Module], int, int | None] | str:
     """``(BN class, channels, output rank or None)``, or the reason no BN fits."""
-    meta = layer.node.meta.get("tensor_meta")
-    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-    channels = _channels(gm, layer, meta)
+    shape = shape_of(layer.node)
+    rank = len(shape) if shape is not None else None
+    channels = _channels(gm, layer, shape)
     if channels is None:
         return ("channel count unknown: the weight is computed at run time; "
                 "pass example_inputs")
@@ -320,7 +271,8 @@ def _plan_bn(gm: fx.GraphModule, layer: Layer
     return _BN_BY_DIMS[layer.dims], channels, rank
 
 
-def _channels(gm: fx.GraphModule, layer: Layer, meta: Any) -> int | None:
+def _channels(gm: fx.GraphModule, layer: Layer, shape: tuple[int | None, ...] | None
+              ) -> int | None:
     module = layer.module
     if module is not None:
         return int(module.out_features if layer.kind == "linear" else module.out_channels)
@@ -329,8 +281,8 @@ def _channels(gm: fx.GraphModule, layer: Layer, meta: Any) -> int | None:
         if layer.kind == "conv_transpose":
             return int(weight.shape[1]) * functional_groups(layer)
         return int(weight.shape[0])
-    if meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2:
-        return int(meta.shape[-1] if layer.kind == "linear" else meta.shape[1])
+    if shape is not None and len(shape) >= 2:
+        return shape[-1] if layer.kind == "linear" else shape[1]
     return None
 
 

@@ -40,7 +40,7 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
-from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
+from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.report import PassResult, Report
 
 aten = torch.ops.aten
@@ -60,10 +60,7 @@ def reparameterize_fx(
     many), a ``kept`` entry per block left as it was (with the reason), a ``folded`` entry for
     each BN a merge absorbed, and the fold pass's entries for every other BN.
     """
-    args = as_args(example_inputs)
-    gm, how = graph_module_of(model, args, inplace=inplace)
-    if args is not None and not how.startswith("torch.export"):
-        annotate_shapes(gm, args)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace)
     report = Report("reparameterize")
     skipped = _drop_no_ops(gm)
     if skipped:

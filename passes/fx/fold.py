@@ -352,7 +352,7 @@ class _Folder:
                 if not why:
                     plans.append((layer, fold_backward(
                         to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
-                        in_axis=1 - layer.weight_out_axis, groups=layer.groups,
+                        in_axis=layer.weight_in_axis, groups=layer.groups,
                         out_axis=layer.weight_out_axis,
                     )))
             except UnsafeFoldError as exc:

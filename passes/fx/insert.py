@@ -32,13 +32,13 @@ from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.layers import (
     Layer,
-    get_attr_value,
     is_activation,
     is_dropout,
     is_shape_op,
     match_layer,
     norm_description,
 )
+from bnfold.passes.fx.sites import get_attr_value
 from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.passes.insert_policy import (
     check_options,

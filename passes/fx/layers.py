@@ -24,6 +24,7 @@ from bnfold.passes.fx.layer_table import (
     LayerKind,
     convolution_kind,
 )
+from bnfold.passes.fx.sites import get_attr_value
 
 _ATEN = torch.ops.aten
 
@@ -172,13 +173,3 @@ def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _DROPOUT_MODULES)
     return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
-
-
-def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` node, or ``None`` for anything else."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value if isinstance(value, torch.Tensor) else None

@@ -346,10 +346,18 @@ def arg_slot(node: fx.Node, name: str) -> tuple[str, int | str] | None:
 
 def fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a ``get_attr`` node reads."""
+    value = get_attr_value(gm, node)
+    assert value is not None
+    return value
+
+
+def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or ``None`` for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
     owner, _, leaf = str(node.target).rpartition(".")
     value = getattr(gm.get_submodule(owner) if owner else gm, leaf)
-    assert isinstance(value, torch.Tensor)
-    return value
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import bnfold
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.models import plain
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.insert import INSERTED_ATTR
@@ -588,9 +588,15 @@ def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     with pytest.raises(BadInputError, match="eps must be"):
         bnfold.insert_bn(cnn, eps=True)
     scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3)))
-    with pytest.raises(UntraceableError, match=r"TorchScript module.*original nn\.Module"):
+    with pytest.raises(UnsupportedError, match=r"TorchScript module.*original nn\.Module"):
         bnfold.insert_bn(scripted)
-    exported = torch.export.export(cnn, (torch.randn(2, 1, 8, 8),)).run_decompositions().module()
+    x = torch.randn(2, 1, 8, 8)
+    exported = torch.export.export(cnn, (x,)).run_decompositions().module()
+    gm, report = bnfold.insert_bn(exported)  # aten.convolution is in the FX layer table
+    assert (report.entries[0].bn, report.entries[0].action) == ("conv1_bn", "inserted")
+    assert gm(x).shape == cnn(x).shape
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # addmm: not a layer
+    exported = torch.export.export(mlp, (torch.randn(2, 3),)).run_decompositions().module()
     with pytest.raises(BadInputError, match=r"ATen ops \(a torch\.export graph\?\)"):
         bnfold.insert_bn(exported)
     with pytest.raises(UntraceableError, match=r"in forward `if x\.sum\(\) > 0:`") as info:

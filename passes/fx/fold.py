@@ -93,9 +93,7 @@ from bnfold.passes.fx.sites import (
 )
 from bnfold.passes.fx.splits import is_split_point, plan_split
 from bnfold.passes.fx.trace import (
-    annotate_shapes,
-    as_args,
-    graph_module_of,
+    open_model,
     shape_of,
     uncompiled,
 )
@@ -126,16 +124,13 @@ def fold_fx(
     ``direction`` forward/backward) or ``kept`` with the reason.
     """
     select = Selection.of(include, exclude)
-    args = as_args(example_inputs)
-    gm, how = graph_module_of(model, args, inplace=inplace)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace)
     carried = None
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
         carried = carry_hooks(uncompiled(model), gm, leaves)
     elif how.startswith("graph module") and gm is not uncompiled(model):
         carried = carry_hooks(uncompiled(model), gm, None)
-    if args is not None and not how.startswith("torch.export"):
-        annotate_shapes(gm, args)
     report = Report("fold_fx")
     if carried:
         report.notes.append(carried)
@@ -357,7 +352,7 @@ class _Folder:
                 if not why:
                     plans.append((layer, fold_backward(
                         to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
-                        in_axis=1 - layer.weight_out_axis, groups=layer.groups,
+                        in_axis=layer.weight_in_axis, groups=layer.groups,
                         out_axis=layer.weight_out_axis,
                     )))
             except UnsafeFoldError as exc:

@@ -21,29 +21,32 @@ the eval-mode model compute what it computed before insertion).
 
 from __future__ import annotations
 
-import copy
 import fnmatch
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from bnfold.errors import BadInputError, UntraceableError
+from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.layers import (
     Layer,
-    functional_groups,
-    get_attr_value,
     is_activation,
     is_dropout,
     is_shape_op,
     match_layer,
     norm_description,
 )
-from bnfold.passes.fx.trace import Tracer, one_line, user_frame
+from bnfold.passes.fx.sites import get_attr_value
+from bnfold.passes.fx.trace import open_model, shape_of
+from bnfold.passes.insert_policy import (
+    check_options,
+    following_norm,
+    last_layers,
+    selector_list,
+    skip_reason,
+)
 from bnfold.report import Entry, PassResult, Report
 
 #: Attribute set to ``True`` on every BN module this pass creates (read by ``recalibrate``).
@@ -51,9 +54,6 @@ INSERTED_ATTR = "bnfold_inserted"
 #: Non-persistent buffer on an inserted BN holding the bias ``drop_bias=True`` removed.
 DROPPED_BIAS_ATTR = "bnfold_dropped_bias"
 
-POSITIONS = ("before_activation", "after_activation")
-_BN_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d,
-                                           3: nn.BatchNorm3d}
 
 
 def insert_bn_fx(
@@ -99,10 +99,9 @@ def insert_bn_fx(
     activation, or through dropouts and reshapes) gets none, so inserting twice equals
     inserting once.
     """
-    _check_options(position, eps, momentum)
-    gm = _trace_copy(model)
-    if example_inputs is not None:
-        _propagate_shapes(gm, example_inputs)
+    check_options(position, eps, momentum)
+    gm, how, _ = open_model(model, example_inputs)
+    gm.training = model.training
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
         aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
@@ -114,8 +113,12 @@ def insert_bn_fx(
         )
     include_specs = _selectors(include, "include")
     exclude_specs = _selectors(exclude, "exclude")
-    last = _last_layers(gm, {layer.node for layer in layers}) if skip_last else set()
+    last = last_layers((n for n in gm.graph.nodes if n.op == "output"),
+                       lambda n: n.all_input_nodes,
+                       {layer.node for layer in layers}) if skip_last else set()
     report = Report("insert_bn")
+    if how.startswith("torch.export"):
+        report.notes.append(f"traced with {how}")
     direct: dict[str, list[tuple[Layer, Entry]]] = {}
     unknown_rank = False
     for layer in layers:
@@ -150,78 +153,13 @@ def insert_bn_fx(
 # Input handling.
 # ---------------------------------------------------------------------------------------------
 
-def _check_options(position: str, eps: float, momentum: float | None) -> None:
-    if position not in POSITIONS:
-        raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
-    if not (_is_number(eps) and 0 <= eps < float("inf")):
-        raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
-    if momentum is not None and not (_is_number(momentum) and 0 <= momentum <= 1):
-        raise BadInputError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _trace_copy(model: nn.Module) -> fx.GraphModule:
-    """A traced deep copy of ``model`` (the input is never touched)."""
-    if not isinstance(model, nn.Module):
-        raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UntraceableError(
-            f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace; "
-            "pass the original nn.Module"
-        )
-    clone = copy.deepcopy(model)
-    if isinstance(clone, fx.GraphModule):
-        return clone
-    try:
-        gm = fx.GraphModule(clone, Tracer().trace(clone), type(clone).__name__)
-    except Exception as exc:  # TraceError, TypeError from data-dependent control flow...
-        where = user_frame(exc)
-        if f" {os.path.basename(__file__)}:" in where:  # no frame of the model's own code
-            where = ""
-        raise UntraceableError(
-            f"cannot trace {type(model).__name__} with torch.fx: {one_line(exc)}"
-            f"{where}; make its control flow independent of tensor values, or pass "
-            "a torch.fx.GraphModule"
-        ) from exc
-    gm.training = model.training
-    return gm
-
-
-def _propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Record each node's output shape in ``node.meta["tensor_meta"]`` (eval mode, no grad,
-    so no running statistic of the copy changes)."""
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs)
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
-    except Exception as exc:
-        raise BadInputError(
-            f"example_inputs do not run through the model: {one_line(exc)}") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 Selector = Any  # str glob | nn.Module subclass | function
 
 
 def _selectors(value: Any, what: str) -> list[Selector]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, (str, type)) or callable(value) else list(value)
-    for item in items:
-        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))
-                or callable(item)):
-            raise BadInputError(
-                f"{what} takes module-name globs, layer types or functions, got {item!r}"
-            )
-    return items
+    return selector_list(value, what, lambda item: isinstance(item, str) or (
+        isinstance(item, type) and issubclass(item, nn.Module)) or callable(item),
+        "module-name globs, layer types or functions")
 
 
 def _selected_by(layer: Layer, specs: Iterable[Selector]) -> str | None:
@@ -232,7 +170,7 @@ def _selected_by(layer: Layer, specs: Iterable[Selector]) -> str | None:
     (``"fc.weight"``, so ``"fc"`` selects the ``F.linear`` inside a traced ``fc`` module).
     """
     names = [layer.name]
-    weight = layer.arg(1, "weight") if layer.module is None else None
+    weight = layer.arg("weight") if layer.module is None else None
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
         names.append(str(weight.target))
     paths = {".".join(parts[:i]) for name in names
@@ -255,82 +193,50 @@ def _selected_by(layer: Layer, specs: Iterable[Selector]) -> str | None:
 
 def _skip_reason(gm: fx.GraphModule, layer: Layer, include: list[Selector],
                  exclude: list[Selector], last: set[fx.Node]) -> str | None:
-    if include and _selected_by(layer, include) is None:
-        return "not selected by include"
-    if exclude and (spec := _selected_by(layer, exclude)) is not None:
-        return f"excluded by {spec}"
-    if (norm := _following_norm(gm, layer.node)) is not None:
-        return f"already followed by {norm}"
-    if layer.node in last:
-        return "produces the model output (skip_last=True)"
-    return None
+    return skip_reason(lambda specs: _selected_by(layer, specs), include, exclude,
+                       lambda: _following_norm(gm, layer.node), layer.node in last,
+                       "the model output")
 
 
-def _following_norm(gm: fx.GraphModule, node: fx.Node, depth: int = 4) -> str | None:
+def _following_norm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The normalization that ``node`` feeds directly or through activations / dropouts /
     reshapes that take it as their data input (``bn(h.flatten(0, 1))``, ``relu -> bn``,
     ``dropout -> bn``)."""
-    for user in node.users:
-        if (desc := norm_description(gm, user)) is not None:
-            return desc
-    if depth == 0:
-        return None
-    for user in node.users:
-        passes_through = is_activation(gm, user) or is_dropout(gm, user) or is_shape_op(user)
-        if not (passes_through and user.args and user.args[0] is node):
-            continue
-        if (desc := _following_norm(gm, user, depth - 1)) is not None:
-            return desc
-    return None
+    def passes_through(user: fx.Node, value: fx.Node) -> fx.Node | None:
+        keeps = is_activation(gm, user) or is_dropout(gm, user) or is_shape_op(user)
+        return user if keeps and user.args and user.args[0] is value else None
 
-
-def _last_layers(gm: fx.GraphModule, layer_nodes: set[fx.Node]) -> set[fx.Node]:
-    """Layers with a path to a graph output that crosses no other layer."""
-    found: set[fx.Node] = set()
-    seen: set[fx.Node] = set()
-    stack = [n for n in gm.graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        for arg in node.all_input_nodes:
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if arg in layer_nodes:
-                found.add(arg)
-            else:
-                stack.append(arg)
-    return found
+    return following_norm(node, lambda n: n.users, lambda user: norm_description(gm, user),
+                          passes_through)
 
 
 def _plan_bn(gm: fx.GraphModule, layer: Layer
              ) -> tuple[type[nn.Module], int, int | None] | str:
     """``(BN class, channels, output rank or None)``, or the reason no BN fits."""
-    meta = layer.node.meta.get("tensor_meta")
-    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-    channels = _channels(gm, layer, meta)
+    shape = shape_of(layer.node)
+    rank = len(shape) if shape is not None else None
+    channels = _channels(gm, layer, shape)
     if channels is None:
         return ("channel count unknown: the weight is computed at run time; "
                 "pass example_inputs")
     if layer.kind == "linear":
         if rank is not None and rank < 2:
             return "unbatched output (rank 1): BatchNorm needs a batch dim"
-        return (nn.BatchNorm1d if rank == 2 else FeatureBatchNorm), channels, rank
+        return (layer.row.batchnorm if rank == 2 else FeatureBatchNorm), channels, rank
     if rank is not None and rank != layer.dims + 2:
         return f"output has rank {rank}, not [N, C, ...] with {layer.dims} spatial dims"
-    return _BN_BY_DIMS[layer.dims], channels, rank
+    return layer.row.batchnorm, channels, rank
 
 
-def _channels(gm: fx.GraphModule, layer: Layer, meta: Any) -> int | None:
-    module = layer.module
-    if module is not None:
-        return int(module.out_features if layer.kind == "linear" else module.out_channels)
-    weight = get_attr_value(gm, layer.arg(1, "weight"))
+def _channels(gm: fx.GraphModule, layer: Layer, shape: tuple[int | None, ...] | None
+              ) -> int | None:
+    """Output channels, from the layer's weight (its table row says which axis) or else from
+    the output shape."""
+    weight = _layer_weight(gm, layer)
     if weight is not None:
-        if layer.kind == "conv_transpose":
-            return int(weight.shape[1]) * functional_groups(layer)
-        return int(weight.shape[0])
-    if meta is not None and hasattr(meta, "shape") and len(meta.shape) >= 2:
-        return int(meta.shape[-1] if layer.kind == "linear" else meta.shape[1])
+        return layer.row.out_channels(weight.shape, layer.groups())
+    if shape is not None and len(shape) >= 2:
+        return shape[-1] if layer.kind == "linear" else shape[1]
     return None
 
 
@@ -369,7 +275,7 @@ def _insert(gm: fx.GraphModule, layer: Layer, bn_cls: type[nn.Module], channels:
 def _layer_weight(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | None:
     if layer.module is not None:
         return layer.module.weight
-    return get_attr_value(gm, layer.arg(1, "weight"))
+    return get_attr_value(gm, layer.arg("weight"))
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
@@ -421,7 +327,7 @@ def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
 def _drop_functional_bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | str:
     """The removed bias, or why it stays."""
     node = layer.node
-    bias = layer.arg(2, "bias")
+    bias = layer.arg("bias")
     if bias is None:
         return "none (the call has no bias)"
     value = get_attr_value(gm, bias)

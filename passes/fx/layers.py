@@ -1,9 +1,11 @@
 """What a torch.fx node is, for the insert pass: a dense/conv layer, an activation, a
 normalization, a dropout, or a shape-only op that passes channels through unchanged.
 
-Layers are recognised as modules (``nn.Linear``, ``nn.Conv{1,2,3}d``,
-``nn.ConvTranspose{1,2,3}d``) and as functional calls (``F.linear``, ``F.conv*``,
-``F.conv_transpose*``, which are the same objects as ``torch.conv2d`` etc.).
+Layers are the rows of the FX layer table (:mod:`bnfold.passes.fx.layer_table`), the same
+ones the fold pass knows: modules (``nn.Linear``, ``nn.Conv{1,2,3}d``,
+``nn.ConvTranspose{1,2,3}d``), functional calls (``F.linear``, ``F.conv*``,
+``F.conv_transpose*``, which are the same objects as ``torch.conv2d`` etc.) and the ATen ops of
+``torch.export`` graphs.
 """
 
 from __future__ import annotations
@@ -16,32 +18,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from bnfold.passes.fx.sites import LAYER_MODULES
+from bnfold.passes.fx.layer_table import (
+    LAYER_FUNCTIONS,
+    LAYER_MODULES,
+    LayerKind,
+    convolution_kind,
+)
+from bnfold.passes.fx.sites import get_attr_value
 
-LayerKind = str  # "linear" | "conv" | "conv_transpose"
-
-# functional -> (kind, spatial dims, the module class it stands for, index of ``groups``)
-_LAYER_FUNCTIONS: dict[Any, tuple[LayerKind, int, type[nn.Module], int | None]] = {
-    F.linear: ("linear", 0, nn.Linear, None),
-    F.conv1d: ("conv", 1, nn.Conv1d, 6),
-    F.conv2d: ("conv", 2, nn.Conv2d, 6),
-    F.conv3d: ("conv", 3, nn.Conv3d, 6),
-    F.conv_transpose1d: ("conv_transpose", 1, nn.ConvTranspose1d, 6),
-    F.conv_transpose2d: ("conv_transpose", 2, nn.ConvTranspose2d, 6),
-    F.conv_transpose3d: ("conv_transpose", 3, nn.ConvTranspose3d, 6),
-}
-
-# The same layers as the ATen ops of torch.export graphs (bnfold.programs), same arguments.
 _ATEN = torch.ops.aten
-_LAYER_FUNCTIONS.update({
-    _ATEN.linear.default: ("linear", 0, nn.Linear, None),
-    _ATEN.conv1d.default: ("conv", 1, nn.Conv1d, 6),
-    _ATEN.conv2d.default: ("conv", 2, nn.Conv2d, 6),
-    _ATEN.conv3d.default: ("conv", 3, nn.Conv3d, 6),
-    _ATEN.conv_transpose1d.default: ("conv_transpose", 1, nn.ConvTranspose1d, 6),
-    _ATEN.conv_transpose2d.input: ("conv_transpose", 2, nn.ConvTranspose2d, 6),
-    _ATEN.conv_transpose3d.input: ("conv_transpose", 3, nn.ConvTranspose3d, 6),
-})
 
 _ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
@@ -98,34 +83,53 @@ class Layer:
 
     node: fx.Node
     name: str
-    kind: LayerKind
-    dims: int
-    module_type: type[nn.Module]
+    row: LayerKind
     module: nn.Module | None
+
+    @property
+    def kind(self) -> str:
+        return self.row.kind
+
+    @property
+    def dims(self) -> int:
+        return self.row.spatial
+
+    @property
+    def module_type(self) -> type[nn.Module]:
+        return self.row.module
 
     @property
     def function(self) -> Any:
         return self.node.target if self.node.op == "call_function" else None
 
-    def arg(self, index: int, name: str) -> Any:
-        """Argument ``index`` / keyword ``name`` of a functional call (``None`` if absent)."""
-        if len(self.node.args) > index:
-            return self.node.args[index]
-        return self.node.kwargs.get(name)
+    def arg(self, name: str) -> Any:
+        """Argument ``name`` of a functional call (``None`` if absent)."""
+        return LAYER_FUNCTIONS[self.node.target].arg(self.node.args, self.node.kwargs, name)
+
+    def groups(self) -> int:
+        """``groups`` of the layer (1 when absent or not a constant)."""
+        groups = getattr(self.module, "groups", 1) if self.module is not None \
+            else self.arg("groups")
+        return groups if isinstance(groups, int) else 1
 
 
 def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Return the :class:`Layer` that ``node`` calls, or ``None`` if it is not one."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        spec = LAYER_MODULES.get(type(module))
-        if spec is None:
+        row = LAYER_MODULES.get(type(module))
+        return None if row is None else Layer(node, str(node.target), row, module)
+    if node.op != "call_function" or node.target not in LAYER_FUNCTIONS:
+        return None
+    call = LAYER_FUNCTIONS[node.target]
+    row = call.row
+    if row is None:  # aten.convolution: the weight's rank says how many spatial dims
+        weight = get_attr_value(gm, call.arg(node.args, node.kwargs, "weight"))
+        transposed = call.arg(node.args, node.kwargs, "transposed")
+        row = None if weight is None else convolution_kind(transposed, weight.dim())
+        if row is None:
             return None
-        return Layer(node, str(node.target), spec[0], spec[1], type(module), module)
-    if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
-        kind, dims, cls, _ = _LAYER_FUNCTIONS[node.target]
-        return Layer(node, _aten_module_path(node) or node.name, kind, dims, cls, None)
-    return None
+    return Layer(node, _aten_module_path(node) or node.name, row, None)
 
 
 def _aten_module_path(node: fx.Node) -> str | None:
@@ -134,13 +138,6 @@ def _aten_module_path(node: fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack") if isinstance(
         node.target, torch._ops.OpOverload) else None
     return str(list(stack.values())[-1][0]) or None if stack else None
-
-
-def functional_groups(layer: Layer) -> int:
-    """``groups`` of a functional conv call (1 when absent or not a constant)."""
-    index = _LAYER_FUNCTIONS[layer.node.target][3]
-    groups = layer.arg(index, "groups") if index is not None else 1
-    return groups if isinstance(groups, int) else 1
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -176,13 +173,3 @@ def is_dropout(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), _DROPOUT_MODULES)
     return node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS
-
-
-def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` node, or ``None`` for anything else."""
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value if isinstance(value, torch.Tensor) else None

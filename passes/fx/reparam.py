@@ -26,6 +26,7 @@ from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.passes.fx.axes import node_arg, value_users
 from bnfold.passes.fx.fold import fold_fx
+from bnfold.passes.fx.layer_table import layer_kind
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     BatchNormSite,
@@ -40,14 +41,13 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
-from bnfold.passes.fx.trace import annotate_shapes, as_args, graph_module_of, shape_of
+from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.report import PassResult, Report
 
 aten = torch.ops.aten
 _ADDS = {operator.add, operator.iadd, torch.add, aten.add.Tensor}
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _MULS = {operator.mul, torch.mul, aten.mul.Tensor}
-_CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def reparameterize_fx(
@@ -60,10 +60,7 @@ def reparameterize_fx(
     many), a ``kept`` entry per block left as it was (with the reason), a ``folded`` entry for
     each BN a merge absorbed, and the fold pass's entries for every other BN.
     """
-    args = as_args(example_inputs)
-    gm, how = graph_module_of(model, args, inplace=inplace)
-    if args is not None and not how.startswith("torch.export"):
-        annotate_shapes(gm, args)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace)
     report = Report("reparameterize")
     skipped = _drop_no_ops(gm)
     if skipped:
@@ -281,7 +278,7 @@ class _Merger:
         target = self._module_slot(conv_node, layer)
         n = merged.weight.ndim - 2
         pad_first = not merged.symmetric and merged.padding_mode == "zeros"
-        module = _CONV_MODULES[n](
+        module = layer_kind("conv", n).module(
             merged.weight.shape[1] * merged.groups, merged.weight.shape[0],
             merged.weight.shape[2:], merged.stride,
             0 if pad_first else tuple(b for b, _ in merged.pads), merged.dilation,

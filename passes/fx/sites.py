@@ -21,6 +21,13 @@ from torch import fx, nn
 from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.hooks import hook_reason
+from bnfold.passes.fx.layer_table import (
+    LAYER_FUNCTIONS,
+    LAYER_MODULES,
+    LayerKind,
+    convolution_kind,
+    layer_kind,
+)
 
 aten = torch.ops.aten
 
@@ -175,31 +182,6 @@ def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
 # Conv / ConvTranspose / Linear.
 # ---------------------------------------------------------------------------------------------
 
-LAYER_MODULES: dict[type, tuple[str, int]] = {
-    nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
-    nn.ConvTranspose1d: ("conv_transpose", 1), nn.ConvTranspose2d: ("conv_transpose", 2),
-    nn.ConvTranspose3d: ("conv_transpose", 3), nn.Linear: ("linear", 0),
-}
-_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TCONV = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_LINEAR = ("input", "weight", "bias")
-_CONVOLUTION = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                "output_padding", "groups")
-_LAYER_FUNCTIONS: dict[Any, tuple[str, int, tuple[str, ...]]] = {
-    F.conv1d: ("conv", 1, _CONV), F.conv2d: ("conv", 2, _CONV), F.conv3d: ("conv", 3, _CONV),
-    F.conv_transpose1d: ("conv_transpose", 1, _TCONV),
-    F.conv_transpose2d: ("conv_transpose", 2, _TCONV),
-    F.conv_transpose3d: ("conv_transpose", 3, _TCONV),
-    F.linear: ("linear", 0, _LINEAR),
-    aten.conv1d.default: ("conv", 1, _CONV), aten.conv2d.default: ("conv", 2, _CONV),
-    aten.conv3d.default: ("conv", 3, _CONV), aten.conv1d.padding: ("conv", 1, _CONV),
-    aten.conv2d.padding: ("conv", 2, _CONV), aten.conv3d.padding: ("conv", 3, _CONV),
-    aten.conv_transpose1d.default: ("conv_transpose", 1, _TCONV),
-    aten.conv_transpose2d.input: ("conv_transpose", 2, _TCONV),
-    aten.conv_transpose3d.input: ("conv_transpose", 3, _TCONV),
-    aten.convolution.default: ("convolution", 0, _CONVOLUTION),
-    aten.linear.default: ("linear", 0, _LINEAR),
-}
 _LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
                    "output_padding": 0}
 
@@ -236,16 +218,31 @@ class LayerSite:
         return 0 if rank == self.spatial + 1 else 1
 
     @property
+    def row(self) -> LayerKind:
+        """This layer's row of the FX layer table (weight axes, channel counts)."""
+        return layer_kind(self.kind, self.spatial)
+
+    @property
     def weight_out_axis(self) -> int:
         """Weight axis of output channels: Conv/Linear 0, ConvTranspose 1 (grouped)."""
-        return 1 if self.kind == "conv_transpose" else 0
+        return self.row.weight_out_axis
+
+    @property
+    def weight_in_axis(self) -> int:
+        """Weight axis of input channels: Conv/Linear 1, ConvTranspose 0."""
+        return self.row.weight_in_axis
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the layer's weight."""
+        return self.row.out_channels(self.weight.shape, self.groups)
 
 
 def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True for a conv/linear call (module of a layer class or functional)."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), tuple(LAYER_MODULES))
-    return node.op == "call_function" and node.target in _LAYER_FUNCTIONS
+    return node.op == "call_function" and node.target in LAYER_FUNCTIONS
 
 
 def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
@@ -259,7 +256,7 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
         hooked = hook_reason(str(node.target), m)
         if hooked:
             return hooked
-        kind, spatial = found
+        kind, spatial = found.kind, found.spatial
         if kind == "linear":
             return LayerSite(node, kind, 0, m.weight, m.bias, 1, (), (), (), (), "zeros",
                              str(node.target))
@@ -270,8 +267,8 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
             output_padding = (-1,) * n  # output_size given at call time: output padding varies
         return LayerSite(node, kind, n, m.weight, m.bias, m.groups, _tup(m.stride, n), padding,
                          _tup(m.dilation, n), output_padding, m.padding_mode, str(node.target))
-    kind, spatial, names = _LAYER_FUNCTIONS[node.target]
-    args = _named_args(node, names, _LAYER_DEFAULTS)
+    call = LAYER_FUNCTIONS[node.target]
+    args = _named_args(node, call.args, _LAYER_DEFAULTS)
     tensors: dict[str, torch.Tensor | None] = {}
     for key in ("weight", "bias"):
         value = args.get(key)
@@ -283,9 +280,10 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
             return f"{node.name}'s {key} is computed in the graph, not a constant attribute"
     weight = tensors["weight"]
     assert weight is not None
-    if kind == "convolution":
-        kind = "conv_transpose" if args["transposed"] else "conv"
-        spatial = weight.dim() - 2
+    row = call.row or convolution_kind(args["transposed"], weight.dim())
+    if row is None:
+        return f"{node.name}'s weight has rank {weight.dim()}, not a convolution's"
+    kind, spatial = row.kind, row.spatial
     if kind == "linear":
         return LayerSite(node, kind, 0, weight, tensors["bias"], 1, (), (), (), (), "zeros",
                          _functional_label(node, args["weight"]))
@@ -340,18 +338,26 @@ def arg_slot(node: fx.Node, name: str) -> tuple[str, int | str] | None:
     """Where argument ``name`` of a functional layer/BN call lives: ("args", i) or ("kwargs", k)."""
     if name in node.kwargs:
         return ("kwargs", name)
-    names = (_LAYER_FUNCTIONS.get(node.target, (None, None, ()))[2]
-             or _BN_FUNCTIONS.get(node.target, ()))
+    call = LAYER_FUNCTIONS.get(node.target)
+    names = call.args if call is not None else _BN_FUNCTIONS.get(node.target, ())
     index = names.index(name)
     return ("args", index) if index < len(node.args) else None
 
 
 def fetch(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a ``get_attr`` node reads."""
+    value = get_attr_value(gm, node)
+    assert value is not None
+    return value
+
+
+def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a ``get_attr`` node, or ``None`` for anything else."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
     owner, _, leaf = str(node.target).rpartition(".")
     value = getattr(gm.get_submodule(owner) if owner else gm, leaf)
-    assert isinstance(value, torch.Tensor)
-    return value
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -177,8 +177,7 @@ def _channels(node: fx.Node, layer: LayerSite | str, dim: int) -> int | None:
         return shape[dim]
     if isinstance(layer, str):
         return None
-    w = layer.weight
-    return int(w.shape[1] * layer.groups if layer.kind == "conv_transpose" else w.shape[0])
+    return layer.out_channels
 
 
 def _fold(layer: LayerSite, bn: BNParams) -> Folded:

@@ -43,6 +43,25 @@ def as_args(example_inputs: Any) -> tuple[Any, ...] | None:
     return (example_inputs,)
 
 
+def open_model(
+    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False
+) -> tuple[fx.GraphModule, str, tuple[Any, ...] | None]:
+    """The FX passes' one front door: ``(graph module, how it was obtained, example args)``.
+
+    Traces ``model`` (:func:`graph_module_of`: symbolic_trace, then the ``torch.export``
+    fallback when example inputs are given) and records every node's shape on the example
+    inputs (:func:`annotate_shapes`; a ``torch.export`` graph has them already, read both with
+    :func:`shape_of`). Every bad input raises a :class:`~bnfold.errors.BnfoldError`: an
+    untraceable model :class:`~bnfold.errors.UntraceableError`, a TorchScript module
+    :class:`~bnfold.errors.UnsupportedError`.
+    """
+    args = as_args(example_inputs)
+    gm, how = graph_module_of(model, args, inplace=inplace)
+    if args is not None and not how.startswith("torch.export"):
+        annotate_shapes(gm, args)
+    return gm, how, args
+
+
 def graph_module_of(
     model: torch.nn.Module, args: tuple[Any, ...] | None, *, inplace: bool
 ) -> tuple[fx.GraphModule, str]:
@@ -57,8 +76,8 @@ def graph_module_of(
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): it has "
-            "no Python forward for torch.fx to trace; fold the original nn.Module, then script "
-            "the folded GraphModule"
+            "no Python forward for torch.fx to trace; pass the original nn.Module, then script "
+            "the resulting GraphModule"
         )
     original = uncompiled(model)
     compiled = "" if original is model else " (unwrapped from torch.compile)"

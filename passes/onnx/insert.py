@@ -45,10 +45,16 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.fileio import load_onnx
+from bnfold.passes.insert_policy import (
+    check_options,
+    following_norm,
+    last_layers,
+    selector_list,
+    skip_reason,
+)
 from bnfold.passes.onnx.consts import Namer, const_tensor
 from bnfold.report import Entry, PassResult, Report
 
-POSITIONS = ("before_activation", "after_activation")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 ACTIVATION_OPS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu",
                   "HardSigmoid", "HardSwish", "Mish", "Softplus", "Softsign", "Clip",
@@ -99,14 +105,8 @@ def insert_bn_onnx(
     inside If / Loop / Scan bodies are not considered (the report's notes count them).
     ``base_dir``: the folder of an in-memory model's external data (required when it has any).
     """
-    if position not in POSITIONS:
-        raise BadInputError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
-    if not (_is_number(eps) and 0 <= eps < float("inf")):
-        raise BadInputError(f"eps must be a finite number >= 0, got {eps!r}")
-    if not (_is_number(momentum) and 0 <= momentum <= 1):
-        raise BadInputError(
-            f"momentum must be a number in [0, 1], got {momentum!r} (ONNX BatchNormalization "
-            "has no cumulative average, PyTorch's momentum=None)")
+    check_options(position, eps, momentum, why_no_none="ONNX BatchNormalization has no "
+                  "cumulative average, PyTorch's momentum=None")
     given = model
     out = load_onnx(model, base_dir=base_dir)
     if out is given:
@@ -121,7 +121,9 @@ def insert_bn_onnx(
             "the graph has no Conv, ConvTranspose, Gemm or MatMul node to insert BatchNorm after"
         )
     includes, excludes = _selectors(include, "include"), _selectors(exclude, "exclude")
-    last = _last_layers(graph, layers) if skip_last else set()
+    last = last_layers((v.producer() for v in graph.outputs),
+                       lambda n: (v.producer() for v in n.inputs if v is not None),
+                       set(layers)) if skip_last else set()
     names = Namer(out)
     report = Report("insert_bn_onnx")
     nested = sum(1 for n in graph.all_nodes() if n.graph is not graph and n.op_type in LAYER_OPS)
@@ -156,18 +158,9 @@ def insert_bn_onnx(
 # Check.
 # ---------------------------------------------------------------------------------------------
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _selectors(value: Any, what: str) -> list[str]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else list(value) if isinstance(
-        value, (list, tuple, set, frozenset)) else [value]
-    if not all(isinstance(item, str) for item in items):
-        raise BadInputError(f"{what} takes node-name globs or op types (strings), got {value!r}")
-    return items
+    return selector_list(value, what, lambda item: isinstance(item, str),
+                         "node-name globs or op types (strings)")
 
 
 def _selected_by(node: ir.Node, name: str, specs: Iterable[str]) -> str | None:
@@ -179,47 +172,19 @@ def _selected_by(node: ir.Node, name: str, specs: Iterable[str]) -> str | None:
 
 def _skip_reason(node: ir.Node, name: str, includes: list[str], excludes: list[str],
                  last: set[ir.Node]) -> str | None:
-    if includes and _selected_by(node, name, includes) is None:
-        return "not selected by include"
-    if excludes and (spec := _selected_by(node, name, excludes)) is not None:
-        return f"excluded by {spec}"
-    if (norm := _following_norm(_layer_output(node))) is not None:
-        return f"already followed by {norm}"
-    if node in last:
-        return "produces a graph output (skip_last=True)"
-    return None
+    return skip_reason(lambda specs: _selected_by(node, name, specs), includes, excludes,
+                       lambda: _following_norm(_layer_output(node)), node in last,
+                       "a graph output")
 
 
-def _following_norm(value: ir.Value, depth: int = 4) -> str | None:
+def _following_norm(value: ir.Value) -> str | None:
     """The normalization node reading ``value`` directly or through activations / reshapes."""
-    for user in value.consumers():
-        if user.op_type in NORM_OPS:
-            return f"{user.op_type} {user.name!r}"
-    if depth == 0:
-        return None
-    for user in value.consumers():
-        passes = user.op_type in ACTIVATION_OPS or user.op_type in _SHAPE_OPS
-        if not (passes and user.inputs and user.inputs[0] is value):
-            continue
-        if (norm := _following_norm(user.outputs[0], depth - 1)) is not None:
-            return norm
-    return None
+    def passes_through(user: ir.Node, read: ir.Value) -> ir.Value | None:
+        keeps = user.op_type in ACTIVATION_OPS or user.op_type in _SHAPE_OPS
+        return user.outputs[0] if keeps and user.inputs and user.inputs[0] is read else None
 
-
-def _last_layers(graph: ir.Graph, layers: list[ir.Node]) -> set[ir.Node]:
-    """Layers with a path to a graph output that crosses no other layer."""
-    layer_set, found, seen = set(layers), set(), set()
-    stack = [v.producer() for v in graph.outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in layer_set:
-            found.add(node)
-            continue
-        stack.extend(v.producer() for v in node.inputs if v is not None)
-    return found
+    return following_norm(value, lambda v: v.consumers(), lambda user: f"{user.op_type} "
+                          f"{user.name!r}" if user.op_type in NORM_OPS else None, passes_through)
 
 
 def _const_shape(value: ir.Value | None) -> tuple[int, ...] | None:

@@ -1,0 +1,76 @@
+"""The FX passes share one front door (passes/fx/trace.open_model): the same error types for
+the same bad inputs, whichever pass is called."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.errors import UnsupportedError, UntraceableError
+from bnfold.passes.fx.reparam import reparameterize_fx
+
+PASSES = {"fold": bnfold.fold, "insert_bn": bnfold.insert_bn, "reparameterize": reparameterize_fx}
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.bn(self.conv(x))
+        return x
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_every_fx_pass_refuses_torchscript_and_untraceable_models_alike(name: str) -> None:
+    run = PASSES[name]
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2).eval()))
+    with pytest.raises(UnsupportedError, match=r"TorchScript module.*original nn\.Module"):
+        run(scripted)
+    with pytest.raises(UntraceableError, match="cannot trace _DataDependent") as info:
+        run(_DataDependent().eval())
+    assert "\n" not in str(info.value)
+
+
+class _ShapeBranch(nn.Module):
+    """symbolic_trace cannot branch on a shape; torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).relu()
+        if h.shape[-1] > 1:
+            h = h.mean((2, 3))
+        return self.fc(h)
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+def test_insert_takes_the_torch_export_fallback_like_fold() -> None:
+    """A BN lands after the ATen conv of the exported graph; in eval mode a fresh BN divides by
+    sqrt(1 + eps), checked against the float64 model with that scale put into the conv."""
+    torch.manual_seed(0)
+    model, eps = _ShapeBranch(), 0.25
+    x = torch.randn(4, 1, 8, 8)
+    gm, report = bnfold.insert_bn(model, example_inputs=x, eps=eps)
+    assert any(note.startswith("traced with torch.export") for note in report.notes)
+    assert [(e.bn, e.action) for e in report.entries] == [("conv_bn", "inserted"),
+                                                          ("fc", "skipped")]
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        reference.conv.weight /= (1 + eps) ** 0.5
+        reference.conv.bias /= (1 + eps) ** 0.5
+    x = torch.randn(4, 1, 8, 8)  # fresh inputs, the exported batch size
+    gm.get_submodule("conv_bn").eval()  # an exported module refuses gm.eval()
+    out = gm(x)
+    torch.testing.assert_close(out.double(), reference(x.double()), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, model(x), rtol=1e-3, atol=1e-3)  # the BN is really there

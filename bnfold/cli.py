@@ -262,12 +262,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
     model = load_checked(src)
     with naming(src):
-        if args.merge_branches:
-            if args.include or args.exclude:
-                from bnfold.errors import BadInputError
-
-                raise BadInputError("--include/--exclude select BNs to fold; they do not "
-                                    "combine with --merge-branches")
+        if _merge_branches(args):
             folded, report = bnfold.reparameterize_onnx(model)
         else:
             folded, report = bnfold.fold_onnx(model, include=args.include,
@@ -532,6 +527,16 @@ def _is_own_stream(path: Path) -> bool:
         return any(os.path.samestat(st, os.fstat(fd)) for fd in (1, 2))
     except OSError:
         return False
+
+
+def _merge_branches(args: argparse.Namespace) -> bool:
+    """``--merge-branches``, refused with ``--include``/``--exclude`` (they select BNs)."""
+    if args.merge_branches and (args.include or args.exclude):
+        from bnfold.errors import BadInputError
+
+        raise BadInputError("--include/--exclude select BNs to fold; they do not "
+                            "combine with --merge-branches")
+    return bool(args.merge_branches)
 
 
 def _check_report_path(args: argparse.Namespace, *models: Path) -> None:

@@ -44,6 +44,8 @@ def fold_program(args: argparse.Namespace) -> int:
     from bnfold.programs import load_program, save_program
 
     out = _output_path(args)
+    if out.is_dir():
+        raise BadInputError(f"{out}: is a directory; give an output file")
     _check_report_path(args, args.input, out)
     if args.validate:
         raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "

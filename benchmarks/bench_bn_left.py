@@ -1,7 +1,7 @@
 """BN left after folding, per zoo model: ``python -m benchmarks.bench_bn_left``.
 
-Every model of :mod:`bnfold.models.zoo` and :mod:`bnfold.models.reach`, one row each, one
-column per folder:
+Every model of :mod:`bnfold.models.zoo` and :mod:`bnfold.models.reach` and the branch patterns
+of :mod:`bnfold.models.rep`, one row each, one column per folder:
 
 * ``bnfold FX`` and ``torch.fx fuse``: the torch model folded by ``bnfold.fold`` and by
   torch.fx's ``fuse``; BN-like sites left in the graph (BN calls, ``F.batch_norm`` and constant
@@ -16,8 +16,9 @@ column per folder:
 
 A count is followed by ``WRONG (err ...)`` when the result differs from the unfolded model in
 float64 (on a fresh input for FX, on the export's input for ONNX) by more than 1e-4, and a cell
-is ``crash (...)`` when the tool raised. ``expected`` is the model's ``bn_left``: what an exact
-folder must leave. Table: stdout and benchmarks/out/bn_left.md.
+is ``crash (...)`` when the tool raised. ``expected`` is the model's ``bn_left`` (for the rep
+patterns :data:`REP_LEFT`): what an exact folder must leave. Table: stdout and
+benchmarks/out/bn_left.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ from benchmarks.bench_onnx_fold import PEERS, TESTS, _table
 TOLERANCE = 1e-4
 ONNX_PEERS = {"onnxscript": "onnxscript", "onnxoptimizer": "onnxoptimizer",
               "onnxslim": "onnxslim", "onnxruntime": "ORT basic"}
+#: What an exact fold (no branch merging) leaves in the :mod:`bnfold.models.rep` patterns: the
+#: identity-branch BNs and MobileOne's per-channel scale branch (a constant affine chain), each
+#: reading an activation and feeding the branch sum, so no layer is next to it, and RepViT's BN
+#: after the sum (a GELU follows it; merged, the sum is a conv it folds into). ``--merge-branches``
+#: removes them all.
+REP_LEFT = {"repvgg_stage": 2, "mobileone_block": 3, "repvit_mixer": 1}
 COLUMNS = ["model", "bnfold FX", "bnfold ONNX (dynamo)", "bnfold ONNX (TorchScript)",
            *ONNX_PEERS.values(), "torch.fx fuse", "expected"]
 
@@ -120,19 +127,20 @@ def _onnx_cells(source: Any, name: str) -> dict[str, list[str]]:
 
 def bn_left() -> str:
     sys.path.insert(0, str(TESTS))
-    from bnfold.models import reach, zoo
+    from bnfold.models import reach, rep, zoo
 
     rows = [COLUMNS]
-    models = [(zoo, name, zoo.ZOO[name]) for name in zoo.ZOO] + \
-        [(reach, name, reach.REACH[name]) for name in reach.REACH]
-    for source, name, entry in models:
+    models = [(zoo, name, zoo.ZOO[name].bn_left) for name in zoo.ZOO] + \
+        [(reach, name, reach.REACH[name].bn_left) for name in reach.REACH] + \
+        [(rep, name, REP_LEFT[name]) for name in rep.PATTERNS]
+    for source, name, expected in models:
         torch.manual_seed(0)
         fx_ours, fx_fuse = _fx_cells(source, name)
         onnx_cells = _onnx_cells(source, name)
         dynamo, torchscript = onnx_cells.pop("bnfold")
         rows.append([name, fx_ours, dynamo, torchscript,
                      *(" / ".join(c) for c in onnx_cells.values()), fx_fuse,
-                     str(entry.bn_left)])
+                     str(expected)])
     return _table(rows)
 
 

@@ -4,14 +4,19 @@ and a crash is a cell, not an abort."""
 
 from __future__ import annotations
 
-from benchmarks.bench_bn_left import _cell, _fx_cells, _onnx_cells
-from bnfold.models import reach
+from benchmarks.bench_bn_left import REP_LEFT, _cell, _fx_cells, _onnx_cells
+from bnfold.models import reach, rep
 
 
 def test_fx_cells_count_and_catch_a_wrong_fold() -> None:
     ours, fuse = _fx_cells(reach, "linear_bn1d_tokens")
     assert ours == str(reach.REACH["linear_bn1d_tokens"].bn_left) == "1"
     assert fuse.startswith("WRONG 0 (err ")
+
+
+def test_rep_patterns_leave_their_expected_count() -> None:
+    for name in rep.PATTERNS:
+        assert _fx_cells(rep, name)[0] == str(REP_LEFT[name]), name
 
 
 def test_onnx_cells_bnfold_leaves_the_expected_count_in_both_exports() -> None:

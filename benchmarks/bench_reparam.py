@@ -13,7 +13,8 @@ Latency: ONNX Runtime CPU, ``ORT_ENABLE_ALL``, one intra-op thread, batch 1; the
 interleaved for many short rounds and each gets its fastest round (on a shared, loaded machine
 other processes only ever add time, so the minimum is the stable estimate). Ratios are to (d).
 Error: max |out - ref| / max |ref| against the unfolded torch model in float64 on the same
-input. Writes benchmarks/out/reparam.md.
+input. Writes benchmarks/out/reparam.md and, with matplotlib (``bench`` extra), the latencies
+as bars to benchmarks/out/reparam.png (copied to docs/img/ for the README).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import onnxruntime as ort
 import torch
 
 import bnfold
+from benchmarks.plots import latency_bars
 from bnfold.exporter import export_unfolded
 from bnfold.models import rep
 
@@ -108,6 +110,10 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(text)
     print(text)
+    ms = {str(r["name"]): list(r["ms"]) for r in rows}  # type: ignore[call-overload]
+    print(latency_bars(ms, VARIANTS, OUT.with_suffix(".png"),
+                       f"ONNX Runtime CPU, 1 thread, input {list(SHAPE)}: latency (bars) "
+                       "and ratio to (d)"))
 
 
 if __name__ == "__main__":

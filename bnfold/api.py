@@ -53,9 +53,13 @@ def reparameterize(
 ) -> PassResult:
     """Merge parallel Conv(+BN) branches summed by an Add (RepVGG, MobileOne, RepViT...) into
     one conv each, exactly, then fold the remaining BNs; ``(GraphModule, Report)``. Arguments
-    as :func:`fold`. See :mod:`bnfold.passes.fx.reparam` and :mod:`bnfold.branches`."""
+    as :func:`fold`. See :mod:`bnfold.passes.fx.reparam` and :mod:`bnfold.branches`. A
+    ``torch.export.ExportedProgram`` gives an ``ExportedProgram`` (:mod:`bnfold.programs`)."""
     from bnfold.passes.fx.reparam import reparameterize_fx
+    from bnfold.programs import is_program, on_program
 
+    if is_program(model):
+        return on_program(reparameterize_fx, model, example_inputs, inplace=inplace)
     return reparameterize_fx(model, example_inputs, inplace=inplace)
 
 

@@ -262,12 +262,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
     model = load_checked(src)
     with naming(src):
-        if args.merge_branches:
-            if args.include or args.exclude:
-                from bnfold.errors import BadInputError
-
-                raise BadInputError("--include/--exclude select BNs to fold; they do not "
-                                    "combine with --merge-branches")
+        if _merge_branches(args):
             folded, report = bnfold.reparameterize_onnx(model)
         else:
             folded, report = bnfold.fold_onnx(model, include=args.include,
@@ -321,6 +316,9 @@ def _fold_folder(args: argparse.Namespace) -> int:
     if not files and not unreadable:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
     _check_report_path(args, *files, *(out_dir / f.relative_to(src_dir) for f in files))
+    from bnfold.output_paths import check_folder_outputs
+
+    check_folder_outputs([out_dir / f.relative_to(src_dir) for f in files], files)
     from bnfold.render import progress_bar
 
     results: list[dict[str, Any]] = [
@@ -396,6 +394,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from bnfold.cli_errors import naming
     from bnfold.program_commands import inspect_program, is_program_file
 
+    _check_html_path(args)
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
@@ -423,8 +422,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from bnfold.golden import handle_args, write_requested
+    from bnfold.output_paths import check_written_paths
 
-    _check_report_path(args, args.reference, args.candidate)
+    check_written_paths({"--report": args.report, "--save-inputs": args.save_inputs,
+                         "--save-outputs": args.save_outputs},
+                        [args.reference, args.candidate])
     handle_args(args)
     result = _run_validation(args, args.reference, args.candidate)
     write_requested(args, result)
@@ -534,22 +536,28 @@ def _is_own_stream(path: Path) -> bool:
         return False
 
 
+def _check_html_path(args: argparse.Namespace) -> None:
+    """``inspect --html``: the output-path checks of ``--report``, and not the report file."""
+    from bnfold.output_paths import check_written_paths
+
+    check_written_paths({"--report": args.report, "--html": args.html}, [args.input])
+
+
+def _merge_branches(args: argparse.Namespace) -> bool:
+    """``--merge-branches``, refused with ``--include``/``--exclude`` (they select BNs)."""
+    if args.merge_branches and (args.include or args.exclude):
+        from bnfold.errors import BadInputError
+
+        raise BadInputError("--include/--exclude select BNs to fold; they do not "
+                            "combine with --merge-branches")
+    return bool(args.merge_branches)
+
+
 def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
     """Refuse, before any work, a ``--report`` path that is a folder or one of the models."""
-    from bnfold.errors import BadInputError
+    from bnfold.output_paths import check_written_path
 
-    path = getattr(args, "report", None)
-    if path is None:
-        return
-    if path.is_dir():
-        raise BadInputError(f"--report {path}: is a directory; give a file")
-    if path.resolve() != Path(os.devnull) and any(path.resolve() == m.resolve() for m in models):
-        raise BadInputError(f"--report {path}: is a model file of this command; give another")
-    from bnfold.external_data import files_named_by
-
-    if path.exists() and any(path.resolve() in files_named_by(m) for m in models):
-        raise BadInputError(f"--report {path}: is an external data file of a model of this "
-                            "command; give another")
+    check_written_path("--report", getattr(args, "report", None), models)
 
 
 def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,

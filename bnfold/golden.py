@@ -14,6 +14,7 @@ objects) is refused with one line, never unpickled.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 from pathlib import Path
@@ -86,8 +87,12 @@ def _save(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
     from bnfold.fileio import atomic_path
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **arrays)
+        # Through memory: np.savez seeks (a FIFO or /dev/null cannot) and would append ".npz"
+        # to a name.
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
 
     try:
         with atomic_path(path) as tmp:

@@ -1,8 +1,9 @@
 """``bnfold fold`` / ``bnfold inspect`` for ``torch.export.save`` archives (``.pt2``).
 
 The archive is loaded with ``torch.export.load`` (only after :func:`is_pt2_archive`
-has recognised it; a plain checkpoint is never unpickled), folded with :func:`bnfold.fold` and
-written with ``torch.export.save``, atomically. The JSON documents are the ONNX commands'
+has recognised it; a plain checkpoint is never unpickled), folded with :func:`bnfold.fold`
+(``--merge-branches``: :func:`bnfold.reparameterize`) and written with ``torch.export.save``,
+atomically. The JSON documents are the ONNX commands'
 (``bnfold.fold/1``, ``bnfold.inspect/1``), with ``validation: null``.
 """
 
@@ -36,19 +37,26 @@ def is_program_file(path: Path) -> bool:
 
 
 def fold_program(args: argparse.Namespace) -> int:
-    """Fold the program in ``args.input``, write it to ``-o``; exit code 0."""
+    """Fold the program in ``args.input`` (``--merge-branches``: merge branch blocks first),
+    write it to ``-o``; exit code 0."""
     import bnfold
-    from bnfold.cli import OK, _check_report_path, _emit, _output_path
+    from bnfold.cli import OK, _check_report_path, _emit, _merge_branches, _output_path
     from bnfold.programs import load_program, save_program
 
     out = _output_path(args)
+    if out.is_dir():
+        raise BadInputError(f"{out}: is a directory; give an output file")
     _check_report_path(args, args.input, out)
     if args.validate:
         raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "
                             "to a torch.export program (the fold is exact: compare "
                             "program.module() outputs in torch)")
-    folded, report = bnfold.fold(load_program(args.input), include=args.include,
-                                 exclude=args.exclude)
+    merge = _merge_branches(args)
+    program = load_program(args.input)
+    if merge:
+        folded, report = bnfold.reparameterize(program)
+    else:
+        folded, report = bnfold.fold(program, include=args.include, exclude=args.exclude)
     if not args.json:
         from bnfold.render import print_report
 

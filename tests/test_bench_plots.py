@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.plots import _mean_curve, fold_time_vs_size, training_curves
+from benchmarks.plots import _mean_curve, fold_time_vs_size, latency_bars, training_curves
 
 CURVES = {("cnn", "0.01 (1x)"): {"plain": [[2.0, 1.0, 0.5], [2.0, 1.5]],
                                  "inserted": [[2.0, 0.5, 0.1], [2.0, 0.3, 0.1]]},
@@ -39,4 +39,12 @@ def test_fold_time_vs_size_png(tmp_path) -> None:
     path = tmp_path / "fold_scaling.png"
     times = {"bnfold": {300: 0.01, 3000: 0.1}, "peer": {300: 0.02, 3000: 0.5}}
     assert fold_time_vs_size(times, path) == f"wrote {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latency_bars_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "reparam.png"
+    ms = {"repvgg": [0.4, 0.4, 0.36, 0.36], "mobileone": [0.47, 0.46, 0.17, 0.16]}
+    assert latency_bars(ms, ("a", "b", "c", "d"), path, "t") == f"wrote {path}"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import onnx_ir.passes.common as common
 import pytest
 from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
-from bnfold.passes.onnx import FoldBatchNormPass, InsertBatchNormPass
+from bnfold.passes.onnx import FoldBatchNormPass, InsertBatchNormPass, ReparameterizePass
 
 
 def conv_bn_chain(seed: int = 0) -> onnx.ModelProto:
@@ -84,3 +84,32 @@ def test_unknown_insert_option_is_a_type_error_at_construction() -> None:
     with pytest.raises(TypeError):
         InsertBatchNormPass(positon="after_activation")
     assert FoldBatchNormPass().report is None
+
+
+def repvgg_block(seed: int = 0) -> onnx.ModelProto:
+    """Relu(Add(BN(Conv3x3(x)), BN(Conv1x1(x)), BN(x))) -> Conv -> BN: one mergeable block,
+    then a plain Conv+BN."""
+    b = Builder(seed)
+    k3 = b.bn(b.node("Conv", ["x", b.rand("w3", [4, 4, 3, 3])], ["c3"], pads=[1] * 4), "z3", 4)
+    k1 = b.bn(b.node("Conv", ["x", b.rand("w1", [4, 4, 1, 1])], ["c1"]), "z1", 4)
+    s = b.node("Add", [b.node("Add", [k3, k1], ["s1"]), b.bn("x", "zi", 4)], ["s"])
+    r = b.node("Relu", [s], ["r"])
+    b.bn(b.node("Conv", [r, b.rand("w4", [2, 4, 1, 1])], ["c4"]), "y", 2)
+    return b.model({"x": [2, 4, 6, 6]}, {"y": [2, 2, 6, 6]})
+
+
+def test_reparameterize_pass_in_a_pass_manager_merges_and_folds_exactly() -> None:
+    proto = repvgg_block()
+    model = ir.serde.deserialize_model(proto)
+    reparam = ReparameterizePass()
+    manager = ir.passes.PassManager(
+        [reparam, common.RemoveUnusedNodesPass(), common.CheckerPass(full_check=True)])
+    result = manager(model)
+    assert result.modified and result.model is model
+    assert len(reparam.report.merged) == 1 and reparam.report.merged[0].details["branches"] == 3
+    assert not reparam.report.kept
+    out = ir.serde.serialize_model(result.model)
+    assert count(out) == 0 and count(out, "Conv") == 2 and count(out, "Add") == 0
+    inputs = feeds(proto, seed=5)
+    assert rel_err(run_ort(out, inputs), reference(proto, inputs)) < 1e-5
+    assert not reparam(model).modified  # nothing left to merge or fold

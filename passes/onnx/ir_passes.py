@@ -9,7 +9,9 @@ BN it keeps is in the report with the reason.
 
 * :class:`FoldBatchNormPass` folds in place (an ``InPlacePass``);
 * :class:`InsertBatchNormPass` returns a new model (a ``FunctionalPass``, the input is left
-  as it was).
+  as it was);
+* :class:`ReparameterizePass` merges parallel Conv(+BN) branches into one Conv, then folds
+  the remaining BNs, in place (an ``InPlacePass``).
 
 A new pass is a subclass of :class:`BnfoldPass` and of ``InPlacePass`` or ``FunctionalPass``
 whose :meth:`~BnfoldPass.apply` calls the bnfold function with ``self.options``.
@@ -83,3 +85,22 @@ class InsertBatchNormPass(BnfoldPass, ir.passes.FunctionalPass):
         from bnfold.passes.onnx.insert import insert_bn_onnx
 
         return insert_bn_onnx(model, **self.options)
+
+
+class ReparameterizePass(BnfoldPass, ir.passes.InPlacePass):
+    """Merge parallel Conv(+BN) branch blocks into one Conv, then fold the BNs left, in place.
+
+    Runs :func:`bnfold.reparameterize_onnx`: a block ``Add(BN(Conv_k(x)), BN(Conv_1(x)),
+    BN(x), x)`` becomes one ``Conv(x)`` whose kernel is the sum of the branches' folded kernels
+    (each zero-padded to the largest, centred) and whose bias is the sum of their biases. Exact
+    (up to one rounding) where the branches agree on stride, dilation, groups and padding
+    relative to their kernel size; any other block is kept with the reason in the report.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def apply(self, model: ir.Model) -> PassResult:
+        from bnfold.passes.onnx.reparam import reparameterize_onnx
+
+        return reparameterize_onnx(model, inplace=True)

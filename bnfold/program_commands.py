@@ -47,8 +47,11 @@ def fold_program(args: argparse.Namespace) -> int:
         raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "
                             "to a torch.export program (the fold is exact: compare "
                             "program.module() outputs in torch)")
-    folded, report = bnfold.fold(load_program(args.input), include=args.include,
-                                 exclude=args.exclude)
+    from bnfold.cli import _fold_progress
+
+    with _fold_progress(not args.json) as update:
+        folded, report = bnfold.fold(load_program(args.input), include=args.include,
+                                     exclude=args.exclude, progress=update)
     if not args.json:
         from bnfold.render import print_report
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,7 @@ _MAX_CHAIN = 16
 def fold_fx(
     model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     include: Any = None, exclude: Any = None,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
 
@@ -123,8 +124,11 @@ def fold_fx(
     ``include`` / ``exclude``: BN name globs (:mod:`bnfold.selection`; the module path,
     ``"layer1.*"``, or the node name); a BN they leave out is kept, "excluded by the user".
     Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
-    ``direction`` forward/backward) or ``kept`` with the reason.
+    ``direction`` forward/backward) or ``kept`` with the reason. ``progress(done, total)``,
+    when given, is called after each BN's forward try and each backward try (``total``: the
+    BNs plus the backward tries known so far); the pass itself prints nothing.
     """
+    tick = progress or _no_progress
     select = Selection.of(include, exclude)
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
@@ -155,11 +159,14 @@ def fold_fx(
     labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
               for n in bns}
     kinds = {n: folder.kind(n) for n in bns}
-    outcomes = {n: _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
-                for n in bns}
-    for n in bns:
-        if outcomes[n].action == "kept" and not outcomes[n].final:
-            outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
+    outcomes: dict[fx.Node, _Outcome] = {}
+    for i, n in enumerate(bns, 1):
+        outcomes[n] = _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
+        tick(i, len(bns))
+    later = [n for n in bns if outcomes[n].action == "kept" and not outcomes[n].final]
+    for i, n in enumerate(later, len(bns) + 1):
+        outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
+        tick(i, len(bns) + len(later))
     for n in bns:
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
@@ -173,6 +180,10 @@ def fold_fx(
             "to fold without dispatch")
     folder.cleanup()
     return PassResult(gm, report)
+
+
+def _no_progress(done: int, total: int) -> None:
+    """The default progress callback: nothing to report to."""
 
 
 @dataclass

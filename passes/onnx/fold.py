@@ -191,8 +191,10 @@ def _ticker(progress: Callable[[int, int], Any], total: int) -> Callable[[ir.Nod
 
 def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
            select: Selection, tick: Callable[[ir.Node], None] | None = None) -> bool:
-    """One pass over the graph's BNs and BN-like affine chains; true when something folded."""
-    changed = False
+    """One pass over the graph's BNs and BN-like affine chains; true when another round may
+    fold more: something folded and some site stayed (a fold can only enable a site that did
+    not fold yet: a BN kept, or an affine chain not BN-like on its own)."""
+    changed = unsettled = False
     for bn in [n for n in ctx.graph if _is_bn(n)]:
         if tick is not None:
             tick(bn)
@@ -200,7 +202,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             continue  # removed by an earlier fold of this round, or left by a split fold
         excluded = select.refusal((display_name(bn), module_path(bn)))
         if excluded:
-            changed |= _settle(bn, excluded, ctx, entries, backward)
+            _settle(bn, excluded, ctx, entries, backward)
             continue
         value = constant_bn(bn, ctx)
         if isinstance(value, ir.Value):
@@ -211,15 +213,19 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             continue
         params = inference_params(bn, ctx.opset, ctx.consts) if value is None else value
         site = params if isinstance(params, str) else Site([bn], bn.inputs[0], params)
-        changed |= _settle(bn, site, ctx, entries, backward)
+        folded = _settle(bn, site, ctx, entries, backward)
+        changed, unsettled = changed or folded, unsettled or not folded
     for chain in affine_chains(ctx.graph, ctx.consts):
         site = affine_site(chain, ctx)
-        if site is not None:
-            head = chain[0].node
-            site = select.refusal((display_name(head), module_path(head))) or site
-            kind = chain[0].node.op_type if isinstance(site, str) else site.kind
-            changed |= _settle(chain[0].node, site, ctx, entries, backward, kind)
-    return changed
+        if site is None:
+            unsettled = True
+            continue
+        head = chain[0].node
+        site = select.refusal((display_name(head), module_path(head))) or site
+        kind = chain[0].node.op_type if isinstance(site, str) else site.kind
+        folded = _settle(chain[0].node, site, ctx, entries, backward, kind)
+        changed, unsettled = changed or folded, unsettled or not folded
+    return changed and unsettled
 
 
 def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node, Entry],

@@ -505,6 +505,28 @@ class _Folder:
 
     # -- graph edits ------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _shared(self) -> dict[int, list[Any]]:
+        """``id -> [Parameter, slots]`` for each Parameter held in more than one slot of the
+        graph module (``right.weight = left.weight``), counted once before the first write
+        and kept current by :meth:`_release_slot` (a fold's new Parameters are never shared):
+        one walk of the parameters instead of one per fold."""
+        slots: dict[int, list[Any]] = {}
+        for _, p in self.gm.named_parameters(remove_duplicate=False):
+            slots.setdefault(id(p), [p, 0])[1] += 1
+        return {k: held for k, held in slots.items() if held[1] > 1}
+
+    def _slots(self, param: torch.Tensor) -> int:
+        """How many slots of the graph module hold ``param`` (1 when not shared)."""
+        held = self._shared.get(id(param))
+        return 1 if held is None or held[0] is not param else held[1]
+
+    def _release_slot(self, param: torch.Tensor | None) -> None:
+        """A fold is about to replace one slot holding ``param``."""
+        held = self._shared.get(id(param))
+        if held is not None and held[0] is param:
+            held[1] -= 1
+
     def _write(self, layer: LayerSite, folded: Folded, bn: str) -> tuple[str, dict[str, Any]]:
         """Give ``layer`` the folded tensors; return its name now and report details.
 
@@ -538,9 +560,10 @@ class _Folder:
             owner.add_module(name, module)
             target = f"{parent}.{name}" if parent else name
             layer.node.target = target
-        tied = sum(p is module.weight for _, p in
-                   self.gm.named_parameters(remove_duplicate=False)) > 1
+        tied = self._slots(module.weight) > 1
         old_bias = module.bias if module.bias is not None else module.weight
+        self._release_slot(module.weight)
+        self._release_slot(module.bias)
         module.weight = _like(weight, module.weight)
         module.bias = _like(bias, old_bias)
         return target, {"copy_of": layer.label} if copied else (
@@ -557,6 +580,7 @@ class _Folder:
         like = fetch(self.gm, old) if isinstance(old, fx.Node) else fetch(self.gm, weight_node)
         if isinstance(old, fx.Node) and self._exclusive(old, node):
             owner, leaf = self._owner(str(old.target))
+            self._release_slot(like)
             setattr(owner, leaf, _like(value, like))
             return False
         base = str(old.target) if isinstance(old, fx.Node) else f"{weight_node.target}_{key}"

@@ -642,10 +642,10 @@ class _Folder:
                 self.stale.add(str(node.target))
                 self.graph.erase_node(node)
         refs = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        inside = {p for r in refs for p in _prefixes(r)}  # modules holding something read
 
-        def used(path: str) -> bool:
-            return any(r == path or r.startswith(path + ".") or path.startswith(r + ".")
-                       for r in refs)
+        def used(path: str) -> bool:  # read, holds what is read, or lies inside what is read
+            return path in refs or path in inside or any(p in refs for p in _prefixes(path))
 
         owners = set()
         for path in sorted(self.stale):
@@ -668,6 +668,12 @@ class _Folder:
     def _split(path: str) -> tuple[str, str]:
         parent, _, leaf = path.rpartition(".")
         return parent, leaf
+
+
+def _prefixes(path: str) -> list[str]:
+    """The dotted paths enclosing ``path``: ``"a.b.c"`` -> ``["a", "a.b"]``."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _copies(written: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ def fold(
     inplace: bool = False,
     include: Any = None,
     exclude: Any = None,
+    progress: Any = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of a torch model into its neighbouring conv/linear.
 
@@ -34,15 +35,17 @@ def fold(
     fallback. Returns ``(GraphModule, Report)``; the report lists each BN folded (and into
     what) and each BN kept, with the reason. ``include`` / ``exclude``: BN name globs
     (module paths like ``"layer1.*"``, or node names); BNs left out are kept, "excluded by
-    the user" (:mod:`bnfold.selection`).
+    the user" (:mod:`bnfold.selection`). ``progress(done, total)``, when given, is called as
+    each BN is settled (the CLI draws a bar with it).
     """
     from bnfold.passes.fx.fold import fold_fx
     from bnfold.programs import is_program, on_program
 
     if is_program(model):  # torch.export.ExportedProgram in, ExportedProgram out
         return on_program(fold_fx, model, example_inputs, inplace=inplace, include=include,
-                          exclude=exclude)
-    return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude)
+                          exclude=exclude, progress=progress)
+    return fold_fx(model, example_inputs, inplace=inplace, include=include, exclude=exclude,
+                   progress=progress)
 
 
 def reparameterize(
@@ -112,16 +115,19 @@ def recalibrate(
 
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
               base_dir: Any = None, max_const_elements: int | None = None,
-              include: Any = None, exclude: Any = None) -> PassResult:
+              include: Any = None, exclude: Any = None,
+              progress: Any = None) -> PassResult:
     """Fold BatchNormalization nodes of an ONNX model (ModelProto, onnx_ir.Model or path);
     ``backward=False`` folds only layer -> BN; ``base_dir``: the folder of an in-memory
     model's external data; ``max_const_elements``: the size budget of tensors computed from
-    constants; ``include`` / ``exclude``: BN name globs, as for :func:`fold`. See
+    constants; ``include`` / ``exclude``: BN name globs, as for :func:`fold`;
+    ``progress(done, total)``: called per BN settled. See
     :func:`bnfold.passes.onnx.fold.fold_onnx`."""
     from bnfold.passes.onnx.fold import fold_onnx as _fold_onnx
 
     return _fold_onnx(model, inplace=inplace, backward=backward, base_dir=base_dir,
-                      max_const_elements=max_const_elements, include=include, exclude=exclude)
+                      max_const_elements=max_const_elements, include=include, exclude=exclude,
+                      progress=progress)
 
 
 def inspect_onnx(model: Any, *, base_dir: Any = None,

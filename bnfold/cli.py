@@ -265,8 +265,9 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
         if _merge_branches(args):
             folded, report = bnfold.reparameterize_onnx(model)
         else:
-            folded, report = bnfold.fold_onnx(model, include=args.include,
-                                              exclude=args.exclude)
+            with _fold_progress(show) as update:
+                folded, report = bnfold.fold_onnx(model, include=args.include,
+                                                  exclude=args.exclude, progress=update)
     doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -288,6 +289,16 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     if show and not passed:
         print(f"validation failed: {out} not written")
     return _Outcome(OK if passed else FAILED, doc, staged, reads)
+
+
+def _fold_progress(show: bool) -> Any:
+    """A progress bar for one file's fold (stderr, terminals only, past 1 s) when ``show``;
+    else a context yielding ``None`` (no callback: folder runs draw their own bar)."""
+    if not show:
+        return contextlib.nullcontext()
+    from bnfold.render import progress_bar
+
+    return progress_bar("folding BNs")
 
 
 def _kept(reads: set[Path], src: Path, out: Path) -> set[Path]:

@@ -40,7 +40,14 @@ def fold_program(args: argparse.Namespace) -> int:
     """Fold the program in ``args.input`` (``--merge-branches``: merge branch blocks first),
     write it to ``-o``; exit code 0."""
     import bnfold
-    from bnfold.cli import OK, _check_report_path, _emit, _merge_branches, _output_path
+    from bnfold.cli import (
+        OK,
+        _check_report_path,
+        _emit,
+        _fold_progress,
+        _merge_branches,
+        _output_path,
+    )
     from bnfold.programs import load_program, save_program
 
     out = _output_path(args)
@@ -56,7 +63,9 @@ def fold_program(args: argparse.Namespace) -> int:
     if merge:
         folded, report = bnfold.reparameterize(program)
     else:
-        folded, report = bnfold.fold(program, include=args.include, exclude=args.exclude)
+        with _fold_progress(not args.json) as update:
+            folded, report = bnfold.fold(program, include=args.include, exclude=args.exclude,
+                                         progress=update)
     if not args.json:
         from bnfold.render import print_report
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,7 @@ _MAX_CHAIN = 16
 def fold_fx(
     model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
     include: Any = None, exclude: Any = None,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> PassResult:
     """Fold every exactly-foldable BN of ``model`` (``nn.Module`` or ``fx.GraphModule``).
 
@@ -121,8 +122,11 @@ def fold_fx(
     ``include`` / ``exclude``: BN name globs (:mod:`bnfold.selection`; the module path,
     ``"layer1.*"``, or the node name); a BN they leave out is kept, "excluded by the user".
     Returns ``(GraphModule, Report)`` with one entry per BN: ``folded`` (``into`` the layer,
-    ``direction`` forward/backward) or ``kept`` with the reason.
+    ``direction`` forward/backward) or ``kept`` with the reason. ``progress(done, total)``,
+    when given, is called after each BN's forward try and each backward try (``total``: the
+    BNs plus the backward tries known so far); the pass itself prints nothing.
     """
+    tick = progress or _no_progress
     select = Selection.of(include, exclude)
     gm, how, args = open_model(model, example_inputs, inplace=inplace)
     carried = None
@@ -150,11 +154,14 @@ def fold_fx(
     labels = {n: folder.affine[n].label if n in folder.affine else bn_label(gm, n)
               for n in bns}
     kinds = {n: folder.kind(n) for n in bns}
-    outcomes = {n: _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
-                for n in bns}
-    for n in bns:
-        if outcomes[n].action == "kept" and not outcomes[n].final:
-            outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
+    outcomes: dict[fx.Node, _Outcome] = {}
+    for i, n in enumerate(bns, 1):
+        outcomes[n] = _excluded(select, n, labels[n]) or folder.forward(n, labels[n])
+        tick(i, len(bns))
+    later = [n for n in bns if outcomes[n].action == "kept" and not outcomes[n].final]
+    for i, n in enumerate(later, len(bns) + 1):
+        outcomes[n] = folder.backward(n, labels[n], outcomes[n].reason or "")
+        tick(i, len(bns) + len(later))
     for n in bns:
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
@@ -168,6 +175,10 @@ def fold_fx(
             "to fold without dispatch")
     folder.cleanup()
     return PassResult(gm, report)
+
+
+def _no_progress(done: int, total: int) -> None:
+    """The default progress callback: nothing to report to."""
 
 
 @dataclass
@@ -489,6 +500,28 @@ class _Folder:
 
     # -- graph edits ------------------------------------------------------------------------
 
+    @functools.cached_property
+    def _shared(self) -> dict[int, list[Any]]:
+        """``id -> [Parameter, slots]`` for each Parameter held in more than one slot of the
+        graph module (``right.weight = left.weight``), counted once before the first write
+        and kept current by :meth:`_release_slot` (a fold's new Parameters are never shared):
+        one walk of the parameters instead of one per fold."""
+        slots: dict[int, list[Any]] = {}
+        for _, p in self.gm.named_parameters(remove_duplicate=False):
+            slots.setdefault(id(p), [p, 0])[1] += 1
+        return {k: held for k, held in slots.items() if held[1] > 1}
+
+    def _slots(self, param: torch.Tensor) -> int:
+        """How many slots of the graph module hold ``param`` (1 when not shared)."""
+        held = self._shared.get(id(param))
+        return 1 if held is None or held[0] is not param else held[1]
+
+    def _release_slot(self, param: torch.Tensor | None) -> None:
+        """A fold is about to replace one slot holding ``param``."""
+        held = self._shared.get(id(param))
+        if held is not None and held[0] is param:
+            held[1] -= 1
+
     def _write(self, layer: LayerSite, folded: Folded, bn: str) -> tuple[str, dict[str, Any]]:
         """Give ``layer`` the folded tensors; return its name now and report details.
 
@@ -522,9 +555,10 @@ class _Folder:
             owner.add_module(name, module)
             target = f"{parent}.{name}" if parent else name
             layer.node.target = target
-        tied = sum(p is module.weight for _, p in
-                   self.gm.named_parameters(remove_duplicate=False)) > 1
+        tied = self._slots(module.weight) > 1
         old_bias = module.bias if module.bias is not None else module.weight
+        self._release_slot(module.weight)
+        self._release_slot(module.bias)
         module.weight = _like(weight, module.weight)
         module.bias = _like(bias, old_bias)
         return target, {"copy_of": layer.label} if copied else (
@@ -541,6 +575,7 @@ class _Folder:
         like = fetch(self.gm, old) if isinstance(old, fx.Node) else fetch(self.gm, weight_node)
         if isinstance(old, fx.Node) and self._exclusive(old, node):
             owner, leaf = self._owner(str(old.target))
+            self._release_slot(like)
             setattr(owner, leaf, _like(value, like))
             return False
         base = str(old.target) if isinstance(old, fx.Node) else f"{weight_node.target}_{key}"
@@ -602,10 +637,10 @@ class _Folder:
                 self.stale.add(str(node.target))
                 self.graph.erase_node(node)
         refs = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        inside = {p for r in refs for p in _prefixes(r)}  # modules holding something read
 
-        def used(path: str) -> bool:
-            return any(r == path or r.startswith(path + ".") or path.startswith(r + ".")
-                       for r in refs)
+        def used(path: str) -> bool:  # read, holds what is read, or lies inside what is read
+            return path in refs or path in inside or any(p in refs for p in _prefixes(path))
 
         owners = set()
         for path in sorted(self.stale):
@@ -628,6 +663,12 @@ class _Folder:
     def _split(path: str) -> tuple[str, str]:
         parent, _, leaf = path.rpartition(".")
         return parent, leaf
+
+
+def _prefixes(path: str) -> list[str]:
+    """The dotted paths enclosing ``path``: ``"a.b.c"`` -> ``["a", "a.b"]``."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _copies(written: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ same input gives byte-identical output, and folding twice changes nothing more.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,8 @@ _NONE = Entry("", "kept")
 def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
               base_dir: str | os.PathLike[str] | None = None,
               max_const_elements: int | None = None,
-              include: Any = None, exclude: Any = None) -> PassResult:
+              include: Any = None, exclude: Any = None,
+              progress: Callable[[int, int], Any] | None = None) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -75,14 +77,16 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     :class:`bnfold.passes.onnx.consts.Constants`). A BN whose fold needs a larger one is kept,
     with the reason. ``include`` / ``exclude``: globs on the BN's node name or torch module
     path (:mod:`bnfold.selection`, :mod:`.names`); a BN they leave out is kept, "excluded by
-    the user".
+    the user". ``progress(done, total)``, when given, is called once per BN as the first
+    round settles it (``total``: the BNs of every graph); the pass itself prints nothing.
     """
     select = Selection.of(include, exclude)
     with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
-                       max_const_elements=max_const_elements, select=select)
+                       max_const_elements=max_const_elements, select=select,
+                       progress=progress)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
@@ -120,7 +124,8 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
 
 
 def _fold(model: ir.Model, pass_name: str, *, backward: bool,
-          max_const_elements: int | None, select: Selection = EVERY_BN) -> Report:
+          max_const_elements: int | None, select: Selection = EVERY_BN,
+          progress: Callable[[int, int], Any] | None = None) -> Report:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -132,10 +137,13 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
     consts = Constants(model, max_const_elements)
-    for graph in list(model.graphs()):
+    graphs = list(model.graphs())
+    tick = (_ticker(progress, sum(sum(map(_is_bn, g)) for g in graphs))
+            if progress else None)
+    for graph in graphs:
         ctx = Context(graph, opset, namer, shapes, consts)
         for _ in range(_MAX_ROUNDS):
-            if not _round(ctx, entries, backward, select):
+            if not _round(ctx, entries, backward, select, tick):
                 break
     if legacy:
         reattach_inputs(model.graph, inputs, namer)
@@ -166,17 +174,35 @@ def _function_entries(model: ir.Model) -> list[Entry]:
     return entries
 
 
+def _is_bn(node: ir.Node) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def _ticker(progress: Callable[[int, int], Any], total: int) -> Callable[[ir.Node], None]:
+    """``tick(bn)``: report ``progress(done, total)`` the first time each BN is visited."""
+    seen: set[ir.Node] = set()
+
+    def tick(bn: ir.Node) -> None:
+        if bn not in seen:
+            seen.add(bn)
+            progress(len(seen), max(total, len(seen)))
+    return tick
+
+
 def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
-           select: Selection) -> bool:
-    """One pass over the graph's BNs and BN-like affine chains; true when something folded."""
-    changed = False
-    for bn in [n for n in ctx.graph
-               if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+           select: Selection, tick: Callable[[ir.Node], None] | None = None) -> bool:
+    """One pass over the graph's BNs and BN-like affine chains; true when another round may
+    fold more: something folded and some site stayed (a fold can only enable a site that did
+    not fold yet: a BN kept, or an affine chain not BN-like on its own)."""
+    changed = unsettled = False
+    for bn in [n for n in ctx.graph if _is_bn(n)]:
+        if tick is not None:
+            tick(bn)
         if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
             continue  # removed by an earlier fold of this round, or left by a split fold
         excluded = select.refusal((display_name(bn), module_path(bn)))
         if excluded:
-            changed |= _settle(bn, excluded, ctx, entries, backward)
+            _settle(bn, excluded, ctx, entries, backward)
             continue
         value = constant_bn(bn, ctx)
         if isinstance(value, ir.Value):
@@ -187,15 +213,19 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             continue
         params = inference_params(bn, ctx.opset, ctx.consts) if value is None else value
         site = params if isinstance(params, str) else Site([bn], bn.inputs[0], params)
-        changed |= _settle(bn, site, ctx, entries, backward)
+        folded = _settle(bn, site, ctx, entries, backward)
+        changed, unsettled = changed or folded, unsettled or not folded
     for chain in affine_chains(ctx.graph, ctx.consts):
         site = affine_site(chain, ctx)
-        if site is not None:
-            head = chain[0].node
-            site = select.refusal((display_name(head), module_path(head))) or site
-            kind = chain[0].node.op_type if isinstance(site, str) else site.kind
-            changed |= _settle(chain[0].node, site, ctx, entries, backward, kind)
-    return changed
+        if site is None:
+            unsettled = True
+            continue
+        head = chain[0].node
+        site = select.refusal((display_name(head), module_path(head))) or site
+        kind = chain[0].node.op_type if isinstance(site, str) else site.kind
+        folded = _settle(chain[0].node, site, ctx, entries, backward, kind)
+        changed, unsettled = changed or folded, unsettled or not folded
+    return changed and unsettled
 
 
 def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node, Entry],

@@ -26,8 +26,15 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.algebra import BNParams, Folded, backward_fold_refusal, fold_backward
+from bnfold.algebra import (
+    BNParams,
+    Folded,
+    backward_fold_refusal,
+    fold_backward,
+    spread_features,
+)
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import ConvGeometry
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
@@ -164,16 +171,11 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
         positions = k // c
     else:
         return f"the BN input shape before {display_name(flat)} is {UNKNOWN}"
-    if k % (c * positions):
+    spread = spread_features(params, k, positions)
+    if spread is None:
         return (f"{display_name(flat)} mixes channels across rows ({k} features, "
                 f"{c} channels x {positions} positions)")
-    channel = (np.arange(k) // positions) % c
-
-    def spread(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.asarray(a).reshape(-1)[channel]
-
-    return BNParams(mean=spread(params.mean), var=spread(params.var), eps=params.eps,
-                    gamma=spread(params.gamma), beta=spread(params.beta))
+    return spread
 
 
 def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
@@ -184,30 +186,12 @@ def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
     bias = optional_bias(ctx, conv, 2)
     if isinstance(bias, str):
         return bias
-    attrs = conv.attributes
-    n = weight.ndim - 2
-    kernel = list(weight.shape[2:])
-    pads = list(attrs.get_ints("pads", [0] * (2 * n)))
-    auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [-1] * (2 * n) if any(k > 1 for k in kernel) else [0] * (2 * n)
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * n)
-    groups = attrs.get_int("group", 1)
+    geometry = conv_geometry(conv, list(weight.shape[2:]), padding_mode)
+    groups = conv.attributes.get_int("group", 1)
     try:
-        if conv.op_type == "Conv":
-            why = backward_fold_refusal("conv", params, padding=pads, padding_mode=padding_mode)
-            axes = {"in_axis": 1, "out_axis": 0}
-        else:
-            output_padding = list(attrs.get_ints("output_padding", [0] * n))
-            if "output_shape" in attrs or pads[:n] != pads[n:]:
-                output_padding = [1] * n  # not the "every output sees every tap" layout
-            why = backward_fold_refusal(
-                "conv_transpose", params, padding=pads[:n],
-                stride=list(attrs.get_ints("strides", [1] * n)),
-                dilation=list(attrs.get_ints("dilations", [1] * n)), kernel=kernel,
-                output_padding=output_padding)
-            axes = {"in_axis": 0, "out_axis": 1}
+        transposed = conv.op_type == "ConvTranspose"
+        why = backward_fold_refusal("conv_transpose" if transposed else "conv", params, geometry)
+        axes = {"in_axis": 0, "out_axis": 1} if transposed else {"in_axis": 1, "out_axis": 0}
         if why:
             return why
 
@@ -226,6 +210,26 @@ def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
                         f"{display_name(conv)}_bnfold_bias")
 
     return Fold(into=conv, direction="backward", apply=apply)
+
+
+def conv_geometry(conv: ir.Node, kernel: list[int], padding_mode: str) -> ConvGeometry:
+    """The :class:`ConvGeometry` of an ONNX Conv / ConvTranspose with spatial ``kernel``:
+    ``auto_pad`` ``VALID`` is no padding, ``SAME_*`` none with 1x1 kernels and otherwise pads
+    the runtime picks; ``output_shape`` makes ConvTranspose's output padding vary."""
+    attrs, n = conv.attributes, len(kernel)
+    pads = tuple(attrs.get_ints("pads", [0] * (2 * n)))
+    auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    begin: tuple[int, ...] | None = pads[:n]
+    end: tuple[int, ...] | None = pads[n:]
+    if auto_pad == "VALID" or (auto_pad.startswith("SAME") and all(k == 1 for k in kernel)):
+        begin = end = (0,) * n
+    elif auto_pad.startswith("SAME"):
+        begin = end = None
+    output_padding = None if "output_shape" in attrs else tuple(
+        attrs.get_ints("output_padding", [0] * n))
+    return ConvGeometry(tuple(kernel), tuple(attrs.get_ints("strides", [1] * n)),
+                        tuple(attrs.get_ints("dilations", [1] * n)), begin, end,
+                        output_padding, padding_mode)
 
 
 def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:

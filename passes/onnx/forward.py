@@ -19,7 +19,6 @@ unchanged), and the fold is exact when it ends on axis 1. The math is
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ import onnx_ir as ir
 
 from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import reshape_axis
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
@@ -134,31 +134,12 @@ def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) ->
         elif node.op_type in LAYOUT_OPS:  # (no-ops keep every axis)
             if dims_in is None or dims_out is None:
                 return f"the shape around {display_name(node)} is {UNKNOWN}"
-            mapped = _reshape_axis(dims_in, axis, dims_out)
+            mapped = reshape_axis(dims_in, axis, dims_out)
             if mapped is None:
                 return f"{display_name(node)} does not keep the layer's feature axis whole"
             axis = mapped
         value = out
     return axis
-
-
-def _reshape_axis(dims_in: list[int | None], axis: int, dims_out: list[int | None]) -> int | None:
-    """Output axis holding input ``axis`` unchanged through a row-major reshape, if any."""
-    tail = dims_in[axis:]
-    if any(d is None for d in tail):
-        return None
-    inner, size = math.prod(tail[1:]), tail[0]
-    prod = 1
-    for j in range(len(dims_out) - 1, -1, -1):
-        d = dims_out[j]
-        if d is None:
-            return None
-        if prod == inner and d == size:
-            return j
-        if prod > inner:
-            return None
-        prod *= d
-    return None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Backward fold: ``BN -> layer`` becomes ``layer'`` reading the BN's input directly.
 
 ``layer(s*x + t) = layer'(x)`` with ``W' = W * s`` on the weight's input-channel axis and
-``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`). Exact cases, checked by
-:func:`bnfold.algebra.backward_fold_refusal`:
+``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`; the input-channel axis, groups and
+exactness kind from the layer table, :mod:`.layers`). Exact cases, checked by
+:func:`bnfold.algebra.backward_fold_refusal` on the layer's :class:`bnfold.geometry.ConvGeometry`:
 
 * Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector;
   without ``C`` the shift becomes ``C`` and ``beta`` is set to 1)
@@ -34,11 +35,18 @@ from bnfold.algebra import (
     spread_features,
 )
 from bnfold.errors import UnsafeFoldError
-from bnfold.geometry import ConvGeometry
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
 from bnfold.passes.onnx.forward import remove
+from bnfold.passes.onnx.layers import (
+    LAYERS,
+    LayerKind,
+    conv_geometry,
+    is_default,
+    layer_kind,
+    reset_bias_scale,
+)
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
     Context,
@@ -79,30 +87,31 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
     padding_mode = "zeros"
-    if node.op_type == "Pad" and node.domain in ("", "ai.onnx") and index == 0:
+    if node.op_type == "Pad" and is_default(node) and index == 0:
         why = _copy_pad_refusal(node, ctx)
         if why:
             return why
         padding_mode = "reflect"
         node, index = _next(node)
-    elif node.op_type in ("Flatten", "Reshape") and node.domain in ("", "ai.onnx"):
+    elif node.op_type in ("Flatten", "Reshape") and is_default(node):
         flat = _flattened(site, node, ctx)
         if isinstance(flat, str):
             return flat
         params = flat
         node, index = _next(node)
-    if node is None or index != 0 or node.domain not in ("", "ai.onnx"):
+    if node is None or index != 0 or not is_default(node):
         return f"its output feeds {consumers_text(y)}, not the data input of a layer"
     return _layer(site, params, node, padding_mode, ctx)
 
 
 def _layer(site: Site, params: BNParams, node: ir.Node, padding_mode: str, ctx: Context
            ) -> Fold | str:
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return _conv(site, params, node, padding_mode, ctx)
-    if node.op_type in ("Gemm", "MatMul"):
-        return _dense(site, params, node, ctx)
-    return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+    kind = layer_kind(node)
+    if kind is None:
+        return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+    if kind.exactness == "linear":
+        return _dense(site, params, node, kind, ctx)
+    return _conv(site, params, node, kind, padding_mode, ctx)
 
 
 def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
@@ -111,7 +120,7 @@ def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
     folds = []
     for node, index in readers:
         fold = _layer(site, site.params, node, "zeros", ctx) if index == 0 \
-            and node.domain in ("", "ai.onnx") else "it is not the layer's data input"
+            and is_default(node) else "it is not the layer's data input"
         if isinstance(fold, str):
             return (f"its output feeds {consumers_text(site.y)}; every reader must be a "
                     f"foldable layer, but for {display_name(node)}: {fold}")
@@ -161,7 +170,7 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"
     if isinstance(weight, str) or weight.ndim != 2:
         return f"{display_name(gemm)} weight is not a constant matrix"
-    k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
+    k = weight.shape[LAYERS["Gemm"].in_axis(gemm)]
     params = site.params
     c = params.channels
     dims = ctx.dims(site.x)
@@ -178,7 +187,7 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     return spread
 
 
-def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
+def _conv(site: Site, params: BNParams, conv: ir.Node, kind: LayerKind, padding_mode: str,
           ctx: Context) -> Fold | str:
     weight = constant(ctx, conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
@@ -187,11 +196,10 @@ def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
     if isinstance(bias, str):
         return bias
     geometry = conv_geometry(conv, list(weight.shape[2:]), padding_mode)
-    groups = conv.attributes.get_int("group", 1)
+    groups = kind.groups(conv)
+    axes = {"in_axis": kind.in_axis(conv), "out_axis": kind.out_axis(conv)}
     try:
-        transposed = conv.op_type == "ConvTranspose"
-        why = backward_fold_refusal("conv_transpose" if transposed else "conv", params, geometry)
-        axes = {"in_axis": 0, "out_axis": 1} if transposed else {"in_axis": 1, "out_axis": 0}
+        why = backward_fold_refusal(kind.exactness, params, geometry)
         if why:
             return why
 
@@ -212,27 +220,8 @@ def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
     return Fold(into=conv, direction="backward", apply=apply)
 
 
-def conv_geometry(conv: ir.Node, kernel: list[int], padding_mode: str) -> ConvGeometry:
-    """The :class:`ConvGeometry` of an ONNX Conv / ConvTranspose with spatial ``kernel``:
-    ``auto_pad`` ``VALID`` is no padding, ``SAME_*`` none with 1x1 kernels and otherwise pads
-    the runtime picks; ``output_shape`` makes ConvTranspose's output padding vary."""
-    attrs, n = conv.attributes, len(kernel)
-    pads = tuple(attrs.get_ints("pads", [0] * (2 * n)))
-    auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    begin: tuple[int, ...] | None = pads[:n]
-    end: tuple[int, ...] | None = pads[n:]
-    if auto_pad == "VALID" or (auto_pad.startswith("SAME") and all(k == 1 for k in kernel)):
-        begin = end = (0,) * n
-    elif auto_pad.startswith("SAME"):
-        begin = end = None
-    output_padding = None if "output_shape" in attrs else tuple(
-        attrs.get_ints("output_padding", [0] * n))
-    return ConvGeometry(tuple(kernel), tuple(attrs.get_ints("strides", [1] * n)),
-                        tuple(attrs.get_ints("dilations", [1] * n)), begin, end,
-                        output_padding, padding_mode)
-
-
-def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
+def _dense(site: Site, params: BNParams, layer: ir.Node, kind: LayerKind, ctx: Context
+           ) -> Fold | str:
     weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
         return weight
@@ -243,13 +232,11 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
     if layer.op_type == "Gemm":
         if attrs.get_int("transA", 0):
             return f"{display_name(layer)} has transA=1: the BN channels are not its features"
-        in_axis = 1 if attrs.get_int("transB", 0) else 0
         has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
         if attrs.get_float("alpha", 1.0) != 1.0 or (has_c and attrs.get_float("beta", 1.0) != 1):
             return f"{display_name(layer)} has alpha or beta != 1 (backward fold not handled)"
         # Without C, beta multiplies nothing; the new C (the BN shift) is used with beta = 1.
     else:
-        in_axis = 0
         dims = ctx.dims(site.x)
         if dims is None:
             return f"the rank of {display_name(layer)}'s input is {UNKNOWN}"
@@ -260,12 +247,13 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
     bias = None if bias_node is None else optional_bias(ctx, bias_node, bias_index)
     if isinstance(bias, str):
         return bias
-    n_out = weight.shape[1 - in_axis]
+    in_axis, out_axis = kind.in_axis(layer), kind.out_axis(layer)
+    n_out = weight.shape[out_axis]
     if bias is not None and (bias.size not in (1, n_out) or bias.shape[-1:] not in ((1,), (n_out,))
                              or any(d != 1 for d in bias.shape[:-1])):
         return f"{display_name(layer)} bias of shape {bias.shape} is not a per-feature vector"
     def fold(w: np.ndarray) -> Folded:
-        return fold_backward(w, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
+        return fold_backward(w, bias, params, in_axis=in_axis, out_axis=out_axis)
 
     try:
         folded = fold(weight)
@@ -282,8 +270,7 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
             return
         release(ctx, bias_node, bias_index)
         set_initializer(ctx.graph, bias_node, bias_index, folded.bias, ctx.namer, base)
-        if layer.op_type == "Gemm":
-            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        reset_bias_scale(layer)
 
     return Fold(into=layer, direction="backward", apply=apply)
 

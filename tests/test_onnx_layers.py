@@ -16,7 +16,9 @@ from onnx.reference import ReferenceEvaluator
 from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward, fold_forward
 from bnfold.geometry import ConvGeometry
 from passes.onnx.layers import LAYERS, conv_geometry, is_default, layer_kind
+from tests.onnx_cases import Builder
 from tests.test_algebra import random_bn
+from tests.test_onnx_fold import check
 
 # (op, attributes, x shape, weight shape, bias shape)
 CASES = [
@@ -105,6 +107,18 @@ def test_layer_kind_is_default_domain_only() -> None:
 ])
 def test_conv_geometry_reads_the_attributes(attrs: dict, begin: tuple | None,
                                            output_padding: tuple | None) -> None:
-    g = conv_geometry(_node("ConvTranspose", attrs), [3, 3], "zeros")
+    g = conv_geometry(_node("ConvTranspose", attrs), [3, 3])
     assert g.pads_begin == begin and g.output_padding == output_padding
-    assert conv_geometry(_node("Conv", {"auto_pad": "SAME_LOWER"}), [1, 1], "zeros").unpadded()
+    assert conv_geometry(_node("Conv", {"auto_pad": "SAME_LOWER"}), [1, 1]).unpadded()
+
+
+def test_copying_pad_does_not_excuse_the_convs_own_zero_pads() -> None:
+    """``BN -> Pad(reflect) -> Conv(pads=1)``: the Pad copies BN outputs (exact), but the Conv
+    pads the shifted values with zeros, so the fold is refused (it was once folded, inexactly)."""
+    b = Builder(4)
+    b.bn("x", "n", 4)
+    pads = b.init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]), TensorProto.INT64)
+    b.node("Pad", ["n", pads], ["p"], mode="reflect")
+    b.node("Conv", ["p", b.rand("w", [6, 4, 3, 3])], ["y"], pads=[1, 1, 1, 1])
+    _, report = check(b.model({"x": [2, 4, 7, 7]}, {"y": None}), 1)
+    assert "zero-padded" in report.kept[0].reason

@@ -11,8 +11,8 @@ exactness kind from the layer table, :mod:`.layers`). Exact cases, checked by
 * Conv with zero pads (explicit, ``VALID``, or ``SAME_*`` with 1x1 kernels): exact; with
   zero padding > 0 only when the BN shift ``t`` is all zero.
 * ``BN -> Pad(mode reflect/edge/wrap, spatial axes only) -> Conv``: the pad copies BN outputs,
-  so ``pad(s*x+t) = s*pad(x)+t`` and the Pad's borders are exact; the Conv's own pads follow
-  the rule above.
+  so ``pad(s*x+t) = s*pad(x)+t`` and the Pad's borders are exact; the Conv's own pads add
+  zeros, so they follow the rule above.
 * ConvTranspose: exact when ``t == 0``, or stride 1, no output padding and
   ``pads == dilation * (kernel - 1)`` on every side.
 * ``BN -> Flatten/Reshape -> Gemm``: with ``R`` positions per channel, flattened feature
@@ -86,12 +86,10 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
         node, index = _next(node)
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
-    padding_mode = "zeros"
     if node.op_type == "Pad" and is_default(node) and index == 0:
         why = _copy_pad_refusal(node, ctx)
         if why:
             return why
-        padding_mode = "reflect"
         node, index = _next(node)
     elif node.op_type in ("Flatten", "Reshape") and is_default(node):
         flat = _flattened(site, node, ctx)
@@ -101,17 +99,16 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
         node, index = _next(node)
     if node is None or index != 0 or not is_default(node):
         return f"its output feeds {consumers_text(y)}, not the data input of a layer"
-    return _layer(site, params, node, padding_mode, ctx)
+    return _layer(site, params, node, ctx)
 
 
-def _layer(site: Site, params: BNParams, node: ir.Node, padding_mode: str, ctx: Context
-           ) -> Fold | str:
+def _layer(site: Site, params: BNParams, node: ir.Node, ctx: Context) -> Fold | str:
     kind = layer_kind(node)
     if kind is None:
         return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
     if kind.exactness == "linear":
         return _dense(site, params, node, kind, ctx)
-    return _conv(site, params, node, kind, padding_mode, ctx)
+    return _conv(site, params, node, kind, ctx)
 
 
 def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
@@ -119,7 +116,7 @@ def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
     are copied by :func:`set_initializer`), then remove the site once."""
     folds = []
     for node, index in readers:
-        fold = _layer(site, site.params, node, "zeros", ctx) if index == 0 \
+        fold = _layer(site, site.params, node, ctx) if index == 0 \
             and is_default(node) else "it is not the layer's data input"
         if isinstance(fold, str):
             return (f"its output feeds {consumers_text(site.y)}; every reader must be a "
@@ -187,15 +184,15 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     return spread
 
 
-def _conv(site: Site, params: BNParams, conv: ir.Node, kind: LayerKind, padding_mode: str,
-          ctx: Context) -> Fold | str:
+def _conv(site: Site, params: BNParams, conv: ir.Node, kind: LayerKind, ctx: Context
+          ) -> Fold | str:
     weight = constant(ctx, conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
         return weight
     bias = optional_bias(ctx, conv, 2)
     if isinstance(bias, str):
         return bias
-    geometry = conv_geometry(conv, list(weight.shape[2:]), padding_mode)
+    geometry = conv_geometry(conv, list(weight.shape[2:]))
     groups = kind.groups(conv)
     axes = {"in_axis": kind.in_axis(conv), "out_axis": kind.out_axis(conv)}
     try:

@@ -103,10 +103,11 @@ def layer_kind(node: ir.Node | None) -> LayerKind | None:
     return LAYERS.get(node.op_type)
 
 
-def conv_geometry(conv: ir.Node, kernel: list[int], padding_mode: str) -> ConvGeometry:
+def conv_geometry(conv: ir.Node, kernel: list[int]) -> ConvGeometry:
     """The :class:`ConvGeometry` of an ONNX Conv / ConvTranspose with spatial ``kernel``:
     ``auto_pad`` ``VALID`` is no padding, ``SAME_*`` none with 1x1 kernels and otherwise pads
-    the runtime picks; ``output_shape`` makes ConvTranspose's output padding vary."""
+    the runtime picks; ``output_shape`` makes ConvTranspose's output padding vary. ONNX pads
+    with zeros (a copying ``Pad`` before the layer is a separate node)."""
     attrs, n = conv.attributes, len(kernel)
     pads = tuple(attrs.get_ints("pads", [0] * (2 * n)))
     auto_pad = attrs.get_string("auto_pad", "NOTSET")
@@ -120,4 +121,4 @@ def conv_geometry(conv: ir.Node, kernel: list[int], padding_mode: str) -> ConvGe
         attrs.get_ints("output_padding", [0] * n))
     return ConvGeometry(tuple(kernel), tuple(attrs.get_ints("strides", [1] * n)),
                         tuple(attrs.get_ints("dilations", [1] * n)), begin, end,
-                        output_padding, padding_mode)
+                        output_padding)

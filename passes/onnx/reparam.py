@@ -239,7 +239,7 @@ def _conv_branch(ctx: Context, conv: ir.Node, params: Any) -> ConvBranch | str:
     auto = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto not in ("NOTSET", "VALID"):
         return f"{display_name(conv)} has auto_pad={auto} (pads depend on the input size)"
-    g = conv_geometry(conv, list(weight.shape[2:]), "zeros")
+    g = conv_geometry(conv, list(weight.shape[2:]))
     assert g.pads_begin is not None and g.pads_end is not None
     return ConvBranch(
         display_name(conv), weight, bias, g.stride, tuple(zip(g.pads_begin, g.pads_end,

@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import ConvGeometry
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -256,45 +257,28 @@ def fold_forward(
 # ---------------------------------------------------------------------------------------------
 
 def backward_fold_refusal(
-    kind: str,
-    bn: BNParams,
-    *,
-    padding: Sequence[int] = (),
-    padding_mode: str = "zeros",
-    stride: Sequence[int] = (),
-    dilation: Sequence[int] = (),
-    kernel: Sequence[int] = (),
-    output_padding: Sequence[int] = (),
+    kind: str, bn: BNParams, geometry: ConvGeometry | None = None
 ) -> str | None:
     """Return why folding ``layer(BN(x))`` into the layer is not exact, or ``None`` if it is.
 
     ``kind`` is ``"linear"``, ``"conv"`` or ``"conv_transpose"``; the conditions are those in
-    the module docstring. ``padding`` lists per-side pads (any layout; only "all zero" matters).
+    the module docstring, read off ``geometry`` (required for the conv kinds).
     """
     _, t = bn.scale_shift()
     shift_zero = bool(np.all(t == 0))
     if kind == "linear" or shift_zero:
         return None
+    if geometry is None:
+        raise ValueError(f"backward_fold_refusal({kind!r}) needs the conv geometry")
     if kind == "conv":
-        if all(p == 0 for p in padding):
-            return None
-        if padding_mode in ("reflect", "replicate", "circular"):
+        if geometry.unpadded() or geometry.copies_border():
             return None
         return (
             "BN before a zero-padded conv: the BN shift would reach the padded border, "
             "which the original graph pads with zeros (not exact)"
         )
     if kind == "conv_transpose":
-        full = (
-            all(st == 1 for st in stride)
-            and all(op == 0 for op in output_padding)
-            and len(padding) >= len(kernel)
-            and all(
-                p == d * (k - 1)
-                for p, d, k in zip(padding, dilation, kernel, strict=False)
-            )
-        )
-        if full:
+        if geometry.every_output_sees_every_tap():
             return None
         return (
             "BN before a ConvTranspose: border outputs see fewer taps, so the BN shift does "
@@ -431,6 +415,27 @@ def slice_bn(bn: BNParams, start: int, stop: int) -> BNParams:
     mean, var = cut(bn.mean), cut(bn.var)
     assert mean is not None and var is not None
     return BNParams(mean, var, bn.eps, cut(bn.gamma), cut(bn.beta))
+
+
+def spread_features(bn: BNParams, features: int, positions: int) -> BNParams | None:
+    """The per-feature BN after ``[N, C, *spatial]`` is flattened into rows of ``features``.
+
+    With ``positions = prod(spatial)`` values per channel, row-major flattening puts channel
+    ``(f // positions) % C`` at feature ``f``, so the BN is the per-feature affine map with its
+    parameters repeated that way. ``None`` when ``features`` is not a multiple of
+    ``C * positions`` (a row would mix channels at different offsets).
+    """
+    channels = bn.channels
+    if positions < 1 or features % (channels * positions):
+        return None
+    channel = (np.arange(features) // positions) % channels
+
+    def spread(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.asarray(a).reshape(-1)[channel]
+
+    mean, var = spread(bn.mean), spread(bn.var)
+    assert mean is not None and var is not None
+    return BNParams(mean, var, bn.eps, spread(bn.gamma), spread(bn.beta))
 
 
 def split_sum(bn: BNParams, summands: int) -> list[BNParams]:

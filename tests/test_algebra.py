@@ -22,6 +22,7 @@ from bnfold.algebra import (
     round_to,
 )
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import ConvGeometry
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -128,7 +129,8 @@ def test_backward_conv(dims: int, groups: int, padding: int, mode: str) -> None:
     w = rng.normal(size=(cout, cin // groups, *([k] * dims)))
     b = rng.normal(size=cout)
     bn = random_bn(cin, rng)
-    assert backward_fold_refusal("conv", bn, padding=[padding] * dims, padding_mode=mode) is None
+    geometry = ConvGeometry.symmetric([k] * dims, [padding] * dims, padding_mode=mode)
+    assert backward_fold_refusal("conv", bn, geometry) is None
     x = torch.randn(2, cin, *([6] * dims), dtype=torch.float64)
 
     def conv(inp: torch.Tensor, wt: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
@@ -146,12 +148,13 @@ def test_backward_conv(dims: int, groups: int, padding: int, mode: str) -> None:
 def test_backward_zero_padded_conv_is_refused_unless_shift_is_zero() -> None:
     rng = np.random.default_rng(0)
     bn = random_bn(4, rng)
-    reason = backward_fold_refusal("conv", bn, padding=[1, 1], padding_mode="zeros")
+    padded = ConvGeometry.symmetric([3, 3], [1, 1])
+    reason = backward_fold_refusal("conv", bn, padded)
     assert reason and "padded border" in reason
     s, _ = bn.scale_shift()
     zero_shift = BNParams(mean=np.zeros(4), var=bn.var, eps=bn.eps, gamma=bn.gamma,
                           beta=np.zeros(4))
-    assert backward_fold_refusal("conv", zero_shift, padding=[1, 1]) is None
+    assert backward_fold_refusal("conv", zero_shift, padded) is None
     assert s.shape == (4,)
 
 
@@ -162,10 +165,12 @@ def test_backward_conv_transpose_full_coverage(groups: int) -> None:
     w = rng.normal(size=(cin, cout // groups, k, k))
     b = rng.normal(size=cout)
     bn = random_bn(cin, rng)
-    ok = dict(padding=[2, 2], stride=[1, 1], dilation=[1, 1], kernel=[k, k], output_padding=[0, 0])
-    assert backward_fold_refusal("conv_transpose", bn, **ok) is None
-    bad = dict(ok, stride=[2, 2])
-    assert backward_fold_refusal("conv_transpose", bn, **bad)
+    ok = ConvGeometry.symmetric([k, k], [2, 2])
+    assert backward_fold_refusal("conv_transpose", bn, ok) is None
+    for bad in (ConvGeometry.symmetric([k, k], [2, 2], stride=[2, 2]),
+                ConvGeometry.symmetric([k, k], [2, 2], output_padding=None),
+                ConvGeometry((k, k), (1, 1), (1, 1), (2, 2), (2, 1), (0, 0))):
+        assert backward_fold_refusal("conv_transpose", bn, bad)
     x = torch.randn(2, cin, 7, 7, dtype=torch.float64)
     ref = F.conv_transpose2d(bn_ref(x, bn), t64(w), t64(b), padding=2, groups=groups)
     f = fold_backward(w, b, bn, in_axis=0, out_axis=1, groups=groups)

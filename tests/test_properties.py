@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfold
 from bnfold.algebra import BNParams, backward_fold_refusal, fold_backward, fold_forward
+from bnfold.geometry import ConvGeometry
 from bnfold.models.stats import randomize_bn_stats
 from bnfold.passes.fx.dispatch import RankDispatch
 
@@ -341,9 +342,9 @@ def test_fx_backward_fold_matches_refusal(g: Geometry, bn_cfg: dict[str, Any],
     if functional_layer and g.padding_mode == "zeros":
         layer = FunctionalLayer(layer, g)
     model = nn.Sequential(ACTIVATIONS[act](), bn, layer)
-    refusal = backward_fold_refusal(
-        g.kind, bn_params(bn), padding=g.pads(), padding_mode=g.padding_mode, stride=g.stride,
-        dilation=g.dilation, kernel=g.kernel, output_padding=g.output_padding)
+    refusal = backward_fold_refusal(g.kind, bn_params(bn), ConvGeometry.symmetric(
+        g.kernel, g.pads(), padding_mode=g.padding_mode, stride=g.stride, dilation=g.dilation,
+        output_padding=g.output_padding))
     gm, report, err = fold_and_compare(model, g, bn_cfg["seed"])
     (entry,) = report.entries
     event(f"{g.kind} {entry.action}")

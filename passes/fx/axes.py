@@ -15,13 +15,13 @@ rejects, and a reason string when the feature axis is lost or cannot be followed
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from bnfold.geometry import reshape_axis
 from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
 from bnfold.passes.fx.trace import shape_of
 
@@ -139,11 +139,9 @@ def permutation(gm: fx.GraphModule, node: fx.Node, op: str, rank: int) -> list[i
 def _reshape_by_shapes(
     in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int
 ) -> Step:
-    pre, size = math.prod(in_shape[:axis]), in_shape[axis]
-    for b, out in enumerate(out_shape):
-        if math.prod(out_shape[:b]) == pre and out == size:
-            return (len(out_shape), b)
-    return "a reshape merges or splits the layer's feature axis"
+    b = reshape_axis(in_shape, axis, out_shape)
+    return "a reshape merges or splits the layer's feature axis" if b is None \
+        else (len(out_shape), b)
 
 
 def _reshape_by_rank(gm: fx.GraphModule, node: fx.Node, op: str, rank: int, axis: int) -> Step:

@@ -70,6 +70,7 @@ from bnfold.algebra import (
     fold_forward,
 )
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
@@ -355,10 +356,11 @@ class _Folder:
             try:  # both the exactness check and the fold read the BN's statistics
                 if why is None:
                     why = backward_fold_refusal(
-                        layer.kind, site.params, padding=layer.padding,
-                        padding_mode=layer.padding_mode, stride=layer.stride,
-                        dilation=layer.dilation, kernel=tuple(layer.weight.shape[2:]),
-                        output_padding=layer.output_padding,
+                        layer.kind, site.params, ConvGeometry.symmetric(
+                            tuple(layer.weight.shape[2:]), layer.padding, stride=layer.stride,
+                            dilation=layer.dilation, padding_mode=layer.padding_mode,
+                            output_padding=None if any(p < 0 for p in layer.output_padding)
+                            else layer.output_padding),
                     ) or self._dtype_refusal(site, layer)
                 if not why:
                     plans.append((layer, fold_backward(

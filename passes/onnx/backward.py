@@ -1,8 +1,9 @@
 """Backward fold: ``BN -> layer`` becomes ``layer'`` reading the BN's input directly.
 
 ``layer(s*x + t) = layer'(x)`` with ``W' = W * s`` on the weight's input-channel axis and
-``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`). Exact cases, checked by
-:func:`bnfold.algebra.backward_fold_refusal`:
+``b' = b + W (*) t`` (:func:`bnfold.algebra.fold_backward`; the input-channel axis, groups and
+exactness kind from the layer table, :mod:`.layers`). Exact cases, checked by
+:func:`bnfold.algebra.backward_fold_refusal` on the layer's :class:`bnfold.geometry.ConvGeometry`:
 
 * Gemm (``transA=0``, ``alpha = 1``, and ``beta = 1`` when ``C`` is present; ``C`` a vector;
   without ``C`` the shift becomes ``C`` and ``beta`` is set to 1)
@@ -10,8 +11,8 @@
 * Conv with zero pads (explicit, ``VALID``, or ``SAME_*`` with 1x1 kernels): exact; with
   zero padding > 0 only when the BN shift ``t`` is all zero.
 * ``BN -> Pad(mode reflect/edge/wrap, spatial axes only) -> Conv``: the pad copies BN outputs,
-  so ``pad(s*x+t) = s*pad(x)+t`` and the Pad's borders are exact; the Conv's own pads follow
-  the rule above.
+  so ``pad(s*x+t) = s*pad(x)+t`` and the Pad's borders are exact; the Conv's own pads add
+  zeros, so they follow the rule above.
 * ConvTranspose: exact when ``t == 0``, or stride 1, no output padding and
   ``pads == dilation * (kernel - 1)`` on every side.
 * ``BN -> Flatten/Reshape -> Gemm``: with ``R`` positions per channel, flattened feature
@@ -26,12 +27,26 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.algebra import BNParams, Folded, backward_fold_refusal, fold_backward
+from bnfold.algebra import (
+    BNParams,
+    Folded,
+    backward_fold_refusal,
+    fold_backward,
+    spread_features,
+)
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
 from bnfold.passes.onnx.forward import remove
+from bnfold.passes.onnx.layers import (
+    LAYERS,
+    LayerKind,
+    conv_geometry,
+    is_default,
+    layer_kind,
+    reset_bias_scale,
+)
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
     Context,
@@ -71,31 +86,29 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
         node, index = _next(node)
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
-    padding_mode = "zeros"
-    if node.op_type == "Pad" and node.domain in ("", "ai.onnx") and index == 0:
+    if node.op_type == "Pad" and is_default(node) and index == 0:
         why = _copy_pad_refusal(node, ctx)
         if why:
             return why
-        padding_mode = "reflect"
         node, index = _next(node)
-    elif node.op_type in ("Flatten", "Reshape") and node.domain in ("", "ai.onnx"):
+    elif node.op_type in ("Flatten", "Reshape") and is_default(node):
         flat = _flattened(site, node, ctx)
         if isinstance(flat, str):
             return flat
         params = flat
         node, index = _next(node)
-    if node is None or index != 0 or node.domain not in ("", "ai.onnx"):
+    if node is None or index != 0 or not is_default(node):
         return f"its output feeds {consumers_text(y)}, not the data input of a layer"
-    return _layer(site, params, node, padding_mode, ctx)
+    return _layer(site, params, node, ctx)
 
 
-def _layer(site: Site, params: BNParams, node: ir.Node, padding_mode: str, ctx: Context
-           ) -> Fold | str:
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return _conv(site, params, node, padding_mode, ctx)
-    if node.op_type in ("Gemm", "MatMul"):
-        return _dense(site, params, node, ctx)
-    return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+def _layer(site: Site, params: BNParams, node: ir.Node, ctx: Context) -> Fold | str:
+    kind = layer_kind(node)
+    if kind is None:
+        return f"its output feeds {display_name(node)} ({node.op_type}), not a foldable layer"
+    if kind.exactness == "linear":
+        return _dense(site, params, node, kind, ctx)
+    return _conv(site, params, node, kind, ctx)
 
 
 def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
@@ -103,8 +116,8 @@ def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
     are copied by :func:`set_initializer`), then remove the site once."""
     folds = []
     for node, index in readers:
-        fold = _layer(site, site.params, node, "zeros", ctx) if index == 0 \
-            and node.domain in ("", "ai.onnx") else "it is not the layer's data input"
+        fold = _layer(site, site.params, node, ctx) if index == 0 \
+            and is_default(node) else "it is not the layer's data input"
         if isinstance(fold, str):
             return (f"its output feeds {consumers_text(site.y)}; every reader must be a "
                     f"foldable layer, but for {display_name(node)}: {fold}")
@@ -154,7 +167,7 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"
     if isinstance(weight, str) or weight.ndim != 2:
         return f"{display_name(gemm)} weight is not a constant matrix"
-    k = weight.shape[1 if gemm.attributes.get_int("transB", 0) else 0]
+    k = weight.shape[LAYERS["Gemm"].in_axis(gemm)]
     params = site.params
     c = params.channels
     dims = ctx.dims(site.x)
@@ -164,50 +177,26 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
         positions = k // c
     else:
         return f"the BN input shape before {display_name(flat)} is {UNKNOWN}"
-    if k % (c * positions):
+    spread = spread_features(params, k, positions)
+    if spread is None:
         return (f"{display_name(flat)} mixes channels across rows ({k} features, "
                 f"{c} channels x {positions} positions)")
-    channel = (np.arange(k) // positions) % c
-
-    def spread(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.asarray(a).reshape(-1)[channel]
-
-    return BNParams(mean=spread(params.mean), var=spread(params.var), eps=params.eps,
-                    gamma=spread(params.gamma), beta=spread(params.beta))
+    return spread
 
 
-def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
-          ctx: Context) -> Fold | str:
+def _conv(site: Site, params: BNParams, conv: ir.Node, kind: LayerKind, ctx: Context
+          ) -> Fold | str:
     weight = constant(ctx, conv.inputs[1], "weight", conv)
     if isinstance(weight, str):
         return weight
     bias = optional_bias(ctx, conv, 2)
     if isinstance(bias, str):
         return bias
-    attrs = conv.attributes
-    n = weight.ndim - 2
-    kernel = list(weight.shape[2:])
-    pads = list(attrs.get_ints("pads", [0] * (2 * n)))
-    auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [-1] * (2 * n) if any(k > 1 for k in kernel) else [0] * (2 * n)
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * n)
-    groups = attrs.get_int("group", 1)
+    geometry = conv_geometry(conv, list(weight.shape[2:]))
+    groups = kind.groups(conv)
+    axes = {"in_axis": kind.in_axis(conv), "out_axis": kind.out_axis(conv)}
     try:
-        if conv.op_type == "Conv":
-            why = backward_fold_refusal("conv", params, padding=pads, padding_mode=padding_mode)
-            axes = {"in_axis": 1, "out_axis": 0}
-        else:
-            output_padding = list(attrs.get_ints("output_padding", [0] * n))
-            if "output_shape" in attrs or pads[:n] != pads[n:]:
-                output_padding = [1] * n  # not the "every output sees every tap" layout
-            why = backward_fold_refusal(
-                "conv_transpose", params, padding=pads[:n],
-                stride=list(attrs.get_ints("strides", [1] * n)),
-                dilation=list(attrs.get_ints("dilations", [1] * n)), kernel=kernel,
-                output_padding=output_padding)
-            axes = {"in_axis": 0, "out_axis": 1}
+        why = backward_fold_refusal(kind.exactness, params, geometry)
         if why:
             return why
 
@@ -228,7 +217,8 @@ def _conv(site: Site, params: BNParams, conv: ir.Node, padding_mode: str,
     return Fold(into=conv, direction="backward", apply=apply)
 
 
-def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold | str:
+def _dense(site: Site, params: BNParams, layer: ir.Node, kind: LayerKind, ctx: Context
+           ) -> Fold | str:
     weight = constant(ctx, layer.inputs[1], "weight", layer)
     if isinstance(weight, str):
         return weight
@@ -239,13 +229,11 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
     if layer.op_type == "Gemm":
         if attrs.get_int("transA", 0):
             return f"{display_name(layer)} has transA=1: the BN channels are not its features"
-        in_axis = 1 if attrs.get_int("transB", 0) else 0
         has_c = len(layer.inputs) > 2 and layer.inputs[2] is not None
         if attrs.get_float("alpha", 1.0) != 1.0 or (has_c and attrs.get_float("beta", 1.0) != 1):
             return f"{display_name(layer)} has alpha or beta != 1 (backward fold not handled)"
         # Without C, beta multiplies nothing; the new C (the BN shift) is used with beta = 1.
     else:
-        in_axis = 0
         dims = ctx.dims(site.x)
         if dims is None:
             return f"the rank of {display_name(layer)}'s input is {UNKNOWN}"
@@ -256,12 +244,13 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
     bias = None if bias_node is None else optional_bias(ctx, bias_node, bias_index)
     if isinstance(bias, str):
         return bias
-    n_out = weight.shape[1 - in_axis]
+    in_axis, out_axis = kind.in_axis(layer), kind.out_axis(layer)
+    n_out = weight.shape[out_axis]
     if bias is not None and (bias.size not in (1, n_out) or bias.shape[-1:] not in ((1,), (n_out,))
                              or any(d != 1 for d in bias.shape[:-1])):
         return f"{display_name(layer)} bias of shape {bias.shape} is not a per-feature vector"
     def fold(w: np.ndarray) -> Folded:
-        return fold_backward(w, bias, params, in_axis=in_axis, out_axis=1 - in_axis)
+        return fold_backward(w, bias, params, in_axis=in_axis, out_axis=out_axis)
 
     try:
         folded = fold(weight)
@@ -278,8 +267,7 @@ def _dense(site: Site, params: BNParams, layer: ir.Node, ctx: Context) -> Fold |
             return
         release(ctx, bias_node, bias_index)
         set_initializer(ctx.graph, bias_node, bias_index, folded.bias, ctx.namer, base)
-        if layer.op_type == "Gemm":
-            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        reset_bias_scale(layer)
 
     return Fold(into=layer, direction="backward", apply=apply)
 

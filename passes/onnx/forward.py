@@ -1,6 +1,7 @@
 """Forward fold: ``layer -> [layout ops] -> BN`` becomes ``layer' -> [layout ops]``.
 
-The layer's output channel must land on the BN's channel axis (axis 1):
+The layer's output channel must land on the BN's channel axis (axis 1); which weight axis
+holds it, the groups and the bias (scale) come from the layer table (:mod:`.layers`):
 
 * Conv ``W[Cout, Cin/g, k..]``: channel axis 1 of the output, weight axis 0.
 * ConvTranspose ``W[Cin, Cout/g, k..]``: channel axis 1, weight axis 1 grouped by ``group``.
@@ -19,7 +20,6 @@ unchanged), and the fold is exact when it ends on axis 1. The math is
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,15 +27,16 @@ import onnx_ir as ir
 
 from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
+from bnfold.geometry import reshape_axis
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
+from bnfold.passes.onnx.layers import LAYERS, is_default, layer_kind, reset_bias_scale
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import (
     Context,
     Fold,
     constant,
-    conv_tensors,
     optional_bias,
     release,
     sole_reader,
@@ -73,7 +74,7 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
         shared = bool(why) and not chain and _only_bns_read(node, ctx)
         if why and not shared:
             return why
-        if (node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS) \
+        if (is_default(node) and node.op_type in LAYOUT_OPS) \
                 or is_noop(node, ctx):
             chain.insert(0, node)
             reader = node
@@ -82,7 +83,7 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
             continue
         break
     layer = node
-    if layer.domain not in ("", "ai.onnx"):
+    if not is_default(layer):
         return f"its input comes from {display_name(layer)} ({layer.op_type}), not a layer"
     rule = _RULES.get(layer.op_type)
     if rule is None:
@@ -99,8 +100,9 @@ def _only_bns_read(layer: ir.Node, ctx: Context) -> bool:
     merges identical layers that each had their own BN): each BN can fold into its own copy
     of the layer."""
     out = layer.outputs[0]
-    return (layer.op_type in ("Conv", "ConvTranspose", "Gemm") and not out.is_graph_output()
-            and all(u.node.op_type == "BatchNormalization" and u.node.domain in ("", "ai.onnx")
+    kind = layer_kind(layer)
+    return (kind is not None and kind.bias_index is not None and not out.is_graph_output()
+            and all(u.node.op_type == "BatchNormalization" and is_default(u.node)
                     and u.idx == 0
                     and not isinstance(inference_params(u.node, ctx.opset, ctx.consts), str)
                     for u in data_uses(out)))
@@ -134,31 +136,12 @@ def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) ->
         elif node.op_type in LAYOUT_OPS:  # (no-ops keep every axis)
             if dims_in is None or dims_out is None:
                 return f"the shape around {display_name(node)} is {UNKNOWN}"
-            mapped = _reshape_axis(dims_in, axis, dims_out)
+            mapped = reshape_axis(dims_in, axis, dims_out)
             if mapped is None:
                 return f"{display_name(node)} does not keep the layer's feature axis whole"
             axis = mapped
         value = out
     return axis
-
-
-def _reshape_axis(dims_in: list[int | None], axis: int, dims_out: list[int | None]) -> int | None:
-    """Output axis holding input ``axis`` unchanged through a row-major reshape, if any."""
-    tail = dims_in[axis:]
-    if any(d is None for d in tail):
-        return None
-    inner, size = math.prod(tail[1:]), tail[0]
-    prod = 1
-    for j in range(len(dims_out) - 1, -1, -1):
-        d = dims_out[j]
-        if d is None:
-            return None
-        if prod == inner and d == size:
-            return j
-        if prod > inner:
-            return None
-        prod *= d
-    return None
 
 
 @dataclass(frozen=True)
@@ -208,37 +191,28 @@ def _finish(site: Site, chain: list[ir.Node], ctx: Context, plan: _Plan) -> Fold
             release(ctx, plan.bias_node, plan.bias_index)
             set_initializer(ctx.graph, plan.bias_node, plan.bias_index, folded.bias,
                             ctx.namer, f"{base}_bnfold_bias")
-        if layer.op_type == "Gemm":
-            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        reset_bias_scale(layer)
         release(ctx, layer, 1)
         set_initializer(ctx.graph, layer, 1, weight, ctx.namer, f"{base}_bnfold_weight")
 
     return Fold(into=layer, direction="forward", apply=apply)
 
 
-def _conv(site: Site, layer: ir.Node, chain: list[ir.Node],
-          ctx: Context) -> Fold | str:
-    tensors = conv_tensors(ctx, layer)
-    if isinstance(tensors, str):
-        return tensors
-    weight, bias = tensors
-    transpose = layer.op_type == "ConvTranspose"
-    groups = layer.attributes.get_int("group", 1)
-    plan = _Plan(layer, layer, 1, weight, 1 if transpose else 0, groups, bias, layer)
-    return _finish(site, chain, ctx, plan)
-
-
-def _gemm(site: Site, layer: ir.Node, chain: list[ir.Node],
-          ctx: Context) -> Fold | str:
-    weight = constant(ctx, layer.inputs[1], "weight (B)", layer)
+def _weighted(site: Site, layer: ir.Node, chain: list[ir.Node],
+              ctx: Context) -> Fold | str:
+    """Conv / ConvTranspose / Gemm: weight input 1, bias input 2, axes from the layer table."""
+    kind = LAYERS[layer.op_type]
+    weight = constant(ctx, layer.inputs[1] if len(layer.inputs) > 1 else None,
+                      kind.weight_label, layer)
     if isinstance(weight, str):
         return weight
-    bias = optional_bias(ctx, layer, 2)
+    index = kind.bias_index
+    assert index is not None
+    bias = optional_bias(ctx, layer, index)
     if isinstance(bias, str):
         return bias
-    out_axis = 0 if layer.attributes.get_int("transB", 0) else 1
-    beta = layer.attributes.get_float("beta", 1.0)
-    plan = _Plan(layer, layer, 1, weight, out_axis, 1, bias, layer, bias_scale=beta)
+    plan = _Plan(layer, layer, 1, weight, kind.out_axis(layer), kind.groups(layer), bias, layer,
+                 index, kind.bias_scale(layer))
     return _finish(site, chain, ctx, plan)
 
 
@@ -259,8 +233,8 @@ def _matmul(site: Site, layer: ir.Node, chain: list[ir.Node],
     # Through an Add the feature axis is still the last one (broadcasting aligns trailing
     # axes), but a bias of higher rank adds leading axes; the chain starts after the Add.
     top_rank = rank if bias is None else max(rank, bias.ndim)
-    plan = _Plan(layer, bias_node or layer, top_rank - 1, weight, 1, 1, bias, bias_node,
-                 bias_index)
+    plan = _Plan(layer, bias_node or layer, top_rank - 1, weight, LAYERS["MatMul"].out_axis(layer),
+                 1, bias, bias_node, bias_index)
     return _finish(site, chain, ctx, plan)
 
 
@@ -280,7 +254,7 @@ def _add(site: Site, layer: ir.Node, chain: list[ir.Node],
         if mm_out is None or other is None:
             continue
         mm = mm_out.producer()
-        if mm is None or mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+        if mm is None or mm.op_type != "MatMul" or not is_default(mm):
             continue
         why = sole_reader(mm_out, display_name(mm), layer)
         if why:
@@ -293,5 +267,5 @@ def _add(site: Site, layer: ir.Node, chain: list[ir.Node],
 
 
 
-_RULES = {"Conv": _conv, "ConvTranspose": _conv, "Gemm": _gemm, "MatMul": _matmul,
+_RULES = {"Conv": _weighted, "ConvTranspose": _weighted, "Gemm": _weighted, "MatMul": _matmul,
           "Add": _add}

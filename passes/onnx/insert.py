@@ -53,9 +53,10 @@ from bnfold.passes.insert_policy import (
     skip_reason,
 )
 from bnfold.passes.onnx.consts import Namer, const_tensor
+from bnfold.passes.onnx.layers import LAYERS, layer_kind
 from bnfold.report import Entry, PassResult, Report
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LAYER_OPS = tuple(LAYERS)
 ACTIVATION_OPS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu",
                   "HardSigmoid", "HardSwish", "Mish", "Softplus", "Softsign", "Clip",
                   "ThresholdedRelu"}
@@ -115,7 +116,7 @@ def insert_bn_onnx(
     if opset is None or opset < _MIN_OPSET:
         raise UnsupportedError(f"ONNX opset {opset} is not supported (need {_MIN_OPSET} or newer)")
     graph = out.graph
-    layers = [n for n in graph if n.op_type in LAYER_OPS and n.domain in ("", "ai.onnx")]
+    layers = [n for n in graph if layer_kind(n) is not None]
     if not layers:
         raise BadInputError(
             "the graph has no Conv, ConvTranspose, Gemm or MatMul node to insert BatchNorm after"
@@ -221,18 +222,9 @@ def _plan(node: ir.Node, position: str) -> _Plan | str:
         return "MatMul weight (second input) is not a constant"
     if shape is None:
         return "weight shape unknown: channel count unknown"
-    if node.op_type == "Conv":
-        channels = shape[0]
-    elif node.op_type == "ConvTranspose":
-        group = node.attributes.get("group")
-        channels = shape[1] * (group.as_int() if group is not None else 1)
-    elif node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        channels = shape[0] if trans_b is not None and trans_b.as_int() else shape[1]
-    else:
-        if len(shape) != 2:
-            return f"MatMul weight has rank {len(shape)}, not [K, C]"
-        channels = shape[1]
+    if node.op_type == "MatMul" and len(shape) != 2:
+        return f"MatMul weight has rank {len(shape)}, not [K, C]"
+    channels = LAYERS[node.op_type].channels(node, shape)
     y = _layer_output(node)
     anchor = y.producer()
     assert anchor is not None
@@ -330,22 +322,23 @@ def _drop_bias(layer: ir.Node, plan: _Plan, entry: Entry, opset: int) -> None:
 
 
 def _drop_bias_reason(layer: ir.Node, plan: _Plan, opset: int) -> str | None:
-    if layer.op_type == "MatMul":
-        return "kept: a MatMul bias is a separate Add"
+    index = LAYERS[layer.op_type].bias_index
+    if index is None:
+        return f"kept: a {layer.op_type} bias is a separate Add"
     if plan.anchor is not layer:
         return "kept: an activation sits between the layer and its BN"
-    if len(layer.inputs) < 3 or layer.inputs[2] is None:
+    if len(layer.inputs) <= index or layer.inputs[index] is None:
         return "none (the layer has no bias)"
     if layer.op_type == "Gemm" and opset < 11:
         return "kept: Gemm's C input is required before opset 11"
-    bias = layer.inputs[2]
+    bias = layer.inputs[index]
     if not bias.is_initializer() or len(bias.uses()) != 1:
         return "kept: the bias is not an initializer read by this layer only"
     if layer.op_type == "Gemm":
         beta = layer.attributes.get("beta")
         if beta is not None and beta.as_float() == 0.0:
             return "none (Gemm beta is 0)"
-    layer.resize_inputs(2)
+    layer.resize_inputs(index)
     graph = layer.graph
     assert graph is not None
     del graph.initializers[bias.name]

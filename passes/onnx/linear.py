@@ -23,6 +23,7 @@ from bnfold.algebra import BNParams, round_to, slice_bn, split_sum
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import make_tensor
 from bnfold.passes.onnx.forward import layer_fold, remove
+from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import Context, Fold, sole_reader
 from bnfold.passes.onnx.shapes import UNKNOWN
@@ -37,7 +38,7 @@ def structure_fold(site: Site, ctx: Context) -> Fold | str | None:
         reader, value = node, node.inputs[0]
         assert value is not None
         node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") \
+    if node is None or not is_default(node) \
             or node.op_type not in ("Add", "Concat"):
         return None
     if node.op_type == "Add" and any(v is None or ctx.consts.is_constant(v)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.rules import Context
 
 
 def is_noop(node: ir.Node, ctx: Context) -> bool:
     """Whether ``node`` passes its first input to its first output unchanged."""
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default(node):
         return False
     if node.op_type == "Identity":
         return True

@@ -26,6 +26,7 @@ from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
 from bnfold.passes.onnx.edit import prune
 from bnfold.passes.onnx.fold import _fold, _working_copy
+from bnfold.passes.onnx.layers import LAYERS, conv_geometry, is_default
 from bnfold.passes.onnx.rules import Context, conv_tensors
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import PassResult, Report
@@ -73,7 +74,7 @@ def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
 
 
 def _is_add(node: ir.Node) -> bool:
-    return node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+    return node.op_type == "Add" and is_default(node) and len(node.inputs) == 2
 
 
 def _inner_add(node: ir.Node) -> bool:
@@ -149,7 +150,7 @@ class _Block:
             ["the graph output"] if v.is_graph_output() else []))
         leaf.add(v, AffineBranch(str(v.name)))
         node = v.producer()
-        if node is None or node.domain not in ("", "ai.onnx"):
+        if node is None or not is_default(node):
             return leaf
         if node.op_type == "BatchNormalization":
             x = node.inputs[0]
@@ -160,7 +161,7 @@ class _Block:
                 return leaf
             leaf.add(x, AffineBranch(display_name(node), bn=params), [node], [node])
             conv = x.producer()
-            if conv is not None and conv.op_type == "Conv" and conv.domain in ("", "ai.onnx"):
+            if conv is not None and conv.op_type == "Conv" and is_default(conv):
                 self._conv_option(leaf, conv, node, params)
         elif node.op_type == "Conv":
             self._conv_option(leaf, node, None, None)
@@ -235,17 +236,15 @@ def _conv_branch(ctx: Context, conv: ir.Node, params: Any) -> ConvBranch | str:
         bias = None  # a zero bias of any shape (torch's 3-D export writes [Cout, 2]) adds nothing
     if bias is not None and bias.shape != weight.shape[:1]:
         return f"{display_name(conv)} bias has shape {list(bias.shape)}, not [{weight.shape[0]}]"
-    attrs = conv.attributes
-    n = weight.ndim - 2
-    auto = attrs.get_string("auto_pad", "NOTSET")
+    auto = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto not in ("NOTSET", "VALID"):
         return f"{display_name(conv)} has auto_pad={auto} (pads depend on the input size)"
-    pads = list(attrs.get_ints("pads", [0] * 2 * n)) if auto == "NOTSET" else [0] * 2 * n
+    g = conv_geometry(conv, list(weight.shape[2:]))
+    assert g.pads_begin is not None and g.pads_end is not None
     return ConvBranch(
-        display_name(conv), weight, bias, tuple(attrs.get_ints("strides", [1] * n)),
-        tuple((pads[i], pads[i + n]) for i in range(n)),
-        tuple(attrs.get_ints("dilations", [1] * n)), attrs.get_int("group", 1), "zeros",
-        params)
+        display_name(conv), weight, bias, g.stride, tuple(zip(g.pads_begin, g.pads_end,
+                                                             strict=True)),
+        g.dilation, LAYERS["Conv"].groups(conv), g.padding_mode, params)
 
 
 def _scale_refusal(branches: Sequence[Branch]) -> str | None:

@@ -29,6 +29,7 @@ from bnfold.algebra import BNParams, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import Constants, data_uses
+from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.rules import Context
 from bnfold.passes.onnx.shapes import UNKNOWN
 
@@ -77,7 +78,7 @@ class _Step:
 
 
 def _step(node: ir.Node, consts: Constants) -> _Step | None:
-    if node.op_type not in _AFFINE_OPS or node.domain not in ("", "ai.onnx") \
+    if node.op_type not in _AFFINE_OPS or not is_default(node) \
             or len(node.inputs) != 2 or None in node.inputs:
         return None
     a, b = node.inputs

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import const_tensor
+from bnfold.passes.onnx.layers import is_default
 
 _BN_PARAMS = ("scale", "B", "mean", "var")
 
@@ -30,7 +31,7 @@ def check_graphs(model: ir.Model) -> None:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     for graph in model.graphs():
         for node in graph:
-            if node.domain not in ("", "ai.onnx"):
+            if not is_default(node):
                 continue
             check = _CHECKS.get(node.op_type)
             problem = check(node, opset) if check else None
@@ -84,7 +85,7 @@ def _channels(x: ir.Value | None) -> int | None:
     if shape is not None and len(shape) > 1 and shape[1] is not None:
         return shape[1]
     node = x.producer() if x is not None else None
-    if node is None or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    if node is None or not is_default(node) or len(node.inputs) < 2:
         return None
     weight = _shape(node.inputs[1])
     if node.op_type == "Conv" and weight and len(weight) >= 3:

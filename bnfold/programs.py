@@ -18,6 +18,7 @@ for quantization-aware training). A program that was lowered to core ATen
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Callable
@@ -71,6 +72,22 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
     report.notes.append("ExportedProgram in, ExportedProgram out (exported again on the "
                         "program's example inputs, with its dynamic dims)")
     return PassResult(new, report)
+
+
+def also_on_programs(fx_pass: Callable[..., PassResult], name: str) -> Callable[..., PassResult]:
+    """``fx_pass`` under the public ``name``, also taking an ``ExportedProgram`` as its model
+    (then through :func:`on_program`); signature, return type and docstring are ``fx_pass``'s."""
+
+    @functools.wraps(fx_pass)
+    def run(model: Any, *args: Any, **kwargs: Any) -> PassResult:
+        if is_program(model):  # torch.export.ExportedProgram in, ExportedProgram out
+            return on_program(fx_pass, model, *args, **kwargs)
+        return fx_pass(model, *args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = (f"{(fx_pass.__doc__ or '').rstrip()}\n\n    A ``torch.export.ExportedProgram`` "
+                   "model gives an ``ExportedProgram`` (see :mod:`bnfold.programs`).\n")
+    return run
 
 
 def _example_inputs(program: ExportedProgram, given: Any

@@ -10,6 +10,7 @@ from bnfold.errors import (
     UnsafeFoldError,
     UnsupportedError,
     UntraceableError,
+    ValidationFailedError,
 )
 from bnfold.report import Entry, PassResult, Report
 
@@ -27,6 +28,7 @@ __all__ = [
     "UnsafeFoldError",
     "UnsupportedError",
     "UntraceableError",
+    "ValidationFailedError",
     "__version__",
     "export",
     "fold",

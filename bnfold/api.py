@@ -1,7 +1,7 @@
 """The public API: each function of ``bnfold`` is its implementation, re-exported here.
 
 The work happens in ``bnfold.passes`` (graph rewrites, one module per pass and IR), in
-``bnfold.algebra`` (the fold math), in :mod:`bnfold.validation` and :mod:`bnfold.exporter`.
+``bnfold.algebra`` (the fold math), in :mod:`bnfold.validation.session` and :mod:`bnfold.exporter`.
 Nothing is restated: ``bnfold.fold_onnx`` *is* :func:`bnfold.passes.onnx.fold.fold_onnx`, so its
 signature, return type and docstring are the implementation's own. ``fold`` and ``insert_bn``
 are the FX passes that also take a ``torch.export.ExportedProgram``
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from bnfold.passes.onnx.insert import insert_bn_onnx as insert_bn_onnx
     from bnfold.passes.onnx.reparam import reparameterize_onnx as reparameterize_onnx
     from bnfold.recalibration import recalibrate as recalibrate
-    from bnfold.validation import validate as validate
+    from bnfold.validation.session import validate as validate
 
 # public name -> (module, implementation)
 HOMES: dict[str, tuple[str, str]] = {
@@ -38,7 +38,7 @@ HOMES: dict[str, tuple[str, str]] = {
     "fold_onnx": ("bnfold.passes.onnx.fold", "fold_onnx"),
     "inspect_onnx": ("bnfold.passes.onnx.fold", "inspect_onnx"),
     "insert_bn_onnx": ("bnfold.passes.onnx.insert", "insert_bn_onnx"),
-    "validate": ("bnfold.validation", "validate"),
+    "validate": ("bnfold.validation.session", "validate"),
     "export": ("bnfold.exporter", "export"),
     "reparameterize_onnx": ("bnfold.passes.onnx.reparam", "reparameterize_onnx"),
 }

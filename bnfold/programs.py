@@ -30,8 +30,8 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.program_commands import is_pt2_archive
+from bnfold.cli.program_commands import is_pt2_archive
+from bnfold.errors import BadInputError, UnsupportedError, first_line
 from bnfold.report import PassResult
 
 
@@ -65,7 +65,7 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
         if program.dialect == "ATEN":
             new = new.run_decompositions()
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, limit=1000)
         raise UnsupportedError(
             f"{report.pass_name} rewrote the program but torch.export could not export the "
             f"result again ({first})") from exc
@@ -147,7 +147,7 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
     try:
         return torch.export.load(path)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, limit=1000)
         raise BadInputError(f"{path}: could not load the torch.export archive ({first})"
                             ) from exc
 
@@ -155,7 +155,7 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
 def save_program(program: ExportedProgram, path: str | os.PathLike[str]) -> None:
     """``torch.export.save`` to ``path`` atomically (through memory, then temp file + rename:
     ``torch.export.save`` wants a ``.pt2`` name or a buffer)."""
-    from bnfold.fileio import atomic_path
+    from bnfold.io.fileio import atomic_path
 
     buffer = io.BytesIO()
     torch.export.save(program, buffer)

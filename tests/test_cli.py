@@ -16,7 +16,7 @@ import pytest
 from conftest import HAS_CUDA_EP
 from onnx import helper, numpy_helper
 
-from bnfold import cli
+from bnfold.cli import commands as cli
 
 FOLD_KEYS = {"schema", "input", "output", "fold", "validation", "written", "passed"}
 REPORT_KEYS = {"pass", "changed", "counts", "entries", "notes"}
@@ -314,7 +314,7 @@ def test_write_failures_leave_no_partial_or_temp_file(models, tmp_path, monkeypa
 
     import onnx_ir
 
-    from bnfold import fileio
+    from bnfold.io import fileio
 
     def disk_full(model, path, **kwargs):
         Path(path).write_bytes(b"partial")

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from bnfold import documents
 from bnfold.errors import BadInputError
 
 
@@ -38,7 +39,7 @@ def is_program_file(path: Path) -> bool:
 def fold_program(args: argparse.Namespace) -> int:
     """Fold the program in ``args.input``, write it to ``-o``; exit code 0."""
     import bnfold
-    from bnfold.cli import OK, _check_report_path, _emit, _output_path
+    from bnfold.cli.commands import OK, _check_report_path, _emit, _output_path
     from bnfold.programs import load_program, save_program
 
     out = _output_path(args)
@@ -50,13 +51,13 @@ def fold_program(args: argparse.Namespace) -> int:
     folded, report = bnfold.fold(load_program(args.input), include=args.include,
                                  exclude=args.exclude)
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"fold {args.input}")
     save_program(folded, out)
     if not args.json:
         print(f"wrote {out}")
-    _emit(args, {"schema": "bnfold.fold/1", "input": str(args.input), "output": str(out),
+    _emit(args, {"schema": documents.FOLD, "input": str(args.input), "output": str(out),
                  "fold": report.to_dict(), "validation": None, "written": True,
                  "passed": True})
     return OK
@@ -65,7 +66,7 @@ def fold_program(args: argparse.Namespace) -> int:
 def inspect_program(args: argparse.Namespace) -> int:
     """What folding the program in ``args.input`` would do; nothing is written."""
     import bnfold
-    from bnfold.cli import OK, _check_report_path, _emit
+    from bnfold.cli.commands import OK, _check_report_path, _emit
     from bnfold.programs import load_program
 
     _check_report_path(args, args.input)
@@ -75,15 +76,15 @@ def inspect_program(args: argparse.Namespace) -> int:
     _, report = bnfold.fold(module, None if kwargs else args_)  # no re-export
     report.dry_run = True
     if args.html is not None:
-        from bnfold import html_report
+        from bnfold.cli import html_report
 
         html_report.write(args.html, html_report.render(
             report, f"bnfold inspect {args.input.name}", _neighbourhoods(module)))
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"inspect {args.input}")
-    _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
+    _emit(args, {"schema": documents.INSPECT, "input": str(args.input),
                  "report": report.to_dict()})
     return OK
 
@@ -91,7 +92,7 @@ def inspect_program(args: argparse.Namespace) -> int:
 def _neighbourhoods(module: Any) -> dict[str, Any]:
     """For each BN of a program's module, by its report label: the node feeding it and the
     nodes reading it (through the ``getitem`` of ATen BNs that return a tuple)."""
-    from bnfold.html_report import Neighbourhood
+    from bnfold.cli.html_report import Neighbourhood
     from bnfold.passes.fx.sites import bn_label, is_batchnorm
 
     def label(node: Any) -> tuple[str, str]:

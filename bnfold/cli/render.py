@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bnfold.report import Report
-from bnfold.validation_result import HEADERS, ValidationResult
+from bnfold.validation.result import HEADERS, ValidationResult
 
 # Wide when piped (logs, CI, README), the terminal's width otherwise.
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)

@@ -23,7 +23,7 @@ numbers: non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``), sc
                  outputs: [{output, dtype, shape, atol, rtol, tol_dtype, max_abs, max_rel,
                             cosine, worst: {sample, index: [int], ref, cand, ratio} | {},
                             passed, reason?: str, stats: {abs: {mean, median, p99},
-                            rel: {mean, median, p99}} (see bnfold.error_stats)}]}]
+                            rel: {mean, median, p99}} (see bnfold.validation.error_stats)}]}]
     failures   [str] (one line per failed comparison or missing required provider)
 """
 
@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.compare import Comparison, json_safe
-from bnfold.error_stats import stats_line
+from bnfold.documents import VALIDATION as SCHEMA
+from bnfold.documents import json_safe
+from bnfold.validation.error_stats import stats_line
+from bnfold.validation.metrics import Comparison
 
-SCHEMA = "bnfold.validation/1"
 HEADERS = ("provider", "output", "dtype", "max abs", "max rel", "cosine", "worst at",
            "atol / rtol", "result")
 

@@ -12,8 +12,8 @@
   has them is refused rather than written without them.
 * :func:`check_onnx_file`: ``onnx.checker`` on a file, also one whose name is not valid
   UTF-8 (the checker's C++ side takes only UTF-8 paths).
-* :func:`os_problem`, :func:`first_line`: the words for an ``OSError`` (``"Permission
-  denied"``...), the first line of any other error.
+* :func:`os_problem`: the words for an ``OSError`` (``"Permission denied"``...); the first
+  line of any other error is :func:`bnfold.errors.first_line`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,6 @@ from bnfold.errors import BadInputError, UnsupportedError
 
 #: protobuf cannot parse a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-blank line of an exception's message (at most 200 characters)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0].strip()[:200] if lines else type(exc).__name__
 
 
 def os_problem(exc: OSError) -> str:

@@ -43,11 +43,12 @@ from bnfold.errors import (
     ValidationFailedError,
     first_line,
 )
+from bnfold.io.filechecks import MIN_OPSET
 from bnfold.io.fileio import save_onnx
 from bnfold.report import Report
 from bnfold.validation.inputs import Sample, input_specs, random_array
 from bnfold.validation.result import ValidationResult
-from bnfold.validation.session import MIN_OPSET, samples_like
+from bnfold.validation.session import samples_like
 from bnfold.validation.session import validate as run_validation
 
 if TYPE_CHECKING:

@@ -391,14 +391,16 @@ def test_folder_skips_its_own_outputs_and_records_internal_errors(models, tmp_pa
     assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0  # not 6 files
     assert json.loads(capsys.readouterr().out)["summary"]["files"] == 3
     shutil.rmtree(out)
-    real = cli.load_checked
+    from bnfold.io import fileio
+
+    real = fileio.load_checked
 
     def flaky(path):
         if "three" in str(path):
             raise RuntimeError("a bug in a pass")
         return real(path)
 
-    monkeypatch.setattr(cli, "load_checked", flaky)
+    monkeypatch.setattr(fileio, "load_checked", flaky)
     assert cli.main(["fold", str(src), "--in-place", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"] == {"files": 3, "ok": 2, "validation_failed": 0, "bad_input": 1}

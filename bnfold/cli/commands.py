@@ -248,7 +248,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
-    from bnfold.io.fileio import stage_save
+    from bnfold.io.fileio import load_checked, stage_save
 
     model = load_checked(src)
     with naming(src):
@@ -389,6 +389,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
+    from bnfold.io.fileio import load_checked
     from bnfold.passes.onnx.reparam import inspect_branches
 
     model = load_checked(args.input)
@@ -430,7 +431,7 @@ def cmd_insert(args: argparse.Namespace) -> int:
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
-    from bnfold.io.fileio import stage_save
+    from bnfold.io.fileio import load_checked, stage_save
 
     out = _output_path(args)
     _check_report_path(args, args.input, out)
@@ -467,23 +468,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-def load_checked(path: Path) -> Any:
-    """Load an ONNX file for a pass: readable (:func:`bnfold.io.fileio.load_onnx`), a known
-    ai.onnx opset, and accepted by ``onnx.checker``; else a one-line BnfoldError."""
-    from bnfold.errors import BadInputError, first_line
-    from bnfold.io.filechecks import check_onnx_file
-    from bnfold.io.fileio import load_onnx
-    from bnfold.validation.session import check_opset
-
-    model = load_onnx(path)
-    check_opset(model, str(path))
-    try:
-        check_onnx_file(path)
-    except Exception as exc:
-        raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
-    return model
-
 
 def _output_path(args: argparse.Namespace) -> Path:
     from bnfold.errors import BadInputError

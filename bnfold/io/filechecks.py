@@ -36,6 +36,21 @@ def os_problem(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+#: the oldest ai.onnx opset bnfold reads (BatchNormalization-7 and its neighbours).
+MIN_OPSET = 7
+
+
+def check_opset(model: onnx.ModelProto | ir.Model, label: str) -> None:
+    """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
+    newest = onnx.defs.onnx_opset_version()
+    imports = ([(i.domain, i.version) for i in model.opset_import]
+               if isinstance(model, onnx.ModelProto) else list(model.opset_imports.items()))
+    for domain, version in imports:
+        if domain in ("", "ai.onnx") and not MIN_OPSET <= version <= newest:
+            raise UnsupportedError(f"{label}: ai.onnx opset {version} is not supported "
+                                   f"(supported: {MIN_OPSET} to {newest})")
+
+
 def check_input_file(path: Path, what: str = "ONNX model", limit: int = MAX_MODEL_BYTES,
                      why: str = "protobuf's limit") -> int:
     """Refuse ``path`` unless it is a readable regular file of at most ``limit`` bytes (said

@@ -14,7 +14,13 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
-from bnfold.io.filechecks import check_external_data, check_initializers, check_input_file
+from bnfold.io.filechecks import (
+    check_external_data,
+    check_initializers,
+    check_input_file,
+    check_onnx_file,
+    check_opset,
+)
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -146,3 +152,15 @@ def _sniff(path: Path) -> str | None:
         return "it is a Python pickle: a PyTorch state dict?"
     return None
 
+
+def load_checked(path: Path) -> ir.Model:
+    """Load an ONNX file for a pass: readable (:func:`load_onnx`), a known ai.onnx opset
+    (:func:`~bnfold.io.filechecks.check_opset`), and accepted by ``onnx.checker``; else a
+    one-line :class:`~bnfold.errors.BnfoldError`."""
+    model = load_onnx(path)
+    check_opset(model, str(path))
+    try:
+        check_onnx_file(path)
+    except Exception as exc:
+        raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
+    return model

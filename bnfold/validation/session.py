@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedError, first_line
 from bnfold.io.external_data import external_tensors
-from bnfold.io.filechecks import utf8_path
+from bnfold.io.filechecks import check_opset, utf8_path
 from bnfold.io.fileio import load_onnx
 from bnfold.validation.inputs import (
     InputSpec,
@@ -75,7 +75,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-MIN_OPSET = 7
 ORT_SILENT = 4  # ORT log severity "fatal": its errors reach the user as BnfoldError lines
 EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 Progress = Callable[[int, int], None]
@@ -250,17 +249,6 @@ class _Tolerance:
 def _check_tolerance(value: float | None, name: str) -> None:
     if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
         raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_opset(model: onnx.ModelProto | ir.Model, label: str) -> None:
-    """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
-    newest = onnx.defs.onnx_opset_version()
-    imports = ([(i.domain, i.version) for i in model.opset_import]
-               if isinstance(model, onnx.ModelProto) else list(model.opset_imports.items()))
-    for domain, version in imports:
-        if domain in ("", "ai.onnx") and not MIN_OPSET <= version <= newest:
-            raise UnsupportedError(f"{label}: ai.onnx opset {version} is not supported "
-                                   f"(supported: {MIN_OPSET} to {newest})")
 
 
 def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[str]:

@@ -235,7 +235,7 @@ def _ort_optimize_file(src: Path, dst: Path) -> None:
 
 
 def speed() -> str:
-    from bnfold.fileio import load_onnx, save_onnx
+    from bnfold.io.fileio import load_onnx, save_onnx
     from bnfold.passes.onnx.fold import fold_onnx
 
     rows = [["measure", "ratio"]]
@@ -266,7 +266,7 @@ def speed() -> str:
 def scale() -> str:
     """Fold time against graph size: Conv(1x1)+BN+Relu chains of 1k, 10k and 100k nodes, file
     to file, beside a plain ``onnx.load`` + ``onnx.save`` of the same file."""
-    from bnfold.fileio import save_onnx
+    from bnfold.io.fileio import save_onnx
     from bnfold.passes.onnx.fold import fold_onnx
 
     rows = [["nodes", "bnfold file to file, us/node", "onnx.load+save, us/node",
@@ -323,7 +323,7 @@ def scaling() -> str:
 # parent's peak through vfork + exec.
 _RSS_CHILD = """
 import sys
-from bnfold.fileio import save_onnx
+from bnfold.io.fileio import save_onnx
 from bnfold.passes.onnx.fold import fold_onnx
 if sys.argv[1] == "fold":
     folded, report = fold_onnx(sys.argv[2])
@@ -342,7 +342,7 @@ def write_external_model(path: Path, total_bytes: int, blocks: int = 32) -> int:
     external data (never whole in memory); returns the number of BNs."""
     import onnx_ir as ir
 
-    from bnfold.fileio import save_onnx
+    from bnfold.io.fileio import save_onnx
 
     channels = int((total_bytes / (4 * 9 * blocks)) ** 0.5)
     proto = chain_model(blocks, 4, kernel=3)
@@ -362,7 +362,7 @@ def write_external_model(path: Path, total_bytes: int, blocks: int = 32) -> int:
 
 
 def memory(big: bool) -> str:
-    from bnfold.external_data import files_named_by
+    from bnfold.io.external_data import files_named_by
 
     size = 3 * 1024**3 if big else 300 * 1024**2
     rows = [["external-data model, load (+fold) + save", "peak RSS / model size",

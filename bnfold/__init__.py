@@ -1,25 +1,16 @@
 """bnfold: insert, fold and validate Batch Normalization in torch.fx and ONNX graphs."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from bnfold.api import (
-    export,
-    fold,
-    fold_onnx,
-    insert_bn,
-    insert_bn_onnx,
-    inspect_onnx,
-    recalibrate,
-    reparameterize,
-    reparameterize_onnx,
-    validate,
-)
+from bnfold import api
 from bnfold.errors import (
     BadInputError,
     BnfoldError,
     UnsafeFoldError,
     UnsupportedError,
     UntraceableError,
+    ValidationFailedError,
 )
 from bnfold.report import Entry, PassResult, Report
 
@@ -37,6 +28,7 @@ __all__ = [
     "UnsafeFoldError",
     "UnsupportedError",
     "UntraceableError",
+    "ValidationFailedError",
     "__version__",
     "export",
     "fold",
@@ -49,3 +41,25 @@ __all__ = [
     "reparameterize_onnx",
     "validate",
 ]
+
+if TYPE_CHECKING:
+    from bnfold.api import (
+        export,
+        fold,
+        fold_onnx,
+        insert_bn,
+        insert_bn_onnx,
+        inspect_onnx,
+        recalibrate,
+        reparameterize,
+        reparameterize_onnx,
+        validate,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The public functions, imported on first use (:mod:`bnfold.api`): ``import bnfold``
+    imports neither torch nor onnxruntime nor onnxscript."""
+    if name in api.HOMES:
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,7 +53,7 @@ def onnx_section(model_name: str, workdir: Path) -> dict[str, Any]:
     export_unfolded(model, (x,), src)
     folded, report = bnfold.fold_onnx(src)
     dst = workdir / f"{model_name}.folded.onnx"
-    from bnfold.fileio import save_onnx
+    from bnfold.io.fileio import save_onnx
 
     save_onnx(folded, dst)
     result = bnfold.validate(src, dst, providers=("cpu", "cuda"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BnfoldError(Exception):
     """Base class: a problem with the user's input or request, not a bug in bnfold."""
@@ -21,3 +23,22 @@ class UntraceableError(BnfoldError):
 
 class UnsafeFoldError(BnfoldError):
     """A fold would not be exact or would produce non-finite / overflowing weights."""
+
+
+class ValidationFailedError(UnsafeFoldError):
+    """A result failed its validation and was not written; ``report`` says what differed.
+
+    Public counterpart of the internal refusal :class:`UnsafeFoldError` (a subclass of it, so
+    ``except UnsafeFoldError`` still catches it): raised by :func:`bnfold.export`.
+    """
+
+    def __init__(self, message: str, report: Any) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``exc``'s message, stripped, at most ``limit`` characters
+    (the exception's type name when the message is blank): a library error in one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__

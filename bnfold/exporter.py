@@ -35,13 +35,21 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError, UntraceableError
-from bnfold.fileio import save_onnx
-from bnfold.inputs import Sample, input_specs, random_array
+from bnfold import documents
+from bnfold.errors import (
+    BadInputError,
+    UnsupportedError,
+    UntraceableError,
+    ValidationFailedError,
+    first_line,
+)
+from bnfold.io.filechecks import MIN_OPSET
+from bnfold.io.fileio import save_onnx
 from bnfold.report import Report
-from bnfold.validation import MIN_OPSET, _first_line, samples_like
-from bnfold.validation import validate as run_validation
-from bnfold.validation_result import ValidationResult
+from bnfold.validation.inputs import Sample, input_specs, random_array
+from bnfold.validation.result import ValidationResult
+from bnfold.validation.session import samples_like
+from bnfold.validation.session import validate as run_validation
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -68,7 +76,7 @@ class ExportReport(Report):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        out.update(schema="bnfold.export/1", path=self.path, written=self.written,
+        out.update(schema=documents.EXPORT, path=self.path, written=self.written,
                    passed=self.passed,
                    validations={k: v.to_dict() for k, v in self.validations.items()})
         return out
@@ -88,7 +96,7 @@ def export(
     """Export ``model`` (eval mode) to ``path`` with its BNs folded, validated in ORT.
 
     ``validate``: providers to validate on (``None`` or ``()`` skips validation). Raises
-    :class:`UnsafeFoldError` (with the report as ``.report``) when a validation fails; then
+    :class:`ValidationFailedError` (with the report as ``.report``) when a validation fails; then
     ``path`` is not written. ``opset`` and ``dynamic_shapes`` go to ``torch.onnx.export``.
     """
     if model.training:
@@ -113,9 +121,8 @@ def export(
             labels=("unfolded ONNX", "folded ONNX"))
     if not report.passed:
         failed = next(v for v in report.validations.values() if not v.passed)
-        err = UnsafeFoldError(f"validation failed, {path} not written: {failed.failures()[0]}")
-        err.report = report  # type: ignore[attr-defined]
-        raise err
+        raise ValidationFailedError(
+            f"validation failed, {path} not written: {failed.failures()[0]}", report)
     save_onnx(candidate, Path(path))
     report.written = True
     return report
@@ -148,7 +155,7 @@ def to_onnx(model: torch.nn.Module, args: tuple[Any, ...], *, opset: int | None 
                 opset_version=None if opset is None else max(opset, EXPORTER_MIN_OPSET),
                 dynamic_shapes=dynamic_shapes)
     except Exception as exc:
-        raise UntraceableError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
+        raise UntraceableError(f"torch.onnx.export failed: {first_line(exc)}") from exc
     onnx_model = program.model
     onnxscript.optimizer.fold_constants(onnx_model)
     RemoveUnusedNodesPass()(onnx_model)
@@ -176,7 +183,7 @@ def _convert(model: ir.Model, opset: int) -> None:
         try:
             onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
         except Exception as exc:
-            why = f"the converted model is invalid: {_first_line(exc)}"
+            why = f"the converted model is invalid: {first_line(exc)}"
         else:
             return
     raise UnsupportedError(f"the export is ai.onnx opset {exported} and could not be converted "

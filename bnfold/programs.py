@@ -18,6 +18,7 @@ for quantization-aware training). A program that was lowered to core ATen
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Callable
@@ -29,8 +30,8 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.program_commands import is_pt2_archive
+from bnfold.cli.program_commands import is_pt2_archive
+from bnfold.errors import BadInputError, UnsupportedError, first_line
 from bnfold.report import PassResult
 
 
@@ -64,13 +65,29 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
         if program.dialect == "ATEN":
             new = new.run_decompositions()
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, limit=1000)
         raise UnsupportedError(
             f"{report.pass_name} rewrote the program but torch.export could not export the "
             f"result again ({first})") from exc
     report.notes.append("ExportedProgram in, ExportedProgram out (exported again on the "
                         "program's example inputs, with its dynamic dims)")
     return PassResult(new, report)
+
+
+def also_on_programs(fx_pass: Callable[..., PassResult], name: str) -> Callable[..., PassResult]:
+    """``fx_pass`` under the public ``name``, also taking an ``ExportedProgram`` as its model
+    (then through :func:`on_program`); signature, return type and docstring are ``fx_pass``'s."""
+
+    @functools.wraps(fx_pass)
+    def run(model: Any, *args: Any, **kwargs: Any) -> PassResult:
+        if is_program(model):  # torch.export.ExportedProgram in, ExportedProgram out
+            return on_program(fx_pass, model, *args, **kwargs)
+        return fx_pass(model, *args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = (f"{(fx_pass.__doc__ or '').rstrip()}\n\n    A ``torch.export.ExportedProgram`` "
+                   "model gives an ``ExportedProgram`` (see :mod:`bnfold.programs`).\n")
+    return run
 
 
 def _example_inputs(program: ExportedProgram, given: Any
@@ -130,7 +147,7 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
     try:
         return torch.export.load(path)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, limit=1000)
         raise BadInputError(f"{path}: could not load the torch.export archive ({first})"
                             ) from exc
 
@@ -138,7 +155,7 @@ def load_program(path: str | os.PathLike[str]) -> ExportedProgram:
 def save_program(program: ExportedProgram, path: str | os.PathLike[str]) -> None:
     """``torch.export.save`` to ``path`` atomically (through memory, then temp file + rename:
     ``torch.export.save`` wants a ``.pt2`` name or a buffer)."""
-    from bnfold.fileio import atomic_path
+    from bnfold.io.fileio import atomic_path
 
     buffer = io.BytesIO()
     torch.export.save(program, buffer)

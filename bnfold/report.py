@@ -12,7 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from bnfold.tables import plain_table
+
 Action = Literal["folded", "kept", "inserted", "skipped", "merged"]
+HEADERS = ("BN", "action", "into / reason")
 
 
 @dataclass
@@ -115,18 +118,22 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
+    def rows(self) -> list[tuple[str, str, str]]:
+        """Table cells (:data:`HEADERS`), one row per entry: the BN, what happened to it, and
+        into what (folded, inserted, merged) or why (kept, skipped)."""
+        return [(e.shown, self.label(e.action),
+                 (e.into if e.action in ("folded", "inserted", "merged") else e.reason) or "")
+                for e in self.entries]
+
+    def summary(self, nothing: str = "nothing to do") -> str:
+        """``"<pass>: 3 folded, 1 kept"`` (``nothing`` when there are no entries)."""
+        counts = ", ".join(f"{v} {self.label(k)}" for k, v in self.counts().items() if v)
+        return f"{self.pass_name}: {counts or nothing}"
+
     def table(self) -> str:
         """A plain-text table for people (no colour codes, safe to paste in a README)."""
-        rows = [("BN", "action", "into / reason")]
-        for e in self.entries:
-            rows.append((e.shown, self.label(e.action), e.into if e.action in (
-                "folded", "inserted", "merged") else (e.reason or "")))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(2)]
-        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2] or ''}".rstrip() for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
-        c = self.counts()
-        summary = ", ".join(f"{v} {self.label(k)}" for k, v in c.items() if v)
-        lines.append(f"{self.pass_name}: {summary or 'nothing to do'}")
+        lines = plain_table(HEADERS, self.rows())
+        lines.append(self.summary())
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

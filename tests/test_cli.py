@@ -16,7 +16,7 @@ import pytest
 from conftest import HAS_CUDA_EP
 from onnx import helper, numpy_helper
 
-from bnfold import cli
+from bnfold.cli import commands as cli
 
 FOLD_KEYS = {"schema", "input", "output", "fold", "validation", "written", "passed"}
 REPORT_KEYS = {"pass", "changed", "counts", "entries", "notes"}
@@ -314,7 +314,7 @@ def test_write_failures_leave_no_partial_or_temp_file(models, tmp_path, monkeypa
 
     import onnx_ir
 
-    from bnfold import fileio
+    from bnfold.io import fileio
 
     def disk_full(model, path, **kwargs):
         Path(path).write_bytes(b"partial")
@@ -391,14 +391,16 @@ def test_folder_skips_its_own_outputs_and_records_internal_errors(models, tmp_pa
     assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0  # not 6 files
     assert json.loads(capsys.readouterr().out)["summary"]["files"] == 3
     shutil.rmtree(out)
-    real = cli.load_checked
+    from bnfold.io import fileio
+
+    real = fileio.load_checked
 
     def flaky(path):
         if "three" in str(path):
             raise RuntimeError("a bug in a pass")
         return real(path)
 
-    monkeypatch.setattr(cli, "load_checked", flaky)
+    monkeypatch.setattr(fileio, "load_checked", flaky)
     assert cli.main(["fold", str(src), "--in-place", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"] == {"files": 3, "ok": 2, "validation_failed": 0, "bad_input": 1}

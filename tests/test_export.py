@@ -81,8 +81,9 @@ def test_failed_validation_raises_and_leaves_path_alone(tmp_path, monkeypatch):
         return folded
 
     monkeypatch.setattr(exporter, "_fold_both", wrong_fold)
-    with pytest.raises(UnsafeFoldError, match="not written") as info:
+    with pytest.raises(bnfold.ValidationFailedError, match="not written") as info:
         bnfold.export(model, zoo.example_input("plain_cnn"), path, validate=("cpu",))
+    assert isinstance(info.value, UnsafeFoldError)  # still caught as the refusal it was
     assert not info.value.report.passed and not info.value.report.written
     assert path.read_bytes() == b"previous version"
 

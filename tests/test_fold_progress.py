@@ -12,7 +12,7 @@ from test_fx_fold import rel_err as fx_rel_err
 from torch import nn
 
 import bnfold
-from bnfold import render
+from bnfold.cli import render
 from bnfold.passes.onnx.fold import fold_onnx
 
 

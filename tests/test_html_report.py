@@ -8,8 +8,8 @@ import onnx
 import torch
 from onnx_cases import Builder
 
+from bnfold.cli.html_report import Neighbourhood, render
 from bnfold.exporter import export_unfolded
-from bnfold.html_report import Neighbourhood, render
 from bnfold.models import zoo
 from bnfold.report import Report
 

@@ -33,8 +33,8 @@ from corpus import graph_models as corpus_models
 import bnfold
 from bnfold import cli
 from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.fileio import save_onnx
-from bnfold.inputs import INPUT_BUDGET_BYTES
+from bnfold.io.fileio import save_onnx
+from bnfold.validation.inputs import INPUT_BUDGET_BYTES
 
 CORPUS = Path(__file__).with_name("corpus.py")
 #: Cases also run through the real console script: C++ noise, odd names, each kind of error.

@@ -25,8 +25,8 @@ from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
 import bnfold
 from bnfold.errors import BadInputError
-from bnfold.external_data import files_named_by
-from bnfold.fileio import save_onnx
+from bnfold.io.external_data import files_named_by
+from bnfold.io.fileio import save_onnx
 
 TOL = 1e-5
 
@@ -164,7 +164,7 @@ def test_a_failing_graph_rename_leaves_the_old_pair(ext, tmp_path, monkeypatch):
 _WRITER = """
 import os, sys, time
 from pathlib import Path
-from bnfold.fileio import save_onnx
+from bnfold.io.fileio import save_onnx
 from bnfold.passes.onnx.fold import fold_onnx
 src, out, ready, go = sys.argv[1:5]
 delays = [float(d) for d in sys.argv[5:7]]  # before the 1st and the 2nd rename

@@ -11,8 +11,8 @@ import pytest
 from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
 from bnfold.errors import BadInputError
-from bnfold.external_data import files_named_by
-from bnfold.fileio import load_onnx, save_onnx
+from bnfold.io.external_data import files_named_by
+from bnfold.io.fileio import load_onnx, save_onnx
 from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 
 
@@ -98,7 +98,7 @@ def test_load_errors_are_one_line(tmp_path, content) -> None:
 
 
 def test_big_tensors_go_external(tmp_path, monkeypatch) -> None:
-    import bnfold.fileio as fileio
+    import bnfold.io.fileio as fileio
 
     monkeypatch.setattr(fileio, "EXTERNAL_THRESHOLD", 100)
     b = Builder(32)

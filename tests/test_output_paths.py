@@ -13,7 +13,7 @@ import stat
 import torch
 from test_integrity_io import assert_computes, conv_bn, digest, one_line_error, save_external
 
-from bnfold.external_data import files_named_by
+from bnfold.io.external_data import files_named_by
 from bnfold.models import plain
 from bnfold.models.stats import randomize_bn_stats
 

@@ -152,7 +152,7 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize(("show_after", "shown"), [(60.0, False), (0.0, True)])
 def test_progress_bar_appears_only_on_long_runs(monkeypatch, show_after, shown) -> None:
-    from bnfold import render
+    from bnfold.cli import render
 
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)

@@ -14,11 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bnfold
-from bnfold import validation as validate_mod
 from bnfold.algebra import BNParams, fold_forward
-from bnfold.compare import compare_output
 from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.validation_result import SCHEMA
+from bnfold.validation import session as validate_mod
+from bnfold.validation.metrics import compare_output
+from bnfold.validation.result import SCHEMA
 
 
 def perturbed(proto: onnx.ModelProto, channel: int, delta: float) -> onnx.ModelProto:

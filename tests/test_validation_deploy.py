@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_cases import feeds, reference, run_ort
 
 import bnfold
-from bnfold.compare import compare_output
-from bnfold.upcast import upcast_to_float32
+from bnfold.validation.metrics import compare_output
+from bnfold.validation.upcast import upcast_to_float32
 
 
 def test_error_statistics_are_the_distribution_of_the_errors() -> None:

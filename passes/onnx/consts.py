@@ -25,9 +25,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.errors import BadInputError
-from bnfold.filechecks import first_line
-from bnfold.fileio import release_mapping
+from bnfold.errors import BadInputError, first_line
+from bnfold.io.fileio import release_mapping
 
 #: At most this many nodes are evaluated for one constant (a bias or BN parameter cone).
 MAX_CONE_NODES = 64

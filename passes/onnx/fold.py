@@ -34,10 +34,10 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
-from bnfold.external_data import bind_external_data
-from bnfold.filechecks import check_initializers
-from bnfold.fileio import load_onnx
 from bnfold.gc_pause import gc_paused
+from bnfold.io.external_data import bind_external_data
+from bnfold.io.filechecks import check_initializers
+from bnfold.io.fileio import load_onnx
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.constant_bn import constant_bn
@@ -69,9 +69,9 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     (an ``onnx_ir.Model`` is returned; the input is cloned first unless ``inplace=True``, and
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
-    :func:`bnfold.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    :func:`bnfold.io.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
     An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
-    (:func:`bnfold.external_data.bind_external_data`). ``max_const_elements`` bounds the size
+    (:func:`bnfold.io.external_data.bind_external_data`). ``max_const_elements`` bounds the size
     of any tensor computed from constants (a bias or BN parameter built by
     ``Expand``/``ConstantOfShape``/...); default: the largest tensor the model stores (see
     :class:`bnfold.passes.onnx.consts.Constants`). A BN whose fold needs a larger one is kept,

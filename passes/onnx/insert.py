@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.fileio import load_onnx
+from bnfold.io.fileio import load_onnx
 from bnfold.passes.insert_policy import (
     check_options,
     following_norm,

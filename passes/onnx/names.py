@@ -48,8 +48,8 @@ def node_label(node: ir.Node) -> str:
 def neighbourhoods(model: ir.Model) -> dict[str, Any]:
     """For each BatchNormalization of ``model`` (subgraphs included), by display name: the node
     (or graph input) feeding it and the nodes (or graph output) reading it, as
-    :class:`bnfold.html_report.Neighbourhood`."""
-    from bnfold.html_report import Neighbourhood
+    :class:`bnfold.cli.html_report.Neighbourhood`."""
+    from bnfold.cli.html_report import Neighbourhood
     from bnfold.passes.onnx.bn import display_name
 
     out = {}

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bnfold.errors import BnfoldError
-from bnfold.filechecks import os_problem
+from bnfold.io.filechecks import os_problem
 
 _LIBRARIES = ("onnx_ir", "onnxscript", "onnx", "onnxruntime")
 

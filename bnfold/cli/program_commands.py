@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from bnfold import documents
 from bnfold.errors import BadInputError
 
 
@@ -40,7 +41,7 @@ def fold_program(args: argparse.Namespace) -> int:
     """Fold the program in ``args.input`` (``--merge-branches``: merge branch blocks first),
     write it to ``-o``; exit code 0."""
     import bnfold
-    from bnfold.cli import (
+    from bnfold.cli.commands import (
         OK,
         _check_report_path,
         _emit,
@@ -67,13 +68,13 @@ def fold_program(args: argparse.Namespace) -> int:
             folded, report = bnfold.fold(program, include=args.include, exclude=args.exclude,
                                          progress=update)
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"fold {args.input}")
     save_program(folded, out)
     if not args.json:
         print(f"wrote {out}")
-    _emit(args, {"schema": "bnfold.fold/1", "input": str(args.input), "output": str(out),
+    _emit(args, {"schema": documents.FOLD, "input": str(args.input), "output": str(out),
                  "fold": report.to_dict(), "validation": None, "written": True,
                  "passed": True})
     return OK
@@ -82,7 +83,7 @@ def fold_program(args: argparse.Namespace) -> int:
 def inspect_program(args: argparse.Namespace) -> int:
     """What folding the program in ``args.input`` would do; nothing is written."""
     import bnfold
-    from bnfold.cli import OK, _check_report_path, _emit
+    from bnfold.cli.commands import OK, _check_report_path, _emit
     from bnfold.programs import load_program
 
     _check_report_path(args, args.input)
@@ -92,15 +93,15 @@ def inspect_program(args: argparse.Namespace) -> int:
     _, report = bnfold.fold(module, None if kwargs else args_)  # no re-export
     report.dry_run = True
     if args.html is not None:
-        from bnfold import html_report
+        from bnfold.cli import html_report
 
         html_report.write(args.html, html_report.render(
             report, f"bnfold inspect {args.input.name}", _neighbourhoods(module)))
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"inspect {args.input}")
-    _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
+    _emit(args, {"schema": documents.INSPECT, "input": str(args.input),
                  "report": report.to_dict()})
     return OK
 
@@ -108,7 +109,7 @@ def inspect_program(args: argparse.Namespace) -> int:
 def _neighbourhoods(module: Any) -> dict[str, Any]:
     """For each BN of a program's module, by its report label: the node feeding it and the
     nodes reading it (through the ``getitem`` of ATen BNs that return a tuple)."""
-    from bnfold.html_report import Neighbourhood
+    from bnfold.cli.html_report import Neighbourhood
     from bnfold.passes.fx.sites import bn_label, is_batchnorm
 
     def label(node: Any) -> tuple[str, str]:

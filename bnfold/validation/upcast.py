@@ -107,7 +107,7 @@ def float64_torch_outputs(module: object, feeds: list[dict[str, np.ndarray]],
 
     import torch
 
-    from bnfold.validation import _leaves
+    from bnfold.validation.session import _leaves
 
     reference = copy.deepcopy(module).double()
     if reference.training:

@@ -12,8 +12,8 @@
   has them is refused rather than written without them.
 * :func:`check_onnx_file`: ``onnx.checker`` on a file, also one whose name is not valid
   UTF-8 (the checker's C++ side takes only UTF-8 paths).
-* :func:`os_problem`, :func:`first_line`: the words for an ``OSError`` (``"Permission
-  denied"``...), the first line of any other error.
+* :func:`os_problem`: the words for an ``OSError`` (``"Permission denied"``...); the first
+  line of any other error is :func:`bnfold.errors.first_line`.
 """
 
 from __future__ import annotations
@@ -31,15 +31,24 @@ from bnfold.errors import BadInputError, UnsupportedError
 MAX_MODEL_BYTES = 2**31 - 1
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-blank line of an exception's message (at most 200 characters)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0].strip()[:200] if lines else type(exc).__name__
-
-
 def os_problem(exc: OSError) -> str:
     """What went wrong, in the operating system's words, without the file name."""
     return exc.strerror or str(exc) or type(exc).__name__
+
+
+#: the oldest ai.onnx opset bnfold reads (BatchNormalization-7 and its neighbours).
+MIN_OPSET = 7
+
+
+def check_opset(model: onnx.ModelProto | ir.Model, label: str) -> None:
+    """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
+    newest = onnx.defs.onnx_opset_version()
+    imports = ([(i.domain, i.version) for i in model.opset_import]
+               if isinstance(model, onnx.ModelProto) else list(model.opset_imports.items()))
+    for domain, version in imports:
+        if domain in ("", "ai.onnx") and not MIN_OPSET <= version <= newest:
+            raise UnsupportedError(f"{label}: ai.onnx opset {version} is not supported "
+                                   f"(supported: {MIN_OPSET} to {newest})")
 
 
 def check_input_file(path: Path, what: str = "ONNX model", limit: int = MAX_MODEL_BYTES,

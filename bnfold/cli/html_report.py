@@ -50,7 +50,7 @@ def render(report: Report, title: str, around: Mapping[str, Neighbourhood]) -> s
 
 def write(path: str | os.PathLike[str], page: str) -> None:
     """Write ``page`` to ``path`` atomically."""
-    from bnfold.fileio import atomic_path
+    from bnfold.io.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BadInputError
-from bnfold.inputs import load_arrays
-from bnfold.validation_result import ValidationResult
+from bnfold.validation.inputs import load_arrays
+from bnfold.validation.result import ValidationResult
 
 _SAMPLE = re.compile(r"sample(\d+)/(.+)")
 
@@ -84,7 +84,7 @@ def _keyed(prefix: str, outputs: list[list[np.ndarray]], names: list[str]
 
 
 def _save(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    from bnfold.fileio import atomic_path
+    from bnfold.io.fileio import atomic_path
 
     def write(tmp: Path) -> None:
         # Through memory: np.savez seeks (a FIFO or /dev/null cannot) and would append ".npz"

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bnfold.report import HEADERS as REPORT_HEADERS
 from bnfold.report import Report
-from bnfold.validation_result import HEADERS, ValidationResult
+from bnfold.validation.result import HEADERS, ValidationResult
 
 # Wide when piped (logs, CI, README), the terminal's width otherwise.
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
@@ -22,20 +23,18 @@ console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 def report_table(report: Report, title: str) -> Table:
     """One row per BN: what happened to it, into what, or why it was kept."""
     table = Table(title=title, title_justify="left")
-    for col in ("BN", "action", "into / reason"):
+    for col in REPORT_HEADERS:
         table.add_column(col, overflow="fold")
     colours = {"folded": "green", "kept": "yellow", "inserted": "cyan", "skipped": "dim",
                "merged": "green"}
-    for e in report.entries:
-        detail = e.into if e.action in ("folded", "inserted", "merged") else (e.reason or "")
-        table.add_row(e.shown, f"[{colours[e.action]}]{report.label(e.action)}[/]", detail or "")
+    for e, (bn, label, detail) in zip(report.entries, report.rows(), strict=True):
+        table.add_row(bn, f"[{colours[e.action]}]{label}[/]", detail)
     return table
 
 
 def print_report(report: Report, title: str) -> None:
     console.print(report_table(report, title))
-    counts = ", ".join(f"{v} {report.label(k)}" for k, v in report.counts().items() if v)
-    console.print(f"{report.pass_name}: {counts or 'no BatchNormalization found'}")
+    console.print(report.summary(nothing="no BatchNormalization found"))
     for note in report.notes:
         console.print(f"note: {note}")
 

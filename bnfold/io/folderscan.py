@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bnfold.filechecks import os_problem
+from bnfold.io.filechecks import os_problem
 
 
 def model_files(folder: Path, exclude: Path | None = None

@@ -34,7 +34,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
-from bnfold.external_data import files_named_by, referenced_files
+from bnfold.io.external_data import files_named_by, referenced_files
 
 #: What follows the target's name in the name of a data file bnfold wrote for it.
 OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
@@ -137,7 +137,7 @@ def stage_onnx(model: ir.Model, target: Path, *, external: bool, inline_limit: i
 def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: StagedModel) -> None:
     """Stream large tensors (one at a time: lazy ones computed, external ones copied and
     unmapped) to a new data file; point the model's values at it; small external ones inline."""
-    from bnfold.fileio import release_mapping
+    from bnfold.io.fileio import release_mapping
 
     tmp = _new_temp(target, ".data.tmp")
     digest = hashlib.blake2b(digest_size=8)

@@ -2,7 +2,7 @@
 
 ``--report``, ``--html``, ``--save-inputs`` and ``--save-outputs`` name files a command writes
 (atomically, or through a special file such as ``/dev/null`` or a FIFO:
-:func:`bnfold.fileio.atomic_path`). None of them may be a folder, one of the command's model
+:func:`bnfold.io.fileio.atomic_path`). None of them may be a folder, one of the command's model
 files, an external data file one of those models reads, or the file another of them names;
 in folder mode no output model may be an external data file of any input. Each refusal is a
 one-line :class:`~bnfold.errors.BadInputError` (exit 2, nothing written).
@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from bnfold.errors import BadInputError
-from bnfold.external_data import files_named_by
+from bnfold.io.external_data import files_named_by
 
 
 def check_written_path(flag: str, path: Path | None, models: Iterable[Path]) -> None:

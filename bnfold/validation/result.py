@@ -23,7 +23,7 @@ numbers: non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``), sc
                  outputs: [{output, dtype, shape, atol, rtol, tol_dtype, max_abs, max_rel,
                             cosine, worst: {sample, index: [int], ref, cand, ratio} | {},
                             passed, reason?: str, stats: {abs: {mean, median, p99},
-                            rel: {mean, median, p99}} (see bnfold.error_stats)}]}]
+                            rel: {mean, median, p99}} (see bnfold.validation.error_stats)}]}]
     failures   [str] (one line per failed comparison or missing required provider)
 """
 
@@ -35,10 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.compare import Comparison, json_safe
-from bnfold.error_stats import stats_line
+from bnfold.documents import VALIDATION as SCHEMA
+from bnfold.documents import json_safe
+from bnfold.tables import plain_table
+from bnfold.validation.error_stats import stats_line
+from bnfold.validation.metrics import Comparison
 
-SCHEMA = "bnfold.validation/1"
 HEADERS = ("provider", "output", "dtype", "max abs", "max rel", "cosine", "worst at",
            "atol / rtol", "result")
 
@@ -157,11 +159,7 @@ class ValidationResult:
 
     def table(self) -> str:
         """A plain-text table (no colour codes) with the inputs used and the verdict."""
-        rows = [HEADERS, *self.rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS) - 1)]
-        lines = ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths, strict=False))
-                 + "  " + r[-1] for r in rows]
-        lines.insert(1, "-" * max(len(line) for line in lines))
+        lines = plain_table(HEADERS, self.rows())
         lines += [f"input {i['name']}: {i['dtype']} {i.get('shapes', i['shape'])} "
                   f"({i['source']})" for i in self.inputs]
         lines += self.stats_lines() + self.reference_lines()

@@ -11,11 +11,17 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import BadInputError
-from bnfold.external_data import bind_external_data
-from bnfold.filechecks import check_external_data, check_initializers, check_input_file
+from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
+from bnfold.io.external_data import bind_external_data
+from bnfold.io.filechecks import (
+    check_external_data,
+    check_initializers,
+    check_input_file,
+    check_onnx_file,
+    check_opset,
+)
+from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
 @contextlib.contextmanager
@@ -52,7 +58,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     (memory-mapped when first read), so only the tensors a pass touches are ever loaded.
     Anything that is not a readable ONNX model raises :class:`BadInputError` (one line).
     External data must lie in the file's folder, or for an in-memory model in ``base_dir``
-    (required when it has external tensors; :func:`bnfold.external_data.bind_external_data`).
+    (required when it has external tensors; :func:`bnfold.io.external_data.bind_external_data`).
     """
     if isinstance(model, ir.Model):
         bind_external_data(model, base_dir)
@@ -70,7 +76,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
-        raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or _short(exc)})"
+        raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
                             ) from exc
     if not proto.graph.node and not proto.graph.output:
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
@@ -81,7 +87,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
         with gc_paused():
             loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise BadInputError(f"{path}: could not load the ONNX model ({_short(exc)})") from exc
+        raise BadInputError(f"{path}: could not load the ONNX model ({first_line(exc)})") from exc
     del proto
     bind_external_data(loaded, path.parent, str(path))
     check_external_data(loaded, str(path))
@@ -104,7 +110,7 @@ def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *
     are streamed one at a time to a new file ``<name>.<content hash>.data`` beside it (a lazy
     tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
     stays about one tensor) and the model's large tensors then refer to it; no existing file is
-    overwritten, and saving over the source file is safe (:mod:`bnfold.staged_save`). An
+    overwritten, and saving over the source file is safe (:mod:`bnfold.io.staged_save`). An
     in-memory model with external tensors needs ``base_dir=`` (their folder). Failures raise
     :class:`BadInputError` with one line; ``path`` is left as it was.
     """
@@ -147,6 +153,14 @@ def _sniff(path: Path) -> str | None:
     return None
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+def load_checked(path: Path) -> ir.Model:
+    """Load an ONNX file for a pass: readable (:func:`load_onnx`), a known ai.onnx opset
+    (:func:`~bnfold.io.filechecks.check_opset`), and accepted by ``onnx.checker``; else a
+    one-line :class:`~bnfold.errors.BnfoldError`."""
+    model = load_onnx(path)
+    check_opset(model, str(path))
+    try:
+        check_onnx_file(path)
+    except Exception as exc:
+        raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
+    return model

@@ -32,8 +32,8 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from bnfold.errors import BadInputError
-from bnfold.filechecks import check_input_file, first_line
+from bnfold.errors import BadInputError, first_line
+from bnfold.io.filechecks import check_input_file
 
 DEFAULT_DIM = 2
 INT_HIGH = 10

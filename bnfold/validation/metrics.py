@@ -28,7 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from bnfold.error_stats import error_stats
+from bnfold.documents import json_safe
+from bnfold.validation.error_stats import error_stats
 
 DEFAULT_TOL: dict[str, float] = {
     "float64": 1e-13,
@@ -96,18 +97,6 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe data; non-finite floats become the strings "inf"/"nan"."""
         return {k: json_safe(v) for k, v in self.__dict__.items() if v is not None}
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``"inf"``, ``"-inf"`` or ``"nan"``
-    (strict JSON has no such numbers)."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def compare_output(

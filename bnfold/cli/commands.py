@@ -4,19 +4,7 @@ Exit codes: 0 ok; 1 validation failed; 2 bad input or usage (one line on stderr,
 no output file, the input untouched). Outputs are written through a temp file and a rename;
 ``-o`` equal to the input is refused unless ``--in-place``. ``--json`` prints one JSON document
 on stdout and nothing else; otherwise rich tables. Progress bars go to stderr, only when it is a
-terminal. JSON schemas (keys are only ever added within a version):
-
-* ``bnfold.fold/1``: ``{schema, input, output, fold: REPORT, validation: VALIDATION|null,
-  written: bool, passed: bool}``
-* ``bnfold.fold-folder/1``: ``{schema, input, output, summary: {files, ok, validation_failed,
-  bad_input}, results: [fold/1 document + exit_code | {input, output, written: false,
-  passed: false, error, exit_code: 2}], exit_code}``
-* ``bnfold.inspect/1``: ``{schema, input, report: REPORT, branches: REPORT}`` (``branches``:
-  one entry per block of parallel branches, ``merged`` = would merge with ``--merge-branches``)
-* ``bnfold.insert/1``: ``{schema, input, output, written, report: REPORT}``
-* ``bnfold.validation/1`` (``bnfold validate``): see :mod:`bnfold.validation_result`
-* REPORT (:meth:`bnfold.report.Report.to_dict`): ``{pass, changed, counts: {folded, kept,
-  inserted, skipped}, entries: [{bn, action, into?, reason?, details?}], notes: [str]}``
+terminal. The JSON documents and their schemas: :mod:`bnfold.documents`.
 """
 
 from __future__ import annotations
@@ -32,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnfold import documents
+
 OK, FAILED, BAD_INPUT = 0, 1, 2
 
 
@@ -40,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = args.json or args.json_top
-    from bnfold.cli_errors import expected_error, quiet_libraries
+    from bnfold.cli.errors import expected_error, quiet_libraries
     from bnfold.errors import BnfoldError
 
     quiet_libraries()
@@ -239,7 +229,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     if args.input.is_dir():
         return _fold_folder(args)
-    from bnfold.program_commands import fold_program, is_program_file
+    from bnfold.cli.program_commands import fold_program, is_program_file
 
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return fold_program(args)
@@ -256,9 +246,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
     import bnfold
-    from bnfold.cli_errors import naming
-    from bnfold.external_data import referenced_files
-    from bnfold.fileio import stage_save
+    from bnfold.cli.errors import naming
+    from bnfold.io.external_data import referenced_files
+    from bnfold.io.fileio import load_checked, stage_save
 
     model = load_checked(src)
     with naming(src):
@@ -268,10 +258,10 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
             with _fold_progress(show) as update:
                 folded, report = bnfold.fold_onnx(model, include=args.include,
                                                   exclude=args.exclude, progress=update)
-    doc: dict[str, Any] = {"schema": "bnfold.fold/1", "input": str(src), "output": str(out),
+    doc: dict[str, Any] = {"schema": documents.FOLD, "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"fold {src}")
     result = None
@@ -279,7 +269,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
         result = _run_validation(args, src, folded, labels=(str(src), f"folded {out.name}"))
         doc["validation"] = result.to_dict()
         if show:
-            from bnfold.render import print_validation
+            from bnfold.cli.render import print_validation
 
             print_validation(result)
     passed = result is None or result.passed
@@ -296,7 +286,7 @@ def _fold_progress(show: bool) -> Any:
     else a context yielding ``None`` (no callback: folder runs draw their own bar)."""
     if not show:
         return contextlib.nullcontext()
-    from bnfold.render import progress_bar
+    from bnfold.cli.render import progress_bar
 
     return progress_bar("folding BNs")
 
@@ -308,9 +298,9 @@ def _kept(reads: set[Path], src: Path, out: Path) -> set[Path]:
 
 
 def _fold_folder(args: argparse.Namespace) -> int:
-    from bnfold.cli_errors import expected_error
+    from bnfold.cli.errors import expected_error
     from bnfold.errors import BadInputError
-    from bnfold.folderscan import model_files
+    from bnfold.io.folderscan import model_files
 
     if args.output is None and not args.in_place:
         raise BadInputError("folding a folder needs -o OUTDIR (or --in-place)")
@@ -327,10 +317,10 @@ def _fold_folder(args: argparse.Namespace) -> int:
     if not files and not unreadable:
         raise BadInputError(f"{src_dir}: no .onnx files in this folder")
     _check_report_path(args, *files, *(out_dir / f.relative_to(src_dir) for f in files))
-    from bnfold.output_paths import check_folder_outputs
+    from bnfold.io.output_paths import check_folder_outputs
 
     check_folder_outputs([out_dir / f.relative_to(src_dir) for f in files], files)
-    from bnfold.render import progress_bar
+    from bnfold.cli.render import progress_bar
 
     results: list[dict[str, Any]] = [
         {"input": str(d), "output": str(out_dir / d.relative_to(src_dir)), "written": False,
@@ -363,7 +353,7 @@ def _fold_folder(args: argparse.Namespace) -> int:
     summary = {"files": len(results), "ok": sum(r["exit_code"] == OK for r in results),
                "validation_failed": sum(r["exit_code"] == FAILED for r in results),
                "bad_input": sum(r["exit_code"] == BAD_INPUT for r in results)}
-    doc = {"schema": "bnfold.fold-folder/1", "input": str(src_dir), "output": str(out_dir),
+    doc = {"schema": documents.FOLD_FOLDER, "input": str(src_dir), "output": str(out_dir),
            "summary": summary, "results": results, "exit_code": code}
     if not args.json:
         _print_folder(results, summary)
@@ -386,7 +376,7 @@ def _discarded_on_error(staged: list[Any]) -> Iterator[None]:
 
 
 def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> None:
-    from bnfold.render import print_rows
+    from bnfold.cli.render import print_rows
 
     rows = []
     for r in results:
@@ -402,38 +392,39 @@ def _print_folder(results: list[dict[str, Any]], summary: dict[str, int]) -> Non
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import bnfold
-    from bnfold.cli_errors import naming
-    from bnfold.program_commands import inspect_program, is_program_file
+    from bnfold.cli.errors import naming
+    from bnfold.cli.program_commands import inspect_program, is_program_file
 
     _check_html_path(args)
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
+    from bnfold.io.fileio import load_checked
     from bnfold.passes.onnx.reparam import inspect_branches
 
     model = load_checked(args.input)
     with naming(args.input):
         report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
     if args.html is not None:
-        from bnfold import html_report
+        from bnfold.cli import html_report
         from bnfold.passes.onnx.names import neighbourhoods
 
         html_report.write(args.html, html_report.render(
             report, f"bnfold inspect {args.input.name}", neighbourhoods(model)))
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"inspect {args.input}")
         if blocks.entries:
             print_report(blocks, "branch blocks (bnfold fold --merge-branches)")
-    _emit(args, {"schema": "bnfold.inspect/1", "input": str(args.input),
+    _emit(args, {"schema": documents.INSPECT, "input": str(args.input),
                  "report": report.to_dict(), "branches": blocks.to_dict()})
     return OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from bnfold.golden import handle_args, write_requested
-    from bnfold.output_paths import check_written_paths
+    from bnfold.io.output_paths import check_written_paths
+    from bnfold.validation.golden import handle_args, write_requested
 
     check_written_paths({"--report": args.report, "--save-inputs": args.save_inputs,
                          "--save-outputs": args.save_outputs},
@@ -442,7 +433,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     result = _run_validation(args, args.reference, args.candidate)
     write_requested(args, result)
     if not args.json:
-        from bnfold.render import print_validation
+        from bnfold.cli.render import print_validation
 
         print_validation(result)
     _emit(args, result.to_dict())
@@ -451,9 +442,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_insert(args: argparse.Namespace) -> int:
     import bnfold
-    from bnfold.cli_errors import naming
-    from bnfold.external_data import referenced_files
-    from bnfold.fileio import stage_save
+    from bnfold.cli.errors import naming
+    from bnfold.io.external_data import referenced_files
+    from bnfold.io.fileio import load_checked, stage_save
 
     out = _output_path(args)
     _check_report_path(args, args.input, out)
@@ -465,10 +456,10 @@ def cmd_insert(args: argparse.Namespace) -> int:
             drop_bias=args.drop_bias, training_mode=args.training_mode)
     staged = stage_save(inserted, out, keep=_kept(referenced_files(model), args.input, out))
     if not args.json:
-        from bnfold.render import print_report
+        from bnfold.cli.render import print_report
 
         print_report(report, f"insert {args.input}")
-    _emit(args, {"schema": "bnfold.insert/1", "input": str(args.input), "output": str(out),
+    _emit(args, {"schema": documents.INSERT, "input": str(args.input), "output": str(out),
                  "written": True, "report": report.to_dict()}, [staged])
     if not args.json:
         print(f"wrote {out}")
@@ -491,24 +482,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # Helpers
 # --------------------------------------------------------------------------------------------
 
-def load_checked(path: Path) -> Any:
-    """Load an ONNX file for a pass: readable (:func:`bnfold.fileio.load_onnx`), a known
-    ai.onnx opset, and accepted by ``onnx.checker``; else a one-line BnfoldError."""
-    from bnfold.errors import BadInputError
-    from bnfold.filechecks import check_onnx_file
-    from bnfold.fileio import load_onnx
-    from bnfold.validation import check_opset
-
-    model = load_onnx(path)
-    check_opset(model, str(path))
-    try:
-        check_onnx_file(path)
-    except Exception as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise BadInputError(f"{path}: invalid ONNX model ({lines[0] if lines else exc!r})") from exc
-    return model
-
-
 def _output_path(args: argparse.Namespace) -> Path:
     from bnfold.errors import BadInputError
 
@@ -526,7 +499,7 @@ def _check_output_file(out: Path, src: Path) -> None:
     """Refuse an output that is stdout (``-``, or the stream this process writes to) or an
     external data file of the input (writing it would destroy the input)."""
     from bnfold.errors import BadInputError
-    from bnfold.external_data import files_named_by
+    from bnfold.io.external_data import files_named_by
 
     if str(out) == "-" or _is_own_stream(out):
         raise BadInputError(f"-o {out}: bnfold does not write a model to its standard output "
@@ -549,7 +522,7 @@ def _is_own_stream(path: Path) -> bool:
 
 def _check_html_path(args: argparse.Namespace) -> None:
     """``inspect --html``: the output-path checks of ``--report``, and not the report file."""
-    from bnfold.output_paths import check_written_paths
+    from bnfold.io.output_paths import check_written_paths
 
     check_written_paths({"--report": args.report, "--html": args.html}, [args.input])
 
@@ -566,7 +539,7 @@ def _merge_branches(args: argparse.Namespace) -> bool:
 
 def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
     """Refuse, before any work, a ``--report`` path that is a folder or one of the models."""
-    from bnfold.output_paths import check_written_path
+    from bnfold.io.output_paths import check_written_path
 
     check_written_path("--report", getattr(args, "report", None), models)
 
@@ -574,7 +547,7 @@ def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
 def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,
                     labels: tuple[str, str] | None = None) -> Any:
     import bnfold
-    from bnfold.render import progress_bar
+    from bnfold.cli.render import progress_bar
 
     _quiet_onnxruntime()
 
@@ -596,7 +569,7 @@ def _quiet_onnxruntime() -> None:
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] = ()) -> None:
     """Write ``doc`` to ``--report`` atomically if given, commit the ``staged`` model outputs
-    (:func:`bnfold.fileio.stage_save`) between the report's write and its rename, then print
+    (:func:`bnfold.io.fileio.stage_save`) between the report's write and its rename, then print
     ``doc`` as JSON with ``--json``. A report that cannot be written leaves no model written
     (exit 2 means nothing was written), and a model that cannot be written, no report."""
     text = json.dumps(doc, indent=2, allow_nan=False, default=str)
@@ -609,7 +582,7 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] =
                 output.commit()
         else:
             from bnfold.errors import BadInputError
-            from bnfold.fileio import atomic_path
+            from bnfold.io.fileio import atomic_path
 
             try:
                 with atomic_path(path) as tmp:
@@ -623,6 +596,3 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] =
     if args.json:
         print(text)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

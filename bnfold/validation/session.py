@@ -4,8 +4,8 @@
 ``onnx_ir.Model``), or a torch module and an ONNX model plus ``example_inputs`` (export
 parity: torch eager in eval mode is the reference). For each requested provider it opens one
 session per model, runs the same input samples through both and compares each output with
-:func:`bnfold.compare.compare_output` (dtype-aware tolerances). When CPU and CUDA both ran, the
-candidate's CPU and CUDA outputs are compared too.
+:func:`bnfold.validation.metrics.compare_output` (dtype-aware tolerances). When CPU and CUDA both
+ran, the candidate's CPU and CUDA outputs are compared too.
 
 Guards against false confidence:
 
@@ -37,18 +37,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.compare import (
-    CROSS_PROVIDER_FACTOR,
-    coarsest,
-    compare_output,
-    dtype_name,
-    tolerance_rule,
-)
-from bnfold.errors import BadInputError, BnfoldError, UnsupportedError
-from bnfold.external_data import external_tensors
-from bnfold.filechecks import utf8_path
-from bnfold.fileio import load_onnx
-from bnfold.inputs import (
+from bnfold.errors import BadInputError, BnfoldError, UnsupportedError, first_line
+from bnfold.io.external_data import external_tensors
+from bnfold.io.filechecks import check_opset, utf8_path
+from bnfold.io.fileio import load_onnx
+from bnfold.validation.inputs import (
     InputSpec,
     Sample,
     check_counts,
@@ -59,8 +52,15 @@ from bnfold.inputs import (
     numpy_dtype,
     random_array,
 )
-from bnfold.upcast import float64_torch_outputs, is_low_precision, upcast_to_float32
-from bnfold.validation_result import ProviderRun, ValidationResult
+from bnfold.validation.metrics import (
+    CROSS_PROVIDER_FACTOR,
+    coarsest,
+    compare_output,
+    dtype_name,
+    tolerance_rule,
+)
+from bnfold.validation.result import ProviderRun, ValidationResult
+from bnfold.validation.upcast import float64_torch_outputs, is_low_precision, upcast_to_float32
 
 if TYPE_CHECKING:  # onnxruntime is imported when a session is opened (start-up time)
     import onnxruntime as ort
@@ -75,7 +75,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-MIN_OPSET = 7
 ORT_SILENT = 4  # ORT log severity "fatal": its errors reach the user as BnfoldError lines
 EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 Progress = Callable[[int, int], None]
@@ -123,14 +122,14 @@ def validate(
 
     ``inputs``: a ``.npy``/``.npz`` path, a dict of arrays, or a list of those; otherwise
     ``samples`` random samples are generated from the reference's input signature with
-    ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.inputs`); for a torch
+    ``seed``, dynamic dims taken from ``dims`` (see :mod:`bnfold.validation.inputs`); for a torch
     reference, ``example_inputs`` then random samples of their shapes, unless ``inputs`` is
-    given. ``atol``/``rtol`` replace the dtype-aware defaults (:mod:`bnfold.compare`).
+    given. ``atol``/``rtol`` replace the dtype-aware defaults (:mod:`bnfold.validation.metrics`).
     ``providers``: CPU always runs, plus these. ``require``: providers whose absence is a
     failure rather than a note. ``progress(done, total)`` is called after each ORT run.
     ``labels`` names (reference, candidate) in the report. ``upcast_reference``: when the
     models compute in float16/bfloat16, the reference is the reference graph computed in
-    float32 (:mod:`bnfold.upcast`), or a torch reference run in float64, not the 16-bit
+    float32 (:mod:`bnfold.validation.upcast`), or a torch reference run in float64, not the 16-bit
     reference itself; ``settings["reference_model"]`` says which was used. Raises
     :class:`BadInputError` for unreadable models or inputs that do not fit,
     :class:`UnsupportedError` when no provider can run the models. ``base_dir``: the folder
@@ -222,7 +221,7 @@ def _upcast(ref: _Model | _Torch, compute: np.dtype | None) -> str:
     try:
         ref.proto = upcast_to_float32(ref.proto)
     except Exception as exc:  # e.g. external data out of reach: compare as given, and say so
-        return f"as given (could not compute the reference in float32: {_first_line(exc)})"
+        return f"as given (could not compute the reference in float32: {first_line(exc, 240)})"
     ref.source, ref.label = ref.proto.SerializeToString(), f"{ref.label} (float32)"
     return (f"the reference graph computed in float32 (weights and inputs are the "
             f"{dtype_name(compute)} values; outputs rounded once to their dtype), not the "
@@ -250,17 +249,6 @@ class _Tolerance:
 def _check_tolerance(value: float | None, name: str) -> None:
     if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
         raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_opset(model: onnx.ModelProto | ir.Model, label: str) -> None:
-    """Refuse a model whose ai.onnx opset bnfold and ONNX do not know."""
-    newest = onnx.defs.onnx_opset_version()
-    imports = ([(i.domain, i.version) for i in model.opset_import]
-               if isinstance(model, onnx.ModelProto) else list(model.opset_imports.items()))
-    for domain, version in imports:
-        if domain in ("", "ai.onnx") and not MIN_OPSET <= version <= newest:
-            raise UnsupportedError(f"{label}: ai.onnx opset {version} is not supported "
-                                   f"(supported: {MIN_OPSET} to {newest})")
 
 
 def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[str]:
@@ -409,12 +397,13 @@ def open_session(model: _Model, provider: str, optimize: bool
             warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
             session = ort.InferenceSession(model.source, options, providers=eps)
     except OrtNotImplemented as exc:
-        return None, f"{EP_NAMES[provider]} cannot run {model.label} ({_first_line(exc)})"
+        return None, f"{EP_NAMES[provider]} cannot run {model.label} ({first_line(exc, 240)})"
     except Exception as exc:
         if provider == "cuda":
-            return None, f"CUDA EP not available (it failed to open the model: {_first_line(exc)})"
+            return None, ("CUDA EP not available (it failed to open the model: "
+                          f"{first_line(exc, 240)})")
         raise BadInputError(f"{model.label}: ONNX Runtime cannot load the model "
-                            f"({_first_line(exc)})") from exc
+                            f"({first_line(exc, 240)})") from exc
     if session.get_providers()[0] != EP_NAMES[provider]:
         return None, (f"CUDA EP not available (ORT fell back to "
                       f"{session.get_providers()[0]}: CUDA libraries failed to load)")
@@ -470,7 +459,7 @@ def _run_ort(session: ort.InferenceSession, feed: Sample, names: list[str], labe
         out = session.run(names, feed, options)
     except Exception as exc:
         raise _RunFailed(f"{label}: ONNX Runtime failed to run it on these inputs "
-                            f"({_first_line(exc)})") from exc
+                            f"({first_line(exc, 240)})") from exc
     ticker.tick()
     return [np.asarray(o) for o in out]
 
@@ -519,8 +508,3 @@ def _leaves(out: Any) -> list[Any]:
         return [leaf for o in out.values() for leaf in _leaves(o)]
     return [out]
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text[:240]

@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.io.fileio import release_mapping
+from bnfold.passes.onnx.layers import is_default
 
 #: At most this many nodes are evaluated for one constant (a bias or BN parameter cone).
 MAX_CONE_NODES = 64
@@ -82,7 +83,7 @@ class Constants:
         self.budget = largest if max_elements is None else max_elements
 
     def _computable(self, node: ir.Node) -> bool:
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_CONSTANT_OPS:
+        if not is_default(node) or node.op_type in _NOT_CONSTANT_OPS:
             return False
         type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
         return all(v is None or self.is_constant(v) or (i in type_only and _static_type(v))
@@ -257,7 +258,7 @@ def data_uses(value: ir.Value) -> list[Any]:
     which a fold never changes)."""
     return [u for u in value.uses()
             if u.idx not in _TYPE_ONLY_INPUTS.get(u.node.op_type, ())
-            or u.node.domain not in ("", "ai.onnx")]
+            or not is_default(u.node)]
 
 
 def make_tensor(array: np.ndarray | ir.TensorProtocol, name: str) -> ir.TensorProtocol:

@@ -44,6 +44,7 @@ from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.linear import structure_fold
 from bnfold.passes.onnx.names import module_path
 from bnfold.passes.onnx.rules import Context, Fold
@@ -165,7 +166,7 @@ def _function_entries(model: ir.Model) -> list[Entry]:
     for function in model.functions.values():
         where = f"{function.domain}.{function.name}" if function.domain else function.name
         for node in ir.traversal.RecursiveGraphIterator(function):
-            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            if _is_bn(node):
                 entries.append(Entry(
                     f"{where}/{display_name(node)}", "kept",
                     reason=(f"inside model-local function {where}: functions are not folded "
@@ -175,7 +176,7 @@ def _function_entries(model: ir.Model) -> list[Entry]:
 
 
 def _is_bn(node: ir.Node) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+    return node.op_type == "BatchNormalization" and is_default(node)
 
 
 def _ticker(progress: Callable[[int, int], Any], total: int) -> Callable[[ir.Node], None]:

@@ -35,3 +35,13 @@ def _randomize_affine(module: _BatchNorm, gen: torch.Generator) -> None:
     gamma = (torch.rand(c, generator=gen) + 0.5) * sign
     module.weight.copy_(gamma.to(module.weight.dtype))
     module.bias.copy_((torch.randn(c, generator=gen) * 0.5).to(module.bias.dtype))
+
+
+def random_input(shape: tuple[int, ...], seed: int = 1, batch: int | None = None
+                 ) -> torch.Tensor:
+    """A fresh N(0, 1) float32 tensor of ``shape`` from its own generator (``batch``
+    overrides dim 0): the zoos' example inputs."""
+    dims = list(shape)
+    if batch is not None:
+        dims[0] = batch
+    return torch.randn(*dims, generator=torch.Generator().manual_seed(seed))

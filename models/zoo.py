@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnfold.models.stats import randomize_bn_stats
+from bnfold.models.stats import random_input, randomize_bn_stats
 
 
 def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -332,8 +332,4 @@ def get(name: str, seed: int = 0) -> nn.Module:
 
 def example_input(name: str, seed: int = 1, batch: int | None = None) -> torch.Tensor:
     """A fresh random float32 input for zoo model ``name`` (``batch`` overrides dim 0)."""
-    shape = list(ZOO[name].input_shape)
-    if batch is not None:
-        shape[0] = batch
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen)
+    return random_input(ZOO[name].input_shape, seed, batch)

@@ -359,8 +359,7 @@ class _Folder:
                         layer.kind, site.params, ConvGeometry.symmetric(
                             tuple(layer.weight.shape[2:]), layer.padding, stride=layer.stride,
                             dilation=layer.dilation, padding_mode=layer.padding_mode,
-                            output_padding=None if any(p < 0 for p in layer.output_padding)
-                            else layer.output_padding),
+                            output_padding=layer.output_padding),
                     ) or self._dtype_refusal(site, layer)
                 if not why:
                     plans.append((layer, fold_backward(

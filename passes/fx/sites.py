@@ -199,7 +199,7 @@ class LayerSite:
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
-    output_padding: tuple[int, ...]
+    output_padding: tuple[int, ...] | None  # None: output_size given at call time
     padding_mode: str
     label: str
 
@@ -262,9 +262,9 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
                              str(node.target))
         n = spatial
         padding = _conv_padding(m.padding, m.dilation, m.kernel_size, n)
-        output_padding = _tup(getattr(m, "output_padding", 0), n)
+        output_padding: tuple[int, ...] | None = _tup(getattr(m, "output_padding", 0), n)
         if kind == "conv_transpose" and len(node.args) + len(node.kwargs) > 1:
-            output_padding = (-1,) * n  # output_size given at call time: output padding varies
+            output_padding = None  # output_size given at call time: output padding varies
         return LayerSite(node, kind, n, m.weight, m.bias, m.groups, _tup(m.stride, n), padding,
                          _tup(m.dilation, n), output_padding, m.padding_mode, str(node.target))
     call = LAYER_FUNCTIONS[node.target]

@@ -646,3 +646,23 @@ def test_a_bn_with_negative_variance_is_kept_not_raised(direction: str) -> None:
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(torch.isnan(gm(x)), torch.isnan(model(x)))
+
+
+class _BNThenUpsample(nn.Module):
+    """BN -> ConvTranspose2d called with ``output_size``: the output padding is chosen at call
+    time, so the backward fold must not assume one."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=stride, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.bn(x), output_size=[x.shape[2] * 2, x.shape[3] * 2])
+
+
+def test_bn_before_conv_transpose_with_call_time_output_size_stays_exact() -> None:
+    model = prepared(_BNThenUpsample(stride=2))
+    x = torch.randn(2, 4, 6, 6)
+    _, report = fold_checked(model, x, left=1)
+    assert entry(report, "bn").action == "kept"

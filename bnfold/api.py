@@ -3,8 +3,8 @@
 The work happens in ``bnfold.passes`` (graph rewrites, one module per pass and IR), in
 ``bnfold.algebra`` (the fold math), in :mod:`bnfold.validation.session` and :mod:`bnfold.exporter`.
 Nothing is restated: ``bnfold.fold_onnx`` *is* :func:`bnfold.passes.onnx.fold.fold_onnx`, so its
-signature, return type and docstring are the implementation's own. ``fold`` and ``insert_bn``
-are the FX passes that also take a ``torch.export.ExportedProgram``
+signature, return type and docstring are the implementation's own. ``fold``, ``insert_bn``
+and ``reparameterize`` are the FX passes that also take a ``torch.export.ExportedProgram``
 (:func:`bnfold.programs.also_on_programs`).
 
 The implementations import torch, onnxruntime or onnxscript, so each one is imported on first

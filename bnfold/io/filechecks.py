@@ -4,8 +4,9 @@
   device, which would block or never end) no larger than a limit, so nothing is read whole
   that cannot be held: an ONNX file over protobuf's 2 GiB message limit cannot be parsed
   anyway, and a sample file over the validation memory budget is refused unread.
-* :func:`check_external_data`: every external tensor of a loaded model lies inside the
-  model's folder (also after following symlinks), in a regular file, and its bytes
+* :func:`check_external_data`: every external tensor of a loaded model (whose location
+  :func:`bnfold.io.external_data.bind_external_data` has already kept inside the model's
+  folder, also after following symlinks) lies in a regular file, and its bytes
   ``[offset, offset + length)`` are all in that file, with ``length`` equal to what its shape
   and dtype need. A model that breaks this is invalid and is refused, not "repaired".
 * :func:`check_initializers`: onnx-ir drops ``sparse_initializer`` entries, so a model that
@@ -78,7 +79,9 @@ def check_input_file(path: Path, what: str = "ONNX model", limit: int = MAX_MODE
 
 
 def check_external_data(model: ir.Model, label: str) -> None:
-    """Refuse a model whose external tensors are outside its folder or past their file's end."""
+    """Refuse a model whose external tensors are not in a regular file or run past its end
+    (containment in the folder is :func:`bnfold.io.external_data.check_contained`'s, run by
+    ``bind_external_data`` first)."""
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
@@ -91,12 +94,7 @@ def check_external_data(model: ir.Model, label: str) -> None:
 
 def _external_problem(tensor: ir.ExternalTensor) -> str | None:
     location = os.fspath(tensor.location)
-    base = os.path.abspath(os.fspath(tensor.base_dir or "."))
-    path = os.path.normpath(os.path.join(base, location))
-    if os.path.isabs(location) or not _inside(path, base):
-        return f"location {location!r} is outside the model's folder"
-    if not _inside(os.path.realpath(path), os.path.realpath(base)):
-        return f"location {location!r} leads through a symlink out of the model's folder"
+    path = os.path.join(os.fspath(tensor.base_dir or "."), location)
     try:
         info = os.stat(path)
     except OSError as exc:
@@ -112,10 +110,6 @@ def _external_problem(tensor: ir.ExternalTensor) -> str | None:
         return (f"bytes {offset} to {offset + length} are past the end of {location!r} "
                 f"({info.st_size} bytes)")
     return None
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_initializers(proto: onnx.ModelProto, label: str) -> None:

@@ -21,6 +21,7 @@ from bnfold.io.filechecks import (
     check_onnx_file,
     check_opset,
 )
+from bnfold.io.proto_stream import stored_bytes, writes_as_is
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -125,12 +126,17 @@ def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], 
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
     with gc_paused():
+        if isinstance(model, onnx.ModelProto):
+            check_initializers(model, "model")
+            if writes_as_is(model, EXTERNAL_THRESHOLD):
+                return stage_onnx(model, Path(path), external=False,
+                                  inline_limit=INLINE_LIMIT, keep=keep)
         model = load_onnx(model, base_dir=base_dir)
-        values = [v for g in model.graphs() for v in g.initializers.values()
-                  if v.const_value is not None]
+        tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
+                   if v.const_value is not None]
         lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
-        external = any(isinstance(v.const_value, lazy) for v in values) or sum(
-            v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
+        external = any(isinstance(t, lazy) for t in tensors) or sum(
+            map(stored_bytes, tensors)) > EXTERNAL_THRESHOLD
         return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
                           keep=keep)
 

@@ -135,7 +135,7 @@ def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], 
         tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
                    if v.const_value is not None]
         lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
-        external = any(isinstance(t, lazy) for t in tensors) or sum(
+        external = any(issubclass(type(t), lazy) for t in tensors) or sum(
             map(stored_bytes, tensors)) > EXTERNAL_THRESHOLD
         return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
                           keep=keep)

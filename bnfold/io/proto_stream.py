@@ -14,6 +14,7 @@ in place, so the file is byte for byte what ``onnx_ir.save`` writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Sequence
@@ -48,12 +49,13 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
     try:
         for index, value in enumerate(values):  # the order serialize_graph_into writes them in
             tensor = value.const_value
-            if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
+            kind = type(tensor)  # issubclass: isinstance on onnx-ir's protocol classes is slow
+            if issubclass(kind, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
                 if tensor.raw.nbytes >= STREAM_MIN:
                     streamed[index] = _array_bytes(tensor)
                     swapped.append((value, tensor))
                     value.const_value = _hollow(tensor)
-            elif isinstance(tensor, ir.serde.TensorProtoTensor) and \
+            elif issubclass(kind, ir.serde.TensorProtoTensor) and \
                     tensor.raw.HasField("raw_data") and _proto_bytes(tensor.raw) >= STREAM_MIN:
                 streamed[index] = None
         proto = ir.serde.serialize_model(model)
@@ -170,23 +172,35 @@ def _varint(n: int) -> bytes:
 
 
 def stored_bytes(tensor: ir.TensorProtocol) -> int:
-    """``tensor.nbytes``, read off the dims of a tensor still held as a proto (onnx-ir builds
-    its shape anew on each call), and the bytes of its strings for a string tensor."""
-    if isinstance(tensor, ir.serde.TensorProtoTensor):
-        return _proto_bytes(tensor.raw)
+    """``tensor.nbytes``, read off the dims of a tensor held as a proto or the size of one held
+    as an array (onnx-ir's ``nbytes`` goes through a new shape tuple on each call)."""
+    kind, raw = type(tensor), tensor.raw
+    if issubclass(kind, ir.serde.TensorProtoTensor):
+        return _proto_bytes(raw)
+    if issubclass(kind, ir.Tensor) and isinstance(raw, np.ndarray):  # shape: the array's
+        return (raw.size * tensor.dtype.bitwidth + 7) // 8
     return tensor.nbytes
 
 
 def _proto_bytes(tensor: onnx.TensorProto) -> int:
     """The bytes a tensor proto's dims and dtype call for (its ``raw_data`` length when valid;
     the bytes of its strings for a string tensor, 0 for an unknown dtype)."""
-    if tensor.data_type == onnx.TensorProto.STRING:
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
         return sum(map(len, tensor.string_data))
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (TypeError, ValueError):
-        return 0
-    return math.ceil(math.prod(tensor.dims) * bits / 8)
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _bitwidths() -> dict[int, int]:
+    """Bits per element of each ONNX dtype that has a fixed width (not STRING, UNDEFINED)."""
+    widths = {}
+    for dtype in ir.DataType:
+        with contextlib.suppress(TypeError):
+            widths[dtype.value] = dtype.bitwidth
+    return widths
+
+
+_BITS = _bitwidths()
 
 
 def _array_bytes(tensor: ir.Tensor) -> Buffer:

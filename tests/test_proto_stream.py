@@ -12,13 +12,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 from onnx_cases import Builder, feeds, reference, rel_err, run_ort
 
 from bnfold.io import proto_stream
 from bnfold.io.external_data import files_named_by
 from bnfold.io.fileio import load_onnx, save_onnx
-from bnfold.io.proto_stream import write_model, write_proto, writes_as_is
+from bnfold.io.proto_stream import read_proto, write_model, write_proto, writes_as_is
 from bnfold.passes.onnx.fold import fold_onnx
 
 #: dtype, shape: one initializer each, some over STREAM_MIN (64 KiB), one over 2 MiB.
@@ -191,3 +192,18 @@ def test_large_proto_saves_load_back_equal(tmp_path) -> None:
     loaded = load_onnx(tmp_path / "big.onnx")
     np.testing.assert_array_equal(loaded.graph.initializers["big"].const_value.numpy(),
                                   np.arange(1_250_000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".bin", ".json"])
+def test_read_proto_is_onnx_load(tmp_path, suffix) -> None:
+    """A binary file parsed from its memory map, a text one by onnx: as onnx.load; a file
+    cut short is refused with protobuf's error, as onnx.load refuses it."""
+    path = tmp_path / f"m{suffix}"
+    onnx.save(_zoo(), path)
+    assert read_proto(path) == onnx.load(str(path), load_external_data=False) == _zoo()
+    if suffix != ".json":
+        path.write_bytes(path.read_bytes()[:-100])
+        with pytest.raises(DecodeError):
+            onnx.load(str(path), load_external_data=False)
+        with pytest.raises(DecodeError):
+            read_proto(path)

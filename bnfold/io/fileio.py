@@ -21,7 +21,7 @@ from bnfold.io.filechecks import (
     check_onnx_file,
     check_opset,
 )
-from bnfold.io.proto_stream import stored_bytes, writes_as_is
+from bnfold.io.proto_stream import read_proto, stored_bytes, writes_as_is
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -75,7 +75,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     if check_input_file(path) == 0:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_proto(path)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
         raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
                             ) from exc

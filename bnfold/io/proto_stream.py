@@ -1,4 +1,6 @@
-"""Write an ONNX model to a file without building its serialized bytes whole.
+"""Read and write ONNX model files without a whole-file copy of their bytes in memory.
+
+:func:`read_proto` parses a file from a read-only memory map of it, not from a ``bytes`` read.
 
 A ``ModelProto`` on the wire is its set fields in field-number order, a length-delimited field
 being ``tag varint`` (``field_number << 3 | 2``), ``length varint``, then its bytes. The bulk of
@@ -7,7 +9,7 @@ a model is the ``raw_data`` (field 9) of the large ``TensorProto`` initializers 
 part-messages (protobuf's own bytes), writes the framing of those three levels itself, and
 writes each large tensor's bytes straight from its buffer: the file is byte for byte
 ``proto.SerializeToString()`` (unknown fields, which onnx-ir drops too, aside) without that
-100 MB string being built. :func:`write_model` does the same for an onnx-ir model: it
+whole string being built. :func:`write_model` does the same for an onnx-ir model: it
 serializes the model with its large numpy tensors hollow (header only) and writes their arrays
 in place, so the file is byte for byte what ``onnx_ir.save`` writes.
 """
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
 #: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
 STREAM_MIN = 64 * 1024
@@ -32,6 +37,29 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: A streamed tensor's bytes: an exact ``bytes`` or a flat ``uint8`` array viewing them.
 Buffer = bytes | np.ndarray
+
+
+def read_proto(path: Path) -> onnx.ModelProto:
+    """Parse the ONNX file at ``path`` as ``onnx.load(path, load_external_data=False)`` does,
+    a binary one straight from a read-only memory map of it (no copy of the file in memory;
+    the parsed proto owns its bytes, the map is closed on return). Parse errors are
+    protobuf's, as from ``onnx.load``; a text format, or a file that cannot be mapped, is
+    read by ``onnx.load``."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    with open(path, "rb") as f:
+        try:
+            mapped = None if fmt not in (None, "protobuf") else mmap.mmap(
+                f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            mapped = None
+        if mapped is None:
+            return onnx.load(str(path), load_external_data=False)
+        proto = onnx.ModelProto()
+        with mapped, memoryview(mapped) as view:
+            decoded = proto.ParseFromString(view)
+            if decoded is not None and decoded != len(view):
+                raise DecodeError(f"protobuf decoding consumed {decoded} of {len(view)} bytes")
+    return proto
 
 
 def write_model(model: ir.Model, f: BinaryIO) -> None:

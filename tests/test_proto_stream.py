@@ -19,7 +19,13 @@ from onnx_cases import Builder, feeds, reference, rel_err, run_ort
 from bnfold.io import proto_stream
 from bnfold.io.external_data import files_named_by
 from bnfold.io.fileio import load_onnx, save_onnx
-from bnfold.io.proto_stream import read_proto, write_model, write_proto, writes_as_is
+from bnfold.io.proto_stream import (
+    read_proto,
+    tensor_bytes,
+    write_model,
+    write_proto,
+    writes_as_is,
+)
 from bnfold.passes.onnx.fold import fold_onnx
 
 #: dtype, shape: one initializer each, some over STREAM_MIN (64 KiB), one over 2 MiB.
@@ -207,3 +213,17 @@ def test_read_proto_is_onnx_load(tmp_path, suffix) -> None:
             onnx.load(str(path), load_external_data=False)
         with pytest.raises(DecodeError):
             read_proto(path)
+
+
+def test_tensor_bytes_are_tobytes() -> None:
+    """The view a numpy tensor is written from holds ``tobytes()``, for every layout and dtype;
+    a view only where no copy is needed."""
+    model = _numpy_backed(ir.serde.deserialize_model(_zoo()))
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor.dtype == ir.DataType.STRING:
+            continue
+        got = tensor_bytes(tensor)
+        assert bytes(got) == tensor.tobytes(), value.name
+        viewed = isinstance(got, np.ndarray) and np.shares_memory(got, tensor.raw)
+        assert viewed == (value.name not in ("t0", "t7", "t8", "i4")), value.name  # t7: empty

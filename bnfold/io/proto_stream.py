@@ -80,7 +80,7 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
             kind = type(tensor)  # issubclass: isinstance on onnx-ir's protocol classes is slow
             if issubclass(kind, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
                 if tensor.raw.nbytes >= STREAM_MIN:
-                    streamed[index] = _array_bytes(tensor)
+                    streamed[index] = tensor_bytes(tensor)
                     swapped.append((value, tensor))
                     value.const_value = _hollow(tensor)
             elif issubclass(kind, ir.serde.TensorProtoTensor) and \
@@ -231,13 +231,13 @@ def _bitwidths() -> dict[int, int]:
 _BITS = _bitwidths()
 
 
-def _array_bytes(tensor: ir.Tensor) -> Buffer:
-    """``tensor.tobytes()``: a flat view of its array when that holds the same bytes (C order,
-    whole bytes per element, little-endian host, as ``tobytes`` has them), else the copy."""
-    array = tensor.raw
-    assert isinstance(array, np.ndarray)
-    if _LITTLE_ENDIAN and array.flags.c_contiguous and \
-            array.dtype.itemsize * 8 == tensor.dtype.bitwidth:
+def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
+    """``tensor.tobytes()``; for a numpy-backed ``ir.Tensor`` whose array holds those very bytes
+    (C order, whole bytes per element, little-endian host) a flat ``uint8`` view of it, no
+    copy."""
+    array = tensor.raw if issubclass(type(tensor), ir.Tensor) else None
+    if isinstance(array, np.ndarray) and _LITTLE_ENDIAN and array.flags.c_contiguous and \
+            array.dtype.itemsize * 8 == _BITS.get(tensor.dtype.value):
         return array.reshape(-1).view(np.uint8)
     return tensor.tobytes()
 

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.io.external_data import files_named_by, referenced_files
-from bnfold.io.proto_stream import write_model, write_proto
+from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
 
 #: What follows the target's name in the name of a data file bnfold wrote for it.
 OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
@@ -163,7 +163,7 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
                         staged.swapped.append((value, tensor))
                         value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
                     continue
-                data = tensor.tobytes()
+                data = tensor_bytes(tensor)  # a numpy tensor's array itself, no copy
                 placed.append((value, tensor, f.tell(), len(data)))
                 f.write(data)
                 digest.update(data)

@@ -227,3 +227,14 @@ def test_tensor_bytes_are_tobytes() -> None:
         assert bytes(got) == tensor.tobytes(), value.name
         viewed = isinstance(got, np.ndarray) and np.shares_memory(got, tensor.raw)
         assert viewed == (value.name not in ("t0", "t7", "t8", "i4")), value.name  # t7: empty
+
+
+def test_a_shared_tensor_is_written_twice_and_named_as_onnx_ir_names_it() -> None:
+    model = ir.serde.deserialize_model(_zoo())
+    shared = ir.Tensor(np.arange(20_000, dtype=np.float32))
+    for name in ("t1", "t2"):
+        model.graph.initializers[name].const_value = shared
+    got = _written(write_model, model)
+    left = shared.name
+    assert got == ir.serde.serialize_model(model).SerializeToString()
+    assert left == shared.name == "t2"

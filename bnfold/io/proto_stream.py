@@ -77,8 +77,8 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
     try:
         for index, value in enumerate(values):  # the order serialize_graph_into writes them in
             tensor = value.const_value
-            kind = type(tensor)  # issubclass: isinstance on onnx-ir's protocol classes is slow
-            if issubclass(kind, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
+            kind = type(tensor)  # not isinstance: slow on onnx-ir's protocol classes
+            if kind is ir.Tensor and isinstance(tensor.raw, np.ndarray):
                 if tensor.raw.nbytes >= STREAM_MIN:
                     streamed[index] = tensor_bytes(tensor)
                     swapped.append((value, tensor))
@@ -88,7 +88,7 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
                 streamed[index] = None
         proto = ir.serde.serialize_model(model)
     finally:
-        for value, tensor in reversed(swapped):
+        for value, tensor in swapped:  # in order: a shared tensor ends named as onnx-ir names it
             value.const_value = tensor
             tensor.name = value.name
     write_proto(proto, f, streamed)
@@ -205,7 +205,7 @@ def stored_bytes(tensor: ir.TensorProtocol) -> int:
     kind, raw = type(tensor), tensor.raw
     if issubclass(kind, ir.serde.TensorProtoTensor):
         return _proto_bytes(raw)
-    if issubclass(kind, ir.Tensor) and isinstance(raw, np.ndarray):  # shape: the array's
+    if kind is ir.Tensor and isinstance(raw, np.ndarray):  # shape: the array's
         return (raw.size * tensor.dtype.bitwidth + 7) // 8
     return tensor.nbytes
 
@@ -235,7 +235,7 @@ def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
     """``tensor.tobytes()``; for a numpy-backed ``ir.Tensor`` whose array holds those very bytes
     (C order, whole bytes per element, little-endian host) a flat ``uint8`` view of it, no
     copy."""
-    array = tensor.raw if issubclass(type(tensor), ir.Tensor) else None
+    array = tensor.raw if type(tensor) is ir.Tensor else None  # a subclass may differ
     if isinstance(array, np.ndarray) and _LITTLE_ENDIAN and array.flags.c_contiguous and \
             array.dtype.itemsize * 8 == _BITS.get(tensor.dtype.value):
         return array.reshape(-1).view(np.uint8)

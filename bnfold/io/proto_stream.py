@@ -100,12 +100,12 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
 
     ``streamed``: the main-graph initializers to write from a buffer, by index, each with its
     bytes (``None``: the proto's own ``raw_data``, copied out; a proto's bytes field has no
-    view); by default every one with ``raw_data`` of at least :data:`STREAM_MIN` bytes by its
-    dims and dtype. ``proto`` is not changed."""
+    view); by default every one with ``raw_data`` of at least :data:`STREAM_MIN` bytes (copied
+    out once, to be measured and written). ``proto`` is not changed."""
     graph = proto.graph
     if streamed is None:
-        streamed = {i: None for i, t in enumerate(graph.initializer)
-                    if t.HasField("raw_data") and _proto_bytes(t) >= STREAM_MIN}
+        streamed = {i: raw for i, t in enumerate(graph.initializer)
+                    if len(raw := t.raw_data) >= STREAM_MIN}
     if not streamed:
         f.write(proto.SerializeToString())
         return

@@ -21,6 +21,7 @@ from bnfold.io.external_data import files_named_by
 from bnfold.io.fileio import load_onnx, save_onnx
 from bnfold.io.proto_stream import (
     read_proto,
+    stored_bytes,
     tensor_bytes,
     write_model,
     write_proto,
@@ -238,3 +239,17 @@ def test_a_shared_tensor_is_written_twice_and_named_as_onnx_ir_names_it() -> Non
     left = shared.name
     assert got == ir.serde.serialize_model(model).SerializeToString()
     assert left == shared.name == "t2"
+
+
+def test_stored_bytes_is_nbytes() -> None:
+    """The size save_onnx weighs against its external-data threshold is onnx-ir's nbytes, for
+    tensors held as protos, as arrays (int4 too) and lazily; a string tensor's is its bytes."""
+    for model in (ir.serde.deserialize_model(_zoo()),
+                  _numpy_backed(ir.serde.deserialize_model(_zoo()))):
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor.dtype == ir.DataType.STRING:
+                assert stored_bytes(tensor) == 3, value.name
+                continue
+            lazy = ir.LazyTensor(lambda t=tensor: t, tensor.dtype, tensor.shape)
+            assert stored_bytes(tensor) == stored_bytes(lazy) == tensor.nbytes, value.name

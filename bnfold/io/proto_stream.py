@@ -202,11 +202,11 @@ def _varint(n: int) -> bytes:
 def stored_bytes(tensor: ir.TensorProtocol) -> int:
     """``tensor.nbytes``, read off the dims of a tensor held as a proto or the size of one held
     as an array (onnx-ir's ``nbytes`` goes through a new shape tuple on each call)."""
-    kind, raw = type(tensor), tensor.raw
+    kind = type(tensor)
     if issubclass(kind, ir.serde.TensorProtoTensor):
-        return _proto_bytes(raw)
-    if kind is ir.Tensor and isinstance(raw, np.ndarray):  # shape: the array's
-        return (raw.size * tensor.dtype.bitwidth + 7) // 8
+        return _proto_bytes(tensor.raw)
+    if kind is ir.Tensor and isinstance(tensor.raw, np.ndarray):  # shape: the array's
+        return (tensor.raw.size * tensor.dtype.bitwidth + 7) // 8
     return tensor.nbytes
 
 

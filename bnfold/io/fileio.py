@@ -112,8 +112,11 @@ def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *
     tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
     stays about one tensor) and the model's large tensors then refer to it; no existing file is
     overwritten, and saving over the source file is safe (:mod:`bnfold.io.staged_save`). An
-    in-memory model with external tensors needs ``base_dir=`` (their folder). Failures raise
-    :class:`BadInputError` with one line; ``path`` is left as it was.
+    in-memory model with external tensors needs ``base_dir=`` (their folder). Otherwise the file
+    is one protobuf message, its large tensors written from their own buffers
+    (:mod:`bnfold.io.proto_stream`): an ``ir.Model`` as onnx-ir serializes it, a ``ModelProto``
+    as it is (``SerializeToString``'s bytes). Failures raise :class:`BadInputError` with one
+    line; ``path`` is left as it was.
     """
     with stage_save(model, path, base_dir=base_dir) as staged:
         staged.commit()

@@ -206,18 +206,18 @@ def test_two_concurrent_writers_leave_a_consistent_pair(tmp_path):
 
 _BLOCKED_CLI = """
 import sys, time
-import onnx_ir
 from pathlib import Path
 from bnfold import cli
-real = onnx_ir.save
+from bnfold.io import staged_save
+real = staged_save.write_model
 saves = []
-def blocked(model, path, **kwargs):  # the last file's graph: written, not yet renamed
-    real(model, path, **kwargs)
-    saves.append(path)
+def blocked(model, f):  # the last file's graph: written, not yet renamed
+    real(model, f)
+    saves.append(f.name)
     if len(saves) == int(sys.argv[2]):
         Path(sys.argv[1]).touch()
         time.sleep(120)
-onnx_ir.save = blocked
+staged_save.write_model = blocked
 sys.exit(cli.main(sys.argv[3:]))
 """
 

@@ -21,6 +21,7 @@ from bnfold.io.filechecks import (
     check_onnx_file,
     check_opset,
 )
+from bnfold.io.proto_stream import read_proto, stored_bytes, writes_as_is
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -74,7 +75,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     if check_input_file(path) == 0:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = read_proto(path)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
         raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
                             ) from exc
@@ -111,8 +112,11 @@ def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *
     tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
     stays about one tensor) and the model's large tensors then refer to it; no existing file is
     overwritten, and saving over the source file is safe (:mod:`bnfold.io.staged_save`). An
-    in-memory model with external tensors needs ``base_dir=`` (their folder). Failures raise
-    :class:`BadInputError` with one line; ``path`` is left as it was.
+    in-memory model with external tensors needs ``base_dir=`` (their folder). Otherwise the file
+    is one protobuf message, its large tensors written from their own buffers
+    (:mod:`bnfold.io.proto_stream`): an ``ir.Model`` as onnx-ir serializes it, a ``ModelProto``
+    as it is (``SerializeToString``'s bytes). Failures raise :class:`BadInputError` with one
+    line; ``path`` is left as it was.
     """
     with stage_save(model, path, base_dir=base_dir) as staged:
         staged.commit()
@@ -125,12 +129,17 @@ def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], 
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
     with gc_paused():
+        if isinstance(model, onnx.ModelProto):
+            check_initializers(model, "model")
+            if writes_as_is(model, EXTERNAL_THRESHOLD):
+                return stage_onnx(model, Path(path), external=False,
+                                  inline_limit=INLINE_LIMIT, keep=keep)
         model = load_onnx(model, base_dir=base_dir)
-        values = [v for g in model.graphs() for v in g.initializers.values()
-                  if v.const_value is not None]
+        tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
+                   if v.const_value is not None]
         lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
-        external = any(isinstance(v.const_value, lazy) for v in values) or sum(
-            v.const_value.nbytes for v in values) > EXTERNAL_THRESHOLD
+        external = any(issubclass(type(t), lazy) for t in tensors) or sum(
+            map(stored_bytes, tensors)) > EXTERNAL_THRESHOLD
         return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
                           keep=keep)
 

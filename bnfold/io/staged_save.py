@@ -31,10 +31,12 @@ import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.io.external_data import files_named_by, referenced_files
+from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
 
 #: What follows the target's name in the name of a data file bnfold wrote for it.
 OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
@@ -106,11 +108,12 @@ class StagedModel:
         self.swapped.clear()
 
 
-def stage_onnx(model: ir.Model, target: Path, *, external: bool, inline_limit: int,
-               keep: Collection[Path] = ()) -> StagedModel:
+def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: bool,
+               inline_limit: int, keep: Collection[Path] = ()) -> StagedModel:
     """Write ``model`` beside ``target`` (see the module docstring); ``external``: tensors of
-    at least ``inline_limit`` bytes go to a new data file. :class:`BadInputError` on failure,
-    with nothing left behind."""
+    at least ``inline_limit`` bytes go to a new data file (an ``ir.Model`` only; a
+    ``ModelProto`` is written as it is, :func:`~bnfold.io.proto_stream.writes_as_is`).
+    :class:`BadInputError` on failure, with nothing left behind."""
     staged = StagedModel(target, keep)
     try:
         with one_line_oserror(target):
@@ -119,15 +122,22 @@ def stage_onnx(model: ir.Model, target: Path, *, external: bool, inline_limit: i
                     raise BadInputError(
                         f"{target}: not a regular file; a model with external data is written "
                         "only to a regular file (its data file goes beside it)")
-                staged.payload = ir.serde.serialize_model(model).SerializeToString()
+                staged.payload = (model if isinstance(model, onnx.ModelProto)
+                                  else ir.serde.serialize_model(model)).SerializeToString()
                 return staged
             target.parent.mkdir(parents=True, exist_ok=True)
             if external:
+                assert isinstance(model, ir.Model)
                 _write_data(model, target, inline_limit, staged)
             staged.graph_tmp = Path(_new_temp(target, ".tmp"))
-            ir.save(model, staged.graph_tmp)
-            _fsync(staged.graph_tmp)
-            staged.reads = referenced_files(model)
+            with open(staged.graph_tmp, "wb") as f:
+                if isinstance(model, onnx.ModelProto):
+                    write_proto(model, f)
+                else:
+                    write_model(model, f)
+                f.flush()
+                os.fsync(f.fileno())
+            staged.reads = referenced_files(model) if isinstance(model, ir.Model) else set()
     except BaseException:
         staged.discard()
         raise
@@ -153,7 +163,7 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
                         staged.swapped.append((value, tensor))
                         value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
                     continue
-                data = tensor.tobytes()
+                data = tensor_bytes(tensor)  # a numpy tensor's array itself, no copy
                 placed.append((value, tensor, f.tell(), len(data)))
                 f.write(data)
                 digest.update(data)

@@ -1,0 +1,252 @@
+"""Read and write ONNX model files without a whole-file copy of their bytes in memory.
+
+:func:`read_proto` parses a file from a read-only memory map of it, not from a ``bytes`` read.
+
+A ``ModelProto`` on the wire is its set fields in field-number order, a length-delimited field
+being ``tag varint`` (``field_number << 3 | 2``), ``length varint``, then its bytes. The bulk of
+a model is the ``raw_data`` (field 9) of the large ``TensorProto`` initializers (field 5) of its
+``GraphProto`` (field 7). :func:`write_proto` serializes every other field in small
+part-messages (protobuf's own bytes), writes the framing of those three levels itself, and
+writes each large tensor's bytes straight from its buffer: the file is byte for byte
+``proto.SerializeToString()`` (unknown fields, which onnx-ir drops too, aside) without that
+whole string being built. :func:`write_model` does the same for an onnx-ir model: it
+serializes the model with its large numpy tensors hollow (header only) and writes their arrays
+in place, so the file is byte for byte what ``onnx_ir.save`` writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+#: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
+STREAM_MIN = 64 * 1024
+
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, raw_data
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+#: A streamed tensor's bytes: an exact ``bytes`` or a flat ``uint8`` array viewing them.
+Buffer = bytes | np.ndarray
+
+
+def read_proto(path: Path) -> onnx.ModelProto:
+    """Parse the ONNX file at ``path`` as ``onnx.load(path, load_external_data=False)`` does,
+    a binary one straight from a read-only memory map of it (no copy of the file in memory;
+    the parsed proto owns its bytes, the map is closed on return). Parse errors are
+    protobuf's, as from ``onnx.load``; a text format, or a file that cannot be mapped, is
+    read by ``onnx.load``."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    with open(path, "rb") as f:
+        try:
+            mapped = None if fmt not in (None, "protobuf") else mmap.mmap(
+                f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            mapped = None
+        if mapped is None:
+            return onnx.load(str(path), load_external_data=False)
+        proto = onnx.ModelProto()
+        with mapped, memoryview(mapped) as view:
+            decoded = proto.ParseFromString(view)
+            if decoded is not None and decoded != len(view):
+                raise DecodeError(f"protobuf decoding consumed {decoded} of {len(view)} bytes")
+    return proto
+
+
+def write_model(model: ir.Model, f: BinaryIO) -> None:
+    """Write ``model`` to ``f``, byte for byte ``ir.serde.serialize_model(model)`` serialized.
+
+    While the model is serialized, each large numpy-backed tensor of the main graph is swapped
+    for a hollow stand-in (same name, dtype, shape, doc string and metadata, no bytes), and its
+    array is then written as it lies in memory (``tobytes()`` without the copy); a large tensor
+    held as a proto is copied into the model proto by onnx-ir as usual and streamed from it.
+    The model is as it was afterwards, also on error (the tensors are named after their values,
+    as ``serialize_model`` names them)."""
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    streamed: dict[int, Buffer | None] = {}
+    swapped: list[tuple[ir.Value, ir.Tensor]] = []
+    try:
+        for index, value in enumerate(values):  # the order serialize_graph_into writes them in
+            tensor = value.const_value
+            kind = type(tensor)  # not isinstance: slow on onnx-ir's protocol classes
+            if kind is ir.Tensor and isinstance(tensor.raw, np.ndarray):
+                if tensor.raw.nbytes >= STREAM_MIN:
+                    streamed[index] = tensor_bytes(tensor)
+                    swapped.append((value, tensor))
+                    value.const_value = _hollow(tensor)
+            elif issubclass(kind, ir.serde.TensorProtoTensor) and \
+                    tensor.raw.HasField("raw_data") and _proto_bytes(tensor.raw) >= STREAM_MIN:
+                streamed[index] = None
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:  # in order: a shared tensor ends named as onnx-ir names it
+            value.const_value = tensor
+            tensor.name = value.name
+    write_proto(proto, f, streamed)
+
+
+def write_proto(proto: onnx.ModelProto, f: BinaryIO,
+                streamed: dict[int, Buffer | None] | None = None) -> None:
+    """Write ``proto`` to ``f``, byte for byte its ``SerializeToString()`` (known fields).
+
+    ``streamed``: the main-graph initializers to write from a buffer, by index, each with its
+    bytes (``None``: the proto's own ``raw_data``, copied out; a proto's bytes field has no
+    view); by default every one with ``raw_data`` of at least :data:`STREAM_MIN` bytes (copied
+    out once, to be measured and written). ``proto`` is not changed."""
+    graph = proto.graph
+    if streamed is None:
+        streamed = {i: raw for i, t in enumerate(graph.initializer)
+                    if len(raw := t.raw_data) >= STREAM_MIN}
+    if not streamed:
+        f.write(proto.SerializeToString())
+        return
+    parts: list[Buffer] = [_fields(graph, 1, _INITIALIZER - 1)]
+    start = 0
+    for index, data in sorted(streamed.items()):
+        tensor = graph.initializer[index]
+        parts += [_initializers(graph.initializer[start:index]),
+                  *_tensor_parts(tensor, tensor.raw_data if data is None else data)]
+        start = index + 1
+    parts += [_initializers(graph.initializer[start:]), _fields(graph, _INITIALIZER + 1)]
+    f.write(_fields(proto, 1, _GRAPH - 1) + _frame(_GRAPH, sum(p.nbytes if isinstance(
+        p, np.ndarray) else len(p) for p in parts)))
+    for part in parts:
+        f.write(part)
+    f.write(_fields(proto, _GRAPH + 1))
+
+
+def writes_as_is(proto: onnx.ModelProto, limit: int) -> bool:
+    """Whether :func:`write_proto` can write ``proto`` whole: no tensor of any graph, subgraph
+    or function body is stored outside it, and its initializers' bytes (by dims and dtype)
+    stay within ``limit``."""
+    graphs: list[onnx.GraphProto] = [proto.graph]
+    bodies: list[onnx.GraphProto | onnx.FunctionProto] = [*proto.functions]
+    total = 0
+    while graphs or bodies:
+        body = graphs.pop() if graphs else bodies.pop()
+        tensors = list(body.initializer) if isinstance(body, onnx.GraphProto) else []
+        total += sum(_proto_bytes(t) for t in tensors)
+        for node in body.node:
+            for attr in node.attribute:
+                if attr.type in _TENSOR_ATTRS:
+                    tensors.extend([attr.t] if attr.HasField("t") else attr.tensors)
+                elif attr.type in _GRAPH_ATTRS:
+                    graphs.extend([attr.g] if attr.HasField("g") else attr.graphs)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+            return False
+    return total <= limit
+
+
+_TENSOR_ATTRS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:
+    """A ``GraphProto.initializer`` entry whose ``raw_data`` is ``data``, framed, in pieces."""
+    head, tail = _fields(tensor, 1, _RAW_DATA - 1), _fields(tensor, _RAW_DATA + 1)
+    size = data.nbytes if isinstance(data, np.ndarray) else len(data)
+    raw = _frame(_RAW_DATA, size)
+    return [_frame(_INITIALIZER, len(head) + len(raw) + size + len(tail)), head, raw, data,
+            tail]
+
+
+def _initializers(tensors: Sequence[onnx.TensorProto]) -> bytes:
+    """``GraphProto.initializer`` entries for ``tensors``, serialized by protobuf."""
+    if not tensors:
+        return b""
+    part = onnx.GraphProto()
+    part.initializer.extend(tensors)
+    return part.SerializeToString()
+
+
+def _fields(message: onnx.ModelProto | onnx.GraphProto | onnx.TensorProto, first: int,
+            last: int = 2**29) -> bytes:
+    """The wire bytes of ``message``'s set fields numbered ``first`` to ``last``: those fields
+    copied into an empty message of its type, serialized."""
+    part = type(message)()
+    for field, value in message.ListFields():
+        if first <= field.number <= last:
+            if field.is_repeated:
+                getattr(part, field.name).extend(value)
+            elif field.message_type is not None:
+                getattr(part, field.name).CopyFrom(value)
+            else:
+                setattr(part, field.name, value)
+    return part.SerializeToString()
+
+
+def _frame(field: int, length: int) -> bytes:
+    """The tag and length varints that open a length-delimited field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint: 7 bits a byte, low first, high bit set on all but the last."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def stored_bytes(tensor: ir.TensorProtocol) -> int:
+    """``tensor.nbytes``, read off the dims of a tensor held as a proto or the size of one held
+    as an array (onnx-ir's ``nbytes`` goes through a new shape tuple on each call)."""
+    kind = type(tensor)
+    if issubclass(kind, ir.serde.TensorProtoTensor):
+        return _proto_bytes(tensor.raw)
+    if kind is ir.Tensor and isinstance(tensor.raw, np.ndarray):  # shape: the array's
+        return (tensor.raw.size * tensor.dtype.bitwidth + 7) // 8
+    return tensor.nbytes
+
+
+def _proto_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes a tensor proto's dims and dtype call for (its ``raw_data`` length when valid;
+    the bytes of its strings for a string tensor, 0 for an unknown dtype)."""
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        return sum(map(len, tensor.string_data))
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _bitwidths() -> dict[int, int]:
+    """Bits per element of each ONNX dtype that has a fixed width (not STRING, UNDEFINED)."""
+    widths = {}
+    for dtype in ir.DataType:
+        with contextlib.suppress(TypeError):
+            widths[dtype.value] = dtype.bitwidth
+    return widths
+
+
+_BITS = _bitwidths()
+
+
+def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
+    """``tensor.tobytes()``; for a numpy-backed ``ir.Tensor`` whose array holds those very bytes
+    (C order, whole bytes per element, little-endian host) a flat ``uint8`` view of it, no
+    copy."""
+    array = tensor.raw if type(tensor) is ir.Tensor else None  # a subclass may differ
+    if isinstance(array, np.ndarray) and _LITTLE_ENDIAN and array.flags.c_contiguous and \
+            array.dtype.itemsize * 8 == _BITS.get(tensor.dtype.value):
+        return array.reshape(-1).view(np.uint8)
+    return tensor.tobytes()
+
+
+_NO_BYTES = ir.Tensor(np.empty(0, np.uint8))
+
+
+def _hollow(tensor: ir.Tensor) -> ir.LazyTensor:
+    """A large tensor's header for serialization: its name, dtype, shape, doc string and
+    metadata, and no bytes (``serialize_tensor_into`` writes an empty ``raw_data``)."""
+    return ir.LazyTensor(lambda: _NO_BYTES, tensor.dtype, tensor.shape, name=tensor.name,
+                         doc_string=tensor.doc_string, metadata_props=tensor.metadata_props)

@@ -248,11 +248,15 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
-    from bnfold.io.fileio import load_checked, stage_save
+    from bnfold.io.fileio import load_checked, load_checked_proto, stage_save
 
-    model = load_checked(src)
+    merge = _merge_branches(args)
+    # A single-file model is folded as a ModelProto (a plain one never enters onnx-ir:
+    # bnfold.passes.onnx.direct); external data stays lazy in an onnx_ir.Model.
+    proto = None if merge else load_checked_proto(src)
+    model = load_checked(src) if proto is None else proto
     with naming(src):
-        if _merge_branches(args):
+        if merge:
             folded, report = bnfold.reparameterize_onnx(model)
         else:
             with _fold_progress(show) as update:
@@ -273,7 +277,7 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
             print_validation(result)
     passed = result is None or result.passed
-    reads = referenced_files(model)
+    reads = set() if proto is not None else referenced_files(model)  # (no external data)
     staged = stage_save(folded, out, keep=_kept(reads, src, out)) if passed else None
     doc.update(written=passed, passed=passed)
     if show and not passed:

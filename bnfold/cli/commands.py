@@ -245,16 +245,15 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
+    import onnx
+
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
-    from bnfold.io.fileio import load_checked, load_checked_proto, stage_save
+    from bnfold.io.fileio import load_checked, load_for_pass, stage_save
 
     merge = _merge_branches(args)
-    # A single-file model is folded as a ModelProto (a plain one never enters onnx-ir:
-    # bnfold.passes.onnx.direct); external data stays lazy in an onnx_ir.Model.
-    proto = None if merge else load_checked_proto(src)
-    model = load_checked(src) if proto is None else proto
+    model = load_checked(src) if merge else load_for_pass(src)
     with naming(src):
         if merge:
             folded, report = bnfold.reparameterize_onnx(model)
@@ -277,7 +276,8 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
             print_validation(result)
     passed = result is None or result.passed
-    reads = set() if proto is not None else referenced_files(model)  # (no external data)
+    single_file = isinstance(model, onnx.ModelProto)  # (no external data: reads no other file)
+    reads = set() if single_file else referenced_files(model)
     staged = stage_save(folded, out, keep=_kept(reads, src, out)) if passed else None
     doc.update(written=passed, passed=passed)
     if show and not passed:

@@ -164,6 +164,14 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     return proto
 
 
+def load_for_pass(path: Path) -> ir.Model | onnx.ModelProto:
+    """What the CLI folds: a single-file model as a ``ModelProto`` (a plain one then never
+    enters onnx-ir, :mod:`bnfold.passes.onnx.direct`), one with external data as an
+    ``onnx_ir.Model`` whose external tensors stay lazy; the checks of :func:`load_checked`."""
+    proto = load_checked_proto(path)
+    return load_checked(path) if proto is None else proto
+
+
 def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path) -> None:
     """A known ai.onnx opset, and ``onnx.checker`` accepts the file."""
     check_opset(model, str(path))

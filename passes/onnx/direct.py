@@ -87,8 +87,8 @@ class _Plan:
                  sites: list[tuple[NodeView, NodeView]]) -> None:
         self.model, self.view, self.opset, self.sites = model, view, opset, sites
         self.arrays: dict[str, np.ndarray] = {}
-        self.replaced: dict[str, onnx.TensorProto] = {}  # initializer name -> new tensor
-        self.added: list[onnx.TensorProto] = []
+        self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
+        self.added: list[str] = []  # new initializers (in self.arrays)
         self.released: list[str] = []
         self.removed: set[int] = set()  # node indices
         self.edited: set[int] = set()
@@ -170,21 +170,23 @@ class _Plan:
         old = names[index] if index < len(names) and names[index] else None
         if old is not None:
             self.released.append(old)
-            if (old in view.initializers and len(view.data_readers(old)) == 1
+            if (self._is_initializer(old) and len(view.data_readers(old)) == 1
                     and old not in view.inputs and old not in view.outputs):
                 self.arrays[old] = array
-                self.replaced[old] = _tensor(array, old)
+                self.replaced.add(old)
                 return
             view.readers[old].remove((node.index, index))
         name = self._fresh(base)
         self.arrays[name] = array
-        self.added.append(_tensor(array, name))
-        view.initializers[name] = self.added[-1]
+        self.added.append(name)
         view.readers[name] = [(node.index, index)]
         if index >= len(names):
             names.extend([""] * (index + 1 - len(names)))
         names[index] = name
         self.edited.add(node.index)
+
+    def _is_initializer(self, name: str) -> bool:
+        return name in self.view.initializers or name in self.added
 
     def _remove_bn(self, bn: NodeView, layer: NodeView) -> None:
         """:func:`.edit.remove_bn` then :func:`.edit.prune` of its parameters."""
@@ -224,7 +226,7 @@ class _Plan:
         """The folded model: ``self.model`` with the edits, copied field by field."""
         src, view = self.model, self.view
         dead = {n for n in self.released if not view.readers.get(n) and n not in view.outputs
-                and n not in view.inputs and n in view.initializers}
+                and n not in view.inputs and self._is_initializer(n)}
         out = onnx.ModelProto()
         _copy_fields(src, out, skip=("graph",))
         graph = out.graph
@@ -234,9 +236,14 @@ class _Plan:
         position = {index: k for k, index in enumerate(kept)}
         for index in self.edited - self.removed:
             self._write_node(view.view(index), graph.node[position[index]])
-        graph.initializer.extend(self.replaced.get(t.name, t) for t in src.graph.initializer
-                                 if t.name not in dead)
-        graph.initializer.extend(t for t in self.added if t.name not in dead)
+        for tensor in src.graph.initializer:
+            if tensor.name in self.replaced:
+                _write_tensor(graph.initializer.add(), self.arrays[tensor.name], tensor.name)
+            elif tensor.name not in dead:
+                graph.initializer.append(tensor)
+        for name in self.added:
+            if name not in dead:
+                _write_tensor(graph.initializer.add(), self.arrays[name], name)
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
         return out
 
@@ -304,11 +311,13 @@ def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         raise NotPlain(str(exc)) from exc
 
 
-def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
-    """The ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array, name=name)``."""
-    array = np.ascontiguousarray(array)
-    return onnx.TensorProto(name=name, dims=array.shape, data_type=_DATA_TYPES[array.dtype],
-                            raw_data=array.astype(array.dtype.newbyteorder("<")).tobytes())
+def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    """Make ``tensor`` the ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array,
+    name=name)``: dims, data type, name and little-endian raw data."""
+    tensor.dims.extend(array.shape)
+    tensor.data_type = _DATA_TYPES[array.dtype]
+    tensor.name = name
+    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:

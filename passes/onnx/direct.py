@@ -59,6 +59,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
                 onnx.TensorProto.FLOAT16: np.dtype(np.float16),
                 onnx.TensorProto.BFLOAT16: ir.DataType.BFLOAT16.numpy()}
 _DATA_TYPES = {dtype: code for code, dtype in _FLOAT_TYPES.items()}
+_STORED = {code: dtype.newbyteorder("<") for code, dtype in _FLOAT_TYPES.items()}
 _AFFINE_HEADS = ("Mul", "Div")
 
 
@@ -265,7 +266,7 @@ def _site(view: GraphView, bn: NodeView, opset: int,
     """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``."""
     if training_reason(bn, opset) or any(bn.output_names[1:]) or len(bn.input_names) != 5:
         return None
-    if select.refusal((display_name(bn), module_path(bn))):
+    if select != EVERY_BN and select.refusal((display_name(bn), module_path(bn))):
         return None
     x, y = bn.input_names[0], bn.output_names[0]
     producer = view.producer.get(x)
@@ -298,13 +299,13 @@ def _plain_tensor(view: GraphView, name: str, float_only: bool) -> bool:
 def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The array onnx-ir reads from ``tensor`` (raw little-endian bytes read directly; other
     encodings through onnx-ir itself); :class:`NotPlain` if its data does not fill its shape."""
-    dtype = _FLOAT_TYPES.get(tensor.data_type)
+    dtype = _STORED.get(tensor.data_type)
     if dtype is not None and tensor.HasField("raw_data"):
         raw = tensor.raw_data
         count = math.prod(tensor.dims)
         if len(raw) != count * dtype.itemsize:
             raise NotPlain(f"tensor {tensor.name!r} data does not fill its shape")
-        return np.frombuffer(raw, dtype.newbyteorder("<")).reshape(tuple(tensor.dims))
+        return np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
     try:
         return ir.serde.TensorProtoTensor(tensor).numpy()
     except ValueError as exc:

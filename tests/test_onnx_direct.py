@@ -190,6 +190,9 @@ NOT_PLAIN = {
     "Constant node weight": lambda: constant_node_weight(0),
     "dynamo bias subgraph": lambda: dynamo_bias_subgraph(0),
     "IR version 3": lambda: _edited(_conv(), lambda m: setattr(m, "ir_version", 3)),
+    "training info": lambda: _edited(_conv(), lambda m: m.training_info.add()),
+    "invalid BN": lambda: _edited(_conv(), lambda m: m.graph.initializer[2].dims.__setitem__(
+        0, 2)),
 }
 
 

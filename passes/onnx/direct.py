@@ -10,8 +10,9 @@ tensors byte for byte, the same report. It returns ``None`` (the caller then run
 path) unless it can prove that, i.e. whenever anything is not the plain case:
 
 * IR version < 4, no default opset or one below 7, a subgraph, a model-local function that
-  holds a BN, external data, sparse initializers, a node reading a value before it is
-  produced, or an invalid node :mod:`.validity` would refuse (the full path raises it);
+  holds a BN, external data, sparse initializers, training info or quantization annotations
+  (onnx-ir drops or rewrites them), a node reading a value before it is produced, or an
+  invalid node :mod:`.validity` would refuse (the full path raises it);
 * a BN in training mode or with a statistics output (:mod:`.bn`), excluded by the user, on a
   possibly constant input (:mod:`.constant_bn`), after anything but a plain layer (no-ops,
   layout ops, MatMul, Add), or whose layer output has another reader or is a graph output;
@@ -103,6 +104,8 @@ class _Plan:
         if model.ir_version < 4 or opset is None or opset < 7 or _bn_in_functions(model):
             return None
         graph = model.graph
+        if model.training_info or model.configuration or graph.quantization_annotation:
+            return None  # (parts onnx-ir rewrites or drops)
         if graph.sparse_initializer or any(
                 t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims)
                 for t in graph.initializer):

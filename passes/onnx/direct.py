@@ -16,8 +16,9 @@ path) unless it can prove that, i.e. whenever anything is not the plain case:
 * a BN in training mode or with a statistics output (:mod:`.bn`), excluded by the user, on a
   possibly constant input (:mod:`.constant_bn`), after anything but a plain layer (no-ops,
   layout ops, MatMul, Add), or whose layer output has another reader or is a graph output;
-* a weight, bias or BN parameter that is not an initializer, is a graph input, is not a float,
-  or is one of the others of the same fold; a ``Mul``/``Div`` with a possibly constant operand
+* a weight or bias that is not an initializer, is a graph input or is not a float, a BN
+  parameter that is neither such an initializer nor a ``Constant`` node's ``value``, or one
+  tensor read twice by the same fold; a ``Mul``/``Div`` with a possibly constant operand
   (a BN-like affine chain, :mod:`.sites`); any refusal of the algebra (invalid variance,
   overflow, non-finite).
 
@@ -27,9 +28,9 @@ The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with th
 reader and it is no graph input or output, else a new ``<layer>_bnfold_...`` initializer named
 by :class:`.consts.Namer`'s rules), Gemm's ``beta`` set to 1, the BN removed as
 :func:`.edit.remove_bn` does (its readers read the layer output; a BN output that is a graph
-output renames the layer output), and released initializers nobody reads any more pruned
-(:func:`.edit.prune`). tests/test_onnx_direct.py checks equality with the full path on a
-corpus and on random graphs.
+output renames the layer output), and released initializers and ``Constant`` nodes nobody
+reads any more pruned (:func:`.edit.prune`). tests/test_onnx_direct.py checks equality with
+the full path on a corpus and on random graphs.
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ class _Plan:
         assert value is not None
         arr = self.arrays.get(value.name)
         if arr is None:
-            arr = self.arrays[value.name] = _tensor_array(self.view.initializers[value.name])
+            tensor = self.view.initializers.get(value.name)
+            if tensor is None:
+                tensor = self.view.constant_tensor(value.name)
+            assert tensor is not None
+            arr = self.arrays[value.name] = _tensor_array(tensor)
         return arr
 
     def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
@@ -229,8 +234,12 @@ class _Plan:
     def build(self) -> onnx.ModelProto:
         """The folded model: ``self.model`` with the edits, copied field by field."""
         src, view = self.model, self.view
-        dead = {n for n in self.released if not view.readers.get(n) and n not in view.outputs
-                and n not in view.inputs and self._is_initializer(n)}
+        unread = {n for n in self.released if not view.readers.get(n)
+                  and n not in view.outputs and n not in view.inputs}
+        dead = {n for n in unread if self._is_initializer(n)}
+        for name in unread - dead:  # a Constant node's output: the node goes
+            self.removed.add(view.producer[name])
+            self.renamed.add(name)
         out = onnx.ModelProto()
         _copy_fields(src, out, skip=("graph",))
         graph = out.graph
@@ -288,15 +297,15 @@ def _site(view: GraphView, bn: NodeView, opset: int,
     parameters = bn.input_names[1:]
     if len(set(tensors + parameters)) != len(tensors) + len(parameters):
         return None
-    if all(_plain_tensor(view, n, float_only=n in tensors) for n in tensors + parameters):
+    if all(_plain_tensor(view, n) and view.initializers[n].data_type in _FLOAT_TYPES
+           for n in tensors) and all(
+            _plain_tensor(view, n) or view.constant_tensor(n) is not None for n in parameters):
         return bn, layer
     return None
 
 
-def _plain_tensor(view: GraphView, name: str, float_only: bool) -> bool:
-    tensor = view.initializers.get(name)
-    return tensor is not None and name not in view.inputs and (
-        not float_only or tensor.data_type in _FLOAT_TYPES)
+def _plain_tensor(view: GraphView, name: str) -> bool:
+    return name in view.initializers and name not in view.inputs
 
 
 def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:

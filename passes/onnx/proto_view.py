@@ -174,6 +174,20 @@ class GraphView:
                 raise NotPlain(f"{info.name!r} is declared with two shapes")
         return shapes
 
+    def constant_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The tensor of the default-domain ``Constant`` node (``value`` attribute, stored
+        inline) that produces ``name``, if one does."""
+        index = self.producer.get(name)
+        if index is None:
+            return None
+        node = self.graph.node[index]
+        if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS \
+                or len(node.attribute) != 1 or node.attribute[0].name != "value" \
+                or node.attribute[0].type != _A.TENSOR \
+                or node.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return node.attribute[0].t
+
     def infos(self, *names: str) -> list[onnx.ValueInfoProto]:
         """The graph output and value_info entries that declare ``names``."""
         g = self.graph

@@ -10,6 +10,7 @@ evaluation of the unfolded model on fresh random inputs.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from unittest import mock
 
@@ -34,6 +35,7 @@ from onnx_cases import (
 from test_onnx_fold_zoo import TORCHSCRIPT, _export, _float64_reference
 
 from benchmarks.bench_onnx_fold import chain_model
+from bnfold.cli import commands as cli
 from bnfold.models import zoo
 from bnfold.passes.onnx import fold as fold_module
 from bnfold.passes.onnx.direct import direct_fold
@@ -249,6 +251,21 @@ def test_fold_onnx_of_a_plain_proto_never_builds_an_onnx_ir_model() -> None:
         got = fold_onnx(model)
     assert got.model.SerializeToString() != model.SerializeToString()
     assert _normal(got.model) == _normal(want.model) and got.report == want.report
+
+
+def test_cli_folds_a_plain_file_on_the_protobuf(tmp_path, capsys) -> None:
+    """``bnfold fold`` of a single-file plain model: no onnx-ir model is built to fold it,
+    and the file written equals the full path's model; the report is the full path's."""
+    model = chain_model(3, 4)
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    want = _full(model)
+    with mock.patch.object(fold_module, "_working_copy", side_effect=AssertionError):
+        assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fold"] == want.report.to_dict()
+    assert _normal(onnx.load(out)) == _normal(want.model)
+    assert src.read_bytes() == model.SerializeToString()
 
 
 def test_progress_is_the_full_paths() -> None:

@@ -70,7 +70,8 @@ def direct_fold(model: onnx.ModelProto, *, select: Selection = EVERY_BN,
     """``fold_onnx(model)`` for a plain model (see the module docstring), else ``None``.
 
     The result is a new ``ModelProto`` built from ``model``'s parts (never changed).
-    ``progress(done, total)`` is called once per BN as it folds.
+    ``progress(done, total)`` is called once per BN as it folds (should the algebra refuse a
+    BN after others folded, the full path then counts again from 1).
     """
     try:
         plan = _Plan.of(model, select)
@@ -357,7 +358,9 @@ def _copy_fields(src: Any, dst: Any, skip: tuple[str, ...]) -> None:
     for field, value in src.ListFields():
         if field.name in skip:
             continue
-        if field.is_repeated:
+        repeated = field.is_repeated if hasattr(field, "is_repeated") \
+            else field.label == field.LABEL_REPEATED  # (protobuf < 5.28 has only ``label``)
+        if repeated:
             getattr(dst, field.name).extend(value)
         elif field.message_type is not None:
             getattr(dst, field.name).CopyFrom(value)

@@ -235,7 +235,7 @@ def _ort_optimize_file(src: Path, dst: Path) -> None:
 
 
 def speed() -> str:
-    from bnfold.io.fileio import load_onnx, save_onnx
+    from bnfold.io.fileio import load_for_pass, save_onnx
     from bnfold.passes.onnx.fold import fold_onnx
 
     rows = [["measure", "ratio"]]
@@ -247,11 +247,11 @@ def speed() -> str:
         base = _best(lambda: onnx.save(onnx.load(str(src)), str(dst)))
         ort_time = _best(lambda: _ort_optimize_file(src, Path(tmp) / "ort.onnx"))
 
-        def fold_file() -> None:
-            save_onnx(fold_onnx(src).model, dst)
+        def fold_file() -> None:  # the CLI's route: bnfold fold src -o dst
+            save_onnx(fold_onnx(load_for_pass(src)).model, dst)
 
         def fold_only() -> None:
-            fold_onnx(load_onnx(src), inplace=True)
+            fold_onnx(load_for_pass(src))
 
         ours = _best(fold_file)
         rows.append(["ResNet-50 size (24.8M params, 53 BN): load+fold+save / onnx.load+save",
@@ -265,8 +265,8 @@ def speed() -> str:
 
 def scale() -> str:
     """Fold time against graph size: Conv(1x1)+BN+Relu chains of 1k, 10k and 100k nodes, file
-    to file, beside a plain ``onnx.load`` + ``onnx.save`` of the same file."""
-    from bnfold.io.fileio import save_onnx
+    to file (the CLI's route), beside a plain ``onnx.load`` + ``onnx.save`` of the same file."""
+    from bnfold.io.fileio import load_for_pass, save_onnx
     from bnfold.passes.onnx.fold import fold_onnx
 
     rows = [["nodes", "bnfold file to file, us/node", "onnx.load+save, us/node",
@@ -277,7 +277,7 @@ def scale() -> str:
             onnx.save(chain_model(nodes // 3, 8, kernel=1), src)
             repeat = 3 if nodes < 100_000 else 1
             base = _best(lambda: onnx.save(onnx.load(str(src)), str(dst)), repeat)
-            ours = _best(lambda: save_onnx(fold_onnx(src).model, dst), repeat)
+            ours = _best(lambda: save_onnx(fold_onnx(load_for_pass(src)).model, dst), repeat)
             rows.append([f"{nodes:,}", f"{ours / nodes * 1e6:.0f}", f"{base / nodes * 1e6:.1f}",
                          f"{ours / base:.1f}"])
     return _table(rows)

@@ -391,14 +391,15 @@ def test_folder_skips_its_own_outputs_and_records_internal_errors(models, tmp_pa
     shutil.rmtree(out)
     from bnfold.io import fileio
 
-    real = fileio.load_checked
+    def flaky(real):
+        def load(path):
+            if "three" in str(path):
+                raise RuntimeError("a bug in a pass")
+            return real(path)
+        return load
 
-    def flaky(path):
-        if "three" in str(path):
-            raise RuntimeError("a bug in a pass")
-        return real(path)
-
-    monkeypatch.setattr(fileio, "load_checked", flaky)
+    for loader in ("load_checked", "load_checked_proto"):  # (a single-file model: the proto)
+        monkeypatch.setattr(fileio, loader, flaky(getattr(fileio, loader)))
     assert cli.main(["fold", str(src), "--in-place", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"] == {"files": 3, "ok": 2, "validation_failed": 0, "bad_input": 1}

@@ -245,14 +245,17 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
+    import onnx
+
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
-    from bnfold.io.fileio import load_checked, stage_save
+    from bnfold.io.fileio import load_checked, load_for_pass, stage_save
 
-    model = load_checked(src)
+    merge = _merge_branches(args)
+    model = load_checked(src) if merge else load_for_pass(src)
     with naming(src):
-        if _merge_branches(args):
+        if merge:
             folded, report = bnfold.reparameterize_onnx(model)
         else:
             with _fold_progress(show) as update:
@@ -273,7 +276,8 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
 
             print_validation(result)
     passed = result is None or result.passed
-    reads = referenced_files(model)
+    single_file = isinstance(model, onnx.ModelProto)  # (no external data: reads no other file)
+    reads = set() if single_file else referenced_files(model)
     staged = stage_save(folded, out, keep=_kept(reads, src, out)) if passed else None
     doc.update(written=passed, passed=passed)
     if show and not passed:

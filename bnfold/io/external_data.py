@@ -115,6 +115,12 @@ def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:
     """The ``location`` of every external tensor of ``proto`` (initializers and tensor
     attributes, in every graph, subgraph and function body), read off the protobuf without
     building an onnx-ir model (a listing of a large graph costs a parse, not a conversion)."""
+    for tensor in proto_external_tensors(proto):
+        yield from (e.value for e in tensor.external_data if e.key == "location")
+
+
+def proto_external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``proto`` stored as external data (see :func:`_proto_locations`)."""
     bodies: list[Any] = [proto.graph, *proto.functions]
     while bodies:
         body = bodies.pop()
@@ -123,6 +129,4 @@ def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:
             for attr in node.attribute:
                 tensors.extend([attr.t] if attr.HasField("t") else attr.tensors)
                 bodies.extend([attr.g] if attr.HasField("g") else attr.graphs)
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                yield from (e.value for e in tensor.external_data if e.key == "location")
+        yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.io.external_data import bind_external_data
+from bnfold.io.external_data import bind_external_data, proto_external_tensors
 from bnfold.io.filechecks import (
     check_external_data,
     check_initializers,
@@ -72,17 +72,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     if not isinstance(model, (str, os.PathLike)):
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
     path = Path(model)
-    if check_input_file(path) == 0:
-        raise BadInputError(f"{path}: empty file, not an ONNX model")
-    try:
-        proto = read_proto(path)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
-        raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
-                            ) from exc
-    if not proto.graph.node and not proto.graph.output:
-        raise BadInputError(f"{path}: not an ONNX model (no graph)")
-    if not proto.opset_import:
-        raise BadInputError(f"{path}: not an ONNX model (no opset import)")
+    proto = _read_proto(path)
     check_initializers(proto, str(path))
     try:
         with gc_paused():
@@ -167,9 +157,52 @@ def load_checked(path: Path) -> ir.Model:
     (:func:`~bnfold.io.filechecks.check_opset`), and accepted by ``onnx.checker``; else a
     one-line :class:`~bnfold.errors.BnfoldError`."""
     model = load_onnx(path)
+    _check_loaded(model, path)
+    return model
+
+
+def load_checked_proto(path: Path) -> onnx.ModelProto | None:
+    """:func:`load_checked` as a ``ModelProto`` (the same checks, the same errors) for a
+    single-file model; ``None`` when it has external data (then use :func:`load_checked`,
+    which keeps those tensors lazy)."""
+    proto = _read_proto(path)
+    if next(proto_external_tensors(proto), None) is not None:
+        return None
+    check_initializers(proto, str(path))
+    _check_loaded(proto, path)
+    return proto
+
+
+def load_for_pass(path: Path) -> ir.Model | onnx.ModelProto:
+    """What the CLI folds: a single-file model as a ``ModelProto`` (a plain one then never
+    enters onnx-ir, :mod:`bnfold.passes.onnx.direct`), one with external data as an
+    ``onnx_ir.Model`` whose external tensors stay lazy; the checks of :func:`load_checked`."""
+    proto = load_checked_proto(path)
+    return load_checked(path) if proto is None else proto
+
+
+def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path) -> None:
+    """A known ai.onnx opset, and ``onnx.checker`` accepts the file."""
     check_opset(model, str(path))
     try:
         check_onnx_file(path)
     except Exception as exc:
         raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
-    return model
+
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    """The ``ModelProto`` in the file ``path`` (external data not read), or a one-line
+    :class:`BadInputError`: not a readable regular file, not ONNX, no graph, no opset."""
+    if check_input_file(path) == 0:
+        raise BadInputError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = read_proto(path)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
+        raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
+                            ) from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise BadInputError(f"{path}: not an ONNX model (no graph)")
+    if not proto.opset_import:
+        raise BadInputError(f"{path}: not an ONNX model (no opset import)")
+    return proto

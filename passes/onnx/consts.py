@@ -19,7 +19,7 @@ materialized.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -299,9 +299,11 @@ def deferred(source: ir.Value | None, array: np.ndarray,
 class Namer:
     """Deterministic unique names: ``base``, then ``base_1``, ``base_2``... as needed."""
 
-    def __init__(self, model: ir.Model) -> None:
-        self._used: set[str] = set()
-        for graph in model.graphs():
+    def __init__(self, model: ir.Model | None = None, used: Iterable[str] = ()) -> None:
+        """Names taken: every name of ``model`` (inputs, outputs, initializers, node
+        outputs and node names, in every graph) and ``used``."""
+        self._used: set[str] = set(used)
+        for graph in model.graphs() if model is not None else ():
             self._used.update(v.name for v in graph.inputs if v.name)
             self._used.update(v.name for v in graph.outputs if v.name)
             self._used.update(graph.initializers)

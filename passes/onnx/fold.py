@@ -42,6 +42,7 @@ from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
+from bnfold.passes.onnx.direct import direct_fold
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.layers import is_default
@@ -80,9 +81,16 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     path (:mod:`bnfold.selection`, :mod:`.names`); a BN they leave out is kept, "excluded by
     the user". ``progress(done, total)``, when given, is called once per BN as the first
     round settles it (``total``: the BNs of every graph); the pass itself prints nothing.
+    A plain ``ModelProto`` (every BN right after a Conv/ConvTranspose/Gemm only it reads, all
+    tensors initializers) is folded on the protobuf by :func:`.direct.direct_fold`, with
+    the same result and report.
     """
     select = Selection.of(include, exclude)
     with gc_paused():
+        if isinstance(model, onnx.ModelProto):  # a plain model never enters onnx-ir
+            fast = direct_fold(model, select=select, progress=progress)
+            if fast is not None:
+                return fast
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,

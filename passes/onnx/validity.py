@@ -16,6 +16,9 @@ so external weights stay unread:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
@@ -26,6 +29,12 @@ from bnfold.passes.onnx.layers import is_default
 _BN_PARAMS = ("scale", "B", "mean", "var")
 
 
+#: Static dims of a value (``None`` for symbolic ones; ``None`` when its rank is unknown).
+ShapeOf = Callable[[Any], "tuple[int | None, ...] | None"]
+#: The op types :func:`node_problem` checks.
+CHECKED_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Transpose")
+
+
 def check_graphs(model: ir.Model) -> None:
     """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -33,11 +42,18 @@ def check_graphs(model: ir.Model) -> None:
         for node in graph:
             if not is_default(node):
                 continue
-            check = _CHECKS.get(node.op_type)
-            problem = check(node, opset) if check else None
+            problem = node_problem(node, opset, _shape)
             if problem:
                 raise BadInputError(f"invalid model: {node.op_type} {display_name(node)!r} "
                                     f"{problem}")
+
+
+def node_problem(node: Any, opset: int, shape: ShapeOf) -> str | None:
+    """What about default-domain ``node`` breaks the spec, or ``None``. ``node`` is an
+    ``ir.Node`` or anything with its ``op_type``/``inputs``/``attributes`` (inputs'
+    ``producer()``); ``shape`` reads a value's static dims."""
+    check = _CHECKS.get(node.op_type)
+    return check(node, opset, shape) if check else None
 
 
 def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
@@ -51,11 +67,11 @@ def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
     return tuple(d if isinstance(d, int) else None for d in shape)
 
 
-def _batch_norm(node: ir.Node, opset: int) -> str | None:
+def _batch_norm(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
     per_row = opset <= 8 and node.attributes.get_int("spatial", 1) == 0
     counts: dict[str, int] = {}
     for name, value in zip(_BN_PARAMS, node.inputs[1:5], strict=False):
-        shape = _shape(value)
+        shape = shape_of(value)
         if shape is None or None in shape:
             continue
         if per_row:
@@ -66,7 +82,7 @@ def _batch_norm(node: ir.Node, opset: int) -> str | None:
             for d in shape:
                 size *= d  # type: ignore[operator]
             counts[name] = size
-    channels = _channels(node.inputs[0])
+    channels = _channels(node.inputs[0], shape_of)
     if channels is not None:
         wrong = {k: n for k, n in counts.items() if n != channels}
         if wrong:
@@ -79,15 +95,15 @@ def _batch_norm(node: ir.Node, opset: int) -> str | None:
     return None
 
 
-def _channels(x: ir.Value | None) -> int | None:
+def _channels(x: Any, shape_of: ShapeOf) -> int | None:
     """The channel count (axis 1) of ``x``, if its shape or a producing Conv tells."""
-    shape = _shape(x)
+    shape = shape_of(x)
     if shape is not None and len(shape) > 1 and shape[1] is not None:
         return shape[1]
     node = x.producer() if x is not None else None
     if node is None or not is_default(node) or len(node.inputs) < 2:
         return None
-    weight = _shape(node.inputs[1])
+    weight = shape_of(node.inputs[1])
     if node.op_type == "Conv" and weight and len(weight) >= 3:
         return weight[0]
     if node.op_type == "ConvTranspose" and weight and len(weight) >= 3 and weight[1] is not None:
@@ -95,11 +111,11 @@ def _channels(x: ir.Value | None) -> int | None:
     return None
 
 
-def _conv(node: ir.Node, opset: int) -> str | None:
+def _conv(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
     group = node.attributes.get_int("group", 1)
     if group < 1:
         return f"has group={group}; it must be at least 1"
-    weight = _shape(node.inputs[1] if len(node.inputs) > 1 else None)
+    weight = shape_of(node.inputs[1] if len(node.inputs) > 1 else None)
     if weight is None:
         return None
     if len(weight) < 3:
@@ -107,7 +123,7 @@ def _conv(node: ir.Node, opset: int) -> str | None:
                 "(channels, channels per group, kernel...)")
     if weight[0] is not None and weight[0] % group:  # Cout (Conv) or Cin (ConvTranspose)
         return f"has group={group}, which does not divide its weight's {weight[0]} channels"
-    bias = _shape(node.inputs[2] if len(node.inputs) > 2 else None)
+    bias = shape_of(node.inputs[2] if len(node.inputs) > 2 else None)
     channels = weight[0] if node.op_type == "Conv" else (
         None if weight[1] is None else weight[1] * group)
     if bias is not None and channels is not None and (
@@ -117,11 +133,11 @@ def _conv(node: ir.Node, opset: int) -> str | None:
     return None
 
 
-def _transpose(node: ir.Node, opset: int) -> str | None:
+def _transpose(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
     perm = node.attributes.get_ints("perm", None)
     if perm is None:
         return None
-    rank = _shape(node.inputs[0])
+    rank = shape_of(node.inputs[0])
     n = len(perm) if rank is None else len(rank)
     if sorted(perm) != list(range(n)):
         return f"has perm={list(perm)}, not a permutation of the axes 0..{n - 1}"

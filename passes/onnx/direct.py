@@ -1,0 +1,368 @@
+"""The ONNX fold's fast path: plain ``layer -> BN`` graphs folded on the protobuf itself.
+
+Most inference graphs are plain: every ``BatchNormalization`` reads the output of a
+default-domain Conv / ConvTranspose / Gemm (:data:`.layers.LAYERS`; MatMul needs shapes) that
+only it reads, and the layer's weight and bias and the BN's parameters are initializers that
+are not graph inputs. :func:`direct_fold` folds such a model in one linear scan of its
+``ModelProto`` (:mod:`.proto_view`) and returns exactly what the full onnx-ir path
+(:func:`.fold.fold_onnx`) returns for it: the same graph (as onnx-ir serializes it), the same
+tensors byte for byte, the same report. It returns ``None`` (the caller then runs the full
+path) unless it can prove that, i.e. whenever anything is not the plain case:
+
+* IR version < 4, no default opset or one below 7, a subgraph, a model-local function that
+  holds a BN, external data, sparse initializers, training info or quantization annotations
+  (onnx-ir drops or rewrites them), a node reading a value before it is produced, or an
+  invalid node :mod:`.validity` would refuse (the full path raises it);
+* a BN in training mode or with a statistics output (:mod:`.bn`), excluded by the user, on a
+  possibly constant input (:mod:`.constant_bn`), after anything but a plain layer (no-ops,
+  layout ops, MatMul, Add), or whose layer output has another reader or is a graph output;
+* a weight or bias that is not an initializer, is a graph input or is not a float, a BN
+  parameter that is neither such an initializer nor a ``Constant`` node's ``value``, or one
+  tensor read twice by the same fold; a ``Mul``/``Div`` with a possibly constant operand
+  (a BN-like affine chain, :mod:`.sites`); any refusal of the algebra (invalid variance,
+  overflow, non-finite).
+
+The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with the arguments
+:mod:`.forward` passes (float64, rounded once), the bias then the weight written as
+:func:`.consts.set_initializer` does (in place when the layer is the tensor's only data
+reader and it is no graph input or output, else a new ``<layer>_bnfold_...`` initializer named
+by :class:`.consts.Namer`'s rules), Gemm's ``beta`` set to 1, the BN removed as
+:func:`.edit.remove_bn` does (its readers read the layer output; a BN output that is a graph
+output renames the layer output), and released initializers and ``Constant`` nodes nobody
+reads any more pruned (:func:`.edit.prune`). tests/test_onnx_direct.py checks equality with
+the full path on a corpus and on random graphs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bnfold.algebra import fold_forward
+from bnfold.errors import UnsafeFoldError
+from bnfold.passes.onnx.bn import display_name, params, training_reason
+from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
+from bnfold.passes.onnx.names import module_path
+from bnfold.passes.onnx.proto_view import GraphView, NodeView, NotPlain, ValueView
+from bnfold.passes.onnx.validity import CHECKED_OPS, node_problem
+from bnfold.report import Entry, PassResult, Report
+from bnfold.selection import EVERY_BN, Selection
+
+_FORWARD_LAYERS = ("Conv", "ConvTranspose", "Gemm")
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
+                onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+                onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+                onnx.TensorProto.BFLOAT16: ir.DataType.BFLOAT16.numpy()}
+_DATA_TYPES = {dtype: code for code, dtype in _FLOAT_TYPES.items()}
+_STORED = {code: dtype.newbyteorder("<") for code, dtype in _FLOAT_TYPES.items()}
+_AFFINE_HEADS = ("Mul", "Div")
+
+
+def direct_fold(model: onnx.ModelProto, *, select: Selection = EVERY_BN,
+                progress: Callable[[int, int], Any] | None = None) -> PassResult | None:
+    """``fold_onnx(model)`` for a plain model (see the module docstring), else ``None``.
+
+    The result is a new ``ModelProto`` built from ``model``'s parts (never changed).
+    ``progress(done, total)`` is called once per BN as it folds (should the algebra refuse a
+    BN after others folded, the full path then counts again from 1).
+    """
+    try:
+        plan = _Plan.of(model, select)
+        if plan is None:
+            return None
+        with np.errstate(over="ignore"):  # an overflowing fold is refused
+            report = plan.fold(progress)
+    except (NotPlain, UnsafeFoldError):
+        return None
+    return PassResult(plan.build(), report)
+
+
+class _Plan:
+    """The BN sites of a plain model and the edits their folds make."""
+
+    def __init__(self, model: onnx.ModelProto, view: GraphView, opset: int,
+                 sites: list[tuple[NodeView, NodeView]]) -> None:
+        self.model, self.view, self.opset, self.sites = model, view, opset, sites
+        self.arrays: dict[str, np.ndarray] = {}
+        self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
+        self.added: list[str] = []  # new initializers (in self.arrays)
+        self.released: list[str] = []
+        self.removed: set[int] = set()  # node indices
+        self.edited: set[int] = set()
+        self.rescaled: set[int] = set()  # Gemms whose beta is now 1
+        self.renamed: set[str] = set()  # value_info entries that no longer name a value
+        self._namer: Namer | None = None
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, select: Selection) -> _Plan | None:
+        opset = _default_opset(model)
+        if model.ir_version < 4 or opset is None or opset < 7 or _bn_in_functions(model):
+            return None
+        graph = model.graph
+        if model.training_info or model.configuration or graph.quantization_annotation:
+            return None  # (parts onnx-ir rewrites or drops)
+        if graph.sparse_initializer or any(
+                t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims)
+                for t in graph.initializer):
+            return None
+        view = GraphView(graph)
+        sites = []
+        for index, node in enumerate(graph.node):
+            if node.domain not in DEFAULT_DOMAINS:
+                continue
+            if node.op_type in CHECKED_OPS and node_problem(view.view(index), opset, view.shape):
+                return None
+            if node.op_type in _AFFINE_HEADS and any(n in view.constant for n in node.input):
+                return None
+            if node.op_type == "BatchNormalization":
+                site = _site(view, view.view(index), opset, select)
+                if site is None:
+                    return None
+                sites.append(site)
+        return cls(model, view, opset, sites)
+
+    # ------------------------------------------------------------------ the folds
+
+    def fold(self, progress: Callable[[int, int], Any] | None) -> Report:
+        report = Report("fold_onnx")
+        for done, (bn, layer) in enumerate(self.sites, 1):
+            if progress is not None:
+                progress(done, len(self.sites))
+            report.entries.append(self._fold_one(bn, layer))
+        return report
+
+    def _fold_one(self, bn: NodeView, layer: NodeView) -> Entry:
+        name = display_name(bn)
+        kind = LAYERS[layer.op_type]
+        bn_params = params(bn, self.opset, self)
+        if isinstance(bn_params, str):
+            raise NotPlain(bn_params)
+        names = layer.input_names
+        bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
+        folded = fold_forward(self.array(layer.inputs[1]), bias, bn_params,
+                               out_axis=kind.out_axis(layer), groups=kind.groups(layer),
+                               bias_scale=kind.bias_scale(layer))
+        base = display_name(layer)
+        self._set_initializer(layer, 2, folded.bias, f"{base}_bnfold_bias")
+        if kind.bias_scale_attr is not None:  # folded into the new bias: set to 1
+            self.rescaled.add(layer.index)
+            self.edited.add(layer.index)
+        self._set_initializer(layer, 1, folded.weight, f"{base}_bnfold_weight")
+        self._remove_bn(bn, layer)
+        details = {"direction": "forward", "layer": layer.op_type, "kind": "BatchNormalization"}
+        return Entry(name, "folded", display_name(layer), details=details,
+                     module=module_path(bn))
+
+    def array(self, value: ValueView | None) -> np.ndarray:
+        """The current array of initializer ``value`` (the duck-typed ``consts.array`` that
+        :func:`.bn.params` reads)."""
+        assert value is not None
+        arr = self.arrays.get(value.name)
+        if arr is None:
+            tensor = self.view.initializers.get(value.name)
+            if tensor is None:
+                tensor = self.view.constant_tensor(value.name)
+            assert tensor is not None
+            arr = self.arrays[value.name] = _tensor_array(tensor)
+        return arr
+
+    def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
+                         base: str) -> None:
+        """:func:`.consts.set_initializer` on the protobuf."""
+        view, names = self.view, node.input_names
+        old = names[index] if index < len(names) and names[index] else None
+        if old is not None:
+            self.released.append(old)
+            if (self._is_initializer(old) and len(view.data_readers(old)) == 1
+                    and old not in view.inputs and old not in view.outputs):
+                self.arrays[old] = array
+                self.replaced.add(old)
+                return
+            view.readers[old].remove((node.index, index))
+        name = self._fresh(base)
+        self.arrays[name] = array
+        self.added.append(name)
+        view.readers[name] = [(node.index, index)]
+        if index >= len(names):
+            names.extend([""] * (index + 1 - len(names)))
+        names[index] = name
+        self.edited.add(node.index)
+
+    def _is_initializer(self, name: str) -> bool:
+        return name in self.view.initializers or name in self.added
+
+    def _remove_bn(self, bn: NodeView, layer: NodeView) -> None:
+        """:func:`.edit.remove_bn` then :func:`.edit.prune` of its parameters."""
+        view = self.view
+        x, y = bn.input_names[0], bn.output_names[0]
+        self.removed.add(bn.index)
+        self.renamed.add(y)
+        for i, name in enumerate(bn.input_names):
+            if name:
+                view.readers[name].remove((bn.index, i))
+        self.released.extend(n for n in bn.input_names[1:] if n)
+        readers = view.readers.pop(y, [])
+        if y in view.outputs:  # the layer output takes over the graph output's name
+            self.renamed.add(x)
+            layer.output_names[0] = y
+            self.edited.add(layer.index)
+            view.readers[y] = readers
+            view.producer[y] = layer.index
+        else:
+            for node, i in readers:
+                view.view(node).input_names[i] = x
+                self.edited.add(node)
+            view.readers[x] = readers
+
+    def _fresh(self, base: str) -> str:
+        """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
+        if self._namer is None:
+            g = self.model.graph
+            self._namer = Namer(used=itertools.chain(
+                (v.name for v in (*g.input, *g.output)), self.view.initializers,
+                (n for node in g.node for n in (*node.output, node.name))))
+        return self._namer.fresh(base)
+
+    # ------------------------------------------------------------------ the output
+
+    def build(self) -> onnx.ModelProto:
+        """The folded model: ``self.model`` with the edits, copied field by field."""
+        src, view = self.model, self.view
+        unread = {n for n in self.released if not view.readers.get(n)
+                  and n not in view.outputs and n not in view.inputs}
+        dead = {n for n in unread if self._is_initializer(n)}
+        for name in unread - dead:  # a Constant node's output: the node goes
+            self.removed.add(view.producer[name])
+            self.renamed.add(name)
+        out = onnx.ModelProto()
+        _copy_fields(src, out, skip=("graph",))
+        graph = out.graph
+        _copy_fields(src.graph, graph, skip=("node", "initializer", "value_info"))
+        graph.node.extend(n for i, n in enumerate(src.graph.node) if i not in self.removed)
+        kept = [i for i in range(len(src.graph.node)) if i not in self.removed]
+        position = {index: k for k, index in enumerate(kept)}
+        for index in self.edited - self.removed:
+            self._write_node(view.view(index), graph.node[position[index]])
+        for tensor in src.graph.initializer:
+            if tensor.name in self.replaced:
+                _write_tensor(graph.initializer.add(), self.arrays[tensor.name], tensor.name)
+            elif tensor.name not in dead:
+                graph.initializer.append(tensor)
+        for name in self.added:
+            if name not in dead:
+                _write_tensor(graph.initializer.add(), self.arrays[name], name)
+        graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
+        return out
+
+    def _write_node(self, node: NodeView, proto: onnx.NodeProto) -> None:
+        if list(proto.input) != node.input_names:
+            del proto.input[:]
+            proto.input.extend(node.input_names)
+        if list(proto.output) != node.output_names:
+            del proto.output[:]
+            proto.output.extend(node.output_names)
+        if node.index in self.rescaled:
+            attr = LAYERS[node.op_type].bias_scale_attr
+            assert attr is not None
+            _set_float(proto, attr, 1.0)
+
+
+def _site(view: GraphView, bn: NodeView, opset: int,
+          select: Selection) -> tuple[NodeView, NodeView] | None:
+    """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``."""
+    if training_reason(bn, opset) or any(bn.output_names[1:]) or len(bn.input_names) != 5:
+        return None
+    if select != EVERY_BN and select.refusal((display_name(bn), module_path(bn))):
+        return None
+    x, y = bn.input_names[0], bn.output_names[0]
+    producer = view.producer.get(x)
+    if not x or x in view.constant or x in view.outputs or producer is None \
+            or view.readers[x] != [(bn.index, 0)]:
+        return None
+    layer = view.view(producer)
+    if layer.domain not in DEFAULT_DOMAINS or layer.op_type not in _FORWARD_LAYERS \
+            or layer.output_names[0] != x:
+        return None
+    names = layer.input_names
+    if not 2 <= len(names) <= 3 or not names[1] or (y in view.outputs and any(
+            info.doc_string or info.metadata_props for info in view.infos(x, y))):
+        return None  # (a renamed graph output would take the layer output's doc string)
+    tensors = [n for n in names[1:] if n]
+    parameters = bn.input_names[1:]
+    if len(set(tensors + parameters)) != len(tensors) + len(parameters):
+        return None
+    if all(_plain_tensor(view, n) and view.initializers[n].data_type in _FLOAT_TYPES
+           for n in tensors) and all(
+            _plain_tensor(view, n) or view.constant_tensor(n) is not None for n in parameters):
+        return bn, layer
+    return None
+
+
+def _plain_tensor(view: GraphView, name: str) -> bool:
+    return name in view.initializers and name not in view.inputs
+
+
+def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The array onnx-ir reads from ``tensor`` (raw little-endian bytes read directly; other
+    encodings through onnx-ir itself); :class:`NotPlain` if its data does not fill its shape."""
+    dtype = _STORED.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data"):
+        raw = tensor.raw_data
+        count = math.prod(tensor.dims)
+        if len(raw) != count * dtype.itemsize:
+            raise NotPlain(f"tensor {tensor.name!r} data does not fill its shape")
+        return np.frombuffer(raw, dtype).reshape(tuple(tensor.dims))
+    try:
+        return ir.serde.TensorProtoTensor(tensor).numpy()
+    except ValueError as exc:
+        raise NotPlain(str(exc)) from exc
+
+
+def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    """Make ``tensor`` the ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array,
+    name=name)``: dims, data type, name and little-endian raw data."""
+    tensor.dims.extend(array.shape)
+    tensor.data_type = _DATA_TYPES[array.dtype]
+    tensor.name = name
+    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.f = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    versions = {i.domain: i.version for i in model.opset_import}
+    return versions.get("", versions.get("ai.onnx"))
+
+
+def _bn_in_functions(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "BatchNormalization" or any(a.type in (
+        onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
+        for f in model.functions for n in f.node)
+
+
+def _copy_fields(src: Any, dst: Any, skip: tuple[str, ...]) -> None:
+    """Copy every set field of message ``src`` into ``dst`` but those named in ``skip``."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") \
+            else field.label == field.LABEL_REPEATED  # (protobuf < 5.28 has only ``label``)
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)

@@ -1,0 +1,345 @@
+"""The protobuf fast path (``passes/onnx/direct.py``) equals the full onnx-ir fold.
+
+For every model of a corpus, ``direct_fold`` either declines (``None``: the full path runs)
+or returns the model and report the full path returns: the graphs compared after one onnx-ir
+round trip (both sides then serialize the same way, so nodes, attributes, initializer bytes,
+inputs, outputs and value_info are compared exactly), the reports entry by entry. The cases
+that must take the fast path are listed, and folded models are checked against a float64
+evaluation of the unfolded model on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from unittest import mock
+
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from onnx_cases import (
+    Builder,
+    constant_node_weight,
+    count,
+    dynamo_bias_subgraph,
+    feeds,
+    reference,
+    rel_err,
+    run_ort,
+    shared_weight,
+    torch_convtranspose_bn,
+)
+from test_onnx_fold_zoo import TORCHSCRIPT, _export, _float64_reference
+
+from benchmarks.bench_onnx_fold import chain_model
+from bnfold.cli import commands as cli
+from bnfold.models import zoo
+from bnfold.passes.onnx import fold as fold_module
+from bnfold.passes.onnx.direct import direct_fold
+from bnfold.passes.onnx.fold import fold_onnx
+from bnfold.selection import Selection
+
+TOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16: 5e-3,
+       TensorProto.BFLOAT16: 8e-3}
+
+
+@contextmanager
+def _no_fast_path():
+    with mock.patch.object(fold_module, "direct_fold", lambda *a, **k: None):
+        yield
+
+
+def _full(model: onnx.ModelProto, **kw):
+    with _no_fast_path():
+        return fold_onnx(model, **kw)
+
+
+def _normal(model: onnx.ModelProto) -> bytes:
+    return ir.serde.serialize_model(ir.serde.deserialize_model(model)).SerializeToString()
+
+
+def _check(model: onnx.ModelProto, include=None, exclude=None):
+    """``direct_fold``'s result (or ``None``), asserted equal to the full path's."""
+    before = model.SerializeToString()
+    fast = direct_fold(model, select=Selection.of(include, exclude))
+    assert model.SerializeToString() == before, "the input was changed"
+    if fast is None:
+        return None
+    full = _full(model, include=include, exclude=exclude)
+    assert fast.report.to_dict() == full.report.to_dict()
+    assert fast.report.entries == full.report.entries
+    assert _normal(fast.model) == _normal(full.model)
+    onnx.checker.check_model(fast.model, full_check=True)
+    return fast
+
+
+def _numerics(original: onnx.ModelProto, folded: onnx.ModelProto) -> None:
+    """The folded model (ONNX Runtime; onnx's reference evaluator for types ORT lacks) against
+    the unfolded one in float64, on fresh random inputs."""
+    x = feeds(original, seed=11)
+    grouped_transpose = any(n.op_type == "ConvTranspose" for n in original.graph.node)
+    want = (torch_convtranspose_bn(original, next(iter(x.values()))) if grouped_transpose
+            else reference(original, x))
+    dtype = original.graph.input[0].type.tensor_type.elem_type
+    ort_types = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    got = run_ort(folded, x) if dtype in ort_types else reference(folded, x)
+    assert rel_err(got, want) < TOL[dtype]
+
+
+# ------------------------------------------------------------------ the corpus
+
+
+def _conv(dtype=TensorProto.FLOAT, bias=True, group=1, unnamed=False, out_is_output=False,
+          metadata=False, seed=0) -> onnx.ModelProto:
+    b = Builder(seed, dtype)
+    inputs = ["x", b.rand("w", [6, 6 // group, 3, 3])] + ([b.rand("cb", [6])] if bias else [])
+    b.node("Conv", inputs, ["c"], pads=[1, 1, 1, 1], group=group)
+    b.bn("c", "y", 6)
+    b.node("Relu", ["y"], ["r"])
+    if unnamed:
+        for node in b.nodes:
+            node.name = ""
+    if metadata:
+        helper.set_metadata_props(b.nodes[1], {
+            "pkg.torch.onnx.name_scopes": "['', 'features', 'features.1', 'op']"})
+    outputs = {"r": None, "y": None} if out_is_output else {"r": None}
+    return b.model({"x": [2, 6, 5, 5]}, outputs)
+
+
+def _conv_transpose(group=2, bias=True, seed=0) -> onnx.ModelProto:
+    b = Builder(seed)
+    inputs = ["x", b.rand("w", [4, 6 // group, 3, 3])] + ([b.rand("cb", [6])] if bias else [])
+    b.node("ConvTranspose", inputs, ["c"], group=group, strides=[2, 2])
+    b.bn("c", "y", 6)
+    return b.model({"x": [2, 4, 3, 3]}, {"y": None})
+
+
+def _gemm(trans_b=0, bias_shape=(5,), alpha=1.0, beta=1.0, dtype=TensorProto.FLOAT,
+          seed=0) -> onnx.ModelProto:
+    b = Builder(seed, dtype)
+    inputs = ["x", b.rand("w", [5, 4] if trans_b else [4, 5])]
+    if bias_shape is not None:
+        inputs.append(b.rand("gc", list(bias_shape)))
+    b.node("Gemm", inputs, ["g"], transB=trans_b, alpha=alpha, beta=beta)
+    b.bn("g", "y", 5)
+    return b.model({"x": [3, 4]}, {"y": None})
+
+
+def _constant_parameters(shared: bool) -> onnx.ModelProto:
+    """Affine-less BNs as TorchScript exports them: scale and B are Constant nodes (pruned
+    with the BN; ``shared``: one pair read by two BNs)."""
+    b = Builder(6)
+    for i in range(2):
+        b.node("Conv", ["x" if i == 0 else "y0", b.rand(f"w{i}", [4, 4, 1, 1])], [f"c{i}"])
+        b.bn(f"c{i}", f"y{i}", 4)
+        if i == 0 or not shared:
+            ones, zeros = (helper.make_tensor(f"t{i}{v}", TensorProto.FLOAT, [4], [v] * 4)
+                           for v in (1, 0))
+            b.nodes.insert(0, helper.make_node("Constant", [], [f"one{i}"], value=ones))
+            b.nodes.insert(0, helper.make_node("Constant", [], [f"zero{i}"], value=zeros))
+        k = 0 if shared else i
+        b.nodes[-1].input[1:3] = [f"one{k}", f"zero{k}"]
+    b.inits = [t for t in b.inits if not t.name.endswith(("_scale", "_B"))]
+    return b.model({"x": [2, 4, 3, 3]}, {"y1": None})
+
+
+def _partly_plain() -> onnx.ModelProto:
+    """One plain Conv+BN and one BN after a Relu (kept): the whole model takes the full
+    path."""
+    b = Builder(3)
+    b.node("Conv", ["x", b.rand("w", [4, 4, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    b.node("Relu", ["y"], ["r"])
+    b.bn("r", "z", 4)
+    return b.model({"x": [2, 4, 3, 3]}, {"z": None})
+
+
+def _affine_after_conv() -> onnx.ModelProto:
+    """Conv+BN, then a BN-like ``Mul`` by a per-channel constant (an affine site)."""
+    b = Builder(4)
+    b.node("Conv", ["x", b.rand("w", [4, 4, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    b.node("Mul", ["y", b.rand("k", [4, 1, 1])], ["z"])
+    return b.model({"x": [2, 4, 3, 3]}, {"z": None})
+
+
+def _training_bn() -> onnx.ModelProto:
+    b = Builder(5)
+    b.node("Conv", ["x", b.rand("w", [4, 4, 1, 1])], ["c"])
+    b.bn("c", "y", 4, training_mode=1)
+    b.nodes[-1].output.extend(["running_mean", "running_var"])
+    return b.model({"x": [2, 4, 3, 3]}, {"y": None})
+
+
+def _weight_is_input() -> onnx.ModelProto:
+    m = _conv()
+    m.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, 6, 3, 3]))
+    return m
+
+
+PLAIN = {
+    "chain": lambda: chain_model(4, 6, kernel=3),
+    "conv": _conv,
+    "conv no bias": lambda: _conv(bias=False),
+    "conv grouped": lambda: _conv(group=3),
+    "conv fp16": lambda: _conv(TensorProto.FLOAT16),
+    "gemm bf16": lambda: _gemm(dtype=TensorProto.BFLOAT16),
+    "conv fp64": lambda: _conv(TensorProto.DOUBLE),
+    "unnamed": lambda: _conv(unnamed=True),
+    "BN output is a graph output": lambda: _conv(out_is_output=True),
+    "unnamed, BN output is a graph output": lambda: _conv(unnamed=True, out_is_output=True),
+    "torch metadata": lambda: _conv(metadata=True),
+    "convtranspose grouped": _conv_transpose,
+    "convtranspose no bias": lambda: _conv_transpose(group=1, bias=False),
+    "gemm": _gemm,
+    "gemm transB alpha beta": lambda: _gemm(1, alpha=0.7, beta=0.3),
+    "gemm no C": lambda: _gemm(bias_shape=None, beta=0.5),
+    "gemm C [1]": lambda: _gemm(bias_shape=(1,)),
+    "gemm C [M, N]": lambda: _gemm(1, bias_shape=(3, 5), beta=2.0),
+    "gemm fp16": lambda: _gemm(dtype=TensorProto.FLOAT16),
+    "shared weight": lambda: shared_weight(0),
+    "Constant node parameters": lambda: _constant_parameters(shared=False),
+    "Constant node parameters, shared": lambda: _constant_parameters(shared=True),
+}
+NOT_PLAIN = {
+    "partly plain": _partly_plain,
+    "affine Mul after": _affine_after_conv,
+    "training-mode BN": _training_bn,
+    "weight is a graph input": _weight_is_input,
+    "Constant node weight": lambda: constant_node_weight(0),
+    "dynamo bias subgraph": lambda: dynamo_bias_subgraph(0),
+    "IR version 3": lambda: _edited(_conv(), lambda m: setattr(m, "ir_version", 3)),
+    "training info": lambda: _edited(_conv(), lambda m: m.training_info.add()),
+    "invalid BN": lambda: _edited(_conv(), lambda m: m.graph.initializer[2].dims.__setitem__(
+        0, 2)),
+}
+
+
+def _edited(model: onnx.ModelProto, edit) -> onnx.ModelProto:
+    edit(model)
+    return model
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_models_take_the_fast_path_and_equal_the_full_one(name: str) -> None:
+    model = PLAIN[name]()
+    fast = _check(model)
+    assert fast is not None, f"{name}: not folded directly"
+    assert count(fast.model) == 0 and len(fast.report.folded) == count(model)
+    _numerics(model, fast.model)
+
+
+@pytest.mark.parametrize("name", NOT_PLAIN)
+def test_other_models_take_the_full_path(name: str) -> None:
+    assert _check(NOT_PLAIN[name]()) is None
+
+
+def test_selections_that_exclude_a_bn_take_the_full_path() -> None:
+    model = _conv(metadata=True)
+    assert _check(model, exclude="features.*") is None
+    assert _check(model, include="nothing") is None
+    assert _check(model, include="features.1") is not None  # selects every BN
+
+
+def test_fold_onnx_of_a_plain_proto_never_builds_an_onnx_ir_model() -> None:
+    model = chain_model(3, 4)
+    want = _full(model)
+    with mock.patch.object(fold_module, "_working_copy", side_effect=AssertionError):
+        got = fold_onnx(model)
+    assert got.model.SerializeToString() != model.SerializeToString()
+    assert _normal(got.model) == _normal(want.model) and got.report == want.report
+
+
+def test_cli_folds_a_plain_file_on_the_protobuf(tmp_path, capsys) -> None:
+    """``bnfold fold`` of a single-file plain model: no onnx-ir model is built to fold it,
+    and the file written equals the full path's model; the report is the full path's."""
+    model = chain_model(3, 4)
+    src, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    want = _full(model)
+    with mock.patch.object(fold_module, "_working_copy", side_effect=AssertionError):
+        assert cli.main(["fold", str(src), "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fold"] == want.report.to_dict()
+    assert _normal(onnx.load(out)) == _normal(want.model)
+    assert src.read_bytes() == model.SerializeToString()
+
+
+def test_progress_is_the_full_paths() -> None:
+    model = chain_model(5, 4)
+    fast_calls: list[tuple[int, int]] = []
+    full_calls: list[tuple[int, int]] = []
+    assert direct_fold(model, progress=lambda *a: fast_calls.append(a)) is not None
+    _full(model, progress=lambda *a: full_calls.append(a))
+    assert fast_calls == full_calls == [(i, 5) for i in range(1, 6)]
+
+
+# ------------------------------------------------------------------ zoo exports
+
+#: Exports whose every BN follows a plain layer: folded on the protobuf (convtranspose_decoder
+#: has an affine-less BN whose scale and B are Constant nodes).
+PLAIN_EXPORTS = {("plain_cnn", False), ("resnet_small", False), ("mlp_bn1d", True)}
+
+
+@pytest.mark.parametrize(("name", "dynamo"),
+                         [(n, True) for n in zoo.ZOO] + [(n, False) for n in TORCHSCRIPT])
+def test_zoo_exports_equal_the_full_path(name: str, dynamo: bool) -> None:
+    model = _export(name, dynamo)
+    fast = _check(model)
+    if (name, dynamo) in PLAIN_EXPORTS:
+        assert fast is not None, f"{name}: not folded directly"
+    if fast is not None:  # against the unfolded torch model in float64, on a fresh input
+        x = zoo.example_input(name, seed=7)
+        got = run_ort(fast.model, {model.graph.input[0].name: x.numpy()})
+        assert rel_err(got, _float64_reference(name, x)) < TOL[TensorProto.FLOAT]
+
+
+# ------------------------------------------------------------------ random plain graphs
+
+_DTYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+@st.composite
+def _plain_graphs(draw) -> onnx.ModelProto:
+    """Chains of Conv / ConvTranspose / Gemm + BN, with or without bias, some layers sharing a
+    weight, some BN outputs graph outputs, some nodes unnamed."""
+    dtype = draw(st.sampled_from(_DTYPES))
+    b = Builder(draw(st.integers(0, 2**16)), dtype)
+    spatial = draw(st.booleans())
+    c = draw(st.sampled_from([2, 4, 6]))
+    x, outputs = "x", {}
+    shared: dict[tuple, str] = {}
+    for i in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["Conv", "ConvTranspose"] if spatial else ["Gemm"]))
+        group = draw(st.sampled_from([1, 2])) if spatial else 1
+        trans_b = draw(st.integers(0, 1))
+        shape = [c, c // group, 1, 1] if spatial else [c, c]
+        key = (op, group)
+        if key in shared and draw(st.booleans()):
+            w = shared[key]
+        else:
+            w = shared[key] = b.rand(f"w{i}", shape)
+        inputs = [x, w]
+        if draw(st.booleans()):
+            inputs.append(b.rand(f"b{i}", [c]))
+        attrs = ({"group": group} if spatial else
+                 {"transB": trans_b, "alpha": draw(st.sampled_from([1.0, 0.5])),
+                  "beta": draw(st.sampled_from([1.0, 0.25]))})
+        b.node(op, inputs, [f"l{i}"], **attrs)
+        b.bn(f"l{i}", f"n{i}", c)
+        if draw(st.booleans()):
+            outputs[f"n{i}"] = None
+        x = b.node("Relu", [f"n{i}"], [f"r{i}"])
+        if draw(st.booleans()):
+            b.nodes[-3].name = ""
+    outputs[x] = None
+    return b.model({"x": [2, c, 3, 3] if spatial else [3, c]}, outputs)
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=60)
+@given(_plain_graphs())
+def test_random_plain_graphs_fold_directly_as_the_full_path_does(model) -> None:
+    assert _check(model) is not None

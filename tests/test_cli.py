@@ -318,7 +318,8 @@ def test_write_failures_leave_no_partial_or_temp_file(models, tmp_path, monkeypa
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(staged_save, "write_model", disk_full)
+    monkeypatch.setattr(staged_save, "write_model", disk_full)  # an onnx-ir model
+    monkeypatch.setattr(staged_save, "write_proto", disk_full)  # a ModelProto (fast path)
     out = tmp_path / "out" / "m.onnx"
     assert cli.main(["fold", str(models["a"]), "-o", str(out), "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -89,6 +89,7 @@ from bnfold.passes.fx.sites import (
     is_batchnorm,
     is_layer,
     layer_site,
+    module_calls,
     to_numpy,
     to_torch,
 )
@@ -544,10 +545,9 @@ class _Folder:
     ) -> tuple[str, dict[str, Any]]:
         target = str(layer.node.target)
         module = self.gm.get_submodule(target)
-        refs = [n for n in self.graph.nodes
-                if (n.op == "call_module" and n.target == target)
-                or (n.op == "get_attr" and str(n.target).startswith(target + "."))]
-        copied = len(refs) > 1
+        inside = [n for n in self.graph.find_nodes(op="get_attr")
+                  if str(n.target).startswith(target + ".")]
+        copied = len(module_calls(self.graph, target)) + len(inside) > 1
         if copied:
             module = copy.deepcopy(module)
             parent, _, leaf = target.rpartition(".")
@@ -605,12 +605,8 @@ class _Folder:
         """True when ``attr``'s tensor is read only by ``user`` anywhere in the graph."""
         target = str(attr.target)
         return set(attr.users) == {user} and not any(
-            n is not attr and (
-                (n.op == "get_attr" and n.target == target)
-                or (n.op == "call_module" and target.startswith(f"{n.target}."))
-            )
-            for n in self.graph.nodes
-        )
+            n is not attr for n in self.graph.find_nodes(op="get_attr", target=target)
+        ) and not any(module_calls(self.graph, p) for p in _prefixes(target))
 
     def _remove(self, site: BatchNormSite) -> None:
         site.output.replace_all_uses_with(site.input)
@@ -633,11 +629,12 @@ class _Folder:
 
     def cleanup(self) -> None:
         """Drop the BN modules and constants nothing reads any more, then regenerate code."""
-        for node in list(self.graph.nodes):
-            if node.op == "get_attr" and not node.users:
+        for node in self.graph.find_nodes(op="get_attr"):
+            if not node.users:
                 self.stale.add(str(node.target))
                 self.graph.erase_node(node)
-        refs = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        refs = {str(n.target) for op in ("get_attr", "call_module")
+                for n in self.graph.find_nodes(op=op)}
         inside = {p for r in refs for p in _prefixes(r)}  # modules holding something read
 
         def used(path: str) -> bool:  # read, holds what is read, or lies inside what is read

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
@@ -69,7 +69,9 @@ def graph_module_of(
 
     Without ``inplace`` the model is deep-copied first (parameters shared inside the model stay
     shared inside the copy), so rewriting the result never touches the caller's tensors;
-    ``inplace`` is accepted only for a ``GraphModule``, which is then returned as is.
+    ``inplace`` is accepted only for a ``GraphModule``, which is then returned as is. A traced
+    graph module has no code yet (:func:`without_code`): every pass ends with
+    ``gm.recompile()`` after its rewrites.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -94,7 +96,7 @@ def graph_module_of(
         return work, "graph module" + compiled
     try:
         graph = Tracer().trace(work)
-        return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace" + compiled
+        return without_code(work, graph, type(work).__name__), "symbolic_trace" + compiled
     except Exception as trace_exc:
         where = user_frame(trace_exc)
         first = one_line(trace_exc)
@@ -113,6 +115,31 @@ def graph_module_of(
             ) from export_exc
         return exported.module(), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
+
+
+def without_code(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` minus its first code generation.
+
+    The constructor generates and compiles Python code for ``graph`` (``recompile``), which a
+    pass throws away when it rewrites the graph and recompiles at its end. ``GraphModule``
+    makes a class of its own for every instance; its ``recompile`` is a no-op while the
+    constructor runs, so the result has everything but its ``forward`` until the pass's
+    ``gm.recompile()``. Where torch makes no such class, the plain constructor runs.
+    """
+    gm = fx.GraphModule.__new__(fx.GraphModule)
+    own = type(gm)
+    if own is fx.GraphModule:
+        return fx.GraphModule(root, graph, class_name)
+    own.recompile = _no_code  # type: ignore[method-assign]
+    try:
+        gm.__init__(root, graph, class_name)  # type: ignore[misc]
+    finally:
+        del own.recompile
+    return gm
+
+
+def _no_code(self: fx.GraphModule) -> None:
+    """Stands in for ``GraphModule.recompile`` while :func:`without_code` builds a module."""
 
 
 @contextlib.contextmanager
@@ -257,8 +284,22 @@ class _RealShapes(fx.Interpreter):
             self.failure = f"at {where}: {one_line(exc)}"
             raise
         if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            n.meta["tensor_meta"] = tensor_metadata(result)
         return result
+
+
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``_extract_tensor_metadata(t)`` (what ``ShapeProp`` records), equal field for
+    field: for a plain dense, non-quantized tensor the memory format is read by the tensor's
+    own contiguity checks (the same definition as torch's symbolic-size-aware Python ones,
+    at a fraction of the cost); any other tensor goes to torch's function."""
+    if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
 def shape_of(node: fx.Node) -> tuple[int | None, ...] | None:

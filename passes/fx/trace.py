@@ -11,7 +11,6 @@ unwrapped, and lazy modules must have run once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -30,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.dispatch import RankDispatch
+from bnfold.passes.fx.model_copy import deep_copy
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -67,11 +67,11 @@ def graph_module_of(
 ) -> tuple[fx.GraphModule, str]:
     """Return ``(graph module, how it was obtained)`` for ``model``.
 
-    Without ``inplace`` the model is deep-copied first (parameters shared inside the model stay
-    shared inside the copy), so rewriting the result never touches the caller's tensors;
-    ``inplace`` is accepted only for a ``GraphModule``, which is then returned as is. A traced
-    graph module has no code yet (:func:`without_code`): every pass ends with
-    ``gm.recompile()`` after its rewrites.
+    Without ``inplace`` the model is deep-copied first (:func:`~.model_copy.deep_copy`, what
+    ``copy.deepcopy`` gives; parameters shared inside the model stay shared inside the copy),
+    so rewriting the result never touches the caller's tensors; ``inplace`` is accepted only
+    for a ``GraphModule``, which is then returned as is. A traced graph module has no code yet
+    (:func:`without_code`): every pass ends with ``gm.recompile()`` after its rewrites.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -91,7 +91,7 @@ def graph_module_of(
             "forward would keep calling its BNs on the folded weights; call fold without "
             "inplace (the model is left untouched) or pass a GraphModule"
         )
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deep_copy(model)
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:

@@ -67,6 +67,19 @@ class _Shared(nn.Module):
         self.a.register_forward_hook(lambda *_: None)
 
 
+class _Views(nn.Module):
+    """Buffers that view one storage, the view registered before its base, and one tensor
+    under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = torch.arange(8.0)
+        self.register_buffer("middle", base[2:5])
+        self.register_buffer("base", base)
+        self.register_buffer("twice", torch.ones(3))
+        self.again = self.twice
+
+
 class _OwnCopy(nn.Linear):
     copies = 0
 
@@ -88,9 +101,9 @@ def _parametrized() -> nn.Module:
 
 
 @pytest.mark.parametrize("model", [
-    *[zoo.get(name) for name in zoo.ZOO], _Shared(), _parametrized(),
+    *[zoo.get(name) for name in zoo.ZOO], _Shared(), _Views(), _parametrized(),
     nn.Sequential(nn.GRU(3, 4), nn.LSTM(4, 4)), nn.Sequential(nn.Linear(2, 2)).train(),
-], ids=[*zoo.ZOO, "shared", "parametrized", "rnn", "training"])
+], ids=[*zoo.ZOO, "shared", "views", "parametrized", "rnn", "training"])
 def test_deep_copy_is_deepcopy(model: nn.Module) -> None:
     got, ref = deep_copy(model), copy.deepcopy(model)
     _same_copy(model, got, ref, {})
@@ -107,6 +120,14 @@ def test_sharing_inside_the_model_is_kept_in_the_copy() -> None:
     assert got.b.weight is got.a.weight and got.again is got.a and got.listed[0] is got.a
     assert got.w.untyped_storage().data_ptr() == got.v.untyped_storage().data_ptr()
     assert got._non_persistent_buffers_set == {"w"} and len(got.a._forward_hooks) == 1
+
+
+def test_views_of_one_storage_view_one_storage_in_the_copy() -> None:
+    got = deep_copy(_Views())
+    assert got.middle.untyped_storage().data_ptr() == got.base.untyped_storage().data_ptr()
+    assert got.middle.storage_offset() == 2 and got.again is got.twice
+    got.base[3] = -1
+    assert got.middle[1] == -1
 
 
 def test_a_class_with_its_own_deepcopy_is_copied_by_it() -> None:

@@ -9,8 +9,10 @@ its state is copied, the state of ``Module.__getstate__`` with every value copie
 class's ``__setstate__`` (``_ConvNd`` and RNNs have their own). Values: atoms (and tuples of
 atoms) as they are, empty dicts, ordered dicts and sets and lists of atoms as new ones,
 string-keyed dicts (``_parameters``, ``_buffers``, ``_modules``) entry by entry, submodules
-recursively, anything else (tensors, hooks, user attributes) through ``copy.deepcopy`` with
-the one shared memo, so whatever is shared in the model is shared in the copy. A module whose
+recursively, a plain tensor that owns its whole storage (a BN's statistics) as a copy of that
+storage (:func:`_tensor`), anything else (parameters, views, hooks, user attributes) through
+``copy.deepcopy`` with the one shared memo, so whatever is shared in the model (a module, a
+tensor, a storage) is shared in the copy. A module whose
 class changes the protocol (``__deepcopy__``, ``__reduce_ex__``, ``__reduce__``,
 ``__getstate__``, ``__getnewargs__``, a ``copyreg`` entry: ``GraphModule``, parametrized
 modules...) goes to ``copy.deepcopy`` whole. The result is the one ``copy.deepcopy`` gives:
@@ -24,7 +26,9 @@ import copyreg
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import has_torch_function_unary
 
 _ATOMS = frozenset({type(None), bool, int, float, str, bytes})
 _PROTOCOL = ("__deepcopy__", "__reduce_ex__", "__reduce__", "__getstate__", "__getnewargs__",
@@ -38,7 +42,7 @@ def deep_copy(model: nn.Module) -> nn.Module:
     return _value(model, {})
 
 
-def _value(v: Any, memo: dict[int, Any]) -> Any:
+def _value(v: Any, memo: dict[Any, Any]) -> Any:
     """The deep copy of ``v`` (``copy.deepcopy(v, memo)``, directly where that is plain)."""
     kind = type(v)
     if kind in _ATOMS:
@@ -48,6 +52,8 @@ def _value(v: Any, memo: dict[int, Any]) -> Any:
         return done
     if isinstance(v, nn.Module) and _plain_protocol(v):
         return _module(v, memo)
+    if kind is torch.Tensor and _owns_its_storage(v, memo):
+        return _tensor(v, memo)
     if kind is tuple and all(type(a) in _ATOMS for a in v):
         return v  # deepcopy returns a tuple of atoms itself
     if (kind is dict or kind is OrderedDict or kind is set) and not v:
@@ -74,9 +80,35 @@ def _plain_protocol(module: nn.Module) -> bool:
         for name, held in _MODULE_PROTOCOL.items())
 
 
-def _module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+def _module(module: nn.Module, memo: dict[Any, Any]) -> nn.Module:
     cls = type(module)
     new = memo[id(module)] = cls.__new__(cls)
     state = {key: _value(item, memo) for key, item in module.__getstate__().items()}
     new.__setstate__(state)
+    return new
+
+
+def _owns_its_storage(t: torch.Tensor, memo: dict[Any, Any]) -> bool:
+    """True for a plain dense tensor (no subclass, grad, autograd history, attributes, conj or
+    neg bit, quantization) laid out contiguously over the whole of a storage not copied yet:
+    a BN's running statistics, most buffers."""
+    if has_torch_function_unary(t) or not t.is_leaf or t.layout is not torch.strided or \
+            t.is_nested or t.device.type not in ("cpu", "cuda"):
+        return False
+    if t.requires_grad or t.grad is not None or vars(t) or t.is_quantized or t.is_conj() or \
+            t.is_neg() or t.storage_offset() != 0 or not t.is_contiguous():
+        return False
+    storage = t.untyped_storage()
+    return storage.nbytes() == t.numel() * t.element_size() and \
+        storage._cdata not in memo.get("torch", {})
+
+
+def _tensor(t: torch.Tensor, memo: dict[Any, Any]) -> torch.Tensor:
+    """``Tensor.__deepcopy__`` of a tensor :func:`_owns_its_storage`: a new storage holding a
+    copy, viewed with the same sizes and strides, entered in the memo where
+    ``UntypedStorage.__deepcopy__`` enters it (views of the storage copied later share it)."""
+    new = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    new.copy_(t)
+    memo.setdefault("torch", {})[t.untyped_storage()._cdata] = new.untyped_storage()
+    memo[id(t)] = new
     return new

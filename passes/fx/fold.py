@@ -211,14 +211,18 @@ class _Folder:
         self.graph = gm.graph
         self.consts = consts
         self.affine = affine_chains(gm, consts)
+        self._sites: dict[fx.Node, BatchNormSite | str] = {}
         self.stale: set[str] = set()  # attribute paths whose get_attr nodes were erased
         self.removed_modules: set[str] = set()
 
     def site(self, node: fx.Node) -> BatchNormSite | str:
-        """The BN (or BN-like affine chain) at ``node``, or why it cannot fold."""
-        if node in self.affine:
-            return self.affine[node].site
-        return batchnorm_site(self.gm, node)
+        """The BN (or BN-like affine chain) at ``node``, or why it cannot fold; read once per
+        BN (the backward try reuses the forward try's): no fold rewrites a BN's statistics,
+        and its input is read off the graph when used."""
+        if node not in self._sites:
+            self._sites[node] = self.affine[node].site if node in self.affine else \
+                batchnorm_site(self.gm, node)
+        return self._sites[node]
 
     def kind(self, node: fx.Node) -> str:
         """What the report calls the BN at ``node``: its class, ``F.batch_norm`` or the

@@ -277,8 +277,12 @@ class _RealShapes(fx.Interpreter):
     failure = ""  # "at <module or node>: <first line of the error>" once a node raised
 
     def run_node(self, n: fx.Node) -> Any:
+        """``Interpreter.run_node`` minus its per-node context (it records the node as the
+        current one for a trace started inside an op, which real tensors never start), plus
+        the failure and the metadata."""
         try:
-            result = super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as exc:
             where = n.target if n.op == "call_module" else n.name
             self.failure = f"at {where}: {one_line(exc)}"

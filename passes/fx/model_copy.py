@@ -54,6 +54,8 @@ def _value(v: Any, memo: dict[Any, Any]) -> Any:
         return _module(v, memo)
     if kind is torch.Tensor and _owns_its_storage(v, memo):
         return _tensor(v, memo)
+    if kind is nn.Parameter:
+        return v.__deepcopy__(memo)  # what copy.deepcopy calls, minus its dispatch
     if kind is tuple and all(type(a) in _ATOMS for a in v):
         return v  # deepcopy returns a tuple of atoms itself
     if (kind is dict or kind is OrderedDict or kind is set) and not v:

@@ -225,10 +225,13 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     Small inputs (:data:`REAL_SHAPES_MAX_ELEMENTS`) run for real first and fall back to fake
     tensors; large ones run on fake tensors first (no compute) and fall back to real execution
     when an op has no fake kernel. Modules run in eval mode meanwhile, so no BatchNorm updates
-    its running statistics.
+    its running statistics (``gm.eval()`` then each module's mode back, when any module is in
+    training mode; a model all in eval mode runs as it is).
     """
     modes = {m: m.training for m in gm.modules()}
-    gm.eval()
+    switched = any(modes.values())
+    if switched:
+        gm.eval()
     elements = sum(a.numel() for a in args if isinstance(a, torch.Tensor))
     try:
         if elements > REAL_SHAPES_MAX_ELEMENTS and _fake_shapes(gm, args):
@@ -244,7 +247,7 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
                 f"example_inputs do not run through the model: {real.failure}"
             ) from exc
     finally:
-        for m, training in modes.items():
+        for m, training in modes.items() if switched else ():
             m.training = training
 
 

@@ -179,7 +179,7 @@ def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def module_calls(graph: fx.Graph, target: str) -> list[fx.Node]:
-    """The nodes calling the module ``target`` (from the graph's node index, no scan)."""
+    """The nodes calling the module ``target`` (from the graph's per-op node index)."""
     return graph.find_nodes(op="call_module", target=target)
 
 

@@ -298,7 +298,9 @@ def test_training_mode_bn_is_kept() -> None:
     gm, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
     assert report.kept[0].reason.startswith("BN is in training mode")
     assert torch.equal(model[1].num_batches_tracked, torch.tensor(0))  # shapes ran in eval
-    assert gm.get_submodule("1").training
+    kept = gm.get_submodule("1")
+    assert kept.training and torch.equal(kept.num_batches_tracked, torch.tensor(0))
+    assert torch.equal(kept.running_mean, model[1].running_mean)
 
 
 def test_bn_without_running_stats_is_kept() -> None:

@@ -74,3 +74,17 @@ def test_insert_takes_the_torch_export_fallback_like_fold() -> None:
     out = gm(x)
     torch.testing.assert_close(out.double(), reference(x.double()), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out, model(x), rtol=1e-3, atol=1e-3)  # the BN is really there
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_every_fx_pass_returns_the_code_of_its_final_graph(name: str) -> None:
+    """The traced graph module is built without code (trace.without_code); each pass must
+    generate it once, after its rewrites, and leave GraphModule's own recompile in place."""
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(12, 2)).eval()
+    x = torch.randn(2, 2, 4, 4)
+    gm, _ = PASSES[name](net, example_inputs=x)
+    assert type(gm).recompile is torch.fx.GraphModule.recompile
+    assert gm.code == gm.graph.python_code("self").src
+    with torch.no_grad():
+        assert gm(x).shape == (2, 2)

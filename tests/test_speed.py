@@ -145,6 +145,27 @@ def test_fold_with_either_shape_pass_is_exact(monkeypatch, limit) -> None:
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
+def _strided(sizes: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(64).as_strided(sizes, strides)
+
+
+@pytest.mark.parametrize("t", [
+    torch.empty(()), torch.empty(0, 3), torch.empty(2, 3, 4, 5),
+    torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+    torch.empty(2, 3, 2, 4, 5).contiguous(memory_format=torch.channels_last_3d),
+    torch.empty(2, 1, 1, 5).contiguous(memory_format=torch.channels_last),  # both formats
+    torch.empty(3, 4).t(), torch.empty(1, 4).expand(3, 4), _strided((2, 3, 2, 2), (1, 2, 0, 6)),
+    _strided((2, 1, 3), (3, 7, 1)), torch.empty(4, 6)[:, ::2], torch.ones(3, dtype=torch.int64),
+    torch.ones(2, 3, requires_grad=True), nn.Parameter(torch.ones(2)),
+    torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.quint8),
+    torch.ones(2, 2).to_sparse(),
+])
+def test_shape_pass_metadata_is_torchs(t: torch.Tensor) -> None:
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    assert trace.tensor_metadata(t) == _extract_tensor_metadata(t)
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

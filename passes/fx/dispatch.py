@@ -20,6 +20,7 @@ from typing import Any
 from torch import fx, nn
 
 from bnfold.passes.fx.constants import Constants
+from bnfold.passes.fx.sites import module_calls
 
 
 class RankDispatch(nn.Module):
@@ -55,7 +56,7 @@ def dispatch_refusal(layers: list[fx.Node], site_nodes: list[fx.Node], source: f
     to be a constant; a BN module called at several places cannot be switched for one."""
     bn = site_nodes[0]
     if bn.op == "call_module" and len(site_nodes) == 1:
-        calls = [n for n in bn.graph.nodes if n.op == "call_module" and n.target == bn.target]
+        calls = module_calls(bn.graph, str(bn.target))
         if len(calls) > 1:
             return f"BN module {bn.target} is called {len(calls)} times"
     pieces: list[tuple[list[fx.Node], fx.Node | None]] = [

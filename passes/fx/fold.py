@@ -89,6 +89,7 @@ from bnfold.passes.fx.sites import (
     is_batchnorm,
     is_layer,
     layer_site,
+    module_calls,
     to_numpy,
     to_torch,
 )
@@ -210,14 +211,18 @@ class _Folder:
         self.graph = gm.graph
         self.consts = consts
         self.affine = affine_chains(gm, consts)
+        self._sites: dict[fx.Node, BatchNormSite | str] = {}
         self.stale: set[str] = set()  # attribute paths whose get_attr nodes were erased
         self.removed_modules: set[str] = set()
 
     def site(self, node: fx.Node) -> BatchNormSite | str:
-        """The BN (or BN-like affine chain) at ``node``, or why it cannot fold."""
-        if node in self.affine:
-            return self.affine[node].site
-        return batchnorm_site(self.gm, node)
+        """The BN (or BN-like affine chain) at ``node``, or why it cannot fold; read once per
+        BN (the backward try reuses the forward try's): no fold rewrites a BN's statistics,
+        and its input is read off the graph when used."""
+        if node not in self._sites:
+            self._sites[node] = self.affine[node].site if node in self.affine else \
+                batchnorm_site(self.gm, node)
+        return self._sites[node]
 
     def kind(self, node: fx.Node) -> str:
         """What the report calls the BN at ``node``: its class, ``F.batch_norm`` or the
@@ -544,10 +549,9 @@ class _Folder:
     ) -> tuple[str, dict[str, Any]]:
         target = str(layer.node.target)
         module = self.gm.get_submodule(target)
-        refs = [n for n in self.graph.nodes
-                if (n.op == "call_module" and n.target == target)
-                or (n.op == "get_attr" and str(n.target).startswith(target + "."))]
-        copied = len(refs) > 1
+        inside = [n for n in self.graph.find_nodes(op="get_attr")
+                  if str(n.target).startswith(target + ".")]
+        copied = len(module_calls(self.graph, target)) + len(inside) > 1
         if copied:
             module = copy.deepcopy(module)
             parent, _, leaf = target.rpartition(".")
@@ -605,12 +609,8 @@ class _Folder:
         """True when ``attr``'s tensor is read only by ``user`` anywhere in the graph."""
         target = str(attr.target)
         return set(attr.users) == {user} and not any(
-            n is not attr and (
-                (n.op == "get_attr" and n.target == target)
-                or (n.op == "call_module" and target.startswith(f"{n.target}."))
-            )
-            for n in self.graph.nodes
-        )
+            n is not attr for n in self.graph.find_nodes(op="get_attr", target=target)
+        ) and not any(module_calls(self.graph, p) for p in _prefixes(target))
 
     def _remove(self, site: BatchNormSite) -> None:
         site.output.replace_all_uses_with(site.input)
@@ -633,11 +633,12 @@ class _Folder:
 
     def cleanup(self) -> None:
         """Drop the BN modules and constants nothing reads any more, then regenerate code."""
-        for node in list(self.graph.nodes):
-            if node.op == "get_attr" and not node.users:
+        for node in self.graph.find_nodes(op="get_attr"):
+            if not node.users:
                 self.stale.add(str(node.target))
                 self.graph.erase_node(node)
-        refs = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        refs = {str(n.target) for op in ("get_attr", "call_module")
+                for n in self.graph.find_nodes(op=op)}
         inside = {p for r in refs for p in _prefixes(r)}  # modules holding something read
 
         def used(path: str) -> bool:  # read, holds what is read, or lies inside what is read

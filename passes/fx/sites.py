@@ -174,8 +174,13 @@ def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op != "call_module":
         mean = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS).get("running_mean")
         return _functional_label(node, mean)
-    calls = [n for n in node.graph.nodes if n.op == "call_module" and n.target == node.target]
+    calls = module_calls(node.graph, str(node.target))
     return str(node.target) if len(calls) == 1 else f"{node.target} ({node.name})"
+
+
+def module_calls(graph: fx.Graph, target: str) -> list[fx.Node]:
+    """The nodes calling the module ``target`` (from the graph's per-op node index)."""
+    return graph.find_nodes(op="call_module", target=target)
 
 
 # ---------------------------------------------------------------------------------------------

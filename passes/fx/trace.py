@@ -11,7 +11,6 @@ unwrapped, and lazy modules must have run once.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -24,12 +23,13 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.dispatch import RankDispatch
+from bnfold.passes.fx.model_copy import deep_copy
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -67,9 +67,11 @@ def graph_module_of(
 ) -> tuple[fx.GraphModule, str]:
     """Return ``(graph module, how it was obtained)`` for ``model``.
 
-    Without ``inplace`` the model is deep-copied first (parameters shared inside the model stay
-    shared inside the copy), so rewriting the result never touches the caller's tensors;
-    ``inplace`` is accepted only for a ``GraphModule``, which is then returned as is.
+    Without ``inplace`` the model is deep-copied first (:func:`~.model_copy.deep_copy`, what
+    ``copy.deepcopy`` gives; parameters shared inside the model stay shared inside the copy),
+    so rewriting the result never touches the caller's tensors; ``inplace`` is accepted only
+    for a ``GraphModule``, which is then returned as is. A traced graph module has no code yet
+    (:func:`without_code`): every pass ends with ``gm.recompile()`` after its rewrites.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -89,12 +91,12 @@ def graph_module_of(
             "forward would keep calling its BNs on the folded weights; call fold without "
             "inplace (the model is left untouched) or pass a GraphModule"
         )
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deep_copy(model)
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
         graph = Tracer().trace(work)
-        return fx.GraphModule(work, graph, type(work).__name__), "symbolic_trace" + compiled
+        return without_code(work, graph, type(work).__name__), "symbolic_trace" + compiled
     except Exception as trace_exc:
         where = user_frame(trace_exc)
         first = one_line(trace_exc)
@@ -113,6 +115,31 @@ def graph_module_of(
             ) from export_exc
         return exported.module(), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
+
+
+def without_code(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph, class_name)`` minus its first code generation.
+
+    The constructor generates and compiles Python code for ``graph`` (``recompile``), which a
+    pass throws away when it rewrites the graph and recompiles at its end. ``GraphModule``
+    makes a class of its own for every instance; its ``recompile`` is a no-op while the
+    constructor runs, so the result has everything but its ``forward`` until the pass's
+    ``gm.recompile()``. Where torch makes no such class, the plain constructor runs.
+    """
+    gm = fx.GraphModule.__new__(fx.GraphModule)
+    own = type(gm)
+    if own is fx.GraphModule:
+        return fx.GraphModule(root, graph, class_name)
+    own.recompile = _no_code  # type: ignore[method-assign]
+    try:
+        gm.__init__(root, graph, class_name)  # type: ignore[misc]
+    finally:
+        del own.recompile
+    return gm
+
+
+def _no_code(self: fx.GraphModule) -> None:
+    """Stands in for ``GraphModule.recompile`` while :func:`without_code` builds a module."""
 
 
 @contextlib.contextmanager
@@ -198,10 +225,13 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     Small inputs (:data:`REAL_SHAPES_MAX_ELEMENTS`) run for real first and fall back to fake
     tensors; large ones run on fake tensors first (no compute) and fall back to real execution
     when an op has no fake kernel. Modules run in eval mode meanwhile, so no BatchNorm updates
-    its running statistics.
+    its running statistics (``gm.eval()`` then each module's mode back, when any module is in
+    training mode; a model all in eval mode runs as it is).
     """
     modes = {m: m.training for m in gm.modules()}
-    gm.eval()
+    switched = any(modes.values())
+    if switched:
+        gm.eval()
     elements = sum(a.numel() for a in args if isinstance(a, torch.Tensor))
     try:
         if elements > REAL_SHAPES_MAX_ELEMENTS and _fake_shapes(gm, args):
@@ -217,7 +247,7 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
                 f"example_inputs do not run through the model: {real.failure}"
             ) from exc
     finally:
-        for m, training in modes.items():
+        for m, training in modes.items() if switched else ():
             m.training = training
 
 
@@ -250,15 +280,33 @@ class _RealShapes(fx.Interpreter):
     failure = ""  # "at <module or node>: <first line of the error>" once a node raised
 
     def run_node(self, n: fx.Node) -> Any:
+        """``Interpreter.run_node`` minus its per-node context (it records the node as the
+        current one for a trace started inside an op, which real tensors never start), plus
+        the failure and the metadata."""
         try:
-            result = super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as exc:
             where = n.target if n.op == "call_module" else n.name
             self.failure = f"at {where}: {one_line(exc)}"
             raise
         if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+            n.meta["tensor_meta"] = tensor_metadata(result)
         return result
+
+
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``_extract_tensor_metadata(t)`` (what ``ShapeProp`` records), equal field for
+    field: for a plain dense, non-quantized tensor the memory format is read by the tensor's
+    own contiguity checks (the same definition as torch's symbolic-size-aware Python ones,
+    at a fraction of the cost); any other tensor goes to torch's function."""
+    if type(t) is not torch.Tensor or t.layout is not torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
 def shape_of(node: fx.Node) -> tuple[int | None, ...] | None:

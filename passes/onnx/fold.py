@@ -44,6 +44,7 @@ from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.linear import structure_fold
 from bnfold.passes.onnx.names import module_path
@@ -132,13 +133,13 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     if opset is None:
         report.notes.append("the model imports no default-domain opset: nothing to fold")
         return report
-    check_graphs(model)
-    namer, shapes = Namer(model), Shapes(model)
+    graphs = model_graphs(model)
+    check_graphs(model, graphs=graphs)
+    namer, shapes = Namer(model, graphs=graphs), Shapes(model)
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
-    consts = Constants(model, max_const_elements)
-    graphs = list(model.graphs())
+    consts = Constants(model, max_const_elements, graphs=graphs)
     tick = (_ticker(progress, sum(sum(map(_is_bn, g)) for g in graphs))
             if progress else None)
     for graph in graphs:

@@ -21,20 +21,20 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import const_tensor
+from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 
 _BN_PARAMS = ("scale", "B", "mean", "var")
 
 
-def check_graphs(model: ir.Model) -> None:
-    """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec."""
+def check_graphs(model: ir.Model, *, graphs: list[ir.Graph] | None = None) -> None:
+    """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec
+    (``graphs``: its graphs, :func:`~.graphs.model_graphs`, when already listed)."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    for graph in model.graphs():
+    for graph in model_graphs(model) if graphs is None else graphs:
         for node in graph:
-            if not is_default(node):
-                continue
             check = _CHECKS.get(node.op_type)
-            problem = check(node, opset) if check else None
+            problem = check(node, opset) if check and is_default(node) else None
             if problem:
                 raise BadInputError(f"invalid model: {node.op_type} {display_name(node)!r} "
                                     f"{problem}")
@@ -45,6 +45,8 @@ def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
     if value is None:
         return None
     tensor = const_tensor(value)
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        return tuple(tensor.raw.dims)  # all static (``.shape`` would build an ir.Shape)
     shape = tensor.shape if tensor is not None else value.shape
     if shape is None:
         return None

@@ -197,12 +197,13 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
     fold more: something folded and some site stayed (a fold can only enable a site that did
     not fold yet: a BN kept, or an affine chain not BN-like on its own)."""
     changed = unsettled = False
+    selective = select != EVERY_BN  # (else no BN is excluded: its names need not be read)
     for bn in [n for n in ctx.graph if _is_bn(n)]:
         if tick is not None:
             tick(bn)
         if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
             continue  # removed by an earlier fold of this round, or left by a split fold
-        excluded = select.refusal((display_name(bn), module_path(bn)))
+        excluded = selective and select.refusal((display_name(bn), module_path(bn)))
         if excluded:
             _settle(bn, excluded, ctx, entries, backward)
             continue
@@ -223,7 +224,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             unsettled = True
             continue
         head = chain[0].node
-        site = select.refusal((display_name(head), module_path(head))) or site
+        site = (selective and select.refusal((display_name(head), module_path(head)))) or site
         kind = chain[0].node.op_type if isinstance(site, str) else site.kind
         folded = _settle(chain[0].node, site, ctx, entries, backward, kind)
         changed, unsettled = changed or folded, unsettled or not folded

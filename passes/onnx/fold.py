@@ -208,7 +208,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             _settle(bn, excluded, ctx, entries, backward)
             continue
         value = constant_bn(bn, ctx)
-        if isinstance(value, ir.Value):
+        if value is not None and not isinstance(value, str):  # a BN on a constant, evaluated
             entries[bn] = Entry(display_name(bn), "folded", value.name, details={
                 "direction": "constant", "kind": "BatchNormalization on a constant"})
             _release(ctx)

@@ -45,7 +45,7 @@ def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
     if value is None:
         return None
     tensor = const_tensor(value)
-    if isinstance(tensor, ir.serde.TensorProtoTensor):
+    if type(tensor) is ir.serde.TensorProtoTensor:  # (isinstance: a slow protocol check)
         return tuple(tensor.raw.dims)  # all static (``.shape`` would build an ir.Shape)
     shape = tensor.shape if tensor is not None else value.shape
     if shape is None:

@@ -67,19 +67,29 @@ class BNParams:
         mean = _f64(self.mean).reshape(-1)
         var = _f64(self.var).reshape(-1)
         denom = var + float(self.eps)
-        if not np.all(np.isfinite(denom)) or np.any(denom <= 0):
-            raise UnsafeFoldError("BN running_var + eps is not positive and finite")
+        gamma = np.ones(mean.shape) if self.gamma is None else _f64(self.gamma).reshape(-1)
+        beta = np.zeros(mean.shape) if self.beta is None else _f64(self.beta).reshape(-1)
+        if not (gamma.shape == beta.shape == mean.shape  # every check at once; which failed:
+                and np.isfinite(np.concatenate((denom, gamma, beta, mean))).all()
+                and (denom > 0).all()):
+            _refuse(denom, {"gamma": gamma, "beta": beta, "mean": mean})
         inv_std = 1.0 / np.sqrt(denom)
-        gamma = np.ones_like(mean) if self.gamma is None else _f64(self.gamma).reshape(-1)
-        beta = np.zeros_like(mean) if self.beta is None else _f64(self.beta).reshape(-1)
-        for name, arr in (("gamma", gamma), ("beta", beta), ("mean", mean)):
-            if arr.shape != mean.shape:
-                raise UnsafeFoldError(f"BN {name} has {arr.size} values, expected {mean.size}")
-            if not np.all(np.isfinite(arr)):
-                raise UnsafeFoldError(f"BN {name} holds non-finite values")
         s = gamma * inv_std
         t = beta - mean * s
         return s, t
+
+
+def _refuse(denom: np.ndarray, named: dict[str, np.ndarray]) -> None:
+    """Raise :class:`UnsafeFoldError` for the first BN parameter check that fails: ``var + eps``
+    positive and finite, then each of ``named`` one value per channel (``mean``'s) and finite."""
+    if not np.isfinite(denom).all() or (denom <= 0).any():
+        raise UnsafeFoldError("BN running_var + eps is not positive and finite")
+    mean = named["mean"]
+    for name, arr in named.items():
+        if arr.shape != mean.shape:
+            raise UnsafeFoldError(f"BN {name} has {arr.size} values, expected {mean.size}")
+        if not np.isfinite(arr).all():
+            raise UnsafeFoldError(f"BN {name} holds non-finite values")
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -239,7 +249,7 @@ def fold_forward(
     """
     s, t = bn.scale_shift()
     w = _scaled_rounded(weight, s, out_axis, groups, "weight")
-    b64 = np.zeros_like(s) if bias is None else _f64(bias) * float(bias_scale)
+    b64 = np.zeros(s.shape) if bias is None else _f64(bias) * float(bias_scale)
     try:
         b_new = s * b64 + t
     except ValueError as exc:

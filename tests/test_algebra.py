@@ -362,3 +362,23 @@ def test_evaluate_bn_matches_torch_in_float64(training: bool) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     moved = evaluate_bn(np.moveaxis(x, 1, 3), bn, training=training, axis=3)
     np.testing.assert_allclose(np.moveaxis(moved, 3, 1), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("var", [1.0, -2.0, 1.0], "running_var \\+ eps is not positive and finite"),
+    ("var", [1.0, np.inf, 1.0], "running_var \\+ eps is not positive and finite"),
+    ("var", [1.0, np.nan, 1.0], "running_var \\+ eps is not positive and finite"),
+    ("gamma", [1.0, 2.0], "BN gamma has 2 values, expected 3"),
+    ("gamma", [1.0, np.inf, 1.0], "BN gamma holds non-finite values"),
+    ("beta", [1.0, 1.0, 1.0, 1.0], "BN beta has 4 values, expected 3"),
+    ("beta", [np.nan, 1.0, 1.0], "BN beta holds non-finite values"),
+    ("mean", [1.0, 1.0, -np.inf], "BN mean holds non-finite values"),
+])
+def test_scale_shift_refuses_each_bad_parameter_by_name(field, value, message) -> None:
+    good = {"mean": np.zeros(3), "var": np.ones(3), "gamma": np.ones(3), "beta": np.zeros(3)}
+    params = BNParams(eps=1e-5, **{**good, field: np.array(value)})
+    with pytest.raises(UnsafeFoldError, match=message):
+        params.scale_shift()
+    with pytest.raises(UnsafeFoldError, match="running_var"):  # the variance is checked first
+        BNParams(eps=1e-5, **{**good, field: np.array(value), "var": -np.ones(3)}
+                 ).scale_shift()

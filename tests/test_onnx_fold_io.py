@@ -111,6 +111,29 @@ def test_big_tensors_go_external(tmp_path, monkeypatch) -> None:
                                run_ort(m, x)[0])
 
 
+def test_files_named_by_parses_only_files_that_can_name_data(tmp_path, monkeypatch) -> None:
+    """A graph whose tensors are all inline names no data file and is not parsed; one that
+    merely holds the bytes ``location`` (a tensor so named) is parsed and names none."""
+    import bnfold.io.external_data as external_data
+
+    parsed = []
+    real = onnx.load_model_from_string
+    monkeypatch.setattr(external_data.onnx, "load_model_from_string",
+                        lambda data: parsed.append(len(data)) or real(data))
+    b = Builder(33)
+    b.node("Conv", ["x", b.rand("w", [8, 8, 3, 3])], ["y"])
+    inline = b.model({"x": [1, 8, 4, 4]}, {"y": None})
+    onnx.save(inline, tmp_path / "inline.onnx")
+    assert files_named_by(tmp_path / "inline.onnx") == set() and parsed == []
+    b = Builder(33)
+    b.node("Conv", ["x", b.rand("location", [8, 8, 3, 3])], ["y"])
+    onnx.save(b.model({"x": [1, 8, 4, 4]}, {"y": None}), tmp_path / "named.onnx")
+    assert files_named_by(tmp_path / "named.onnx") == set() and len(parsed) == 1
+    _external_model(tmp_path)
+    assert files_named_by(tmp_path / "m.onnx") == {(tmp_path / "m.onnx.data").resolve()}
+    assert len(parsed) == 2
+
+
 def test_output_is_byte_identical_across_processes(tmp_path) -> None:
     """Same input, two processes with different hash seeds: the same bytes (names, order)."""
     import os

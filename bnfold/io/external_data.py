@@ -19,10 +19,13 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError
+from bnfold.gc_pause import gc_paused
 
 #: A graph file larger than this is not parsed just to list the data files it names (a model
 #: with external data keeps its graph small; a larger file holds its tensors inline).
 GRAPH_SCAN_LIMIT = 64 * 1024**2
+#: The key of the ``external_data`` entry that holds a tensor's file name, as serialized.
+_LOCATION_KEY = b"location"
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -94,12 +97,20 @@ def referenced_files(model: ir.Model) -> set[Path]:
 
 def files_named_by(path: Path) -> set[Path]:
     """The resolved paths of the external data files that the ONNX file ``path`` names inside
-    its folder; empty when it is not a readable, reasonably small ONNX file."""
+    its folder; empty when it is not a readable, reasonably small ONNX file.
+
+    An external tensor names its file in an entry whose key is the string ``location``, which
+    the serialized file holds verbatim: a file without those bytes names no data file and is
+    not parsed (the common case, a model whose tensors are inline, costs one read).
+    """
     try:
         if not path.is_file() or path.stat().st_size > GRAPH_SCAN_LIMIT:
             return set()
-        proto = onnx.load(str(path), load_external_data=False)
-        locations = set(_proto_locations(proto))
+        data = path.read_bytes()
+        if _LOCATION_KEY not in data:
+            return set()
+        with gc_paused():
+            locations = set(_proto_locations(onnx.load_model_from_string(data)))
     except Exception:  # not ONNX (any parse error): it names no data files
         return set()
     folder, named = path.parent, set()

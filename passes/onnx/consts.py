@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.io.fileio import release_mapping
+from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 
 #: At most this many nodes are evaluated for one constant (a bias or BN parameter cone).
@@ -65,37 +66,41 @@ def graph_input_reason(value: ir.Value) -> str | None:
 class Constants:
     """Which values of one model are constant, and their arrays, under an element budget."""
 
-    def __init__(self, model: ir.Model, max_elements: int | None = None) -> None:
+    def __init__(self, model: ir.Model, max_elements: int | None = None, *,
+                 graphs: list[ir.Graph] | None = None) -> None:
+        """``graphs``: ``model``'s graphs (:func:`~.graphs.model_graphs`), when already listed.
+        Each graph is visited in node order, the main graph first: a node is constant when
+        its inputs are, and a subgraph reads only values of the graphs around it."""
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._nodes: set[ir.Node] = set()
         self._known: dict[ir.Value, np.ndarray] = {}
         largest = MIN_BUDGET
-        for graph in model.graphs():
-            for v in graph.initializers.values():
-                if v.shape is not None and v.shape.is_static():
-                    largest = max(largest, math.prod(v.shape.numpy()))
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.op_type == "Constant" and node.outputs[0].shape is not None \
-                    and node.outputs[0].shape.is_static():
-                largest = max(largest, math.prod(node.outputs[0].shape.numpy()))
-            if self._computable(node):
-                self._nodes.add(node)
+        for graph in model_graphs(model) if graphs is None else graphs:
+            for v in graph.initializers.data.values():  # (a UserDict's plain dict)
+                largest = max(largest, _static_size(v.shape))
+            for node in graph:
+                if node.op_type == "Constant":
+                    largest = max(largest, _static_size(node.outputs[0].shape))
+                if self._computable(node):
+                    self._nodes.add(node)
         self.budget = largest if max_elements is None else max_elements
 
     def _computable(self, node: ir.Node) -> bool:
         if not is_default(node) or node.op_type in _NOT_CONSTANT_OPS:
             return False
         type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
-        return all(v is None or self.is_constant(v) or (i in type_only and _static_type(v))
-                   for i, v in enumerate(node.inputs))
+        for i, v in enumerate(node.inputs):
+            if v is not None and not self.is_constant(v) \
+                    and not (i in type_only and _static_type(v)):
+                return False
+        return True
 
     def is_constant(self, value: ir.Value) -> bool:
         """Whether ``value`` is computed from constants only (nothing is evaluated)."""
         if value.is_graph_input():
             return False
         node = value.producer()
-        return const_tensor(value) is not None if node is None or node not in self._nodes \
-            else True
+        return (node is not None and node in self._nodes) or const_tensor(value) is not None
 
     def array(self, value: ir.Value) -> np.ndarray | str:
         """The numpy value of ``value``, or why it has none (a phrase: "is not a constant")."""
@@ -188,6 +193,18 @@ def _numpy(tensor: ir.TensorProtocol, value: ir.Value) -> np.ndarray:
                             f"({first_line(exc)})") from exc
 
 
+def _static_size(shape: ir.Shape | None) -> int:
+    """The element count of a static ``shape``; 0 when it is unknown or symbolic."""
+    if shape is None:
+        return 0
+    size = 1
+    for d in shape:
+        if not isinstance(d, int):
+            return 0
+        size *= d
+    return size
+
+
 def _static_type(value: ir.Value) -> bool:
     shape = value.shape
     return value.dtype is not None and shape is not None and shape.is_static()
@@ -242,11 +259,15 @@ def _run(node: ir.Node, args: list[np.ndarray | None], version: int
 def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     """Like ``ir.convenience.get_const_tensor``, but never renames a ``Constant`` node's tensor
     (that tensor may wrap the caller's own ModelProto, which must stay untouched)."""
+    tensor = value.const_value
+    if tensor is not None:
+        return tensor
     node = value.producer()
-    if value.const_value is None and node is not None and node.op_type == "Constant":
-        attr = node.attributes.get("value")
-        if attr is not None and not attr.is_ref():
-            return attr.as_tensor()
+    if node is None or node.op_type != "Constant":
+        return None  # neither an initializer nor a Constant node's output
+    attr = node.attributes.get("value")
+    if attr is not None and not attr.is_ref():
+        return attr.as_tensor()
     try:
         return ir.convenience.get_const_tensor(value)
     except ValueError:  # a malformed Constant node: not a constant we can use
@@ -299,18 +320,24 @@ def deferred(source: ir.Value | None, array: np.ndarray,
 class Namer:
     """Deterministic unique names: ``base``, then ``base_1``, ``base_2``... as needed."""
 
-    def __init__(self, model: ir.Model | None = None, used: Iterable[str] = ()) -> None:
-        """Names taken: every name of ``model`` (inputs, outputs, initializers, node
-        outputs and node names, in every graph) and ``used``."""
-        self._used: set[str] = set(used)
-        for graph in model.graphs() if model is not None else ():
-            self._used.update(v.name for v in graph.inputs if v.name)
-            self._used.update(v.name for v in graph.outputs if v.name)
-            self._used.update(graph.initializers)
+    def __init__(self, model: ir.Model | None = None, used: Iterable[str] = (), *,
+                 graphs: list[ir.Graph] | None = None) -> None:
+        """Names taken: every name of ``model`` (inputs, outputs, initializers, node outputs
+        and node names, in every graph; ``graphs``: its graphs, when already listed) and
+        ``used``."""
+        taken: set[str | None] = set(used)
+        if graphs is None:
+            graphs = model_graphs(model) if model is not None else []
+        for graph in graphs:
+            taken.update(v.name for v in graph.inputs)
+            taken.update(v.name for v in graph.outputs)
+            taken.update(graph.initializers.data)
             for node in graph:
-                self._used.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self._used.add(node.name)
+                taken.add(node.name)
+                taken.update(v.name for v in node.outputs)
+        taken.discard(None)
+        taken.discard("")
+        self._used: set[str] = taken  # type: ignore[assignment]
 
     def fresh(self, base: str) -> str:
         name, k = base, 0

@@ -45,6 +45,7 @@ from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.direct import direct_fold
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.linear import structure_fold
 from bnfold.passes.onnx.names import module_path
@@ -140,13 +141,13 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     if opset is None:
         report.notes.append("the model imports no default-domain opset: nothing to fold")
         return report
-    check_graphs(model)
-    namer, shapes = Namer(model), Shapes(model)
+    graphs = model_graphs(model)
+    check_graphs(model, graphs=graphs)
+    namer, shapes = Namer(model, graphs=graphs), Shapes(model)
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
-    consts = Constants(model, max_const_elements)
-    graphs = list(model.graphs())
+    consts = Constants(model, max_const_elements, graphs=graphs)
     tick = (_ticker(progress, sum(sum(map(_is_bn, g)) for g in graphs))
             if progress else None)
     for graph in graphs:
@@ -204,17 +205,18 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
     fold more: something folded and some site stayed (a fold can only enable a site that did
     not fold yet: a BN kept, or an affine chain not BN-like on its own)."""
     changed = unsettled = False
+    selective = select != EVERY_BN  # (else no BN is excluded: its names need not be read)
     for bn in [n for n in ctx.graph if _is_bn(n)]:
         if tick is not None:
             tick(bn)
         if bn.graph is None or entries.get(bn, _NONE).details.get("sliced"):
             continue  # removed by an earlier fold of this round, or left by a split fold
-        excluded = select.refusal((display_name(bn), module_path(bn)))
+        excluded = selective and select.refusal((display_name(bn), module_path(bn)))
         if excluded:
             _settle(bn, excluded, ctx, entries, backward)
             continue
         value = constant_bn(bn, ctx)
-        if isinstance(value, ir.Value):
+        if value is not None and not isinstance(value, str):  # a BN on a constant, evaluated
             entries[bn] = Entry(display_name(bn), "folded", value.name, details={
                 "direction": "constant", "kind": "BatchNormalization on a constant"})
             _release(ctx)
@@ -230,7 +232,7 @@ def _round(ctx: Context, entries: dict[ir.Node, Entry], backward: bool,
             unsettled = True
             continue
         head = chain[0].node
-        site = select.refusal((display_name(head), module_path(head))) or site
+        site = (selective and select.refusal((display_name(head), module_path(head)))) or site
         kind = chain[0].node.op_type if isinstance(site, str) else site.kind
         folded = _settle(chain[0].node, site, ctx, entries, backward, kind)
         changed, unsettled = changed or folded, unsettled or not folded

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import const_tensor
+from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 
 _BN_PARAMS = ("scale", "B", "mean", "var")
@@ -35,10 +36,11 @@ ShapeOf = Callable[[Any], "tuple[int | None, ...] | None"]
 CHECKED_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Transpose")
 
 
-def check_graphs(model: ir.Model) -> None:
-    """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec."""
+def check_graphs(model: ir.Model, *, graphs: list[ir.Graph] | None = None) -> None:
+    """Raise :class:`BadInputError` for the first node of ``model`` that breaks the spec
+    (``graphs``: its graphs, :func:`~.graphs.model_graphs`, when already listed)."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    for graph in model.graphs():
+    for graph in model_graphs(model) if graphs is None else graphs:
         for node in graph:
             if not is_default(node):
                 continue
@@ -61,6 +63,8 @@ def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
     if value is None:
         return None
     tensor = const_tensor(value)
+    if type(tensor) is ir.serde.TensorProtoTensor:  # (isinstance: a slow protocol check)
+        return tuple(tensor.raw.dims)  # all static (``.shape`` would build an ir.Shape)
     shape = tensor.shape if tensor is not None else value.shape
     if shape is None:
         return None

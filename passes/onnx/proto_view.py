@@ -95,13 +95,11 @@ class NodeView:
 
     @property
     def inputs(self) -> list[ValueView | None]:
-        value = self._graph.value
-        return [value(n) if n else None for n in self.input_names]
+        return [ValueView(n, self._graph) if n else None for n in self.input_names]
 
     @property
     def outputs(self) -> list[ValueView | None]:
-        value = self._graph.value
-        return [value(n) if n else None for n in self.output_names]
+        return [ValueView(n, self._graph) if n else None for n in self.output_names]
 
     @property
     def metadata_props(self) -> dict[str, str]:
@@ -124,8 +122,6 @@ class GraphView:
         self.readers: dict[str, list[tuple[int, int]]] = {}
         self.constant = set(self.initializers)  # a superset of what consts.Constants finds
         self._views: dict[int, NodeView] = {}
-        self._values: dict[str, ValueView] = {}
-        self._shapes: dict[str, tuple[int | None, ...] | None] = {}
         known = self.inputs | self.constant
         for index, node in enumerate(graph.node):
             self._scan(index, node, known)
@@ -159,13 +155,6 @@ class GraphView:
         view = self._views.get(index)
         if view is None:
             view = self._views[index] = NodeView(self.graph.node[index], index, self)
-        return view
-
-    def value(self, name: str) -> ValueView:
-        """The (one, shared) :class:`ValueView` of ``name``."""
-        view = self._values.get(name)
-        if view is None:
-            view = self._values[name] = ValueView(name, self)
         return view
 
     def data_readers(self, name: str) -> list[tuple[int, int]]:
@@ -206,16 +195,9 @@ class GraphView:
 
     def shape(self, value: ValueView | None) -> tuple[int | None, ...] | None:
         """Static dims of ``value`` as :func:`.validity._shape` reads them: a constant's, else
-        the declared ones (``None`` for a symbolic dim); read once per name (a value's shape
-        is one the fast path's edits keep)."""
+        the declared ones (``None`` for a symbolic dim)."""
         if value is None:
             return None
-        name = value.name
-        if name not in self._shapes:
-            self._shapes[name] = self._read_shape(value)
-        return self._shapes[name]
-
-    def _read_shape(self, value: ValueView) -> tuple[int | None, ...] | None:
         tensor = self.initializers.get(value.name)
         if tensor is not None:
             return tuple(tensor.dims)

@@ -74,9 +74,14 @@ class BNParams:
                 and (denom > 0).all()):
             _refuse(denom, {"gamma": gamma, "beta": beta, "mean": mean})
         inv_std = 1.0 / np.sqrt(denom)
-        s = gamma * inv_std
-        t = beta - mean * s
-        return s, t
+        return _affine(inv_std, mean, gamma, beta)
+
+
+def _affine(inv_std: np.ndarray, mean: np.ndarray, gamma: np.ndarray,
+            beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``s = gamma * inv_std``, ``t = beta - mean * s``: elementwise float64, any shape."""
+    s = gamma * inv_std
+    return s, beta - mean * s
 
 
 def _refuse(denom: np.ndarray, named: dict[str, np.ndarray]) -> None:
@@ -202,10 +207,17 @@ def _scaled_rounded(
     time. Half types go through :func:`round_to` (rounding to odd first, no double rounding).
     """
     w = np.asarray(weight)
+    return _scaled_view(w, vec, *_channel_view(w.shape, vec.size, axis, groups), what)
+
+
+def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
+                 vshape: tuple[int, ...], what: str) -> np.ndarray:
+    """``w.reshape(view) * vec.reshape(vshape)`` rounded and checked as
+    :func:`_scaled_rounded` says, returned in ``w``'s shape."""
     dtype = w.dtype
     if dtype not in (np.float32, np.float64):
-        return _checked(_scale_axis(w, vec, axis, groups), dtype, what)
-    view, vshape = _channel_view(w.shape, vec.size, axis, groups)
+        product = np.multiply(w.reshape(view), vec.reshape(vshape), dtype=np.float64)
+        return _checked(product, dtype, what).reshape(w.shape)
     out = np.empty(view, dtype)
     with np.errstate(over="ignore"):  # overflow to inf is refused just below
         np.multiply(w.reshape(view), vec.reshape(vshape), out=out, dtype=np.float64,
@@ -260,6 +272,87 @@ def fold_forward(
         np.asarray(bias).dtype if bias is not None else w.dtype
     )
     return Folded(w, _checked(b_new, b_dtype, "bias"))
+
+
+#: Largest weight (in elements) :func:`fold_forward_many` stacks: above it the per-BN
+#: overhead is small beside the arithmetic, and stacking would copy the weights.
+BATCH_MAX_WEIGHT = 1 << 16
+
+
+def fold_forward_many(
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray | None],
+    bns: Sequence[BNParams],
+    *,
+    out_axis: int = 0,
+    groups: int = 1,
+    bias_scale: float = 1.0,
+) -> list[Folded]:
+    """``[fold_forward(w, b, bn, ...) for ...]`` bit for bit, in a few stacked numpy calls.
+
+    Exact: every step of :func:`fold_forward` (float64 conversion, ``var + eps``, ``sqrt``,
+    ``1 /``, products, sums, the final rounding) is an elementwise IEEE operation, correctly
+    rounded per element, so stacking the BNs along a new leading axis computes the same value
+    for every element. Stacked only when the folds are alike (weights of one shape and dtype,
+    at most :data:`BATCH_MAX_WEIGHT` elements; biases all absent or all ``[C]`` of one dtype;
+    one ``eps``; the same affine parameters present; every parameter ``C`` values) and none
+    refuses; otherwise each fold runs through :func:`fold_forward`, which then refuses (raises
+    the first refusal in order) exactly as calling it per BN would.
+    """
+    def each() -> list[Folded]:
+        return [fold_forward(w, b, bn, out_axis=out_axis, groups=groups, bias_scale=bias_scale)
+                for w, b, bn in zip(weights, biases, bns, strict=True)]
+
+    if len(bns) < 2 or not _alike(weights, biases, bns):
+        return each()
+    first = bns[0]
+    stacked = {name: None if getattr(first, name) is None else np.stack(
+        [_f64(getattr(bn, name)).reshape(-1) for bn in bns])
+        for name in ("mean", "var", "gamma", "beta")}
+    mean, var = stacked["mean"], stacked["var"]
+    assert mean is not None and var is not None
+    denom = var + float(first.eps)
+    gamma = np.ones_like(mean) if stacked["gamma"] is None else stacked["gamma"]
+    beta = np.zeros_like(mean) if stacked["beta"] is None else stacked["beta"]
+    if not (np.isfinite(denom).all() and (denom > 0).all() and np.isfinite(gamma).all()
+            and np.isfinite(beta).all() and np.isfinite(mean).all()):
+        return each()
+    s, t = _affine(1.0 / np.sqrt(denom), mean, gamma, beta)
+    w = np.stack([np.asarray(x) for x in weights])
+    view, vshape = _channel_view(w.shape[1:], s.shape[1], out_axis, groups)
+    b64 = np.zeros_like(s) if biases[0] is None else np.stack(
+        [_f64(b) for b in biases]) * float(bias_scale)
+    b_dtype = w.dtype if biases[0] is None else np.asarray(biases[0]).dtype
+    try:
+        w_new = _scaled_view(w, s, (len(bns), *view), (len(bns), *vshape), "weight")
+        b_new = _checked(s * b64 + t, b_dtype, "bias")
+    except UnsafeFoldError:
+        return each()
+    return [Folded(wi, bi) for wi, bi in zip(w_new, b_new, strict=True)]
+
+
+def _alike(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None],
+           bns: Sequence[BNParams]) -> bool:
+    """Whether :func:`fold_forward_many` may stack these folds (see there)."""
+    w0, b0, bn0 = np.asarray(weights[0]), biases[0], bns[0]
+    channels = np.asarray(bn0.mean).size
+    if w0.size > BATCH_MAX_WEIGHT:
+        return False
+    b_key = None if b0 is None else np.asarray(b0).dtype
+    for w, b, bn in zip(weights, biases, bns, strict=True):
+        w = np.asarray(w)
+        if w.shape != w0.shape or w.dtype != w0.dtype or bn.eps != bn0.eps:
+            return False
+        if (b is None) != (b0 is None) or (b is not None and (
+                np.shape(b) != (channels,) or np.asarray(b).dtype != b_key)):
+            return False
+        for name in ("gamma", "beta"):
+            if (getattr(bn, name) is None) != (getattr(bn0, name) is None):
+                return False
+        if any(a is not None and np.asarray(a).size != channels
+               for a in (bn.mean, bn.var, bn.gamma, bn.beta)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

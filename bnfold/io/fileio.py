@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import onnx
@@ -20,6 +20,7 @@ from bnfold.io.filechecks import (
     check_input_file,
     check_onnx_file,
     check_opset,
+    check_single_file,
 )
 from bnfold.io.proto_stream import read_proto, stored_bytes, writes_as_is
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
@@ -169,7 +170,7 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     if next(proto_external_tensors(proto), None) is not None:
         return None
     check_initializers(proto, str(path))
-    _check_loaded(proto, path)
+    _check_loaded(proto, path, check_single_file)
     return proto
 
 
@@ -181,11 +182,12 @@ def load_for_pass(path: Path) -> ir.Model | onnx.ModelProto:
     return load_checked(path) if proto is None else proto
 
 
-def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path) -> None:
-    """A known ai.onnx opset, and ``onnx.checker`` accepts the file."""
+def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,
+                  checker: Callable[[Path], None] = check_onnx_file) -> None:
+    """A known ai.onnx opset, and ``onnx.checker`` accepts the file (``checker``)."""
     check_opset(model, str(path))
     try:
-        check_onnx_file(path)
+        checker(path)
     except Exception as exc:
         raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
 

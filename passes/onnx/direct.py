@@ -23,7 +23,8 @@ path) unless it can prove that, i.e. whenever anything is not the plain case:
   overflow, non-finite).
 
 The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with the arguments
-:mod:`.forward` passes (float64, rounded once), the bias then the weight written as
+:mod:`.forward` passes (float64, rounded once; alike folds stacked into a few numpy calls by
+:func:`bnfold.algebra.fold_forward_many`, bit for bit the same), the bias then the weight written as
 :func:`.consts.set_initializer` does (in place when the layer is the tensor's only data
 reader and it is no graph input or output, else a new ``<layer>_bnfold_...`` initializer named
 by :class:`.consts.Namer`'s rules), Gemm's ``beta`` set to 1, the BN removed as
@@ -44,7 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.algebra import fold_forward
+from bnfold.algebra import Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import Namer
@@ -70,8 +71,8 @@ def direct_fold(model: onnx.ModelProto, *, select: Selection = EVERY_BN,
     """``fold_onnx(model)`` for a plain model (see the module docstring), else ``None``.
 
     The result is a new ``ModelProto`` built from ``model``'s parts (never changed).
-    ``progress(done, total)`` is called once per BN as it folds (should the algebra refuse a
-    BN after others folded, the full path then counts again from 1).
+    ``progress(done, total)`` is called once per BN as its fold is written (the algebra runs
+    for every BN first, so a refusal, which sends the caller to the full path, comes before).
     """
     try:
         plan = _Plan.of(model, select)
@@ -131,24 +132,52 @@ class _Plan:
     # ------------------------------------------------------------------ the folds
 
     def fold(self, progress: Callable[[int, int], Any] | None) -> Report:
+        """Every site's fold: the algebra first, alike folds stacked
+        (:func:`bnfold.algebra.fold_forward_many`, bit for bit the per-BN result), then the
+        edits in graph order (they read the readers the earlier edits leave)."""
         report = Report("fold_onnx")
-        for done, (bn, layer) in enumerate(self.sites, 1):
+        folded = self._folded()
+        for done, ((bn, layer), result) in enumerate(zip(self.sites, folded, strict=True), 1):
             if progress is not None:
                 progress(done, len(self.sites))
-            report.entries.append(self._fold_one(bn, layer))
+            report.entries.append(self._edit(bn, layer, result))
         return report
 
-    def _fold_one(self, bn: NodeView, layer: NodeView) -> Entry:
+    def _folded(self) -> list[Folded]:
+        """``fold_forward`` of every site, as :mod:`.forward` calls it, in site order.
+
+        Reading every array first is what folding one site at a time would read: a tensor a
+        fold rewrites in place has that layer as its only data reader (:meth:`_set_initializer`),
+        so no other site reads it."""
+        groups: dict[tuple, list[int]] = {}
+        calls = []
+        for index, (bn, layer) in enumerate(self.sites):
+            kind = LAYERS[layer.op_type]
+            bn_params = params(bn, self.opset, self)
+            if isinstance(bn_params, str):
+                raise NotPlain(bn_params)
+            names = layer.input_names
+            weight = self.array(layer.inputs[1])
+            bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
+            args = (kind.out_axis(layer), kind.groups(layer), kind.bias_scale(layer))
+            calls.append((weight, bias, bn_params))
+            key = (*args, weight.shape, weight.dtype, bn_params.eps,
+                   None if bias is None else (bias.shape, bias.dtype),
+                   bn_params.gamma is None, bn_params.beta is None)
+            groups.setdefault(key, []).append(index)
+        results: list[Folded | None] = [None] * len(calls)
+        for key, members in groups.items():
+            out_axis, n_groups, bias_scale = key[:3]
+            weights, biases, bns = zip(*(calls[i] for i in members), strict=True)
+            for i, result in zip(members, fold_forward_many(
+                    weights, biases, bns, out_axis=out_axis, groups=n_groups,
+                    bias_scale=bias_scale), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _edit(self, bn: NodeView, layer: NodeView, folded: Folded) -> Entry:
         name = display_name(bn)
         kind = LAYERS[layer.op_type]
-        bn_params = params(bn, self.opset, self)
-        if isinstance(bn_params, str):
-            raise NotPlain(bn_params)
-        names = layer.input_names
-        bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
-        folded = fold_forward(self.array(layer.inputs[1]), bias, bn_params,
-                               out_axis=kind.out_axis(layer), groups=kind.groups(layer),
-                               bias_scale=kind.bias_scale(layer))
         base = display_name(layer)
         self._set_initializer(layer, 2, folded.bias, f"{base}_bnfold_bias")
         if kind.bias_scale_attr is not None:  # folded into the new bias: set to 1

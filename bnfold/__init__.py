@@ -1,6 +1,5 @@
 """bnfold: insert, fold and validate Batch Normalization in torch.fx and ONNX graphs."""
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from bnfold import api
@@ -13,11 +12,6 @@ from bnfold.errors import (
     ValidationFailedError,
 )
 from bnfold.report import Entry, PassResult, Report
-
-try:
-    __version__ = version("bnfold")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "BadInputError",
@@ -59,7 +53,17 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """The public functions, imported on first use (:mod:`bnfold.api`): ``import bnfold``
-    imports neither torch nor onnxruntime nor onnxscript."""
+    imports neither torch nor onnxruntime nor onnxscript; ``__version__`` is read from the
+    installed metadata on first use (``importlib.metadata`` costs ~25 ms to import)."""
     if name in api.HOMES:
         return getattr(api, name)
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("bnfold")
+        except PackageNotFoundError:  # running from a source tree without install
+            found = "0.0.0+unknown"
+        globals()["__version__"] = found
+        return found
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

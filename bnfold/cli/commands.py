@@ -80,9 +80,20 @@ def _run_trapping_signals(args: argparse.Namespace) -> int:
             signal.signal(sig, previous)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from bnfold import __version__
+class _Version(argparse.Action):
+    """``--version``: print ``bnfold <version>`` and exit, the version read only then."""
 
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from bnfold import __version__
+
+        print(f"bnfold {__version__}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     check = argparse.ArgumentParser(add_help=False)
@@ -110,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnfold", description="Fold, insert and validate BatchNorm in ONNX models.",
         epilog="exit codes: 0 ok, 1 validation failed, 2 bad input or usage")
-    parser.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    parser.add_argument("--version", action=_Version)
     parser.add_argument("--json", dest="json_top", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -192,7 +192,6 @@ def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,
         raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
 
 
-
 def _read_proto(path: Path) -> onnx.ModelProto:
     """The ``ModelProto`` in the file ``path`` (external data not read), or a one-line
     :class:`BadInputError`: not a readable regular file, not ONNX, no graph, no opset."""

@@ -64,23 +64,25 @@ class BNParams:
 
     def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
         """Return ``(s, t)`` in float64 such that ``BN(y) = s * y + t`` per channel."""
-        mean = _f64(self.mean).reshape(-1)
-        var = _f64(self.var).reshape(-1)
-        denom = var + float(self.eps)
-        gamma = np.ones(mean.shape) if self.gamma is None else _f64(self.gamma).reshape(-1)
-        beta = np.zeros(mean.shape) if self.beta is None else _f64(self.beta).reshape(-1)
-        if not (gamma.shape == beta.shape == mean.shape  # every check at once; which failed:
-                and np.isfinite(np.concatenate((denom, gamma, beta, mean))).all()
-                and (denom > 0).all()):
-            _refuse(denom, {"gamma": gamma, "beta": beta, "mean": mean})
-        inv_std = 1.0 / np.sqrt(denom)
-        return _affine(inv_std, mean, gamma, beta)
+        return _scale_shift(*(None if a is None else _f64(a).reshape(-1) for a in (
+            self.mean, self.var, self.gamma, self.beta)), self.eps)
 
 
-def _affine(inv_std: np.ndarray, mean: np.ndarray, gamma: np.ndarray,
-            beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``s = gamma * inv_std``, ``t = beta - mean * s``: elementwise float64, any shape."""
-    s = gamma * inv_std
+def _scale_shift(mean: np.ndarray, var: np.ndarray, gamma: np.ndarray | None,
+                 beta: np.ndarray | None, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` of float64 parameters whose
+    last axis is the channel (one BN, or BNs stacked on a leading axis: every step is
+    elementwise, so a stacked BN's values are its own); missing ``gamma``/``beta`` are 1/0.
+    :class:`UnsafeFoldError` (the first failing check, :func:`_refuse`) unless every
+    ``var + eps`` is positive and finite and every parameter finite, of ``mean``'s shape."""
+    denom = var + float(eps)
+    gamma = np.ones(mean.shape) if gamma is None else gamma
+    beta = np.zeros(mean.shape) if beta is None else beta
+    if not (gamma.shape == beta.shape == mean.shape  # every check at once; which failed:
+            and np.isfinite(np.concatenate((denom, gamma, beta, mean))).all()
+            and (denom > 0).all()):
+        _refuse(denom, {"gamma": gamma, "beta": beta, "mean": mean})
+    s = gamma * (1.0 / np.sqrt(denom))
     return s, beta - mean * s
 
 
@@ -305,19 +307,13 @@ def fold_forward_many(
 
     if len(bns) < 2 or not _alike(weights, biases, bns):
         return each()
-    first = bns[0]
-    stacked = {name: None if getattr(first, name) is None else np.stack(
+    stacked = [None if getattr(bns[0], name) is None else np.stack(
         [_f64(getattr(bn, name)).reshape(-1) for bn in bns])
-        for name in ("mean", "var", "gamma", "beta")}
-    mean, var = stacked["mean"], stacked["var"]
-    assert mean is not None and var is not None
-    denom = var + float(first.eps)
-    gamma = np.ones_like(mean) if stacked["gamma"] is None else stacked["gamma"]
-    beta = np.zeros_like(mean) if stacked["beta"] is None else stacked["beta"]
-    if not (np.isfinite(denom).all() and (denom > 0).all() and np.isfinite(gamma).all()
-            and np.isfinite(beta).all() and np.isfinite(mean).all()):
+        for name in ("mean", "var", "gamma", "beta")]
+    try:
+        s, t = _scale_shift(*stacked, bns[0].eps)
+    except UnsafeFoldError:
         return each()
-    s, t = _affine(1.0 / np.sqrt(denom), mean, gamma, beta)
     w = np.stack([np.asarray(x) for x in weights])
     view, vshape = _channel_view(w.shape[1:], s.shape[1], out_axis, groups)
     b64 = np.zeros_like(s) if biases[0] is None else np.stack(

@@ -39,7 +39,8 @@ OVERRIDABLE = ("is a graph input (callers may override it; to fold it, take it o
                "inputs, e.g. export with keep_initializers_as_inputs=False)")
 #: Why a graph input without an initializer is not folded.
 RUNTIME_INPUT = "is a graph input without an initializer: its value is only known at run time"
-_TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,)}
+#: Inputs that contribute only their dtype or static shape, never their data.
+TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,)}
 _NOT_CONSTANT_OPS = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike",
                      "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
 #: Ops whose result has no more elements than their largest input.
@@ -88,7 +89,7 @@ class Constants:
     def _computable(self, node: ir.Node) -> bool:
         if not is_default(node) or node.op_type in _NOT_CONSTANT_OPS:
             return False
-        type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
+        type_only = TYPE_ONLY_INPUTS.get(node.op_type, ())
         for i, v in enumerate(node.inputs):
             if v is not None and not self.is_constant(v) \
                     and not (i in type_only and _static_type(v)):
@@ -148,7 +149,7 @@ class Constants:
 
     @staticmethod
     def _value_inputs(node: ir.Node) -> list[ir.Value]:
-        type_only = _TYPE_ONLY_INPUTS.get(node.op_type, ())
+        type_only = TYPE_ONLY_INPUTS.get(node.op_type, ())
         return [v for i, v in enumerate(node.inputs)
                 if v is not None and (i not in type_only or not _static_type(v))]
 
@@ -173,7 +174,7 @@ class Constants:
     def _leaf(self, node: ir.Node, index: int, value: ir.Value) -> np.ndarray:
         """A cone input: its array, or for a dtype/shape-only input a zero-stride stand-in
         of its type (nothing read, nothing allocated)."""
-        if index in _TYPE_ONLY_INPUTS.get(node.op_type, ()) and _static_type(value):
+        if index in TYPE_ONLY_INPUTS.get(node.op_type, ()) and _static_type(value):
             assert value.dtype is not None and value.shape is not None
             return np.broadcast_to(np.zeros((), value.dtype.numpy()), tuple(value.shape.numpy()))
         if value in self._known:
@@ -215,7 +216,7 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
     op = node.op_type
     if op in ("Shape", "Size"):
         return max(1, args[0].ndim)
-    type_only = _TYPE_ONLY_INPUTS.get(op, ())
+    type_only = TYPE_ONLY_INPUTS.get(op, ())
     arrays = [a for i, a in enumerate(args) if a is not None and i not in type_only]
     try:
         if op in _NOT_GROWING:
@@ -278,7 +279,7 @@ def data_uses(value: ir.Value) -> list[Any]:
     """Uses of ``value`` that read its data (``CastLike``/``Shape`` only read dtype/shape,
     which a fold never changes)."""
     return [u for u in value.uses()
-            if u.idx not in _TYPE_ONLY_INPUTS.get(u.node.op_type, ())
+            if u.idx not in TYPE_ONLY_INPUTS.get(u.node.op_type, ())
             or not is_default(u.node)]
 
 

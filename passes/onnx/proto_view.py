@@ -16,11 +16,10 @@ from typing import Any
 
 import onnx
 
+from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS
 
 _A = onnx.AttributeProto
-#: Inputs that contribute only their dtype or static shape (as in :mod:`.consts`).
-TYPE_ONLY_INPUTS = {"CastLike": (1,), "Shape": (0,), "Size": (0,)}
 _SCALAR_CONSTANTS = {"value_float": (), "value_int": ()}
 _VECTOR_CONSTANTS = ("value_floats", "value_ints")
 

@@ -132,12 +132,18 @@ def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:
 
 def proto_external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of ``proto`` stored as external data (see :func:`_proto_locations`)."""
+    return (t for t, _ in proto_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def proto_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """``(tensor, is an initializer)`` for every tensor of ``proto``: initializers and tensor
+    attributes, in every graph, subgraph and function body, read off the protobuf."""
     bodies: list[Any] = [proto.graph, *proto.functions]
     while bodies:
         body = bodies.pop()
-        tensors = list(getattr(body, "initializer", ()))
+        yield from ((t, True) for t in getattr(body, "initializer", ()))
         for node in body.node:
             for attr in node.attribute:
-                tensors.extend([attr.t] if attr.HasField("t") else attr.tensors)
+                yield from ((t, False) for t in ([attr.t] if attr.HasField("t")
+                                                 else attr.tensors))
                 bodies.extend([attr.g] if attr.HasField("g") else attr.graphs)
-        yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)

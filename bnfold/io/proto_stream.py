@@ -20,14 +20,17 @@ import contextlib
 import math
 import mmap
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from bnfold.io.external_data import proto_tensors
 
 #: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
 STREAM_MIN = 64 * 1024
@@ -128,26 +131,13 @@ def writes_as_is(proto: onnx.ModelProto, limit: int) -> bool:
     """Whether :func:`write_proto` can write ``proto`` whole: no tensor of any graph, subgraph
     or function body is stored outside it, and its initializers' bytes (by dims and dtype)
     stay within ``limit``."""
-    graphs: list[onnx.GraphProto] = [proto.graph]
-    bodies: list[onnx.GraphProto | onnx.FunctionProto] = [*proto.functions]
     total = 0
-    while graphs or bodies:
-        body = graphs.pop() if graphs else bodies.pop()
-        tensors = list(body.initializer) if isinstance(body, onnx.GraphProto) else []
-        total += sum(_proto_bytes(t) for t in tensors)
-        for node in body.node:
-            for attr in node.attribute:
-                if attr.type in _TENSOR_ATTRS:
-                    tensors.extend([attr.t] if attr.HasField("t") else attr.tensors)
-                elif attr.type in _GRAPH_ATTRS:
-                    graphs.extend([attr.g] if attr.HasField("g") else attr.graphs)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+    for tensor, initializer in proto_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
             return False
+        if initializer:
+            total += _proto_bytes(tensor)
     return total <= limit
-
-
-_TENSOR_ATTRS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS)
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:
@@ -173,15 +163,24 @@ def _fields(message: onnx.ModelProto | onnx.GraphProto | onnx.TensorProto, first
     """The wire bytes of ``message``'s set fields numbered ``first`` to ``last``: those fields
     copied into an empty message of its type, serialized."""
     part = type(message)()
-    for field, value in message.ListFields():
-        if first <= field.number <= last:
-            if field.is_repeated:
-                getattr(part, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(part, field.name).CopyFrom(value)
-            else:
-                setattr(part, field.name, value)
+    copy_fields(message, part, lambda field: first <= field.number <= last)
     return part.SerializeToString()
+
+
+def copy_fields(src: Message, dst: Message, keep: Callable[[FieldDescriptor], bool]) -> None:
+    """Copy every set field of message ``src`` that ``keep`` accepts into ``dst`` (of the same
+    type): repeated fields extended, message fields copied, scalars set."""
+    for field, value in src.ListFields():
+        if not keep(field):
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") \
+            else field.label == field.LABEL_REPEATED  # (protobuf < 5.28 has only ``label``)
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def _frame(field: int, length: int) -> bytes:

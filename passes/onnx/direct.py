@@ -47,6 +47,7 @@ import onnx_ir as ir
 
 from bnfold.algebra import Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
+from bnfold.io.proto_stream import copy_fields
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import Namer
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
@@ -271,9 +272,10 @@ class _Plan:
             self.removed.add(view.producer[name])
             self.renamed.add(name)
         out = onnx.ModelProto()
-        _copy_fields(src, out, skip=("graph",))
+        copy_fields(src, out, lambda field: field.name != "graph")
         graph = out.graph
-        _copy_fields(src.graph, graph, skip=("node", "initializer", "value_info"))
+        copy_fields(src.graph, graph, lambda field: field.name not in (
+            "node", "initializer", "value_info"))
         graph.node.extend(n for i, n in enumerate(src.graph.node) if i not in self.removed)
         kept = [i for i in range(len(src.graph.node)) if i not in self.removed]
         position = {index: k for k, index in enumerate(kept)}
@@ -380,18 +382,3 @@ def _bn_in_functions(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "BatchNormalization" or any(a.type in (
         onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)
         for f in model.functions for n in f.node)
-
-
-def _copy_fields(src: Any, dst: Any, skip: tuple[str, ...]) -> None:
-    """Copy every set field of message ``src`` into ``dst`` but those named in ``skip``."""
-    for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        repeated = field.is_repeated if hasattr(field, "is_repeated") \
-            else field.label == field.LABEL_REPEATED  # (protobuf < 5.28 has only ``label``)
-        if repeated:
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)

@@ -170,7 +170,7 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     if next(proto_external_tensors(proto), None) is not None:
         return None
     check_initializers(proto, str(path))
-    _check_loaded(proto, path, check_single_file)
+    _check_loaded(proto, path, lambda file: check_single_file(file, proto))
     return proto
 
 

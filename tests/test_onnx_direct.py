@@ -19,7 +19,7 @@ import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_cases import (
     Builder,
     constant_node_weight,
@@ -182,6 +182,7 @@ def _weight_is_input() -> onnx.ModelProto:
 
 PLAIN = {
     "chain": lambda: chain_model(4, 6, kernel=3),
+    "chain, weights folded one by one": lambda: chain_model(3, 96, kernel=3),  # > 2**16 each
     "conv": _conv,
     "conv no bias": lambda: _conv(bias=False),
     "conv grouped": lambda: _conv(group=3),
@@ -215,7 +216,16 @@ NOT_PLAIN = {
     "training info": lambda: _edited(_conv(), lambda m: m.training_info.add()),
     "invalid BN": lambda: _edited(_conv(), lambda m: m.graph.initializer[2].dims.__setitem__(
         0, 2)),
+    "negative variance after a large weight": lambda: _edited(
+        chain_model(2, 96, kernel=3), _negative_variance),
 }
+
+
+def _negative_variance(model: onnx.ModelProto) -> None:
+    """The last BN's running variance made negative (the algebra refuses that fold)."""
+    name = [n for n in model.graph.node if n.op_type == "BatchNormalization"][-1].input[4]
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor) - 1, name))
 
 
 def _edited(model: onnx.ModelProto, edit) -> onnx.ModelProto:

@@ -23,9 +23,9 @@ from bnfold.io.proto_stream import (
     read_proto,
     stored_bytes,
     tensor_bytes,
+    tensor_facts,
     write_model,
     write_proto,
-    writes_as_is,
 )
 from bnfold.passes.onnx.fold import fold_onnx
 
@@ -172,15 +172,17 @@ def test_a_proto_with_external_data_goes_the_external_way(tmp_path) -> None:
     onnx.save(copy, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
               size_threshold=0)
     proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
-    assert not writes_as_is(proto, 10**9) and writes_as_is(model, 10**9)
-    assert not writes_as_is(model, 100)  # over the size limit
+    assert not tensor_facts(proto).writes_as_is(10**9)
+    assert tensor_facts(model).writes_as_is(10**9)
+    assert not tensor_facts(model).writes_as_is(100)  # over the size limit
     for where in ("constant", "branch"):  # a tensor attribute, a subgraph's initializer
         zoo = _zoo()
         tensor = (zoo.graph.node[0].attribute[0].t if where == "constant" else
                   next(a.g for a in zoo.graph.node[2].attribute if a.name == "then_branch"
                        ).initializer[0])
         tensor.data_location = TensorProto.EXTERNAL
-        assert writes_as_is(_zoo(), 10**9) and not writes_as_is(zoo, 10**9), where
+        assert tensor_facts(_zoo()).writes_as_is(10**9), where
+        assert not tensor_facts(zoo).writes_as_is(10**9), where
     save_onnx(proto, tmp_path / "out" / "o.onnx", base_dir=tmp_path)
     (data,) = files_named_by(tmp_path / "out" / "o.onnx")
     assert data.parent == (tmp_path / "out").resolve()
@@ -253,3 +255,28 @@ def test_stored_bytes_is_nbytes() -> None:
                 continue
             lazy = ir.LazyTensor(lambda t=tensor: t, tensor.dtype, tensor.shape)
             assert stored_bytes(tensor) == stored_bytes(lazy) == tensor.nbytes, value.name
+
+
+def test_tensor_facts_walk_every_graph_in_order() -> None:
+    """One walk finds the initializer bytes (main graph and branch), the first negative dim
+    in depth-first order (the main graph's before a branch's), sparse initializers, and a
+    tensor stored outside in a sparse value or a Constant."""
+    zoo = _zoo()
+    facts = tensor_facts(zoo)
+    branch = next(a.g for a in zoo.graph.node[2].attribute if a.name == "then_branch")
+    every = [*zoo.graph.initializer, *branch.initializer]
+    assert facts.initializer_bytes == sum(proto_stream._proto_bytes(t) for t in every)
+    assert not facts.external and facts.negative is None and facts.sparse == []
+    branch.initializer[0].dims[0] = -1
+    assert tensor_facts(zoo).negative.name == "bw"
+    zoo.graph.initializer[3].dims.append(-2)
+    assert tensor_facts(zoo).negative.name == zoo.graph.initializer[3].name
+    sparse = zoo.graph.sparse_initializer.add()
+    sparse.values.CopyFrom(helper.make_tensor("sv", TensorProto.FLOAT, [1], [1.0]))
+    sparse.dims.append(4)
+    assert tensor_facts(zoo).sparse == ["sv"] and not tensor_facts(zoo).external
+    sparse.values.data_location = TensorProto.EXTERNAL
+    assert tensor_facts(zoo).external
+    constant = _zoo()
+    constant.graph.node[0].attribute[0].t.data_location = TensorProto.EXTERNAL
+    assert tensor_facts(constant).external

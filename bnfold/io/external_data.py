@@ -135,15 +135,39 @@ def proto_external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]
     return (t for t, _ in proto_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
-def proto_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
-    """``(tensor, is an initializer)`` for every tensor of ``proto``: initializers and tensor
-    attributes, in every graph, subgraph and function body, read off the protobuf."""
-    bodies: list[Any] = [proto.graph, *proto.functions]
-    while bodies:
-        body = bodies.pop()
-        yield from ((t, True) for t in getattr(body, "initializer", ()))
-        for node in body.node:
-            for attr in node.attribute:
-                yield from ((t, False) for t in ([attr.t] if attr.HasField("t")
-                                                 else attr.tensors))
-                bodies.extend([attr.g] if attr.HasField("g") else attr.graphs)
+#: The roles :func:`proto_tensors` gives a tensor.
+INITIALIZER, ATTRIBUTE, SPARSE = "initializer", "attribute", "sparse"
+
+
+def proto_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """``(tensor, role)`` for every tensor of ``proto``, read off the protobuf: each graph's
+    initializers (:data:`INITIALIZER`), the values of its sparse initializers (:data:`SPARSE`),
+    then its nodes' tensor attributes (:data:`ATTRIBUTE`) and subgraphs in node order (depth
+    first), then the function bodies."""
+    yield from _body_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _body_tensors(function)
+
+
+def _body_tensors(body: Any) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for tensor in getattr(body, "initializer", ()):
+        yield tensor, INITIALIZER
+    for sparse in getattr(body, "sparse_initializer", ()):
+        yield sparse.values, SPARSE
+    for node in body.node:
+        for attr in node.attribute:
+            kind = attr.type  # (what onnx-ir reads: the field of the attribute's type)
+            if kind == _TENSOR:
+                yield attr.t, ATTRIBUTE
+            elif kind == _TENSORS:
+                for tensor in attr.tensors:
+                    yield tensor, ATTRIBUTE
+            elif kind == _GRAPH:
+                yield from _body_tensors(attr.g)
+            elif kind == _GRAPHS:
+                for graph in attr.graphs:
+                    yield from _body_tensors(graph)
+
+
+_TENSOR, _TENSORS, _GRAPH, _GRAPHS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS,
+                                      onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnx import TensorProto
 
 from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.io.proto_stream import copy_fields
+from bnfold.io.proto_stream import TensorFacts, copy_fields, tensor_facts
 
 #: protobuf cannot parse a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1
@@ -115,29 +115,21 @@ def _external_problem(tensor: ir.ExternalTensor) -> str | None:
     return None
 
 
-def check_initializers(proto: onnx.ModelProto, label: str) -> None:
-    """Refuse a model with sparse initializers, or an initializer with a negative dim (in
-    any graph). Data that does not fill its shape is found when a pass reads the tensor
+def check_initializers(proto: onnx.ModelProto, label: str) -> TensorFacts:
+    """Refuse a model with an initializer with a negative dim, or with sparse initializers (in
+    any graph); return the :class:`~bnfold.io.proto_stream.TensorFacts` of that walk. Data that
+    does not fill its shape is found when a pass reads the tensor
     (:func:`bnfold.passes.onnx.consts.const_array`): checking every tensor here would copy
     all of a model's bytes once more."""
-    sparse: list[str] = []
-
-    def visit(graph: onnx.GraphProto) -> None:
-        sparse.extend(s.values.name for s in graph.sparse_initializer)
-        for tensor in graph.initializer:
-            if any(d < 0 for d in tensor.dims):
-                raise BadInputError(f"{label}: invalid model: initializer {tensor.name!r} "
-                                    f"has a negative dim {list(tensor.dims)}")
-        for node in graph.node:
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                    visit(sub)
-
-    visit(proto.graph)
-    if sparse:
+    facts = tensor_facts(proto)
+    if facts.negative is not None:
+        raise BadInputError(f"{label}: invalid model: initializer {facts.negative.name!r} "
+                            f"has a negative dim {list(facts.negative.dims)}")
+    if facts.sparse:
         raise UnsupportedError(
-            f"{label}: sparse initializers ({', '.join(sorted(sparse)[:3])}) are not supported "
-            "(bnfold would drop them); convert them to dense initializers first")
+            f"{label}: sparse initializers ({', '.join(sorted(facts.sparse)[:3])}) are not "
+            "supported (bnfold would drop them); convert them to dense initializers first")
+    return facts
 
 
 def utf8_path(path: Path | str) -> bool:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.io.external_data import bind_external_data, proto_external_tensors
+from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import (
     check_external_data,
     check_initializers,
@@ -22,7 +22,7 @@ from bnfold.io.filechecks import (
     check_opset,
     check_single_file,
 )
-from bnfold.io.proto_stream import read_proto, stored_bytes, writes_as_is
+from bnfold.io.proto_stream import read_proto, stored_bytes
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -120,11 +120,10 @@ def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], 
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
     with gc_paused():
-        if isinstance(model, onnx.ModelProto):
-            check_initializers(model, "model")
-            if writes_as_is(model, EXTERNAL_THRESHOLD):
-                return stage_onnx(model, Path(path), external=False,
-                                  inline_limit=INLINE_LIMIT, keep=keep)
+        if isinstance(model, onnx.ModelProto) and check_initializers(
+                model, "model").writes_as_is(EXTERNAL_THRESHOLD):
+            return stage_onnx(model, Path(path), external=False, inline_limit=INLINE_LIMIT,
+                              keep=keep)
         model = load_onnx(model, base_dir=base_dir)
         tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
                    if v.const_value is not None]
@@ -167,9 +166,8 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     single-file model; ``None`` when it has external data (then use :func:`load_checked`,
     which keeps those tensors lazy)."""
     proto = _read_proto(path)
-    if next(proto_external_tensors(proto), None) is not None:
+    if check_initializers(proto, str(path)).external:
         return None
-    check_initializers(proto, str(path))
     _check_loaded(proto, path, lambda file: check_single_file(file, proto))
     return proto
 

@@ -21,6 +21,7 @@ import math
 import mmap
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,7 +31,7 @@ import onnx_ir as ir
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from bnfold.io.external_data import proto_tensors
+from bnfold.io.external_data import INITIALIZER, SPARSE, proto_tensors
 
 #: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
 STREAM_MIN = 64 * 1024
@@ -127,17 +128,37 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
     f.write(_fields(proto, _GRAPH + 1))
 
 
-def writes_as_is(proto: onnx.ModelProto, limit: int) -> bool:
-    """Whether :func:`write_proto` can write ``proto`` whole: no tensor of any graph, subgraph
-    or function body is stored outside it, and its initializers' bytes (by dims and dtype)
-    stay within ``limit``."""
-    total = 0
-    for tensor, initializer in proto_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            return False
-        if initializer:
+@dataclass(frozen=True)
+class TensorFacts:
+    """What the load and save checks need of a ``ModelProto``'s tensors, from one walk
+    (:func:`tensor_facts`)."""
+
+    external: bool  #: a tensor of a graph, subgraph or function body is stored outside it
+    initializer_bytes: int  #: the bytes the initializers' dims and dtypes call for
+    negative: onnx.TensorProto | None  #: the first initializer with a negative dim
+    sparse: list[str]  #: the names of the sparse initializers
+
+    def writes_as_is(self, limit: int) -> bool:
+        """Whether :func:`write_proto` can write the model whole: no tensor stored outside
+        it, and its initializers' bytes within ``limit``."""
+        return not self.external and self.initializer_bytes <= limit
+
+
+def tensor_facts(proto: onnx.ModelProto) -> TensorFacts:
+    """:class:`TensorFacts` of ``proto`` (every graph, subgraph and function body)."""
+    external, total, negative, sparse = False, 0, None, []
+    stored_outside = onnx.TensorProto.EXTERNAL
+    for tensor, role in proto_tensors(proto):
+        if tensor.data_location == stored_outside:
+            external = True
+        if role == INITIALIZER:
+            dims = tensor.dims
+            if negative is None and any(d < 0 for d in dims):
+                negative = tensor
             total += _proto_bytes(tensor)
-    return total <= limit
+        elif role == SPARSE:
+            sparse.append(tensor.name)
+    return TensorFacts(external, total, negative, sparse)
 
 
 def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:

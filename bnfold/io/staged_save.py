@@ -112,7 +112,7 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
                inline_limit: int, keep: Collection[Path] = ()) -> StagedModel:
     """Write ``model`` beside ``target`` (see the module docstring); ``external``: tensors of
     at least ``inline_limit`` bytes go to a new data file (an ``ir.Model`` only; a
-    ``ModelProto`` is written as it is, :func:`~bnfold.io.proto_stream.writes_as_is`).
+    ``ModelProto`` is written as it is, :meth:`~bnfold.io.proto_stream.TensorFacts.writes_as_is`).
     :class:`BadInputError` on failure, with nothing left behind."""
     staged = StagedModel(target, keep)
     try:

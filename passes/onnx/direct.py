@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.algebra import BATCH_MAX_WEIGHT, Folded, fold_forward, fold_forward_many
+from bnfold.algebra import Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
 from bnfold.io.proto_stream import copy_fields
 from bnfold.passes.onnx.bn import display_name, params, training_reason
@@ -149,32 +149,24 @@ class _Plan:
 
         Reading every array first is what folding one site at a time would read: a tensor a
         fold rewrites in place has that layer as its only data reader (:meth:`_set_initializer`),
-        so no other site reads it. A weight above :data:`~bnfold.algebra.BATCH_MAX_WEIGHT`
-        elements is folded as soon as it is read and its bytes dropped (the next one reuses
-        that memory); smaller alike folds are stacked (:func:`bnfold.algebra.fold_forward_many`,
-        bit for bit the per-BN result)."""
+        so no other site reads it."""
         groups: dict[tuple, list[int]] = {}
         calls = []
-        results: dict[int, Folded] = {}
         for index, (bn, layer) in enumerate(self.sites):
             kind = LAYERS[layer.op_type]
             bn_params = params(bn, self.opset, self)
             if isinstance(bn_params, str):
                 raise NotPlain(bn_params)
             names = layer.input_names
-            weight = self._weight(layer.inputs[1])
+            weight = self.array(layer.inputs[1])
             bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
             args = (kind.out_axis(layer), kind.groups(layer), kind.bias_scale(layer))
             calls.append((weight, bias, bn_params))
-            if weight.size > BATCH_MAX_WEIGHT:
-                results[index] = fold_forward(weight, bias, bn_params, out_axis=args[0],
-                                              groups=args[1], bias_scale=args[2])
-                calls[-1] = None
-                continue
             key = (*args, weight.shape, weight.dtype, bn_params.eps,
                    None if bias is None else (bias.shape, bias.dtype),
                    bn_params.gamma is None, bn_params.beta is None)
             groups.setdefault(key, []).append(index)
+        results: list[Folded | None] = [None] * len(calls)
         for key, members in groups.items():
             out_axis, n_groups, bias_scale = key[:3]
             weights, biases, bns = zip(*(calls[i] for i in members), strict=True)
@@ -182,7 +174,7 @@ class _Plan:
                     weights, biases, bns, out_axis=out_axis, groups=n_groups,
                     bias_scale=bias_scale), strict=True):
                 results[i] = result
-        return [results[i] for i in range(len(self.sites))]
+        return results  # type: ignore[return-value]
 
     def _edit(self, bn: NodeView, layer: NodeView, folded: Folded) -> Entry:
         name = display_name(bn)
@@ -210,15 +202,6 @@ class _Plan:
             assert tensor is not None
             arr = self.arrays[value.name] = _tensor_array(tensor)
         return arr
-
-    def _weight(self, value: ValueView | None) -> np.ndarray:
-        """:meth:`array` of a layer weight, not kept: each weight is read by one fold."""
-        assert value is not None
-        arr = self.arrays.get(value.name)
-        if arr is not None:
-            return arr
-        tensor = self.view.initializers[value.name]
-        return _tensor_array(tensor)
 
     def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
                          base: str) -> None:

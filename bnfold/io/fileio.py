@@ -168,7 +168,7 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     proto = _read_proto(path)
     if check_initializers(proto, str(path)).external:
         return None
-    _check_loaded(proto, path, lambda file: check_single_file(file, proto))
+    _check_loaded(proto, path, check_single_file)
     return proto
 
 

@@ -111,23 +111,21 @@ class _Plan:
         if model.training_info or model.configuration or graph.quantization_annotation:
             return None  # (parts onnx-ir rewrites or drops)
         if graph.sparse_initializer or any(
-                t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims)
-                for t in graph.initializer):
+                t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
             return None
         view = GraphView(graph)
+        if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
+            return None
+        if _invalid_node(view, opset) or any(
+                any(n in view.constant for n in view.input_names[index])
+                for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
+            return None
         sites = []
-        for index, node in enumerate(graph.node):
-            if node.domain not in DEFAULT_DOMAINS:
-                continue
-            if node.op_type in CHECKED_OPS and node_problem(view.view(index), opset, view.shape):
+        for index in view.by_op.get("BatchNormalization", ()):
+            site = _site(view, view.view(index), opset, select)
+            if site is None:
                 return None
-            if node.op_type in _AFFINE_HEADS and any(n in view.constant for n in node.input):
-                return None
-            if node.op_type == "BatchNormalization":
-                site = _site(view, view.view(index), opset, select)
-                if site is None:
-                    return None
-                sites.append(site)
+            sites.append(site)
         return cls(model, view, opset, sites)
 
     # ------------------------------------------------------------------ the folds
@@ -303,6 +301,12 @@ class _Plan:
             attr = LAYERS[node.op_type].bias_scale_attr
             assert attr is not None
             _set_float(proto, attr, 1.0)
+
+
+def _invalid_node(view: GraphView, opset: int) -> bool:
+    """Whether :func:`.validity.node_problem` refuses a default-domain node of ``view``."""
+    return any(node_problem(view.view(index), opset, view.shape)
+               for op in CHECKED_OPS for index in view.by_op.get(op, ()))
 
 
 def _site(view: GraphView, bn: NodeView, opset: int,

@@ -20,6 +20,7 @@ from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS
 
 _A = onnx.AttributeProto
+_SUBGRAPHS = (_A.GRAPH, _A.GRAPHS)
 _SCALAR_CONSTANTS = {"value_float": (), "value_int": ()}
 _VECTOR_CONSTANTS = ("value_floats", "value_ints")
 
@@ -29,14 +30,18 @@ class NotPlain(Exception):
 
 
 class Attrs:
-    """A node's attributes read like ``ir.Node.attributes`` (``get_int`` ...)."""
+    """A node's attributes read like ``ir.Node.attributes`` (``get_int`` ...), indexed by name
+    on first use."""
 
-    __slots__ = ("_by_name",)
+    __slots__ = ("_attrs", "_by_name")
 
     def __init__(self, attrs: Iterable[onnx.AttributeProto]) -> None:
-        self._by_name = {a.name: a for a in attrs}
+        self._attrs = attrs
+        self._by_name: dict[str, onnx.AttributeProto] | None = None
 
     def _get(self, name: str, kind: int) -> onnx.AttributeProto | None:
+        if self._by_name is None:
+            self._by_name = {a.name: a for a in self._attrs}
         attr = self._by_name.get(name)
         if attr is not None and attr.type != kind:
             raise NotPlain(f"attribute {name} has type {attr.type}")
@@ -71,7 +76,8 @@ class ValueView:
 
 class NodeView:
     """One node, with the names of its inputs and outputs as they stand after the fast
-    path's edits so far (``input_names`` / ``output_names`` are what it writes back)."""
+    path's edits so far (``input_names`` / ``output_names``: the graph's own lists,
+    :attr:`GraphView.input_names`, which the fast path edits and writes back)."""
 
     __slots__ = (
         "_graph",
@@ -87,9 +93,10 @@ class NodeView:
 
     def __init__(self, proto: onnx.NodeProto, index: int, graph: GraphView) -> None:
         self.proto, self.index, self._graph = proto, index, graph
-        self.op_type, self.domain, self.name = proto.op_type, proto.domain, proto.name
-        self.input_names = list(proto.input)
-        self.output_names = list(proto.output)
+        self.op_type, self.domain = graph.op_types[index], graph.domains[index]
+        self.name = proto.name
+        self.input_names = graph.input_names[index]
+        self.output_names = graph.output_names[index]
         self.attributes = Attrs(proto.attribute)
 
     @property
@@ -107,62 +114,82 @@ class NodeView:
 
 class GraphView:
     """Producers, readers, initializers, declared shapes and the possibly-constant values of
-    one graph without subgraphs (:class:`NotPlain` otherwise), from one pass over it."""
+    one graph without subgraphs (:class:`NotPlain` otherwise), from one pass over it.
+
+    Per node index it keeps the op type, domain and (edited) input and output names as plain
+    lists, and ``by_op``: the default-domain nodes of each op type, in graph order; a
+    :class:`NodeView` is built only for the nodes a rule reads."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
-        self.initializers = {t.name: t for t in graph.initializer}
+        self.nodes = list(graph.node)
+        tensors = list(graph.initializer)
+        self.initializers = {t.name: t for t in tensors}
+        if len(self.initializers) != len(tensors):
+            raise NotPlain("an initializer name is used twice")
+        #: initializer name -> its dims
+        self.dims = {name: tuple(t.dims) for name, t in self.initializers.items()}
         self.inputs = {v.name for v in graph.input}
         self.outputs = {v.name for v in graph.output}
-        if len(self.initializers) != len(graph.initializer):
-            raise NotPlain("an initializer name is used twice")
         self.producer: dict[str, int] = {}
         #: name -> [(node index, input index)], every reader of every value
         self.readers: dict[str, list[tuple[int, int]]] = {}
         self.constant = set(self.initializers)  # a superset of what consts.Constants finds
+        self.op_types = [n.op_type for n in self.nodes]
+        self.domains = [n.domain for n in self.nodes]
+        self.input_names = [n.input[:] for n in self.nodes]
+        self.output_names = [n.output[:] for n in self.nodes]
+        self.by_op: dict[str, list[int]] = {}
         self._views: dict[int, NodeView] = {}
-        known = self.inputs | self.constant
-        for index, node in enumerate(graph.node):
-            self._scan(index, node, known)
+        #: every name a node reads or writes, graph inputs and initializers (the original
+        #: graph's: edits do not change it)
+        self.known = self.inputs | self.constant
+        self._scan()
         self.declared = self._declared_shapes()
 
-    def _scan(self, index: int, node: onnx.NodeProto, known: set[str]) -> None:
-        if any(a.type in (_A.GRAPH, _A.GRAPHS) for a in node.attribute):
-            raise NotPlain("a node has a subgraph")
-        default = node.domain in DEFAULT_DOMAINS
-        type_only = TYPE_ONLY_INPUTS.get(node.op_type, ()) if default else ()
-        constant = default
-        for i, name in enumerate(node.input):
-            if not name:
-                continue
-            if name not in known:
-                raise NotPlain(f"{name!r} is read before it is produced")
-            self.readers.setdefault(name, []).append((index, i))
-            constant = constant and (name in self.constant or i in type_only)
-        for name in node.output:
-            if not name:
-                continue
-            if name in known:
-                raise NotPlain(f"{name!r} is produced twice")
-            known.add(name)
-            self.producer[name] = index
-            if constant:
-                self.constant.add(name)
+    def _scan(self) -> None:
+        """Readers, producers and constants of every node, in graph order."""
+        known, readers, producer = self.known, self.readers, self.producer
+        constant, by_op = self.constant, self.by_op
+        for index, node in enumerate(self.nodes):
+            if node.attribute and any(a.type in _SUBGRAPHS for a in node.attribute):
+                raise NotPlain("a node has a subgraph")
+            op = self.op_types[index]
+            default = self.domains[index] in DEFAULT_DOMAINS
+            if default:
+                by_op.setdefault(op, []).append(index)
+            type_only = TYPE_ONLY_INPUTS.get(op, ()) if default else ()
+            is_constant = default
+            for i, name in enumerate(self.input_names[index]):
+                if not name:
+                    continue
+                if name not in known:
+                    raise NotPlain(f"{name!r} is read before it is produced")
+                readers.setdefault(name, []).append((index, i))
+                is_constant = is_constant and (name in constant or i in type_only)
+            for name in self.output_names[index]:
+                if not name:
+                    continue
+                if name in known:
+                    raise NotPlain(f"{name!r} is produced twice")
+                known.add(name)
+                producer[name] = index
+                if is_constant:
+                    constant.add(name)
 
     def view(self, index: int) -> NodeView:
         """The (one, shared) :class:`NodeView` of node ``index``."""
         view = self._views.get(index)
         if view is None:
-            view = self._views[index] = NodeView(self.graph.node[index], index, self)
+            view = self._views[index] = NodeView(self.nodes[index], index, self)
         return view
 
     def data_readers(self, name: str) -> list[tuple[int, int]]:
         """Readers of ``name``'s data (as :func:`.consts.data_uses`: a default-domain
         ``Shape``/``Size``/``CastLike`` reads only the dtype or shape of some inputs)."""
-        nodes = self.graph.node
         return [(n, i) for n, i in self.readers.get(name, [])
-                if nodes[n].domain not in DEFAULT_DOMAINS
-                or i not in TYPE_ONLY_INPUTS.get(nodes[n].op_type, ())]
+                if self.domains[n] not in DEFAULT_DOMAINS
+                or i not in TYPE_ONLY_INPUTS.get(self.op_types[n], ())]
 
     def _declared_shapes(self) -> dict[str, tuple[int | None, ...] | None]:
         shapes: dict[str, tuple[int | None, ...] | None] = {}
@@ -173,15 +200,19 @@ class GraphView:
                 raise NotPlain(f"{info.name!r} is declared with two shapes")
         return shapes
 
+    def _default_constant(self, name: str) -> onnx.NodeProto | None:
+        """The default-domain ``Constant`` node that produces ``name``, if one does."""
+        index = self.producer.get(name)
+        if index is None or self.op_types[index] != "Constant" \
+                or self.domains[index] not in DEFAULT_DOMAINS:
+            return None
+        return self.nodes[index]
+
     def constant_tensor(self, name: str) -> onnx.TensorProto | None:
         """The tensor of the default-domain ``Constant`` node (``value`` attribute, stored
         inline) that produces ``name``, if one does."""
-        index = self.producer.get(name)
-        if index is None:
-            return None
-        node = self.graph.node[index]
-        if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS \
-                or len(node.attribute) != 1 or node.attribute[0].name != "value" \
+        node = self._default_constant(name)
+        if node is None or len(node.attribute) != 1 or node.attribute[0].name != "value" \
                 or node.attribute[0].type != _A.TENSOR \
                 or node.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL:
             return None
@@ -197,12 +228,12 @@ class GraphView:
         the declared ones (``None`` for a symbolic dim)."""
         if value is None:
             return None
-        tensor = self.initializers.get(value.name)
-        if tensor is not None:
-            return tuple(tensor.dims)
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-            return _constant_shape(node.proto)
+        dims = self.dims.get(value.name)
+        if dims is not None:
+            return dims
+        node = self._default_constant(value.name)
+        if node is not None:
+            return _constant_shape(node)
         return self.declared.get(value.name)
 
 

@@ -14,6 +14,7 @@ import json
 from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -38,8 +39,9 @@ from benchmarks.bench_onnx_fold import chain_model
 from bnfold.cli import commands as cli
 from bnfold.models import zoo
 from bnfold.passes.onnx import fold as fold_module
-from bnfold.passes.onnx.direct import direct_fold
+from bnfold.passes.onnx.direct import _tensor_array, _tensor_arrays, direct_fold
 from bnfold.passes.onnx.fold import fold_onnx
+from bnfold.passes.onnx.proto_view import NotPlain
 from bnfold.selection import Selection
 
 TOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16: 5e-3,
@@ -343,3 +345,39 @@ def _plain_graphs(draw) -> onnx.ModelProto:
 @given(_plain_graphs())
 def test_random_plain_graphs_fold_directly_as_the_full_path_does(model) -> None:
     assert _check(model) is not None
+
+
+# ------------------------------------------------------------------ bulk readers
+
+
+def _tensors() -> list[onnx.TensorProto]:
+    """Raw tensors of several dtypes and shapes (some alike, one scalar, one empty), one of
+    float_data and one of a non-float type."""
+    b = Builder(9)
+    for i, (shape, dtype) in enumerate([([4], TensorProto.FLOAT), ([2, 3], TensorProto.FLOAT),
+                                        ([4], TensorProto.FLOAT), ([4], TensorProto.FLOAT16),
+                                        ([], TensorProto.FLOAT), ([0, 2], TensorProto.DOUBLE),
+                                        ([4], TensorProto.BFLOAT16), ([2, 3], TensorProto.FLOAT),
+                                        ([3], TensorProto.DOUBLE)]):
+        b.init(f"t{i}", b.rng.normal(size=shape), dtype)
+    return [*b.inits, helper.make_tensor("f", TensorProto.FLOAT, [2], [1.5, -2.0]),
+            helper.make_tensor("i", TensorProto.INT64, [3], [1, 2, 3])]
+
+
+def test_bulk_tensor_reading_equals_reading_each_tensor() -> None:
+    tensors = _tensors()
+    got = _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])
+    for tensor, arr in zip(tensors, got, strict=True):
+        want = _tensor_array(tensor)
+        assert type(arr) is np.ndarray, tensor.name
+        assert (arr.dtype, arr.shape) == (want.dtype, want.shape), tensor.name
+        assert arr.tobytes() == want.tobytes(), tensor.name
+
+
+def test_bulk_tensor_reading_refuses_data_that_does_not_fill_its_shape() -> None:
+    tensors = _tensors()
+    tensors[2].raw_data = tensors[2].raw_data[:-4]
+    with pytest.raises(NotPlain):
+        _tensor_array(tensors[2])
+    with pytest.raises(NotPlain):
+        _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -148,6 +148,8 @@ class _Plan:
         Reading every array first is what folding one site at a time would read: a tensor a
         fold rewrites in place has that layer as its only data reader (:meth:`_set_initializer`),
         so no other site reads it."""
+        self._read_arrays(name for bn, layer in self.sites
+                          for name in (*layer.input_names[1:3], *bn.input_names[1:5]))
         groups: dict[tuple, list[int]] = {}
         calls = []
         for index, (bn, layer) in enumerate(self.sites):
@@ -200,6 +202,14 @@ class _Plan:
             assert tensor is not None
             arr = self.arrays[value.name] = _tensor_array(tensor)
         return arr
+
+    def _read_arrays(self, names: Iterable[str]) -> None:
+        """Read the initializers among ``names`` into ``self.arrays`` at once
+        (:func:`_tensor_arrays`)."""
+        view, arrays = self.view, self.arrays
+        todo = [n for n in dict.fromkeys(names) if n in view.initializers and n not in arrays]
+        read = _tensor_arrays([view.initializers[n] for n in todo], [view.dims[n] for n in todo])
+        arrays.update(zip(todo, read, strict=True))
 
     def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
                          base: str) -> None:
@@ -358,6 +368,29 @@ def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         return ir.serde.TensorProtoTensor(tensor).numpy()
     except ValueError as exc:
         raise NotPlain(str(exc)) from exc
+
+
+def _tensor_arrays(tensors: list[onnx.TensorProto],
+                   shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """``[_tensor_array(t) for t in tensors]`` (``shapes``: their dims): the same arrays, with
+    the raw tensors of one data type and non-empty shape read by one numpy call over their
+    joined bytes (each array a row of it)."""
+    arrays: list[np.ndarray | None] = [None] * len(tensors)
+    alike: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
+    for i, (tensor, shape) in enumerate(zip(tensors, shapes, strict=True)):
+        dtype = _STORED.get(tensor.data_type)
+        if dtype is not None and shape and tensor.HasField("raw_data"):
+            alike.setdefault((dtype, shape), []).append(i)
+        else:
+            arrays[i] = _tensor_array(tensor)
+    for (dtype, shape), members in alike.items():
+        raws = [tensors[i].raw_data for i in members]
+        if set(map(len, raws)) != {math.prod(shape) * dtype.itemsize}:
+            raise NotPlain("a tensor's data does not fill its shape")
+        rows = np.frombuffer(b"".join(raws), dtype).reshape(len(members), *shape)
+        for i, row in zip(members, rows, strict=True):
+            arrays[i] = row
+    return arrays  # type: ignore[return-value]
 
 
 def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:

@@ -11,9 +11,12 @@ the caller then takes the full onnx-ir path.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import onnx
 
 from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
@@ -112,6 +115,18 @@ class NodeView:
         return {p.key: p.value for p in self.proto.metadata_props}
 
 
+class _Reads:
+    """Every input slot of a graph's nodes, flattened: ``names``, ``node`` (the reading node of
+    each), ``start`` and ``end`` (each node's slots are ``start:end``)."""
+
+    def __init__(self, input_names: list[list[str]]) -> None:
+        counts = np.fromiter(map(len, input_names), np.int64, len(input_names))
+        self.names = list(itertools.chain.from_iterable(input_names))
+        self.node = np.repeat(np.arange(len(input_names)), counts)
+        self.end = np.cumsum(counts)
+        self.start = self.end - counts
+
+
 class GraphView:
     """Producers, readers, initializers, declared shapes and the possibly-constant values of
     one graph without subgraphs (:class:`NotPlain` otherwise), from one pass over it.
@@ -131,51 +146,100 @@ class GraphView:
         self.dims = {name: tuple(t.dims) for name, t in self.initializers.items()}
         self.inputs = {v.name for v in graph.input}
         self.outputs = {v.name for v in graph.output}
-        self.producer: dict[str, int] = {}
-        #: name -> [(node index, input index)], every reader of every value
-        self.readers: dict[str, list[tuple[int, int]]] = {}
-        self.constant = set(self.initializers)  # a superset of what consts.Constants finds
+        if any(node.attribute and any(a.type in _SUBGRAPHS for a in node.attribute)
+               for node in self.nodes):
+            raise NotPlain("a node has a subgraph")
         self.op_types = [n.op_type for n in self.nodes]
         self.domains = [n.domain for n in self.nodes]
         self.input_names = [n.input[:] for n in self.nodes]
         self.output_names = [n.output[:] for n in self.nodes]
-        self.by_op: dict[str, list[int]] = {}
-        self._views: dict[int, NodeView] = {}
+        self.by_op = self._default_nodes()
+        self.producer = self._producers()
         #: every name a node reads or writes, graph inputs and initializers (the original
         #: graph's: edits do not change it)
-        self.known = self.inputs | self.constant
-        self._scan()
+        self.known = self.inputs | self.initializers.keys() | self.producer.keys()
+        flat = _Reads(self.input_names)
+        self._check_order(flat)
+        #: name -> [(node index, input index)], every reader of every value
+        self.readers = self._readers()
+        self.constant = self._constants(flat)  # a superset of what consts.Constants finds
+        self._views: dict[int, NodeView] = {}
         self.declared = self._declared_shapes()
 
-    def _scan(self) -> None:
-        """Readers, producers and constants of every node, in graph order."""
-        known, readers, producer = self.known, self.readers, self.producer
-        constant, by_op = self.constant, self.by_op
-        for index, node in enumerate(self.nodes):
-            if node.attribute and any(a.type in _SUBGRAPHS for a in node.attribute):
-                raise NotPlain("a node has a subgraph")
-            op = self.op_types[index]
-            default = self.domains[index] in DEFAULT_DOMAINS
-            if default:
+    def _default_nodes(self) -> dict[str, list[int]]:
+        """The default-domain nodes of each op type, in graph order."""
+        by_op: dict[str, list[int]] = {}
+        for index, (op, domain) in enumerate(zip(self.op_types, self.domains, strict=True)):
+            if domain in DEFAULT_DOMAINS:
                 by_op.setdefault(op, []).append(index)
-            type_only = TYPE_ONLY_INPUTS.get(op, ()) if default else ()
-            is_constant = default
-            for i, name in enumerate(self.input_names[index]):
+        return by_op
+
+    def _producers(self) -> dict[str, int]:
+        """The node that produces each node output; :class:`NotPlain` if a name is produced
+        twice (by two nodes, or a node and a graph input or initializer)."""
+        outs = self.output_names
+        flat = list(itertools.chain.from_iterable(outs))
+        producer = dict(zip(flat, itertools.chain.from_iterable(
+            map(itertools.repeat, range(len(outs)), map(len, outs))), strict=True))
+        producer.pop("", None)
+        if len(producer) != len(flat) - flat.count("") or not producer.keys().isdisjoint(
+                self.inputs | self.initializers.keys()):
+            raise NotPlain("a name is produced twice")
+        return producer
+
+    def _check_order(self, flat: _Reads) -> None:
+        """:class:`NotPlain` if a node reads a value that is neither a graph input, an
+        initializer nor the output of an earlier node."""
+        produced_at = dict.fromkeys(self.inputs | self.initializers.keys(), -1)
+        produced_at.update(self.producer)
+        produced_at[""] = -1  # (an omitted optional input)
+        at = np.fromiter(map(produced_at.get, flat.names, itertools.repeat(len(self.nodes))),
+                         np.int64, len(flat.names))
+        if (at >= flat.node).any():
+            raise NotPlain("a value is read before it is produced")
+
+    def _readers(self) -> dict[str, list[tuple[int, int]]]:
+        readers: dict[str, list[tuple[int, int]]] = {}
+        for index, names in enumerate(self.input_names):
+            for i, name in enumerate(names):
+                found = readers.get(name)
+                if found is None:
+                    readers[name] = [(index, i)]
+                else:
+                    found.append((index, i))
+        readers.pop("", None)
+        return readers
+
+    def _constants(self, flat: _Reads) -> set[str]:
+        """The initializers and, transitively, the outputs of default-domain nodes whose every
+        input is one of them (type-only inputs aside): a worklist from the nodes whose inputs
+        are all initializers, the same set as one pass in graph order (readers come later)."""
+        constant = set(self.initializers)
+        ready = np.fromiter(map(constant.__contains__, flat.names), bool, len(flat.names))
+        ready |= np.fromiter(map(operator.not_, flat.names), bool, len(flat.names))
+        type_only = {(index, i) for op, places in TYPE_ONLY_INPUTS.items()
+                     for index in self.by_op.get(op, ()) for i in places}
+        for index, i in type_only:
+            if i < len(self.input_names[index]):
+                ready[flat.start[index] + i] = True
+        not_ready = np.concatenate(([0], np.cumsum(~ready)))
+        pending = not_ready[flat.end] - not_ready[flat.start]  # per node
+        default = np.fromiter(map(DEFAULT_DOMAINS.__contains__, self.domains), bool,
+                              len(self.domains))
+        todo = np.flatnonzero(default & (pending == 0)).tolist()
+        count, is_default = pending.tolist(), default.tolist()
+        while todo:
+            for name in self.output_names[todo.pop()]:
                 if not name:
                     continue
-                if name not in known:
-                    raise NotPlain(f"{name!r} is read before it is produced")
-                readers.setdefault(name, []).append((index, i))
-                is_constant = is_constant and (name in constant or i in type_only)
-            for name in self.output_names[index]:
-                if not name:
-                    continue
-                if name in known:
-                    raise NotPlain(f"{name!r} is produced twice")
-                known.add(name)
-                producer[name] = index
-                if is_constant:
-                    constant.add(name)
+                constant.add(name)
+                for reader, i in self.readers.get(name, ()):
+                    if (reader, i) in type_only:
+                        continue
+                    count[reader] -= 1
+                    if count[reader] == 0 and is_default[reader]:
+                        todo.append(reader)
+        return constant
 
     def view(self, index: int) -> NodeView:
         """The (one, shared) :class:`NodeView` of node ``index``."""

@@ -255,17 +255,16 @@ class _Plan:
             view.producer[y] = layer.index
         else:
             for node, i in readers:
-                view.view(node).input_names[i] = x
+                view.input_names[node][i] = x
                 self.edited.add(node)
             view.readers[x] = readers
 
     def _fresh(self, base: str) -> str:
         """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
         if self._namer is None:
-            g = self.model.graph
+            view = self.view
             self._namer = Namer(used=itertools.chain(
-                (v.name for v in (*g.input, *g.output)), self.view.initializers,
-                (n for node in g.node for n in (*node.output, node.name))))
+                view.known, view.outputs, (node.name for node in view.nodes)))
         return self._namer.fresh(base)
 
     # ------------------------------------------------------------------ the output
@@ -284,15 +283,15 @@ class _Plan:
         graph = out.graph
         copy_fields(src.graph, graph, lambda field: field.name not in (
             "node", "initializer", "value_info"))
-        graph.node.extend(n for i, n in enumerate(src.graph.node) if i not in self.removed)
-        kept = [i for i in range(len(src.graph.node)) if i not in self.removed]
-        position = {index: k for k, index in enumerate(kept)}
-        for index in self.edited - self.removed:
-            self._write_node(view.view(index), graph.node[position[index]])
-        for tensor in src.graph.initializer:
-            if tensor.name in self.replaced:
-                _write_tensor(graph.initializer.add(), self.arrays[tensor.name], tensor.name)
-            elif tensor.name not in dead:
+        graph.node.extend([n for i, n in enumerate(view.nodes) if i not in self.removed])
+        edited = sorted(self.edited - self.removed)
+        positions = np.subtract(edited, np.searchsorted(sorted(self.removed), edited))
+        for index, position in zip(edited, positions.tolist(), strict=True):
+            self._write_node(index, graph.node[position])
+        for name, tensor in view.initializers.items():
+            if name in self.replaced:
+                _write_tensor(graph.initializer.add(), self.arrays[name], name)
+            elif name not in dead:
                 graph.initializer.append(tensor)
         for name in self.added:
             if name not in dead:
@@ -300,15 +299,17 @@ class _Plan:
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
         return out
 
-    def _write_node(self, node: NodeView, proto: onnx.NodeProto) -> None:
-        if list(proto.input) != node.input_names:
+    def _write_node(self, index: int, proto: onnx.NodeProto) -> None:
+        """Write node ``index``'s edited names (and Gemm's ``beta``) into its copy ``proto``."""
+        inputs, outputs = self.view.input_names[index], self.view.output_names[index]
+        if proto.input[:] != inputs:
             del proto.input[:]
-            proto.input.extend(node.input_names)
-        if list(proto.output) != node.output_names:
+            proto.input.extend(inputs)
+        if proto.output[:] != outputs:
             del proto.output[:]
-            proto.output.extend(node.output_names)
-        if node.index in self.rescaled:
-            attr = LAYERS[node.op_type].bias_scale_attr
+            proto.output.extend(outputs)
+        if index in self.rescaled:
+            attr = LAYERS[self.view.op_types[index]].bias_scale_attr
             assert attr is not None
             _set_float(proto, attr, 1.0)
 

@@ -80,10 +80,13 @@ class ValueView:
 class NodeView:
     """One node, with the names of its inputs and outputs as they stand after the fast
     path's edits so far (``input_names`` / ``output_names``: the graph's own lists,
-    :attr:`GraphView.input_names`, which the fast path edits and writes back)."""
+    :attr:`GraphView.input_names`, which the fast path edits and writes back; ``inputs`` /
+    ``outputs`` are made again when those names have changed)."""
 
     __slots__ = (
         "_graph",
+        "_inputs",
+        "_outputs",
         "attributes",
         "domain",
         "index",
@@ -101,14 +104,24 @@ class NodeView:
         self.input_names = graph.input_names[index]
         self.output_names = graph.output_names[index]
         self.attributes = Attrs(proto.attribute)
+        #: the views of the inputs and outputs, with the names they were made for
+        self._inputs: tuple[list[str], list[ValueView | None]] | None = None
+        self._outputs: tuple[list[str], list[ValueView | None]] | None = None
 
     @property
     def inputs(self) -> list[ValueView | None]:
-        return [ValueView(n, self._graph) if n else None for n in self.input_names]
+        if self._inputs is None or self._inputs[0] != self.input_names:
+            self._inputs = (self.input_names.copy(), self._values(self.input_names))
+        return self._inputs[1]
 
     @property
     def outputs(self) -> list[ValueView | None]:
-        return [ValueView(n, self._graph) if n else None for n in self.output_names]
+        if self._outputs is None or self._outputs[0] != self.output_names:
+            self._outputs = (self.output_names.copy(), self._values(self.output_names))
+        return self._outputs[1]
+
+    def _values(self, names: list[str]) -> list[ValueView | None]:
+        return [ValueView(n, self._graph) if n else None for n in names]
 
     @property
     def metadata_props(self) -> dict[str, str]:

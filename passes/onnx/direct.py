@@ -94,7 +94,7 @@ class _Plan:
         self.model, self.view, self.opset, self.sites = model, view, opset, sites
         self.arrays: dict[str, np.ndarray] = {}
         self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
-        self.added: list[str] = []  # new initializers (in self.arrays)
+        self.added: dict[str, None] = {}  # new initializers, in order (in self.arrays)
         self.released: list[str] = []
         self.removed: set[int] = set()  # node indices
         self.edited: set[int] = set()
@@ -226,7 +226,7 @@ class _Plan:
             view.readers[old].remove((node.index, index))
         name = self._fresh(base)
         self.arrays[name] = array
-        self.added.append(name)
+        self.added[name] = None
         view.readers[name] = [(node.index, index)]
         if index >= len(names):
             names.extend([""] * (index + 1 - len(names)))

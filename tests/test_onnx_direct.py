@@ -14,6 +14,7 @@ import json
 from contextlib import contextmanager
 from unittest import mock
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -38,8 +39,10 @@ from benchmarks.bench_onnx_fold import chain_model
 from bnfold.cli import commands as cli
 from bnfold.models import zoo
 from bnfold.passes.onnx import fold as fold_module
-from bnfold.passes.onnx.direct import direct_fold
+from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
+from bnfold.passes.onnx.direct import _tensor_array, _tensor_arrays, direct_fold
 from bnfold.passes.onnx.fold import fold_onnx
+from bnfold.passes.onnx.proto_view import GraphView, NotPlain
 from bnfold.selection import Selection
 
 TOL = {TensorProto.FLOAT: 1e-5, TensorProto.DOUBLE: 1e-12, TensorProto.FLOAT16: 5e-3,
@@ -353,3 +356,103 @@ def _plain_graphs(draw) -> onnx.ModelProto:
 @given(_plain_graphs())
 def test_random_plain_graphs_fold_directly_as_the_full_path_does(model) -> None:
     assert _check(model) is not None
+
+
+# ------------------------------------------------------------------ bulk readers
+
+
+def _tensors() -> list[onnx.TensorProto]:
+    """Raw tensors of several dtypes and shapes (some alike, one scalar, one empty), one of
+    float_data and one of a non-float type."""
+    b = Builder(9)
+    for i, (shape, dtype) in enumerate([([4], TensorProto.FLOAT), ([2, 3], TensorProto.FLOAT),
+                                        ([4], TensorProto.FLOAT), ([4], TensorProto.FLOAT16),
+                                        ([], TensorProto.FLOAT), ([0, 2], TensorProto.DOUBLE),
+                                        ([4], TensorProto.BFLOAT16), ([2, 3], TensorProto.FLOAT),
+                                        ([3], TensorProto.DOUBLE)]):
+        b.init(f"t{i}", b.rng.normal(size=shape), dtype)
+    return [*b.inits, helper.make_tensor("f", TensorProto.FLOAT, [2], [1.5, -2.0]),
+            helper.make_tensor("i", TensorProto.INT64, [3], [1, 2, 3])]
+
+
+def test_bulk_tensor_reading_equals_reading_each_tensor() -> None:
+    tensors = _tensors()
+    got = _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])
+    for tensor, arr in zip(tensors, got, strict=True):
+        want = _tensor_array(tensor)
+        assert type(arr) is np.ndarray, tensor.name
+        assert (arr.dtype, arr.shape) == (want.dtype, want.shape), tensor.name
+        assert arr.tobytes() == want.tobytes(), tensor.name
+
+
+def test_bulk_tensor_reading_refuses_data_that_does_not_fill_its_shape() -> None:
+    tensors = _tensors()
+    tensors[2].raw_data = tensors[2].raw_data[:-4]
+    with pytest.raises(NotPlain):
+        _tensor_array(tensors[2])
+    with pytest.raises(NotPlain):
+        _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])
+
+
+def _scan_node_by_node(graph: onnx.GraphProto) -> tuple[dict, dict, set]:
+    """Producers, readers and possibly-constant values of ``graph`` read one node at a time
+    in graph order (what :class:`GraphView` computes over whole lists); :class:`NotPlain` for a
+    value read before it is produced or produced twice."""
+    constant = {t.name for t in graph.initializer}
+    known = constant | {v.name for v in graph.input}
+    producer: dict[str, int] = {}
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for index, node in enumerate(graph.node):
+        default = node.domain in ("", "ai.onnx")
+        type_only = TYPE_ONLY_INPUTS.get(node.op_type, ()) if default else ()
+        is_constant = default
+        for i, name in enumerate(node.input):
+            if name:
+                if name not in known:
+                    raise NotPlain("read before it is produced")
+                readers.setdefault(name, []).append((index, i))
+                is_constant = is_constant and (name in constant or i in type_only)
+        for name in filter(None, node.output):
+            if name in known:
+                raise NotPlain("produced twice")
+            known.add(name)
+            producer[name] = index
+            if is_constant:
+                constant.add(name)
+    return producer, readers, constant
+
+
+@st.composite
+def _dags(draw) -> onnx.GraphProto:
+    """Graphs of Constant, Shape, CastLike, Add, Clip (an omitted input) and custom-domain
+    nodes over a graph input and an initializer, some reading a later value or their own
+    output, some producing a name twice."""
+    values, nodes = ["x", "k"], []
+    for index in range(draw(st.integers(1, 12))):
+        op = draw(st.sampled_from(["Constant", "Shape", "CastLike", "Add", "Clip", "Foo"]))
+        arity = {"Constant": 0, "Shape": 1, "Clip": 3, "Foo": 1}.get(op, 2)
+        inputs = [draw(st.sampled_from(values)) for _ in range(arity)]
+        if inputs and draw(st.integers(0, 9)) == 0:
+            inputs[0] = draw(st.sampled_from(["later", f"v{index}"]))
+        if op == "Clip":
+            inputs[1] = ""
+        output = draw(st.sampled_from(values)) if draw(st.integers(0, 14)) == 0 else f"v{index}"
+        nodes.append(helper.make_node(op, inputs, [output], domain="custom" if op == "Foo"
+                                      else draw(st.sampled_from(["", "ai.onnx"]))))
+        values.append(output)
+    return helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [],
+        [helper.make_tensor("k", TensorProto.FLOAT, [1], [1.0])])
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=200)
+@given(_dags())
+def test_the_graph_scan_equals_a_node_by_node_scan(graph) -> None:
+    try:
+        want = _scan_node_by_node(graph)
+    except NotPlain:
+        with pytest.raises(NotPlain):
+            GraphView(graph)
+        return
+    view = GraphView(graph)
+    assert (view.producer, view.readers, view.constant) == want

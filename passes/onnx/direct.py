@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -94,7 +94,7 @@ class _Plan:
         self.model, self.view, self.opset, self.sites = model, view, opset, sites
         self.arrays: dict[str, np.ndarray] = {}
         self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
-        self.added: list[str] = []  # new initializers (in self.arrays)
+        self.added: dict[str, None] = {}  # new initializers, in order (in self.arrays)
         self.released: list[str] = []
         self.removed: set[int] = set()  # node indices
         self.edited: set[int] = set()
@@ -111,23 +111,21 @@ class _Plan:
         if model.training_info or model.configuration or graph.quantization_annotation:
             return None  # (parts onnx-ir rewrites or drops)
         if graph.sparse_initializer or any(
-                t.data_location == onnx.TensorProto.EXTERNAL or any(d < 0 for d in t.dims)
-                for t in graph.initializer):
+                t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
             return None
         view = GraphView(graph)
+        if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
+            return None
+        if _invalid_node(view, opset) or any(
+                any(n in view.constant for n in view.input_names[index])
+                for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
+            return None
         sites = []
-        for index, node in enumerate(graph.node):
-            if node.domain not in DEFAULT_DOMAINS:
-                continue
-            if node.op_type in CHECKED_OPS and node_problem(view.view(index), opset, view.shape):
+        for index in view.by_op.get("BatchNormalization", ()):
+            site = _site(view, view.view(index), opset, select)
+            if site is None:
                 return None
-            if node.op_type in _AFFINE_HEADS and any(n in view.constant for n in node.input):
-                return None
-            if node.op_type == "BatchNormalization":
-                site = _site(view, view.view(index), opset, select)
-                if site is None:
-                    return None
-                sites.append(site)
+            sites.append(site)
         return cls(model, view, opset, sites)
 
     # ------------------------------------------------------------------ the folds
@@ -150,6 +148,8 @@ class _Plan:
         Reading every array first is what folding one site at a time would read: a tensor a
         fold rewrites in place has that layer as its only data reader (:meth:`_set_initializer`),
         so no other site reads it."""
+        self._read_arrays(name for bn, layer in self.sites
+                          for name in (*layer.input_names[1:3], *bn.input_names[1:5]))
         groups: dict[tuple, list[int]] = {}
         calls = []
         for index, (bn, layer) in enumerate(self.sites):
@@ -203,6 +203,14 @@ class _Plan:
             arr = self.arrays[value.name] = _tensor_array(tensor)
         return arr
 
+    def _read_arrays(self, names: Iterable[str]) -> None:
+        """Read the initializers among ``names`` into ``self.arrays`` at once
+        (:func:`_tensor_arrays`)."""
+        view, arrays = self.view, self.arrays
+        todo = [n for n in dict.fromkeys(names) if n in view.initializers and n not in arrays]
+        read = _tensor_arrays([view.initializers[n] for n in todo], [view.dims[n] for n in todo])
+        arrays.update(zip(todo, read, strict=True))
+
     def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
                          base: str) -> None:
         """:func:`.consts.set_initializer` on the protobuf."""
@@ -218,7 +226,7 @@ class _Plan:
             view.readers[old].remove((node.index, index))
         name = self._fresh(base)
         self.arrays[name] = array
-        self.added.append(name)
+        self.added[name] = None
         view.readers[name] = [(node.index, index)]
         if index >= len(names):
             names.extend([""] * (index + 1 - len(names)))
@@ -247,17 +255,16 @@ class _Plan:
             view.producer[y] = layer.index
         else:
             for node, i in readers:
-                view.view(node).input_names[i] = x
+                view.input_names[node][i] = x
                 self.edited.add(node)
             view.readers[x] = readers
 
     def _fresh(self, base: str) -> str:
         """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
         if self._namer is None:
-            g = self.model.graph
+            view = self.view
             self._namer = Namer(used=itertools.chain(
-                (v.name for v in (*g.input, *g.output)), self.view.initializers,
-                (n for node in g.node for n in (*node.output, node.name))))
+                view.known, view.outputs, (node.name for node in view.nodes)))
         return self._namer.fresh(base)
 
     # ------------------------------------------------------------------ the output
@@ -276,15 +283,15 @@ class _Plan:
         graph = out.graph
         copy_fields(src.graph, graph, lambda field: field.name not in (
             "node", "initializer", "value_info"))
-        graph.node.extend(n for i, n in enumerate(src.graph.node) if i not in self.removed)
-        kept = [i for i in range(len(src.graph.node)) if i not in self.removed]
-        position = {index: k for k, index in enumerate(kept)}
-        for index in self.edited - self.removed:
-            self._write_node(view.view(index), graph.node[position[index]])
-        for tensor in src.graph.initializer:
-            if tensor.name in self.replaced:
-                _write_tensor(graph.initializer.add(), self.arrays[tensor.name], tensor.name)
-            elif tensor.name not in dead:
+        graph.node.extend([n for i, n in enumerate(view.nodes) if i not in self.removed])
+        edited = sorted(self.edited - self.removed)
+        positions = np.subtract(edited, np.searchsorted(sorted(self.removed), edited))
+        for index, position in zip(edited, positions.tolist(), strict=True):
+            self._write_node(index, graph.node[position])
+        for name, tensor in view.initializers.items():
+            if name in self.replaced:
+                _write_tensor(graph.initializer.add(), self.arrays[name], name)
+            elif name not in dead:
                 graph.initializer.append(tensor)
         for name in self.added:
             if name not in dead:
@@ -292,17 +299,25 @@ class _Plan:
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
         return out
 
-    def _write_node(self, node: NodeView, proto: onnx.NodeProto) -> None:
-        if list(proto.input) != node.input_names:
+    def _write_node(self, index: int, proto: onnx.NodeProto) -> None:
+        """Write node ``index``'s edited names (and Gemm's ``beta``) into its copy ``proto``."""
+        inputs, outputs = self.view.input_names[index], self.view.output_names[index]
+        if proto.input[:] != inputs:
             del proto.input[:]
-            proto.input.extend(node.input_names)
-        if list(proto.output) != node.output_names:
+            proto.input.extend(inputs)
+        if proto.output[:] != outputs:
             del proto.output[:]
-            proto.output.extend(node.output_names)
-        if node.index in self.rescaled:
-            attr = LAYERS[node.op_type].bias_scale_attr
+            proto.output.extend(outputs)
+        if index in self.rescaled:
+            attr = LAYERS[self.view.op_types[index]].bias_scale_attr
             assert attr is not None
             _set_float(proto, attr, 1.0)
+
+
+def _invalid_node(view: GraphView, opset: int) -> bool:
+    """Whether :func:`.validity.node_problem` refuses a default-domain node of ``view``."""
+    return any(node_problem(view.view(index), opset, view.shape)
+               for op in CHECKED_OPS for index in view.by_op.get(op, ()))
 
 
 def _site(view: GraphView, bn: NodeView, opset: int,
@@ -354,6 +369,29 @@ def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         return ir.serde.TensorProtoTensor(tensor).numpy()
     except ValueError as exc:
         raise NotPlain(str(exc)) from exc
+
+
+def _tensor_arrays(tensors: list[onnx.TensorProto],
+                   shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """``[_tensor_array(t) for t in tensors]`` (``shapes``: their dims): the same arrays, with
+    the raw tensors of one data type and non-empty shape read by one numpy call over their
+    joined bytes (each array a row of it)."""
+    arrays: list[np.ndarray | None] = [None] * len(tensors)
+    alike: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
+    for i, (tensor, shape) in enumerate(zip(tensors, shapes, strict=True)):
+        dtype = _STORED.get(tensor.data_type)
+        if dtype is not None and shape and tensor.HasField("raw_data"):
+            alike.setdefault((dtype, shape), []).append(i)
+        else:
+            arrays[i] = _tensor_array(tensor)
+    for (dtype, shape), members in alike.items():
+        raws = [tensors[i].raw_data for i in members]
+        if set(map(len, raws)) != {math.prod(shape) * dtype.itemsize}:
+            raise NotPlain("a tensor's data does not fill its shape")
+        rows = np.frombuffer(b"".join(raws), dtype).reshape(len(members), *shape)
+        for i, row in zip(members, rows, strict=True):
+            arrays[i] = row
+    return arrays  # type: ignore[return-value]
 
 
 def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:

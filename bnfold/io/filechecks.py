@@ -183,8 +183,8 @@ def check_single_file(path: Path, proto: onnx.ModelProto) -> None:
     When the main graph's initializers hold on average at least :data:`HOLLOW_MIN` bytes of
     the file (most weights in large tensors), each large one that the checker's
     ``check_tensor`` would accept (:func:`_accepted_raw`) is handed over as a stand-in that it
-    also accepts (its other fields, no dims, 16 zero bytes); every other tensor, and all else,
-    as it is. Exact: the checker reads an initializer's ``dims`` and ``raw_data`` only in
+    also accepts (its name and dtype, no dims, 16 zero bytes); every other tensor, and all
+    else, as it is. Exact: the checker reads an initializer's ``dims`` and ``raw_data`` only in
     ``check_tensor``. Otherwise (many small tensors: a copy of the graph would cost more than
     the file) the checker runs on the file's bytes."""
     initializers = proto.graph.initializer
@@ -198,15 +198,17 @@ def check_single_file(path: Path, proto: onnx.ModelProto) -> None:
 
 def _hollow(proto: onnx.ModelProto, hollow: list[bool]) -> onnx.ModelProto:
     """A copy of ``proto`` whose main-graph initializers marked in ``hollow`` are stand-ins:
-    their fields but ``dims`` and ``raw_data``, which holds :data:`_STAND_IN_DATA`."""
+    the name (if set) and dtype, and :data:`_STAND_IN_DATA` as ``raw_data``; all that the
+    checker reads of an initializer that ``check_tensor`` accepts is its name."""
     out = onnx.ModelProto()
     copy_fields(proto, out, lambda field: field.name != "graph")
     copy_fields(proto.graph, out.graph, lambda field: field.name != "initializer")
     for tensor, stand_in in zip(proto.graph.initializer, hollow, strict=True):
         if stand_in:
-            copy = out.graph.initializer.add()
-            copy_fields(tensor, copy, lambda field: field.name not in ("dims", "raw_data"))
-            copy.raw_data = _STAND_IN_DATA
+            copy = out.graph.initializer.add(data_type=tensor.data_type,
+                                             raw_data=_STAND_IN_DATA)
+            if tensor.HasField("name"):
+                copy.name = tensor.name
         else:
             out.graph.initializer.append(tensor)
     return out

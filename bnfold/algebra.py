@@ -213,19 +213,23 @@ def _scaled_rounded(
 
 
 def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
-                 vshape: tuple[int, ...], what: str) -> np.ndarray:
+                 vshape: tuple[int, ...], what: str, out: np.ndarray | None = None
+                 ) -> np.ndarray:
     """``w.reshape(view) * vec.reshape(vshape)`` rounded and checked as
-    :func:`_scaled_rounded` says, returned in ``w``'s shape."""
+    :func:`_scaled_rounded` says, returned in ``w``'s shape (written into ``out``, an array
+    of ``w``'s shape and dtype, when given)."""
     dtype = w.dtype
+    if out is None:
+        out = np.empty(w.shape, dtype)
     if dtype not in (np.float32, np.float64):
         product = np.multiply(w.reshape(view), vec.reshape(vshape), dtype=np.float64)
-        return _checked(product, dtype, what).reshape(w.shape)
-    out = np.empty(view, dtype)
+        out[...] = _checked(product, dtype, what).reshape(w.shape)
+        return out
     with np.errstate(over="ignore"):  # overflow to inf is refused just below
-        np.multiply(w.reshape(view), vec.reshape(vshape), out=out, dtype=np.float64,
-                    casting="same_kind")
+        np.multiply(w.reshape(view), vec.reshape(vshape), out=out.reshape(view),
+                    dtype=np.float64, casting="same_kind")
     _require_finite(out, what)
-    return out.reshape(w.shape)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +281,8 @@ def fold_forward(
 
 
 #: Largest weight (in elements) :func:`fold_forward_many` stacks: above it the per-BN
-#: overhead is small beside the arithmetic, and stacking would copy the weights.
+#: overhead is small beside the arithmetic, and stacking would copy the weights, so larger
+#: alike weights are folded one by one, each into its slice of one output array.
 BATCH_MAX_WEIGHT = 1 << 16
 
 
@@ -295,11 +300,14 @@ def fold_forward_many(
     Exact: every step of :func:`fold_forward` (float64 conversion, ``var + eps``, ``sqrt``,
     ``1 /``, products, sums, the final rounding) is an elementwise IEEE operation, correctly
     rounded per element, so stacking the BNs along a new leading axis computes the same value
-    for every element. Stacked only when the folds are alike (weights of one shape and dtype,
-    at most :data:`BATCH_MAX_WEIGHT` elements; biases all absent or all ``[C]`` of one dtype;
-    one ``eps``; the same affine parameters present; every parameter ``C`` values) and none
-    refuses; otherwise each fold runs through :func:`fold_forward`, which then refuses (raises
-    the first refusal in order) exactly as calling it per BN would.
+    for every element. Stacked only when the folds are alike (weights of one shape and dtype;
+    biases all absent or all ``[C]`` of one dtype; one ``eps``; the same affine parameters
+    present; every parameter ``C`` values) and none refuses; otherwise each fold runs through
+    :func:`fold_forward`, which then refuses (raises the first refusal in order) exactly as
+    calling it per BN would. Weights of more than :data:`BATCH_MAX_WEIGHT` elements are not
+    stacked (copied) but scaled one by one into one output array, whose slices are the
+    results: one allocation, large enough to be backed by huge pages, costs far fewer page
+    faults than one per weight.
     """
     def each() -> list[Folded]:
         return [fold_forward(w, b, bn, out_axis=out_axis, groups=groups, bias_scale=bias_scale)
@@ -314,17 +322,32 @@ def fold_forward_many(
         s, t = _scale_shift(*stacked, bns[0].eps)
     except UnsafeFoldError:
         return each()
-    w = np.stack([np.asarray(x) for x in weights])
-    view, vshape = _channel_view(w.shape[1:], s.shape[1], out_axis, groups)
+    w0 = np.asarray(weights[0])
     b64 = np.zeros_like(s) if biases[0] is None else np.stack(
         [_f64(b) for b in biases]) * float(bias_scale)
-    b_dtype = w.dtype if biases[0] is None else np.asarray(biases[0]).dtype
+    b_dtype = w0.dtype if biases[0] is None else np.asarray(biases[0]).dtype
     try:
-        w_new = _scaled_view(w, s, (len(bns), *view), (len(bns), *vshape), "weight")
+        w_new = _scaled_many(weights, s, out_axis, groups)
         b_new = _checked(s * b64 + t, b_dtype, "bias")
     except UnsafeFoldError:
         return each()
     return [Folded(wi, bi) for wi, bi in zip(w_new, b_new, strict=True)]
+
+
+def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
+                 groups: int) -> np.ndarray:
+    """Each alike weight times its row of ``s`` (:func:`_scaled_rounded`), stacked: in one
+    call on the stacked weights when they are small, else one by one into one array."""
+    w0 = np.asarray(weights[0])
+    view, vshape = _channel_view(w0.shape, s.shape[1], axis, groups)
+    n = len(weights)
+    if w0.size <= BATCH_MAX_WEIGHT:
+        w = np.stack([np.asarray(x) for x in weights])
+        return _scaled_view(w, s, (n, *view), (n, *vshape), "weight")
+    out = np.empty((n, *w0.shape), w0.dtype)
+    for w, vec, dest in zip(weights, s, out, strict=True):
+        _scaled_view(np.asarray(w), vec, view, vshape, "weight", dest)
+    return out
 
 
 def _alike(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None],
@@ -332,8 +355,6 @@ def _alike(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None],
     """Whether :func:`fold_forward_many` may stack these folds (see there)."""
     w0, b0, bn0 = np.asarray(weights[0]), biases[0], bns[0]
     channels = np.asarray(bn0.mean).size
-    if w0.size > BATCH_MAX_WEIGHT:
-        return False
     b_key = None if b0 is None else np.asarray(b0).dtype
     for w, b, bn in zip(weights, biases, bns, strict=True):
         w = np.asarray(w)

@@ -26,6 +26,15 @@ def _group(rng: np.random.Generator, count: int, shape: tuple[int, ...], channel
     return weights, biases, bns
 
 
+@pytest.fixture(params=["stacked", "one by one"])
+def batching(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Alike folds stacked (small weights), or scaled one by one into one output array (as
+    weights over ``BATCH_MAX_WEIGHT`` elements are)."""
+    if request.param == "one by one":
+        monkeypatch.setattr(algebra, "BATCH_MAX_WEIGHT", 0)
+    return request.param
+
+
 def _per_bn(weights: list, biases: list, bns: list[BNParams], **kw: object) -> list[Folded]:
     return [fold_forward(w, b, bn, **kw) for w, b, bn in zip(weights, biases, bns, strict=True)]
 
@@ -47,7 +56,7 @@ def _same(a: list[Folded], b: list[Folded]) -> None:
 @pytest.mark.parametrize(("bias", "affine"), [(True, True), (False, True), (True, False)])
 def test_batched_equals_per_bn(dtype: np.dtype, shape: tuple[int, ...], channels: int,
                                kw: dict, bias: bool, affine: bool,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+                               monkeypatch: pytest.MonkeyPatch, batching: str) -> None:
     rng = np.random.default_rng(len(shape) * 4 + 2 * bias + affine)
     weights, biases, bns = _group(rng, 9, shape, channels, np.dtype(dtype), bias, affine)
     expected = _per_bn(weights, biases, bns, **kw)
@@ -65,7 +74,8 @@ def _refusal(fn: object) -> str:
 
 @pytest.mark.parametrize("defect", ["negative var", "nan mean", "inf gamma", "overflow"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_refusal_in_the_group_refuses_as_per_bn(defect: str, dtype: np.dtype) -> None:
+def test_a_refusal_in_the_group_refuses_as_per_bn(defect: str, dtype: np.dtype,
+                                                   batching: str) -> None:
     rng = np.random.default_rng(1)
     weights, biases, bns = _group(rng, 5, (4, 2, 1, 1), 4, np.dtype(dtype), True, True)
     bad = bns[3]
@@ -91,3 +101,15 @@ def test_unlike_folds_are_folded_one_by_one() -> None:
     w2, b2, n2 = _group(rng, 2, (4, 3), 4, np.dtype(np.float16), False, False)
     weights, biases, bns = w1 + w2, b1 + b2, n1 + n2
     _same(fold_forward_many(weights, biases, bns), _per_bn(weights, biases, bns))
+
+
+def test_large_weights_share_one_output_array() -> None:
+    """Weights over ``BATCH_MAX_WEIGHT`` elements: not stacked, each result a slice of one
+    array, bit for bit the per-BN folds."""
+    rng = np.random.default_rng(3)
+    shape = (64, 120, 3, 3)
+    assert np.prod(shape) > algebra.BATCH_MAX_WEIGHT
+    weights, biases, bns = _group(rng, 3, shape, 64, np.dtype(np.float32), True, True)
+    got = fold_forward_many(weights, biases, bns)
+    _same(got, _per_bn(weights, biases, bns))
+    assert got[0].weight.base is not None and got[0].weight.base is got[2].weight.base

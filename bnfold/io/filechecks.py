@@ -13,6 +13,9 @@
   has them is refused rather than written without them.
 * :func:`check_onnx_file`: ``onnx.checker`` on a file, also one whose name is not valid
   UTF-8 (the checker's C++ side takes only UTF-8 paths).
+* :func:`check_single_file`: ``onnx.checker`` on a single-file model already parsed, its large
+  initializers checked here and handed to the checker hollow (no second read and parse of the
+  file's bytes); the same verdict and message as the checker on the file.
 * :func:`os_problem`: the words for an ``OSError`` (``"Permission denied"``...); the first
   line of any other error is :func:`bnfold.errors.first_line`.
 """
@@ -27,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
-from bnfold.io.proto_stream import TensorFacts, tensor_facts
+from bnfold.io.proto_stream import TensorFacts, copy_fields, tensor_facts
 
 #: protobuf cannot parse a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1
@@ -139,11 +142,87 @@ def utf8_path(path: Path | str) -> bool:
     return True
 
 
-def check_single_file(path: Path) -> None:
-    """:func:`check_onnx_file` for a model without external data: the checker on the file's
-    bytes, the same checks (no data locations to resolve) without the path API's slower
-    load of the file."""
+#: Initializers with at least this many bytes of ``raw_data`` go to the checker hollow.
+HOLLOW_MIN = 64 * 1024
+
+#: Bytes per element of the dtypes whose ``raw_data`` size ``onnx.checker``'s ``check_tensor``
+#: compares with ``dims`` (whole bytes per element; packed and 6-bit types are not hollowed).
+_CHECKED_WIDTHS = {
+    **dict.fromkeys((onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.BOOL,
+                     onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+                     onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ,
+                     onnx.TensorProto.FLOAT8E8M0), 1),
+    **dict.fromkeys((onnx.TensorProto.UINT16, onnx.TensorProto.INT16,
+                     onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16), 2),
+    **dict.fromkeys((onnx.TensorProto.FLOAT, onnx.TensorProto.INT32,
+                     onnx.TensorProto.UINT32), 4),
+    **dict.fromkeys((onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+                     onnx.TensorProto.COMPLEX64), 8),
+    onnx.TensorProto.COMPLEX128: 16,
+}
+_INT64_MAX = 2**63 - 1
+_OTHER_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_data",
+               "uint64_data")
+#: What a hollow tensor holds in ``raw_data``: enough for one element of any checked dtype.
+_STAND_IN_DATA = bytes(16)
+
+
+def check_single_file(path: Path, proto: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` on the file at ``path``, which has no external data and
+    parses as ``proto``: the same verdict and message, in most cases without reading and
+    parsing the file's bytes again.
+
+    When the main graph's initializers hold on average at least :data:`HOLLOW_MIN` bytes of
+    the file (most weights in large tensors), each large one that the checker's
+    ``check_tensor`` would accept (:func:`_accepted_raw`) is handed over as a stand-in that it
+    also accepts (its name and dtype, no dims, 16 zero bytes); every other tensor, and all
+    else, as it is. Exact: the checker reads an initializer's ``dims`` and ``raw_data`` only in
+    ``check_tensor``. Otherwise (many small tensors: a copy of the graph would cost more than
+    the file) the checker runs on the file's bytes."""
+    initializers = proto.graph.initializer
+    if initializers and path.stat().st_size >= HOLLOW_MIN * len(initializers):
+        accepted = [_accepted_raw(tensor) for tensor in initializers]
+        if any(accepted):
+            onnx.checker.check_model(_hollow(proto, accepted).SerializeToString())
+            return
     onnx.checker.check_model(path.read_bytes())
+
+
+def _hollow(proto: onnx.ModelProto, hollow: list[bool]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose main-graph initializers marked in ``hollow`` are stand-ins:
+    the name (if set) and dtype, and :data:`_STAND_IN_DATA` as ``raw_data``; all that the
+    checker reads of an initializer that ``check_tensor`` accepts is its name."""
+    out = onnx.ModelProto()
+    copy_fields(proto, out, lambda field: field.name != "graph")
+    copy_fields(proto.graph, out.graph, lambda field: field.name != "initializer")
+    for tensor, stand_in in zip(proto.graph.initializer, hollow, strict=True):
+        if stand_in:
+            copy = out.graph.initializer.add(data_type=tensor.data_type,
+                                             raw_data=_STAND_IN_DATA)
+            if tensor.HasField("name"):
+                copy.name = tensor.name
+        else:
+            out.graph.initializer.append(tensor)
+    return out
+
+
+def _accepted_raw(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` holds at least :data:`HOLLOW_MIN` bytes of ``raw_data`` that
+    ``check_tensor`` accepts: a dtype of :data:`_CHECKED_WIDTHS`, stored inside the model,
+    ``raw_data`` its only data, dims that are not negative, whose product (taken left to
+    right, as the checker does) and byte size fit in an int64, more than zero elements, and
+    at least that many bytes."""
+    width = _CHECKED_WIDTHS.get(tensor.data_type) if tensor.HasField("data_type") else None
+    if width is None or tensor.data_location == onnx.TensorProto.EXTERNAL or any(
+            len(getattr(tensor, name)) for name in _OTHER_DATA):
+        return False
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+        if dim < 0 or count > _INT64_MAX:
+            return False
+    size = len(tensor.raw_data)
+    return size >= HOLLOW_MIN and 0 < count * width <= min(size, _INT64_MAX)
 
 
 def check_onnx_file(path: Path) -> None:

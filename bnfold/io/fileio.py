@@ -157,7 +157,7 @@ def load_checked(path: Path) -> ir.Model:
     (:func:`~bnfold.io.filechecks.check_opset`), and accepted by ``onnx.checker``; else a
     one-line :class:`~bnfold.errors.BnfoldError`."""
     model = load_onnx(path)
-    _check_loaded(model, path)
+    _check_loaded(model, path, lambda: check_onnx_file(path))
     return model
 
 
@@ -168,7 +168,7 @@ def load_checked_proto(path: Path) -> onnx.ModelProto | None:
     proto = _read_proto(path)
     if check_initializers(proto, str(path)).external:
         return None
-    _check_loaded(proto, path, check_single_file)
+    _check_loaded(proto, path, lambda: check_single_file(path, proto))
     return proto
 
 
@@ -181,11 +181,11 @@ def load_for_pass(path: Path) -> ir.Model | onnx.ModelProto:
 
 
 def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,
-                  checker: Callable[[Path], None] = check_onnx_file) -> None:
-    """A known ai.onnx opset, and ``onnx.checker`` accepts the file (``checker``)."""
+                  checker: Callable[[], None]) -> None:
+    """A known ai.onnx opset, and ``onnx.checker`` accepts the file (``checker()``)."""
     check_opset(model, str(path))
     try:
-        checker(path)
+        checker()
     except Exception as exc:
         raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
 

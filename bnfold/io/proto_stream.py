@@ -7,8 +7,9 @@ being ``tag varint`` (``field_number << 3 | 2``), ``length varint``, then its by
 a model is the ``raw_data`` (field 9) of the large ``TensorProto`` initializers (field 5) of its
 ``GraphProto`` (field 7). :func:`write_proto` serializes every other field in small
 part-messages (protobuf's own bytes), writes the framing of those three levels itself, and
-writes each large tensor's bytes straight from its buffer: the file is byte for byte
-``proto.SerializeToString()`` (unknown fields, which onnx-ir drops too, aside) without that
+writes each large tensor's bytes straight from its buffer, or serializes that tensor alone
+just before writing it (so that at most one copy of its bytes is held): the file is byte for
+byte ``proto.SerializeToString()`` (unknown fields, which onnx-ir drops too, aside) without that
 whole string being built. :func:`write_model` does the same for an onnx-ir model: it
 serializes the model with its large numpy tensors hollow (header only) and writes their arrays
 in place, so the file is byte for byte what ``onnx_ir.save`` writes.
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import onnx
@@ -41,6 +42,13 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: A streamed tensor's bytes: an exact ``bytes`` or a flat ``uint8`` array viewing them.
 Buffer = bytes | np.ndarray
+
+
+class _Serialized(NamedTuple):
+    """A tensor proto to serialize just before it is written, and its size (its bytes)."""
+
+    tensor: onnx.TensorProto
+    nbytes: int
 
 
 def read_proto(path: Path) -> onnx.ModelProto:
@@ -72,7 +80,8 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
     While the model is serialized, each large numpy-backed tensor of the main graph is swapped
     for a hollow stand-in (same name, dtype, shape, doc string and metadata, no bytes), and its
     array is then written as it lies in memory (``tobytes()`` without the copy); a large tensor
-    held as a proto is copied into the model proto by onnx-ir as usual and streamed from it.
+    held as a proto is copied into the model proto by onnx-ir as usual and serialized alone as
+    it is written.
     The model is as it was afterwards, also on error (the tensors are named after their values,
     as ``serialize_model`` names them)."""
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
@@ -103,28 +112,29 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
     """Write ``proto`` to ``f``, byte for byte its ``SerializeToString()`` (known fields).
 
     ``streamed``: the main-graph initializers to write from a buffer, by index, each with its
-    bytes (``None``: the proto's own ``raw_data``, copied out; a proto's bytes field has no
-    view); by default every one with ``raw_data`` of at least :data:`STREAM_MIN` bytes (copied
-    out once, to be measured and written). ``proto`` is not changed."""
+    bytes (``None``: the tensor proto serialized alone just before it is written, as a proto's
+    bytes field has no view: one copy of one tensor at a time, not of them all); by default
+    every one whose dims and dtype call for at least :data:`STREAM_MIN` bytes, as ``None``.
+    ``proto`` is not changed."""
     graph = proto.graph
     if streamed is None:
-        streamed = {i: raw for i, t in enumerate(graph.initializer)
-                    if len(raw := t.raw_data) >= STREAM_MIN}
+        streamed = {i: None for i, t in enumerate(graph.initializer)
+                    if _proto_bytes(t) >= STREAM_MIN}
     if not streamed:
         f.write(proto.SerializeToString())
         return
-    parts: list[Buffer] = [_fields(graph, 1, _INITIALIZER - 1)]
+    parts: list[Buffer | _Serialized] = [_fields(graph, 1, _INITIALIZER - 1)]
     start = 0
     for index, data in sorted(streamed.items()):
         tensor = graph.initializer[index]
         parts += [_initializers(graph.initializer[start:index]),
-                  *_tensor_parts(tensor, tensor.raw_data if data is None else data)]
+                  *(_serialized_parts(tensor) if data is None else _tensor_parts(tensor, data))]
         start = index + 1
     parts += [_initializers(graph.initializer[start:]), _fields(graph, _INITIALIZER + 1)]
-    f.write(_fields(proto, 1, _GRAPH - 1) + _frame(_GRAPH, sum(p.nbytes if isinstance(
-        p, np.ndarray) else len(p) for p in parts)))
+    f.write(_fields(proto, 1, _GRAPH - 1) + _frame(_GRAPH, sum(
+        len(p) if isinstance(p, bytes) else p.nbytes for p in parts)))
     for part in parts:
-        f.write(part)
+        f.write(part.tensor.SerializeToString() if isinstance(part, _Serialized) else part)
     f.write(_fields(proto, _GRAPH + 1))
 
 
@@ -159,6 +169,13 @@ def tensor_facts(proto: onnx.ModelProto) -> TensorFacts:
         elif role == SPARSE:
             sparse.append(tensor.name)
     return TensorFacts(external, total, negative, sparse)
+
+
+def _serialized_parts(tensor: onnx.TensorProto) -> list[Buffer | _Serialized]:
+    """A ``GraphProto.initializer`` entry for ``tensor``: its framing, then the tensor to
+    serialize when it is written."""
+    size = tensor.ByteSize()
+    return [_frame(_INITIALIZER, size), _Serialized(tensor, size)]
 
 
 def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:

@@ -32,7 +32,8 @@ per output channel only when every output position sees the full kernel over the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -212,6 +213,23 @@ def _scaled_rounded(
     return _scaled_view(w, vec, *_channel_view(w.shape, vec.size, axis, groups), what)
 
 
+#: Elements numpy casts, multiplies and rounds back per chunk in :func:`_scaled_view` (a 512
+#: KiB float64 buffer): a ResNet-50's weights fold about a fifth faster than with numpy's
+#: default of 8192. Only the chunking changes, never a value (each element is one product).
+CAST_BUFFER = 1 << 16
+
+
+@contextlib.contextmanager
+def _buffer_size(size: int) -> Iterator[None]:
+    """numpy's ufunc buffer size set to ``size`` elements inside the block (numpy keeps it
+    per thread or context), restored after."""
+    old = np.setbufsize(size)
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
+
+
 def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
                  vshape: tuple[int, ...], what: str, out: np.ndarray | None = None
                  ) -> np.ndarray:
@@ -225,7 +243,7 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
         product = np.multiply(w.reshape(view), vec.reshape(vshape), dtype=np.float64)
         out[...] = _checked(product, dtype, what).reshape(w.shape)
         return out
-    with np.errstate(over="ignore"):  # overflow to inf is refused just below
+    with np.errstate(over="ignore"), _buffer_size(CAST_BUFFER):  # inf: refused just below
         np.multiply(w.reshape(view), vec.reshape(vshape), out=out.reshape(view),
                     dtype=np.float64, casting="same_kind")
     _require_finite(out, what)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bnfold import algebra
 from bnfold.algebra import (
     BFLOAT16,
     BNParams,
@@ -382,3 +383,29 @@ def test_scale_shift_refuses_each_bad_parameter_by_name(field, value, message) -
     with pytest.raises(UnsafeFoldError, match="running_var"):  # the variance is checked first
         BNParams(eps=1e-5, **{**good, field: np.array(value), "var": -np.ones(3)}
                  ).scale_shift()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis, groups", [
+    ((300, 229, 3, 3), 0, 1), ((120, 90, 5, 7), 1, 3), ((70_001,), 0, 1)])
+def test_large_weight_scaling_is_the_float64_product_rounded_once(
+        dtype: np.dtype, shape: tuple[int, ...], axis: int, groups: int, monkeypatch) -> None:
+    """Several cast buffers' worth of elements: bit for bit ``float64(W) * s`` rounded once,
+    with bnfold's buffer size and with numpy's default; the buffer size is restored."""
+    rng = np.random.default_rng(7)
+    w = (rng.normal(size=shape) * 3).astype(dtype)
+    channels = shape[axis] * groups
+    s = rng.random(channels) * 4 + 0.1
+    view, vshape = algebra._channel_view(shape, channels, axis, groups)
+    exact = (w.astype(np.float64).reshape(view) * s.reshape(vshape)).astype(dtype)
+    before = np.getbufsize()
+    for buffer in (algebra.CAST_BUFFER, 8192):
+        monkeypatch.setattr(algebra, "CAST_BUFFER", buffer)
+        got = algebra._scaled_rounded(w, s, axis, groups, "weight")
+        assert got.dtype == dtype and got.shape == shape
+        assert np.array_equal(got.reshape(view).view(np.uint8), exact.view(np.uint8))
+        assert np.getbufsize() == before
+    with pytest.raises(UnsafeFoldError):
+        algebra._scaled_rounded(np.full(shape, np.finfo(dtype).max, dtype), s + 1, axis,
+                                groups, "weight")
+    assert np.getbufsize() == before

@@ -20,6 +20,7 @@ from bnfold.io import proto_stream
 from bnfold.io.external_data import files_named_by
 from bnfold.io.fileio import load_onnx, save_onnx
 from bnfold.io.proto_stream import (
+    copy_fields,
     read_proto,
     stored_bytes,
     tensor_bytes,
@@ -280,3 +281,30 @@ def test_tensor_facts_walk_every_graph_in_order() -> None:
     constant = _zoo()
     constant.graph.node[0].attribute[0].t.data_location = TensorProto.EXTERNAL
     assert tensor_facts(constant).external
+
+
+def _messages(model: onnx.ModelProto) -> list:
+    """``model``, its graph, every initializer, node and function, a branch graph, and a
+    tensor whose scalars are set to their defaults (set, so copied)."""
+    graph = model.graph
+    defaults = onnx.TensorProto(data_type=0, data_location=TensorProto.DEFAULT, name="")
+    return [model, graph, *graph.initializer, *graph.node, *model.functions,
+            graph.node[2].attribute[0].g, defaults]
+
+
+@pytest.mark.parametrize("keep", [
+    lambda field: True, lambda field: False, lambda field: field.name != "raw_data",
+    lambda field: 3 <= field.number <= 9, lambda field: field.number % 2 == 0])
+def test_copy_fields_copies_the_kept_set_fields(keep) -> None:
+    """The same message as a whole copy with every refused set field cleared."""
+    for message in _messages(_zoo()):
+        want = type(message)()
+        want.CopyFrom(message)
+        for field, _ in message.ListFields():
+            if not keep(field):
+                want.ClearField(field.name)
+        got = type(message)()
+        copy_fields(message, got, keep)
+        assert got == want
+        assert got.SerializeToString() == want.SerializeToString()
+        assert [f.name for f, _ in got.ListFields()] == [f.name for f, _ in want.ListFields()]

@@ -207,18 +207,25 @@ def _fields(message: onnx.ModelProto | onnx.GraphProto | onnx.TensorProto, first
 
 def copy_fields(src: Message, dst: Message, keep: Callable[[FieldDescriptor], bool]) -> None:
     """Copy every set field of message ``src`` that ``keep`` accepts into ``dst`` (of the same
-    type): repeated fields extended, message fields copied, scalars set."""
-    for field, value in src.ListFields():
+    type): repeated fields extended, message fields copied, scalars set. Fields ``keep``
+    refuses are never read (a large ``raw_data`` left out is not copied out). For proto2
+    messages, as ONNX's are: a singular field is set when ``HasField`` says so."""
+    for field in src.DESCRIPTOR.fields:
         if not keep(field):
             continue
+        name = field.name
         repeated = field.is_repeated if hasattr(field, "is_repeated") \
             else field.label == field.LABEL_REPEATED  # (protobuf < 5.28 has only ``label``)
         if repeated:
-            getattr(dst, field.name).extend(value)
+            values = getattr(src, name)
+            if len(values):
+                getattr(dst, name).extend(values)
+        elif not src.HasField(name):
+            continue
         elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
+            getattr(dst, name).CopyFrom(getattr(src, name))
         else:
-            setattr(dst, field.name, value)
+            setattr(dst, name, getattr(src, name))
 
 
 def _frame(field: int, length: int) -> bytes:

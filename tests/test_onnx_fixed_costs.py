@@ -1,6 +1,7 @@
 """Fast paths for small models give what the slow paths give: reused reference kernels
 (:func:`bnfold.passes.onnx.consts._run`) and shapes read off the inferred protobuf
-(:mod:`bnfold.passes.onnx.shapes`)."""
+(:mod:`bnfold.passes.onnx.shapes`); a save with fewer system calls still cleans up
+(:mod:`bnfold.io.staged_save`)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,26 @@ def test_inferred_shapes_equal_the_pass_on_a_clone(make) -> None:
     got = {g: {n: _dims(s) for n, s in shapes.items()} for g, shapes in _infer(model).items()}
     assert got == _reference_shapes(model)
     assert got[id(model.graph)]  # (not vacuous)
+
+
+def test_a_save_whose_temp_file_cannot_get_its_mode_leaves_nothing(tmp_path, monkeypatch) -> None:
+    """The graph's temporary file is removed when setting its permission bits fails; the
+    target keeps its old contents and mode."""
+    import os
+
+    from bnfold.errors import BadInputError
+    from bnfold.io import staged_save
+    from bnfold.io.fileio import save_onnx
+
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(staged_save.os, "fchmod", refuse)
+    with pytest.raises(BadInputError, match="could not write"):
+        save_onnx(_handmade(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert target.read_bytes() == b"old" and os.stat(target).st_mode & 0o777 == 0o640

@@ -11,6 +11,7 @@ apply as for a path.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ def files_named_by(path: Path) -> set[Path]:
     not parsed (the common case, a model whose tensors are inline, costs one read).
     """
     try:
-        if not path.is_file() or path.stat().st_size > GRAPH_SCAN_LIMIT:
+        info = os.stat(path)  # (one stat: a regular file, and its size)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > GRAPH_SCAN_LIMIT:
             return set()
         data = path.read_bytes()
         if _LOCATION_KEY not in data:

@@ -73,13 +73,12 @@ class StagedModel:
                 self.committed = True
                 return
             assert self.graph_tmp is not None
-            old = files_named_by(self.target)
-            keep = self.keep | self.reads
+            obsolete = files_named_by(self.target) - self.keep - self.reads
             os.replace(self.graph_tmp, self.target)
             self.graph_tmp, self.committed = None, True
         _fsync_folder(self.target.parent)
-        folder = self.target.parent.resolve()
-        for path in old - keep:
+        folder = self.target.parent.resolve() if obsolete else None
+        for path in obsolete:
             name = path.name
             if path.parent == folder and name.startswith(self.target.name) and \
                     OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]):
@@ -117,7 +116,8 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
     staged = StagedModel(target, keep)
     try:
         with one_line_oserror(target):
-            if is_special_file(target):
+            mode = _stat_mode(target)  # one stat: special file? which permissions?
+            if _is_special(mode):
                 if external:
                     raise BadInputError(
                         f"{target}: not a regular file; a model with external data is written "
@@ -125,12 +125,15 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
                 staged.payload = (model if isinstance(model, onnx.ModelProto)
                                   else ir.serde.serialize_model(model)).SerializeToString()
                 return staged
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if mode is None:  # a new file: its folder may be new too
+                target.parent.mkdir(parents=True, exist_ok=True)
+            perms = _permissions(mode)
             if external:
                 assert isinstance(model, ir.Model)
-                _write_data(model, target, inline_limit, staged)
-            staged.graph_tmp = Path(_new_temp(target, ".tmp"))
-            with open(staged.graph_tmp, "wb") as f:
+                _write_data(model, target, inline_limit, staged, perms)
+            fd, tmp = _new_temp(target, ".tmp", perms)
+            staged.graph_tmp = Path(tmp)
+            with os.fdopen(fd, "wb") as f:
                 if isinstance(model, onnx.ModelProto):
                     write_proto(model, f)
                 else:
@@ -144,16 +147,17 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
     return staged
 
 
-def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: StagedModel) -> None:
+def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: StagedModel,
+                perms: int) -> None:
     """Stream large tensors (one at a time: lazy ones computed, external ones copied and
     unmapped) to a new data file; point the model's values at it; small external ones inline."""
     from bnfold.io.fileio import release_mapping
 
-    tmp = _new_temp(target, ".data.tmp")
+    fd, tmp = _new_temp(target, ".data.tmp", perms)
     digest = hashlib.blake2b(digest_size=8)
     placed: list[tuple[ir.Value, ir.TensorProtocol, int, int]] = []
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             for value in (v for g in model.graphs() for v in g.initializers.values()):
                 tensor = value.const_value
                 if tensor is None:
@@ -197,33 +201,51 @@ def _reserve(target: Path, digest: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def _new_temp(target: Path, suffix: str) -> str:
-    """A new hidden temporary file beside ``target``, with the mode ``target`` should get."""
+def _new_temp(target: Path, suffix: str, perms: int) -> tuple[int, str]:
+    """A new hidden temporary file beside ``target`` with permission bits ``perms``: its open
+    descriptor and its path (removed again if setting the bits fails)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.fchmod(fd, file_mode(target))
-    os.close(fd)
-    return tmp
+    try:
+        os.fchmod(fd, perms)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def file_mode(target: Path) -> int:
     """The permission bits a file written at ``target`` should get: those of the file it
     replaces, or the usual ones for a new file (0666 less the umask)."""
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
+    return _permissions(_stat_mode(target))
+
+
+def _permissions(mode: int | None) -> int:
+    """:func:`file_mode` from the ``st_mode`` of the target (``None``: it does not exist)."""
+    if mode is not None:
+        return mode & 0o7777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def is_special_file(path: Path) -> bool:
     """True if ``path`` exists (following symlinks) and is neither a regular file nor a folder:
     a device, a FIFO, a socket. Such a path is written through, never replaced."""
+    return _is_special(_stat_mode(path))
+
+
+def _is_special(mode: int | None) -> bool:
+    """:func:`is_special_file` from the ``st_mode`` of the path (``None``: it does not exist)."""
+    return mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _stat_mode(path: Path) -> int | None:
+    """``path``'s ``st_mode`` (following symlinks), or ``None`` when it cannot be read."""
     try:
-        mode = os.stat(path).st_mode
+        return os.stat(path).st_mode
     except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        return None
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ materialized.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -244,17 +245,44 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
 
 def _run(node: ir.Node, args: list[np.ndarray | None], version: int
          ) -> list[np.ndarray] | None:
-    """Run ``node`` on ``args`` with ONNX's reference kernel at opset ``version``."""
-    from onnx.reference.ops import load_op  # deferred: only constant cones need it
-
+    """Run ``node`` on ``args`` with ONNX's reference kernel at opset ``version`` (what the
+    kernel's ``eval`` does, with the kernel built once per op, opset and attributes)."""
     try:
-        kernel = load_op("", node.op_type, version)
         attrs = {name: ir.serde.serialize_tensor(a.value) if a.type == ir.AttributeType.TENSOR
                  else a.value for name, a in node.attributes.items()}
-        out = kernel.eval(*args, **attrs)
+        res = _kernel(node.op_type, version, len(args), attrs).run(*args)
+        out = res[0] if len(res) == 1 else res
     except Exception:  # an op or attribute the reference kernels cannot run
         return None
     return [np.asarray(o) for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def _kernel(op_type: str, version: int, n_inputs: int, attrs: dict[str, Any]) -> Any:
+    """The reference kernel for ``op_type`` at ``version`` with ``attrs``. Building one makes
+    and checks a NodeProto, which costs more than running it on a cone's small tensors, so a
+    kernel whose attributes are all hashable (every one but tensors and lists) is built once
+    per process and reused: a kernel keeps no state between runs."""
+    key = tuple((name, type(value), value) for name, value in sorted(attrs.items()))
+    try:
+        return _cached_kernel(op_type, version, n_inputs, key)
+    except TypeError:  # an unhashable attribute: build this one afresh
+        return _new_kernel(op_type, version, n_inputs, attrs)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_kernel(op_type: str, version: int, n_inputs: int,
+                   key: tuple[tuple[str, type, Any], ...]) -> Any:
+    return _new_kernel(op_type, version, n_inputs, {name: value for name, _, value in key})
+
+
+def _new_kernel(op_type: str, version: int, n_inputs: int, attrs: dict[str, Any]) -> Any:
+    from onnx.reference.ops import load_op  # deferred: only constant cones need it
+
+    return load_op("", op_type, version).create(n_inputs, **attrs)
+
+
+#: The tensor class of a deserialized ``Constant`` node's ``value``.
+_PROTO_TENSOR = ir.serde.TensorProtoTensor
 
 
 def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
@@ -268,7 +296,9 @@ def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
         return None  # neither an initializer nor a Constant node's output
     attr = node.attributes.get("value")
     if attr is not None and not attr.is_ref():
-        return attr.as_tensor()
+        if attr.type is ir.AttributeType.TENSOR and type(attr.value) is _PROTO_TENSOR:
+            return attr.value  # what ``as_tensor()`` returns, without its protocol check
+        return attr.as_tensor()  # (whose ``isinstance`` reads every tensor property: ~0.1 ms)
     try:
         return ir.convenience.get_const_tensor(value)
     except ValueError:  # a malformed Constant node: not a constant we can use

@@ -12,8 +12,11 @@ rule keeps the BN and says the shape is unknown.
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
+from onnx_ir.passes.common import ShapeInferencePass, _c_api_utils
+
+from bnfold.passes.onnx.graphs import model_graphs
 
 Dims = list[int | None]
 #: How a refusal says a needed shape is unknown.
@@ -49,11 +52,59 @@ class Shapes:
 
 
 def _infer(model: ir.Model) -> dict[int, dict[str, ir.Shape]]:
-    """Shapes by graph (``id``) and value name, from shape inference on a clone."""
-    clone = model.clone()  # shares tensors; the pass drops large ones while it runs
+    """Shapes by graph (``id``) and value name: what onnx-ir's ``ShapeInferencePass`` (on a
+    clone) leaves on each value, an inferred shape, else the declared one. A model without
+    subgraphs has them read off the inferred protobuf (:func:`_inferred_shapes`), not off a
+    model built from it and merged into the clone, which costs more than the inference."""
+    clone = model.clone()  # shares tensors; the inference call drops large ones while it runs
+    graphs = model_graphs(clone)
+    if len(graphs) == 1:
+        try:
+            proto = _c_api_utils.call_onnx_api(_infer_proto, clone)
+        except Exception:  # as the pass: inference failed, the clone keeps its declared shapes
+            proto = None
+        shapes = None if proto is None else _inferred_shapes(proto.graph)
+        if proto is None or shapes is not None:
+            return {id(model.graph): _shapes(clone.graph, shapes or {})}
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
-    out: dict[int, dict[str, ir.Shape]] = {}
-    for original, inferred in zip(model.graphs(), clone.graphs(), strict=True):
-        values = ir.convenience.create_value_mapping(inferred, include_subgraphs=False)
-        out[id(original)] = {name: v.shape for name, v in values.items() if v.shape is not None}
+    return {id(original): _shapes(inferred, {})
+            for original, inferred in zip(model_graphs(model), graphs, strict=True)}
+
+
+def _infer_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with inferred shapes, as :class:`ShapeInferencePass` infers them here."""
+    return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                             data_prop=True)
+
+
+def _shapes(graph: ir.Graph, inferred: dict[str, ir.Shape | None]) -> dict[str, ir.Shape]:
+    """The shape of each named value of ``graph``: ``inferred[name]`` unless absent or
+    ``None``, else the declared one (what the pass's merge leaves); unknown ones left out."""
+    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
+    out = {}
+    for name, value in values.items():
+        shape = inferred.get(name)
+        shape = value.shape if shape is None else shape
+        if shape is not None:
+            out[name] = shape
     return out
+
+
+def _inferred_shapes(graph: onnx.GraphProto) -> dict[str, ir.Shape | None] | None:
+    """Each value's shape as ``ir.serde.deserialize_graph`` would give it: graph inputs from
+    their declarations, node outputs from ``value_info``, graph outputs from theirs (last);
+    ``None`` when an initializer is not a graph input (the inference call makes every one
+    an input; else the general path decides)."""
+    shape_of = ir.serde.deserialize_type_proto_for_shape
+    shapes: dict[str, ir.Shape | None] = {i.name: shape_of(i.type) for i in graph.input}
+    if any(t.name not in shapes for t in graph.initializer):
+        return None
+    info = {i.name: i for i in graph.value_info}
+    for node in graph.node:
+        for name in node.output:
+            if name and name not in shapes:
+                shapes[name] = shape_of(info[name].type) if name in info else None
+    for out in graph.output:
+        if out.name in shapes:
+            shapes[out.name] = shape_of(out.type)
+    return shapes

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass, _c_api_utils
+from onnx_ir.passes.common import ShapeInferencePass
+
+try:  # onnx-ir's own way to call ONNX's C API on a model (a private module of the pass's)
+    from onnx_ir.passes.common._c_api_utils import call_onnx_api
+except ImportError:  # an onnx-ir laid out otherwise: every model takes the pass itself
+    call_onnx_api = None
 
 from bnfold.passes.onnx.graphs import model_graphs
 
@@ -58,9 +63,9 @@ def _infer(model: ir.Model) -> dict[int, dict[str, ir.Shape]]:
     model built from it and merged into the clone, which costs more than the inference."""
     clone = model.clone()  # shares tensors; the inference call drops large ones while it runs
     graphs = model_graphs(clone)
-    if len(graphs) == 1:
+    if len(graphs) == 1 and call_onnx_api is not None:
         try:
-            proto = _c_api_utils.call_onnx_api(_infer_proto, clone)
+            proto = call_onnx_api(_infer_proto, clone)
         except Exception:  # as the pass: inference failed, the clone keeps its declared shapes
             proto = None
         shapes = None if proto is None else _inferred_shapes(proto.graph)

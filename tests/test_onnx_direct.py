@@ -362,14 +362,15 @@ def test_random_plain_graphs_fold_directly_as_the_full_path_does(model) -> None:
 
 
 def _tensors() -> list[onnx.TensorProto]:
-    """Raw tensors of several dtypes and shapes (some alike, one scalar, one empty), one of
-    float_data and one of a non-float type."""
+    """Raw tensors of several dtypes and shapes (some alike, one scalar, one empty, two alike
+    over the stacking limit), one of float_data and one of a non-float type."""
     b = Builder(9)
     for i, (shape, dtype) in enumerate([([4], TensorProto.FLOAT), ([2, 3], TensorProto.FLOAT),
                                         ([4], TensorProto.FLOAT), ([4], TensorProto.FLOAT16),
                                         ([], TensorProto.FLOAT), ([0, 2], TensorProto.DOUBLE),
                                         ([4], TensorProto.BFLOAT16), ([2, 3], TensorProto.FLOAT),
-                                        ([3], TensorProto.DOUBLE)]):
+                                        ([3], TensorProto.DOUBLE), ([300, 300], TensorProto.FLOAT),
+                                        ([300, 300], TensorProto.FLOAT)]):  # (read alone)
         b.init(f"t{i}", b.rng.normal(size=shape), dtype)
     return [*b.inits, helper.make_tensor("f", TensorProto.FLOAT, [2], [1.5, -2.0]),
             helper.make_tensor("i", TensorProto.INT64, [3], [1, 2, 3])]

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.algebra import Folded, fold_forward_many
+from bnfold.algebra import BATCH_MAX_WEIGHT, Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
 from bnfold.io.proto_stream import copy_fields
 from bnfold.passes.onnx.bn import display_name, params, training_reason
@@ -375,12 +375,15 @@ def _tensor_arrays(tensors: list[onnx.TensorProto],
                    shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """``[_tensor_array(t) for t in tensors]`` (``shapes``: their dims): the same arrays, with
     the raw tensors of one data type and non-empty shape read by one numpy call over their
-    joined bytes (each array a row of it)."""
+    joined bytes (each array a row of it). A tensor of more than
+    :data:`~bnfold.algebra.BATCH_MAX_WEIGHT` elements is read alone: joining it would copy
+    its bytes once more for no saving."""
     arrays: list[np.ndarray | None] = [None] * len(tensors)
     alike: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
     for i, (tensor, shape) in enumerate(zip(tensors, shapes, strict=True)):
         dtype = _STORED.get(tensor.data_type)
-        if dtype is not None and shape and tensor.HasField("raw_data"):
+        if dtype is not None and shape and math.prod(shape) <= BATCH_MAX_WEIGHT \
+                and tensor.HasField("raw_data"):
             alike.setdefault((dtype, shape), []).append(i)
         else:
             arrays[i] = _tensor_array(tensor)

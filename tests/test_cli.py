@@ -314,7 +314,7 @@ def test_write_failures_leave_no_partial_or_temp_file(models, tmp_path, monkeypa
 
     from bnfold.io import fileio, staged_save
 
-    def disk_full(model, f):
+    def disk_full(model, f, **_):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 

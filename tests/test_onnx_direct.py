@@ -376,14 +376,35 @@ def _tensors() -> list[onnx.TensorProto]:
             helper.make_tensor("i", TensorProto.INT64, [3], [1, 2, 3])]
 
 
-def test_bulk_tensor_reading_equals_reading_each_tensor() -> None:
+def _held_apart(tensors: list[onnx.TensorProto]) -> tuple[list[onnx.TensorProto],
+                                                          list[np.ndarray | None]]:
+    """Copies of ``tensors``, every other raw float one hollow (empty ``raw_data``) with its
+    bytes held apart in a ``uint8`` array at an odd offset (as a view of a file map may be)."""
+    copies, held = [], []
+    for i, tensor in enumerate(tensors):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(tensor)
+        data = None
+        if i % 2 and tensor.HasField("raw_data") and tensor.data_type != TensorProto.INT64:
+            data = np.frombuffer(b"\0" + tensor.raw_data, np.uint8)[1:]
+            copy.raw_data = b""
+        copies.append(copy)
+        held.append(data)
+    return copies, held
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["in the proto", "held apart"])
+def test_bulk_tensor_reading_equals_reading_each_tensor(apart: bool) -> None:
     tensors = _tensors()
-    got = _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])
-    for tensor, arr in zip(tensors, got, strict=True):
+    read, held = _held_apart(tensors) if apart else (tensors, [None] * len(tensors))
+    assert any(h is not None for h in held) or not apart
+    got = _tensor_arrays(read, [tuple(t.dims) for t in read], held)
+    for tensor, arr, copy, data in zip(tensors, got, read, held, strict=True):
         want = _tensor_array(tensor)
         assert type(arr) is np.ndarray, tensor.name
         assert (arr.dtype, arr.shape) == (want.dtype, want.shape), tensor.name
-        assert arr.tobytes() == want.tobytes(), tensor.name
+        assert arr.tobytes() == want.tobytes() == _tensor_array(copy, data).tobytes(), \
+            tensor.name
 
 
 def test_bulk_tensor_reading_refuses_data_that_does_not_fill_its_shape() -> None:
@@ -392,7 +413,11 @@ def test_bulk_tensor_reading_refuses_data_that_does_not_fill_its_shape() -> None
     with pytest.raises(NotPlain):
         _tensor_array(tensors[2])
     with pytest.raises(NotPlain):
-        _tensor_arrays(tensors, [tuple(t.dims) for t in tensors])
+        _tensor_arrays(tensors, [tuple(t.dims) for t in tensors], [None] * len(tensors))
+    read, held = _held_apart(_tensors())
+    held[3] = held[3][:-1]  # (t3, fp16, held apart one byte short)
+    with pytest.raises(NotPlain):
+        _tensor_arrays(read, [tuple(t.dims) for t in read], held)
 
 
 def _scan_node_by_node(graph: onnx.GraphProto) -> tuple[dict, dict, set]:

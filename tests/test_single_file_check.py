@@ -10,10 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from bnfold.errors import BadInputError
-from bnfold.io import filechecks
+from bnfold.io import filechecks, split_proto
 from bnfold.io.filechecks import check_onnx_file, check_single_file
 from bnfold.io.fileio import load_for_pass
 from bnfold.io.proto_stream import read_proto
+from bnfold.io.split_proto import SplitProto, read_split
 
 
 def _model(nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
@@ -32,6 +33,19 @@ BROKEN = {
 
 def _check_parsed(path: Path) -> None:
     check_single_file(path, read_proto(path))
+
+
+#: How the checked model was read: parsed whole, or with its large ``raw_data`` held apart
+#: (as the CLI reads it; the files here are small, so the split is forced).
+READERS = {"parsed": read_proto, "split": read_split}
+
+
+@pytest.fixture(params=sorted(READERS))
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> object:
+    if request.param == "split":
+        monkeypatch.setattr(split_proto, "SPLIT_MIN", 0)
+        monkeypatch.setattr(split_proto, "BYTES_PER_ENTRY", 1)
+    return READERS[request.param]
 
 
 def _message(check: object, path: Path) -> str:
@@ -54,7 +68,7 @@ def test_a_valid_model_passes_both(tmp_path: Path) -> None:
     onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])]), path)
     check_onnx_file(path)
     _check_parsed(path)
-    assert isinstance(load_for_pass(path), onnx.ModelProto)
+    assert isinstance(load_for_pass(path), SplitProto)
 
 
 # ------------------------------------------------------------------ large tensors, hollow
@@ -146,14 +160,19 @@ def _outcome(check: object, path: Path) -> str:
     return "accepted"
 
 
-def _compare(model: onnx.ModelProto, path: Path, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Assert the parsed check's outcome is the file bytes' and the path's; whether it went
-    hollow."""
+def _compare(model: onnx.ModelProto, path: Path, monkeypatch: pytest.MonkeyPatch,
+             reader: object) -> bool:
+    """Assert the check's outcome on the model ``reader`` read is the file bytes' and the
+    path's; whether it went hollow."""
     path.write_bytes(model.SerializeToString())
+    read = reader(path)  # type: ignore[operator]
+    if reader is read_split:
+        assert isinstance(read, SplitProto) and (
+            bool(read.data) == any(len(t.raw_data) >= 64 * 1024 for t in model.graph.initializer))
     hollowed = []
     real = filechecks._hollow
     monkeypatch.setattr(filechecks, "_hollow", lambda *a: hollowed.append(1) or real(*a))
-    ours = _outcome(_check_parsed, path)
+    ours = _outcome(lambda p: check_single_file(p, read), path)
     assert ours == _outcome(lambda p: onnx.checker.check_model(p.read_bytes()), path)
     assert ours == _outcome(check_onnx_file, path)
     return bool(hollowed)
@@ -161,28 +180,30 @@ def _compare(model: onnx.ModelProto, path: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("case", sorted(BIG))
 def test_hollow_check_agrees_with_the_file(case: str, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _compare(BIG[case], tmp_path / "m.onnx", monkeypatch) == (case in HOLLOWED)
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           reader: object) -> None:
+    assert _compare(BIG[case], tmp_path / "m.onnx", monkeypatch, reader) == (case in HOLLOWED)
 
 
 @pytest.mark.parametrize("dtype", sorted(filechecks._CHECKED_WIDTHS))
 @pytest.mark.parametrize("short", [0, 1])
 def test_each_hollowed_dtype_agrees(dtype: int, short: int, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                    monkeypatch: pytest.MonkeyPatch, reader: object) -> None:
     """Every dtype the check hollows: exactly the bytes it needs (hollow, accepted) and one
     byte fewer (refused by the checker, with its message)."""
     width = filechecks._CHECKED_WIDTHS[dtype]
     tensor = _raw(dtype=dtype, dims=(N, 4), size=4 * N * width - short)
     model = _big([tensor], nodes=[helper.make_node("Identity", ["x"], ["y"])])
-    assert _compare(model, tmp_path / "m.onnx", monkeypatch) == (not short)
+    assert _compare(model, tmp_path / "m.onnx", monkeypatch, reader) == (not short)
 
 
 def test_many_small_tensors_are_checked_on_the_file(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    reader: object) -> None:
     """One large tensor among many small ones: the file's bytes, not a copy of the graph."""
     small = [onnx.TensorProto(name=f"s{i}", data_type=TensorProto.FLOAT, dims=[1],
                               raw_data=bytes(4)) for i in range(20)]
-    assert not _compare(_big([_raw(), *small]), tmp_path / "m.onnx", monkeypatch)
+    assert not _compare(_big([_raw(), *small]), tmp_path / "m.onnx", monkeypatch, reader)
 
 
 def test_load_for_pass_refuses_a_short_tensor(tmp_path: Path) -> None:

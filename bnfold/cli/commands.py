@@ -256,12 +256,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) -> _Outcome:
-    import onnx
-
     import bnfold
     from bnfold.cli.errors import naming
     from bnfold.io.external_data import referenced_files
     from bnfold.io.fileio import load_checked, load_for_pass, stage_save
+    from bnfold.io.split_proto import SplitProto
 
     merge = _merge_branches(args)
     model = load_checked(src) if merge else load_for_pass(src)
@@ -280,14 +279,15 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
         print_report(report, f"fold {src}")
     result = None
     if args.validate:
-        result = _run_validation(args, src, folded, labels=(str(src), f"folded {out.name}"))
+        candidate = folded.whole() if isinstance(folded, SplitProto) else folded
+        result = _run_validation(args, src, candidate, labels=(str(src), f"folded {out.name}"))
         doc["validation"] = result.to_dict()
         if show:
             from bnfold.cli.render import print_validation
 
             print_validation(result)
     passed = result is None or result.passed
-    single_file = isinstance(model, onnx.ModelProto)  # (no external data: reads no other file)
+    single_file = isinstance(model, SplitProto)  # (no external data: reads no other file)
     reads = set() if single_file else referenced_files(model)
     staged = stage_save(folded, out, keep=_kept(reads, src, out)) if passed else None
     doc.update(written=passed, passed=passed)

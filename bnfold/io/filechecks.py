@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.io.proto_stream import TensorFacts, copy_fields, tensor_facts
+from bnfold.io.split_proto import SplitProto
 
 #: protobuf cannot parse a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1
@@ -167,10 +168,11 @@ _OTHER_DATA = ("float_data", "int32_data", "string_data", "int64_data", "double_
 _STAND_IN_DATA = bytes(16)
 
 
-def check_single_file(path: Path, proto: onnx.ModelProto) -> None:
+def check_single_file(path: Path, model: onnx.ModelProto | SplitProto) -> None:
     """``onnx.checker.check_model`` on the file at ``path``, which has no external data and
-    parses as ``proto``: the same verdict and message, in most cases without reading and
-    parsing the file's bytes again.
+    parses as ``model``: the same verdict and message, in most cases without reading and
+    parsing the file's bytes again (a :class:`~bnfold.io.split_proto.SplitProto`'s hollow
+    tensors count with the bytes held apart).
 
     When the main graph's initializers hold on average at least :data:`HOLLOW_MIN` bytes of
     the file (most weights in large tensors), each large one that the checker's
@@ -179,23 +181,28 @@ def check_single_file(path: Path, proto: onnx.ModelProto) -> None:
     else, as it is. Exact: the checker reads an initializer's ``dims`` and ``raw_data`` only in
     ``check_tensor``. Otherwise (many small tensors: a copy of the graph would cost more than
     the file) the checker runs on the file's bytes."""
-    initializers = proto.graph.initializer
+    split = model if isinstance(model, SplitProto) else SplitProto(model)
+    initializers = split.proto.graph.initializer
     if initializers and path.stat().st_size >= HOLLOW_MIN * len(initializers):
-        accepted = [_accepted_raw(tensor) for tensor in initializers]
+        accepted = [_accepted_raw(tensor, split.raw_size(i))
+                    for i, tensor in enumerate(initializers)]
         if any(accepted):
-            onnx.checker.check_model(_hollow(proto, accepted).SerializeToString())
+            onnx.checker.check_model(_hollow(split, accepted).SerializeToString())
             return
     onnx.checker.check_model(path.read_bytes())
 
 
-def _hollow(proto: onnx.ModelProto, hollow: list[bool]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose main-graph initializers marked in ``hollow`` are stand-ins:
-    the name (if set) and dtype, and :data:`_STAND_IN_DATA` as ``raw_data``; all that the
-    checker reads of an initializer that ``check_tensor`` accepts is its name."""
+def _hollow(split: SplitProto, hollow: list[bool]) -> onnx.ModelProto:
+    """A copy of ``split``'s model whose main-graph initializers marked in ``hollow`` are
+    stand-ins: the name (if set) and dtype, and :data:`_STAND_IN_DATA` as ``raw_data``; all
+    that the checker reads of an initializer that ``check_tensor`` accepts is its name. Every
+    other initializer is as the file holds it."""
+    proto = split.proto
     out = onnx.ModelProto()
     copy_fields(proto, out, lambda field: field.name != "graph")
     copy_fields(proto.graph, out.graph, lambda field: field.name != "initializer")
-    for tensor, stand_in in zip(proto.graph.initializer, hollow, strict=True):
+    for index, (tensor, stand_in) in enumerate(zip(proto.graph.initializer, hollow,
+                                                   strict=True)):
         if stand_in:
             copy = out.graph.initializer.add(data_type=tensor.data_type,
                                              raw_data=_STAND_IN_DATA)
@@ -203,15 +210,17 @@ def _hollow(proto: onnx.ModelProto, hollow: list[bool]) -> onnx.ModelProto:
                 copy.name = tensor.name
         else:
             out.graph.initializer.append(tensor)
+            if index in split.data:
+                out.graph.initializer[-1].raw_data = split.data[index].tobytes()
     return out
 
 
-def _accepted_raw(tensor: onnx.TensorProto) -> bool:
+def _accepted_raw(tensor: onnx.TensorProto, size: int) -> bool:
     """Whether ``tensor`` holds at least :data:`HOLLOW_MIN` bytes of ``raw_data`` that
     ``check_tensor`` accepts: a dtype of :data:`_CHECKED_WIDTHS`, stored inside the model,
     ``raw_data`` its only data, dims that are not negative, whose product (taken left to
     right, as the checker does) and byte size fit in an int64, more than zero elements, and
-    at least that many bytes."""
+    at least that many bytes (``size``: its ``raw_data`` length)."""
     width = _CHECKED_WIDTHS.get(tensor.data_type) if tensor.HasField("data_type") else None
     if width is None or tensor.data_location == onnx.TensorProto.EXTERNAL or any(
             len(getattr(tensor, name)) for name in _OTHER_DATA):
@@ -221,7 +230,6 @@ def _accepted_raw(tensor: onnx.TensorProto) -> bool:
         count *= dim
         if dim < 0 or count > _INT64_MAX:
             return False
-    size = len(tensor.raw_data)
     return size >= HOLLOW_MIN and 0 < count * width <= min(size, _INT64_MAX)
 
 

@@ -23,6 +23,7 @@ from bnfold.io.filechecks import (
     check_single_file,
 )
 from bnfold.io.proto_stream import read_proto, stored_bytes
+from bnfold.io.split_proto import SplitProto, read_split
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
 
 
@@ -65,6 +66,8 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     if isinstance(model, ir.Model):
         bind_external_data(model, base_dir)
         return model
+    if isinstance(model, SplitProto):
+        model = model.whole()
     if isinstance(model, onnx.ModelProto):
         check_initializers(model, "model")
         converted = ir.serde.deserialize_model(model)
@@ -74,6 +77,7 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
         raise BadInputError(f"expected an ONNX model or a path, got {type(model).__name__}")
     path = Path(model)
     proto = _read_proto(path)
+    assert isinstance(proto, onnx.ModelProto)
     check_initializers(proto, str(path))
     try:
         with gc_paused():
@@ -93,7 +97,7 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 INLINE_LIMIT = 1024
 
 
-def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *,
+def save_onnx(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.PathLike[str], *,
               base_dir: str | os.PathLike[str] | None = None) -> None:
     """Write ``model`` to ``path`` atomically: readers see the old file or the new one.
 
@@ -106,22 +110,24 @@ def save_onnx(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *
     in-memory model with external tensors needs ``base_dir=`` (their folder). Otherwise the file
     is one protobuf message, its large tensors written from their own buffers
     (:mod:`bnfold.io.proto_stream`): an ``ir.Model`` as onnx-ir serializes it, a ``ModelProto``
-    as it is (``SerializeToString``'s bytes). Failures raise :class:`BadInputError` with one
-    line; ``path`` is left as it was.
+    as it is (``SerializeToString``'s bytes), a :class:`~bnfold.io.split_proto.SplitProto` as
+    its :meth:`~bnfold.io.split_proto.SplitProto.whole` model is. Failures raise
+    :class:`BadInputError` with one line; ``path`` is left as it was.
     """
     with stage_save(model, path, base_dir=base_dir) as staged:
         staged.commit()
 
 
-def stage_save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike[str], *,
+def stage_save(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.PathLike[str], *,
                base_dir: str | os.PathLike[str] | None = None,
                keep: Collection[Path] = ()) -> StagedModel:
     """:func:`save_onnx` up to, not including, the final rename: ``.commit()`` it or
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
     with gc_paused():
-        if isinstance(model, onnx.ModelProto) and check_initializers(
-                model, "model").writes_as_is(EXTERNAL_THRESHOLD):
+        proto = model.proto if isinstance(model, SplitProto) else model
+        if isinstance(proto, onnx.ModelProto) and check_initializers(
+                proto, "model").writes_as_is(EXTERNAL_THRESHOLD):
             return stage_onnx(model, Path(path), external=False, inline_limit=INLINE_LIMIT,
                               keep=keep)
         model = load_onnx(model, base_dir=base_dir)
@@ -161,23 +167,26 @@ def load_checked(path: Path) -> ir.Model:
     return model
 
 
-def load_checked_proto(path: Path) -> onnx.ModelProto | None:
-    """:func:`load_checked` as a ``ModelProto`` (the same checks, the same errors) for a
-    single-file model; ``None`` when it has external data (then use :func:`load_checked`,
-    which keeps those tensors lazy)."""
-    proto = _read_proto(path)
-    if check_initializers(proto, str(path)).external:
+def load_checked_proto(path: Path) -> SplitProto | None:
+    """:func:`load_checked` as a :class:`~bnfold.io.split_proto.SplitProto` (the same checks,
+    the same errors; its large weights left in the file's memory map) for a single-file
+    model; ``None`` when it has external data (then use :func:`load_checked`, which keeps
+    those tensors lazy)."""
+    split = _read_proto(path, split=True)
+    assert isinstance(split, SplitProto)
+    if check_initializers(split.proto, str(path)).external:
         return None
-    _check_loaded(proto, path, lambda: check_single_file(path, proto))
-    return proto
+    _check_loaded(split.proto, path, lambda: check_single_file(path, split))
+    return split
 
 
-def load_for_pass(path: Path) -> ir.Model | onnx.ModelProto:
-    """What the CLI folds: a single-file model as a ``ModelProto`` (a plain one then never
-    enters onnx-ir, :mod:`bnfold.passes.onnx.direct`), one with external data as an
-    ``onnx_ir.Model`` whose external tensors stay lazy; the checks of :func:`load_checked`."""
-    proto = load_checked_proto(path)
-    return load_checked(path) if proto is None else proto
+def load_for_pass(path: Path) -> ir.Model | SplitProto:
+    """What the CLI folds: a single-file model as a :class:`~bnfold.io.split_proto.SplitProto`
+    (a plain one then never enters onnx-ir, :mod:`bnfold.passes.onnx.direct`), one with
+    external data as an ``onnx_ir.Model`` whose external tensors stay lazy; the checks of
+    :func:`load_checked`."""
+    split = load_checked_proto(path)
+    return load_checked(path) if split is None else split
 
 
 def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,
@@ -190,18 +199,20 @@ def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,
         raise BadInputError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
 
 
-def _read_proto(path: Path) -> onnx.ModelProto:
-    """The ``ModelProto`` in the file ``path`` (external data not read), or a one-line
-    :class:`BadInputError`: not a readable regular file, not ONNX, no graph, no opset."""
+def _read_proto(path: Path, *, split: bool = False) -> onnx.ModelProto | SplitProto:
+    """The ``ModelProto`` in the file ``path`` (external data not read; with ``split``, as a
+    :class:`~bnfold.io.split_proto.SplitProto`), or a one-line :class:`BadInputError`: not a
+    readable regular file, not ONNX, no graph, no opset."""
     if check_input_file(path) == 0:
         raise BadInputError(f"{path}: empty file, not an ONNX model")
     try:
-        proto = read_proto(path)
+        loaded = read_split(path) if split else read_proto(path)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ValueError...
         raise BadInputError(f"{path}: not a readable ONNX model ({_sniff(path) or first_line(exc)})"
                             ) from exc
+    proto = loaded.proto if isinstance(loaded, SplitProto) else loaded
     if not proto.graph.node and not proto.graph.output:
         raise BadInputError(f"{path}: not an ONNX model (no graph)")
     if not proto.opset_import:
         raise BadInputError(f"{path}: not an ONNX model (no opset import)")
-    return proto
+    return loaded

@@ -108,18 +108,22 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
 
 
 def write_proto(proto: onnx.ModelProto, f: BinaryIO,
-                streamed: dict[int, Buffer | None] | None = None) -> None:
+                streamed: dict[int, Buffer | None] | None = None, *,
+                buffers: dict[int, Buffer] | None = None) -> None:
     """Write ``proto`` to ``f``, byte for byte its ``SerializeToString()`` (known fields).
 
     ``streamed``: the main-graph initializers to write from a buffer, by index, each with its
     bytes (``None``: the tensor proto serialized alone just before it is written, as a proto's
     bytes field has no view: one copy of one tensor at a time, not of them all); by default
-    every one whose dims and dtype call for at least :data:`STREAM_MIN` bytes, as ``None``.
-    ``proto`` is not changed."""
+    every one whose dims and dtype call for at least :data:`STREAM_MIN` bytes, as ``None``,
+    and ``buffers`` (by index: bytes written as that tensor's ``raw_data``, the hollow tensors
+    of a :class:`~bnfold.io.split_proto.SplitProto`) on top. ``proto`` is not changed."""
     graph = proto.graph
     if streamed is None:
         streamed = {i: None for i, t in enumerate(graph.initializer)
                     if _proto_bytes(t) >= STREAM_MIN}
+    if buffers:
+        streamed = {**streamed, **buffers}
     if not streamed:
         f.write(proto.SerializeToString())
         return
@@ -131,7 +135,7 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
                   *(_serialized_parts(tensor) if data is None else _tensor_parts(tensor, data))]
         start = index + 1
     parts += [_initializers(graph.initializer[start:]), _fields(graph, _INITIALIZER + 1)]
-    f.write(_fields(proto, 1, _GRAPH - 1) + _frame(_GRAPH, sum(
+    f.write(_fields(proto, 1, _GRAPH - 1) + frame(_GRAPH, sum(
         len(p) if isinstance(p, bytes) else p.nbytes for p in parts)))
     for part in parts:
         f.write(part.tensor.SerializeToString() if isinstance(part, _Serialized) else part)
@@ -175,15 +179,15 @@ def _serialized_parts(tensor: onnx.TensorProto) -> list[Buffer | _Serialized]:
     """A ``GraphProto.initializer`` entry for ``tensor``: its framing, then the tensor to
     serialize when it is written."""
     size = tensor.ByteSize()
-    return [_frame(_INITIALIZER, size), _Serialized(tensor, size)]
+    return [frame(_INITIALIZER, size), _Serialized(tensor, size)]
 
 
 def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:
     """A ``GraphProto.initializer`` entry whose ``raw_data`` is ``data``, framed, in pieces."""
     head, tail = _fields(tensor, 1, _RAW_DATA - 1), _fields(tensor, _RAW_DATA + 1)
     size = data.nbytes if isinstance(data, np.ndarray) else len(data)
-    raw = _frame(_RAW_DATA, size)
-    return [_frame(_INITIALIZER, len(head) + len(raw) + size + len(tail)), head, raw, data,
+    raw = frame(_RAW_DATA, size)
+    return [frame(_INITIALIZER, len(head) + len(raw) + size + len(tail)), head, raw, data,
             tail]
 
 
@@ -228,7 +232,7 @@ def copy_fields(src: Message, dst: Message, keep: Callable[[FieldDescriptor], bo
             setattr(dst, name, getattr(src, name))
 
 
-def _frame(field: int, length: int) -> bytes:
+def frame(field: int, length: int) -> bytes:
     """The tag and length varints that open a length-delimited field (wire type 2)."""
     return _varint(field << 3 | 2) + _varint(length)
 

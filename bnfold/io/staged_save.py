@@ -37,6 +37,7 @@ import onnx_ir as ir
 from bnfold.errors import BadInputError
 from bnfold.io.external_data import files_named_by, referenced_files
 from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
+from bnfold.io.split_proto import SplitProto
 
 #: What follows the target's name in the name of a data file bnfold wrote for it.
 OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
@@ -107,11 +108,12 @@ class StagedModel:
         self.swapped.clear()
 
 
-def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: bool,
+def stage_onnx(model: ir.Model | onnx.ModelProto | SplitProto, target: Path, *, external: bool,
                inline_limit: int, keep: Collection[Path] = ()) -> StagedModel:
     """Write ``model`` beside ``target`` (see the module docstring); ``external``: tensors of
     at least ``inline_limit`` bytes go to a new data file (an ``ir.Model`` only; a
-    ``ModelProto`` is written as it is, :meth:`~bnfold.io.proto_stream.TensorFacts.writes_as_is`).
+    ``ModelProto`` or :class:`~bnfold.io.split_proto.SplitProto` is written as it is,
+    :meth:`~bnfold.io.proto_stream.TensorFacts.writes_as_is`).
     :class:`BadInputError` on failure, with nothing left behind."""
     staged = StagedModel(target, keep)
     try:
@@ -123,6 +125,7 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
                         f"{target}: not a regular file; a model with external data is written "
                         "only to a regular file (its data file goes beside it)")
                 staged.payload = (model if isinstance(model, onnx.ModelProto)
+                                  else model.whole() if isinstance(model, SplitProto)
                                   else ir.serde.serialize_model(model)).SerializeToString()
                 return staged
             if mode is None:  # a new file: its folder may be new too
@@ -136,6 +139,8 @@ def stage_onnx(model: ir.Model | onnx.ModelProto, target: Path, *, external: boo
             with os.fdopen(fd, "wb") as f:
                 if isinstance(model, onnx.ModelProto):
                     write_proto(model, f)
+                elif isinstance(model, SplitProto):
+                    write_proto(model.proto, f, buffers=model.data)
                 else:
                     write_model(model, f)
                 f.flush()

@@ -47,7 +47,8 @@ import onnx_ir as ir
 
 from bnfold.algebra import BATCH_MAX_WEIGHT, Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
-from bnfold.io.proto_stream import copy_fields
+from bnfold.io.proto_stream import STREAM_MIN, copy_fields
+from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import Namer
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
@@ -67,11 +68,14 @@ _STORED = {code: dtype.newbyteorder("<") for code, dtype in _FLOAT_TYPES.items()
 _AFFINE_HEADS = ("Mul", "Div")
 
 
-def direct_fold(model: onnx.ModelProto, *, select: Selection = EVERY_BN,
+def direct_fold(model: onnx.ModelProto | SplitProto, *, select: Selection = EVERY_BN,
                 progress: Callable[[int, int], Any] | None = None) -> PassResult | None:
     """``fold_onnx(model)`` for a plain model (see the module docstring), else ``None``.
 
-    The result is a new ``ModelProto`` built from ``model``'s parts (never changed).
+    The result is a new model of ``model``'s kind built from its parts (never changed): a
+    ``ModelProto``, or a :class:`~bnfold.io.split_proto.SplitProto` whose large tensors (the
+    input's held apart, and new ones of at least
+    :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes) are held apart as arrays.
     ``progress(done, total)`` is called once per BN as its fold is written (the algebra runs
     for every BN first, so a refusal, which sends the caller to the full path, comes before).
     """
@@ -89,9 +93,14 @@ def direct_fold(model: onnx.ModelProto, *, select: Selection = EVERY_BN,
 class _Plan:
     """The BN sites of a plain model and the edits their folds make."""
 
-    def __init__(self, model: onnx.ModelProto, view: GraphView, opset: int,
+    def __init__(self, model: onnx.ModelProto | SplitProto, view: GraphView, opset: int,
                  sites: list[tuple[NodeView, NodeView]]) -> None:
-        self.model, self.view, self.opset, self.sites = model, view, opset, sites
+        self.split = isinstance(model, SplitProto)  # then the output holds tensors apart too
+        self.model = model.proto if isinstance(model, SplitProto) else model
+        self.view, self.opset, self.sites = view, opset, sites
+        #: initializer name -> its bytes, for the input's tensors held apart
+        self.held: dict[str, np.ndarray] = {} if not isinstance(model, SplitProto) else {
+            self.model.graph.initializer[i].name: data for i, data in model.data.items()}
         self.arrays: dict[str, np.ndarray] = {}
         self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
         self.added: dict[str, None] = {}  # new initializers, in order (in self.arrays)
@@ -103,12 +112,13 @@ class _Plan:
         self._namer: Namer | None = None
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, select: Selection) -> _Plan | None:
-        opset = _default_opset(model)
-        if model.ir_version < 4 or opset is None or opset < 7 or _bn_in_functions(model):
+    def of(cls, model: onnx.ModelProto | SplitProto, select: Selection) -> _Plan | None:
+        proto = model.proto if isinstance(model, SplitProto) else model
+        opset = _default_opset(proto)
+        if proto.ir_version < 4 or opset is None or opset < 7 or _bn_in_functions(proto):
             return None
-        graph = model.graph
-        if model.training_info or model.configuration or graph.quantization_annotation:
+        graph = proto.graph
+        if proto.training_info or proto.configuration or graph.quantization_annotation:
             return None  # (parts onnx-ir rewrites or drops)
         if graph.sparse_initializer or any(
                 t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
@@ -200,7 +210,7 @@ class _Plan:
             if tensor is None:
                 tensor = self.view.constant_tensor(value.name)
             assert tensor is not None
-            arr = self.arrays[value.name] = _tensor_array(tensor)
+            arr = self.arrays[value.name] = _tensor_array(tensor, self.held.get(value.name))
         return arr
 
     def _read_arrays(self, names: Iterable[str]) -> None:
@@ -208,7 +218,8 @@ class _Plan:
         (:func:`_tensor_arrays`)."""
         view, arrays = self.view, self.arrays
         todo = [n for n in dict.fromkeys(names) if n in view.initializers and n not in arrays]
-        read = _tensor_arrays([view.initializers[n] for n in todo], [view.dims[n] for n in todo])
+        read = _tensor_arrays([view.initializers[n] for n in todo], [view.dims[n] for n in todo],
+                              [self.held.get(n) for n in todo])
         arrays.update(zip(todo, read, strict=True))
 
     def _set_initializer(self, node: NodeView, index: int, array: np.ndarray,
@@ -269,8 +280,9 @@ class _Plan:
 
     # ------------------------------------------------------------------ the output
 
-    def build(self) -> onnx.ModelProto:
-        """The folded model: ``self.model`` with the edits, copied field by field."""
+    def build(self) -> onnx.ModelProto | SplitProto:
+        """The folded model: ``self.model`` with the edits, copied field by field (a
+        :class:`~bnfold.io.split_proto.SplitProto` when the input is one)."""
         src, view = self.model, self.view
         unread = {n for n in self.released if not view.readers.get(n)
                   and n not in view.outputs and n not in view.inputs}
@@ -288,16 +300,30 @@ class _Plan:
         positions = np.subtract(edited, np.searchsorted(sorted(self.removed), edited))
         for index, position in zip(edited, positions.tolist(), strict=True):
             self._write_node(index, graph.node[position])
+        held: dict[int, np.ndarray] = {}
         for name, tensor in view.initializers.items():
             if name in self.replaced:
-                _write_tensor(graph.initializer.add(), self.arrays[name], name)
+                self._add_tensor(graph, self.arrays[name], name, held)
             elif name not in dead:
+                if name in self.held:
+                    held[len(graph.initializer)] = self.held[name]
                 graph.initializer.append(tensor)
         for name in self.added:
             if name not in dead:
-                _write_tensor(graph.initializer.add(), self.arrays[name], name)
+                self._add_tensor(graph, self.arrays[name], name, held)
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
-        return out
+        return SplitProto(out, held) if self.split else out
+
+    def _add_tensor(self, graph: onnx.GraphProto, array: np.ndarray, name: str,
+                    held: dict[int, np.ndarray]) -> None:
+        """Append ``array`` as initializer ``name`` (:func:`_write_tensor`); for a split
+        output one of at least :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes is hollow,
+        its bytes held apart (a view of ``array`` when it is C-ordered little-endian)."""
+        hollow = self.split and array.nbytes >= STREAM_MIN
+        _write_tensor(graph.initializer.add(), array, name, hollow=hollow)
+        if hollow:
+            held[len(graph.initializer) - 1] = np.ascontiguousarray(
+                _little_endian(array)).reshape(-1).view(np.uint8)
 
     def _write_node(self, index: int, proto: onnx.NodeProto) -> None:
         """Write node ``index``'s edited names (and Gemm's ``beta``) into its copy ``proto``."""
@@ -355,12 +381,15 @@ def _plain_tensor(view: GraphView, name: str) -> bool:
     return name in view.initializers and name not in view.inputs
 
 
-def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The array onnx-ir reads from ``tensor`` (raw little-endian bytes read directly; other
-    encodings through onnx-ir itself); :class:`NotPlain` if its data does not fill its shape."""
+def _tensor_array(tensor: onnx.TensorProto, held: np.ndarray | None = None) -> np.ndarray:
+    """The array onnx-ir reads from ``tensor`` (raw little-endian bytes read directly, or
+    ``held``, its ``raw_data`` held apart; other encodings through onnx-ir itself);
+    :class:`NotPlain` if its data does not fill its shape."""
     dtype = _STORED.get(tensor.data_type)
-    if dtype is not None and tensor.HasField("raw_data"):
-        raw = tensor.raw_data
+    if held is not None and dtype is None:
+        raise NotPlain(f"tensor {tensor.name!r} is held apart and not a float tensor")
+    if dtype is not None and (held is not None or tensor.HasField("raw_data")):
+        raw = tensor.raw_data if held is None else held
         count = math.prod(tensor.dims)
         if len(raw) != count * dtype.itemsize:
             raise NotPlain(f"tensor {tensor.name!r} data does not fill its shape")
@@ -371,25 +400,26 @@ def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         raise NotPlain(str(exc)) from exc
 
 
-def _tensor_arrays(tensors: list[onnx.TensorProto],
-                   shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """``[_tensor_array(t) for t in tensors]`` (``shapes``: their dims): the same arrays, with
+def _tensor_arrays(tensors: list[onnx.TensorProto], shapes: list[tuple[int, ...]],
+                   held: list[np.ndarray | None]) -> list[np.ndarray]:
+    """``[_tensor_array(t, h) for t, h in zip(tensors, held)]`` (``shapes``: their dims;
+    ``held``: each one's bytes held apart, or ``None``): the same arrays, with
     the raw tensors of one data type and non-empty shape read by one numpy call over their
     joined bytes (each array a row of it). A tensor of more than
     :data:`~bnfold.algebra.BATCH_MAX_WEIGHT` elements is read alone: joining it would copy
     its bytes once more for no saving."""
     arrays: list[np.ndarray | None] = [None] * len(tensors)
     alike: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
-    for i, (tensor, shape) in enumerate(zip(tensors, shapes, strict=True)):
+    for i, (tensor, shape, data) in enumerate(zip(tensors, shapes, held, strict=True)):
         dtype = _STORED.get(tensor.data_type)
         if dtype is not None and shape and math.prod(shape) <= BATCH_MAX_WEIGHT \
-                and tensor.HasField("raw_data"):
+                and (data is not None or tensor.HasField("raw_data")):
             alike.setdefault((dtype, shape), []).append(i)
         else:
-            arrays[i] = _tensor_array(tensor)
+            arrays[i] = _tensor_array(tensor, data)
     for (dtype, shape), members in alike.items():
-        raws = [tensors[i].raw_data for i in members]
-        if set(map(len, raws)) != {math.prod(shape) * dtype.itemsize}:
+        raws = [tensors[i].raw_data if held[i] is None else held[i] for i in members]
+        if {len(raw) for raw in raws} != {math.prod(shape) * dtype.itemsize}:
             raise NotPlain("a tensor's data does not fill its shape")
         rows = np.frombuffer(b"".join(raws), dtype).reshape(len(members), *shape)
         for i, row in zip(members, rows, strict=True):
@@ -397,13 +427,18 @@ def _tensor_arrays(tensors: list[onnx.TensorProto],
     return arrays  # type: ignore[return-value]
 
 
-def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str, *,
+                  hollow: bool = False) -> None:
     """Make ``tensor`` the ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array,
-    name=name)``: dims, data type, name and little-endian raw data."""
+    name=name)``: dims, data type, name and little-endian raw data (empty if ``hollow``)."""
     tensor.dims.extend(array.shape)
     tensor.data_type = _DATA_TYPES[array.dtype]
     tensor.name = name
-    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    tensor.raw_data = b"" if hollow else _little_endian(array).tobytes()
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("<"), copy=False)
 
 
 def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:

@@ -38,6 +38,7 @@ from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import check_initializers
 from bnfold.io.fileio import load_onnx
+from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.constant_bn import constant_bn
@@ -72,7 +73,9 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     (an ``onnx_ir.Model`` is returned; the input is cloned first unless ``inplace=True``, and
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
-    :func:`bnfold.io.fileio.save_onnx`). ``backward=False`` disables BN -> layer folds.
+    :func:`bnfold.io.fileio.save_onnx`) or a :class:`~bnfold.io.split_proto.SplitProto` (what
+    :func:`bnfold.io.fileio.load_for_pass` reads: a ``SplitProto`` is returned when the fold
+    runs on the protobuf, else a ``ModelProto``). ``backward=False`` disables BN -> layer folds.
     An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
     (:func:`bnfold.io.external_data.bind_external_data`). ``max_const_elements`` bounds the size
     of any tensor computed from constants (a bias or BN parameter built by
@@ -88,10 +91,12 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     """
     select = Selection.of(include, exclude)
     with gc_paused():
-        if isinstance(model, onnx.ModelProto):  # a plain model never enters onnx-ir
+        if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
             fast = direct_fold(model, select=select, progress=progress)
             if fast is not None:
                 return fast
+            if isinstance(model, SplitProto):
+                model = model.whole()
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
@@ -119,6 +124,8 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
 
 
 def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
+    if isinstance(model, SplitProto):
+        model = model.whole()
     if isinstance(model, onnx.ModelProto):
         check_initializers(model, "model")
         try:

@@ -1,0 +1,195 @@
+"""Single-file models read with their large weights held apart (bnfold.io.split_proto).
+
+``read_split`` must give exactly the model ``onnx.load`` parses (``whole()``), write back
+byte for byte the file it read, fall back to a whole parse on anything its wire walk does not
+split (and then fail as ``onnx.load`` fails), and the CLI, which folds on it, must write the
+same bytes as the ``ModelProto`` route, on the fast path and the onnx-ir one, in place too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnx_cases import feeds, reference, rel_err, run_ort
+from test_proto_stream import _zoo
+
+from benchmarks.bench_onnx_fold import chain_model
+from bnfold.cli import commands as cli
+from bnfold.errors import BadInputError
+from bnfold.io import fileio, split_proto
+from bnfold.io.fileio import save_onnx
+from bnfold.io.proto_stream import STREAM_MIN, frame, write_proto
+from bnfold.io.split_proto import SplitProto, read_split
+from bnfold.passes.onnx import fold as fold_module
+from bnfold.passes.onnx.fold import fold_onnx
+
+
+def _chain() -> onnx.ModelProto:
+    """Six Conv -> BN -> Relu blocks of 128 channels: 3.5 MB, each weight 590 KB."""
+    return chain_model(6, 128)
+
+
+def _float_data_only() -> onnx.ModelProto:
+    """A large weight stored as ``float_data``: nothing to hold apart."""
+    model = chain_model(3, 128)
+    weight = model.graph.initializer[0]
+    values = numpy_helper.to_array(weight)
+    weight.ClearField("raw_data")
+    weight.float_data.extend(values.reshape(-1).tolist())
+    return model
+
+
+MODELS = {"conv chain": _chain, "many dtypes, subgraph, function": _zoo,
+          "float_data only": _float_data_only}
+
+
+def _held_indices(model: onnx.ModelProto) -> set[int]:
+    return {i for i, t in enumerate(model.graph.initializer) if len(t.raw_data) >= STREAM_MIN}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_split_model_is_the_file(name: str, tmp_path: Path) -> None:
+    model = MODELS[name]()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert path.stat().st_size >= split_proto.SPLIT_MIN
+    split = read_split(path)
+    assert set(split.data) == _held_indices(model)
+    assert len(split.data) == {"conv chain": 6, "float_data only": 2}.get(name, len(split.data))
+    for index, data in split.data.items():
+        assert data.dtype == np.uint8 and not data.flags.writeable
+        assert split.proto.graph.initializer[index].raw_data == b""
+        assert split.raw_size(index) == data.size == len(model.graph.initializer[index].raw_data)
+    assert split.whole().SerializeToString() == onnx.load(path).SerializeToString()
+    written = io.BytesIO()
+    write_proto(split.proto, written, buffers=split.data)
+    assert written.getvalue() == path.read_bytes()
+
+
+def _graph_field(graph: onnx.GraphProto, *extra: bytes) -> bytes:
+    body = graph.SerializeToString() + b"".join(extra)
+    return frame(7, len(body)) + body
+
+
+def _without_graph(model: onnx.ModelProto) -> bytes:
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    rest.ClearField("graph")
+    return rest.SerializeToString()
+
+
+def _two_graphs() -> bytes:
+    """A second ``graph`` field, which protobuf merges into the first."""
+    model = _chain()
+    extra = onnx.GraphProto(doc_string="merged")
+    return model.SerializeToString() + _graph_field(extra)
+
+
+def _two_raw_data() -> bytes:
+    """A large tensor with a second ``raw_data`` field (the last one counts)."""
+    model = _chain()
+    names = [t.name for t in model.graph.initializer]
+    tensor = model.graph.initializer.pop(names.index("w5"))
+    twice = tensor.SerializeToString() + frame(9, len(tensor.raw_data)) + tensor.raw_data[::-1]
+    return _without_graph(model) + _graph_field(model.graph, frame(5, len(twice)), twice)
+
+
+def _group() -> bytes:
+    """An unknown group (wire types 3 and 4) among the graph's fields."""
+    model = _chain()
+    return _without_graph(model) + _graph_field(model.graph, bytes([0xA3, 0x06, 0xA4, 0x06]))
+
+
+UNUSUAL = {"two graph fields": _two_graphs, "two raw_data fields": _two_raw_data,
+           "a group": _group}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL))
+def test_unusual_wire_formats_are_parsed_whole(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(UNUSUAL[name]())
+    split = read_split(path)
+    assert split.data == {}
+    assert split.proto.SerializeToString() == onnx.load(path).SerializeToString()
+
+
+def test_small_files_and_graphs_of_many_entries_are_parsed_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_chain().SerializeToString())
+    assert read_split(path).data
+    monkeypatch.setattr(split_proto, "BYTES_PER_ENTRY", 10**9)
+    assert read_split(path).data == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(split_proto, "SPLIT_MIN", path.stat().st_size + 1)
+    split = read_split(path)
+    assert split.data == {} and split.whole() is split.proto
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 600_000, 2_000_000])
+def test_a_truncated_file_fails_as_when_parsed_whole(cut: int, tmp_path: Path) -> None:
+    """The message the CLI prints is the whole parse's, wherever the file ends."""
+    data = _chain().SerializeToString()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data[:-cut])
+    outcomes = []
+    for split in (False, True):
+        try:
+            loaded = fileio._read_proto(path, split=split)
+            proto = loaded.whole() if isinstance(loaded, SplitProto) else loaded
+            outcomes.append(proto.SerializeToString())
+        except BadInputError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_fold_onnx_of_a_split_model_is_the_proto_fold(tmp_path: Path) -> None:
+    model = _chain()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    split = read_split(path)
+    before = split.whole().SerializeToString()
+    folded = fold_onnx(split)
+    want = fold_onnx(model)
+    assert isinstance(folded.model, SplitProto) and folded.model.data
+    assert folded.model.whole().SerializeToString() == want.model.SerializeToString()
+    assert folded.report == want.report
+    assert split.whole().SerializeToString() == before  # the input is not changed
+    x = feeds(model, seed=5)
+    assert rel_err(run_ort(folded.model.whole(), x), reference(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize("route", ["protobuf", "onnx-ir"])
+@pytest.mark.parametrize("flags", [[], ["--validate"], ["--in-place"]])
+def test_cli_writes_what_the_proto_route_writes(route: str, flags: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``bnfold fold`` (which reads the model split) writes the bytes that saving
+    ``fold_onnx(onnx.load(src))`` writes; the fold is right in float64; the input is kept
+    unless it is the output."""
+    model = _chain()
+    src, out, ref = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "ref.onnx"
+    src.write_bytes(model.SerializeToString())
+    target = src if "--in-place" in flags else out
+    with mock.patch.object(fold_module, "direct_fold", lambda *a, **k: None) \
+            if route == "onnx-ir" else mock.patch.object(fold_module, "_working_copy",
+                                                         side_effect=AssertionError):
+        want = fold_onnx(model)
+        args = ["fold", str(src), *([] if target == src else ["-o", str(out)]), "--json", *flags]
+        assert cli.main(args) == 0
+    save_onnx(want.model, ref)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fold"] == want.report.to_dict() and doc["written"]
+    assert target.read_bytes() == ref.read_bytes()
+    if target != src:
+        assert src.read_bytes() == model.SerializeToString()
+    x = feeds(model, seed=3)
+    assert rel_err(run_ort(onnx.load(target), x), reference(model, x)) < 1e-5
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(target).graph.node)
+

@@ -33,7 +33,9 @@ per output channel only when every output position sees the full kernel over the
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -302,6 +304,9 @@ def fold_forward(
 #: overhead is small beside the arithmetic, and stacking would copy the weights, so larger
 #: alike weights are folded one by one, each into its slice of one output array.
 BATCH_MAX_WEIGHT = 1 << 16
+#: Threads that scale large alike weights at once (each weight whole in one thread, so each
+#: value is what one thread computes; only the order of the work changes).
+_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def fold_forward_many(
@@ -363,8 +368,11 @@ def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
         w = np.stack([np.asarray(x) for x in weights])
         return _scaled_view(w, s, (n, *view), (n, *vshape), "weight")
     out = np.empty((n, *w0.shape), w0.dtype)
-    for w, vec, dest in zip(weights, s, out, strict=True):
-        _scaled_view(np.asarray(w), vec, view, vshape, "weight", dest)
+    jobs = [(np.asarray(w), vec, dest) for w, vec, dest in zip(weights, s, out, strict=True)]
+    with ThreadPoolExecutor(min(_WORKERS, n)) as pool:  # numpy's loops release the GIL
+        for _ in pool.map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2]),
+                          jobs):
+            pass  # (a refusal is raised here, the first in order)
     return out
 
 

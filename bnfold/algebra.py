@@ -360,7 +360,8 @@ def fold_forward_many(
 def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
                  groups: int) -> np.ndarray:
     """Each alike weight times its row of ``s`` (:func:`_scaled_rounded`), stacked: in one
-    call on the stacked weights when they are small, else one by one into one array."""
+    call on the stacked weights when they are small, else one by one into one array, on up to
+    :data:`_WORKERS` threads."""
     w0 = np.asarray(weights[0])
     view, vshape = _channel_view(w0.shape, s.shape[1], axis, groups)
     n = len(weights)

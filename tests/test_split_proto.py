@@ -15,6 +15,7 @@ from unittest import mock
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 from onnx_cases import feeds, reference, rel_err, run_ort
@@ -193,3 +194,79 @@ def test_cli_writes_what_the_proto_route_writes(route: str, flags: list[str], tm
     assert rel_err(run_ort(onnx.load(target), x), reference(model, x)) < 1e-5
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(target).graph.node)
 
+
+
+def _overwrite(path: Path) -> None:
+    """Zero the file in place (same inode: a map of it sees the change)."""
+    with open(path, "r+b") as f:
+        f.write(bytes(path.stat().st_size))
+
+
+def _with_int4() -> onnx.ModelProto:
+    """:func:`_chain` and a 4-bit tensor stored as ``raw_data``."""
+    model = _chain()
+    model.graph.initializer.append(onnx.helper.make_tensor(
+        "i4", onnx.TensorProto.INT4, [8], b"\x12\x34\x56\x78", raw=True))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted({**MODELS, "4-bit raw": _with_int4}))
+def test_to_ir_is_the_whole_model_and_reads_no_file(name: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``to_ir()`` serializes as onnx-ir's model of ``whole()`` does, with every tensor held
+    apart (also 4-bit ones, which go through ``whole()``), and keeps no view of the file."""
+    monkeypatch.setattr(split_proto, "STREAM_MIN", 1)  # hold every raw_data apart
+    monkeypatch.setattr(split_proto, "BYTES_PER_ENTRY", 1)
+    model = {**MODELS, "4-bit raw": _with_int4}[name]()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    split = read_split(path)
+    assert split.data
+    want = ir.serde.serialize_model(ir.serde.deserialize_model(onnx.load(path)))
+    converted = split.to_ir()
+    _overwrite(path)
+    got = ir.serde.serialize_model(converted)
+    assert _one_metadata(got).SerializeToString() == _one_metadata(want).SerializeToString()
+
+
+def _one_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each initializer's metadata entries once (onnx-ir writes those of a
+    tensor it read from a proto twice; ``to_ir``'s held tensors have them once, as the
+    protobuf route writes them)."""
+    for tensor in model.graph.initializer:
+        props = {p.key: p.value for p in tensor.metadata_props}
+        del tensor.metadata_props[:]
+        for key, value in props.items():
+            tensor.metadata_props.add(key=key, value=value)
+    return model
+
+
+def _chain_and_spare() -> onnx.ModelProto:
+    """:func:`_chain` and a large initializer no fold touches."""
+    model = _chain()
+    spare = np.random.default_rng(2).normal(size=(300_000,)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(spare, "spare"))
+    return model
+
+
+def test_fold_onnx_of_a_path_folds_the_split_file(tmp_path: Path) -> None:
+    """``fold_onnx(path)`` of a plain single-file model folds on the protobuf (never onnx-ir's
+    passes) and returns the ``onnx_ir.Model`` the onnx-ir route returns: the same bytes
+    saved, the same report, right in float64, and no view of the input file (zeroed after
+    the fold, the model saves the same)."""
+    model = _chain_and_spare()
+    src, out, ref = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "ref.onnx"
+    src.write_bytes(model.SerializeToString())
+    with mock.patch.object(fold_module, "direct_fold", lambda *a, **k: None):
+        want = fold_onnx(src)
+    save_onnx(want.model, ref)
+    with mock.patch.object(fold_module, "_working_copy", side_effect=AssertionError):
+        got = fold_onnx(src)
+    assert isinstance(got.model, ir.Model)
+    assert got.report == want.report
+    _overwrite(src)
+    save_onnx(got.model, out)
+    assert out.read_bytes() == ref.read_bytes()
+    x = feeds(model, seed=4)
+    assert rel_err(run_ort(onnx.load(out), x), reference(model, x)) < 1e-5
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)

@@ -79,6 +79,25 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     proto = _read_proto(path)
     assert isinstance(proto, onnx.ModelProto)
     check_initializers(proto, str(path))
+    return _file_model(proto, path)
+
+
+def load_split(path: str | os.PathLike[str]) -> SplitProto | ir.Model:
+    """:func:`load_onnx` of a file, with its checks and errors, for a pass that folds it: a
+    single-file model as a :class:`~bnfold.io.split_proto.SplitProto` (its large weights left
+    in the file's memory map), one with external data as an ``onnx_ir.Model`` whose external
+    tensors stay lazy."""
+    path = Path(path)
+    split = _read_proto(path, split=True)
+    assert isinstance(split, SplitProto)
+    if not check_initializers(split.proto, str(path)).external:
+        return split
+    return _file_model(split.whole(), path)
+
+
+def _file_model(proto: onnx.ModelProto, path: Path) -> ir.Model:
+    """The onnx-ir model of ``proto``, read from the file ``path``, its external data bound
+    to the file's folder and checked."""
     try:
         with gc_paused():
             loaded = ir.serde.deserialize_model(proto)

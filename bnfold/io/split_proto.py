@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from bnfold.io.proto_stream import STREAM_MIN, frame, read_proto
+from bnfold.io.proto_stream import _LITTLE_ENDIAN, STREAM_MIN, frame, read_proto
 
 #: Files smaller than this are parsed whole: their copies cost less than the walk.
 SPLIT_MIN = 1 << 20
@@ -62,10 +63,39 @@ class SplitProto:
             out.graph.initializer[index].raw_data = data.tobytes()
         return out
 
+    def to_ir(self) -> ir.Model:
+        """The model as an ``onnx_ir.Model`` that needs no file: ``ir.serde.deserialize_model``
+        of :meth:`whole`, each tensor held apart an ``ir.Tensor`` of its bytes as an array (a
+        copy of those still in the file's map, so that the model never reads a file that may
+        change; an array a fold wrote as it is). Tensors whose bytes are not one element type
+        per whole byte (4-bit, strings), and any on a big-endian host, take :meth:`whole`."""
+        tensors = self.proto.graph.initializer
+        kinds = {i: ir.DataType(tensors[i].data_type) for i in self.data}
+        if not _LITTLE_ENDIAN or any(
+                kind == ir.DataType.STRING or kind.bitwidth % 8 for kind in kinds.values()):
+            return ir.serde.deserialize_model(self.whole())
+        model = ir.serde.deserialize_model(self.proto)  # (hollow tensors: never read)
+        values = model.graph.initializers
+        for index, data in self.data.items():
+            tensor, kind = tensors[index], kinds[index]
+            if _in_map(data):
+                data = data.copy()
+            array = data.view(kind.numpy()).reshape(tuple(tensor.dims))
+            values[tensor.name].const_value = ir.Tensor(
+                array, dtype=kind, name=tensor.name, doc_string=tensor.doc_string or None,
+                metadata_props={p.key: p.value for p in tensor.metadata_props})
+        return model
+
     def raw_size(self, index: int) -> int:
         """The ``raw_data`` length of main-graph initializer ``index``."""
         data = self.data.get(index)
         return len(self.proto.graph.initializer[index].raw_data) if data is None else data.size
+
+
+def _in_map(data: np.ndarray) -> bool:
+    """Whether ``data`` is a view of a file's map (what :func:`read_split` holds)."""
+    base = data.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
 class _Unusual(Exception):

@@ -37,7 +37,7 @@ from bnfold.errors import BadInputError
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import check_initializers
-from bnfold.io.fileio import load_onnx
+from bnfold.io.fileio import load_onnx, load_split
 from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
@@ -73,7 +73,10 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     (an ``onnx_ir.Model`` is returned; the input is cloned first unless ``inplace=True``, and
     the clone shares unchanged tensors) or a path (an ``onnx_ir.Model`` is returned, its
     external tensors still lazy: only the tensors a fold touches are read; save it with
-    :func:`bnfold.io.fileio.save_onnx`) or a :class:`~bnfold.io.split_proto.SplitProto` (what
+    :func:`bnfold.io.fileio.save_onnx`; a single-file model is read as
+    :func:`bnfold.io.fileio.load_split` reads it, and the model returned holds no view of the
+    file, :meth:`~bnfold.io.split_proto.SplitProto.to_ir`) or a
+    :class:`~bnfold.io.split_proto.SplitProto` (what
     :func:`bnfold.io.fileio.load_for_pass` reads: a ``SplitProto`` is returned when the fold
     runs on the protobuf, else a ``ModelProto``). ``backward=False`` disables BN -> layer folds.
     An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
@@ -91,13 +94,18 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     """
     select = Selection.of(include, exclude)
     with gc_paused():
+        from_file = isinstance(model, (str, os.PathLike))
+        if from_file:
+            model = load_split(model)
         if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
             fast = direct_fold(model, select=select, progress=progress)
             if fast is not None:
+                if from_file:
+                    return PassResult(fast.model.to_ir(), fast.report)
                 return fast
             if isinstance(model, SplitProto):
-                model = model.whole()
-        ir_model, as_proto = _working_copy(model, inplace)
+                model = model.to_ir() if from_file else model.whole()
+        ir_model, as_proto = _working_copy(model, inplace or from_file)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
                        max_const_elements=max_const_elements, select=select,

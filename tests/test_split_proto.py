@@ -210,14 +210,27 @@ def _with_int4() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("name", sorted({**MODELS, "4-bit raw": _with_int4}))
+def _name_twice() -> onnx.ModelProto:
+    """:func:`_chain` with a second initializer named as its first weight, stored as
+    ``float_data`` (never held apart; onnx-ir keeps one of the two)."""
+    model = _chain()
+    twin = onnx.helper.make_tensor(model.graph.initializer[0].name, onnx.TensorProto.FLOAT,
+                                   [2], [1.0, 2.0])
+    model.graph.initializer.append(twin)
+    return model
+
+
+TO_IR = {**MODELS, "4-bit raw": _with_int4, "a name used twice": _name_twice}
+
+
+@pytest.mark.parametrize("name", sorted(TO_IR))
 def test_to_ir_is_the_whole_model_and_reads_no_file(name: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """``to_ir()`` serializes as onnx-ir's model of ``whole()`` does, with every tensor held
     apart (also 4-bit ones, which go through ``whole()``), and keeps no view of the file."""
     monkeypatch.setattr(split_proto, "STREAM_MIN", 1)  # hold every raw_data apart
     monkeypatch.setattr(split_proto, "BYTES_PER_ENTRY", 1)
-    model = {**MODELS, "4-bit raw": _with_int4}[name]()
+    model = TO_IR[name]()
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
     split = read_split(path)

@@ -283,3 +283,30 @@ def test_fold_onnx_of_a_path_folds_the_split_file(tmp_path: Path) -> None:
     x = feeds(model, seed=4)
     assert rel_err(run_ort(onnx.load(out), x), reference(model, x)) < 1e-5
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
+
+
+def test_a_split_model_off_the_fast_path_keeps_its_views(tmp_path: Path) -> None:
+    """A split model the fast path leaves (an Identity between a Conv and its BN) is folded by
+    onnx-ir's passes into an ``onnx_ir.Model`` that serializes as the ``ModelProto`` fold's
+    result and writes the same bytes; a weight no fold touches is still the file's map, not a
+    copy (the CLI writes it from there)."""
+    model = _chain_and_spare()
+    conv = model.graph.node[0]
+    conv.output[0] = "c0_pre"
+    model.graph.node.insert(1, onnx.helper.make_node("Identity", ["c0_pre"], ["c0"]))
+    path, out, ref = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "ref.onnx"
+    path.write_bytes(model.SerializeToString())
+    split = read_split(path)
+    got, want = fold_onnx(split), fold_onnx(model)
+    assert isinstance(got.model, ir.Model) and isinstance(want.model, onnx.ModelProto)
+    assert got.report == want.report
+    assert ir.serde.serialize_model(got.model).SerializeToString() == \
+        want.model.SerializeToString()
+    spare = got.model.graph.initializers["spare"].const_value.raw
+    held = split.data[len(model.graph.initializer) - 1]
+    assert np.shares_memory(spare, held)
+    save_onnx(got.model, out)
+    save_onnx(want.model, ref)
+    assert out.read_bytes() == ref.read_bytes()
+    x = feeds(model, seed=6)
+    assert rel_err(run_ort(onnx.load(out), x), reference(model, x)) < 1e-5

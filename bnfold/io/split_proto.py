@@ -63,12 +63,14 @@ class SplitProto:
             out.graph.initializer[index].raw_data = data.tobytes()
         return out
 
-    def to_ir(self) -> ir.Model:
-        """The model as an ``onnx_ir.Model`` that needs no file: ``ir.serde.deserialize_model``
-        of :meth:`whole`, each tensor held apart an ``ir.Tensor`` of its bytes as an array (a
-        copy of those still in the file's map, so that the model never reads a file that may
-        change; an array a fold wrote as it is). Tensors whose bytes are not one element type
-        per whole byte (4-bit, strings), and any on a big-endian host, take :meth:`whole`."""
+    def to_ir(self, *, copy: bool = True) -> ir.Model:
+        """The model as an ``onnx_ir.Model``: ``ir.serde.deserialize_model`` of :meth:`whole`,
+        each tensor held apart an ``ir.Tensor`` of its bytes as an array. With ``copy``, those
+        still in the file's map are copied, so that the model needs no file and never reads
+        one that may change; without, they stay views of the map (for a caller that is done
+        with the model before the file can change, as the CLI is). An array a fold wrote is
+        used as it is. Tensors whose bytes are not one element type per whole byte (4-bit,
+        strings), and any on a big-endian host, take :meth:`whole`."""
         tensors = self.proto.graph.initializer
         kinds = {i: ir.DataType(tensors[i].data_type) for i in self.data}
         if not _LITTLE_ENDIAN or any(
@@ -80,7 +82,7 @@ class SplitProto:
             return ir.serde.deserialize_model(self.whole())
         for index, data in self.data.items():
             tensor, kind = tensors[index], kinds[index]
-            if _in_map(data):
+            if copy and _in_map(data):
                 data = data.copy()
             array = data.view(kind.numpy()).reshape(tuple(tensor.dims))
             values[tensor.name].const_value = ir.Tensor(

@@ -78,7 +78,9 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     file, :meth:`~bnfold.io.split_proto.SplitProto.to_ir`) or a
     :class:`~bnfold.io.split_proto.SplitProto` (what
     :func:`bnfold.io.fileio.load_for_pass` reads: a ``SplitProto`` is returned when the fold
-    runs on the protobuf, else a ``ModelProto``). ``backward=False`` disables BN -> layer folds.
+    runs on the protobuf, else an ``onnx_ir.Model`` whose unchanged large tensors are still
+    views of the file's map, :meth:`~bnfold.io.split_proto.SplitProto.to_ir`).
+    ``backward=False`` disables BN -> layer folds.
     An in-memory model with external tensors needs ``base_dir=``, the folder they lie in
     (:func:`bnfold.io.external_data.bind_external_data`). ``max_const_elements`` bounds the size
     of any tensor computed from constants (a bias or BN parameter built by
@@ -101,11 +103,9 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
             fast = direct_fold(model, select=select, progress=progress)
             if fast is not None:
                 if from_file:
-                    return PassResult(fast.model.to_ir(), fast.report)
+                    return PassResult(_to_ir(fast.model, copy=True), fast.report)
                 return fast
-            if isinstance(model, SplitProto):
-                model = model.to_ir() if from_file else model.whole()
-        ir_model, as_proto = _working_copy(model, inplace or from_file)
+        ir_model, as_proto = _working_copy(model, inplace or from_file, views=not from_file)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
                        max_const_elements=max_const_elements, select=select,
@@ -131,9 +131,15 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
     return report
 
 
-def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
+def _working_copy(model: Any, inplace: bool, *, views: bool = False
+                  ) -> tuple[ir.Model, bool]:
+    """The onnx-ir model a pass edits, and whether the pass hands it back as a ``ModelProto``:
+    yes for a ``ModelProto``; no for a :class:`~bnfold.io.split_proto.SplitProto` (a new
+    model, its tensors held apart kept as views of the file's map with ``views``), an
+    ``ir.Model`` (itself, or its clone unless ``inplace``) and a path (the file's model)."""
     if isinstance(model, SplitProto):
-        model = model.whole()
+        check_initializers(model.proto, "model")
+        return _to_ir(model, copy=not views), False
     if isinstance(model, onnx.ModelProto):
         check_initializers(model, "model")
         try:
@@ -146,6 +152,15 @@ def _working_copy(model: Any, inplace: bool) -> tuple[ir.Model, bool]:
         return load_onnx(model), False
     raise BadInputError(
         f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
+
+
+def _to_ir(split: SplitProto, *, copy: bool) -> ir.Model:
+    """``split.to_ir(copy=copy)``; a model onnx-ir cannot read is a one-line
+    :class:`BadInputError`."""
+    try:
+        return split.to_ir(copy=copy)
+    except Exception as exc:
+        raise BadInputError(f"not a valid ONNX model: {exc}".splitlines()[0]) from exc
 
 
 def _fold(model: ir.Model, pass_name: str, *, backward: bool,

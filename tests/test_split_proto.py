@@ -310,3 +310,16 @@ def test_a_split_model_off_the_fast_path_keeps_its_views(tmp_path: Path) -> None
     assert out.read_bytes() == ref.read_bytes()
     x = feeds(model, seed=6)
     assert rel_err(run_ort(onnx.load(out), x), reference(model, x)) < 1e-5
+
+
+def test_fold_onnx_of_a_path_onnx_ir_cannot_read_is_one_line_naming_it(tmp_path: Path) -> None:
+    tensor = onnx.TensorProto(name="w", data_type=999, dims=[2], raw_data=bytes(8))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [tensor])
+    path = tmp_path / "bad.onnx"
+    onnx.save(onnx.helper.make_model(graph), path)
+    with pytest.raises(BadInputError) as info:
+        fold_onnx(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: could not load the ONNX model") and "\n" not in message

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import check_initializers
@@ -96,16 +96,19 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     """
     select = Selection.of(include, exclude)
     with gc_paused():
-        from_file = isinstance(model, (str, os.PathLike))
+        source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        from_file = source is not None
         if from_file:
             model = load_split(model)
         if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
             fast = direct_fold(model, select=select, progress=progress)
             if fast is not None:
                 if from_file:
-                    return PassResult(_to_ir(fast.model, copy=True), fast.report)
+                    return PassResult(_to_ir(fast.model, copy=True, source=source),
+                                      fast.report)
                 return fast
-        ir_model, as_proto = _working_copy(model, inplace or from_file, views=not from_file)
+        ir_model, as_proto = _working_copy(model, inplace or from_file, views=not from_file,
+                                           source=source)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
                        max_const_elements=max_const_elements, select=select,
@@ -131,15 +134,16 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
     return report
 
 
-def _working_copy(model: Any, inplace: bool, *, views: bool = False
-                  ) -> tuple[ir.Model, bool]:
+def _working_copy(model: Any, inplace: bool, *, views: bool = False,
+                  source: str | None = None) -> tuple[ir.Model, bool]:
     """The onnx-ir model a pass edits, and whether the pass hands it back as a ``ModelProto``:
     yes for a ``ModelProto``; no for a :class:`~bnfold.io.split_proto.SplitProto` (a new
     model, its tensors held apart kept as views of the file's map with ``views``), an
-    ``ir.Model`` (itself, or its clone unless ``inplace``) and a path (the file's model)."""
+    ``ir.Model`` (itself, or its clone unless ``inplace``) and a path (the file's model).
+    ``source``: the file a ``SplitProto`` was read from, named in its errors."""
     if isinstance(model, SplitProto):
-        check_initializers(model.proto, "model")
-        return _to_ir(model, copy=not views), False
+        check_initializers(model.proto, source or "model")
+        return _to_ir(model, copy=not views, source=source), False
     if isinstance(model, onnx.ModelProto):
         check_initializers(model, "model")
         try:
@@ -154,12 +158,16 @@ def _working_copy(model: Any, inplace: bool, *, views: bool = False
         f"expected an onnx.ModelProto, onnx_ir.Model or path, got {type(model).__name__}")
 
 
-def _to_ir(split: SplitProto, *, copy: bool) -> ir.Model:
+def _to_ir(split: SplitProto, *, copy: bool, source: str | None = None) -> ir.Model:
     """``split.to_ir(copy=copy)``; a model onnx-ir cannot read is a one-line
-    :class:`BadInputError`."""
+    :class:`BadInputError` (naming ``source``, the file it was read from, when given, as
+    :func:`~bnfold.io.fileio.load_onnx` does)."""
     try:
         return split.to_ir(copy=copy)
     except Exception as exc:
+        if source is not None:
+            raise BadInputError(f"{source}: could not load the ONNX model "
+                                f"({first_line(exc)})") from exc
         raise BadInputError(f"not a valid ONNX model: {exc}".splitlines()[0]) from exc
 
 

@@ -4,6 +4,9 @@
 byte for byte the file it read, fall back to a whole parse on anything its wire walk does not
 split (and then fail as ``onnx.load`` fails), and the CLI, which folds on it, must write the
 same bytes as the ``ModelProto`` route, on the fast path and the onnx-ir one, in place too.
+``to_ir`` must be onnx-ir's model of ``whole()``, copying the file's bytes unless told not to;
+``fold_onnx(path)``, which reads the file split, must return what the onnx-ir route returns
+and keep no view of the file.
 """
 
 from __future__ import annotations

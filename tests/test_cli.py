@@ -399,7 +399,7 @@ def test_folder_skips_its_own_outputs_and_records_internal_errors(models, tmp_pa
             return real(path)
         return load
 
-    for loader in ("load_checked", "load_checked_proto"):  # (a single-file model: the proto)
+    for loader in ("load_checked", "load_for_pass"):  # (what the CLI folds reads)
         monkeypatch.setattr(fileio, loader, flaky(getattr(fileio, loader)))
     assert cli.main(["fold", str(src), "--in-place", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)

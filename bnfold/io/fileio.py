@@ -186,26 +186,18 @@ def load_checked(path: Path) -> ir.Model:
     return model
 
 
-def load_checked_proto(path: Path) -> SplitProto | None:
-    """:func:`load_checked` as a :class:`~bnfold.io.split_proto.SplitProto` (the same checks,
-    the same errors; its large weights left in the file's memory map) for a single-file
-    model; ``None`` when it has external data (then use :func:`load_checked`, which keeps
-    those tensors lazy)."""
-    split = _read_proto(path, split=True)
-    assert isinstance(split, SplitProto)
-    if check_initializers(split.proto, str(path)).external:
-        return None
-    _check_loaded(split.proto, path, lambda: check_single_file(path, split))
-    return split
-
-
 def load_for_pass(path: Path) -> ir.Model | SplitProto:
-    """What the CLI folds: a single-file model as a :class:`~bnfold.io.split_proto.SplitProto`
-    (a plain one then never enters onnx-ir, :mod:`bnfold.passes.onnx.direct`), one with
-    external data as an ``onnx_ir.Model`` whose external tensors stay lazy; the checks of
-    :func:`load_checked`."""
-    split = load_checked_proto(path)
-    return load_checked(path) if split is None else split
+    """What the CLI folds: :func:`load_split` (a single-file model as a
+    :class:`~bnfold.io.split_proto.SplitProto`, whose large weights stay in the file's memory
+    map and which a plain fold never takes into onnx-ir, :mod:`bnfold.passes.onnx.direct`;
+    one with external data as an ``onnx_ir.Model`` whose external tensors stay lazy), with
+    the checks and errors of :func:`load_checked`. The file is parsed once."""
+    model = load_split(path)
+    if isinstance(model, SplitProto):
+        _check_loaded(model.proto, path, lambda: check_single_file(path, model))
+    else:
+        _check_loaded(model, path, lambda: check_onnx_file(path))
+    return model
 
 
 def _check_loaded(model: ir.Model | onnx.ModelProto, path: Path,

@@ -112,7 +112,7 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
                        max_const_elements=max_const_elements, select=select,
-                       progress=progress)
+                       progress=progress, source=model)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
@@ -129,7 +129,7 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
         ir_model, _ = _working_copy(model, inplace=False)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "inspect_onnx", backward=True,
-                       max_const_elements=max_const_elements)
+                       max_const_elements=max_const_elements, source=model)
     report.dry_run = True
     return report
 
@@ -173,7 +173,10 @@ def _to_ir(split: SplitProto, *, copy: bool, source: str | None = None) -> ir.Mo
 
 def _fold(model: ir.Model, pass_name: str, *, backward: bool,
           max_const_elements: int | None, select: Selection = EVERY_BN,
-          progress: Callable[[int, int], Any] | None = None) -> Report:
+          progress: Callable[[int, int], Any] | None = None, source: Any = None) -> Report:
+    """Fold (or, for ``inspect_onnx``, try) every BN of ``model``, in place; ``source``: what
+    the model was read from (a ``ModelProto`` or ``SplitProto`` is where shape inference runs
+    while the model still equals it, :class:`~.shapes.Shapes`)."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:
@@ -181,7 +184,7 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
         return report
     graphs = model_graphs(model)
     check_graphs(model, graphs=graphs)
-    namer, shapes = Namer(model, graphs=graphs), Shapes(model)
+    namer, shapes = Namer(model, graphs=graphs), _shapes(model, source)
     entries: dict[ir.Node, Entry] = {}
     legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
     inputs = detach_initializer_inputs(model.graph) if legacy else []
@@ -205,6 +208,14 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     report.entries.extend(entries.values())
     report.entries.extend(_function_entries(model))
     return report
+
+
+def _shapes(model: ir.Model, source: Any) -> Shapes:
+    """The model's :class:`Shapes`, inferred on ``source`` if it is the protobuf the model
+    was read from."""
+    if isinstance(source, SplitProto):
+        return Shapes(model, source.proto, apart=source.data.keys())
+    return Shapes(model, source if isinstance(source, onnx.ModelProto) else None)
 
 
 def _function_entries(model: ir.Model) -> list[Entry]:
@@ -301,6 +312,8 @@ def _settle(key: ir.Node, site: Site | str, ctx: Context, entries: dict[ir.Node,
 
 
 def _release(ctx: Context) -> None:
+    """After a rewrite: prune what it left unread; shapes are no longer the source's."""
+    ctx.shapes.edited()
     prune(ctx.released)
     ctx.released.clear()
 

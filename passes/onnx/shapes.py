@@ -3,14 +3,22 @@
 Some rules need a value's rank or dims (the MatMul feature axis, layout ops between a layer
 and its BN, the positions per channel before a Flatten). Exporters often leave intermediate
 values without ``value_info`` (torch's TorchScript exporter does for MatMul outputs), so when a
-rule asks for a shape nobody declared, ``onnx.shape_inference`` (through onnx-ir's
-``ShapeInferencePass``, non-strict, with data propagation) runs once per model on a clone
-whose large tensors are left out. The working model is never annotated: inferred shapes only
-guide planning, so the output's ``value_info`` is the input's. If inference cannot tell, the
-rule keeps the BN and says the shape is unknown.
+rule asks for a shape nobody declared, ``onnx.shape_inference`` (as onnx-ir's
+``ShapeInferencePass`` runs it: non-strict, with data propagation, every initializer a graph
+input and those over 1000 bytes without their values) runs once per model. The working model
+is never annotated: inferred shapes only guide planning, so the output's ``value_info`` is the
+input's. If inference cannot tell, the rule keeps the BN and says the shape is unknown.
+
+A model read from a ``ModelProto`` that no fold has changed yet is inferred on that protobuf
+(:func:`inference_input`): the same message the pass would serialize from the model, without
+cloning and serializing it. Inferred shapes are turned into ``ir.Shape`` only for the values
+a rule asks about.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Mapping
 
 import onnx
 import onnx_ir as ir
@@ -26,6 +34,8 @@ from bnfold.passes.onnx.graphs import model_graphs
 Dims = list[int | None]
 #: How a refusal says a needed shape is unknown.
 UNKNOWN = "unknown (not declared, and ONNX shape inference could not tell)"
+#: Initializers over this many bytes go to inference without their values (onnx-ir's limit).
+VALUE_LIMIT = 1000
 
 
 def declared_dims(value: ir.Value) -> Dims | None:
@@ -40,11 +50,22 @@ def _dims(shape: ir.Shape | None) -> Dims | None:
 
 
 class Shapes:
-    """Dims of values of one model: declared, else inferred once on first need."""
+    """Dims of values of one model: declared, else inferred once on first need.
 
-    def __init__(self, model: ir.Model) -> None:
+    ``source``: the ``ModelProto`` the model was deserialized from (with ``apart``, the
+    initializers whose data it holds apart); inference runs on it (:func:`inference_input`)
+    unless :meth:`edited` was called first."""
+
+    def __init__(self, model: ir.Model, source: onnx.ModelProto | None = None,
+                 apart: Collection[int] = ()) -> None:
         self._model = model
-        self._inferred: dict[int, dict[str, ir.Shape]] | None = None
+        self._source = source
+        self._apart = apart
+        self._inferred: dict[int, Mapping[str, ir.Shape | None]] | None = None
+
+    def edited(self) -> None:
+        """The model was changed: it no longer equals ``source``."""
+        self._source = None
 
     def dims(self, graph: ir.Graph, value: ir.Value) -> Dims | None:
         """Dims of ``value`` (of ``graph``), declared or inferred; ``None`` if unknown."""
@@ -52,28 +73,32 @@ class Shapes:
         if declared is not None or not value.name:
             return declared
         if self._inferred is None:
-            self._inferred = _infer(self._model)
+            self._inferred = _infer(self._model, self._source, self._apart)
         return _dims(self._inferred.get(id(graph), {}).get(value.name))
 
 
-def _infer(model: ir.Model) -> dict[int, dict[str, ir.Shape]]:
-    """Shapes by graph (``id``) and value name: what onnx-ir's ``ShapeInferencePass`` (on a
-    clone) leaves on each value, an inferred shape, else the declared one. A model without
-    subgraphs has them read off the inferred protobuf (:func:`_inferred_shapes`), not off a
-    model built from it and merged into the clone, which costs more than the inference."""
-    clone = model.clone()  # shares tensors; the inference call drops large ones while it runs
-    graphs = model_graphs(clone)
+def _infer(model: ir.Model, source: onnx.ModelProto | None = None, apart: Collection[int] = ()
+           ) -> dict[int, Mapping[str, ir.Shape | None]]:
+    """Inferred shapes by graph (``id``) and value name, for values without a declared one.
+
+    A model of one graph is inferred on ``source`` (when :func:`inference_input` takes it)
+    or on the protobuf onnx-ir's ``ShapeInferencePass`` serializes from a clone, and its
+    shapes are read off the result as ``ir.serde.deserialize_graph`` would read them
+    (:class:`_ProtoShapes`); a failed inference leaves only the declared shapes, as the pass
+    does. A model with subgraphs takes the pass itself, on a clone."""
+    graphs = model_graphs(model)
     if len(graphs) == 1 and call_onnx_api is not None:
+        given = None if source is None else inference_input(source, apart)
         try:
-            proto = call_onnx_api(_infer_proto, clone)
-        except Exception:  # as the pass: inference failed, the clone keeps its declared shapes
-            proto = None
-        shapes = None if proto is None else _inferred_shapes(proto.graph)
-        if proto is None or shapes is not None:
-            return {id(model.graph): _shapes(clone.graph, shapes or {})}
+            proto = (_infer_proto(given) if given is not None
+                     else call_onnx_api(_infer_proto, model.clone()))
+        except Exception:  # as the pass: inference failed, only declared shapes are known
+            return {id(model.graph): {}}
+        return {id(model.graph): _ProtoShapes(proto.graph)}
+    clone = model.clone()  # shares tensors
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
-    return {id(original): _shapes(inferred, {})
-            for original, inferred in zip(model_graphs(model), graphs, strict=True)}
+    return {id(original): _shapes(inferred)
+            for original, inferred in zip(graphs, model_graphs(clone), strict=True)}
 
 
 def _infer_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,34 +107,77 @@ def _infer_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
                                              data_prop=True)
 
 
-def _shapes(graph: ir.Graph, inferred: dict[str, ir.Shape | None]) -> dict[str, ir.Shape]:
-    """The shape of each named value of ``graph``: ``inferred[name]`` unless absent or
-    ``None``, else the declared one (what the pass's merge leaves); unknown ones left out."""
-    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
-    out = {}
-    for name, value in values.items():
-        shape = inferred.get(name)
-        shape = value.shape if shape is None else shape
-        if shape is not None:
-            out[name] = shape
+def inference_input(source: onnx.ModelProto, apart: Collection[int] = ()
+                    ) -> onnx.ModelProto | None:
+    """The message onnx-ir's inference call makes of the model read from ``source`` (a
+    model without subgraphs): its nodes, declarations and functions, every initializer also
+    a graph input typed from its dims, and only initializers of at most :data:`VALUE_LIMIT`
+    bytes kept. ``apart``: indices of initializers whose ``raw_data`` is held apart
+    (:class:`~bnfold.io.split_proto.SplitProto`), none of which may be kept. ``None`` (the
+    model is serialized instead) for a model the two could see otherwise: IR version < 4, an
+    initializer that is a graph input, external, sparse, of a string or unknown dtype, or
+    held apart and small."""
+    graph = source.graph
+    if source.ir_version < 4 or graph.sparse_initializer:
+        return None
+    inputs = {i.name for i in graph.input}
+    out = onnx.ModelProto(ir_version=source.ir_version)
+    out.opset_import.extend(source.opset_import)
+    out.functions.extend(source.functions)
+    g = out.graph
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    for index, tensor in enumerate(graph.initializer):
+        size = _nbytes(tensor)
+        if (size is None or tensor.name in inputs or (size <= VALUE_LIMIT and index in apart)
+                or tensor.data_location == onnx.TensorProto.EXTERNAL):
+            return None
+        info = g.input.add(name=tensor.name).type.tensor_type
+        info.elem_type = tensor.data_type
+        info.shape.SetInParent()
+        for d in tensor.dims:
+            info.shape.dim.add(dim_value=d)
+        if size <= VALUE_LIMIT:
+            g.initializer.append(tensor)
     return out
 
 
-def _inferred_shapes(graph: onnx.GraphProto) -> dict[str, ir.Shape | None] | None:
-    """Each value's shape as ``ir.serde.deserialize_graph`` would give it: graph inputs from
-    their declarations, node outputs from ``value_info``, graph outputs from theirs (last);
-    ``None`` when an initializer is not a graph input (the inference call makes every one
-    an input; else the general path decides)."""
-    shape_of = ir.serde.deserialize_type_proto_for_shape
-    shapes: dict[str, ir.Shape | None] = {i.name: shape_of(i.type) for i in graph.input}
-    if any(t.name not in shapes for t in graph.initializer):
+def _nbytes(tensor: onnx.TensorProto) -> int | None:
+    """``nbytes`` of the tensor onnx-ir makes of ``tensor`` (from its dims and dtype);
+    ``None`` for a string or unknown dtype."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+        if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+            return None
+        return math.ceil(dtype.itemsize * math.prod(tensor.dims))
+    except ValueError:
         return None
-    info = {i.name: i for i in graph.value_info}
-    for node in graph.node:
-        for name in node.output:
-            if name and name not in shapes:
-                shapes[name] = shape_of(info[name].type) if name in info else None
-    for out in graph.output:
-        if out.name in shapes:
-            shapes[out.name] = shape_of(out.type)
-    return shapes
+
+
+class _ProtoShapes(Mapping[str, "ir.Shape | None"]):
+    """The shape of each value of an inferred ``GraphProto`` as ``ir.serde.deserialize_graph``
+    gives it (graph outputs' declarations over node outputs' ``value_info`` over graph
+    inputs' declarations), each read on first lookup."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        types = {i.name: i.type for i in graph.value_info}
+        types.update((i.name, i.type) for i in graph.input)
+        types.update((o.name, o.type) for o in graph.output)
+        self._types = types
+
+    def __getitem__(self, name: str) -> ir.Shape | None:
+        return ir.serde.deserialize_type_proto_for_shape(self._types[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._types)
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+
+def _shapes(graph: ir.Graph) -> dict[str, ir.Shape]:
+    """The shape of each named value of ``graph`` that has one."""
+    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
+    return {name: value.shape for name, value in values.items() if value.shape is not None}

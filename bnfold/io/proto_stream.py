@@ -38,7 +38,8 @@ from bnfold.io.external_data import INITIALIZER, SPARSE, proto_tensors
 STREAM_MIN = 64 * 1024
 
 _GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, raw_data
-_LITTLE_ENDIAN = sys.byteorder == "little"
+#: Whether this machine stores numbers as ONNX raw data does (then arrays are written as they are).
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 #: A streamed tensor's bytes: an exact ``bytes`` or a flat ``uint8`` array viewing them.
 Buffer = bytes | np.ndarray
@@ -234,10 +235,10 @@ def copy_fields(src: Message, dst: Message, keep: Callable[[FieldDescriptor], bo
 
 def frame(field: int, length: int) -> bytes:
     """The tag and length varints that open a length-delimited field (wire type 2)."""
-    return _varint(field << 3 | 2) + _varint(length)
+    return _encode_varint(field << 3 | 2) + _encode_varint(length)
 
 
-def _varint(n: int) -> bytes:
+def _encode_varint(n: int) -> bytes:
     """Protobuf's base-128 varint: 7 bits a byte, low first, high bit set on all but the last."""
     out = bytearray()
     while n >= 0x80:
@@ -284,7 +285,7 @@ def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
     (C order, whole bytes per element, little-endian host) a flat ``uint8`` view of it, no
     copy."""
     array = tensor.raw if type(tensor) is ir.Tensor else None  # a subclass may differ
-    if isinstance(array, np.ndarray) and _LITTLE_ENDIAN and array.flags.c_contiguous and \
+    if isinstance(array, np.ndarray) and LITTLE_ENDIAN and array.flags.c_contiguous and \
             array.dtype.itemsize * 8 == _BITS.get(tensor.dtype.value):
         return array.reshape(-1).view(np.uint8)
     return tensor.tobytes()

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.io.proto_stream import _LITTLE_ENDIAN, STREAM_MIN, frame, read_proto
+from bnfold.io.proto_stream import LITTLE_ENDIAN, STREAM_MIN, frame, read_proto
 
 #: Files smaller than this are parsed whole: their copies cost less than the walk.
 SPLIT_MIN = 1 << 20
@@ -73,7 +73,7 @@ class SplitProto:
         strings), and any on a big-endian host, take :meth:`whole`."""
         tensors = self.proto.graph.initializer
         kinds = {i: ir.DataType(tensors[i].data_type) for i in self.data}
-        if not _LITTLE_ENDIAN or any(
+        if not LITTLE_ENDIAN or any(
                 kind == ir.DataType.STRING or kind.bitwidth % 8 for kind in kinds.values()):
             return ir.serde.deserialize_model(self.whole())
         model = ir.serde.deserialize_model(self.proto)  # (hollow tensors: never read)
@@ -182,16 +182,16 @@ def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, in
     pos = start
     while pos < end:
         at = pos
-        key, pos = _varint(buf, pos)
+        key, pos = _read_varint(buf, pos)
         wire = key & 7
         if wire == 0:
-            _, pos = _varint(buf, pos)
+            _, pos = _read_varint(buf, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == _LENGTH_DELIMITED:
-            length, pos = _varint(buf, pos)
+            length, pos = _read_varint(buf, pos)
             pos += length
             if pos > end:
                 raise _Unusual
@@ -202,7 +202,7 @@ def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, in
         raise _Unusual
 
 
-def _varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
+def _read_varint(buf: mmap.mmap, pos: int) -> tuple[int, int]:
     """The base-128 varint at ``buf[pos]`` and the offset after it."""
     value = shift = 0
     while True:

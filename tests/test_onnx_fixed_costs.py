@@ -163,17 +163,29 @@ def test_inference_on_the_source_is_the_serialized_message() -> None:
     assert inference_input(proto, apart=[small]) is None  # its bytes are not in the proto
 
 
-def test_an_edited_model_is_inferred_on_itself(monkeypatch) -> None:
-    """Once the model changed, inference no longer reads the protobuf it came from."""
+def test_after_an_edit_what_the_source_cannot_tell_is_inferred_on_the_model(monkeypatch
+                                                                           ) -> None:
+    """A value inference on the source shapes is read from there, before and after an edit
+    (the model itself is never inferred then); one it cannot tell (a value the edit made) is
+    inferred on the model as it stands."""
+    from bnfold.passes.onnx import shapes as shapes_module
+
     proto = _handmade()
     model = ir.serde.deserialize_model(proto)
+    graph = model.graph
     shapes = Shapes(model, proto)
+    on_model = []
+    real = shapes_module._infer
+    monkeypatch.setattr(shapes_module, "_infer", lambda m: on_model.append(m) or real(m))
+    matmul, reshaped = graph.node(0).outputs[0], graph.node(2).outputs[0]
+    assert shapes.dims(graph, matmul) == [None, 3]
+    assert shapes.dims(graph, reshaped) == [None, None] and not on_model  # (rank only)
+    added = ir.Node("", "Relu", [matmul], name="added")
+    added.outputs[0].name = "added_out"
+    graph.append(added)
     shapes.edited()
-    seen = []
-    monkeypatch.setattr("bnfold.passes.onnx.shapes.inference_input",
-                        lambda *a: seen.append(a) or None)
-    m = model.graph.node(0).outputs[0]
-    assert shapes.dims(model.graph, m) == [None, 3] and not seen
+    assert shapes.dims(graph, matmul) == [None, 3] and not on_model
+    assert shapes.dims(graph, added.outputs[0]) == [None, 3] and on_model == [model]
 
 
 def test_a_save_whose_temp_file_cannot_get_its_mode_leaves_nothing(tmp_path, monkeypatch) -> None:
@@ -197,3 +209,26 @@ def test_a_save_whose_temp_file_cannot_get_its_mode_leaves_nothing(tmp_path, mon
         save_onnx(_handmade(), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert target.read_bytes() == b"old" and os.stat(target).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("name", ["mlp_bn1d", "mlp_heads", "levit_block",
+                                  "linear_seq_wrong_axis"])
+def test_a_fold_inferred_on_its_source_equals_one_inferred_on_the_model(name, monkeypatch
+                                                                        ) -> None:
+    """Models whose MatMul folds need inferred shapes: ``fold_onnx`` of the ``ModelProto``
+    (inferred on that protobuf) gives the bytes and report of ``fold_onnx`` of its onnx-ir
+    model (inferred on the model's serialization)."""
+    from bnfold.passes.onnx import shapes
+    from bnfold.passes.onnx.fold import fold_onnx
+
+    proto = _torchscript(name)
+    on_model = fold_onnx(ir.serde.deserialize_model(proto))
+    used = []
+    given = shapes.inference_input
+    monkeypatch.setattr(shapes, "inference_input", lambda *a: used.append(a) or given(*a))
+    on_source = fold_onnx(proto)
+    assert used, "no shape was read off the source"
+    assert on_source.report == on_model.report
+    assert on_source.model.SerializeToString() == \
+        ir.serde.serialize_model(on_model.model).SerializeToString()
+    assert on_source.report.folded  # (not vacuous)

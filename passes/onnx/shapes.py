@@ -9,10 +9,11 @@ input and those over 1000 bytes without their values) runs once per model. The w
 is never annotated: inferred shapes only guide planning, so the output's ``value_info`` is the
 input's. If inference cannot tell, the rule keeps the BN and says the shape is unknown.
 
-A model read from a ``ModelProto`` that no fold has changed yet is inferred on that protobuf
-(:func:`inference_input`): the same message the pass would serialize from the model, without
-cloning and serializing it. Inferred shapes are turned into ``ir.Shape`` only for the values
-a rule asks about.
+A model read from a ``ModelProto`` is inferred on that protobuf (:func:`inference_input`: the
+message the pass would serialize from the unchanged model), without cloning and serializing
+the model; after folds changed it, a value that protobuf's inference cannot tell is inferred
+on the model as it stands (:class:`Shapes`). Inferred shapes are turned into ``ir.Shape`` only
+for the values a rule asks about.
 """
 
 from __future__ import annotations
@@ -53,45 +54,73 @@ class Shapes:
     """Dims of values of one model: declared, else inferred once on first need.
 
     ``source``: the ``ModelProto`` the model was deserialized from (with ``apart``, the
-    initializers whose data it holds apart); inference runs on it (:func:`inference_input`)
-    unless :meth:`edited` was called first."""
+    indices of initializers whose data it holds apart). The main graph of a model without
+    subgraphs is then inferred on it (:func:`inference_input`), once; after the model was
+    :meth:`edited`, a value that inference on the source leaves unknown (one a fold made, or
+    one it could not tell) is inferred on the model as it stands. A fold keeps every value it
+    leaves in place the shape it had (it changes weights, not shapes; a value it renames
+    takes the place of one of the same shape), so what the source tells still holds."""
 
     def __init__(self, model: ir.Model, source: onnx.ModelProto | None = None,
                  apart: Collection[int] = ()) -> None:
         self._model = model
         self._source = source
         self._apart = apart
+        self._edited = False
+        self._on_source: Mapping[str, ir.Shape | None] | None = None
         self._inferred: dict[int, Mapping[str, ir.Shape | None]] | None = None
 
     def edited(self) -> None:
         """The model was changed: it no longer equals ``source``."""
-        self._source = None
+        self._edited = True
 
     def dims(self, graph: ir.Graph, value: ir.Value) -> Dims | None:
         """Dims of ``value`` (of ``graph``), declared or inferred; ``None`` if unknown."""
         declared = declared_dims(value)
         if declared is not None or not value.name:
             return declared
+        if self._source is not None and graph is self._model.graph:
+            if self._on_source is None:
+                self._on_source = _infer_source(self._model, self._source, self._apart)
+            if self._on_source is not None:
+                found = self._on_source.get(value.name)
+                if found is not None or not self._edited:
+                    return _dims(found)
+            else:  # a source inference cannot take: the model is inferred on itself
+                self._source = None
         if self._inferred is None:
-            self._inferred = _infer(self._model, self._source, self._apart)
+            self._inferred = _infer(self._model)
         return _dims(self._inferred.get(id(graph), {}).get(value.name))
 
 
-def _infer(model: ir.Model, source: onnx.ModelProto | None = None, apart: Collection[int] = ()
-           ) -> dict[int, Mapping[str, ir.Shape | None]]:
+def _infer_source(model: ir.Model, source: onnx.ModelProto, apart: Collection[int]
+                  ) -> Mapping[str, ir.Shape | None] | None:
+    """Shapes of the main graph of ``model``, inferred on ``source`` (:func:`inference_input`)
+    and read as :func:`_infer` reads them; ``None`` when ``model`` has subgraphs or
+    :func:`inference_input` does not take ``source``."""
+    if len(model_graphs(model)) != 1:
+        return None
+    given = inference_input(source, apart)
+    if given is None:
+        return None
+    try:
+        return _ProtoShapes(_infer_proto(given).graph)
+    except Exception:  # as the pass: inference failed, only declared shapes are known
+        return {}
+
+
+def _infer(model: ir.Model) -> dict[int, Mapping[str, ir.Shape | None]]:
     """Inferred shapes by graph (``id``) and value name, for values without a declared one.
 
-    A model of one graph is inferred on ``source`` (when :func:`inference_input` takes it)
-    or on the protobuf onnx-ir's ``ShapeInferencePass`` serializes from a clone, and its
-    shapes are read off the result as ``ir.serde.deserialize_graph`` would read them
-    (:class:`_ProtoShapes`); a failed inference leaves only the declared shapes, as the pass
-    does. A model with subgraphs takes the pass itself, on a clone."""
+    A model of one graph is inferred on the protobuf onnx-ir's ``ShapeInferencePass``
+    serializes from a clone, and its shapes are read off the result as
+    ``ir.serde.deserialize_graph`` would read them (:class:`_ProtoShapes`); a failed
+    inference leaves only the declared shapes, as the pass does. A model with subgraphs takes
+    the pass itself, on a clone."""
     graphs = model_graphs(model)
     if len(graphs) == 1 and call_onnx_api is not None:
-        given = None if source is None else inference_input(source, apart)
         try:
-            proto = (_infer_proto(given) if given is not None
-                     else call_onnx_api(_infer_proto, model.clone()))
+            proto = call_onnx_api(_infer_proto, model.clone())
         except Exception:  # as the pass: inference failed, only declared shapes are known
             return {id(model.graph): {}}
         return {id(model.graph): _ProtoShapes(proto.graph)}

@@ -126,16 +126,16 @@ class _Plan:
         view = GraphView(graph)
         if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
             return None
-        if _invalid_node(view, opset) or any(
-                any(n in view.constant for n in view.input_names[index])
-                for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
-            return None
-        sites = []
+        sites = []  # (first: most models the fast path leaves have a BN that is no site)
         for index in view.by_op.get("BatchNormalization", ()):
             site = _site(view, view.view(index), opset, select)
             if site is None:
                 return None
             sites.append(site)
+        if _invalid_node(view, opset) or any(
+                any(n in view.constant for n in view.input_names[index])
+                for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
+            return None
         return cls(model, view, opset, sites)
 
     # ------------------------------------------------------------------ the folds

@@ -185,7 +185,8 @@ class GraphView:
         self.readers = self._readers()
         self.constant = self._constants(flat)  # a superset of what consts.Constants finds
         self._views: dict[int, NodeView] = {}
-        self.declared = self._declared_shapes()
+        #: name -> its declared type (graph inputs, outputs, value_info)
+        self.declared = self._declared_types()
 
     def _default_nodes(self) -> dict[str, list[int]]:
         """The default-domain nodes of each op type, in graph order."""
@@ -276,14 +277,17 @@ class GraphView:
                 if self.domains[n] not in DEFAULT_DOMAINS
                 or i not in TYPE_ONLY_INPUTS.get(self.op_types[n], ())]
 
-    def _declared_shapes(self) -> dict[str, tuple[int | None, ...] | None]:
-        shapes: dict[str, tuple[int | None, ...] | None] = {}
+    def _declared_types(self) -> dict[str, onnx.TypeProto]:
+        """Each declared name's type (its shape read when asked for, :meth:`shape`);
+        :class:`NotPlain` if a name is declared with two shapes."""
+        types: dict[str, onnx.TypeProto] = {}
         g = self.graph
         for info in (*g.input, *g.output, *g.value_info):
-            shape = _type_shape(info.type)
-            if shapes.setdefault(info.name, shape) != shape:
+            declared = info.type
+            first = types.setdefault(info.name, declared)
+            if first is not declared and _type_shape(first) != _type_shape(declared):
                 raise NotPlain(f"{info.name!r} is declared with two shapes")
-        return shapes
+        return types
 
     def _default_constant(self, name: str) -> onnx.NodeProto | None:
         """The default-domain ``Constant`` node that produces ``name``, if one does."""
@@ -319,7 +323,8 @@ class GraphView:
         node = self._default_constant(value.name)
         if node is not None:
             return _constant_shape(node)
-        return self.declared.get(value.name)
+        declared = self.declared.get(value.name)
+        return None if declared is None else _type_shape(declared)
 
 
 def _type_shape(type_proto: onnx.TypeProto) -> tuple[int | None, ...] | None:

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.bench_onnx_fold import OUT, PEERS, TESTS, _ort_optimize_file, _table
 
-REPEAT = 5
+REPEAT = 10
 
 
 def _bnfold(src: Path, dst: Path) -> None:

@@ -184,6 +184,41 @@ def _weight_is_input() -> onnx.ModelProto:
     return m
 
 
+def _dynamo_cones(fill: float = 0.0, spare: bool = False, batch: int | str = 2,
+                  graph_output: bool = False, typed: bool = False,
+                  bn_output: bool = False) -> onnx.ModelProto:
+    """Two Conv + BN, each with the zero bias dynamo writes (``optimize=False``):
+    ``Expand(CastLike(c, x), Expand(Shape(w)[0:1], [1]))``, the scalar ``c`` one ``Constant``
+    both cones read. ``fill``: ``c``; ``spare``: a third Conv, with no BN, reads the second
+    cone's bias (the cone must stay); ``batch``: the first dim of ``x`` (a symbolic one: the
+    full path cannot evaluate ``CastLike``); ``graph_output``: the first cone's ``CastLike``
+    output is also a graph output (it must stay); ``typed``: another ``CastLike``, a graph
+    output, reads the type of the first Conv's output (its BN still folds); ``bn_output``: the
+    first BN's output is a graph output too."""
+    b = Builder(3)
+    b.node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(fill, np.float32)))
+    x = "x"
+    for i in range(2):
+        w = b.rand(f"w{i}", [4, 4 if i else 3, 1, 1])
+        b.node("Shape", [w], [f"s{i}"], start=0, end=1)
+        b.node("Constant", [], [f"one{i}"], value_ints=[1])
+        b.node("Expand", [f"s{i}", f"one{i}"], [f"n{i}"])
+        b.node("CastLike", ["c", x], [f"z{i}"])
+        b.node("Expand", [f"z{i}", f"n{i}"], [f"bias{i}"])
+        b.node("Conv", [x, w, f"bias{i}"], [f"l{i}"])
+        x = b.node("Relu", [b.bn(f"l{i}", f"y{i}", 4)], [f"r{i}"])
+    outputs: dict[str, None] = {x: None}
+    if spare:
+        outputs[b.node("Conv", [x, "w1", "bias1"], ["spare"])] = None
+    if graph_output:
+        outputs["z0"] = None
+    if typed:
+        outputs[b.node("CastLike", ["c", "l0"], ["typed"])] = None
+    if bn_output:
+        outputs["y0"] = None
+    return b.model({"x": [batch, 3, 4, 4]}, outputs)
+
+
 PLAIN = {
     "chain": lambda: chain_model(4, 6, kernel=3),
     "chain, weights folded one by one": lambda: chain_model(3, 96, kernel=3),  # > 2**16 each
@@ -208,6 +243,13 @@ PLAIN = {
     "shared weight": lambda: shared_weight(0),
     "Constant node parameters": lambda: _constant_parameters(shared=False),
     "Constant node parameters, shared": lambda: _constant_parameters(shared=True),
+    "dynamo bias subgraph": lambda: dynamo_bias_subgraph(0),
+    "dynamo bias cones, one shared Constant": _dynamo_cones,
+    "dynamo bias cones filled with 0.5": lambda: _dynamo_cones(fill=0.5),
+    "dynamo bias cone also read by a Conv without BN": lambda: _dynamo_cones(spare=True),
+    "dynamo bias cone, a CastLike that is a graph output":
+        lambda: _dynamo_cones(graph_output=True),
+    "a layer output whose type another node reads": lambda: _dynamo_cones(typed=True),
 }
 NOT_PLAIN = {
     "partly plain": _partly_plain,
@@ -215,7 +257,9 @@ NOT_PLAIN = {
     "training-mode BN": _training_bn,
     "weight is a graph input": _weight_is_input,
     "Constant node weight": lambda: constant_node_weight(0),
-    "dynamo bias subgraph": lambda: dynamo_bias_subgraph(0),
+    "dynamo bias cone on a symbolic batch": lambda: _dynamo_cones(batch="n"),
+    "a type-read layer output whose BN output is a graph output":
+        lambda: _dynamo_cones(typed=True, bn_output=True),
     "IR version 3": lambda: _edited(_conv(), lambda m: setattr(m, "ir_version", 3)),
     "training info": lambda: _edited(_conv(), lambda m: m.training_info.add()),
     "invalid BN": lambda: _edited(_conv(), lambda m: m.graph.initializer[2].dims.__setitem__(
@@ -294,8 +338,11 @@ def test_progress_is_the_full_paths() -> None:
 # ------------------------------------------------------------------ zoo exports
 
 #: Exports whose every BN follows a plain layer: folded on the protobuf (convtranspose_decoder
-#: has an affine-less BN whose scale and B are Constant nodes).
-PLAIN_EXPORTS = {("plain_cnn", False), ("resnet_small", False), ("mlp_bn1d", True)}
+#: has an affine-less BN whose scale and B are Constant nodes; the dynamo exports' convs have
+#: the zero bias of :mod:`bnfold.passes.onnx.dynamo_bias`).
+PLAIN_EXPORTS = {("plain_cnn", False), ("resnet_small", False), ("mlp_bn1d", True),
+                 ("plain_cnn", True), ("resnet_small", True), ("mobilenet_blocks", True),
+                 ("shared_conv", True)}
 
 
 @pytest.mark.parametrize(("name", "dynamo"),

@@ -2,12 +2,14 @@
 
 Most inference graphs are plain: every ``BatchNormalization`` reads the output of a
 default-domain Conv / ConvTranspose / Gemm (:data:`.layers.LAYERS`; MatMul needs shapes) that
-only it reads, and the layer's weight and bias and the BN's parameters are initializers that
-are not graph inputs. :func:`direct_fold` folds such a model in one linear scan of its
-``ModelProto`` (:mod:`.proto_view`) and returns exactly what the full onnx-ir path
-(:func:`.fold.fold_onnx`) returns for it: the same graph (as onnx-ir serializes it), the same
-tensors byte for byte, the same report. It returns ``None`` (the caller then runs the full
-path) unless it can prove that, i.e. whenever anything is not the plain case:
+only it reads (``CastLike``/``Shape`` reading only its type aside), and the layer's weight and
+bias and the BN's parameters are initializers that are not graph inputs (or the bias is the
+zero bias torch's dynamo exporter computes, :mod:`.dynamo_bias`). :func:`direct_fold` folds
+such a model in one linear scan of its ``ModelProto`` (:mod:`.proto_view`) and returns
+exactly what the full onnx-ir path (:func:`.fold.fold_onnx`) returns for it: the same graph
+(as onnx-ir serializes it), the same tensors byte for byte, the same report. It returns
+``None`` (the caller then runs the full path) unless it can prove that, i.e. whenever anything
+is not the plain case:
 
 * IR version < 4, no default opset or one below 7, a subgraph, a model-local function that
   holds a BN, external data, sparse initializers, training info or quantization annotations
@@ -15,12 +17,13 @@ path) unless it can prove that, i.e. whenever anything is not the plain case:
   invalid node :mod:`.validity` would refuse (the full path raises it);
 * a BN in training mode or with a statistics output (:mod:`.bn`), excluded by the user, on a
   possibly constant input (:mod:`.constant_bn`), after anything but a plain layer (no-ops,
-  layout ops, MatMul, Add), or whose layer output has another reader or is a graph output;
-* a weight or bias that is not an initializer, is a graph input or is not a float, a BN
-  parameter that is neither such an initializer nor a ``Constant`` node's ``value``, or one
-  tensor read twice by the same fold; a ``Mul``/``Div`` with a possibly constant operand
-  (a BN-like affine chain, :mod:`.sites`); any refusal of the algebra (invalid variance,
-  overflow, non-finite).
+  layout ops, MatMul, Add), or whose layer output has another data reader or is a graph
+  output (or has a type-only reader while the BN output is a graph output);
+* a weight or bias that is not an initializer (other than :mod:`.dynamo_bias`'s cone), is a
+  graph input or is not a float, a BN parameter that is neither such an initializer nor a
+  ``Constant`` node's ``value``, or one tensor read twice by the same fold; a
+  ``Mul``/``Div`` with a possibly constant operand (a BN-like affine chain, :mod:`.sites`);
+  any refusal of the algebra (invalid variance, overflow, non-finite).
 
 The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with the arguments
 :mod:`.forward` passes (float64, rounded once; alike folds stacked into a few numpy calls by
@@ -29,8 +32,9 @@ The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with th
 reader and it is no graph input or output, else a new ``<layer>_bnfold_...`` initializer named
 by :class:`.consts.Namer`'s rules), Gemm's ``beta`` set to 1, the BN removed as
 :func:`.edit.remove_bn` does (its readers read the layer output; a BN output that is a graph
-output renames the layer output), and released initializers and ``Constant`` nodes nobody
-reads any more pruned (:func:`.edit.prune`). tests/test_onnx_direct.py checks equality with
+output renames the layer output), and what a fold released that nobody reads any more
+pruned as :func:`.edit.prune` prunes it (initializers, ``Constant`` nodes, a computed bias's
+cone). tests/test_onnx_direct.py checks equality with
 the full path on a corpus and on random graphs.
 """
 
@@ -51,6 +55,7 @@ from bnfold.io.proto_stream import STREAM_MIN, copy_fields
 from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.dynamo_bias import computed_bias
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
 from bnfold.passes.onnx.names import module_path
 from bnfold.passes.onnx.proto_view import GraphView, NodeView, NotPlain, ValueView
@@ -94,14 +99,16 @@ class _Plan:
     """The BN sites of a plain model and the edits their folds make."""
 
     def __init__(self, model: onnx.ModelProto | SplitProto, view: GraphView, opset: int,
-                 sites: list[tuple[NodeView, NodeView]]) -> None:
+                 sites: list[tuple[NodeView, NodeView]],
+                 computed: dict[str, np.ndarray]) -> None:
         self.split = isinstance(model, SplitProto)  # then the output holds tensors apart too
         self.model = model.proto if isinstance(model, SplitProto) else model
         self.view, self.opset, self.sites = view, opset, sites
         #: initializer name -> its bytes, for the input's tensors held apart
         self.held: dict[str, np.ndarray] = {} if not isinstance(model, SplitProto) else {
             self.model.graph.initializer[i].name: data for i, data in model.data.items()}
-        self.arrays: dict[str, np.ndarray] = {}
+        #: name -> its array: tensors read so far, computed biases (:mod:`.dynamo_bias`)
+        self.arrays: dict[str, np.ndarray] = dict(computed)
         self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
         self.added: dict[str, None] = {}  # new initializers, in order (in self.arrays)
         self.released: list[str] = []
@@ -127,8 +134,9 @@ class _Plan:
         if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
             return None
         sites = []  # (first: most models the fast path leaves have a BN that is no site)
+        computed: dict[str, np.ndarray] = {}
         for index in view.by_op.get("BatchNormalization", ()):
-            site = _site(view, view.view(index), opset, select)
+            site = _site(view, view.view(index), opset, select, computed)
             if site is None:
                 return None
             sites.append(site)
@@ -136,7 +144,7 @@ class _Plan:
                 any(n in view.constant for n in view.input_names[index])
                 for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
             return None
-        return cls(model, view, opset, sites)
+        return cls(model, view, opset, sites, computed)
 
     # ------------------------------------------------------------------ the folds
 
@@ -268,7 +276,7 @@ class _Plan:
             for node, i in readers:
                 view.input_names[node][i] = x
                 self.edited.add(node)
-            view.readers[x] = readers
+            view.readers[x] = view.readers.get(x, []) + readers  # (after its type readers)
 
     def _fresh(self, base: str) -> str:
         """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
@@ -284,12 +292,7 @@ class _Plan:
         """The folded model: ``self.model`` with the edits, copied field by field (a
         :class:`~bnfold.io.split_proto.SplitProto` when the input is one)."""
         src, view = self.model, self.view
-        unread = {n for n in self.released if not view.readers.get(n)
-                  and n not in view.outputs and n not in view.inputs}
-        dead = {n for n in unread if self._is_initializer(n)}
-        for name in unread - dead:  # a Constant node's output: the node goes
-            self.removed.add(view.producer[name])
-            self.renamed.add(name)
+        dead = self._prune()
         out = onnx.ModelProto()
         copy_fields(src, out, lambda field: field.name != "graph")
         graph = out.graph
@@ -313,6 +316,34 @@ class _Plan:
                 self._add_tensor(graph, self.arrays[name], name, held)
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
         return SplitProto(out, held) if self.split else out
+
+    def _prune(self) -> set[str]:
+        """:func:`.edit.prune` of the released names: an unread initializer is dead (the
+        names returned), a node none of whose outputs is read or a graph output goes (into
+        ``removed``; a ``Constant``, a computed bias's cone), and its inputs are looked at in
+        turn. Graph inputs stay."""
+        view = self.view
+        dead: set[str] = set()
+        todo = list(self.released)
+        while todo:
+            name = todo.pop()
+            if view.readers.get(name) or name in view.outputs or name in view.inputs:
+                continue
+            if self._is_initializer(name):
+                dead.add(name)
+                continue
+            index = view.producer.get(name)
+            outputs = [] if index is None else [o for o in view.output_names[index] if o]
+            if index is None or index in self.removed or any(
+                    view.readers.get(o) or o in view.outputs for o in outputs):
+                continue
+            self.removed.add(index)
+            self.renamed.update(outputs)
+            for i, read in enumerate(view.input_names[index]):
+                if read:
+                    view.readers[read].remove((index, i))
+                    todo.append(read)
+        return dead
 
     def _add_tensor(self, graph: onnx.GraphProto, array: np.ndarray, name: str,
                     held: dict[int, np.ndarray]) -> None:
@@ -346,9 +377,10 @@ def _invalid_node(view: GraphView, opset: int) -> bool:
                for op in CHECKED_OPS for index in view.by_op.get(op, ()))
 
 
-def _site(view: GraphView, bn: NodeView, opset: int,
-          select: Selection) -> tuple[NodeView, NodeView] | None:
-    """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``."""
+def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
+          computed: dict[str, np.ndarray]) -> tuple[NodeView, NodeView] | None:
+    """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``; a layer bias
+    computed as :mod:`.dynamo_bias` reads it goes into ``computed``."""
     if training_reason(bn, opset) or any(bn.output_names[1:]) or len(bn.input_names) != 5:
         return None
     if select != EVERY_BN and select.refusal((display_name(bn), module_path(bn))):
@@ -356,8 +388,9 @@ def _site(view: GraphView, bn: NodeView, opset: int,
     x, y = bn.input_names[0], bn.output_names[0]
     producer = view.producer.get(x)
     if not x or x in view.constant or x in view.outputs or producer is None \
-            or view.readers[x] != [(bn.index, 0)]:
-        return None
+            or view.data_readers(x) != [(bn.index, 0)] \
+            or (y in view.outputs and view.readers[x] != [(bn.index, 0)]):
+        return None  # (a renamed layer output would leave its type-only readers behind)
     layer = view.view(producer)
     if layer.domain not in DEFAULT_DOMAINS or layer.op_type not in _FORWARD_LAYERS \
             or layer.output_names[0] != x:
@@ -367,6 +400,11 @@ def _site(view: GraphView, bn: NodeView, opset: int,
             info.doc_string or info.metadata_props for info in view.infos(x, y))):
         return None  # (a renamed graph output would take the layer output's doc string)
     tensors = [n for n in names[1:] if n]
+    if len(tensors) == 2 and not _plain_tensor(view, tensors[1]):
+        bias = computed_bias(view, layer)
+        if bias is None:
+            return None
+        computed[tensors.pop()] = bias
     parameters = bn.input_names[1:]
     if len(set(tensors + parameters)) != len(tensors) + len(parameters):
         return None

@@ -279,14 +279,16 @@ class GraphView:
 
     def _declared_types(self) -> dict[str, onnx.TypeProto]:
         """Each declared name's type (its shape read when asked for, :meth:`shape`);
-        :class:`NotPlain` if a name is declared with two shapes."""
+        :class:`NotPlain` if a name is declared with two shapes or element types."""
         types: dict[str, onnx.TypeProto] = {}
         g = self.graph
         for info in (*g.input, *g.output, *g.value_info):
             declared = info.type
             first = types.setdefault(info.name, declared)
-            if first is not declared and _type_shape(first) != _type_shape(declared):
-                raise NotPlain(f"{info.name!r} is declared with two shapes")
+            if first is not declared and (
+                    type_shape(first) != type_shape(declared)
+                    or first.tensor_type.elem_type != declared.tensor_type.elem_type):
+                raise NotPlain(f"{info.name!r} is declared with two types")
         return types
 
     def _default_constant(self, name: str) -> onnx.NodeProto | None:
@@ -324,10 +326,11 @@ class GraphView:
         if node is not None:
             return _constant_shape(node)
         declared = self.declared.get(value.name)
-        return None if declared is None else _type_shape(declared)
+        return None if declared is None else type_shape(declared)
 
 
-def _type_shape(type_proto: onnx.TypeProto) -> tuple[int | None, ...] | None:
+def type_shape(type_proto: onnx.TypeProto) -> tuple[int | None, ...] | None:
+    """A tensor type's dims (``None`` for a symbolic one); ``None`` without a shape."""
     if type_proto.WhichOneof("value") != "tensor_type" \
             or not type_proto.tensor_type.HasField("shape"):
         return None

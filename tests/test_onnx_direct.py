@@ -219,6 +219,24 @@ def _dynamo_cones(fill: float = 0.0, spare: bool = False, batch: int | str = 2,
     return b.model({"x": [batch, 3, 4, 4]}, outputs)
 
 
+def _dynamo_affine_less(batch: int | str = 2) -> onnx.ModelProto:
+    """Conv + BN without affine parameters as dynamo writes it (``optimize=False``): scale
+    ``Expand(CastLike([1.0], l), Shape(l)[1:2])`` and B the same with 0, ``l`` the Conv
+    output (read for its type only)."""
+    b = Builder(5)
+    b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1]), b.rand("b", [4])], ["l"])
+    fills = []
+    for name, value in (("scale", 1.0), ("B", 0.0)):
+        b.node("Constant", [], [f"{name}_c"], value_floats=[value])
+        b.node("CastLike", [f"{name}_c", "l"], [f"{name}_like"])
+        b.node("Shape", ["l"], [f"{name}_n"], start=1, end=2)
+        fills.append(b.node("Expand", [f"{name}_like", f"{name}_n"], [name]))
+    mean = b.init("mean", b.rng.normal(0, 0.5, [4]))
+    var = b.init("var", b.rng.random([4]) * 2.7 + 0.3)
+    b.node("BatchNormalization", ["l", *fills, mean, var], ["y"])
+    return b.model({"x": [batch, 3, 4, 4]}, {b.node("Relu", ["y"], ["r"]): None})
+
+
 PLAIN = {
     "chain": lambda: chain_model(4, 6, kernel=3),
     "chain, weights folded one by one": lambda: chain_model(3, 96, kernel=3),  # > 2**16 each
@@ -250,6 +268,7 @@ PLAIN = {
     "dynamo bias cone, a CastLike that is a graph output":
         lambda: _dynamo_cones(graph_output=True),
     "a layer output whose type another node reads": lambda: _dynamo_cones(typed=True),
+    "dynamo BN without affine parameters": _dynamo_affine_less,
 }
 NOT_PLAIN = {
     "partly plain": _partly_plain,
@@ -258,6 +277,8 @@ NOT_PLAIN = {
     "weight is a graph input": _weight_is_input,
     "Constant node weight": lambda: constant_node_weight(0),
     "dynamo bias cone on a symbolic batch": lambda: _dynamo_cones(batch="n"),
+    "dynamo BN without affine parameters on a symbolic batch":
+        lambda: _dynamo_affine_less(batch="n"),
     "a type-read layer output whose BN output is a graph output":
         lambda: _dynamo_cones(typed=True, bn_output=True),
     "IR version 3": lambda: _edited(_conv(), lambda m: setattr(m, "ir_version", 3)),
@@ -338,11 +359,11 @@ def test_progress_is_the_full_paths() -> None:
 # ------------------------------------------------------------------ zoo exports
 
 #: Exports whose every BN follows a plain layer: folded on the protobuf (convtranspose_decoder
-#: has an affine-less BN whose scale and B are Constant nodes; the dynamo exports' convs have
-#: the zero bias of :mod:`bnfold.passes.onnx.dynamo_bias`).
+#: has an affine-less BN whose scale and B are Constant nodes; in the dynamo exports, convs'
+#: zero biases and affine-less BNs' parameters are fills, :mod:`bnfold.passes.onnx.dynamo_fills`).
 PLAIN_EXPORTS = {("plain_cnn", False), ("resnet_small", False), ("mlp_bn1d", True),
                  ("plain_cnn", True), ("resnet_small", True), ("mobilenet_blocks", True),
-                 ("shared_conv", True)}
+                 ("shared_conv", True), ("convtranspose_decoder", True)}
 
 
 @pytest.mark.parametrize(("name", "dynamo"),
@@ -387,7 +408,7 @@ def _plain_graphs(draw) -> onnx.ModelProto:
         inputs = [x, w]
         if draw(st.booleans()):
             inputs.append(b.rand(f"b{i}", [c]))
-        elif op == "Conv" and draw(st.booleans()):  # dynamo's zero bias (dynamo_bias.py)
+        elif op == "Conv" and draw(st.booleans()):  # dynamo's zero bias (dynamo_fills.py)
             if not any(n.output[0] == "zero" for n in b.nodes):
                 b.node("Constant", [], ["zero"],
                        value=numpy_helper.from_array(np.array(0, np.float32)))

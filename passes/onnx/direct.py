@@ -3,9 +3,9 @@
 Most inference graphs are plain: every ``BatchNormalization`` reads the output of a
 default-domain Conv / ConvTranspose / Gemm (:data:`.layers.LAYERS`; MatMul needs shapes) that
 only it reads (``CastLike``/``Shape`` reading only its type aside), and the layer's weight and
-bias and the BN's parameters are initializers that are not graph inputs (or the bias is the
-zero bias torch's dynamo exporter computes, :mod:`.dynamo_bias`). :func:`direct_fold` folds
-such a model in one linear scan of its ``ModelProto`` (:mod:`.proto_view`) and returns
+bias and the BN's parameters are initializers that are not graph inputs (or fills torch's
+dynamo exporter computes, :mod:`.dynamo_fills`). :func:`direct_fold` folds such a model in one
+linear scan of its ``ModelProto`` (:mod:`.proto_view`) and returns
 exactly what the full onnx-ir path (:func:`.fold.fold_onnx`) returns for it: the same graph
 (as onnx-ir serializes it), the same tensors byte for byte, the same report. It returns
 ``None`` (the caller then runs the full path) unless it can prove that, i.e. whenever anything
@@ -19,9 +19,10 @@ is not the plain case:
   possibly constant input (:mod:`.constant_bn`), after anything but a plain layer (no-ops,
   layout ops, MatMul, Add), or whose layer output has another data reader or is a graph
   output (or has a type-only reader while the BN output is a graph output);
-* a weight or bias that is not an initializer (other than :mod:`.dynamo_bias`'s cone), is a
-  graph input or is not a float, a BN parameter that is neither such an initializer nor a
-  ``Constant`` node's ``value``, or one tensor read twice by the same fold; a
+* a weight or bias that is not an initializer (or a bias that is no :mod:`.dynamo_fills`
+  fill), is a graph input or is not a float, a BN parameter that is neither such an
+  initializer, a ``Constant`` node's ``value`` nor a fill, or one tensor read twice by the
+  same fold; a
   ``Mul``/``Div`` with a possibly constant operand (a BN-like affine chain, :mod:`.sites`);
   any refusal of the algebra (invalid variance, overflow, non-finite).
 
@@ -55,7 +56,7 @@ from bnfold.io.proto_stream import STREAM_MIN, copy_fields
 from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import Namer
-from bnfold.passes.onnx.dynamo_bias import computed_bias
+from bnfold.passes.onnx.dynamo_fills import computed_fill
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
 from bnfold.passes.onnx.names import module_path
 from bnfold.passes.onnx.proto_view import GraphView, NodeView, NotPlain, ValueView
@@ -107,7 +108,7 @@ class _Plan:
         #: initializer name -> its bytes, for the input's tensors held apart
         self.held: dict[str, np.ndarray] = {} if not isinstance(model, SplitProto) else {
             self.model.graph.initializer[i].name: data for i, data in model.data.items()}
-        #: name -> its array: tensors read so far, computed biases (:mod:`.dynamo_bias`)
+        #: name -> its array: tensors read so far, computed fills (:mod:`.dynamo_fills`)
         self.arrays: dict[str, np.ndarray] = dict(computed)
         self.replaced: set[str] = set()  # initializers given a new value (in self.arrays)
         self.added: dict[str, None] = {}  # new initializers, in order (in self.arrays)
@@ -380,7 +381,7 @@ def _invalid_node(view: GraphView, opset: int) -> bool:
 def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
           computed: dict[str, np.ndarray]) -> tuple[NodeView, NodeView] | None:
     """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``; a layer bias
-    computed as :mod:`.dynamo_bias` reads it goes into ``computed``."""
+    or BN parameter computed as :mod:`.dynamo_fills` reads it goes into ``computed``."""
     if training_reason(bn, opset) or any(bn.output_names[1:]) or len(bn.input_names) != 5:
         return None
     if select != EVERY_BN and select.refusal((display_name(bn), module_path(bn))):
@@ -400,19 +401,32 @@ def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
             info.doc_string or info.metadata_props for info in view.infos(x, y))):
         return None  # (a renamed graph output would take the layer output's doc string)
     tensors = [n for n in names[1:] if n]
-    if len(tensors) == 2 and not _plain_tensor(view, tensors[1]):
-        bias = computed_bias(view, layer)
-        if bias is None:
-            return None
-        computed[tensors.pop()] = bias
     parameters = bn.input_names[1:]
-    if len(set(tensors + parameters)) != len(tensors) + len(parameters):
+    if len(set(tensors + parameters)) != len(tensors) + len(parameters) \
+            or not _float_tensor(view, tensors[0]):
         return None
-    if all(_plain_tensor(view, n) and view.initializers[n].data_type in _FLOAT_TYPES
-           for n in tensors) and all(
-            _plain_tensor(view, n) or view.constant_tensor(n) is not None for n in parameters):
-        return bn, layer
-    return None
+    weight = view.initializers[tensors[0]]
+    bound = math.prod(weight.dims)  # a stored tensor's size: the full path evaluates fills
+    for name in tensors[1:]:
+        if _plain_tensor(view, name):
+            if not _float_tensor(view, name):
+                return None
+            continue
+        bias = computed_fill(view, name, bound)
+        if bias is None or bias.dtype != _FLOAT_TYPES[weight.data_type]:
+            return None
+        computed[name] = bias
+    for name in parameters:
+        if not _plain_tensor(view, name) and view.constant_tensor(name) is None:
+            fill = computed_fill(view, name, bound)
+            if fill is None:
+                return None
+            computed[name] = fill
+    return bn, layer
+
+
+def _float_tensor(view: GraphView, name: str) -> bool:
+    return _plain_tensor(view, name) and view.initializers[name].data_type in _FLOAT_TYPES
 
 
 def _plain_tensor(view: GraphView, name: str) -> bool:

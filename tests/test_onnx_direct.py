@@ -574,3 +574,21 @@ def test_the_fast_path_leaves_no_reference_cycles() -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_fill_over_max_const_elements_takes_the_full_path() -> None:
+    """``max_const_elements`` bounds a dynamo fill as it bounds any computed constant: over it,
+    the full path runs and keeps the BN, saying why; at it, the fast path folds."""
+    model = _dynamo_cones()  # fills of 4 elements
+    assert direct_fold(model, max_const_elements=3) is None
+    got, want = fold_onnx(model, max_const_elements=3), _full(model, max_const_elements=3)
+    assert got.report.entries == want.report.entries
+    assert any("max_const_elements" in (e.reason or "") for e in got.report.entries)
+    assert _check_budget(model, 4) is not None
+
+
+def _check_budget(model: onnx.ModelProto, budget: int):
+    fast = direct_fold(model, max_const_elements=budget)
+    if fast is not None:
+        assert _normal(fast.model) == _normal(_full(model, max_const_elements=budget).model)
+    return fast

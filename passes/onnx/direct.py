@@ -55,7 +55,7 @@ from bnfold.errors import UnsafeFoldError
 from bnfold.io.proto_stream import STREAM_MIN, copy_fields
 from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.bn import display_name, params, training_reason
-from bnfold.passes.onnx.consts import Namer
+from bnfold.passes.onnx.consts import MIN_BUDGET, Namer
 from bnfold.passes.onnx.dynamo_fills import computed_fill
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS
 from bnfold.passes.onnx.names import module_path
@@ -75,7 +75,8 @@ _AFFINE_HEADS = ("Mul", "Div")
 
 
 def direct_fold(model: onnx.ModelProto | SplitProto, *, select: Selection = EVERY_BN,
-                progress: Callable[[int, int], Any] | None = None) -> PassResult | None:
+                progress: Callable[[int, int], Any] | None = None,
+                max_const_elements: int | None = None) -> PassResult | None:
     """``fold_onnx(model)`` for a plain model (see the module docstring), else ``None``.
 
     The result is a new model of ``model``'s kind built from its parts (never changed): a
@@ -84,9 +85,11 @@ def direct_fold(model: onnx.ModelProto | SplitProto, *, select: Selection = EVER
     :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes) are held apart as arrays.
     ``progress(done, total)`` is called once per BN as its fold is written (the algebra runs
     for every BN first, so a refusal, which sends the caller to the full path, comes before).
+    ``max_const_elements``: :func:`.fold.fold_onnx`'s bound on a computed constant (a
+    :mod:`.dynamo_fills` fill over it takes the full path, which keeps that BN and says why).
     """
     try:
-        plan = _Plan.of(model, select)
+        plan = _Plan.of(model, select, max_const_elements)
         if plan is None:
             return None
         with np.errstate(over="ignore"):  # an overflowing fold is refused
@@ -120,7 +123,8 @@ class _Plan:
         self._namer: Namer | None = None
 
     @classmethod
-    def of(cls, model: onnx.ModelProto | SplitProto, select: Selection) -> _Plan | None:
+    def of(cls, model: onnx.ModelProto | SplitProto, select: Selection,
+           budget: int | None = None) -> _Plan | None:
         proto = model.proto if isinstance(model, SplitProto) else model
         opset = _default_opset(proto)
         if proto.ir_version < 4 or opset is None or opset < 7 or _bn_in_functions(proto):
@@ -137,7 +141,7 @@ class _Plan:
         sites = []  # (first: most models the fast path leaves have a BN that is no site)
         computed: dict[str, np.ndarray] = {}
         for index in view.by_op.get("BatchNormalization", ()):
-            site = _site(view, view.view(index), opset, select, computed)
+            site = _site(view, view.view(index), opset, select, computed, budget)
             if site is None:
                 return None
             sites.append(site)
@@ -379,9 +383,12 @@ def _invalid_node(view: GraphView, opset: int) -> bool:
 
 
 def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
-          computed: dict[str, np.ndarray]) -> tuple[NodeView, NodeView] | None:
+          computed: dict[str, np.ndarray], budget: int | None = None
+          ) -> tuple[NodeView, NodeView] | None:
     """``(bn, layer)`` when ``bn`` is a plain forward-fold site, else ``None``; a layer bias
-    or BN parameter computed as :mod:`.dynamo_fills` reads it goes into ``computed``."""
+    or BN parameter computed as :mod:`.dynamo_fills` reads it goes into ``computed``
+    (``budget``: the most elements the full path evaluates a computed constant to; by default
+    at least the weight's size, what :class:`.consts.Constants` admits at the least)."""
     if training_reason(bn, opset) or any(bn.output_names[1:]) or len(bn.input_names) != 5:
         return None
     if select != EVERY_BN and select.refusal((display_name(bn), module_path(bn))):
@@ -406,19 +413,19 @@ def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
             or not _float_tensor(view, tensors[0]):
         return None
     weight = view.initializers[tensors[0]]
-    bound = math.prod(weight.dims)  # a stored tensor's size: the full path evaluates fills
+    limit = max(math.prod(weight.dims), MIN_BUDGET) if budget is None else budget
     for name in tensors[1:]:
         if _plain_tensor(view, name):
             if not _float_tensor(view, name):
                 return None
             continue
-        bias = computed_fill(view, name, bound)
+        bias = computed_fill(view, name, limit)
         if bias is None or bias.dtype != _FLOAT_TYPES[weight.data_type]:
             return None
         computed[name] = bias
     for name in parameters:
         if not _plain_tensor(view, name) and view.constant_tensor(name) is None:
-            fill = computed_fill(view, name, bound)
+            fill = computed_fill(view, name, limit)
             if fill is None:
                 return None
             computed[name] = fill

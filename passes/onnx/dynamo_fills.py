@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.passes.onnx.consts import MIN_BUDGET
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS
 from bnfold.passes.onnx.proto_view import GraphView, type_shape
 
@@ -34,17 +33,17 @@ _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLO
            onnx.TensorProto.BFLOAT16)
 
 
-def computed_fill(view: GraphView, name: str, bound: int) -> np.ndarray | None:
+def computed_fill(view: GraphView, name: str, limit: int) -> np.ndarray | None:
     """The array the onnx-ir fold evaluates ``name`` to, when it is a fill of the module
-    docstring of at most ``max(bound, MIN_BUDGET)`` elements (``bound``: the size of a tensor
-    the model stores, so the full path's element budget admits it); else ``None``."""
+    docstring of at most ``limit`` elements (no more than the full path's element budget);
+    else ``None``."""
     expand = _producer(view, name, "Expand")
     if expand is None:
         return None
     fill, shape = view.input_names[expand]
     cast = _producer(view, fill, "CastLike")
     size = _length(view, shape)
-    if cast is None or size is None or size > max(bound, MIN_BUDGET):
+    if cast is None or size is None or size > limit:
         return None
     scalar, like = view.input_names[cast]
     value = _constant(view, scalar)

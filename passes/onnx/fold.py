@@ -101,7 +101,8 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
         if from_file:
             model = load_split(model)
         if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
-            fast = direct_fold(model, select=select, progress=progress)
+            fast = direct_fold(model, select=select, progress=progress,
+                               max_const_elements=max_const_elements)
             if fast is not None:
                 if from_file:
                     return PassResult(_to_ir(fast.model, copy=True, source=source),

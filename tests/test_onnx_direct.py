@@ -406,15 +406,20 @@ def _plain_graphs(draw) -> onnx.ModelProto:
         else:
             w = shared[key] = b.rand(f"w{i}", shape)
         inputs = [x, w]
-        if draw(st.booleans()):
+        bias = draw(st.sampled_from(["tensor", "none"] + (["fill"] if op == "Conv" else [])))
+        if bias == "tensor":
             inputs.append(b.rand(f"b{i}", [c]))
-        elif op == "Conv" and draw(st.booleans()):  # dynamo's zero bias (dynamo_fills.py)
+        elif bias == "fill":  # dynamo's zero bias (dynamo_fills.py)
             if not any(n.output[0] == "zero" for n in b.nodes):
                 b.node("Constant", [], ["zero"],
                        value=numpy_helper.from_array(np.array(0, np.float32)))
-            b.node("Shape", [w], [f"s{i}"], start=0, end=1)
+            start, end = draw(st.sampled_from([(0, 1), (-4, -3), (-9, 1)]))  # all dim 0
+            shape = b.node("Shape", [w], [f"s{i}"], start=start, end=end)
+            if draw(st.booleans()):  # dynamo's own form: that expanded to shape [1]
+                b.node("Constant", [], [f"one{i}"], value_ints=[1])
+                shape = b.node("Expand", [shape, f"one{i}"], [f"len{i}"])
             b.node("CastLike", ["zero", x], [f"z{i}"])
-            inputs.append(b.node("Expand", [f"z{i}", f"s{i}"], [f"cone{i}"]))
+            inputs.append(b.node("Expand", [f"z{i}", shape], [f"cone{i}"]))
         attrs = ({"group": group} if spatial else
                  {"transB": trans_b, "alpha": draw(st.sampled_from([1.0, 0.5])),
                   "beta": draw(st.sampled_from([1.0, 0.25]))})
@@ -592,3 +597,57 @@ def _check_budget(model: onnx.ModelProto, budget: int):
     if fast is not None:
         assert _normal(fast.model) == _normal(_full(model, max_const_elements=budget).model)
     return fast
+
+
+@st.composite
+def _fill_graphs(draw) -> onnx.ModelProto:
+    """Conv + BN chains whose conv biases are dynamo fills in their variants: the scalar
+    ``c`` (0 or another value, one shared ``Constant`` or one each), the weight's first dim
+    picked by positive or negative ``start``/``end``, the length expanded to ``[1]`` or not,
+    some BNs without affine parameters (their scale and B fills of the conv output's
+    channel dim), a fill also read by a Conv without BN."""
+    dtype = draw(st.sampled_from((TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)))
+    b = Builder(draw(st.integers(0, 2**16)), dtype)
+    c = draw(st.sampled_from([2, 4]))
+    shared = draw(st.booleans())
+    value = draw(st.sampled_from([0.0, 0.5, -1.25]))
+    x, outputs = "x", {}
+
+    def fill(name: str, like: str, length: tuple[str, int, int]) -> str:
+        scalar = "c" if shared else f"{name}_c"
+        if not any(n.output[0] == scalar for n in b.nodes):
+            b.node("Constant", [], [scalar], value=numpy_helper.from_array(
+                np.array(value, np.float32)))
+        n = b.node("Shape", [length[0]], [f"{name}_n"], start=length[1], end=length[2])
+        if draw(st.booleans()):
+            b.node("Constant", [], [f"{name}_one"], value_ints=[1])
+            n = b.node("Expand", [n, f"{name}_one"], [f"{name}_len"])
+        b.node("CastLike", [scalar, like], [f"{name}_like"])
+        return b.node("Expand", [f"{name}_like", n], [name])
+
+    for i in range(draw(st.integers(1, 3))):
+        w = b.rand(f"w{i}", [c, c, 1, 1])
+        start, end = draw(st.sampled_from([(0, 1), (-4, -3), (-9, 1)]))
+        bias = fill(f"bias{i}", x, (w, start, end))
+        b.node("Conv", [x, w, bias], [f"l{i}"])
+        if draw(st.booleans()):  # an affine-less BN: its scale and B are fills too
+            mean = b.init(f"mean{i}", b.rng.normal(0, 0.5, [c]))
+            var = b.init(f"var{i}", b.rng.random([c]) * 2.7 + 0.3)
+            scale = fill(f"scale{i}", f"l{i}", (f"l{i}", 1, 2))
+            shift = fill(f"shift{i}", f"l{i}", (f"l{i}", -3, -2))
+            b.node("BatchNormalization", [f"l{i}", scale, shift, mean, var], [f"n{i}"])
+        else:
+            b.bn(f"l{i}", f"n{i}", c)
+        x = b.node("Relu", [f"n{i}"], [f"r{i}"])
+        if draw(st.booleans()):
+            outputs[b.node("Conv", [x, w, bias], [f"spare{i}"])] = None
+    outputs[x] = None
+    return b.model({"x": [2, c, 3, 3]}, outputs)
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=40)
+@given(_fill_graphs())
+def test_random_dynamo_fills_fold_directly_as_the_full_path_does(model) -> None:
+    fast = _check(model)
+    assert fast is not None
+    _numerics(model, fast.model)

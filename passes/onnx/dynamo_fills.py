@@ -79,9 +79,10 @@ def _length(view: GraphView, name: str) -> int | None:
 
 def _static_dims(view: GraphView, name: str) -> tuple[int, ...] | None:
     """The dims of an initializer, or of a value declared as a tensor of static shape and
-    known dtype (what the full path needs of an input it reads only the type of)."""
+    known dtype (what the full path needs of an input it reads only the type of); ``None``
+    for an initializer that is also a graph input (its declaration may say otherwise)."""
     if name in view.initializers:
-        return view.dims[name]
+        return None if name in view.inputs else view.dims[name]
     declared = view.declared.get(name)
     if declared is None or declared.WhichOneof("value") != "tensor_type" \
             or not declared.tensor_type.elem_type:

@@ -237,6 +237,32 @@ def _dynamo_affine_less(batch: int | str = 2) -> onnx.ModelProto:
     return b.model({"x": [batch, 3, 4, 4]}, {b.node("Relu", ["y"], ["r"]): None})
 
 
+def _documented_output() -> onnx.ModelProto:
+    """Conv + BN whose BN output is a graph output declared with a doc string and metadata
+    (dynamo marks user outputs so), its layer output declared with others."""
+    model = _conv(out_is_output=True)
+    out = next(o for o in model.graph.output if o.name == "y")
+    out.doc_string = "the features"
+    helper.set_metadata_props(out, {"pkg.torch.export.graph_signature.OutputSpec.kind":
+                                    "USER_OUTPUT"})
+    info = next(v for v in model.graph.value_info if v.name == "c")
+    info.doc_string = "the conv output"
+    helper.set_metadata_props(info, {"note": "conv"})
+    return model
+
+
+def test_a_renamed_graph_output_keeps_its_declaration() -> None:
+    """The layer output that takes over a folded BN's graph output takes its doc string and
+    metadata too (the output's declaration is unchanged); the fast path gives the same."""
+    model = _documented_output()
+    for folded in (_full(model).model, _check(model).model):
+        out = next(o for o in folded.graph.output if o.name == "y")
+        assert out.doc_string == "the features"
+        assert {p.key: p.value for p in out.metadata_props} == {
+            "pkg.torch.export.graph_signature.OutputSpec.kind": "USER_OUTPUT"}
+        assert "c" not in {v.name for v in folded.graph.value_info}
+
+
 PLAIN = {
     "chain": lambda: chain_model(4, 6, kernel=3),
     "chain, weights folded one by one": lambda: chain_model(3, 96, kernel=3),  # > 2**16 each
@@ -363,7 +389,8 @@ def test_progress_is_the_full_paths() -> None:
 #: zero biases and affine-less BNs' parameters are fills, :mod:`bnfold.passes.onnx.dynamo_fills`).
 PLAIN_EXPORTS = {("plain_cnn", False), ("resnet_small", False), ("mlp_bn1d", True),
                  ("plain_cnn", True), ("resnet_small", True), ("mobilenet_blocks", True),
-                 ("shared_conv", True), ("convtranspose_decoder", True)}
+                 ("shared_conv", True), ("convtranspose_decoder", True), ("conv1d_net", True),
+                 ("conv3d_net", True), ("mlp_heads", True)}
 
 
 @pytest.mark.parametrize(("name", "dynamo"),

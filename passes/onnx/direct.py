@@ -404,9 +404,8 @@ def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
             or layer.output_names[0] != x:
         return None
     names = layer.input_names
-    if not 2 <= len(names) <= 3 or not names[1] or (y in view.outputs and any(
-            info.doc_string or info.metadata_props for info in view.infos(x, y))):
-        return None  # (a renamed graph output would take the layer output's doc string)
+    if not 2 <= len(names) <= 3 or not names[1]:
+        return None
     tensors = [n for n in names[1:] if n]
     parameters = bn.input_names[1:]
     if len(set(tensors + parameters)) != len(tensors) + len(parameters) \

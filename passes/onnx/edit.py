@@ -1,8 +1,9 @@
 """Small, local graph edits used by the fold rules: remove a BN, add a bias, drop dead values.
 
 Every edit keeps graph input/output names: when a removed BN's output is a graph output, the
-value that replaces it takes over its name (that value had no other reader, checked by the
-rules), so callers see the same output name, shape and dtype.
+value that replaces it takes over its name and declaration (that value had no other reader,
+checked by the rules), so callers see the same output name, shape, dtype, doc string and
+metadata.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ def remove_bn(nodes: Sequence[ir.Node], replacement: ir.Value) -> list[ir.Value]
     y = nodes[-1].outputs[0]
     name = y.name
     renamed = y.is_graph_output()
-    if renamed:  # the graph output keeps its declared dtype and shape (value_info may lack both)
-        replacement.type, replacement.shape = y.type, y.shape
+    if renamed:  # the graph output keeps its declaration: dtype, shape (value_info may lack
+        replacement.type, replacement.shape = y.type, y.shape  # both), doc string, metadata
+        replacement.doc_string = y.doc_string
+        replacement.metadata_props.clear()
+        replacement.metadata_props.update(y.metadata_props)
     y.replace_all_uses_with(replacement, replace_graph_outputs=True)
     internal = {n.outputs[0] for n in nodes} | {replacement}
     released = [v for n in nodes for v in n.inputs if v is not None and v not in internal]

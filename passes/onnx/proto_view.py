@@ -309,11 +309,6 @@ class GraphView:
             return None
         return node.attribute[0].t
 
-    def infos(self, *names: str) -> list[onnx.ValueInfoProto]:
-        """The graph output and value_info entries that declare ``names``."""
-        g = self.graph
-        return [v for v in (*g.output, *g.value_info) if v.name in names]
-
     def shape(self, value: ValueView | None) -> tuple[int | None, ...] | None:
         """Static dims of ``value`` as :func:`.validity._shape` reads them: a constant's, else
         the declared ones (``None`` for a symbolic dim)."""

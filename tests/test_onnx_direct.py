@@ -678,3 +678,19 @@ def test_random_dynamo_fills_fold_directly_as_the_full_path_does(model) -> None:
     fast = _check(model)
     assert fast is not None
     _numerics(model, fast.model)
+
+
+def test_a_budget_under_the_weights_rank_takes_the_full_path() -> None:
+    """The full path counts ``Shape(w)``'s result as ``w``'s rank (4) before the slice: with a
+    budget of 3 it cannot evaluate a fill of 2 elements, and neither path folds by it."""
+    b = Builder(3)
+    b.node("Shape", [b.rand("w", [2, 3, 1, 1])], ["s"], start=0, end=1)
+    b.node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(0.0, np.float32)))
+    b.node("CastLike", ["c", "x"], ["z"])
+    b.node("Expand", ["z", "s"], ["bias"])
+    b.node("Conv", ["x", "w", "bias"], ["l"])
+    b.bn("l", "y", 2)
+    small = b.model({"x": [2, 3, 4, 4]}, {"y": None})
+    assert direct_fold(small, max_const_elements=3) is None
+    assert _full(small, max_const_elements=3).report.entries[0].action == "kept"
+    assert _check_budget(small, 4) is not None

@@ -5,9 +5,9 @@ default-domain Conv / ConvTranspose / Gemm (:data:`.layers.LAYERS`; MatMul needs
 only it reads (``CastLike``/``Shape`` reading only its type aside), and the layer's weight and
 bias and the BN's parameters are initializers that are not graph inputs (or fills torch's
 dynamo exporter computes, :mod:`.dynamo_fills`). :func:`direct_fold` folds such a model in one
-linear scan of its ``ModelProto`` (:mod:`.proto_view`) and returns
-exactly what the full onnx-ir path (:func:`.fold.fold_onnx`) returns for it: the same graph
-(as onnx-ir serializes it), the same tensors byte for byte, the same report. It returns
+linear scan of its ``ModelProto`` (:mod:`.proto_view`) and returns exactly what the full
+onnx-ir path (:func:`.fold.fold_onnx`) returns for it: the same graph (as onnx-ir serializes
+it), the same tensors byte for byte, the same report. It returns
 ``None`` (the caller then runs the full path) unless it can prove that, i.e. whenever anything
 is not the plain case:
 
@@ -22,9 +22,8 @@ is not the plain case:
 * a weight or bias that is not an initializer (or a bias that is no :mod:`.dynamo_fills`
   fill), is a graph input or is not a float, a BN parameter that is neither such an
   initializer, a ``Constant`` node's ``value`` nor a fill, or one tensor read twice by the
-  same fold; a
-  ``Mul``/``Div`` with a possibly constant operand (a BN-like affine chain, :mod:`.sites`);
-  any refusal of the algebra (invalid variance, overflow, non-finite).
+  same fold; a ``Mul``/``Div`` with a possibly constant operand (a BN-like affine chain,
+  :mod:`.sites`); any refusal of the algebra (invalid variance, overflow, non-finite).
 
 The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with the arguments
 :mod:`.forward` passes (float64, rounded once; alike folds stacked into a few numpy calls by
@@ -34,9 +33,9 @@ reader and it is no graph input or output, else a new ``<layer>_bnfold_...`` ini
 by :class:`.consts.Namer`'s rules), Gemm's ``beta`` set to 1, the BN removed as
 :func:`.edit.remove_bn` does (its readers read the layer output; a BN output that is a graph
 output renames the layer output), and what a fold released that nobody reads any more
-pruned as :func:`.edit.prune` prunes it (initializers, ``Constant`` nodes, a computed bias's
-cone). tests/test_onnx_direct.py checks equality with
-the full path on a corpus and on random graphs.
+pruned as :func:`.edit.prune` prunes it (initializers, ``Constant`` nodes, a fill's cone).
+tests/test_onnx_direct.py checks equality with the full path on a corpus and on random
+graphs.
 """
 
 from __future__ import annotations
@@ -324,9 +323,9 @@ class _Plan:
 
     def _prune(self) -> set[str]:
         """:func:`.edit.prune` of the released names: an unread initializer is dead (the
-        names returned), a node none of whose outputs is read or a graph output goes (into
-        ``removed``; a ``Constant``, a computed bias's cone), and its inputs are looked at in
-        turn. Graph inputs stay."""
+        names returned); a node whose outputs nobody reads and none of which is a graph
+        output goes (into ``removed``: a ``Constant``, a fill's cone), and its inputs are
+        looked at in turn. Graph inputs stay."""
         view = self.view
         dead: set[str] = set()
         todo = list(self.released)

@@ -35,16 +35,18 @@ _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLO
 
 def computed_fill(view: GraphView, name: str, limit: int) -> np.ndarray | None:
     """The array the onnx-ir fold evaluates ``name`` to, when it is a fill of the module
-    docstring of at most ``limit`` elements (no more than the full path's element budget);
-    else ``None``."""
+    docstring none of whose nodes gives more than ``limit`` elements (no more than the full
+    path's element budget: the fill's length, and the rank of ``t`` that ``Shape`` gives
+    before slicing, as :func:`.consts._result_elements` counts it); else ``None``."""
     expand = _producer(view, name, "Expand")
     if expand is None:
         return None
     fill, shape = view.input_names[expand]
     cast = _producer(view, fill, "CastLike")
-    size = _length(view, shape)
-    if cast is None or size is None or size > limit:
+    length = _length(view, shape)
+    if cast is None or length is None or max(length) > limit:
         return None
+    size = length[0]
     scalar, like = view.input_names[cast]
     value = _constant(view, scalar)
     declared = view.declared.get(like)
@@ -58,9 +60,10 @@ def computed_fill(view: GraphView, name: str, limit: int) -> np.ndarray | None:
     return filled * np.ones((size,), dtype=filled.dtype)  # Expand's kernel
 
 
-def _length(view: GraphView, name: str) -> int | None:
-    """The one dim ``name`` holds: ``Shape(t, start, end)`` giving one dim of a value ``t``
-    of static shape, or that expanded to shape ``[1]``; ``None`` otherwise."""
+def _length(view: GraphView, name: str) -> tuple[int, int] | None:
+    """``(the one dim name holds, the rank of t)``: ``name`` is ``Shape(t, start, end)``
+    giving one dim of a value ``t`` of static shape, or that expanded to shape ``[1]``;
+    ``None`` otherwise."""
     index = _producer(view, name, "Expand")
     if index is not None:
         inner, ones = view.input_names[index]
@@ -74,7 +77,7 @@ def _length(view: GraphView, name: str) -> int | None:
         return None
     attrs = {a.name: a.i for a in view.nodes[index].attribute}
     picked = dims[attrs.get("start", 0):attrs.get("end", len(dims))]
-    return picked[0] if len(picked) == 1 else None
+    return (picked[0], len(dims)) if len(picked) == 1 else None
 
 
 def _static_dims(view: GraphView, name: str) -> tuple[int, ...] | None:

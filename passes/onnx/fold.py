@@ -176,8 +176,8 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
           max_const_elements: int | None, select: Selection = EVERY_BN,
           progress: Callable[[int, int], Any] | None = None, source: Any = None) -> Report:
     """Fold (or, for ``inspect_onnx``, try) every BN of ``model``, in place; ``source``: what
-    the model was read from (a ``ModelProto`` or ``SplitProto`` is where shape inference runs
-    while the model still equals it, :class:`~.shapes.Shapes`)."""
+    the model was read from (shape inference runs on a ``ModelProto`` or ``SplitProto``,
+    :class:`~.shapes.Shapes`)."""
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     report = Report(pass_name)
     if opset is None:

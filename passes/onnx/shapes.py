@@ -187,8 +187,8 @@ def _nbytes(tensor: onnx.TensorProto) -> int | None:
 
 class _ProtoShapes(Mapping[str, "ir.Shape | None"]):
     """The shape of each value of an inferred ``GraphProto`` as ``ir.serde.deserialize_graph``
-    gives it (graph outputs' declarations over node outputs' ``value_info`` over graph
-    inputs' declarations), each read on first lookup."""
+    gives it (graph outputs' declarations over graph inputs' over ``value_info``), each read
+    on first lookup."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         types = {i.name: i.type for i in graph.value_info}

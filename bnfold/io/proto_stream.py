@@ -37,7 +37,8 @@ from bnfold.io.external_data import INITIALIZER, SPARSE, proto_tensors
 #: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
 STREAM_MIN = 64 * 1024
 
-_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, raw_data
+#: Field numbers: ``ModelProto.graph``, ``GraphProto.initializer``, ``TensorProto.raw_data``.
+FIELD_GRAPH, FIELD_INITIALIZER, FIELD_RAW_DATA = 7, 5, 9
 #: Whether this machine stores numbers as ONNX raw data does (then arrays are written as they are).
 LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -128,19 +129,19 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
     if not streamed:
         f.write(proto.SerializeToString())
         return
-    parts: list[Buffer | _Serialized] = [_fields(graph, 1, _INITIALIZER - 1)]
+    parts: list[Buffer | _Serialized] = [_fields(graph, 1, FIELD_INITIALIZER - 1)]
     start = 0
     for index, data in sorted(streamed.items()):
         tensor = graph.initializer[index]
         parts += [_initializers(graph.initializer[start:index]),
                   *(_serialized_parts(tensor) if data is None else _tensor_parts(tensor, data))]
         start = index + 1
-    parts += [_initializers(graph.initializer[start:]), _fields(graph, _INITIALIZER + 1)]
-    f.write(_fields(proto, 1, _GRAPH - 1) + frame(_GRAPH, sum(
+    parts += [_initializers(graph.initializer[start:]), _fields(graph, FIELD_INITIALIZER + 1)]
+    f.write(_fields(proto, 1, FIELD_GRAPH - 1) + frame(FIELD_GRAPH, sum(
         len(p) if isinstance(p, bytes) else p.nbytes for p in parts)))
     for part in parts:
         f.write(part.tensor.SerializeToString() if isinstance(part, _Serialized) else part)
-    f.write(_fields(proto, _GRAPH + 1))
+    f.write(_fields(proto, FIELD_GRAPH + 1))
 
 
 @dataclass(frozen=True)
@@ -180,15 +181,15 @@ def _serialized_parts(tensor: onnx.TensorProto) -> list[Buffer | _Serialized]:
     """A ``GraphProto.initializer`` entry for ``tensor``: its framing, then the tensor to
     serialize when it is written."""
     size = tensor.ByteSize()
-    return [frame(_INITIALIZER, size), _Serialized(tensor, size)]
+    return [frame(FIELD_INITIALIZER, size), _Serialized(tensor, size)]
 
 
 def _tensor_parts(tensor: onnx.TensorProto, data: Buffer) -> list[Buffer]:
     """A ``GraphProto.initializer`` entry whose ``raw_data`` is ``data``, framed, in pieces."""
-    head, tail = _fields(tensor, 1, _RAW_DATA - 1), _fields(tensor, _RAW_DATA + 1)
+    head, tail = _fields(tensor, 1, FIELD_RAW_DATA - 1), _fields(tensor, FIELD_RAW_DATA + 1)
     size = data.nbytes if isinstance(data, np.ndarray) else len(data)
-    raw = frame(_RAW_DATA, size)
-    return [frame(_INITIALIZER, len(head) + len(raw) + size + len(tail)), head, raw, data,
+    raw = frame(FIELD_RAW_DATA, size)
+    return [frame(FIELD_INITIALIZER, len(head) + len(raw) + size + len(tail)), head, raw, data,
             tail]
 
 

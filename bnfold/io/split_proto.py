@@ -30,14 +30,21 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold.io.proto_stream import LITTLE_ENDIAN, STREAM_MIN, frame, read_proto
+from bnfold.io.proto_stream import (
+    FIELD_GRAPH,
+    FIELD_INITIALIZER,
+    FIELD_RAW_DATA,
+    LITTLE_ENDIAN,
+    STREAM_MIN,
+    frame,
+    read_proto,
+)
 
 #: Files smaller than this are parsed whole: their copies cost less than the walk.
 SPLIT_MIN = 1 << 20
 #: The walk gives up on a graph with more entries than one per this many bytes of file.
 BYTES_PER_ENTRY = 16 * 1024
 
-_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9
 _LENGTH_DELIMITED = 2
 
 
@@ -142,7 +149,7 @@ def _hollow(buf: mmap.mmap, budget: int) -> tuple[bytes, dict[int, tuple[int, in
     :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes made empty (the lengths of the fields
     around it rewritten), and where each of those payloads lies, by initializer index;
     ``None`` when there is none or the graph has more than ``budget`` entries."""
-    graphs = [f for f in _fields(buf, 0, len(buf)) if f[0] == _GRAPH]
+    graphs = [f for f in _fields(buf, 0, len(buf)) if f[0] == FIELD_GRAPH]
     if len(graphs) != 1:
         raise _Unusual
     _, graph_field, graph_start, graph_end = graphs[0]
@@ -153,26 +160,26 @@ def _hollow(buf: mmap.mmap, budget: int) -> tuple[bytes, dict[int, tuple[int, in
     for count, (number, entry, start, end) in enumerate(_fields(buf, graph_start, graph_end)):
         if count > budget:
             return None
-        if number != _INITIALIZER:
+        if number != FIELD_INITIALIZER:
             continue
         index += 1
         if end - start < STREAM_MIN:
             continue
-        raws = [f for f in _fields(buf, start, end) if f[0] == _RAW_DATA]
+        raws = [f for f in _fields(buf, start, end) if f[0] == FIELD_RAW_DATA]
         if len(raws) > 1:
             raise _Unusual
         if not raws or raws[0][3] - raws[0][2] < STREAM_MIN:
             continue
         _, raw_field, raw_start, raw_end = raws[0]
-        tensor = buf[start:raw_field] + frame(_RAW_DATA, 0) + buf[raw_end:end]
-        pieces += [buf[copied:entry], frame(_INITIALIZER, len(tensor)), tensor]
+        tensor = buf[start:raw_field] + frame(FIELD_RAW_DATA, 0) + buf[raw_end:end]
+        pieces += [buf[copied:entry], frame(FIELD_INITIALIZER, len(tensor)), tensor]
         copied = end
         spans[index] = (raw_start, raw_end)
     if not spans:
         return None
     pieces.append(buf[copied:graph_end])
     body = b"".join(pieces)
-    return buf[:graph_field] + frame(_GRAPH, len(body)) + body + buf[graph_end:], spans
+    return buf[:graph_field] + frame(FIELD_GRAPH, len(body)) + body + buf[graph_end:], spans
 
 
 def _fields(buf: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:

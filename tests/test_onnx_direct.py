@@ -256,6 +256,7 @@ def test_a_renamed_graph_output_keeps_its_declaration() -> None:
     metadata too (the output's declaration is unchanged); the fast path gives the same."""
     model = _documented_output()
     for folded in (_full(model).model, _check(model).model):
+        _numerics(model, folded)
         out = next(o for o in folded.graph.output if o.name == "y")
         assert out.doc_string == "the features"
         assert {p.key: p.value for p in out.metadata_props} == {
@@ -623,6 +624,7 @@ def _check_budget(model: onnx.ModelProto, budget: int):
     fast = direct_fold(model, max_const_elements=budget)
     if fast is not None:
         assert _normal(fast.model) == _normal(_full(model, max_const_elements=budget).model)
+        _numerics(model, fast.model)
     return fast
 
 

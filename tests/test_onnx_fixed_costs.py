@@ -15,7 +15,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from onnx.reference.ops import load_op
+from onnx_cases import rel_err, run_ort
 from onnx_ir.passes.common import ShapeInferencePass
+from test_onnx_fold_zoo import _float64_reference
 
 from bnfold.models import zoo
 from bnfold.passes.onnx.consts import _run
@@ -232,3 +234,6 @@ def test_a_fold_inferred_on_its_source_equals_one_inferred_on_the_model(name, mo
     assert on_source.model.SerializeToString() == \
         ir.serde.serialize_model(on_model.model).SerializeToString()
     assert on_source.report.folded  # (not vacuous)
+    x = zoo.example_input(name, seed=7)  # and the fold is exact: against torch in float64
+    got = run_ort(on_source.model, {"input": x.numpy()})
+    assert rel_err(got, _float64_reference(name, x)) < 1e-5

@@ -186,12 +186,13 @@ def load_checked(path: Path) -> ir.Model:
     return model
 
 
-def load_for_pass(path: Path) -> ir.Model | SplitProto:
+def load_for_pass(path: str | os.PathLike[str]) -> ir.Model | SplitProto:
     """What the CLI folds: :func:`load_split` (a single-file model as a
     :class:`~bnfold.io.split_proto.SplitProto`, whose large weights stay in the file's memory
     map and which a plain fold never takes into onnx-ir, :mod:`bnfold.passes.onnx.direct`;
     one with external data as an ``onnx_ir.Model`` whose external tensors stay lazy), with
     the checks and errors of :func:`load_checked`. The file is parsed once."""
+    path = Path(path)
     model = load_split(path)
     if isinstance(model, SplitProto):
         _check_loaded(model.proto, path, lambda: check_single_file(path, model))

@@ -180,8 +180,8 @@ class _Plan:
             if isinstance(bn_params, str):
                 raise NotPlain(bn_params)
             names = layer.input_names
-            weight = self.array(layer.inputs[1])
-            bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
+            weight = self._array(names[1])
+            bias = self._array(names[2]) if len(names) > 2 and names[2] else None
             args = (kind.out_axis(layer), kind.groups(layer), kind.bias_scale(layer))
             calls.append((weight, bias, bn_params))
             key = (*args, weight.shape, weight.dtype, bn_params.eps,
@@ -216,13 +216,17 @@ class _Plan:
         """The current array of initializer ``value`` (the duck-typed ``consts.array`` that
         :func:`.bn.params` reads)."""
         assert value is not None
-        arr = self.arrays.get(value.name)
+        return self._array(value.name)
+
+    def _array(self, name: str) -> np.ndarray:
+        """:meth:`array` of the value named ``name``."""
+        arr = self.arrays.get(name)
         if arr is None:
-            tensor = self.view.initializers.get(value.name)
+            tensor = self.view.initializers.get(name)
             if tensor is None:
-                tensor = self.view.constant_tensor(value.name)
+                tensor = self.view.constant_tensor(name)
             assert tensor is not None
-            arr = self.arrays[value.name] = _tensor_array(tensor, self.held.get(value.name))
+            arr = self.arrays[name] = _tensor_array(tensor, self.held.get(name))
         return arr
 
     def _read_arrays(self, names: Iterable[str]) -> None:
@@ -355,7 +359,7 @@ class _Plan:
         output one of at least :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes is hollow,
         its bytes held apart (a view of ``array`` when it is C-ordered little-endian)."""
         hollow = self.split and array.nbytes >= STREAM_MIN
-        _write_tensor(graph.initializer.add(), array, name, hollow=hollow)
+        _write_tensor(graph, array, name, hollow=hollow)
         if hollow:
             held[len(graph.initializer) - 1] = np.ascontiguousarray(
                 _little_endian(array)).reshape(-1).view(np.uint8)
@@ -411,7 +415,7 @@ def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
             or not _float_tensor(view, tensors[0]):
         return None
     weight = view.initializers[tensors[0]]
-    limit = max(math.prod(weight.dims), MIN_BUDGET) if budget is None else budget
+    limit = max(math.prod(view.dims[tensors[0]]), MIN_BUDGET) if budget is None else budget
     for name in tensors[1:]:
         if _plain_tensor(view, name):
             if not _float_tensor(view, name):
@@ -484,14 +488,13 @@ def _tensor_arrays(tensors: list[onnx.TensorProto], shapes: list[tuple[int, ...]
     return arrays  # type: ignore[return-value]
 
 
-def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str, *,
+def _write_tensor(graph: onnx.GraphProto, array: np.ndarray, name: str, *,
                   hollow: bool = False) -> None:
-    """Make ``tensor`` the ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array,
-    name=name)``: dims, data type, name and little-endian raw data (empty if ``hollow``)."""
-    tensor.dims.extend(array.shape)
-    tensor.data_type = _DATA_TYPES[array.dtype]
-    tensor.name = name
-    tensor.raw_data = b"" if hollow else _little_endian(array).tobytes()
+    """Append to ``graph``'s initializers the ``TensorProto`` onnx-ir serializes for
+    ``ir.Tensor(array, name=name)``: dims, data type, name and little-endian raw data (empty,
+    but present, if ``hollow``), set in one call."""
+    graph.initializer.add(dims=array.shape, data_type=_DATA_TYPES[array.dtype], name=name,
+                          raw_data=b"" if hollow else _little_endian(array).tobytes())
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 
 import ml_dtypes
 import numpy as np
@@ -339,7 +340,7 @@ def fold_forward_many(
     if len(bns) < 2 or not _alike(weights, biases, bns):
         return each()
     stacked = [None if getattr(bns[0], name) is None else _stack_f64(
-        [np.asarray(getattr(bn, name)).reshape(-1) for bn in bns])
+        [a if a.ndim == 1 else a.reshape(-1) for a in map(np.asarray, map(attrgetter(name), bns))])
         for name in ("mean", "var", "gamma", "beta")]
     try:
         s, t = _scale_shift(*stacked, bns[0].eps)

@@ -56,8 +56,10 @@ def training_reason(bn: ir.Node, opset: int) -> str | None:
         return "training_mode=1: statistics come from each batch, not foldable"
     if opset <= 6 and attrs.get_int("is_test", 0) == 0:
         return f"is_test=0 (opset {opset} training mode): statistics come from each batch"
+    if not 7 <= opset <= 13:
+        return None
     declared = [out.name for out in bn.outputs[1:] if out is not None and out.name]
-    if 7 <= opset <= 13 and declared:
+    if declared:
         return (f"training mode by the ONNX spec: at opset {opset} a BatchNormalization that "
                 f"declares statistics outputs ({', '.join(map(repr, declared))}) computes Y "
                 "from each batch's statistics, not foldable")

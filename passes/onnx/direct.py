@@ -265,15 +265,16 @@ class _Plan:
 
     def _remove_bn(self, bn: NodeView, layer: NodeView) -> None:
         """:func:`.edit.remove_bn` then :func:`.edit.prune` of its parameters."""
-        view = self.view
-        x, y = bn.input_names[0], bn.output_names[0]
-        self.removed.add(bn.index)
+        view, index, names = self.view, bn.index, bn.input_names
+        x, y = names[0], bn.output_names[0]
+        self.removed.add(index)
         self.renamed.add(y)
-        for i, name in enumerate(bn.input_names):
+        all_readers = view.readers
+        for i, name in enumerate(names):
             if name:
-                view.readers[name].remove((bn.index, i))
-        self.released.extend(n for n in bn.input_names[1:] if n)
-        readers = view.readers.pop(y, [])
+                all_readers[name].remove((index, i))
+        self.released.extend(n for n in names[1:] if n)
+        readers = all_readers.pop(y, [])
         if y in view.outputs:  # the layer output takes over the graph output's name
             self.renamed.add(x)
             layer.output_names[0] = y
@@ -312,13 +313,14 @@ class _Plan:
         for index, position in zip(edited, positions.tolist(), strict=True):
             self._write_node(index, graph.node[position])
         held: dict[int, np.ndarray] = {}
+        replaced, arrays, apart, kept = self.replaced, self.arrays, self.held, graph.initializer
         for name, tensor in view.initializers.items():
-            if name in self.replaced:
-                self._add_tensor(graph, self.arrays[name], name, held)
+            if name in replaced:
+                self._add_tensor(graph, arrays[name], name, held)
             elif name not in dead:
-                if name in self.held:
-                    held[len(graph.initializer)] = self.held[name]
-                graph.initializer.append(tensor)
+                if name in apart:
+                    held[len(kept)] = apart[name]
+                kept.append(tensor)
         for name in self.added:
             if name not in dead:
                 self._add_tensor(graph, self.arrays[name], name, held)
@@ -331,25 +333,27 @@ class _Plan:
         output goes (into ``removed``: a ``Constant``, a fill's cone), and its inputs are
         looked at in turn. Graph inputs stay."""
         view = self.view
+        readers, graph_outputs, inputs = view.readers, view.outputs, view.inputs
+        initializers, added = view.initializers, self.added
         dead: set[str] = set()
         todo = list(self.released)
         while todo:
             name = todo.pop()
-            if view.readers.get(name) or name in view.outputs or name in view.inputs:
+            if readers.get(name) or name in graph_outputs or name in inputs:
                 continue
-            if self._is_initializer(name):
+            if name in initializers or name in added:  # (self._is_initializer)
                 dead.add(name)
                 continue
             index = view.producer.get(name)
             outputs = [] if index is None else [o for o in view.output_names[index] if o]
             if index is None or index in self.removed or any(
-                    view.readers.get(o) or o in view.outputs for o in outputs):
+                    readers.get(o) or o in graph_outputs for o in outputs):
                 continue
             self.removed.add(index)
             self.renamed.update(outputs)
             for i, read in enumerate(view.input_names[index]):
                 if read:
-                    view.readers[read].remove((index, i))
+                    readers[read].remove((index, i))
                     todo.append(read)
         return dead
 

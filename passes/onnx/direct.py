@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -291,8 +292,8 @@ class _Plan:
         """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
         if self._namer is None:
             view = self.view
-            self._namer = Namer(used=itertools.chain(
-                view.known, view.outputs, (node.name for node in view.nodes)))
+            self._namer = Namer(used=view.known.union(
+                view.outputs, map(operator.attrgetter("name"), view.nodes)))
         return self._namer.fresh(base)
 
     # ------------------------------------------------------------------ the output

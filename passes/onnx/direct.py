@@ -132,11 +132,12 @@ class _Plan:
         graph = proto.graph
         if proto.training_info or proto.configuration or graph.quantization_annotation:
             return None  # (parts onnx-ir rewrites or drops)
-        if graph.sparse_initializer or any(
-                t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        if graph.sparse_initializer:
             return None
-        view = GraphView(graph)
-        if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
+        view = GraphView(graph)  # (its tensors' wrappers kept: read once for the checks below)
+        if onnx.TensorProto.EXTERNAL in map(operator.attrgetter("data_location"),
+                                            view.initializers.values()) \
+                or min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
             return None
         sites = []  # (first: most models the fast path leaves have a BN that is no site)
         computed: dict[str, np.ndarray] = {}

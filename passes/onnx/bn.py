@@ -94,6 +94,7 @@ def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
             return ("spatial=0 with per-activation parameters that differ across positions: "
                     "not a per-channel affine map")
         arrays = reduced  # type: ignore[assignment]
-    scale, bias, mean, var = (np.asarray(a).reshape(-1) for a in arrays)
+    scale, bias, mean, var = (a if a.ndim == 1 else a.reshape(-1)
+                              for a in map(np.asarray, arrays))
     return BNParams(mean=mean, var=var, eps=attrs.get_float("epsilon", 1e-5),
                     gamma=scale, beta=bias)

@@ -218,7 +218,8 @@ class _Plan:
         """The current array of initializer ``value`` (the duck-typed ``consts.array`` that
         :func:`.bn.params` reads)."""
         assert value is not None
-        return self._array(value.name)
+        arr = self.arrays.get(value.name)  # (most often read already: no second call)
+        return arr if arr is not None else self._array(value.name)
 
     def _array(self, name: str) -> np.ndarray:
         """:meth:`array` of the value named ``name``."""

@@ -37,6 +37,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 
 import ml_dtypes
 import numpy as np
@@ -338,16 +339,16 @@ def fold_forward_many(
 
     if len(bns) < 2 or not _alike(weights, biases, bns):
         return each()
-    stacked = [None if getattr(bns[0], name) is None else np.stack(
-        [_f64(getattr(bn, name)).reshape(-1) for bn in bns])
+    stacked = [None if getattr(bns[0], name) is None else _stack_f64(
+        [a if a.ndim == 1 else a.reshape(-1) for a in map(np.asarray, map(attrgetter(name), bns))])
         for name in ("mean", "var", "gamma", "beta")]
     try:
         s, t = _scale_shift(*stacked, bns[0].eps)
     except UnsafeFoldError:
         return each()
     w0 = np.asarray(weights[0])
-    b64 = np.zeros_like(s) if biases[0] is None else np.stack(
-        [_f64(b) for b in biases]) * float(bias_scale)
+    b64 = np.zeros_like(s) if biases[0] is None else _stack_f64(
+        [np.asarray(b) for b in biases]) * float(bias_scale)
     b_dtype = w0.dtype if biases[0] is None else np.asarray(biases[0]).dtype
     try:
         w_new = _scaled_many(weights, s, out_axis, groups)
@@ -355,6 +356,13 @@ def fold_forward_many(
     except UnsafeFoldError:
         return each()
     return [Folded(wi, bi) for wi, bi in zip(w_new, b_new, strict=True)]
+
+
+def _stack_f64(arrays: list[np.ndarray]) -> np.ndarray:
+    """``np.stack([_f64(a) for a in arrays])`` (arrays of one shape) in one call: the stack
+    is cast to float64 as it is written, by the cast :func:`_f64` applies to each array (an
+    elementwise conversion), without an intermediate float64 array per row."""
+    return np.stack(arrays, dtype=np.float64, casting="unsafe")
 
 
 def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
@@ -381,22 +389,22 @@ def _alike(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray | None],
            bns: Sequence[BNParams]) -> bool:
     """Whether :func:`fold_forward_many` may stack these folds (see there)."""
     w0, b0, bn0 = np.asarray(weights[0]), biases[0], bns[0]
-    channels = np.asarray(bn0.mean).size
-    b_key = None if b0 is None else np.asarray(b0).dtype
-    for w, b, bn in zip(weights, biases, bns, strict=True):
-        w = np.asarray(w)
-        if w.shape != w0.shape or w.dtype != w0.dtype or bn.eps != bn0.eps:
+    channels, shape, dtype, eps = np.asarray(bn0.mean).size, w0.shape, w0.dtype, bn0.eps
+    if not all(w.shape == shape and w.dtype == dtype for w in map(np.asarray, weights)) \
+            or not all(bn.eps == eps for bn in bns):
+        return False
+    if b0 is None:
+        if not all(b is None for b in biases):
             return False
-        if (b is None) != (b0 is None) or (b is not None and (
-                np.shape(b) != (channels,) or np.asarray(b).dtype != b_key)):
+    else:
+        b_key = np.asarray(b0).dtype
+        if not all(b is not None and np.shape(b) == (channels,) and np.asarray(b).dtype == b_key
+                   for b in biases):
             return False
-        for name in ("gamma", "beta"):
-            if (getattr(bn, name) is None) != (getattr(bn0, name) is None):
-                return False
-        if any(a is not None and np.asarray(a).size != channels
-               for a in (bn.mean, bn.var, bn.gamma, bn.beta)):
-            return False
-    return True
+    gamma, beta = bn0.gamma is None, bn0.beta is None
+    return all((bn.gamma is None) == gamma and (bn.beta is None) == beta for bn in bns) \
+        and all(a is None or np.asarray(a).size == channels
+                for bn in bns for a in (bn.mean, bn.var, bn.gamma, bn.beta))
 
 
 # ---------------------------------------------------------------------------------------------

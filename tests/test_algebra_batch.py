@@ -113,3 +113,21 @@ def test_large_weights_share_one_output_array() -> None:
     got = fold_forward_many(weights, biases, bns)
     _same(got, _per_bn(weights, biases, bns))
     assert got[0].weight.base is not None and got[0].weight.base is got[2].weight.base
+
+
+def test_parameters_of_mixed_dtypes_and_shapes_stack_as_per_bn(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alike folds whose BN parameters differ in dtype (each cast to float64 as the stack is
+    written) and in shape (``[C, 1]`` flattened, ``[C]`` as it is) are stacked and equal the
+    per-BN folds bit for bit."""
+    rng = np.random.default_rng(7)
+    weights, biases, bns = _group(rng, 6, (4, 3, 1, 1), 4, np.dtype(np.float32), True, True)
+    dtypes = (np.float16, BFLOAT16, np.float32, np.float64, np.float32, np.float16)
+    bns = [BNParams(bn.mean.astype(dtype), bn.var.reshape(4, 1), bn.eps,
+                    bn.gamma.astype(dtype).reshape(1, 4), bn.beta)  # type: ignore[union-attr]
+           for bn, dtype in zip(bns, dtypes, strict=True)]
+    expected = _per_bn(weights, biases, bns)
+    with monkeypatch.context() as patch:
+        patch.setattr(algebra, "fold_forward", None)
+        got = fold_forward_many(weights, biases, bns)
+    _same(got, expected)

@@ -696,3 +696,24 @@ def test_a_budget_under_the_weights_rank_takes_the_full_path() -> None:
     assert direct_fold(small, max_const_elements=3) is None
     assert _full(small, max_const_elements=3).report.entries[0].action == "kept"
     assert _check_budget(small, 4) is not None
+
+
+def _external_tensor(model: onnx.ModelProto) -> None:
+    """An unread initializer stored outside the file."""
+    tensor = model.graph.initializer.add(name="outside", data_type=TensorProto.FLOAT, dims=[2])
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="outside.bin")
+
+
+def _negative_dim(model: onnx.ModelProto) -> None:
+    """An unread initializer with a negative dim."""
+    model.graph.initializer.add(name="negative", data_type=TensorProto.FLOAT, dims=[-2, -1],
+                                raw_data=np.zeros(2, np.float32).tobytes())
+
+
+@pytest.mark.parametrize("edit", [_external_tensor, _negative_dim])
+def test_any_external_or_negatively_shaped_initializer_takes_the_full_path(edit) -> None:
+    """The checks over every initializer, read off the graph view, refuse even a tensor no
+    fold reads."""
+    assert direct_fold(_conv()) is not None
+    assert direct_fold(_edited(_conv(), edit)) is None

@@ -56,8 +56,10 @@ def training_reason(bn: ir.Node, opset: int) -> str | None:
         return "training_mode=1: statistics come from each batch, not foldable"
     if opset <= 6 and attrs.get_int("is_test", 0) == 0:
         return f"is_test=0 (opset {opset} training mode): statistics come from each batch"
+    if not 7 <= opset <= 13:
+        return None
     declared = [out.name for out in bn.outputs[1:] if out is not None and out.name]
-    if 7 <= opset <= 13 and declared:
+    if declared:
         return (f"training mode by the ONNX spec: at opset {opset} a BatchNormalization that "
                 f"declares statistics outputs ({', '.join(map(repr, declared))}) computes Y "
                 "from each batch's statistics, not foldable")
@@ -92,6 +94,7 @@ def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
             return ("spatial=0 with per-activation parameters that differ across positions: "
                     "not a per-channel affine map")
         arrays = reduced  # type: ignore[assignment]
-    scale, bias, mean, var = (np.asarray(a).reshape(-1) for a in arrays)
+    scale, bias, mean, var = (a if a.ndim == 1 else a.reshape(-1)
+                              for a in map(np.asarray, arrays))
     return BNParams(mean=mean, var=var, eps=attrs.get_float("epsilon", 1e-5),
                     gamma=scale, beta=bias)

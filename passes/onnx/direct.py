@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -131,11 +132,12 @@ class _Plan:
         graph = proto.graph
         if proto.training_info or proto.configuration or graph.quantization_annotation:
             return None  # (parts onnx-ir rewrites or drops)
-        if graph.sparse_initializer or any(
-                t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        if graph.sparse_initializer:
             return None
-        view = GraphView(graph)
-        if min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
+        view = GraphView(graph)  # (its tensors' wrappers kept: read once for the checks below)
+        if onnx.TensorProto.EXTERNAL in map(operator.attrgetter("data_location"),
+                                            view.initializers.values()) \
+                or min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
             return None
         sites = []  # (first: most models the fast path leaves have a BN that is no site)
         computed: dict[str, np.ndarray] = {}
@@ -180,8 +182,8 @@ class _Plan:
             if isinstance(bn_params, str):
                 raise NotPlain(bn_params)
             names = layer.input_names
-            weight = self.array(layer.inputs[1])
-            bias = self.array(layer.inputs[2]) if len(names) > 2 and names[2] else None
+            weight = self._array(names[1])
+            bias = self._array(names[2]) if len(names) > 2 and names[2] else None
             args = (kind.out_axis(layer), kind.groups(layer), kind.bias_scale(layer))
             calls.append((weight, bias, bn_params))
             key = (*args, weight.shape, weight.dtype, bn_params.eps,
@@ -216,13 +218,18 @@ class _Plan:
         """The current array of initializer ``value`` (the duck-typed ``consts.array`` that
         :func:`.bn.params` reads)."""
         assert value is not None
-        arr = self.arrays.get(value.name)
+        arr = self.arrays.get(value.name)  # (most often read already: no second call)
+        return arr if arr is not None else self._array(value.name)
+
+    def _array(self, name: str) -> np.ndarray:
+        """:meth:`array` of the value named ``name``."""
+        arr = self.arrays.get(name)
         if arr is None:
-            tensor = self.view.initializers.get(value.name)
+            tensor = self.view.initializers.get(name)
             if tensor is None:
-                tensor = self.view.constant_tensor(value.name)
+                tensor = self.view.constant_tensor(name)
             assert tensor is not None
-            arr = self.arrays[value.name] = _tensor_array(tensor, self.held.get(value.name))
+            arr = self.arrays[name] = _tensor_array(tensor, self.held.get(name))
         return arr
 
     def _read_arrays(self, names: Iterable[str]) -> None:
@@ -261,15 +268,16 @@ class _Plan:
 
     def _remove_bn(self, bn: NodeView, layer: NodeView) -> None:
         """:func:`.edit.remove_bn` then :func:`.edit.prune` of its parameters."""
-        view = self.view
-        x, y = bn.input_names[0], bn.output_names[0]
-        self.removed.add(bn.index)
+        view, index, names = self.view, bn.index, bn.input_names
+        x, y = names[0], bn.output_names[0]
+        self.removed.add(index)
         self.renamed.add(y)
-        for i, name in enumerate(bn.input_names):
+        all_readers = view.readers
+        for i, name in enumerate(names):
             if name:
-                view.readers[name].remove((bn.index, i))
-        self.released.extend(n for n in bn.input_names[1:] if n)
-        readers = view.readers.pop(y, [])
+                all_readers[name].remove((index, i))
+        self.released.extend(n for n in names[1:] if n)
+        readers = all_readers.pop(y, [])
         if y in view.outputs:  # the layer output takes over the graph output's name
             self.renamed.add(x)
             layer.output_names[0] = y
@@ -286,8 +294,8 @@ class _Plan:
         """:meth:`.consts.Namer.fresh` over the names :class:`.consts.Namer` takes."""
         if self._namer is None:
             view = self.view
-            self._namer = Namer(used=itertools.chain(
-                view.known, view.outputs, (node.name for node in view.nodes)))
+            self._namer = Namer(used=view.known.union(
+                view.outputs, map(operator.attrgetter("name"), view.nodes)))
         return self._namer.fresh(base)
 
     # ------------------------------------------------------------------ the output
@@ -308,13 +316,14 @@ class _Plan:
         for index, position in zip(edited, positions.tolist(), strict=True):
             self._write_node(index, graph.node[position])
         held: dict[int, np.ndarray] = {}
+        replaced, arrays, apart, kept = self.replaced, self.arrays, self.held, graph.initializer
         for name, tensor in view.initializers.items():
-            if name in self.replaced:
-                self._add_tensor(graph, self.arrays[name], name, held)
+            if name in replaced:
+                self._add_tensor(graph, arrays[name], name, held)
             elif name not in dead:
-                if name in self.held:
-                    held[len(graph.initializer)] = self.held[name]
-                graph.initializer.append(tensor)
+                if name in apart:
+                    held[len(kept)] = apart[name]
+                kept.append(tensor)
         for name in self.added:
             if name not in dead:
                 self._add_tensor(graph, self.arrays[name], name, held)
@@ -327,25 +336,27 @@ class _Plan:
         output goes (into ``removed``: a ``Constant``, a fill's cone), and its inputs are
         looked at in turn. Graph inputs stay."""
         view = self.view
+        readers, graph_outputs, inputs = view.readers, view.outputs, view.inputs
+        initializers, added = view.initializers, self.added
         dead: set[str] = set()
         todo = list(self.released)
         while todo:
             name = todo.pop()
-            if view.readers.get(name) or name in view.outputs or name in view.inputs:
+            if readers.get(name) or name in graph_outputs or name in inputs:
                 continue
-            if self._is_initializer(name):
+            if name in initializers or name in added:  # (self._is_initializer)
                 dead.add(name)
                 continue
             index = view.producer.get(name)
             outputs = [] if index is None else [o for o in view.output_names[index] if o]
             if index is None or index in self.removed or any(
-                    view.readers.get(o) or o in view.outputs for o in outputs):
+                    readers.get(o) or o in graph_outputs for o in outputs):
                 continue
             self.removed.add(index)
             self.renamed.update(outputs)
             for i, read in enumerate(view.input_names[index]):
                 if read:
-                    view.readers[read].remove((index, i))
+                    readers[read].remove((index, i))
                     todo.append(read)
         return dead
 
@@ -355,7 +366,7 @@ class _Plan:
         output one of at least :data:`~bnfold.io.proto_stream.STREAM_MIN` bytes is hollow,
         its bytes held apart (a view of ``array`` when it is C-ordered little-endian)."""
         hollow = self.split and array.nbytes >= STREAM_MIN
-        _write_tensor(graph.initializer.add(), array, name, hollow=hollow)
+        _write_tensor(graph, array, name, hollow=hollow)
         if hollow:
             held[len(graph.initializer) - 1] = np.ascontiguousarray(
                 _little_endian(array)).reshape(-1).view(np.uint8)
@@ -411,7 +422,7 @@ def _site(view: GraphView, bn: NodeView, opset: int, select: Selection,
             or not _float_tensor(view, tensors[0]):
         return None
     weight = view.initializers[tensors[0]]
-    limit = max(math.prod(weight.dims), MIN_BUDGET) if budget is None else budget
+    limit = max(math.prod(view.dims[tensors[0]]), MIN_BUDGET) if budget is None else budget
     for name in tensors[1:]:
         if _plain_tensor(view, name):
             if not _float_tensor(view, name):
@@ -484,14 +495,13 @@ def _tensor_arrays(tensors: list[onnx.TensorProto], shapes: list[tuple[int, ...]
     return arrays  # type: ignore[return-value]
 
 
-def _write_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str, *,
+def _write_tensor(graph: onnx.GraphProto, array: np.ndarray, name: str, *,
                   hollow: bool = False) -> None:
-    """Make ``tensor`` the ``TensorProto`` onnx-ir serializes for ``ir.Tensor(array,
-    name=name)``: dims, data type, name and little-endian raw data (empty if ``hollow``)."""
-    tensor.dims.extend(array.shape)
-    tensor.data_type = _DATA_TYPES[array.dtype]
-    tensor.name = name
-    tensor.raw_data = b"" if hollow else _little_endian(array).tobytes()
+    """Append to ``graph``'s initializers the ``TensorProto`` onnx-ir serializes for
+    ``ir.Tensor(array, name=name)``: dims, data type, name and little-endian raw data (empty,
+    but present, if ``hollow``), set in one call."""
+    graph.initializer.add(dims=array.shape, data_type=_DATA_TYPES[array.dtype], name=name,
+                          raw_data=b"" if hollow else _little_endian(array).tobytes())
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:

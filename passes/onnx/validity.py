@@ -74,7 +74,8 @@ def _shape(value: ir.Value | None) -> tuple[int | None, ...] | None:
 def _batch_norm(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
     per_row = opset <= 8 and node.attributes.get_int("spatial", 1) == 0
     counts: dict[str, int] = {}
-    for name, value in zip(_BN_PARAMS, node.inputs[1:5], strict=False):
+    inputs = node.inputs
+    for name, value in zip(_BN_PARAMS, inputs[1:5], strict=False):
         shape = shape_of(value)
         if shape is None or None in shape:
             continue
@@ -86,7 +87,7 @@ def _batch_norm(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
             for d in shape:
                 size *= d  # type: ignore[operator]
             counts[name] = size
-    channels = _channels(node.inputs[0], shape_of)
+    channels = _channels(inputs[0], shape_of)
     if channels is not None:
         wrong = {k: n for k, n in counts.items() if n != channels}
         if wrong:
@@ -105,9 +106,12 @@ def _channels(x: Any, shape_of: ShapeOf) -> int | None:
     if shape is not None and len(shape) > 1 and shape[1] is not None:
         return shape[1]
     node = x.producer() if x is not None else None
-    if node is None or not is_default(node) or len(node.inputs) < 2:
+    if node is None or not is_default(node):
         return None
-    weight = shape_of(node.inputs[1])
+    inputs = node.inputs  # (read once: a fast-path node view makes it on each read)
+    if len(inputs) < 2:
+        return None
+    weight = shape_of(inputs[1])
     if node.op_type == "Conv" and weight and len(weight) >= 3:
         return weight[0]
     if node.op_type == "ConvTranspose" and weight and len(weight) >= 3 and weight[1] is not None:
@@ -119,7 +123,8 @@ def _conv(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
     group = node.attributes.get_int("group", 1)
     if group < 1:
         return f"has group={group}; it must be at least 1"
-    weight = shape_of(node.inputs[1] if len(node.inputs) > 1 else None)
+    inputs = node.inputs
+    weight = shape_of(inputs[1] if len(inputs) > 1 else None)
     if weight is None:
         return None
     if len(weight) < 3:
@@ -127,7 +132,7 @@ def _conv(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
                 "(channels, channels per group, kernel...)")
     if weight[0] is not None and weight[0] % group:  # Cout (Conv) or Cin (ConvTranspose)
         return f"has group={group}, which does not divide its weight's {weight[0]} channels"
-    bias = shape_of(node.inputs[2] if len(node.inputs) > 2 else None)
+    bias = shape_of(inputs[2] if len(inputs) > 2 else None)
     channels = weight[0] if node.op_type == "Conv" else (
         None if weight[1] is None else weight[1] * group)
     if bias is not None and channels is not None and (

@@ -38,6 +38,11 @@ from test_onnx_fold_zoo import TORCHSCRIPT, _export, _float64_reference
 
 from benchmarks.bench_onnx_fold import chain_model
 from bnfold.cli import commands as cli
+from bnfold.io import filechecks
+from bnfold.io.filechecks import check_initializers
+from bnfold.io.fileio import load_for_pass, load_split, save_onnx
+from bnfold.io.proto_stream import tensor_facts
+from bnfold.io.split_proto import SplitProto
 from bnfold.models import zoo
 from bnfold.passes.onnx import fold as fold_module
 from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
@@ -717,3 +722,64 @@ def test_any_external_or_negatively_shaped_initializer_takes_the_full_path(edit)
     fold reads."""
     assert direct_fold(_conv()) is not None
     assert direct_fold(_edited(_conv(), edit)) is None
+
+
+# ------------------------------------------------------------------ tensor facts carried
+
+
+def _carried(model: onnx.ModelProto) -> SplitProto:
+    """``model`` as a SplitProto that carries its tensor facts, as load_split makes it."""
+    return SplitProto(model, facts=check_initializers(model, "model"))
+
+
+def _check_facts(model: onnx.ModelProto) -> None:
+    """The fast path's fold of ``model`` carrying its facts (its checks then skip the walk of
+    its initializers) equals the fold of it carrying none."""
+    carried = direct_fold(_carried(model))
+    bare = direct_fold(SplitProto(model))
+    assert (carried is None) == (bare is None)
+    if carried is not None:
+        assert carried.model.whole().SerializeToString() == \
+            bare.model.whole().SerializeToString()
+        assert carried.report.to_dict() == bare.report.to_dict()
+
+
+@pytest.mark.parametrize("name", [*PLAIN, *NOT_PLAIN])
+def test_a_fold_of_a_model_carrying_its_facts_equals_one_without(name: str) -> None:
+    _check_facts({**PLAIN, **NOT_PLAIN}[name]())
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=30)
+@given(_plain_graphs())
+def test_random_folds_carrying_facts_equal_those_without(model) -> None:
+    _check_facts(model)
+
+
+@pytest.mark.parametrize(("make", "expected"), [(lambda: chain_model(4, 6, kernel=3), 2),
+                                             (_partly_plain, 1)],
+                         ids=["fast path", "onnx-ir path"])
+def test_the_cli_route_walks_the_inputs_tensors_once(make, expected, tmp_path,
+                                                   monkeypatch) -> None:
+    """load_for_pass's check walks the input's tensors, the fold does not walk them again,
+    whichever path it takes; the save walks the fast path's output (a new protobuf) once,
+    and writes an onnx-ir model without a walk of protobuf tensors."""
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(make(), src)
+    walks = []
+
+    def counted(proto):
+        walks.append(proto)
+        return tensor_facts(proto)
+
+    monkeypatch.setattr(filechecks, "tensor_facts", counted)
+    save_onnx(fold_onnx(load_for_pass(src)).model, dst)
+    assert len(walks) == expected
+    monkeypatch.undo()
+    assert _normal(onnx.load(str(dst))) == _normal(_full(onnx.load(str(src))).model)
+
+
+def test_load_split_carries_the_facts_of_its_check(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(chain_model(6, 96, kernel=3), path)  # (over SPLIT_MIN: its weights held apart)
+    split = load_split(path)
+    assert split.data and split.facts == tensor_facts(split.whole())

@@ -117,13 +117,18 @@ def _external_problem(tensor: ir.ExternalTensor) -> str | None:
     return None
 
 
-def check_initializers(proto: onnx.ModelProto, label: str) -> TensorFacts:
+def check_initializers(model: onnx.ModelProto | SplitProto, label: str) -> TensorFacts:
     """Refuse a model with an initializer with a negative dim, or with sparse initializers (in
-    any graph); return the :class:`~bnfold.io.proto_stream.TensorFacts` of that walk. Data that
-    does not fill its shape is found when a pass reads the tensor
-    (:func:`bnfold.passes.onnx.consts.const_array`): checking every tensor here would copy
-    all of a model's bytes once more."""
-    facts = tensor_facts(proto)
+    any graph); return the :class:`~bnfold.io.proto_stream.TensorFacts` of that walk (a
+    :class:`~bnfold.io.split_proto.SplitProto` that carries its ``facts`` passed this check
+    when it was made: they are returned, nothing walked). Data that does not fill its shape is
+    found when a pass reads the tensor (:func:`bnfold.passes.onnx.consts.const_array`):
+    checking every tensor here would copy all of a model's bytes once more."""
+    if isinstance(model, SplitProto):
+        if model.facts is not None:
+            return model.facts
+        model = model.proto
+    facts = tensor_facts(model)
     if facts.negative is not None:
         raise BadInputError(f"{label}: invalid model: initializer {facts.negative.name!r} "
                             f"has a negative dim {list(facts.negative.dims)}")

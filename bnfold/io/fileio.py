@@ -90,7 +90,9 @@ def load_split(path: str | os.PathLike[str]) -> SplitProto | ir.Model:
     path = Path(path)
     split = _read_proto(path, split=True)
     assert isinstance(split, SplitProto)
-    if not check_initializers(split.proto, str(path)).external:
+    facts = check_initializers(split.proto, str(path))
+    if not facts.external:
+        split.facts = facts  # (the hollow tensors keep their dims: the whole model's facts)
         return split
     return _file_model(split.whole(), path)
 
@@ -144,9 +146,8 @@ def stage_save(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pa
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
     with gc_paused():
-        proto = model.proto if isinstance(model, SplitProto) else model
-        if isinstance(proto, onnx.ModelProto) and check_initializers(
-                proto, "model").writes_as_is(EXTERNAL_THRESHOLD):
+        if isinstance(model, (onnx.ModelProto, SplitProto)) and check_initializers(
+                model, "model").writes_as_is(EXTERNAL_THRESHOLD):
             return stage_onnx(model, Path(path), external=False, inline_limit=INLINE_LIMIT,
                               keep=keep)
         model = load_onnx(model, base_dir=base_dir)

@@ -36,6 +36,7 @@ from bnfold.io.proto_stream import (
     FIELD_RAW_DATA,
     LITTLE_ENDIAN,
     STREAM_MIN,
+    TensorFacts,
     frame,
     read_proto,
 )
@@ -54,10 +55,15 @@ class SplitProto:
 
     ``data[i]``: the ``raw_data`` of ``proto.graph.initializer[i]``, whose own ``raw_data`` is
     empty, as a flat read-only ``uint8`` array (a view of the file it was read from, or a new
-    array a fold wrote). With no ``data`` it is just ``proto``."""
+    array a fold wrote). With no ``data`` it is just ``proto``. ``facts``: the
+    :func:`~bnfold.io.proto_stream.tensor_facts` of a model that passed
+    :func:`~bnfold.io.filechecks.check_initializers`, when whoever made it knows them
+    (:func:`bnfold.io.fileio.load_split` does): a fold then does not walk its tensors again.
+    A ``SplitProto`` is not changed once made."""
 
     proto: onnx.ModelProto
     data: dict[int, np.ndarray] = field(default_factory=dict)
+    facts: TensorFacts | None = None
 
     def whole(self) -> onnx.ModelProto:
         """The model as one ``ModelProto`` (``proto`` itself when no bytes are held apart;

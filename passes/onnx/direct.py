@@ -135,9 +135,12 @@ class _Plan:
         if graph.sparse_initializer:
             return None
         view = GraphView(graph)  # (its tensors' wrappers kept: read once for the checks below)
-        if onnx.TensorProto.EXTERNAL in map(operator.attrgetter("data_location"),
-                                            view.initializers.values()) \
-                or min(itertools.chain.from_iterable(view.dims.values()), default=0) < 0:
+        facts = model.facts if isinstance(model, SplitProto) else None
+        unknown = facts is None or facts.external or facts.negative is not None  # (else: none)
+        if unknown and (onnx.TensorProto.EXTERNAL in map(operator.attrgetter("data_location"),
+                                                         view.initializers.values())
+                        or min(itertools.chain.from_iterable(view.dims.values()),
+                               default=0) < 0):
             return None
         sites = []  # (first: most models the fast path leaves have a BN that is no site)
         computed: dict[str, np.ndarray] = {}

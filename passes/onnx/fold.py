@@ -143,7 +143,7 @@ def _working_copy(model: Any, inplace: bool, *, views: bool = False,
     ``ir.Model`` (itself, or its clone unless ``inplace``) and a path (the file's model).
     ``source``: the file a ``SplitProto`` was read from, named in its errors."""
     if isinstance(model, SplitProto):
-        check_initializers(model.proto, source or "model")
+        check_initializers(model, source or "model")
         return _to_ir(model, copy=not views, source=source), False
     if isinstance(model, onnx.ModelProto):
         check_initializers(model, "model")

@@ -783,3 +783,9 @@ def test_load_split_carries_the_facts_of_its_check(tmp_path) -> None:
     onnx.save(chain_model(6, 96, kernel=3), path)  # (over SPLIT_MIN: its weights held apart)
     split = load_split(path)
     assert split.data and split.facts == tensor_facts(split.whole())
+
+
+def test_load_for_pass_takes_a_str_path(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(chain_model(2, 4, kernel=1), path)
+    assert _normal(load_for_pass(str(path)).whole()) == _normal(onnx.load(str(path)))

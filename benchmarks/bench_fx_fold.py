@@ -53,10 +53,10 @@ def _timed(fn: Callable[[], nn.Module], repeat: int = 5) -> tuple[nn.Module, flo
     return result, statistics.median(times)
 
 
-def _judge(run: Callable[[], nn.Module], ref: nn.Module, x: torch.Tensor, want_left: int
-           ) -> tuple[str, float | None]:
+def _judge(run: Callable[[], nn.Module], ref: nn.Module, x: torch.Tensor, want_left: int,
+           repeat: int = 5) -> tuple[str, float | None]:
     try:
-        folded, seconds = _timed(run)
+        folded, seconds = _timed(run, repeat)
     except Exception as exc:  # a peer crashing is a result to report
         return f"crash: {type(exc).__name__}", None
     err = _rel_err(folded, ref, x)

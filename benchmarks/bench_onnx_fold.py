@@ -430,14 +430,20 @@ def main(argv: list[str] | None = None) -> None:
                 ("Fold time vs graph size (ratios)", scaling),
                 ("Fold time against graph size", scale),
                 ("Memory", lambda: memory(args.big))]
+    write_sections("onnx_fold.md", "bnfold ONNX fold benchmark", sections)
+
+
+def write_sections(name: str, title: str, sections: list[tuple[str, Callable[[], str]]]
+                   ) -> None:
+    """Run each section's table, print it under its heading as it comes, and write them all
+    to benchmarks/out/``name`` under ``title``."""
     text = []
-    for title, fn in sections:
-        body = fn()
-        block = f"## {title}\n\n{body}\n"
+    for heading, fn in sections:
+        block = f"## {heading}\n\n{fn()}\n"
         print(block, flush=True)
         text.append(block)
     OUT.mkdir(exist_ok=True)
-    (OUT / "onnx_fold.md").write_text("# bnfold ONNX fold benchmark\n\n" + "\n".join(text))
+    (OUT / name).write_text(f"# {title}\n\n" + "\n".join(text))
 
 
 if __name__ == "__main__":

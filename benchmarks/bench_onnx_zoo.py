@@ -28,6 +28,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -75,10 +76,11 @@ TOOLS: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
-def _best(run: Callable[[Path, Path], None], src: Path, dst: Path) -> float | None:
-    """Best of :data:`REPEAT` runs, or ``None`` when the tool fails on this model."""
+def _best(run: Callable[[Path, Path], None], src: Path, dst: Path, repeat: int = REPEAT
+          ) -> float | None:
+    """Best of ``repeat`` runs, or ``None`` when the tool fails on this model."""
     times = []
-    for _ in range(REPEAT):
+    for _ in range(repeat):
         t0 = time.perf_counter()
         try:
             with warnings.catch_warnings():
@@ -88,6 +90,34 @@ def _best(run: Callable[[Path, Path], None], src: Path, dst: Path) -> float | No
             return None
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+@dataclass
+class Ratios:
+    """Per model: bnfold's time over the fastest peer's and over ONNX Runtime's, and its
+    reading and writing alone (the floor) over the fastest peer's; and their medians."""
+
+    to_fastest: list[float] = field(default_factory=list)
+    to_ort: list[float] = field(default_factory=list)
+    floors: list[float] = field(default_factory=list)
+
+    def add(self, ours: float, peers: dict[str, float], src: Path, dst: Path,
+            repeat: int = REPEAT) -> tuple[str, list[str]]:
+        """Record one model (``peers``: each peer's time); the fastest peer and the cells."""
+        fastest = min(peers, key=peers.__getitem__)
+        floor = _best(_bnfold_io, src, dst, repeat)
+        assert floor is not None  # (bnfold read and wrote this model just before)
+        ort = peers.get("onnxruntime")
+        self.to_fastest.append(ours / peers[fastest])
+        self.floors.append(floor / peers[fastest])
+        if ort is not None:
+            self.to_ort.append(ours / ort)
+        return fastest, [f"{ours / peers[fastest]:.2f}",
+                         "-" if ort is None else f"{ours / ort:.2f}", f"{self.floors[-1]:.2f}"]
+
+    def medians(self) -> list[str]:
+        return [f"{statistics.median(x):.2f}" for x in (self.to_fastest, self.to_ort,
+                                                          self.floors)]
 
 
 def zoo_speed() -> str:
@@ -100,7 +130,7 @@ def zoo_speed() -> str:
         [(rep, n) for n in rep.PATTERNS]
     rows = [["model (export)", "bnfold ms", "fastest peer", "bnfold / fastest peer",
              "bnfold / ORT basic", "bnfold read+write alone / fastest peer"]]
-    to_fastest, to_ort, floors = [], [], []
+    ratios = Ratios()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         for source, name in sources:
@@ -113,20 +143,9 @@ def zoo_speed() -> str:
                 peers = {t: s for t, s in times.items() if s is not None}
                 if ours is None or not peers:
                     continue
-                fastest = min(peers, key=peers.__getitem__)
-                floor = _best(_bnfold_io, src, dst)
-                assert floor is not None  # (bnfold read and wrote this model above)
-                floors.append(floor / peers[fastest])
-                to_fastest.append(ours / peers[fastest])
-                ort = peers.get("onnxruntime")
-                if ort is not None:
-                    to_ort.append(ours / ort)
-                rows.append([f"{name} ({label})", f"{ours * 1e3:.1f}", fastest,
-                             f"{ours / peers[fastest]:.2f}",
-                             "-" if ort is None else f"{ours / ort:.2f}",
-                             f"{floors[-1]:.2f}"])
-    rows.append(["**median**", "", "", f"{statistics.median(to_fastest):.2f}",
-                 f"{statistics.median(to_ort):.2f}", f"{statistics.median(floors):.2f}"])
+                fastest, cells = ratios.add(ours, peers, src, dst)
+                rows.append([f"{name} ({label})", f"{ours * 1e3:.1f}", fastest, *cells])
+    rows.append(["**median**", "", "", *ratios.medians()])
     return _table(rows)
 
 

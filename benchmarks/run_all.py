@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = ("bench_fx_fold", "bench_onnx_fold", "bench_onnx_zoo", "bench_training",
-              "bench_bn_left", "bench_reparam")
+              "bench_bn_left", "bench_reparam", "bench_arch")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -129,9 +130,14 @@ def test_real_and_fake_shape_passes_record_the_same_shapes() -> None:
     assert any("tensor_meta" in n.meta for n in gm_real.graph.nodes)
 
 
-@pytest.mark.parametrize("limit", [0, 1 << 20])  # 0: every input counts as large (fake)
-def test_fold_with_either_shape_pass_is_exact(monkeypatch, limit) -> None:
-    monkeypatch.setattr(trace, "REAL_SHAPES_MAX_ELEMENTS", limit)
+@pytest.mark.parametrize("way", ["real", "meta", "fake"])
+def test_fold_with_each_shape_pass_is_exact(monkeypatch, way) -> None:
+    if way == "fake":  # meta refused, every input large
+        monkeypatch.setattr(trace, "_shapes_meta_when_large", lambda gm, args: False)
+        monkeypatch.setattr(trace, "REAL_SHAPES_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(trace, "META_FROM_ELEMENTS", 0 if way == "meta" else 1 << 30)
+    fake = mock.Mock(wraps=trace._fake_shapes)
+    monkeypatch.setattr(trace, "_fake_shapes", fake)
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     ref = _net().double()
@@ -143,6 +149,7 @@ def test_fold_with_either_shape_pass_is_exact(monkeypatch, limit) -> None:
     with torch.no_grad():
         got, want = gm(x).double(), ref(x.double())
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert fake.called == (way == "fake")
 
 
 def _strided(sizes: tuple[int, ...], strides: tuple[int, ...]) -> torch.Tensor:

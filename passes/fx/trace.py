@@ -11,8 +11,10 @@ unwrapped, and lazy modules must have run once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
+import operator
 import os
 import sys
 import traceback
@@ -20,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -215,16 +218,26 @@ def user_frame(exc: BaseException) -> str:
 #: Example inputs of at most this many elements run for real (one forward pass under
 #: ``torch.no_grad()`` on one intra-op thread: ~1 ms on the zoo where fake tensors take ~4 ms
 #: a node, and ResNet-50 at 1x3x224x224 under its fake-tensor time); larger ones go through
-#: fake tensors, whose cost does not grow with the input.
+#: fake tensors, whose cost does not grow with the input, when the shape pass below fails on
+#: the ``meta`` device.
 REAL_SHAPES_MAX_ELEMENTS = 1 << 20
+#: A node whose tensor inputs hold more than this many elements, and every node after it, runs
+#: on the ``meta`` device (shapes without data): a full-size convolution costs milliseconds to
+#: seconds for real and about 50 us on meta, where the zoo's tiny tensors run faster for real.
+META_FROM_ELEMENTS = 1 << 16
 
 
 def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     """Record every node's output in ``node.meta`` by running ``gm`` on ``args``.
 
-    Small inputs (:data:`REAL_SHAPES_MAX_ELEMENTS`) run for real first and fall back to fake
-    tensors; large ones run on fake tensors first (no compute) and fall back to real execution
-    when an op has no fake kernel. Modules run in eval mode meanwhile, so no BatchNorm updates
+    :class:`_Shapes` runs the graph for real while its tensors are small and on the ``meta``
+    device once they are not (:data:`META_FROM_ELEMENTS`); an op that cannot run on meta
+    (data-dependent shapes, a tensor made inside ``forward`` on the CPU, no meta kernel) sends
+    the whole graph to the former way: small inputs (:data:`REAL_SHAPES_MAX_ELEMENTS`) run for
+    real and fall back to fake tensors, large ones run on fake tensors first and fall back to
+    real execution. Every way records the same shapes and dtypes (strides too, except where
+    a meta kernel lays out a permuted or channels-last tensor otherwise than the CPU kernel:
+    tests/test_shape_passes.py). Modules run in eval mode meanwhile, so no BatchNorm updates
     its running statistics (``gm.eval()`` then each module's mode back, when any module is in
     training mode; a model all in eval mode runs as it is).
     """
@@ -234,9 +247,11 @@ def annotate_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
         gm.eval()
     elements = sum(a.numel() for a in args if isinstance(a, torch.Tensor))
     try:
+        if _shapes_meta_when_large(gm, args):
+            return
         if elements > REAL_SHAPES_MAX_ELEMENTS and _fake_shapes(gm, args):
             return
-        real = _RealShapes(gm)
+        real = _Shapes(gm, None)
         try:
             with torch.no_grad(), _one_thread():
                 real.run(*args)
@@ -263,6 +278,16 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _shapes_meta_when_large(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
+    """Run :class:`_Shapes` (real while small, meta after); false if a node raised."""
+    try:
+        with torch.no_grad(), _one_thread():
+            _Shapes(gm, META_FROM_ELEMENTS).run(*args)
+    except Exception:
+        return False
+    return True
+
+
 def _fake_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
     """Propagate fake tensors through ``gm`` (``meta["val"]``); false if an op cannot."""
     try:
@@ -274,17 +299,73 @@ def _fake_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
     return True
 
 
-class _RealShapes(fx.Interpreter):
-    """Run the graph on real tensors, recording each tensor's shape as ``tensor_meta``."""
+#: Modules whose output, in eval mode on a floating tensor in a dense memory format, is a
+#: tensor like their input: on meta :class:`_Shapes` makes it with ``torch.empty_like``
+#: instead of running the module (BatchNorm's meta kernel is a Python decomposition, ~1 ms).
+_LIKE_INPUT_MODULES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.ReLU6,
+                       torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Hardsigmoid,
+                       torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.GELU, torch.nn.LeakyReLU,
+                       torch.nn.Identity, torch.nn.Dropout)
+#: Functions and methods of that kind (their first argument is the tensor), and binary
+#: elementwise ops, like their first operand when the other is a Python number or a tensor of
+#: the same shape, dtype and strides.
+_LIKE_INPUT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid,
+                         torch.sigmoid, torch.tanh, F.gelu, F.leaky_relu, F.dropout,
+                         F.batch_norm, "relu", "sigmoid", "tanh"}
+_ELEMENTWISE = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+                torch.add, torch.mul, torch.sub, "add", "mul", "sub", "add_", "mul_"}
+_DENSE = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _like(x: Any, others: Iterator[Any] | tuple[Any, ...]) -> torch.Tensor | None:
+    """``torch.empty_like(x)`` when an op of the tables above, given ``x`` and ``others``,
+    makes a tensor like ``x``: ``x`` a floating tensor in a dense memory format and every
+    other tensor argument of its dtype (and, for ``_ELEMENTWISE``, its shape and strides);
+    else ``None`` (the op runs on meta)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or \
+            not any(x.is_contiguous(memory_format=f) for f in _DENSE):
+        return None
+    for other in others:
+        if isinstance(other, torch.Tensor) and other.dtype != x.dtype:
+            return None
+    return torch.empty_like(x)
+
+
+def _to_meta(value: Any) -> Any:
+    """``value`` with each tensor in it moved to the ``meta`` device (its ``requires_grad``
+    kept: the recorded metadata are the real tensor's)."""
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return t
+        return t.to("meta").requires_grad_(t.requires_grad)
+    return fx.node.map_aggregate(value, move)
+
+
+class _Shapes(fx.Interpreter):
+    """Run the graph, recording each tensor's metadata as ``tensor_meta``: for real until a
+    node's tensor inputs hold more than ``meta_from`` elements, on the ``meta`` device from
+    that node on (``None``: all for real). Each module then runs as a shallow copy holding
+    its parameters and buffers on meta, and a :data:`_LIKE_INPUT` module is not run at all."""
 
     failure = ""  # "at <module or node>: <first line of the error>" once a node raised
+    on_meta = False
+
+    def __init__(self, gm: fx.GraphModule, meta_from: int | None) -> None:
+        super().__init__(gm)
+        self.meta_from = meta_from
+        self.twins: dict[str, torch.nn.Module] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         """``Interpreter.run_node`` minus its per-node context (it records the node as the
         current one for a trace started inside an op, which real tensors never start), plus
-        the failure and the metadata."""
+        the move to meta, the failure and the metadata."""
         try:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if not self.on_meta and self.meta_from is not None and \
+                    _elements((args, kwargs)) > self.meta_from:
+                self.on_meta = True
+                self.env = {k: _to_meta(v) for k, v in self.env.items()}
+                args, kwargs = _to_meta(args), _to_meta(kwargs)
             result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as exc:
             where = n.target if n.op == "call_module" else n.name
@@ -293,6 +374,75 @@ class _RealShapes(fx.Interpreter):
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = tensor_metadata(result)
         return result
+
+    def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = super().placeholder(target, args, kwargs)
+        if not self.on_meta and self.meta_from is not None and _elements(value) > self.meta_from:
+            self.on_meta = True
+            self.env = {k: _to_meta(v) for k, v in self.env.items()}
+        return _to_meta(value) if self.on_meta else value
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return _to_meta(value) if self.on_meta else value
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.fetch_attr(target)
+        if not self.on_meta:
+            return module(*args, **kwargs)
+        if isinstance(module, _LIKE_INPUT_MODULES) and not module.training and \
+                len(args) == 1 and not kwargs:
+            like = _like(args[0], tuple(module.parameters(recurse=False)))
+            if like is not None:
+                return like
+        twin = self.twins.get(target)
+        if twin is None:
+            twin = self.twins[target] = copy.copy(module)
+            twin._parameters = {k: _to_meta(v) for k, v in module._parameters.items()}
+            twin._buffers = {k: _to_meta(v) for k, v in module._buffers.items()}
+        return twin(*args, **kwargs)
+
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> Any:
+        like = self._like(target, args, kwargs) if self.on_meta else None
+        return like if like is not None else super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        like = self._like(target, args, kwargs) if self.on_meta else None
+        return like if like is not None else super().call_method(target, args, kwargs)
+
+    @staticmethod
+    def _like(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> torch.Tensor | None:
+        """The output of a :data:`_LIKE_INPUT_FUNCTIONS` or :data:`_ELEMENTWISE` op made
+        without running it (:func:`_like`), or ``None``."""
+        if not args:
+            return None
+        if target in _LIKE_INPUT_FUNCTIONS:
+            return _like(args[0], (*args[1:], *kwargs.values()))
+        if target in _ELEMENTWISE and len(args) == 2 and not kwargs:
+            a, b = args
+            if isinstance(b, torch.Tensor) and not (
+                    isinstance(a, torch.Tensor) and a.shape == b.shape
+                    and a.stride() == b.stride()):
+                return None
+            return _like(a, (b,)) if isinstance(b, (torch.Tensor, float, int)) and \
+                not isinstance(b, bool) else None
+        return None
+
+
+def _elements(value: Any) -> int:
+    """How many elements the tensors in ``value`` hold."""
+    total = 0
+
+    def count(t: Any) -> Any:
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            total += t.numel()
+        return t
+    fx.node.map_aggregate(value, count)
+    return total
 
 
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)

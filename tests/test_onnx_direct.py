@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -35,6 +36,7 @@ from onnx_cases import (
     torch_convtranspose_bn,
 )
 from test_onnx_fold_zoo import TORCHSCRIPT, _export, _float64_reference
+from test_onnx_reach import torchscript_export
 
 from benchmarks.bench_onnx_fold import chain_model
 from bnfold.cli import commands as cli
@@ -43,7 +45,7 @@ from bnfold.io.filechecks import check_initializers
 from bnfold.io.fileio import load_for_pass, load_split, save_onnx
 from bnfold.io.proto_stream import tensor_facts
 from bnfold.io.split_proto import SplitProto
-from bnfold.models import zoo
+from bnfold.models import arch, zoo
 from bnfold.passes.onnx import fold as fold_module
 from bnfold.passes.onnx.consts import TYPE_ONLY_INPUTS
 from bnfold.passes.onnx.direct import _tensor_array, _tensor_arrays, direct_fold
@@ -410,6 +412,50 @@ def test_zoo_exports_equal_the_full_path(name: str, dynamo: bool) -> None:
         x = zoo.example_input(name, seed=7)
         got = run_ort(fast.model, {model.graph.input[0].name: x.numpy()})
         assert rel_err(got, _float64_reference(name, x)) < TOL[TensorProto.FLOAT]
+
+
+#: Architectures whose exports keep BNs a fold cannot remove (the onnx-ir path says why).
+ARCH_KEPT = {"densenet121", "repvgg_a0", "mobileone_s0"}
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_architecture_exports_equal_the_full_path(name: str) -> None:
+    """Narrow TorchScript exports of the full-size families: every one without a BN to keep
+    folds on the protobuf (ShuffleNet's ``chunk`` exports as integer ``Div``/``Mul`` shape
+    arithmetic, which is no BN-like affine chain), equal to the full path."""
+    model = arch.get(name, width=0.125)
+    x = arch.example_input(name, small=True)
+    proto = torchscript_export(model, x)
+    fast = _check(proto)
+    assert (fast is None) == (name in ARCH_KEPT)
+    if fast is not None:
+        fresh = arch.example_input(name, seed=7, small=True)
+        with torch.no_grad():
+            want = model.double()(fresh.double())
+        wants = [t.numpy() for t in (want if isinstance(want, tuple) else (want,))]
+        got = run_ort(fast.model, {proto.graph.input[0].name: fresh.numpy()})
+        assert rel_err(got, wants) < TOL[TensorProto.FLOAT]
+
+
+def _shape_arithmetic(dtype: int) -> onnx.ModelProto:
+    """Conv+BN, then ``Div``/``Mul`` of a value read off the input's shape by Constants of
+    ``dtype``: integer shape arithmetic (no affine site) or a float ``Mul`` (possibly one)."""
+    b = Builder(6)
+    b.node("Conv", ["x", b.rand("w", [4, 4, 1, 1])], ["c"])
+    b.bn("c", "y", 4)
+    b.node("Shape", ["x"], ["s"])
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    b.node("Constant", [], ["two"], value=numpy_helper.from_array(np.array([2], np_type)))
+    b.node("Cast", ["s"], ["sc"], to=dtype)
+    b.node("Div", ["sc", "two"], ["half"])
+    b.node("Mul", ["half", "two"], ["even"])
+    b.node("Cast", ["even"], ["dims"], to=TensorProto.FLOAT)
+    return b.model({"x": [2, 4, 3, 3]}, {"y": None, "dims": None})
+
+
+def test_integer_shape_arithmetic_stays_on_the_fast_path() -> None:
+    assert _check(_shape_arithmetic(TensorProto.INT64)) is not None
+    assert _check(_shape_arithmetic(TensorProto.FLOAT)) is None
 
 
 # ------------------------------------------------------------------ random plain graphs

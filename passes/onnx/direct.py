@@ -23,7 +23,8 @@ is not the plain case:
   fill), is a graph input or is not a float, a BN parameter that is neither such an
   initializer, a ``Constant`` node's ``value`` nor a fill, or one tensor read twice by the
   same fold; a ``Mul``/``Div`` with a possibly constant operand (a BN-like affine chain,
-  :mod:`.sites`); any refusal of the algebra (invalid variance, overflow, non-finite).
+  :mod:`.sites`; not when an input is a stored non-float tensor, :func:`_maybe_affine`);
+  any refusal of the algebra (invalid variance, overflow, non-finite).
 
 The rewrite replays the full path's: :func:`bnfold.algebra.fold_forward` with the arguments
 :mod:`.forward` passes (float64, rounded once; alike folds stacked into a few numpy calls by
@@ -150,7 +151,7 @@ class _Plan:
                 return None
             sites.append(site)
         if _invalid_node(view, opset) or any(
-                any(n in view.constant for n in view.input_names[index])
+                _maybe_affine(view, index)
                 for op in _AFFINE_HEADS for index in view.by_op.get(op, ())):
             return None
         return cls(model, view, opset, sites, computed)
@@ -517,6 +518,23 @@ def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:
             attr.f = value
             return
     node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _maybe_affine(view: GraphView, index: int) -> bool:
+    """Whether ``Mul``/``Div`` node ``index`` may belong to a BN-like affine chain
+    (:mod:`.sites`): it reads a possibly constant value, and no input of it is a stored tensor
+    (an initializer or a ``Constant``'s ``value``) of a non-float type. ONNX gives both inputs
+    one type, and the steps of a chain share it, so such a node's chain holds a non-float
+    constant, which :func:`.sites.affine_site` never takes for a site (nor reports): shape
+    arithmetic, as TorchScript exports ``chunk``."""
+    names = view.input_names[index]
+    if not any(n in view.constant for n in names):
+        return False
+    for name in names:
+        tensor = view.initializers.get(name) or view.constant_tensor(name)
+        if tensor is not None and tensor.data_type not in _FLOAT_TYPES:
+            return False
+    return True
 
 
 def _default_opset(model: onnx.ModelProto) -> int | None:

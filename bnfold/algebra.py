@@ -233,12 +233,19 @@ def _buffer_size(size: int) -> Iterator[None]:
         np.setbufsize(old)
 
 
+#: Elements from which :func:`_scaled_view` splits one weight's product over
+#: :data:`_WORKERS` threads (row blocks of the view; each element is still one product).
+SPLIT_MIN = 1 << 20
+
+
 def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
-                 vshape: tuple[int, ...], what: str, out: np.ndarray | None = None
-                 ) -> np.ndarray:
+                 vshape: tuple[int, ...], what: str, out: np.ndarray | None = None,
+                 split: bool = True) -> np.ndarray:
     """``w.reshape(view) * vec.reshape(vshape)`` rounded and checked as
     :func:`_scaled_rounded` says, returned in ``w``'s shape (written into ``out``, an array
-    of ``w``'s shape and dtype, when given)."""
+    of ``w``'s shape and dtype, when given). A float32/float64 weight of at least
+    :data:`SPLIT_MIN` elements is scaled in row blocks on :data:`_WORKERS` threads unless
+    ``split`` is false (a caller already on a thread per weight)."""
     dtype = w.dtype
     if out is None:
         out = np.empty(w.shape, dtype)
@@ -246,9 +253,20 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
         product = np.multiply(w.reshape(view), vec.reshape(vshape), dtype=np.float64)
         out[...] = _checked(product, dtype, what).reshape(w.shape)
         return out
-    with np.errstate(over="ignore"), _buffer_size(CAST_BUFFER):  # inf: refused just below
-        np.multiply(w.reshape(view), vec.reshape(vshape), out=out.reshape(view),
-                    dtype=np.float64, casting="same_kind")
+    w_v, vec_v, out_v = w.reshape(view), vec.reshape(vshape), out.reshape(view)
+
+    def scale(rows: slice) -> None:
+        with np.errstate(over="ignore"), _buffer_size(CAST_BUFFER):  # inf: refused below
+            np.multiply(w_v[rows], vec_v[rows] if vec_v.shape[0] > 1 else vec_v,
+                        out=out_v[rows], dtype=np.float64, casting="same_kind")
+    n = len(w_v) if w_v.ndim else 1
+    workers = min(_WORKERS, n) if split and w.size >= SPLIT_MIN else 1
+    if workers > 1:
+        step = -(-n // workers)
+        with ThreadPoolExecutor(workers) as pool:  # numpy's loops release the GIL
+            list(pool.map(scale, [slice(i, i + step) for i in range(0, n, step)]))
+    else:
+        scale(slice(None))
     _require_finite(out, what)
     return out
 
@@ -379,8 +397,8 @@ def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
     out = np.empty((n, *w0.shape), w0.dtype)
     jobs = [(np.asarray(w), vec, dest) for w, vec, dest in zip(weights, s, out, strict=True)]
     with ThreadPoolExecutor(min(_WORKERS, n)) as pool:  # numpy's loops release the GIL
-        for _ in pool.map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2]),
-                          jobs):
+        for _ in pool.map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2],
+                                                   split=False), jobs):
             pass  # (a refusal is raised here, the first in order)
     return out
 

@@ -131,3 +131,29 @@ def test_parameters_of_mixed_dtypes_and_shapes_stack_as_per_bn(
         patch.setattr(algebra, "fold_forward", None)
         got = fold_forward_many(weights, biases, bns)
     _same(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis", "groups"), [
+    ((9, 4, 3, 3), 0, 1),  # Conv forward
+    ((6, 3, 2, 2), 1, 3),  # grouped ConvTranspose forward: channels g * 3 + j
+    ((5, 8), 1, 1),  # transposed Gemm weight [in, out]
+    ((1, 7), 1, 1),  # one row: nothing to split
+])
+def test_a_weight_split_over_threads_equals_one_product(monkeypatch, dtype, shape, axis,
+                                                        groups) -> None:
+    """Row blocks on threads (weights of ``SPLIT_MIN`` elements or more) give every bit the
+    single product gives; a product that overflows is refused alike."""
+    rng = np.random.default_rng(3)
+    channels = shape[axis] * groups
+    weights, biases, bns = _group(rng, 1, shape, channels, np.dtype(dtype), True, True)
+    whole = fold_forward(weights[0], biases[0], bns[0], out_axis=axis, groups=groups)
+    monkeypatch.setattr(algebra, "SPLIT_MIN", 1)
+    monkeypatch.setattr(algebra, "_WORKERS", 4)
+    split = fold_forward(weights[0], biases[0], bns[0], out_axis=axis, groups=groups)
+    assert split.weight.tobytes() == whole.weight.tobytes()
+    assert split.bias.tobytes() == whole.bias.tobytes()
+    huge = np.full(shape, np.finfo(dtype).max, dtype)
+    with pytest.raises(UnsafeFoldError, match="not finite"):
+        fold_forward(huge, None, BNParams(np.zeros(channels), np.full(channels, 0.01), 1e-5),
+                     out_axis=axis, groups=groups)

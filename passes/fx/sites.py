@@ -366,17 +366,26 @@ def get_attr_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy copy of ``t``; bfloat16 becomes ``ml_dtypes.bfloat16`` bit for bit."""
+    """``t``'s values as a read-only numpy array: a view of a CPU tensor's memory (a fold only
+    reads its inputs; a write raises instead of changing the tensor), a copy of another
+    device's; bfloat16 becomes ``ml_dtypes.bfloat16`` bit for bit."""
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        return t.contiguous().view(torch.int16).numpy().view(BFLOAT16).copy()
-    return t.numpy().copy()
+        out = t.contiguous().view(torch.int16).numpy().view(BFLOAT16)
+    else:
+        out = t.numpy().view()
+    out.flags.writeable = False
+    return out
 
 
 def to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``a`` as a tensor on ``like``'s device; a numpy bfloat16 array keeps its exact bits."""
+    """``a`` as a tensor on ``like``'s device; a numpy bfloat16 array keeps its exact bits.
+    The tensor takes over ``a``'s memory when ``a`` owns it (a fold's fresh result, which
+    nothing else reads), else it gets a copy (a view may share another tensor's memory)."""
+    if not (a.flags.owndata and a.flags.writeable and a.flags.c_contiguous):
+        a = np.ascontiguousarray(a).copy()
     if like.dtype == torch.bfloat16:
-        out = torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+        out = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     else:
-        out = torch.from_numpy(np.ascontiguousarray(a).copy())
+        out = torch.from_numpy(a)
     return out.to(like.device)

@@ -98,3 +98,19 @@ def test_folder_output_that_is_another_inputs_data_file_is_refused(run_cli, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["x.onnx"] and not report.exists()
     for name, model in models.items():
         assert_computes(src / f"{name}.onnx", model, bn_left=1)
+
+
+def test_files_named_by_reads_only_what_names_data(tmp_path):
+    """A model's data files are found; an inline model, an empty file, a folder, a FIFO (not
+    opened: it would wait for a writer) and a non-ONNX file holding the key name none."""
+    model = conv_bn(5)
+    src = save_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    assert files_named_by(src) == {(tmp_path / "m.onnx.data").resolve()}
+    inline = tmp_path / "inline.onnx"
+    inline.write_bytes(model.SerializeToString())
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00location\xff" * 100)
+    os.mkfifo(tmp_path / "fifo.onnx")
+    for name in ("inline.onnx", "empty.onnx", "junk.onnx", "fifo.onnx", "missing.onnx"):
+        assert files_named_by(tmp_path / name) == set(), name
+    assert files_named_by(tmp_path) == set()

@@ -10,6 +10,7 @@ apply as for a path.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections.abc import Iterator
@@ -102,17 +103,18 @@ def files_named_by(path: Path) -> set[Path]:
 
     An external tensor names its file in an entry whose key is the string ``location``, which
     the serialized file holds verbatim: a file without those bytes names no data file and is
-    not parsed (the common case, a model whose tensors are inline, costs one read).
+    not parsed (the common case, a model whose tensors are inline, costs one search of the
+    file's read-only memory map, no copy).
     """
     try:
-        info = os.stat(path)  # (one stat: a regular file, and its size)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > GRAPH_SCAN_LIMIT:
+        info = os.stat(path)  # (before opening it: a FIFO's open would wait for a writer)
+        if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= GRAPH_SCAN_LIMIT:
             return set()
-        data = path.read_bytes()
-        if _LOCATION_KEY not in data:
-            return set()
-        with gc_paused():
-            locations = set(_proto_locations(onnx.load_model_from_string(data)))
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(_LOCATION_KEY) < 0:
+                return set()
+            with gc_paused():
+                locations = set(_proto_locations(onnx.load_model_from_string(data[:])))
     except Exception:  # not ONNX (any parse error): it names no data files
         return set()
     folder, named = path.parent, set()

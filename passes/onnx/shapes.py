@@ -188,16 +188,19 @@ def _nbytes(tensor: onnx.TensorProto) -> int | None:
 class _ProtoShapes(Mapping[str, "ir.Shape | None"]):
     """The shape of each value of an inferred ``GraphProto`` as ``ir.serde.deserialize_graph``
     gives it (graph outputs' declarations over graph inputs' over ``value_info``), each read
-    on first lookup."""
+    on first lookup and kept (a fold asks for one value's shape in many tries)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         types = {i.name: i.type for i in graph.value_info}
         types.update((i.name, i.type) for i in graph.input)
         types.update((o.name, o.type) for o in graph.output)
         self._types = types
+        self._read: dict[str, ir.Shape | None] = {}
 
     def __getitem__(self, name: str) -> ir.Shape | None:
-        return ir.serde.deserialize_type_proto_for_shape(self._types[name])
+        if name not in self._read:
+            self._read[name] = ir.serde.deserialize_type_proto_for_shape(self._types[name])
+        return self._read[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._types)

@@ -33,6 +33,7 @@ per output channel only when every output position sees the full kernel over the
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -263,8 +264,7 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
     workers = min(_WORKERS, n) if split and w.size >= SPLIT_MIN else 1
     if workers > 1:
         step = -(-n // workers)
-        with ThreadPoolExecutor(workers) as pool:  # numpy's loops release the GIL
-            list(pool.map(scale, [slice(i, i + step) for i in range(0, n, step)]))
+        list(_pool().map(scale, [slice(i, i + step) for i in range(0, n, step)]))
     else:
         scale(slice(None))
     _require_finite(out, what)
@@ -326,6 +326,17 @@ BATCH_MAX_WEIGHT = 1 << 16
 #: Threads that scale large alike weights at once (each weight whole in one thread, so each
 #: value is what one thread computes; only the order of the work changes).
 _WORKERS = min(4, os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The :data:`_WORKERS` threads that scale large weights (numpy's loops release the GIL),
+    started once on first use (a thread start costs about as much as a 1M-element product);
+    a forked child makes its own (a parent's threads do not run there)."""
+    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="bnfold-fold")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def fold_forward_many(
@@ -396,10 +407,9 @@ def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
         return _scaled_view(w, s, (n, *view), (n, *vshape), "weight")
     out = np.empty((n, *w0.shape), w0.dtype)
     jobs = [(np.asarray(w), vec, dest) for w, vec, dest in zip(weights, s, out, strict=True)]
-    with ThreadPoolExecutor(min(_WORKERS, n)) as pool:  # numpy's loops release the GIL
-        for _ in pool.map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2],
-                                                   split=False), jobs):
-            pass  # (a refusal is raised here, the first in order)
+    for _ in _pool().map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2],
+                                                  split=False), jobs):
+        pass  # (a refusal is raised here, the first in order)
     return out
 
 

@@ -157,3 +157,28 @@ def test_a_weight_split_over_threads_equals_one_product(monkeypatch, dtype, shap
     with pytest.raises(UnsafeFoldError, match="not finite"):
         fold_forward(huge, None, BNParams(np.zeros(channels), np.full(channels, 0.01), 1e-5),
                      out_axis=axis, groups=groups)
+
+
+def _fold_split_weight() -> None:
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    fold_forward(w, None, BNParams(np.zeros(8), np.ones(8), 1e-5))
+
+
+def test_a_forked_child_scales_on_threads_of_its_own(monkeypatch) -> None:
+    """The threads are started once per process: a child forked after the parent used them
+    (their threads do not run in it) starts its own instead of waiting forever."""
+    import multiprocessing
+    import threading
+    import time
+
+    monkeypatch.setattr(algebra, "SPLIT_MIN", 1)
+    workers = algebra._WORKERS
+    barrier = threading.Barrier(workers)  # every thread of the pool started, then idle
+    list(algebra._pool().map(lambda _: barrier.wait(), range(workers)))
+    time.sleep(0.3)
+    child = multiprocessing.get_context("fork").Process(target=_fold_split_weight)
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0

@@ -141,3 +141,36 @@ def test_large_inputs_run_on_meta_and_small_ones_for_real() -> None:
         assert seen == [torch.device(device)]
         assert trace.shape_of(next(n for n in gm.graph.nodes if n.name == "probe")) == \
             (1, 8, side, side)
+
+
+class _SlicingReLU(nn.ReLU):
+    """A ReLU subclass whose own ``forward`` changes the shape: no shortcut may skip it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, :2]
+
+
+def test_modules_that_may_change_the_shape_run_on_meta() -> None:
+    """A subclass with a ``forward`` of its own, and a BN whose forward hook changes its
+    output, record their real shapes."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.act = _SlicingReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.bn(self.conv(x)))
+
+    class Leaf(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return isinstance(m, _SlicingReLU) or super().is_leaf_module(m, name)
+
+    net = randomize_bn_stats(Net()).eval()
+    net.bn.register_forward_hook(lambda m, args, out: out[..., :3])
+    gm = fx.GraphModule(net, Leaf().trace(net))
+    x = torch.randn(1, 3, 5, 5)
+    real = _metadata(gm, x, None)
+    assert _metadata(gm, x, 0) == real
+    assert real["bn"].shape == (1, 4, 5, 3) and real["act"].shape == (1, 2, 5, 3)

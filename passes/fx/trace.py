@@ -299,13 +299,14 @@ def _fake_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
     return True
 
 
-#: Modules whose output, in eval mode on a floating tensor in a dense memory format, is a
-#: tensor like their input: on meta :class:`_Shapes` makes it with ``torch.empty_like``
-#: instead of running the module (BatchNorm's meta kernel is a Python decomposition, ~1 ms).
-_LIKE_INPUT_MODULES = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.ReLU, torch.nn.ReLU6,
-                       torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Hardsigmoid,
-                       torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.GELU, torch.nn.LeakyReLU,
-                       torch.nn.Identity, torch.nn.Dropout)
+#: The ``forward`` of modules whose output, in eval mode on a floating tensor in a dense
+#: memory format, is a tensor like their input: on meta :class:`_Shapes` makes it with
+#: ``torch.empty_like`` instead of running the module (BatchNorm's meta kernel is a Python
+#: decomposition, ~1 ms). A subclass with a ``forward`` of its own runs.
+_LIKE_INPUT_FORWARDS = frozenset(c.forward for c in (
+    torch.nn.modules.batchnorm._BatchNorm, torch.nn.SyncBatchNorm, torch.nn.ReLU,
+    torch.nn.ReLU6, torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid,
+    torch.nn.Tanh, torch.nn.GELU, torch.nn.LeakyReLU, torch.nn.Identity, torch.nn.Dropout))
 #: Functions and methods of that kind (their first argument is the tensor), and binary
 #: elementwise ops, like their first operand when the other is a Python number or a tensor of
 #: the same shape, dtype and strides.
@@ -345,7 +346,8 @@ class _Shapes(fx.Interpreter):
     """Run the graph, recording each tensor's metadata as ``tensor_meta``: for real until a
     node's tensor inputs hold more than ``meta_from`` elements, on the ``meta`` device from
     that node on (``None``: all for real). Each module then runs as a shallow copy holding
-    its parameters and buffers on meta, and a :data:`_LIKE_INPUT` module is not run at all."""
+    its parameters and buffers on meta, and a :data:`_LIKE_INPUT_FORWARDS` module without
+    hooks is not run at all."""
 
     failure = ""  # "at <module or node>: <first line of the error>" once a node raised
     on_meta = False
@@ -390,8 +392,11 @@ class _Shapes(fx.Interpreter):
         module = self.fetch_attr(target)
         if not self.on_meta:
             return module(*args, **kwargs)
-        if isinstance(module, _LIKE_INPUT_MODULES) and not module.training and \
-                len(args) == 1 and not kwargs:
+        if type(module).forward in _LIKE_INPUT_FORWARDS and not module.training and \
+                len(args) == 1 and not kwargs and not (
+                    module._forward_hooks or module._forward_pre_hooks
+                    or torch.nn.modules.module._global_forward_hooks
+                    or torch.nn.modules.module._global_forward_pre_hooks):
             like = _like(args[0], tuple(module.parameters(recurse=False)))
             if like is not None:
                 return like

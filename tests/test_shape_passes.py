@@ -59,8 +59,9 @@ def test_meta_pass_on_architectures(name) -> None:
 
 
 def test_meta_pass_keeps_layouts_and_dtypes() -> None:
-    """channels_last inputs, double tensors, a residual add, an in-place add, a
-    scalar product and a functional BN whose output the shortcuts make without running."""
+    """channels_last inputs, double tensors, a residual add, an in-place add, a scalar
+    product, products that broadcast either operand and a functional BN, whose outputs the
+    shortcuts make without running."""
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -72,6 +73,7 @@ def test_meta_pass_keeps_layouts_and_dtypes() -> None:
             y = y + x
             y += 1.5
             z = torch.nn.functional.batch_norm(y * 2, self.bn.running_mean, self.bn.running_var)
+            z = y.mean((2, 3), keepdim=True) * z - z * y.amax(1, keepdim=True)  # broadcasts
             return z.sigmoid() - y.flatten(1).mean()
 
     for dtype in (torch.float32, torch.float64):

@@ -300,8 +300,8 @@ def _fake_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
 
 
 #: The ``forward`` of modules whose output, in eval mode on a floating tensor in a dense
-#: memory format, is a tensor like their input: on meta :class:`_Shapes` makes it with
-#: ``torch.empty_like`` instead of running the module (BatchNorm's meta kernel is a Python
+#: memory format, is a tensor like their input: on meta :class:`_Shapes` makes it
+#: (:func:`_like`) instead of running the module (BatchNorm's meta kernel is a Python
 #: decomposition, ~1 ms). A subclass with a ``forward`` of its own runs.
 _LIKE_INPUT_FORWARDS = frozenset(c.forward for c in (
     torch.nn.modules.batchnorm._BatchNorm, torch.nn.SyncBatchNorm, torch.nn.ReLU,
@@ -411,7 +411,6 @@ class _Shapes(fx.Interpreter):
             twin._parameters = {k: _to_meta(v) for k, v in module._parameters.items()}
             twin._buffers = {k: _to_meta(v) for k, v in module._buffers.items()}
         return twin(*args, **kwargs)
-
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
                       ) -> Any:

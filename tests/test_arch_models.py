@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfold
 from bnfold.models import arch
+from bnfold.passes.fx import trace
 from bnfold.passes.onnx.fold import fold_onnx
 
 NAMES = list(arch.ARCHS)
@@ -97,9 +98,18 @@ def test_the_comparison_can_fail(case) -> None:
     assert rel_err(float64_run(wrong, fresh), want) > 100 * FP32_TOL
 
 
-def test_fx_fold_leaves_bn_left(case) -> None:
+@pytest.mark.parametrize("shapes", ["real", "meta"])
+def test_fx_fold_leaves_bn_left(case, shapes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shapes from a real forward pass (these small inputs) and on the meta device (as a
+    full-size input takes them) fold alike."""
     name, model, x, fresh, want = case
     spec = arch.ARCHS[name]
+    ran: list[bool] = []
+    if shapes == "meta":
+        monkeypatch.setattr(trace, "META_FROM_ELEMENTS", 0)
+        meta_pass = trace._shapes_meta_when_large
+        monkeypatch.setattr(trace, "_shapes_meta_when_large",
+                            lambda gm, args: ran.append(meta_pass(gm, args)) or ran[-1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gm, report = bnfold.fold(model, x)
     assert bn_nodes(gm) == spec.bn_left, report.table()
@@ -108,6 +118,7 @@ def test_fx_fold_leaves_bn_left(case) -> None:
     assert all(e.reason for e in report.kept)
     assert all(e.into and e.details["direction"] in ("forward", "backward")
                for e in report.folded)
+    assert ran == ([True] if shapes == "meta" else [])  # (meta ran it, no fallback)
     with torch.no_grad():
         got = outputs(gm(fresh))
     assert rel_err(got, want) < FP32_TOL

@@ -1,5 +1,5 @@
 """The full-size architecture families (:mod:`bnfold.models.arch`) at a cheap width: BN counts,
-``bnfold.fold`` and ``fold_onnx`` (TorchScript export, opset 17) leave exactly ``bn_left``
+``bnfold.fold`` and ``fold_onnx`` (TorchScript and dynamo exports) leave exactly ``bn_left``
 BNs and match the unfolded model in float64 on a fresh input; at width 1.0 the nets have
 their real parameter counts."""
 
@@ -127,15 +127,23 @@ def test_fx_fold_leaves_bn_left(case, shapes: str, monkeypatch: pytest.MonkeyPat
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_onnx_fold_leaves_bn_left(case) -> None:
+@pytest.mark.parametrize("exporter", ["TorchScript", "dynamo"])
+def test_onnx_fold_leaves_bn_left(case, exporter: str) -> None:
+    """Both exporters, every BN kept: TorchScript with ``TrainingMode.PRESERVE``, dynamo
+    with ``optimize=False`` (its conv biases and affine-less BN parameters are computed
+    fills, which the fold sees through)."""
     name, model, x, fresh, want = case
     spec = arch.ARCHS[name]
-    buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17,
-                          training=torch.onnx.TrainingMode.PRESERVE)
-    proto = onnx.load_from_string(buf.getvalue())
+        if exporter == "dynamo":
+            proto = torch.onnx.export(model, (x,), dynamo=True, optimize=False,
+                                      verbose=False).model_proto
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17,
+                              training=torch.onnx.TrainingMode.PRESERVE)
+            proto = onnx.load_from_string(buf.getvalue())
     assert count(proto) == spec.bn_total, "the exporter did not keep every BN"
     folded, report = fold_onnx(proto)
     onnx.checker.check_model(folded, full_check=True)

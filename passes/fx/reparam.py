@@ -282,7 +282,8 @@ class _Merger:
             merged.weight.shape[1] * merged.groups, merged.weight.shape[0],
             merged.weight.shape[2:], merged.stride,
             0 if pad_first else tuple(b for b, _ in merged.pads), merged.dilation,
-            merged.groups, True, merged.padding_mode if merged.symmetric else "zeros")
+            merged.groups, True, merged.padding_mode if merged.symmetric else "zeros",
+            device="meta")  # (no random init of tensors replaced just below)
         module.weight = nn.Parameter(to_torch(merged.weight, layer.weight),
                                      requires_grad=layer.weight.requires_grad)
         module.bias = nn.Parameter(to_torch(merged.bias, layer.weight),

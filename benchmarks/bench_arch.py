@@ -1,5 +1,6 @@
 """Fold time on full-size architectures, bnfold beside its peers: ``python -m
-benchmarks.bench_arch [NAME ...] [--repeat N] [--no-dynamo]``.
+benchmarks.bench_arch [NAME ...] [--repeat N] [--no-dynamo] [--width W] [--small]``
+(``--width``/``--small``: narrower nets and small inputs, for a quick look).
 
 The zoo benchmarks (:mod:`benchmarks.bench_onnx_zoo`, :mod:`benchmarks.bench_fx_fold`) fold
 nets of a few kilobytes, where every tool's fixed costs decide the ratio. Here every family of

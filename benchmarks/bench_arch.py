@@ -35,28 +35,11 @@ from torch.fx.experimental.optimization import fuse
 import bnfold
 from benchmarks.bench_fx_fold import _judge
 from benchmarks.bench_onnx_fold import _table, write_sections
-from benchmarks.bench_onnx_zoo import TOOLS, Ratios, _best
+from benchmarks.bench_onnx_zoo import TOOLS, Ratios, _best, exporters
 from bnfold.models import arch
 from bnfold.models.stats import random_input
 
 EXPORTS = ("TorchScript", "dynamo")
-
-
-def _export(model: torch.nn.Module, x: torch.Tensor, how: str, path: Path) -> None:
-    import io
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if how == "dynamo":
-            proto = torch.onnx.export(model, (x,), dynamo=True, optimize=False,
-                                      verbose=False).model_proto
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17,
-                              training=torch.onnx.TrainingMode.PRESERVE)
-            proto = onnx.load_from_string(buf.getvalue())
-    onnx.save(proto, str(path))
 
 
 def _bn_left(path: Path) -> int:
@@ -70,13 +53,13 @@ def onnx_table(names: list[str], repeat: int, exports: tuple[str, ...] = EXPORTS
     channel multiplier and the small input, for a quick run)."""
     rows = [["model (export)", "MB", "BN", "bnfold ms", "BN left: bnfold", "fastest peer (BN left)",
              "bnfold / fastest peer", "bnfold / ORT basic", "bnfold read+write alone / fastest"]]
-    ratios = Ratios()
+    ratios, export = Ratios(), exporters()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         for name in names:
             model, x = arch.get(name, width=width), arch.example_input(name, small=small)
             for how in exports:
-                _export(model, x, how, src)
+                onnx.save(export[how](model, x), str(src))
                 times: dict[str, float | None] = {}
                 left: dict[str, int] = {}
                 for tool, run in TOOLS.items():

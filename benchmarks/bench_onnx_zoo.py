@@ -120,10 +120,17 @@ class Ratios:
                                                           self.floors)]
 
 
-def zoo_speed() -> str:
+def exporters() -> dict[str, Callable[[torch.nn.Module, torch.Tensor], onnx.ModelProto]]:
+    """The two exports the tests fold, by name, each keeping every BN (tests/
+    test_onnx_reach.py): TorchScript with ``TrainingMode.PRESERVE``, dynamo with
+    ``optimize=False``."""
     sys.path.insert(0, str(TESTS))
     from test_onnx_reach import dynamo_export, torchscript_export
 
+    return {"TorchScript": torchscript_export, "dynamo": dynamo_export}
+
+
+def zoo_speed() -> str:
     from bnfold.models import reach, rep, zoo
 
     sources = [(zoo, n) for n in zoo.ZOO] + [(reach, n) for n in reach.REACH] + \
@@ -136,7 +143,7 @@ def zoo_speed() -> str:
         for source, name in sources:
             torch.manual_seed(0)
             model, x = source.get(name), source.example_input(name)
-            for label, export in (("TorchScript", torchscript_export), ("dynamo", dynamo_export)):
+            for label, export in exporters().items():
                 onnx.save(export(model, x), str(src))
                 times = {tool: _best(run, src, dst) for tool, run in TOOLS.items()}
                 ours = times.pop("bnfold")

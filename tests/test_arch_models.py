@@ -6,14 +6,13 @@ their real parameter counts."""
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx_cases import count, rel_err, run_ort
+from test_onnx_reach import dynamo_export, torchscript_export
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -134,16 +133,7 @@ def test_onnx_fold_leaves_bn_left(case, exporter: str) -> None:
     fills, which the fold sees through)."""
     name, model, x, fresh, want = case
     spec = arch.ARCHS[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            proto = torch.onnx.export(model, (x,), dynamo=True, optimize=False,
-                                      verbose=False).model_proto
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17,
-                              training=torch.onnx.TrainingMode.PRESERVE)
-            proto = onnx.load_from_string(buf.getvalue())
+    proto = (dynamo_export if exporter == "dynamo" else torchscript_export)(model, x)
     assert count(proto) == spec.bn_total, "the exporter did not keep every BN"
     folded, report = fold_onnx(proto)
     onnx.checker.check_model(folded, full_check=True)

@@ -113,6 +113,27 @@ def test_an_op_meta_cannot_run_falls_back_to_real_shapes() -> None:
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
+class _ConvBNThen(nn.Module):
+    """Conv -> BN -> ``tail``, traced with ``tail`` as a leaf module (:func:`_traced`)."""
+
+    def __init__(self, tail: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.tail = tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.bn(self.conv(x)))
+
+
+def _traced(net: _ConvBNThen) -> fx.GraphModule:
+    class Leaf(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return m is net.tail or super().is_leaf_module(m, name)
+
+    return fx.GraphModule(net, Leaf().trace(net))
+
+
 def test_large_inputs_run_on_meta_and_small_ones_for_real() -> None:
     seen: list[torch.device] = []
 
@@ -121,27 +142,12 @@ def test_large_inputs_run_on_meta_and_small_ones_for_real() -> None:
             seen.append(x.device)
             return x * 2
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, padding=1)
-            self.bn = nn.BatchNorm2d(8)
-            self.probe = Probe()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.probe(self.bn(self.conv(x)))
-
-    class Leaf(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-            return isinstance(m, Probe) or super().is_leaf_module(m, name)
-
-    net = randomize_bn_stats(Net()).eval()
-    gm = fx.GraphModule(net, Leaf().trace(net))
+    gm = _traced(randomize_bn_stats(_ConvBNThen(Probe(), 8)).eval())
     for side, device in ((8, "cpu"), (128, "meta")):
         seen.clear()
         trace.annotate_shapes(gm, (torch.randn(1, 3, side, side),))
         assert seen == [torch.device(device)]
-        assert trace.shape_of(next(n for n in gm.graph.nodes if n.name == "probe")) == \
+        assert trace.shape_of(next(n for n in gm.graph.nodes if n.name == "tail")) == \
             (1, 8, side, side)
 
 
@@ -155,24 +161,10 @@ class _SlicingReLU(nn.ReLU):
 def test_modules_that_may_change_the_shape_run_on_meta() -> None:
     """A subclass with a ``forward`` of its own, and a BN whose forward hook changes its
     output, record their real shapes."""
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-            self.act = _SlicingReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(self.bn(self.conv(x)))
-
-    class Leaf(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
-            return isinstance(m, _SlicingReLU) or super().is_leaf_module(m, name)
-
-    net = randomize_bn_stats(Net()).eval()
+    net = randomize_bn_stats(_ConvBNThen(_SlicingReLU(), 4)).eval()
     net.bn.register_forward_hook(lambda m, args, out: out[..., :3])
-    gm = fx.GraphModule(net, Leaf().trace(net))
+    gm = _traced(net)
     x = torch.randn(1, 3, 5, 5)
     real = _metadata(gm, x, None)
     assert _metadata(gm, x, 0) == real
-    assert real["bn"].shape == (1, 4, 5, 3) and real["act"].shape == (1, 2, 5, 3)
+    assert real["bn"].shape == (1, 4, 5, 3) and real["tail"].shape == (1, 2, 5, 3)

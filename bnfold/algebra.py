@@ -260,7 +260,7 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
         with np.errstate(over="ignore"), _buffer_size(CAST_BUFFER):  # inf: refused below
             np.multiply(w_v[rows], vec_v[rows] if vec_v.shape[0] > 1 else vec_v,
                         out=out_v[rows], dtype=np.float64, casting="same_kind")
-    n = len(w_v) if w_v.ndim else 1
+    n = len(w_v)
     workers = min(_WORKERS, n) if split and w.size >= SPLIT_MIN else 1
     if workers > 1:
         step = -(-n // workers)

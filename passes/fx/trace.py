@@ -368,10 +368,7 @@ class _Shapes(fx.Interpreter):
         the move to meta, the failure and the metadata."""
         try:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            if not self.on_meta and self.meta_from is not None and \
-                    _elements((args, kwargs)) > self.meta_from:
-                self.on_meta = True
-                self.env = {k: _to_meta(v) for k, v in self.env.items()}
+            if self._moved_to_meta((args, kwargs)):
                 args, kwargs = _to_meta(args), _to_meta(kwargs)
             result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as exc:
@@ -384,10 +381,17 @@ class _Shapes(fx.Interpreter):
 
     def placeholder(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         value = super().placeholder(target, args, kwargs)
-        if not self.on_meta and self.meta_from is not None and _elements(value) > self.meta_from:
-            self.on_meta = True
-            self.env = {k: _to_meta(v) for k, v in self.env.items()}
+        self._moved_to_meta(value)
         return _to_meta(value) if self.on_meta else value
+
+    def _moved_to_meta(self, value: Any) -> bool:
+        """Go on meta (every value computed so far with it) when the tensors in ``value``, a
+        node's inputs, hold more than ``meta_from`` elements; true if this call did."""
+        if self.on_meta or self.meta_from is None or _elements(value) <= self.meta_from:
+            return False
+        self.on_meta = True
+        self.env = {k: _to_meta(v) for k, v in self.env.items()}
+        return True
 
     def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         value = super().get_attr(target, args, kwargs)

@@ -392,6 +392,22 @@ def test_concat_with_two_non_layers_keeps_whole_bn() -> None:
     b.bn("cat", "y", 12)
     _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
     assert "kept whole" in report.kept[0].reason
+    assert "of which 2 inputs are not foldable" in report.kept[0].reason
+
+
+def test_concat_names_the_first_two_non_layers() -> None:
+    """Once two inputs are not foldable layers the BN stays whole, and the inputs after them
+    are not planned (a DenseNet concat reads every earlier layer of its block)."""
+    b = Builder(18)
+    b.node("Relu", ["x"], ["r"])
+    b.node("Sigmoid", ["x"], ["s"])
+    b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])
+    b.node("Concat", ["x", "r", "s", "a"], ["cat"], axis=1)
+    b.bn("cat", "y", 15)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    (entry,) = report.kept
+    assert "of which 2 or more inputs are not foldable" in entry.reason
+    assert "'x'" in entry.reason and "'r'" in entry.reason and "'s'" not in entry.reason
 
 
 def test_sum_of_layers_scales_each_and_shifts_once() -> None:

@@ -9,7 +9,9 @@
   (:func:`bnfold.algebra.slice_bn`), so each slice folds into its layer (forward rules of
   :mod:`.forward`). When exactly one input is not a foldable layer, the others fold and a
   ``BatchNormalization`` over that input's slice only is left in its place (smaller than the
-  whole BN); with more such inputs the whole BN is kept, with the reason.
+  whole BN); with more such inputs the whole BN is kept, with the reason (naming the first
+  two: the plans of the inputs after them are not made, which in a DenseNet, where each
+  concat reads every earlier layer of its block, would make the cost quadratic).
 
 Between the sum or concat and the BN there may be eval-mode no-ops (:mod:`.noops`).
 """
@@ -82,26 +84,33 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
     if axis != site.axis:
         return (f"its input is {display_name(concat)} on axis {axis}, not on the channel axis "
                 f"{site.axis}")
-    folds: list[Fold] = []
-    kept: list[tuple[int, BNParams, str]] = []
-    start = 0
-    for i, v in enumerate(concat.inputs):
+    sizes = []
+    for v in concat.inputs:
         dims = None if v is None else ctx.dims(v)
         if v is None or dims is None or dims[axis] is None:
             return f"the channel count of an input of {display_name(concat)} is {UNKNOWN}"
-        params = slice_bn(site.params, start, start + dims[axis])
-        start += dims[axis]
+        sizes.append(dims[axis])
+    if sum(sizes) != site.params.channels:
+        return (f"{display_name(concat)} concatenates {sum(sizes)} channels but {site.what} "
+                f"has {site.params.channels}")
+    folds: list[Fold] = []
+    kept: list[tuple[int, BNParams, str]] = []
+    starts = np.cumsum([0, *sizes]).tolist()
+    for i, v in enumerate(concat.inputs):
+        assert v is not None
+        params = slice_bn(site.params, starts[i], starts[i + 1])
         fold = layer_fold(Site([concat], v, params, site.kind, site.axis, i), ctx)
         if isinstance(fold, str):
             kept.append((i, params, f"{v.name!r}: {fold}"))
+            if len(kept) == 2:  # the BN stays whole: the other inputs need no plan
+                break
         else:
             folds.append(fold)
-    if start != site.params.channels:
-        return (f"{display_name(concat)} concatenates {start} channels but {site.what} has "
-                f"{site.params.channels}")
     if len(kept) > 1 or not folds:
         why = "; ".join(k[2] for k in kept)
-        return (f"its input is the concat {display_name(concat)} of which {len(kept)} inputs "
+        count = "2 or more" if len(kept) == 2 and kept[1][0] < len(sizes) - 1 \
+            else str(len(kept))
+        return (f"its input is the concat {display_name(concat)} of which {count} inputs "
                 f"are not foldable layers ({why}); BNs over their slices would not be fewer "
                 "than the whole BN, kept whole")
     name = site.name

@@ -266,7 +266,7 @@ def test_tensor_facts_walk_every_graph_in_order() -> None:
     facts = tensor_facts(zoo)
     branch = next(a.g for a in zoo.graph.node[2].attribute if a.name == "then_branch")
     every = [*zoo.graph.initializer, *branch.initializer]
-    assert facts.initializer_bytes == sum(proto_stream._proto_bytes(t) for t in every)
+    assert facts.initializer_bytes == sum(proto_stream.proto_bytes(t) for t in every)
     assert not facts.external and facts.negative is None and facts.sparse == []
     branch.initializer[0].dims[0] = -1
     assert tensor_facts(zoo).negative.name == "bw"

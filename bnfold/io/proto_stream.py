@@ -21,7 +21,7 @@ import contextlib
 import math
 import mmap
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -99,7 +99,7 @@ def write_model(model: ir.Model, f: BinaryIO) -> None:
                     swapped.append((value, tensor))
                     value.const_value = _hollow(tensor)
             elif issubclass(kind, ir.serde.TensorProtoTensor) and \
-                    tensor.raw.HasField("raw_data") and _proto_bytes(tensor.raw) >= STREAM_MIN:
+                    tensor.raw.HasField("raw_data") and proto_bytes(tensor.raw) >= STREAM_MIN:
                 streamed[index] = None
         proto = ir.serde.serialize_model(model)
     finally:
@@ -123,7 +123,7 @@ def write_proto(proto: onnx.ModelProto, f: BinaryIO,
     graph = proto.graph
     if streamed is None:
         streamed = {i: None for i, t in enumerate(graph.initializer)
-                    if _proto_bytes(t) >= STREAM_MIN}
+                    if proto_bytes(t) >= STREAM_MIN}
     if buffers:
         streamed = {**streamed, **buffers}
     if not streamed:
@@ -171,7 +171,7 @@ def tensor_facts(proto: onnx.ModelProto) -> TensorFacts:
             dims = tensor.dims
             if negative is None and any(d < 0 for d in dims):
                 negative = tensor
-            total += _proto_bytes(tensor)
+            total += proto_bytes(tensor)
         elif role == SPARSE:
             sparse.append(tensor.name)
     return TensorFacts(external, total, negative, sparse)
@@ -254,19 +254,20 @@ def stored_bytes(tensor: ir.TensorProtocol) -> int:
     as an array (onnx-ir's ``nbytes`` goes through a new shape tuple on each call)."""
     kind = type(tensor)
     if issubclass(kind, ir.serde.TensorProtoTensor):
-        return _proto_bytes(tensor.raw)
+        return proto_bytes(tensor.raw)
     if kind is ir.Tensor and isinstance(tensor.raw, np.ndarray):  # shape: the array's
         return (tensor.raw.size * tensor.dtype.bitwidth + 7) // 8
     return tensor.nbytes
 
 
-def _proto_bytes(tensor: onnx.TensorProto) -> int:
+def proto_bytes(tensor: onnx.TensorProto, dims: Iterable[int] | None = None) -> int:
     """The bytes a tensor proto's dims and dtype call for (its ``raw_data`` length when valid;
-    the bytes of its strings for a string tensor, 0 for an unknown dtype)."""
+    the bytes of its strings for a string tensor, 0 for an unknown dtype); ``dims``: its
+    dims, when already read."""
     bits = _BITS.get(tensor.data_type)
     if bits is None:
         return sum(map(len, tensor.string_data))
-    return (math.prod(tensor.dims) * bits + 7) // 8
+    return (math.prod(tensor.dims if dims is None else dims) * bits + 7) // 8
 
 
 def _bitwidths() -> dict[int, int]:

@@ -41,6 +41,7 @@ graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import operator
@@ -53,7 +54,7 @@ import onnx_ir as ir
 
 from bnfold.algebra import BATCH_MAX_WEIGHT, Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
-from bnfold.io.proto_stream import STREAM_MIN, copy_fields
+from bnfold.io.proto_stream import STREAM_MIN, TensorFacts, copy_fields, proto_bytes
 from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import MIN_BUDGET, Namer
@@ -107,6 +108,8 @@ class _Plan:
                  sites: list[tuple[NodeView, NodeView]],
                  computed: dict[str, np.ndarray]) -> None:
         self.split = isinstance(model, SplitProto)  # then the output holds tensors apart too
+        #: the input's tensor facts, when known (the output's are then worked out, not walked)
+        self.facts = model.facts if isinstance(model, SplitProto) else None
         self.model = model.proto if isinstance(model, SplitProto) else model
         self.view, self.opset, self.sites = view, opset, sites
         #: initializer name -> its bytes, for the input's tensors held apart
@@ -306,7 +309,9 @@ class _Plan:
 
     def build(self) -> onnx.ModelProto | SplitProto:
         """The folded model: ``self.model`` with the edits, copied field by field (a
-        :class:`~bnfold.io.split_proto.SplitProto` when the input is one)."""
+        :class:`~bnfold.io.split_proto.SplitProto` when the input is one, carrying the
+        :class:`~bnfold.io.proto_stream.TensorFacts` the input's facts and the edits give:
+        the save then walks no tensor)."""
         src, view = self.model, self.view
         dead = self._prune()
         out = onnx.ModelProto()
@@ -332,7 +337,28 @@ class _Plan:
             if name not in dead:
                 self._add_tensor(graph, self.arrays[name], name, held)
         graph.value_info.extend(v for v in src.graph.value_info if v.name not in self.renamed)
-        return SplitProto(out, held) if self.split else out
+        if not self.split:
+            return out
+        return SplitProto(out, held, self._output_facts(dead))
+
+    def _output_facts(self, dead: set[str]) -> TensorFacts | None:
+        """The :class:`~bnfold.io.proto_stream.TensorFacts` of :meth:`build`'s output (``dead``:
+        the initializers it drops), from the input's, when known: the same but for the
+        initializers' bytes (the input had no negative dim nor sparse tensor, or its load
+        would have refused it; the new tensors are float arrays). Those bytes are counted
+        over the input's tensors the fold dropped or replaced, or over those it kept, whichever
+        are fewer."""
+        if self.facts is None:
+            return None
+        view, arrays = self.view, self.arrays
+        gone = {n for n in dead | self.replaced if n in view.initializers}
+        tensors: Iterable[str] = gone if 2 * len(gone) <= len(view.initializers) else (
+            n for n in view.initializers if n not in gone)
+        counted = sum(proto_bytes(view.initializers[n], view.dims[n]) for n in tensors)
+        kept = self.facts.initializer_bytes - counted if tensors is gone else counted
+        new = sum(arrays[n].nbytes for n in itertools.chain(self.replaced, self.added)
+                  if n not in dead)
+        return dataclasses.replace(self.facts, initializer_bytes=kept + new)
 
     def _prune(self) -> set[str]:
         """:func:`.edit.prune` of the released names: an unread initializer is dead (the

@@ -84,21 +84,15 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
     if axis != site.axis:
         return (f"its input is {display_name(concat)} on axis {axis}, not on the channel axis "
                 f"{site.axis}")
-    sizes = []
-    for v in concat.inputs:
+    folds: list[Fold] = []
+    kept: list[tuple[int, BNParams, str]] = []
+    start = 0
+    for i, v in enumerate(concat.inputs):
         dims = None if v is None else ctx.dims(v)
         if v is None or dims is None or dims[axis] is None:
             return f"the channel count of an input of {display_name(concat)} is {UNKNOWN}"
-        sizes.append(dims[axis])
-    if sum(sizes) != site.params.channels:
-        return (f"{display_name(concat)} concatenates {sum(sizes)} channels but {site.what} "
-                f"has {site.params.channels}")
-    folds: list[Fold] = []
-    kept: list[tuple[int, BNParams, str]] = []
-    starts = np.cumsum([0, *sizes]).tolist()
-    for i, v in enumerate(concat.inputs):
-        assert v is not None
-        params = slice_bn(site.params, starts[i], starts[i + 1])
+        params = slice_bn(site.params, start, start + dims[axis])
+        start += dims[axis]
         fold = layer_fold(Site([concat], v, params, site.kind, site.axis, i), ctx)
         if isinstance(fold, str):
             kept.append((i, params, f"{v.name!r}: {fold}"))
@@ -106,9 +100,12 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
                 break
         else:
             folds.append(fold)
+    if len(kept) < 2 and start != site.params.channels:
+        return (f"{display_name(concat)} concatenates {start} channels but {site.what} has "
+                f"{site.params.channels}")
     if len(kept) > 1 or not folds:
         why = "; ".join(k[2] for k in kept)
-        count = "2 or more" if len(kept) == 2 and kept[1][0] < len(sizes) - 1 \
+        count = "2 or more" if len(kept) == 2 and kept[1][0] < len(concat.inputs) - 1 \
             else str(len(kept))
         return (f"its input is the concat {display_name(concat)} of which {count} inputs "
                 f"are not foldable layers ({why}); BNs over their slices would not be fewer "

@@ -455,3 +455,28 @@ def test_insert_options(run_cli, tmp_path):
     train = {a.name: a.i for a in bns(o["train"])[0].attribute if a.name == "training_mode"}
     assert train == {"training_mode": 1} and len(bns(o["train"])[0].output) == 3
     assert not any(a.name == "training_mode" and a.i for a in bns(o["default"])[0].attribute)
+
+
+def test_freeze_initializer_inputs(run_cli, tmp_path):
+    """--freeze-initializer-inputs folds BNs whose weights are also graph inputs (fold, with
+    --merge-branches too, and inspect), says so, and leaves the input file as it was."""
+    from test_onnx_fold import _weights_as_inputs
+
+    src = tmp_path / "in.onnx"
+    onnx.save(_weights_as_inputs(), src)
+    before = src.read_bytes()
+    res = run_cli("fold", src, "-o", tmp_path / "kept.onnx")
+    assert res.returncode == 0 and "2 kept" in res.stdout
+    assert "--freeze-initializer-inputs" in res.stdout
+    for extra in ([], ["--merge-branches"]):
+        out = tmp_path / f"out{len(extra)}.onnx"
+        res = run_cli("fold", src, "-o", out, "--freeze-initializer-inputs", "--validate",
+                      "--providers", "cpu", *extra)
+        assert res.returncode == 0, res.stderr
+        assert "froze 11 graph input(s)" in res.stdout and "validation PASSED" in res.stdout
+        model = onnx.load(out)
+        assert [i.name for i in model.graph.input] == ["x"]
+        assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    doc = json.loads(run_cli("inspect", src, "--freeze-initializer-inputs", "--json").stdout)
+    assert doc["report"]["counts"]["folded"] == 2 and "froze 11" in doc["report"]["notes"][0]
+    assert src.read_bytes() == before

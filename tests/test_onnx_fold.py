@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto
 from onnx.inliner import inline_local_functions
@@ -20,6 +21,8 @@ from onnx_cases import (
     torch_convtranspose_bn,
 )
 
+from bnfold.io.fileio import load_for_pass
+from bnfold.io.split_proto import SplitProto
 from bnfold.passes.onnx.fold import fold_onnx, inspect_onnx
 
 FP32_TOL = 1e-5
@@ -399,6 +402,52 @@ def test_initializer_that_is_a_graph_input_is_kept_with_remedy() -> None:
     m.graph.input.append(onnx.helper.make_tensor_value_info("y_mean", TensorProto.FLOAT, [4]))
     _, report = check(m, 1)
     assert "keep_initializers_as_inputs=False" in report.kept[0].reason
+    assert "--freeze-initializer-inputs" in report.kept[0].reason
+
+
+def _weights_as_inputs(seed: int = 0) -> onnx.ModelProto:
+    """A Conv -> BN -> Relu -> Conv -> BN model with every initializer a graph input too."""
+    b = Builder(seed)
+    b.node("Conv", ["x", b.rand("w1", [4, 3, 3, 3])], ["c1"], pads=[1, 1, 1, 1])
+    b.bn("c1", "n1", 4)
+    b.node("Relu", ["n1"], ["r"])
+    b.node("Conv", ["r", b.rand("w2", [5, 4, 1, 1]), b.rand("b2", [5])], ["c2"])
+    b.bn("c2", "y", 5)
+    m = b.model({"x": [2, 3, 6, 6]}, {"y": None})
+    m.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                         for t in m.graph.initializer)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["ModelProto", "onnx_ir.Model", "SplitProto", "path"])
+def test_frozen_initializer_inputs_fold(kind: str, tmp_path) -> None:
+    """freeze_initializer_inputs takes the weights off the graph inputs, and every BN folds
+    (on the protobuf path and on onnx-ir's); the input is left as it was."""
+    m = _weights_as_inputs()
+    assert count(fold_onnx(m).model) == 2
+    before = m.SerializeToString()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    given = {"ModelProto": m, "onnx_ir.Model": ir.serde.deserialize_model(m),
+             "SplitProto": load_for_pass(path), "path": path}[kind]
+    out, report = fold_onnx(given, freeze_initializer_inputs=True)
+    out = ir.serde.serialize_model(out) if isinstance(out, ir.Model) else (
+        out.whole() if isinstance(out, SplitProto) else out)
+    assert count(out) == 0 and report.notes[0].startswith("froze 11 graph input(s)")
+    assert [i.name for i in out.graph.input] == ["x"]
+    x = feeds(m)
+    assert rel_err(run_ort(out, x), reference(m, x)) < FP32_TOL
+    assert m.SerializeToString() == before and onnx.load(path).SerializeToString() == before
+
+
+def test_frozen_initializer_inputs_inspect_and_ir3() -> None:
+    m = _weights_as_inputs()
+    report = inspect_onnx(m, freeze_initializer_inputs=True)
+    assert len(report.folded) == 2 and "froze 11" in report.notes[0]
+    m.ir_version = 3  # initializers are graph inputs by definition: constants already
+    out, report = fold_onnx(m, freeze_initializer_inputs=True)
+    assert count(out) == 0 and not any("froze" in n for n in report.notes)
+    assert [i.name for i in out.graph.input] == [i.name for i in m.graph.input]
 
 
 # --------------------------------------------------------------------- dtypes

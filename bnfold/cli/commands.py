@@ -142,11 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-branches", action="store_true",
                    help="also merge parallel Conv(+BN)/BN/identity branches summed by an Add "
                         "into one Conv (RepVGG, MobileOne...; exact)")
+    p.add_argument(*_FREEZE, action="store_true", help=_FREEZE_HELP)
     p.set_defaults(func=cmd_fold)
 
     p = sub.add_parser("inspect", parents=[common, report],
                        help="per-BN table: folds into what, or why not")
     p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument(*_FREEZE, action="store_true", help=_FREEZE_HELP)
     p.add_argument("--html", type=Path, metavar="FILE.html",
                    help="also write the table with each BN's graph neighbourhood as HTML")
     p.set_defaults(func=cmd_inspect)
@@ -266,11 +268,16 @@ def _fold_file(args: argparse.Namespace, src: Path, out: Path, *, show: bool) ->
     model = load_checked(src) if merge else load_for_pass(src)
     with naming(src):
         if merge:
+            from bnfold.passes.onnx.frozen_inputs import note_frozen
+
+            model, frozen = _frozen(args, model)
             folded, report = bnfold.reparameterize_onnx(model)
+            note_frozen(report, frozen)
         else:
             with _fold_progress(show) as update:
-                folded, report = bnfold.fold_onnx(model, include=args.include,
-                                                  exclude=args.exclude, progress=update)
+                folded, report = bnfold.fold_onnx(
+                    model, include=args.include, exclude=args.exclude, progress=update,
+                    freeze_initializer_inputs=args.freeze_initializer_inputs)
     doc: dict[str, Any] = {"schema": documents.FOLD, "input": str(src), "output": str(out),
                            "fold": report.to_dict(), "validation": None}
     if show:
@@ -415,11 +422,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return inspect_program(args)
     _check_report_path(args, args.input)
     from bnfold.io.fileio import load_checked
+    from bnfold.passes.onnx.frozen_inputs import note_frozen
     from bnfold.passes.onnx.reparam import inspect_branches
 
-    model = load_checked(args.input)
+    model, frozen = _frozen(args, load_checked(args.input))
     with naming(args.input):
         report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
+    note_frozen(report, frozen)
     if args.html is not None:
         from bnfold.cli import html_report
         from bnfold.passes.onnx.names import neighbourhoods
@@ -540,6 +549,22 @@ def _check_html_path(args: argparse.Namespace) -> None:
     from bnfold.io.output_paths import check_written_paths
 
     check_written_paths({"--report": args.report, "--html": args.html}, [args.input])
+
+
+_FREEZE = ("--freeze-initializer-inputs",)
+_FREEZE_HELP = ("treat graph inputs that have an initializer (weights exported as inputs, e.g. "
+                "keep_initializers_as_inputs=True) as constants: they fold, and callers can no "
+                "longer feed them")
+
+
+def _frozen(args: argparse.Namespace, model: Any) -> tuple[Any, list[str]]:
+    """``--freeze-initializer-inputs`` on a loaded model: the model to pass on, and the
+    names of the inputs it no longer has (:func:`bnfold.passes.onnx.frozen_inputs.freeze`)."""
+    if not args.freeze_initializer_inputs:
+        return model, []
+    from bnfold.passes.onnx.frozen_inputs import freeze
+
+    return freeze(model)
 
 
 def _merge_branches(args: argparse.Namespace) -> bool:

@@ -37,7 +37,8 @@ MAX_CONE_NODES = 64
 MIN_BUDGET = 4096
 #: Why a tensor listed among the graph inputs (IR version >= 4) is not folded.
 OVERRIDABLE = ("is a graph input (callers may override it; to fold it, take it off the graph "
-               "inputs, e.g. export with keep_initializers_as_inputs=False)")
+               "inputs: bnfold fold --freeze-initializer-inputs, or export with "
+               "keep_initializers_as_inputs=False)")
 #: Why a graph input without an initializer is not folded.
 RUNTIME_INPUT = "is a graph input without an initializer: its value is only known at run time"
 #: Inputs that contribute only their dtype or static shape, never their data.

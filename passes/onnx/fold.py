@@ -46,6 +46,7 @@ from bnfold.passes.onnx.consts import Constants, Namer
 from bnfold.passes.onnx.direct import direct_fold
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
+from bnfold.passes.onnx.frozen_inputs import freeze, note_frozen
 from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.linear import structure_fold
@@ -65,7 +66,8 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
               base_dir: str | os.PathLike[str] | None = None,
               max_const_elements: int | None = None,
               include: Any = None, exclude: Any = None,
-              progress: Callable[[int, int], Any] | None = None) -> PassResult:
+              progress: Callable[[int, int], Any] | None = None,
+              freeze_initializer_inputs: bool = False) -> PassResult:
     """Fold every exactly foldable BN of ``model``; return ``(folded model, report)``.
 
     ``model`` is an ``onnx.ModelProto`` (a new ``ModelProto`` is returned; the input is never
@@ -92,45 +94,58 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     round settles it (``total``: the BNs of every graph); the pass itself prints nothing.
     A plain ``ModelProto`` (every BN right after a Conv/ConvTranspose/Gemm only it reads, all
     tensors initializers) is folded on the protobuf by :func:`.direct.direct_fold`, with
-    the same result and report.
+    the same result and report. ``freeze_initializer_inputs``: first take the graph inputs
+    that have an initializer off the inputs, so their tensors fold as constants
+    (:mod:`.frozen_inputs`; without it a BN that reads one is kept, with the reason).
     """
     select = Selection.of(include, exclude)
+    frozen: list[str] = []
     with gc_paused():
         source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         from_file = source is not None
         if from_file:
             model = load_split(model)
         if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
+            if freeze_initializer_inputs:
+                model, frozen = freeze(model)
             fast = direct_fold(model, select=select, progress=progress,
                                max_const_elements=max_const_elements)
             if fast is not None:
+                note_frozen(fast.report, frozen)
                 if from_file:
                     return PassResult(_to_ir(fast.model, copy=True, source=source),
                                       fast.report)
                 return fast
         ir_model, as_proto = _working_copy(model, inplace or from_file, views=not from_file,
                                            source=source)
+        if freeze_initializer_inputs and not frozen:
+            _, frozen = freeze(ir_model)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,
                        max_const_elements=max_const_elements, select=select,
                        progress=progress, source=model)
+        note_frozen(report, frozen)
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
 
 def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
-                 max_const_elements: int | None = None) -> Report:
+                 max_const_elements: int | None = None,
+                 freeze_initializer_inputs: bool = False) -> Report:
     """What :func:`fold_onnx` would do with each BN (folded into what, or kept and why).
 
     Runs the fold on a copy that shares the input's tensors; the input is not changed. The
     report is a dry run: entries keep the action names (``folded`` means "would fold"),
     ``report.dry_run`` is true, ``report.changed`` is false, and its table says "would fold".
+    ``freeze_initializer_inputs``: as for :func:`fold_onnx`.
     """
     with gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
+        frozen = freeze(ir_model)[1] if freeze_initializer_inputs else []
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "inspect_onnx", backward=True,
                        max_const_elements=max_const_elements, source=model)
+        note_frozen(report, frozen)
     report.dry_run = True
     return report
 

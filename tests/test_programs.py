@@ -103,11 +103,13 @@ def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
     src, out = tmp_path / "m.pt2", tmp_path / "out" / "folded.pt2"
     torch.export.save(program, src)
     torch.save(model.state_dict(), tmp_path / "ckpt.pt2")
-    fold, inspect, ckpt, validate = run_cli.many([
+    fold, inspect, ckpt, validate, freeze, freeze_inspect = run_cli.many([
         ["fold", src, "-o", out, "--exclude", "stem.*", "--json"],
         ["inspect", src, "--json"],
         ["inspect", tmp_path / "ckpt.pt2"],
         ["fold", src, "-o", tmp_path / "v.pt2", "--validate"],
+        ["fold", src, "-o", tmp_path / "v.pt2", "--freeze-initializer-inputs"],
+        ["inspect", src, "--freeze-initializer-inputs"],
     ])
     assert fold.returncode == 0, fold.stderr
     doc = json.loads(fold.stdout)
@@ -115,8 +117,9 @@ def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
     assert float64_error(torch.export.load(out), model, 2) < 1e-6
     assert inspect.returncode == 0 and json.loads(inspect.stdout)["report"]["dry_run"]
     assert json.loads(inspect.stdout)["report"]["counts"]["folded"] == 9
-    for bad in (ckpt, validate):
+    for bad in (ckpt, validate, freeze, freeze_inspect):
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
     assert "not a torch.export archive" in ckpt.stderr
+    assert "applies to ONNX models" in freeze.stderr and "applies to ONNX" in freeze_inspect.stderr
     assert not (tmp_path / "v.pt2").exists()

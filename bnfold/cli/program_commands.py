@@ -59,6 +59,7 @@ def fold_program(args: argparse.Namespace) -> int:
         raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "
                             "to a torch.export program (the fold is exact: compare "
                             "program.module() outputs in torch)")
+    _no_freeze(args)
     merge = _merge_branches(args)
     program = load_program(args.input)
     if merge:
@@ -80,6 +81,13 @@ def fold_program(args: argparse.Namespace) -> int:
     return OK
 
 
+def _no_freeze(args: argparse.Namespace) -> None:
+    """Refuse ``--freeze-initializer-inputs`` for a program (an ONNX graph-input notion)."""
+    if args.freeze_initializer_inputs:
+        raise BadInputError("--freeze-initializer-inputs applies to ONNX models; a torch.export "
+                            "program's weights are parameters, not graph inputs")
+
+
 def inspect_program(args: argparse.Namespace) -> int:
     """What folding the program in ``args.input`` would do; nothing is written."""
     import bnfold
@@ -87,6 +95,7 @@ def inspect_program(args: argparse.Namespace) -> int:
     from bnfold.programs import load_program
 
     _check_report_path(args, args.input)
+    _no_freeze(args)
     program = load_program(args.input)
     args_, kwargs = program.example_inputs or (None, None)
     module = program.module()

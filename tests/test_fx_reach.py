@@ -4,6 +4,7 @@ and the report's words for each case."""
 
 from __future__ import annotations
 
+import onnx_cases
 import pytest
 import torch
 from test_fx_zoo import bn_nodes, rel_err
@@ -463,3 +464,66 @@ def test_a_frozen_bn_after_a_concat(passthrough: bool) -> None:
         assert (entry.action, entry.into, entry.details["kind"]) == ("folded", "a, b",
                                                                      "affine mul+add")
     assert rel_err(gm, model, x, double=True) < 1e-6
+
+
+class _FlattenHead(nn.Module):
+    """``conv -> relu -> BN -> flatten -> [dropout] -> Linear``: a BN only a backward fold
+    through the flatten reaches (a VGG-style head)."""
+
+    def __init__(self, flatten, dropout: bool = False, bn1d: bool = False) -> None:
+        super().__init__()
+        self.flatten, self.bn1d = flatten, bn1d
+        self.c = nn.Conv1d(3, 4, 3) if bn1d else nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm1d(4) if bn1d else nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.2) if dropout else nn.Identity()
+        self.fc = nn.Linear(4 * (4 if bn1d else 16), 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.flatten(self.bn(torch.relu(self.c(x))))))
+
+
+_FLATTENS = {"torch.flatten": lambda t: torch.flatten(t, 1), "method": lambda t: t.flatten(1),
+             "nn.Flatten": nn.Flatten(), "flatten(1, -1)": lambda t: t.flatten(1, -1)}
+
+
+@pytest.mark.parametrize("flatten", list(_FLATTENS))
+@pytest.mark.parametrize(("dropout", "bn1d"), [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shapes", [True, False])
+def test_bn_before_a_flatten_folds_backward_into_the_linear(flatten: str, dropout: bool,
+                                                          bn1d: bool, shapes: bool) -> None:
+    torch.manual_seed(0)
+    model = _prepared(_FlattenHead(_FLATTENS[flatten], dropout, bn1d))
+    x = torch.randn(3, 3, 6) if bn1d else torch.randn(3, 3, 6, 6)
+    gm, report = bnfold.fold(model, x if shapes else None)
+    (entry,) = report.entries
+    assert (entry.action, entry.into, entry.details["direction"]) == ("folded", "fc", "backward")
+    assert entry.details["through"] and not bn_nodes(gm)
+    assert rel_err(gm, model, torch.randn_like(x), double=False) < 1e-5
+
+
+@pytest.mark.parametrize(("flatten", "features"), [
+    (lambda t: torch.flatten(t, 2).sum(2), 4),  # keeps the spatial axes apart, then sums
+    (lambda t: torch.flatten(t, 0, 1).reshape(3, -1), 64),  # flattens the batch axis in
+])
+def test_a_flatten_of_other_axes_keeps_the_bn(flatten, features: int) -> None:
+    model = _FlattenHead(flatten)
+    model.fc = nn.Linear(features, 5)
+    _, report = bnfold.fold(_prepared(model), torch.randn(3, 3, 6, 6))
+    assert [e.action for e in report.entries] == ["kept"]
+
+
+@pytest.mark.parametrize("export", ["TorchScript", "dynamo"])
+@pytest.mark.parametrize(("dropout", "bn1d"), [(True, False), (False, True)])
+def test_the_onnx_fold_of_a_flatten_head_folds_what_fx_folds(export: str, dropout: bool,
+                                                            bn1d: bool) -> None:
+    from test_onnx_reach import dynamo_export, torchscript_export
+
+    torch.manual_seed(0)
+    model = _prepared(_FlattenHead(_FLATTENS["torch.flatten"], dropout, bn1d))
+    x = torch.randn(3, 3, 6) if bn1d else torch.randn(3, 3, 6, 6)
+    proto = (torchscript_export if export == "TorchScript" else dynamo_export)(model, x)
+    out, report = bnfold.fold_onnx(proto)
+    assert [e.action for e in report.entries] == ["folded"]
+    feed = onnx_cases.feeds(proto)
+    assert onnx_cases.rel_err(onnx_cases.run_ort(out, feed),
+                              onnx_cases.reference(proto, feed)) < 1e-5

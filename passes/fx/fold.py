@@ -23,7 +23,11 @@ called twice) is kept with the reason.
 Backward fold (BN -> [eval no-ops] -> layer, every value reader a layer): ``W (*) (s * x + t)
 + b = (W * s) (*) x + (W (*) t + b)``, exact under :func:`bnfold.algebra.backward_fold_refusal`
 (always for Linear; for Conv when unpadded, non-zero padding modes, or ``t == 0``); with
-several readers, into each (planned for all first: one refusal keeps the BN).
+several readers, into each (planned for all first: one refusal keeps the BN). A flatten of
+every axis after the batch axis may sit before a Linear (a VGG-style head, ``BN -> flatten
+-> [dropout] -> Linear``): channel ``c`` is then the block of ``P = in_features / C`` features
+from ``c * P``, so the BN is a per-feature affine map with its parameters repeated
+(:func:`bnfold.algebra.spread_features`), exact at every input the model runs on.
 
 BN spellings: BN modules (SyncBatchNorm included), ``F.batch_norm`` and its aten forms,
 constant per-channel affine chains (:mod:`bnfold.passes.fx.affine`: FrozenBatchNorm2d,
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,11 +73,12 @@ from bnfold.algebra import (
     backward_fold_refusal,
     fold_backward,
     fold_forward,
+    spread_features,
 )
 from bnfold.errors import UnsafeFoldError
 from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx.affine import affine_chains
-from bnfold.passes.fx.axes import chain_input, chain_op, follow, value_users
+from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
@@ -353,22 +359,31 @@ class _Folder:
                          else forward_reason)
         plans: list[tuple[LayerSite, Folded]] = []
         guards: set[tuple[int, ...]] = set()
-        for reader in readers:
+        through: list[str] = []
+        for reader, flat in readers:
             layer = layer_site(self.gm, reader)
             if isinstance(layer, str):
                 return _kept(f"{forward_reason}; backward fold: {layer}")
-            why, guard = self._axis_check(layer, site.input, [], site)
+            params: BNParams | str = site.params
+            if flat is None:
+                why, guard = self._axis_check(layer, site.input, [], site)
+            else:  # the flatten fixes the rank question: channel c is a block of features
+                params, guard = self._flattened(site, flat, layer), ()
+                why = params if isinstance(params, str) else None
+                through.append(flat.name)
             try:  # both the exactness check and the fold read the BN's statistics
                 if why is None:
+                    assert not isinstance(params, str)
                     why = backward_fold_refusal(
-                        layer.kind, site.params, ConvGeometry.symmetric(
+                        layer.kind, params, ConvGeometry.symmetric(
                             tuple(layer.weight.shape[2:]), layer.padding, stride=layer.stride,
                             dilation=layer.dilation, padding_mode=layer.padding_mode,
                             output_padding=layer.output_padding),
                     ) or self._dtype_refusal(site, layer)
                 if not why:
+                    assert not isinstance(params, str)
                     plans.append((layer, fold_backward(
-                        to_numpy(layer.weight), _np_or_none(layer.bias), site.params,
+                        to_numpy(layer.weight), _np_or_none(layer.bias), params,
                         in_axis=layer.weight_in_axis, groups=layer.groups,
                         out_axis=layer.weight_out_axis,
                     )))
@@ -385,6 +400,8 @@ class _Folder:
         original = originals(self.gm, [layer.node for layer, _ in plans]) if guard else []
         written = [self._write(layer, folded, label) for layer, folded in plans]
         details: dict[str, Any] = {"direction": "backward", "layer": plans[0][0].kind}
+        if through:
+            details["through"] = through
         if len(written) == 1:
             details.update(written[0][1])
         else:
@@ -392,14 +409,21 @@ class _Folder:
         return self._folded(", ".join(into for into, _ in written), details, site, guard,
                             guard, original)
 
-    def _readers(self, output: fx.Node) -> list[fx.Node] | str:
-        """The layers reading ``output`` (through eval no-ops), or why not all readers are
-        layers ("" when a reader is simply not a layer: the forward reason says enough)."""
+    def _readers(self, output: fx.Node) -> list[tuple[fx.Node, fx.Node | None]] | str:
+        """The layers reading ``output`` (through eval no-ops and at most one flatten of
+        everything after the batch axis), each with that flatten or ``None``; or why not all
+        readers are layers ("" when a reader is simply not a layer: the forward reason says
+        enough)."""
         layers = []
         for user in value_users(output):
-            prev, cur = output, user
-            while not is_layer(self.gm, cur) and chain_op(self.gm, cur) in IDENTITY_OPS \
-                    and chain_input(cur) is prev:
+            prev, cur, flat = output, user, None
+            while not is_layer(self.gm, cur) and chain_input(cur) is prev and (
+                    chain_op(self.gm, cur) in IDENTITY_OPS
+                    or (flat is None and chain_op(self.gm, cur) == "flatten")):
+                if chain_op(self.gm, cur) == "flatten":
+                    if flatten_dims(self.gm, cur) != (1, -1):
+                        return ""
+                    flat = cur
                 why = cast_refusal(cur, None)
                 if why:
                     return why
@@ -409,8 +433,31 @@ class _Folder:
                 prev, cur = cur, nxt[0]
             if not is_layer(self.gm, cur) or chain_input(cur) is not prev:
                 return ""
-            layers.append(cur)
+            layers.append((cur, flat))
         return layers if layers else ""
+
+    @staticmethod
+    def _flattened(site: BatchNormSite, flat: fx.Node, layer: LayerSite) -> BNParams | str:
+        """The per-feature BN that ``BN -> flat -> layer`` puts on the Linear ``layer``'s
+        input (:func:`bnfold.algebra.spread_features`): ``flat`` flattens every axis after
+        the batch axis, so channel ``c`` of ``C`` is features ``c*P .. (c+1)*P - 1`` with
+        ``P = in_features / C`` positions, whatever spatial shape runs (any other would not
+        fit the Linear). Exact at every rank the model runs at."""
+        if site.chain:
+            return "an affine chain before a flatten is not folded backward"
+        if layer.kind != "linear":
+            return f"{flat.name} feeds {layer.label}, not a Linear"
+        features, channels = layer.weight.shape[1], site.params.channels
+        shape = shape_of(site.input)
+        if shape is not None and (len(shape) < 2 or None in shape[1:]
+                                  or shape[1] * math.prod(shape[2:]) != features):
+            return f"the BN input {list(shape)} does not flatten into {features} features"
+        spread = spread_features(site.params, features, features // channels) \
+            if features % channels == 0 else None
+        if spread is None:
+            return (f"{layer.label} has {features} input features, not a multiple of the "
+                    f"BN's {channels} channels")
+        return spread
 
     @staticmethod
     def _dtype_refusal(site: BatchNormSite, layer: LayerSite) -> str | None:

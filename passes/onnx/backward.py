@@ -15,9 +15,10 @@ exactness kind from the layer table, :mod:`.layers`). Exact cases, checked by
   zeros, so they follow the rule above.
 * ConvTranspose: exact when ``t == 0``, or stride 1, no output padding and
   ``pads == dilation * (kernel - 1)`` on every side.
-* ``BN -> Flatten/Reshape -> Gemm``: with ``R`` positions per channel, flattened feature
-  ``f`` belongs to channel ``(f // R) % C`` whenever the row length ``K`` is a multiple of
-  ``C * R``; the BN then is a per-feature affine map on the Gemm input (parameters repeated).
+* ``BN -> Flatten/Reshape -> Gemm`` (eval no-ops around the Flatten/Reshape looked
+  through): with ``R`` positions per channel, flattened feature ``f`` belongs to channel
+  ``(f // R) % C`` whenever the row length ``K`` is a multiple of ``C * R``; the BN then is a
+  per-feature affine map on the Gemm input (parameters repeated).
 """
 
 from __future__ import annotations
@@ -81,9 +82,7 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
     """The rewrite of the one layer that reads ``site`` (through no-ops, a copying Pad or a
     Flatten before a Gemm)."""
     y, params = site.y, site.params
-    node, index = _next(site.nodes[-1])
-    while node is not None and index == 0 and is_noop(node, ctx):
-        node, index = _next(node)
+    node, index = _past_noops(site.nodes[-1], ctx)
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
     if node.op_type == "Pad" and is_default(node) and index == 0:
@@ -96,7 +95,7 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
         if isinstance(flat, str):
             return flat
         params = flat
-        node, index = _next(node)
+        node, index = _past_noops(node, ctx)
     if node is None or index != 0 or not is_default(node):
         return f"its output feeds {consumers_text(y)}, not the data input of a layer"
     return _layer(site, params, node, ctx)
@@ -131,6 +130,15 @@ def _readers_fold(site: Site, readers: list, ctx: Context) -> Fold | str:
     return Fold(folds[0].into, "backward", apply, [f.into for f in folds[1:]])
 
 
+def _past_noops(node: ir.Node, ctx: Context) -> tuple[ir.Node | None, int]:
+    """The sole reader of ``node``'s output past eval no-ops (:func:`_next` of each), and the
+    input it reads."""
+    reader, index = _next(node)
+    while reader is not None and index == 0 and is_noop(reader, ctx):
+        reader, index = _next(reader)
+    return reader, index
+
+
 def _next(node: ir.Node) -> tuple[ir.Node | None, int]:
     out = node.outputs[0]
     if out.is_graph_output() or len(out.uses()) != 1:
@@ -160,8 +168,9 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
 
 
 def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
-    """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm."""
-    gemm, index = _next(flat)
+    """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm
+    (through eval no-ops)."""
+    gemm, index = _past_noops(flat, ctx)
     if gemm is None or gemm.op_type != "Gemm" or index != 0:
         return f"{display_name(flat)} does not feed a Gemm's input A alone"
     weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"

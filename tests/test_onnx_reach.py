@@ -135,6 +135,10 @@ def _bomb(op: str, n: int, where: str) -> onnx.ModelProto:
     shape = b.init("shape", np.array([n]), TensorProto.INT64)
     if op == "Expand":
         b.node("Expand", [b.init("zero", np.array(0.0)), shape], ["big"])
+    elif op == "ReduceSum":  # over the empty axis of a [0, n] constant: n zeros
+        b.node("ReduceSum", [b.init("empty", np.zeros((0, n))),
+                             b.init("axis", np.array([0]), TensorProto.INT64)], ["big"],
+               keepdims=0)
     elif op == "ConstantOfShape":
         b.node("ConstantOfShape", [shape], ["big"],
                value=numpy_helper.from_array(np.zeros(1, np.float32)))
@@ -150,7 +154,7 @@ def _bomb(op: str, n: int, where: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("where", ["scale", "bias"])
-@pytest.mark.parametrize("op", ["Expand", "ConstantOfShape", "Tile"])
+@pytest.mark.parametrize("op", ["Expand", "ConstantOfShape", "Tile", "ReduceSum"])
 def test_size_bomb_is_not_materialized(op: str, where: str) -> None:
     proto = _bomb(op, 2**28, where)
     assert proto.ByteSize() < 1000
@@ -163,6 +167,20 @@ def test_size_bomb_is_not_materialized(op: str, where: str) -> None:
     assert peak < 50 * 2**20
     (entry,) = report.kept
     assert f"{op} with {2**28} elements" in entry.reason and "budget" in entry.reason
+
+
+def test_a_weight_norm_conv_folds_from_its_computed_weight() -> None:
+    """dynamo computes a ``weight_norm`` conv's weight, ``g * v / ReduceL2(v)``: the cone is
+    evaluated (a reduction yields at most one element per input position) and the BN folds."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv1d(3, 8, 3)), nn.BatchNorm1d(8), nn.ReLU())
+    randomize_bn_stats(model).eval()
+    x = torch.randn(2, 3, 16)
+    out, report = fold_onnx(dynamo_export(model, x))
+    assert [e.action for e in report.entries] == ["folded"] and count(out) == 0
+    assert _ort_vs_float64(model, out, x) < 1e-5
 
 
 @pytest.mark.parametrize("op", ["Expand", "Concat"])

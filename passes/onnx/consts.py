@@ -49,10 +49,12 @@ _NOT_CONSTANT_OPS = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "Ran
 _NOT_GROWING = {
     "Abs", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Relu", "Sigmoid", "Tanh", "Floor",
     "Ceil", "Round", "Sign", "Erf", "Softplus", "Cast", "CastLike", "Identity", "Reshape",
-    "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Slice", "Shape", "Size", "ReduceMean",
-    "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Clip", "Not", "Split", "Softmax",
-    "BatchNormalization",
+    "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Slice", "Shape", "Size", "Clip", "Not",
+    "Split", "Softmax", "BatchNormalization", "LpNormalization",
 }
+#: Reductions: at most one element per input position, a reduced empty axis giving one.
+_REDUCING = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+             "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
 #: Ops whose inputs broadcast (numpy rules) to the result shape.
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
                  "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or",
@@ -223,6 +225,8 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
     try:
         if op in _NOT_GROWING:
             return max([int(np.prod(a.shape, dtype=object)) for a in arrays] + [1])
+        if op in _REDUCING:
+            return math.prod(max(int(d), 1) for d in args[0].shape)
         if op == "Concat":
             return sum(int(a.size) for a in arrays)
         if op in _BROADCASTING:

@@ -452,9 +452,8 @@ class _Folder:
         if shape is not None and (len(shape) < 2 or None in shape[1:]
                                   or shape[1] * math.prod(shape[2:]) != features):
             return f"the BN input {list(shape)} does not flatten into {features} features"
-        spread = spread_features(site.params, features, features // channels) \
-            if features % channels == 0 else None
-        if spread is None:
+        spread = spread_features(site.params, features, features // channels)
+        if spread is None:  # (in_features not a multiple of C)
             return (f"{layer.label} has {features} input features, not a multiple of the "
                     f"BN's {channels} channels")
         return spread

@@ -118,7 +118,7 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
                 return fast
         ir_model, as_proto = _working_copy(model, inplace or from_file, views=not from_file,
                                            source=source)
-        if freeze_initializer_inputs and not frozen:
+        if freeze_initializer_inputs and isinstance(model, ir.Model):  # (protobufs: above)
             _, frozen = freeze(ir_model)
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "fold_onnx", backward=backward,

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from bnfold.io.proto_stream import copy_fields
 from bnfold.io.split_proto import SplitProto
+from bnfold.passes.onnx.edit import detach_initializer_inputs
 from bnfold.report import Report
 
 Model = TypeVar("Model", onnx.ModelProto, SplitProto, ir.Model)
@@ -32,10 +33,8 @@ def freeze(model: Model) -> tuple[Model, list[str]]:
     if isinstance(model, ir.Model):
         if model.ir_version < 4:
             return model, []
-        inputs = model.graph.inputs
-        names = [v.name or "" for v in inputs if v.is_initializer()]
-        inputs[:] = [v for v in inputs if not v.is_initializer()]
-        return model, names
+        original = detach_initializer_inputs(model.graph)
+        return model, [v.name or "" for v in original if v.is_initializer()]
     proto = model.proto if isinstance(model, SplitProto) else model
     initializers = {t.name for t in proto.graph.initializer}
     names = [v.name for v in proto.graph.input if v.name in initializers]

@@ -23,9 +23,12 @@ Counting conventions, shared by the FX and the ONNX folds:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from bnfold.models.stats import random_input, randomize_bn_stats
 from bnfold.models.zoo import ZooModel
@@ -228,6 +231,30 @@ class WeightStandardization(nn.Module):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
+class WeightReparam(nn.Module):
+    """Layers whose weight is computed at each call, each -> BN: a conv under
+    ``parametrizations.weight_norm`` (``g * v / ||v||``), a conv under the older hook-based
+    ``spectral_norm`` (``w / sigma``, eval: no power iteration) and a Linear under the older
+    ``weight_norm`` (audio and GAN-style nets). 3 sites, all foldable into the computed
+    weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # (the hook-based forms are deprecated, still common)
+            warnings.simplefilter("ignore", FutureWarning)
+            self.conv1 = parametrizations.weight_norm(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+            self.conv2 = nn.utils.spectral_norm(nn.Conv2d(8, 8, 3, padding=1))
+            self.fc = nn.utils.weight_norm(nn.Linear(8, 6))
+        self.bn1 = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.bn3 = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.fc(x.mean((2, 3))))
+
+
 # ---------------------------------------------------------------------------------------------
 # Eval-mode no-ops.
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +404,8 @@ REACH: dict[str, ZooModel] = {
                  "scalar and last-axis affines (kept)"),
         ZooModel("weight_standardization", WeightStandardization, (2, 3, 10, 10), 4, 0,
                  "StdConv2d (BN on a constant weight) -> BN"),
+        ZooModel("weight_reparam", WeightReparam, (2, 3, 10, 10), 3, 0,
+                 "weight_norm / spectral_norm layers (computed weights) -> BN"),
         ZooModel("noops_between", NoOpsBetween, (2, 3, 10, 10), 3, 0,
                  "Identity/clone/contiguous/Dropout/to between layer and BN"),
         ZooModel("mixnet_concat", MixNetConcat, (2, 3, 12, 12), 2, 0,

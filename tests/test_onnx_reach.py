@@ -4,6 +4,7 @@ spec, graph-input parameters, Gemm beta; every fold checked against float64."""
 from __future__ import annotations
 
 import io
+import math
 import tracemalloc
 import warnings
 
@@ -139,6 +140,13 @@ def _bomb(op: str, n: int, where: str) -> onnx.ModelProto:
         b.node("ReduceSum", [b.init("empty", np.zeros((0, n))),
                              b.init("axis", np.array([0]), TensorProto.INT64)], ["big"],
                keepdims=0)
+    elif op == "MatMul":  # [k, 1] @ [1, k] of two expanded zeros: k * k zeros
+        k = math.isqrt(n)
+        zero = b.init("zero", np.array(0.0))
+        b.node("Expand", [zero, b.init("col", np.array([k, 1]), TensorProto.INT64)], ["a"])
+        b.node("Expand", [zero, b.init("row", np.array([1, k]), TensorProto.INT64)], ["c"])
+        b.node("MatMul", ["a", "c"], ["m"])
+        b.node("Reshape", ["m", shape], ["big"])
     elif op == "ConstantOfShape":
         b.node("ConstantOfShape", [shape], ["big"],
                value=numpy_helper.from_array(np.zeros(1, np.float32)))
@@ -154,9 +162,10 @@ def _bomb(op: str, n: int, where: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("where", ["scale", "bias"])
-@pytest.mark.parametrize("op", ["Expand", "ConstantOfShape", "Tile", "ReduceSum"])
+@pytest.mark.parametrize("op", ["Expand", "ConstantOfShape", "Tile", "ReduceSum", "MatMul"])
 def test_size_bomb_is_not_materialized(op: str, where: str) -> None:
-    proto = _bomb(op, 2**28, where)
+    n = 2**24 if op == "MatMul" else 2**28  # (MatMul: two operands within the 4096 budget)
+    proto = _bomb(op, n, where)
     assert proto.ByteSize() < 1000
     tracemalloc.start()
     try:
@@ -166,7 +175,7 @@ def test_size_bomb_is_not_materialized(op: str, where: str) -> None:
         tracemalloc.stop()
     assert peak < 50 * 2**20
     (entry,) = report.kept
-    assert f"{op} with {2**28} elements" in entry.reason and "budget" in entry.reason
+    assert f"{op} with {n} elements" in entry.reason and "budget" in entry.reason
 
 
 def test_a_weight_norm_conv_folds_from_its_computed_weight() -> None:

@@ -77,6 +77,7 @@ from bnfold.algebra import (
 )
 from bnfold.errors import UnsafeFoldError
 from bnfold.geometry import ConvGeometry
+from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
@@ -595,6 +596,7 @@ class _Folder:
     ) -> tuple[str, dict[str, Any]]:
         target = str(layer.node.target)
         module = self.gm.get_submodule(target)
+        materialized = computed_weights.materialize(module)  # (deepcopy refuses weight_norm's)
         inside = [n for n in self.graph.find_nodes(op="get_attr")
                   if str(n.target).startswith(target + ".")]
         copied = len(module_calls(self.graph, target)) + len(inside) > 1
@@ -612,8 +614,11 @@ class _Folder:
         self._release_slot(module.bias)
         module.weight = _like(weight, module.weight)
         module.bias = _like(bias, old_bias)
-        return target, {"copy_of": layer.label} if copied else (
+        details: dict[str, Any] = {"copy_of": layer.label} if copied else (
             {"untied_shared_weight": True} if tied else {})
+        if materialized:
+            details["materialized"] = materialized
+        return target, details
 
     def _write_attr(self, layer: LayerSite, key: str, value: torch.Tensor, bn: str) -> bool:
         """Store a functional layer's folded ``key``; True if a new attribute was needed."""

@@ -36,18 +36,22 @@ _HOOK_STATE = (
 )
 
 
-def hook_kinds(module: nn.Module) -> list[str]:
-    """The kinds of hooks registered on ``module`` (empty when none)."""
-    return [kind for kind, attr in _HOOKS.items() if getattr(module, attr, None)]
+def hook_kinds(module: nn.Module, known: tuple[type, ...] = ()) -> list[str]:
+    """The kinds of hooks registered on ``module`` (empty when none), hooks of a ``known``
+    type aside."""
+    return [kind for kind, attr in _HOOKS.items()
+            if any(type(h) not in known for h in getattr(module, attr, {}).values())]
 
 
-def hook_reason(name: str, module: nn.Module) -> str | None:
+def hook_reason(name: str, module: nn.Module, known: tuple[type, ...] = ()) -> str | None:
     """Why the BN or layer ``name`` cannot fold because of its hooks (or a ``forward``
-    replaced on the instance, which the class's fold rules know nothing of), or None."""
+    replaced on the instance, which the class's fold rules know nothing of), or None;
+    ``known``: hook types the caller accounts for (a layer's ``weight_norm`` pre-hook,
+    :mod:`bnfold.passes.fx.computed_weights`)."""
     if "forward" in vars(module):
         return f"{name} has its forward replaced on the instance: what it computes is not " \
                f"what a {type(module).__name__} computes, so it is left as it is"
-    kinds = hook_kinds(module)
+    kinds = hook_kinds(module, known)
     if not kinds:
         return None
     return (f"{name} has a {' and a '.join(kinds)}: it sees the tensors a fold would change "

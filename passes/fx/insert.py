@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
@@ -316,6 +317,8 @@ def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
     bias = module.bias
     if bias is None:
         return "none (the layer has no bias)"
+    if parametrize.is_parametrized(module, "bias"):
+        return "kept: a parametrization computes it"
     if with_bn != calls:
         return "kept: the module is also called where no BN follows"
     if sum(1 for m in gm.modules() if getattr(m, "bias", None) is bias) > 1:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from bnfold.passes.fx.computed_weights import plain_class
 from bnfold.passes.fx.layer_table import (
     LAYER_FUNCTIONS,
     LAYER_MODULES,
@@ -117,7 +118,7 @@ def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
     """Return the :class:`Layer` that ``node`` calls, or ``None`` if it is not one."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        row = LAYER_MODULES.get(type(module))
+        row = LAYER_MODULES.get(plain_class(module))  # (a parametrized layer is its class)
         return None if row is None else Layer(node, str(node.target), row, module)
     if node.op != "call_function" or node.target not in LAYER_FUNCTIONS:
         return None

@@ -12,11 +12,14 @@ string-keyed dicts (``_parameters``, ``_buffers``, ``_modules``) entry by entry,
 recursively, a plain tensor that owns its whole storage (a BN's statistics) as a copy of that
 storage (:func:`_tensor`), anything else (parameters, views, hooks, user attributes) through
 ``copy.deepcopy`` with the one shared memo, so whatever is shared in the model (a module, a
-tensor, a storage) is shared in the copy. A module whose
+tensor, a storage) is shared in the copy. One value ``copy.deepcopy`` refuses is copied too: a
+tensor with autograd history (the weight that an old-style ``torch.nn.utils.weight_norm``
+hook computes and stores on its module before each call, and computes again at the next),
+as a detached copy of its values. A module whose
 class changes the protocol (``__deepcopy__``, ``__reduce_ex__``, ``__reduce__``,
 ``__getstate__``, ``__getnewargs__``, a ``copyreg`` entry: ``GraphModule``, parametrized
-modules...) goes to ``copy.deepcopy`` whole. The result is the one ``copy.deepcopy`` gives:
-no tensor is shared with ``model``.
+modules...) goes to ``copy.deepcopy`` whole. The result is the one ``copy.deepcopy`` gives
+(where it gives one): no tensor is shared with ``model``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def _value(v: Any, memo: dict[Any, Any]) -> Any:
         return _tensor(v, memo)
     if kind is nn.Parameter:
         return v.__deepcopy__(memo)  # what copy.deepcopy calls, minus its dispatch
+    if kind is torch.Tensor and v.grad_fn is not None:  # (copy.deepcopy refuses it)
+        new = memo[id(v)] = v.detach().clone()
+        return new
     if kind is tuple and all(type(a) in _ATOMS for a in v):
         return v  # deepcopy returns a tuple of atoms itself
     if (kind is dict or kind is OrderedDict or kind is set) and not v:

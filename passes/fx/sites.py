@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.hooks import hook_reason
 from bnfold.passes.fx.layer_table import (
     LAYER_FUNCTIONS,
@@ -254,23 +255,25 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
     """Describe the layer at ``node``, or say why its weights cannot be rewritten."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        found = LAYER_MODULES.get(type(m))
+        found = LAYER_MODULES.get(computed_weights.plain_class(m))
         if found is None:
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
-        hooked = hook_reason(str(node.target), m)
+        hooked = hook_reason(str(node.target), m, computed_weights.PRE_HOOKS) or \
+            computed_weights.refusal(str(node.target), m)
         if hooked:
             return hooked
         kind, spatial = found.kind, found.spatial
+        weight, bias = (computed_weights.effective(m, key) for key in ("weight", "bias"))
         if kind == "linear":
-            return LayerSite(node, kind, 0, m.weight, m.bias, 1, (), (), (), (), "zeros",
+            return LayerSite(node, kind, 0, weight, bias, 1, (), (), (), (), "zeros",
                              str(node.target))
         n = spatial
         padding = _conv_padding(m.padding, m.dilation, m.kernel_size, n)
         output_padding: tuple[int, ...] | None = _tup(getattr(m, "output_padding", 0), n)
         if kind == "conv_transpose" and len(node.args) + len(node.kwargs) > 1:
             output_padding = None  # output_size given at call time: output padding varies
-        return LayerSite(node, kind, n, m.weight, m.bias, m.groups, _tup(m.stride, n), padding,
+        return LayerSite(node, kind, n, weight, bias, m.groups, _tup(m.stride, n), padding,
                          _tup(m.dilation, n), output_padding, m.padding_mode, str(node.target))
     call = LAYER_FUNCTIONS[node.target]
     args = _named_args(node, call.args, _LAYER_DEFAULTS)

@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
@@ -351,8 +352,10 @@ class _Shapes(fx.Interpreter):
     """Run the graph, recording each tensor's metadata as ``tensor_meta``: for real until a
     node's tensor inputs hold more than ``meta_from`` elements, on the ``meta`` device from
     that node on (``None``: all for real). Each module then runs as a shallow copy holding
-    its parameters and buffers on meta, and a :data:`_LIKE_INPUT_FORWARDS` module without
-    hooks is not run at all."""
+    its parameters and buffers on meta (a parametrized one, which refuses a shallow copy and
+    holds its tensors in submodules, through ``torch.func.functional_call`` on meta copies
+    of them all), and a :data:`_LIKE_INPUT_FORWARDS` module without hooks is not run at
+    all."""
 
     failure = ""  # "at <module or node>: <first line of the error>" once a node raised
     on_meta = False
@@ -409,6 +412,11 @@ class _Shapes(fx.Interpreter):
             like = _like(args[0], tuple(module.parameters(recurse=False)))
             if like is not None:
                 return like
+        if parametrize.is_parametrized(module):  # (copy.copy refuses it; its tensors nest)
+            tensors = {name: _to_meta(t) for name, t in (
+                *module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False))}
+            return torch.func.functional_call(module, tensors, args, kwargs)
         twin = self.twins.get(target)
         if twin is None:
             twin = self.twins[target] = copy.copy(module)

@@ -243,6 +243,12 @@ def _result_elements(node: ir.Node, args: list[np.ndarray | None]) -> int | None
             return max(0, math.ceil((limit - start) / delta))
         if op == "Gather":
             return int(args[0].size) * max(1, int(args[1].size))
+        if op == "MatMul":  # numpy's: [..., n, k] @ [..., k, m] -> [..., n, m], 1-D operands
+            a, b = args[0].shape, args[1].shape
+            if not a or not b:
+                return None
+            rows, cols = (a[-2] if len(a) > 1 else 1), (b[-1] if len(b) > 1 else 1)
+            return math.prod(np.broadcast_shapes(a[:-2], b[:-2])) * rows * cols
     except (ValueError, TypeError, ZeroDivisionError, IndexError):
         return None
     return None

@@ -1,0 +1,184 @@
+"""Layers whose weight is computed at each call (``weight_norm``, ``spectral_norm``, any
+parametrization): their BN folds into the computed weight, exactly, and the user's model keeps
+its reparameterization (``bnfold.passes.fx.computed_weights``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from onnx_cases import run_ort
+from test_fx_zoo import rel_err
+from test_onnx_reach import dynamo_export
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import bnfold
+from bnfold.models.stats import randomize_bn_stats
+from bnfold.passes.fx.computed_weights import reparameterization_hooks
+from bnfold.passes.onnx.fold import fold_onnx
+
+
+class _Twice(nn.Module):
+    """A user parametrization of one tensor: ``2 * w``."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def _old(fn, module: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():  # (the hook-based forms are deprecated)
+        warnings.simplefilter("ignore", FutureWarning)
+        return fn(module)
+
+
+def _layer(kind: str) -> nn.Module:
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    if kind == "weight_norm":
+        return parametrizations.weight_norm(conv)
+    if kind == "spectral_norm":
+        return parametrizations.spectral_norm(conv)
+    if kind == "old weight_norm":
+        return _old(nn.utils.weight_norm, conv)
+    if kind == "old spectral_norm":
+        return _old(nn.utils.spectral_norm, conv)
+    if kind == "orthogonal":
+        return parametrizations.orthogonal(nn.Linear(8, 8))
+    parametrize.register_parametrization(conv, "weight", _Twice())
+    parametrize.register_parametrization(conv, "bias", _Twice())
+    return conv
+
+
+KINDS = ["weight_norm", "spectral_norm", "old weight_norm", "old spectral_norm", "orthogonal",
+         "user parametrization"]
+
+
+def _net(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = _layer(kind)
+    if kind == "orthogonal":
+        model, x = nn.Sequential(layer, nn.BatchNorm1d(8), nn.ReLU()), torch.randn(4, 8)
+    else:
+        model, x = nn.Sequential(layer, nn.BatchNorm2d(8), nn.ReLU()), torch.randn(2, 3, 9, 9)
+    if kind.startswith("old"):  # the hook's last result goes stale: the next call recomputes
+        with torch.no_grad():
+            getattr(layer, "weight_g" if "weight" in kind else "weight_orig").mul_(1.5)
+    return randomize_bn_stats(model).eval(), x
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_computed_weight_takes_the_bn(kind: str, shapes: bool) -> None:
+    model, x = _net(kind)
+    before = _outputs(model, x)
+    gm, report = bnfold.fold(model, x if shapes else None)
+    (entry,) = report.entries
+    assert entry.action == "folded", entry.reason
+    name = "orthogonal" if kind == "orthogonal" else kind.removeprefix("old ").replace(
+        "user parametrization", "parametrization Twice")
+    assert any(name in m for m in entry.details["materialized"]), entry.details
+    if "rank_dispatch" not in entry.details:  # (Linear -> BN1d, no shapes: per-rank branches)
+        assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in gm.modules())
+        assert not parametrize.is_parametrized(gm.get_submodule("0"))
+    fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert rel_err(gm, model, fresh, double=True) < 1e-6
+    assert rel_err(gm, model, fresh, double=False) < 1e-5
+    # the user's model keeps its reparameterization and computes what it did
+    assert torch.equal(_outputs(model, x), before)
+    layer = model.get_submodule("0")
+    assert parametrize.is_parametrized(layer) or reparameterization_hooks(layer)
+
+
+def test_a_tied_original_is_left_as_it_is() -> None:
+    """conv1's weight is ``2 * w`` with ``w`` also conv2's weight: folding conv1's BN writes a
+    new weight for conv1 only; conv2 still reads ``w`` (exact against float64)."""
+    torch.manual_seed(0)
+    conv1, conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    conv2.weight = conv1.weight
+    parametrize.register_parametrization(conv1, "weight", _Twice())
+    model = randomize_bn_stats(nn.Sequential(conv1, nn.BatchNorm2d(4), nn.ReLU(), conv2)).eval()
+    x = torch.randn(2, 4, 7, 7)
+    gm, report = bnfold.fold(model, x)
+    assert [e.action for e in report.entries] == ["folded"]
+    assert rel_err(gm, model, torch.randn(2, 4, 7, 7), double=True) < 1e-6
+
+
+def test_a_shared_weight_norm_layer_folds_into_copies() -> None:
+    """One hook-based weight_norm conv called twice, each call -> its own BN: two copies of
+    the layer take one BN each (copying the layer first materializes its weight, which
+    ``copy.deepcopy`` of a hook-based weight_norm module refuses)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = _old(nn.utils.weight_norm, nn.Conv2d(4, 4, 3, padding=1))
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn2(self.conv(torch.relu(self.bn1(self.conv(x)))))
+
+    torch.manual_seed(0)
+    model = randomize_bn_stats(Net()).eval()
+    x = torch.randn(2, 4, 6, 6)
+    gm, report = bnfold.fold(model, x)
+    assert [e.action for e in report.entries] == ["folded", "folded"]
+    assert rel_err(gm, model, torch.randn(2, 4, 6, 6), double=True) < 1e-6
+
+
+def test_a_parametrization_in_training_mode_keeps_the_bn() -> None:
+    """spectral_norm runs a power-iteration step at each training call: no constant weight."""
+    model, x = _net("spectral_norm")
+    model[0].parametrizations.train()
+    gm, report = bnfold.fold(model, x)
+    (entry,) = report.kept
+    assert "spectral_norm of weight is in training mode" in entry.reason
+    assert parametrize.is_parametrized(gm.get_submodule("0"))
+
+
+def test_a_layer_with_another_hook_beside_weight_norm_is_kept() -> None:
+    model, x = _net("old weight_norm")
+    model[0].register_forward_hook(lambda _m, _a, out: out * 2)
+    _, report = bnfold.fold(model, x)
+    assert "forward hook" in report.kept[0].reason
+
+
+def test_the_dynamo_export_of_a_spectral_norm_conv_folds() -> None:
+    """dynamo computes the weight as ``w / (u . (W v))``: the cone's MatMul is bounded by its
+    operands' shapes, so it is evaluated and the BN folds."""
+    model, x = _net("spectral_norm")
+    folded, report = fold_onnx(dynamo_export(model, x))
+    assert [e.action for e in report.entries] == ["folded"]
+    with torch.no_grad():
+        want = model.double()(x.double()).numpy()
+    got = run_ort(folded, {folded.graph.input[0].name: x.numpy()})[0]
+    assert abs(got - want).max() / abs(want).max() < 1e-5
+
+
+def test_insert_puts_a_bn_after_a_parametrized_layer_and_the_fold_takes_it_back() -> None:
+    """insert_bn sees a weight_norm conv as the conv it is (a BN of its channels after it),
+    keeps a bias a parametrization computes (``drop_bias``), and the fold of the trained,
+    recalibrated-in-eval result folds into the computed weight."""
+    torch.manual_seed(0)
+    conv2 = nn.Conv2d(8, 5, 3)
+    parametrize.register_parametrization(conv2, "bias", _Twice())
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), conv2,
+                          nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 4))
+    x = torch.randn(4, 3, 7, 7)
+    gm, report = bnfold.insert_bn(model, drop_bias=True, example_inputs=x)
+    inserted = {e.into: e.details["bias"] for e in report.entries if e.action == "inserted"}
+    assert inserted == {"0": "dropped (BN's beta takes its role)",
+                        "2": "kept: a parametrization computes it"}
+    assert [gm.get_submodule(f"{n}_bn").num_features for n in ("0", "2")] == [8, 5]
+    gm.train()
+    gm(x)  # one training step's statistics
+    gm.eval()
+    randomize_bn_stats(gm)
+    folded, fold_report = bnfold.fold(gm, x)
+    assert [e.action for e in fold_report.entries] == ["folded", "folded"]
+    assert rel_err(folded, gm, torch.randn(4, 3, 7, 7), double=True) < 1e-6

@@ -182,3 +182,81 @@ def test_insert_puts_a_bn_after_a_parametrized_layer_and_the_fold_takes_it_back(
     folded, fold_report = bnfold.fold(gm, x)
     assert [e.action for e in fold_report.entries] == ["folded", "folded"]
     assert rel_err(folded, gm, torch.randn(4, 3, 7, 7), double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export programs: the weight is computed by ATen ops in the graph.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_exported_program_folds_into_the_computed_weight(kind: str) -> None:
+    """``torch.export`` writes the parametrization into the graph (``aten._weight_norm``,
+    spectral norm's ``mv``/``vdot``/``div``...): the cone is evaluated in float64 from the
+    program's tensors, the BN folds into a new weight and the computation is gone."""
+    model, x = _net(kind)
+    with warnings.catch_warnings():  # (export warns about the hook form's weight attribute)
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.export.export(model, (x,))
+    folded, report = bnfold.fold(program, x)
+    (entry,) = report.entries
+    assert entry.action == "folded", entry.reason
+    assert entry.details["materialized"][0].startswith("weight (aten."), entry.details
+    code = folded.graph_module.code
+    assert not any(f"aten.{op}." in code for op in ("batch_norm", "_weight_norm", "mv")), code
+    fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert rel_err(folded.module(), model, fresh, double=True) < 1e-6
+
+
+class _Computed(nn.Module):
+    """Functional convs whose weights are computed from the model's tensors (folds) or with
+    the input, a random draw, an in-place write or a growing expand (each BN kept)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.s = nn.Parameter(torch.rand(6, 1, 1, 1) + 0.5)
+        self.bn = nn.BatchNorm2d(6)
+
+    def weight(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w - self.w.mean((1, 2, 3), keepdim=True)  # weight standardization
+        w = w / (w.var((1, 2, 3), keepdim=True) + 1e-5).sqrt() * self.s
+        if self.how == "input":
+            return w * x.mean()
+        if self.how == "random":
+            return w * torch.rand_like(w)
+        if self.how == "in-place":
+            self.s.data.mul_(1.0)
+            return w
+        if self.how == "growing":
+            return w.sum().expand(6, 3, 3, 3).expand(600, 6, 3, 3, 3)[0]
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(nn.functional.conv2d(x, self.weight(x), padding=1)))
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_a_weight_computed_from_the_models_tensors_folds(exported: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn_stats(_Computed("tensors")).eval()
+    x = torch.randn(2, 3, 8, 8)
+    source = torch.export.export(model, (x,)) if exported else model
+    folded, report = bnfold.fold(source, x)
+    (entry,) = report.entries
+    assert entry.action == "folded", entry.reason
+    gm = folded.module() if exported else folded
+    assert not any(n.op == "call_function" and "var" in str(n.target) for n in gm.graph.nodes)
+    assert rel_err(gm, model, torch.randn(2, 3, 8, 8), double=True) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["input", "random", "in-place", "growing"])
+def test_a_weight_not_computed_from_the_models_tensors_alone_keeps_its_bn(how: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn_stats(_Computed(how)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    source = model if how == "in-place" else torch.export.export(model, (x,))
+    _, report = bnfold.fold(source, x)
+    (entry,) = report.entries
+    assert entry.action == "kept"
+    assert "computed in the graph, not from the model's tensors alone" in entry.reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -310,16 +311,26 @@ def test_bn_without_running_stats_is_kept() -> None:
     assert "track_running_stats=False" in report.kept[0].reason
 
 
-def test_conv_subclass_is_kept() -> None:
+def test_conv_subclass_folds_when_its_weight_is_computed_from_the_models_tensors() -> None:
     class StdConv(nn.Conv2d):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
             return self._conv_forward(x, w, self.bias)
 
     model = prepared(nn.Sequential(StdConv(3, 4, 3), nn.BatchNorm2d(4)))
+    _, report = fold_checked(model, torch.randn(2, 3, 6, 6), left=0)
+    assert report.entries[0].details["materialized"] == ["weight (sub)"]
+
+
+def test_conv_subclass_whose_weight_reads_the_input_is_kept() -> None:
+    class InputScaledConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(x, self.weight * x.mean(), self.bias)
+
+    model = prepared(nn.Sequential(InputScaledConv(3, 4, 3), nn.BatchNorm2d(4)))
     _, report = fold_checked(model, torch.randn(2, 3, 6, 6), left=1)
-    assert report.kept[0].reason == "conv2d's weight is computed in the graph, not a constant " \
-        "attribute"  # traced through StdConv.forward
+    assert report.kept[0].reason == "conv2d's weight is computed in the graph, not from the " \
+        "model's tensors alone by ops bnfold evaluates"  # traced through forward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +354,7 @@ class Functional(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.w, self.b, padding=1)
         y = F.batch_norm(y, self.bn1_mean, self.bn1_var, self.bn1_g, self.bn1_b, False, 0.1, 1e-3)
-        z = F.conv2d(torch.relu(y), self.w2 * 2.0, None, 1, 1)  # weight computed: kept
+        z = F.conv2d(torch.relu(y), self.w2 * 2.0, None, 1, 1)  # computed from w2: folds
         z = F.batch_norm(z, self.bn2_mean, self.bn2_var, self.bn2_g, self.bn2_b, eps=1e-4)
         h = F.linear(z.mean((2, 3)), self.fw)
         return F.batch_norm(h, self.bn3_mean, self.bn3_var, self.bn3_g, self.bn3_b)
@@ -351,10 +362,10 @@ class Functional(nn.Module):
 
 def test_functional_forms_fold_when_params_are_constants() -> None:
     model = Functional().eval()
-    gm, report = fold_checked(model, torch.randn(2, 3, 5, 5), left=1)
-    assert [e.action for e in report.entries] == ["folded", "kept", "folded"]
-    assert "computed in the graph" in report.entries[1].reason
-    assert not any(k.startswith(("bn1", "bn3")) for k in gm.state_dict())
+    gm, report = fold_checked(model, torch.randn(2, 3, 5, 5), left=0)
+    assert [e.action for e in report.entries] == ["folded"] * 3
+    assert report.entries[1].details["materialized"] == ["weight (mul)"]
+    assert not any(k.startswith(("bn1", "bn2", "bn3", "w2")) for k in gm.state_dict())
 
 
 def test_functional_weight_shared_by_two_calls_folds_into_copies() -> None:
@@ -468,6 +479,53 @@ def test_shape_control_flow_falls_back_to_torch_export() -> None:
     _gm, report = fold_checked(model, torch.randn(2, 3, 6, 6))
     assert (report.folded[0].bn, report.folded[0].into) == ("bn (batch_norm)", "conv (conv2d)")
     assert "torch.export" in report.notes[0]
+
+
+class ChunkList(nn.Module):
+    """YOLOv8's C2f spelling: ``list(x.chunk(2, 1))`` (symbolic_trace cannot iterate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(torch.relu(self.bn(self.conv(x))).chunk(2, 1))
+        y.append(self.bn2(self.conv2(y[-1])))
+        return torch.cat(y, 1)
+
+
+def test_export_fallback_keeps_the_dims_the_model_leaves_free() -> None:
+    """The torch.export fallback exports with ``Dim.AUTO``: the folded module takes other
+    batch sizes and image sizes (it took only the example's), and the note says which input
+    dims are fixed."""
+    model = prepared(ChunkList())
+    gm, report = fold_checked(model, torch.randn(2, 3, 8, 8))
+    note = next(n for n in report.notes if "torch.export" in n)
+    assert re.search(r"input shapes the result takes: x \[s\d+, 3, s\d+, s\d+\]", note), note
+    for shape in [(5, 3, 8, 8), (1, 3, 13, 6)]:
+        assert rel_err(gm, model, torch.randn(shape)) < 1e-6
+    _, report = bnfold.fold(model, torch.randn(1, 3, 8, 8))  # torch fixes a dim of size 1
+    assert "x [1, 3, s" in next(n for n in report.notes if "torch.export" in n)
+
+
+def test_bns_inside_torch_cond_branches_are_reported_kept() -> None:
+    class Cond(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(x.sum() > 0, lambda t: self.bn_a(self.a(t)),
+                              lambda t: self.bn_b(self.b(t)), (x,))
+
+    model = prepared(Cond())
+    _gm, report = fold_checked(model, torch.randn(2, 3, 5, 5), left=2)
+    assert [(e.bn, e.action) for e in report.entries] == [
+        ("true_graph_0.batch_norm", "kept"), ("false_graph_0.batch_norm", "kept")]
+    assert report.kept[0].reason == "inside true_graph_0, a subgraph that cond runs: bnfold " \
+        "folds the top-level graph only"
 
 
 def test_untraceable_model_names_the_line(capfd: pytest.CaptureFixture) -> None:

@@ -1,10 +1,16 @@
 """Constant sub-expressions of an FX graph: nodes computed only from the model's tensors.
 
-A node is constant when it is a ``get_attr`` of a tensor, or a pure op from a fixed list
-(arithmetic, ``rsqrt``/``sqrt``, reshapes, ``F.batch_norm``...) whose tensor arguments are all
-constant. :meth:`Constants.value` evaluates one in float64 (floating tensors are converted
-first), so a chain like FrozenBatchNorm2d's ``w * (var + eps).rsqrt()`` is computed once, in
-float64, and rounded once by whoever writes the result.
+A node is constant when it is a ``get_attr`` of a tensor that no op of the graph writes, or a
+pure op whose tensor arguments are all constant: one from a fixed list (arithmetic,
+``rsqrt``/``sqrt``, reshapes, ``F.batch_norm``...), or, in graphs from ``torch.export``, any
+ATen overload that neither mutates nor aliases-and-writes, draws no random numbers, allocates
+no uninitialized memory (``empty*``) and, by the shape ``torch.export`` recorded for it
+(``meta["val"]``), produces no more elements than its largest operand or
+:data:`MIN_ELEMENTS` (so ``aten._weight_norm``, spectral norm's ``mv``/``vdot``/``div``: a
+weight computed at each call from the model's tensors). :meth:`Constants.value` evaluates one
+in float64 (floating tensors are converted first), so a chain like FrozenBatchNorm2d's
+``w * (var + eps).rsqrt()`` is computed once, in float64, and rounded once by whoever writes
+the result.
 """
 
 from __future__ import annotations
@@ -22,13 +28,27 @@ _FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.sqrt,
     torch.reciprocal, torch.neg, torch.pow, torch.reshape, torch.flatten, torch.unsqueeze,
-    torch.squeeze, torch.transpose, torch.permute, F.batch_norm, getattr,
+    torch.squeeze, torch.transpose, torch.permute, F.batch_norm, getattr, torch.mean,
+    torch.sum, torch.var, torch.std, torch.norm, torch.abs, torch.exp, torch.clamp,
+    torch.linalg.vector_norm, F.normalize,
 }
 _METHODS = {
     "add", "sub", "mul", "div", "rsqrt", "sqrt", "reciprocal", "neg", "pow", "reshape", "view",
     "unsqueeze", "squeeze", "flatten", "expand", "expand_as", "reshape_as", "view_as",
-    "contiguous", "clone", "detach", "size", "dim", "transpose", "permute",
+    "contiguous", "clone", "detach", "size", "dim", "transpose", "permute", "mean", "sum",
+    "var", "std", "norm", "abs", "exp", "clamp", "clamp_min", "square",
 }
+
+
+#: An ATen op's result may always hold this many elements, whatever its operands' sizes.
+MIN_ELEMENTS = 4096
+_ALIASING_FUNCTIONS = {getattr, operator.getitem, torch.reshape, torch.flatten, torch.squeeze,
+                       torch.unsqueeze, torch.transpose, torch.permute}
+_ALIASING_METHODS = {"view", "reshape", "flatten", "expand", "expand_as", "reshape_as",
+                     "view_as", "squeeze", "unsqueeze", "transpose", "permute", "contiguous",
+                     "detach"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ipow, operator.setitem}
 
 
 class NotConstant(Exception):
@@ -57,12 +77,47 @@ class Constants:
                 fetch(self.gm, node)
             except (AttributeError, AssertionError):
                 return False
-            return True
+            return not _written(self.gm, self.gm.graph.find_nodes(op="get_attr",
+                                                                  target=node.target))
         pure = (node.op == "call_function" and node.target in _FUNCTIONS) or (
-            node.op == "call_method" and node.target in _METHODS)
+            node.op == "call_method" and node.target in _METHODS) or self._pure_aten(node)
         # a dtype argument (``view(torch.int32)``) would reinterpret float64 bits differently
         typed = any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values()))
-        return pure and not typed and all(self.is_constant(a) for a in node.all_input_nodes)
+        return pure and not typed and all(self.is_constant(a) for a in node.all_input_nodes) \
+            and not _written(self.gm, [node])
+
+    def _pure_aten(self, node: fx.Node) -> bool:
+        """An ATen overload with no side effect whose recorded result is not larger than its
+        largest operand (or :data:`MIN_ELEMENTS`)."""
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) \
+                or op._schema.is_mutable or "empty" in op._schema.name \
+                or torch.Tag.nondeterministic_seeded in op.tags \
+                or torch.Tag.maybe_aliasing_or_mutating in op.tags:
+            return False
+        result = node.meta.get("val")
+        if not isinstance(result, torch.Tensor):
+            return False
+        sizes = [MIN_ELEMENTS]
+        for arg in node.all_input_nodes:
+            value = fetch(self.gm, arg) if arg.op == "get_attr" else arg.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                sizes.append(value.numel())
+        return result.numel() <= max(sizes)
+
+    def rounded(self, node: fx.Node) -> torch.Tensor | None:
+        """A constant floating node's float64 value rounded once to the dtype of the model
+        tensors it reads (None: not constant, not evaluable, or not such a tensor)."""
+        if not self.is_constant(node):
+            return None
+        try:
+            value = self.value(node)
+        except NotConstant:
+            return None
+        dtype = self.dtype(node)
+        if not isinstance(value, torch.Tensor) or dtype is None or not value.is_floating_point():
+            return None
+        return value.to(dtype)
 
     def value(self, node: Any) -> Any:
         """The float64 value of a constant node (literals as they are); raises
@@ -106,6 +161,52 @@ class Constants:
             node.graph.erase_node(node)
             for arg in inputs:
                 self.erase_unused(arg)
+
+
+def _written(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
+    """True when an op may write into the tensor of ``nodes`` (one value, or every read of one
+    model tensor), directly or through a view of it (``w.data``, ``w.view(...)``)."""
+    seen, todo = set(nodes), list(nodes)
+    while todo:
+        cur = todo.pop()
+        for user in cur.users:
+            if _writes_into(gm, user, cur):
+                return True
+            if _aliases(user, cur) and user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return False
+
+
+def _aliases(user: fx.Node, node: fx.Node) -> bool:
+    """True when ``user``'s result may share memory with ``node``, its first argument."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target in _ALIASING_METHODS
+    if isinstance(user.target, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in user.target._schema.returns)
+    return user.op == "call_function" and user.target in _ALIASING_FUNCTIONS
+
+
+def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
+    """True when ``user`` may write into ``node``'s tensor: an ATen argument its schema
+    marks written, or ``node`` as the first argument of an in-place method, function,
+    operator or module (``inplace=True``)."""
+    target = user.target
+    if isinstance(target, torch._ops.OpOverload):
+        return any(arg.alias_info is not None and arg.alias_info.is_write and (
+            user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)) is node
+            for i, arg in enumerate(target._schema.arguments))
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        return getattr(gm.get_submodule(str(target)), "inplace", False) is True
+    if user.op == "call_method":
+        return str(target).endswith("_")
+    return user.op == "call_function" and (
+        target in _INPLACE_OPERATORS or user.kwargs.get("inplace") is True
+        or getattr(target, "__name__", "").endswith("_"))
 
 
 def roots(*operands: Any) -> list[fx.Node]:

@@ -81,7 +81,7 @@ from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
 from bnfold.passes.fx.constant_bn import fold_constant_bns
-from bnfold.passes.fx.constants import Constants
+from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
@@ -97,6 +97,7 @@ from bnfold.passes.fx.sites import (
     is_layer,
     layer_site,
     module_calls,
+    nested_batchnorms,
     to_numpy,
     to_torch,
 )
@@ -175,6 +176,8 @@ def fold_fx(
         o = outcomes[n]
         report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
                    kind=kinds[n])
+    for label, kind, reason in nested_batchnorms(gm):
+        report.add(label, "kept", reason=reason, kind=kind)
     dispatched = sum("rank_dispatch" in e.details for e in report.entries)
     if dispatched:
         report.notes.append(
@@ -259,7 +262,7 @@ class _Folder:
             if not chain and is_split_point(x):
                 return self._split_bn(site, x, label)
             return _kept(f"its input comes from {x.name}, not from a conv/linear")
-        layer = layer_site(self.gm, x)
+        layer = layer_site(self.gm, x, self.consts)
         if isinstance(layer, str):
             return _kept(layer)
         path = [layer.node, *chain]
@@ -362,7 +365,7 @@ class _Folder:
         guards: set[tuple[int, ...]] = set()
         through: list[str] = []
         for reader, flat in readers:
-            layer = layer_site(self.gm, reader)
+            layer = layer_site(self.gm, reader, self.consts)
             if isinstance(layer, str):
                 return _kept(f"{forward_reason}; backward fold: {layer}")
             params: BNParams | str = site.params
@@ -586,10 +589,51 @@ class _Folder:
         bias = to_torch(folded.bias, layer.bias if layer.bias is not None else layer.weight)
         if layer.node.op == "call_module":
             return self._write_module(layer, weight, bias, bn)
-        copied = False
+        copied, materialized = False, []
         for key, value in (("weight", weight), ("bias", bias)):
-            copied |= self._write_attr(layer, key, value, bn)
-        return layer.label, {"copy_of": layer.label} if copied else {}
+            computed = self._computed_arg(layer.node, key)
+            if computed is not None:
+                self._write_computed(layer.node, key, computed, value, bn)
+                materialized.append(f"{key} ({_op_name(computed)})")
+            else:
+                copied |= self._write_attr(layer, key, value, bn)
+        details: dict[str, Any] = {"copy_of": layer.label} if copied else {}
+        if materialized:
+            details["materialized"] = materialized
+        return layer.label, details
+
+    @staticmethod
+    def _computed_arg(node: fx.Node, key: str) -> fx.Node | None:
+        """The node computing functional layer ``node``'s ``key``, when not a ``get_attr``."""
+        slot = arg_slot(node, key)
+        value = None if slot is None else (
+            node.args[slot[1]] if slot[0] == "args" else node.kwargs[slot[1]])
+        return value if isinstance(value, fx.Node) and value.op != "get_attr" else None
+
+    def _write_computed(self, node: fx.Node, key: str, computed: fx.Node, value: torch.Tensor,
+                        bn: str) -> None:
+        """Replace the computation of functional layer ``node``'s ``key`` by a new attribute
+        holding ``value`` (in the module whose forward made ``node`` when the graph module
+        still has it, else beside the model tensor the computation read first; a parameter
+        when that is one), and drop the computation once nothing else reads it."""
+        root = roots(computed)[0]
+        parent = self._module_path(node) or self._split(str(root.target))[0]
+        attr = self._new_attr(parent, f"{key}_{_slug(bn)}", _like(value, fetch(self.gm, root)),
+                              node)
+        node.replace_input_with(computed, attr)
+        self.consts.erase_unused(computed)
+
+    def _new_attr(self, parent: str, name: str, value: torch.Tensor, user: fx.Node) -> fx.Node:
+        """Register ``value`` in module ``parent`` under a free name like ``name`` (a
+        parameter if it is one, else a buffer) and read it before ``user``."""
+        owner = self.gm.get_submodule(parent) if parent else self.gm
+        name = _free_name(owner, name)
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(name, value)
+        else:
+            owner.register_buffer(name, value)
+        with self.graph.inserting_before(user):
+            return self.graph.get_attr(f"{parent}.{name}" if parent else name)
 
     def _write_module(
         self, layer: LayerSite, weight: torch.Tensor, bias: torch.Tensor, bn: str
@@ -620,6 +664,16 @@ class _Folder:
             details["materialized"] = materialized
         return target, details
 
+    def _module_path(self, node: fx.Node) -> str | None:
+        """The module whose forward made ``node`` (``nn_module_stack``), if ``gm`` has it."""
+        stack = node.meta.get("nn_module_stack") or {}
+        path = str(list(stack.values())[-1][0]) if stack else ""
+        try:
+            self.gm.get_submodule(path)
+        except AttributeError:
+            return None
+        return path or None
+
     def _write_attr(self, layer: LayerSite, key: str, value: torch.Tensor, bn: str) -> bool:
         """Store a functional layer's folded ``key``; True if a new attribute was needed."""
         node = layer.node
@@ -636,15 +690,7 @@ class _Folder:
             return False
         base = str(old.target) if isinstance(old, fx.Node) else f"{weight_node.target}_{key}"
         parent, leaf = self._split(base)
-        owner = self.gm.get_submodule(parent) if parent else self.gm
-        name = _free_name(owner, f"{leaf}_{_slug(bn)}")
-        new = _like(value, like)
-        if isinstance(new, nn.Parameter):
-            owner.register_parameter(name, new)
-        else:
-            owner.register_buffer(name, new)
-        with self.graph.inserting_before(node):
-            attr = self.graph.get_attr(f"{parent}.{name}" if parent else name)
+        attr = self._new_attr(parent, f"{leaf}_{_slug(bn)}", _like(value, like), node)
         if slot is not None and slot[0] == "args":
             new_args = list(node.args)
             new_args[int(slot[1])] = attr
@@ -722,6 +768,14 @@ def _prefixes(path: str) -> list[str]:
     """The dotted paths enclosing ``path``: ``"a.b.c"`` -> ``["a", "a.b"]``."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _op_name(node: fx.Node) -> str:
+    """``node``'s op as the report names it: ``aten._weight_norm.default``, ``mul``."""
+    op = node.target
+    if isinstance(op, str | torch._ops.OpOverload):
+        return str(op)
+    return getattr(op, "__name__", str(op))
 
 
 def _copies(written: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

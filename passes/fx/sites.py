@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from bnfold.passes.fx.layer_table import (
     convolution_kind,
     layer_kind,
 )
+
+if TYPE_CHECKING:
+    from bnfold.passes.fx.constants import Constants
 
 aten = torch.ops.aten
 
@@ -104,6 +107,31 @@ def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
     return node.op == "call_function" and node.target in _BN_FUNCTIONS
+
+
+def nested_batchnorms(gm: fx.GraphModule, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(label, kind, reason)`` for each BN call inside a subgraph that an op of ``gm`` runs
+    (the branches of ``torch.cond``, the body of ``while_loop`` or ``map`` in a
+    ``torch.export`` graph), at any depth: the fold rewrites the top-level graph only, and
+    says so for each of them."""
+    found = []
+    for attr in gm.graph.find_nodes(op="get_attr"):
+        owner, _, leaf = str(attr.target).rpartition(".")
+        sub = getattr(gm.get_submodule(owner) if owner else gm, leaf, None)
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        path = f"{prefix}{attr.target}"
+        ops = ", ".join(sorted({str(u.target).removeprefix("higher_order.") for u in attr.users
+                                if u.op == "call_function"})) or "an op"
+        reason = f"inside {path}, a subgraph that {ops} runs: bnfold folds the top-level " \
+                 "graph only"
+        for node in sub.graph.nodes:
+            if is_batchnorm(sub, node):
+                kind = type(sub.get_submodule(str(node.target))).__name__ \
+                    if node.op == "call_module" else "F.batch_norm"
+                found.append((f"{path}.{node.name}", kind, reason))
+        found.extend(nested_batchnorms(sub, f"{path}."))
+    return found
 
 
 def batchnorm_rule(gm: fx.GraphModule, node: fx.Node) -> ChannelRule | None:
@@ -251,8 +279,14 @@ def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LAYER_FUNCTIONS
 
 
-def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
-    """Describe the layer at ``node``, or say why its weights cannot be rewritten."""
+def layer_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = None
+               ) -> LayerSite | str:
+    """Describe the layer at ``node``, or say why its weights cannot be rewritten.
+
+    A functional layer's weight or bias is a ``get_attr`` tensor or, given ``consts``, a
+    node computed only from the model's tensors (``torch.export``'s ``aten._weight_norm``, a
+    spectral norm's ``div``): its float64 value rounded once to the model's dtype, the weight
+    the layer computes at each call (the fold's write then replaces the computation)."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         found = LAYER_MODULES.get(computed_weights.plain_class(m))
@@ -284,8 +318,13 @@ def layer_site(gm: fx.GraphModule, node: fx.Node) -> LayerSite | str:
             tensors[key] = None
         elif isinstance(value, fx.Node) and value.op == "get_attr":
             tensors[key] = fetch(gm, value)
+        elif isinstance(value, fx.Node) and consts is not None \
+                and (computed := consts.rounded(value)) is not None:
+            tensors[key] = computed
         else:
-            return f"{node.name}'s {key} is computed in the graph, not a constant attribute"
+            return f"{node.name}'s {key} is computed in the graph, not from the model's " \
+                   "tensors alone by ops bnfold evaluates" if consts is not None else \
+                   f"{node.name}'s {key} is computed in the graph, not a constant attribute"
     weight = tensors["weight"]
     assert weight is not None
     row = call.row or convolution_kind(args["transposed"], weight.dim())

@@ -111,14 +111,38 @@ def graph_module_of(
             ) from trace_exc
         try:
             with _quiet_torch_logs():
-                exported = torch.export.export(work, args, strict=False)
+                exported = _export(work, args)
         except Exception as export_exc:
             raise UntraceableError(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 f"torch.export also failed: {one_line(export_exc)}{user_frame(export_exc)}"
             ) from export_exc
         return exported.module(), (
-            f"torch.export{compiled} (symbolic_trace failed: {first}{where})")
+            f"torch.export{compiled} (symbolic_trace failed: {first}{where}); the input "
+            f"shapes the result takes: {_input_shapes(exported)} (a number: fixed to the "
+            "example's, where the model or torch.export needs it)")
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` on ``args`` with every dim of every tensor input left to
+    torch (``Dim.AUTO``: dynamic where the model allows it), so the folded module takes the
+    shapes the model takes, not only the example's; a program that cannot be had so is
+    exported on the example's shapes."""
+    auto = tuple({d: torch.export.Dim.AUTO for d in range(a.dim())}
+                 if isinstance(a, torch.Tensor) else None for a in args)
+    try:
+        return torch.export.export(model, args, strict=False, dynamic_shapes=auto)
+    except Exception:  # (e.g. a non-tensor input of a kind dynamic_shapes cannot describe)
+        return torch.export.export(model, args, strict=False)
+
+
+def _input_shapes(program: torch.export.ExportedProgram) -> str:
+    """``"x [s0, 3, s1, s2]"``: each tensor input's dims as the program accepts them."""
+    names = set(program.graph_signature.user_inputs)
+    return "; ".join(
+        f"{node.name} [{', '.join(str(d) for d in node.meta['val'].shape)}]"
+        for node in program.graph.find_nodes(op="placeholder")
+        if node.name in names and isinstance(node.meta.get("val"), torch.Tensor))
 
 
 def without_code(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:

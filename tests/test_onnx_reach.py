@@ -411,6 +411,56 @@ def test_concat_with_one_non_layer_keeps_a_smaller_bn() -> None:
     assert all(sizes[n] == 3 for n in list(bn.input)[1:])
 
 
+@pytest.mark.parametrize("form", ["BatchNormalization", "Mul+Add"])
+def test_a_smaller_bn_over_an_untyped_concat_input(form: str) -> None:
+    """The non-layer input is an intermediate value no ``value_info`` types (TorchScript's
+    exports declare none): the smaller BN takes the BN's parameter type, or, for an affine
+    chain, the concat's element type read off the folded layer's weight (an
+    ``AssertionError`` before)."""
+    b = Builder(17)
+    b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])
+    b.node("Relu", ["x"], ["r"])
+    b.node("Concat", ["a", "r"], ["cat"], axis=1)
+    if form == "BatchNormalization":
+        b.bn("cat", "y", 9)
+    else:
+        b.node("Mul", ["cat", b.rand("s", [1, 9, 1, 1])], ["m"])
+        b.node("Add", ["m", b.rand("t", [1, 9, 1, 1])], ["y"])
+    model = b.model({"x": [2, 3, 4, 4]}, {"y": None})
+    del model.graph.value_info[:]
+    _, report = check(model, 1)
+    assert "smaller BatchNormalization" in report.kept[0].reason
+
+
+def test_the_torchscript_export_of_a_concat_with_a_relu_input_folds() -> None:
+    class CatRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([torch.relu(self.c1(x)), self.c2(x)], 1))
+
+    torch.manual_seed(0)
+    model, x = randomize_bn_stats(CatRelu()).eval(), torch.randn(2, 3, 8, 8)
+    folded, report = fold_onnx(torchscript_export(model, x))
+    (entry,) = report.kept
+    assert entry.into == "/c2/Conv" and "smaller BatchNormalization" in entry.reason
+    assert _ort_vs_float64(model, folded, x) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["Concat", "Add"])
+def test_a_layer_output_read_twice_by_one_node_says_so(op: str) -> None:
+    b = Builder(17)
+    b.node("Conv", ["x", b.rand("w1", [3, 3, 1, 1])], ["a"])
+    b.node(op, ["a", "a"], ["j"], **({"axis": 1} if op == "Concat" else {}))
+    b.bn("j", "y", 6 if op == "Concat" else 3)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    assert f"Conv_0 output 'a' is read 2 times by {op}_1" in report.kept[0].reason
+    assert "also feeds nothing" not in report.kept[0].reason
+
+
 def test_concat_with_two_non_layers_keeps_whole_bn() -> None:
     b = Builder(18)
     b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])
@@ -445,6 +495,57 @@ def test_sum_of_layers_scales_each_and_shifts_once() -> None:
     b.bn("s", "y", 4)
     _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
     assert report.folded[0].into == "Conv_0, Conv_1"
+
+
+@pytest.mark.parametrize("nesting", ["(a+b)+c", "a+(b+c)", "(a+b)+(c+d)"])
+def test_a_sum_of_more_layers_scales_each_and_shifts_once(nesting: str) -> None:
+    """Exporters write a sum of n layers as a tree of binary Adds: each summand's layer is
+    scaled and the shift goes into one bias (kept before: the inner Add is no layer)."""
+    b = Builder(19)
+    for name in "abcd"[:nesting.count("+") + 1]:
+        b.node("Conv", ["x", b.rand(f"w{name}", [4, 3, 3, 3])], [name], pads=[1, 1, 1, 1])
+    if nesting == "(a+b)+c":
+        b.node("Add", ["a", "b"], ["ab"])
+        b.node("Add", ["ab", "c"], ["s"])
+    elif nesting == "a+(b+c)":
+        b.node("Add", ["b", "c"], ["bc"])
+        b.node("Add", ["a", "bc"], ["s"])
+    else:
+        b.node("Add", ["a", "b"], ["ab"])
+        b.node("Add", ["c", "d"], ["cd"])
+        b.node("Add", ["ab", "cd"], ["s"])
+    b.bn("s", "y", 4)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
+    assert len(report.folded[0].into.split(", ")) == nesting.count("+") + 1
+
+
+def test_an_inner_sum_read_elsewhere_is_not_taken_apart() -> None:
+    b = Builder(19)
+    for name in "abc":
+        b.node("Conv", ["x", b.rand(f"w{name}", [4, 3, 1, 1])], [name])
+    b.node("Add", ["a", "b"], ["ab"])
+    b.node("Add", ["ab", "c"], ["s"])
+    b.bn("s", "y", 4)
+    b.node("Relu", ["ab"], ["r"])
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None, "r": None}), 1)
+    assert "for summand 'ab': Add_3 output 'ab' also feeds Relu_6" in report.kept[0].reason
+
+
+def test_the_torchscript_export_of_a_sum_of_three_convs_folds() -> None:
+    class Sum3(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.ModuleList(nn.Conv2d(3, 4, k, padding=k // 2) for k in (1, 3, 5))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.c[0](x) + self.c[1](x) + self.c[2](x))
+
+    torch.manual_seed(0)
+    model, x = randomize_bn_stats(Sum3()).eval(), torch.randn(2, 3, 8, 8)
+    folded, report = fold_onnx(torchscript_export(model, x))
+    assert [e.action for e in report.entries] == ["folded"]
+    assert _ort_vs_float64(model, folded, x) < 1e-5
 
 
 def test_sum_with_a_non_layer_is_kept() -> None:

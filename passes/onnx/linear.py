@@ -1,7 +1,8 @@
 """Forward folds through linear structure: a BN after a sum or a channel concat of layers.
 
-* ``BN(y1 + y2)`` with each ``yi`` a layer output read only by the ``Add`` (same shape as the
-  sum, so nothing broadcasts): ``BN(y1 + y2) = (s*y1 + t) + s*y2``
+* ``BN(y1 + ... + yn)`` (one ``Add``, or a tree of them read only by each other: ``(y1 + y2)
+  + y3``) with each ``yi`` a layer output read only by its ``Add`` (same shape as the sum, so
+  nothing broadcasts): ``BN(y1 + ... + yn) = (s*y1 + t) + s*y2 + ... + s*yn``
   (:func:`bnfold.algebra.split_sum`): every summand's layer is scaled, the shift goes into the
   first one's bias. Exact for every input.
 * ``BN(Concat(y1, ..., yn))`` on the BN's channel axis: the BN acts on each input's channel
@@ -56,14 +57,14 @@ def structure_fold(site: Site, ctx: Context) -> Fold | str | None:
 
 def _sum(site: Site, add: ir.Node, ctx: Context) -> Fold | str:
     out = ctx.dims(add.outputs[0])
+    summands = _summands(add, ctx)
     folds = []
-    for i, params in enumerate(split_sum(site.params, 2)):
-        v = add.inputs[i]
-        assert v is not None
+    for (reader, index, v), params in zip(summands, split_sum(site.params, len(summands)),
+                                          strict=True):
         if out is None or ctx.dims(v) != out:
             return (f"its input is the sum {display_name(add)}, whose summand {v.name!r} "
                     f"does not have the sum's (known) shape")
-        fold = layer_fold(Site([add], v, params, site.kind, site.axis, i), ctx)
+        fold = layer_fold(Site([reader], v, params, site.kind, site.axis, index), ctx)
         if isinstance(fold, str):
             return f"its input is the sum {display_name(add)}; for summand {v.name!r}: {fold}"
         folds.append(fold)
@@ -73,7 +74,27 @@ def _sum(site: Site, add: ir.Node, ctx: Context) -> Fold | str:
             fold.apply()
         remove(site, ctx)
 
-    return Fold(folds[0].into, "forward", apply, [folds[1].into])
+    return Fold(folds[0].into, "forward", apply, [f.into for f in folds[1:]])
+
+
+def _summands(add: ir.Node, ctx: Context) -> list[tuple[ir.Node, int, ir.Value]]:
+    """The summands of the tree of ``Add`` nodes under ``add`` (``(a + b) + c``, as exporters
+    write a sum of three): ``(reader, input index, value)`` for each, an input that is itself
+    an ``Add`` of no constant, read by this one only, taken apart."""
+    summands: list[tuple[ir.Node, int, ir.Value]] = []
+    todo = [add]
+    while todo:
+        node = todo.pop()
+        for index, value in enumerate(node.inputs):
+            assert value is not None  # (structure_fold: no input of a sum is missing)
+            inner = value.producer()
+            if inner is not None and is_default(inner) and inner.op_type == "Add" \
+                    and not sole_reader(value, "", node) and all(
+                        v is not None and not ctx.consts.is_constant(v) for v in inner.inputs):
+                todo.append(inner)
+            else:
+                summands.append((node, index, value))
+    return summands
 
 
 def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
@@ -111,15 +132,24 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
                 f"are not foldable layers ({why}); BNs over their slices would not be fewer "
                 "than the whole BN, kept whole")
     name = site.name
-    param_dtype = np.asarray(site.params.mean).dtype if site.kind == "BatchNormalization" \
-        else None
+    # the BN's own parameter type; else the concat's element type, which ONNX's Concat
+    # shares among its inputs: a folded layer's weight has it when no value declares it
+    dtype = np.asarray(site.params.mean).dtype if site.kind == "BatchNormalization" else next(
+        (v.dtype.numpy() for v in (*concat.inputs, *concat.outputs, *(
+            f.into.inputs[1] for f in folds if len(f.into.inputs) > 1))
+         if v is not None and v.dtype is not None), None)
+    if kept and dtype is None:
+        return (f"its input is the concat {display_name(concat)} of which input "
+                f"{kept[0][2]}; a BN over that slice needs the concat's element type, which "
+                f"is {UNKNOWN}")
 
     def apply() -> None:
         for fold in folds:
             fold.apply()
         if kept:
             index, params, _ = kept[0]
-            _insert_slice_bn(concat, index, params, name, param_dtype, ctx)
+            assert dtype is not None
+            _insert_slice_bn(concat, index, params, name, dtype, ctx)
         remove(site, ctx)
 
     reason = None
@@ -131,12 +161,11 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
 
 
 def _insert_slice_bn(concat: ir.Node, index: int, params: BNParams, name: str,
-                     param_dtype: np.dtype | None, ctx: Context) -> None:
-    """Put ``BatchNormalization(params)`` (named ``name``, parameters in ``param_dtype``, else
-    the input's dtype) on ``concat``'s input ``index``."""
+                     dtype: np.dtype, ctx: Context) -> None:
+    """Put ``BatchNormalization(params)`` (named ``name``, parameters in ``dtype``: the BN's
+    own, else the concat's element type) on ``concat``'s input ``index``."""
     x = concat.inputs[index]
-    assert x is not None and x.dtype is not None
-    dtype = param_dtype or x.dtype.numpy()
+    assert x is not None
     inputs = [x]
     gamma = np.ones(params.channels) if params.gamma is None else params.gamma
     beta = np.zeros(params.channels) if params.beta is None else params.beta

@@ -80,7 +80,11 @@ def conv_tensors(ctx: Context, layer: ir.Node) -> tuple[np.ndarray, np.ndarray |
 def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:
     """``None`` if ``value`` has exactly one reader (``reader``), else why that blocks the
     fold (naming the other readers)."""
-    if value.is_graph_output() or len(data_uses(value)) != 1:
+    uses = data_uses(value)
+    if value.is_graph_output() or len(uses) != 1:
+        if not value.is_graph_output() and len({id(u.node) for u in uses}) == 1:
+            return (f"{producer} output {value.name!r} is read {len(uses)} times by "
+                    f"{display_name(uses[0].node)}")
         return f"{producer} output {value.name!r} also feeds {consumers_text(value, reader)}"
     return None
 

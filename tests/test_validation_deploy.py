@@ -79,6 +79,37 @@ def test_float16_validation_uses_and_states_the_float32_reference(conv_bn_proto,
         run_ort(ref, inputs)[0].astype(np.float64) - exact).max() + 1e-12
 
 
+def _mixed16() -> onnx.ModelProto:
+    """``Cast16(Cast32(x * w16) + u32)``: a float16 model with one float32 tensor."""
+    nodes = [helper.make_node("Mul", ["x", "w16"], ["m"]),
+             helper.make_node("Cast", ["m"], ["m32"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["m32", "u32"], ["a"]),
+             helper.make_node("Cast", ["a"], ["y"], to=TensorProto.FLOAT16)]
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        nodes, "mixed16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 64])],
+        [numpy_helper.from_array(rng.normal(size=64).astype(np.float16), "w16"),
+         numpy_helper.from_array(rng.normal(size=64).astype(np.float32), "u32")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float16_reference_reads_external_data_beside_the_model(tmp_path, monkeypatch) -> None:
+    """A 16-bit model whose tensors lie in a data file beside it, validated from another
+    folder: the float32 reference reads the float16 ones from that file (it was looked up in
+    the current folder), and ORT runs the upcast bytes with the model's folder for the
+    float32 one, which stays external."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(_mixed16(), folder / "f.onnx")
+    onnx.save(_mixed16(), folder / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    res = bnfold.validate(str(folder / "m.onnx"), str(folder / "f.onnx"), providers=("cpu",))
+    assert res.passed, res.table()
+    assert res.settings["reference_model"].startswith("the reference graph computed in float32")
+
+
 def _conv16(weight: np.ndarray) -> onnx.ModelProto:
     node = helper.make_node("Conv", ["x", "W"], ["y"])
     graph = helper.make_graph(

@@ -218,11 +218,14 @@ def _upcast(ref: _Model | _Torch, compute: np.dtype | None) -> str:
     if isinstance(ref, _Torch):
         ref.label += " in float64"
         return f"torch module run in float64, outputs rounded once to {dtype_name(compute)}"
+    base_dir = ref.data_dir if ref.data_dir is not None or not isinstance(ref.source, str) \
+        else str(Path(ref.source).parent)  # (a path: its external data lies beside it)
     try:
-        ref.proto = upcast_to_float32(ref.proto)
+        ref.proto = upcast_to_float32(ref.proto, base_dir)
     except Exception as exc:  # e.g. external data out of reach: compare as given, and say so
         return f"as given (could not compute the reference in float32: {first_line(exc, 240)})"
     ref.source, ref.label = ref.proto.SerializeToString(), f"{ref.label} (float32)"
+    ref.data_dir = base_dir  # (the bytes may still name external tensors of other dtypes)
     return (f"the reference graph computed in float32 (weights and inputs are the "
             f"{dtype_name(compute)} values; outputs rounded once to their dtype), not the "
             f"{dtype_name(compute)} graph itself")

@@ -25,9 +25,12 @@ def is_low_precision(dtype_name: str | None) -> bool:
     return dtype_name in ("float16", "bfloat16")
 
 
-def upcast_to_float32(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` that computes in float32 with the same inputs and outputs."""
+def upcast_to_float32(proto: onnx.ModelProto, base_dir: str | None = None) -> onnx.ModelProto:
+    """A copy of ``proto`` that computes in float32 with the same inputs and outputs
+    (``base_dir``: the folder its external data files are in, else the current one)."""
     model = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
     main = model.graph
     output_types = [v.dtype for v in main.outputs]
     for graph in model.graphs():

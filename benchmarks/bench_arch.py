@@ -14,8 +14,9 @@ weights and randomized BN statistics, as a deployment engineer meets it:
   basic-level optimize-and-save); best of ``--repeat`` runs. Each row gives the BNs every tool
   left, so a fast peer that folds less shows as such.
 * FX: ``bnfold.fold(model, example_inputs)`` (one forward pass for shapes) beside
-  ``torch.fx.experimental.optimization.fuse``, median of ``--repeat`` runs, each judged on the
-  BNs left and its error against the unfolded model in float64 on a fresh input.
+  ``torch.fx.experimental.optimization.fuse``, median of ``--repeat`` runs taken in
+  alternation (one of each tool per round), each judged on the BNs left and its error
+  against the unfolded model in float64 on a fresh input.
 
 Tables: stdout and benchmarks/out/arch.md.
 """
@@ -33,7 +34,7 @@ import torch
 from torch.fx.experimental.optimization import fuse
 
 import bnfold
-from benchmarks.bench_fx_fold import _judge
+from benchmarks.bench_fx_fold import judge_alternately
 from benchmarks.bench_onnx_fold import _table, write_sections
 from benchmarks.bench_onnx_zoo import TOOLS, Ratios, _best, exporters
 from bnfold.models import arch
@@ -94,8 +95,8 @@ def fx_table(names: list[str], repeat: int, width: float = 1.0, small: bool = Fa
         runs: dict[str, Callable[[], torch.nn.Module]] = {
             "bnfold": lambda m=model, e=example: bnfold.fold(m, e).model,
             "fuse": lambda m=model: fuse(m)}
-        (ours, t_ours), (peer, t_peer) = (_judge(run, ref, fresh, entry.bn_left, repeat)
-                                          for run in runs.values())
+        (ours, t_ours), (peer, t_peer) = judge_alternately(
+            runs, ref, fresh, entry.bn_left, repeat).values()
         ratio = "-"
         if t_ours and t_peer:
             ratios.append(t_ours / t_peer)

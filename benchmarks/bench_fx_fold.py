@@ -6,7 +6,8 @@ For every zoo model, in one process: ``bnfold.fold`` and
 * BN left in the graph (a correct, exact folder leaves ``ZOO[name].bn_left``),
 * max relative error of the folded fp32 model against the unfolded model in float64, on a
   fresh input (a wrong fold shows as an error far above fp32 rounding, ~1e-7),
-* fold time as a ratio (bnfold / fuse; median of several runs).
+* fold time as a ratio (bnfold / fuse; median of several runs, the two tools' runs taken in
+  alternation so that load on a shared machine falls on both alike).
 
 Then fp16 and bf16 weights: worst distance of each tool's folded conv weight from the exact
 float64 fold, in ulps (a correctly rounded fold is <= 0.5). Writes benchmarks/out/fx_fold.md.
@@ -44,25 +45,37 @@ def _rel_err(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
                for o, w in zip(outs, wants, strict=True))
 
 
-def _timed(fn: Callable[[], nn.Module], repeat: int = 5) -> tuple[nn.Module, float]:
-    times, result = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
-
-
-def _judge(run: Callable[[], nn.Module], ref: nn.Module, x: torch.Tensor, want_left: int,
-           repeat: int = 5) -> tuple[str, float | None]:
-    try:
-        folded, seconds = _timed(run, repeat)
-    except Exception as exc:  # a peer crashing is a result to report
-        return f"crash: {type(exc).__name__}", None
-    err = _rel_err(folded, ref, x)
-    left = _bn_count(folded)
-    verdict = "WRONG" if err > WRONG else ("ok" if left == want_left else "ok, missed")
-    return f"{verdict} ({left} BN left, err {err:.1e})", seconds
+def judge_alternately(runs: dict[str, Callable[[], nn.Module]], ref: nn.Module,
+                      x: torch.Tensor, want_left: int, repeat: int = 5
+                      ) -> dict[str, tuple[str, float | None]]:
+    """Time every tool of ``runs`` in alternation, one run of each per round with the order
+    reversed every other round, so load that comes and goes on a shared machine falls on all
+    of them alike; then judge each tool's last result. Per tool: ``(verdict, median
+    seconds)``, ``(crash: ..., None)`` for a tool that raised."""
+    times: dict[str, list[float]] = {tool: [] for tool in runs}
+    results: dict[str, nn.Module] = {}
+    crashed: dict[str, str] = {}
+    for round_ in range(repeat):
+        for tool in list(runs) if round_ % 2 == 0 else list(reversed(runs)):
+            if tool in crashed:
+                continue
+            start = time.perf_counter()
+            try:
+                results[tool] = runs[tool]()
+            except Exception as exc:  # a peer crashing is a result to report
+                crashed[tool] = f"crash: {type(exc).__name__}"
+                continue
+            times[tool].append(time.perf_counter() - start)
+    judged: dict[str, tuple[str, float | None]] = {}
+    for tool in runs:
+        if tool in crashed:
+            judged[tool] = (crashed[tool], None)
+            continue
+        err, left = _rel_err(results[tool], ref, x), _bn_count(results[tool])
+        verdict = "WRONG" if err > WRONG else ("ok" if left == want_left else "ok, missed")
+        judged[tool] = (f"{verdict} ({left} BN left, err {err:.1e})",
+                        statistics.median(times[tool]))
+    return judged
 
 
 def zoo_table() -> list[str]:
@@ -73,9 +86,9 @@ def zoo_table() -> list[str]:
         model = zoo.get(name)
         ref = copy.deepcopy(model).double()
         example, fresh = zoo.example_input(name, seed=1), zoo.example_input(name, seed=7)
-        ours, t_ours = _judge(lambda m=model, e=example: bnfold.fold(m, e).model, ref, fresh,
-                              entry.bn_left)
-        peer, t_peer = _judge(lambda m=model: fuse(m), ref, fresh, entry.bn_left)
+        (ours, t_ours), (peer, t_peer) = judge_alternately(
+            {"bnfold": lambda m=model, e=example: bnfold.fold(m, e).model,
+             "fuse": lambda m=model: fuse(m)}, ref, fresh, entry.bn_left).values()
         ratio = f"{t_ours / t_peer:.2f}x" if t_ours and t_peer else "-"
         if t_ours and t_peer:
             ratios.append(t_ours / t_peer)

@@ -23,7 +23,6 @@ benchmarks/out/bn_left.md.
 
 from __future__ import annotations
 
-import copy
 import sys
 import warnings
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from torch.fx.experimental.optimization import fuse
 import bnfold
 from benchmarks.bench_fx_fold import _rel_err
 from benchmarks.bench_onnx_fold import PEERS, TESTS, _table
+from bnfold.passes.fx.model_copy import deep_copy
 
 TOLERANCE = 1e-4
 ONNX_PEERS = {"onnxscript": "onnxscript", "onnxoptimizer": "onnxoptimizer",
@@ -60,7 +60,7 @@ def fx_sites_left(model: nn.Module) -> int:
     from bnfold.passes.fx.trace import Tracer
 
     gm = model if isinstance(model, fx.GraphModule) else fx.GraphModule(
-        model, Tracer().trace(copy.deepcopy(model)))
+        model, Tracer().trace(deep_copy(model)))
     bns = sum(is_batchnorm(gm, n) for n in gm.graph.nodes)
     return bns + len(affine_chains(gm, Constants(gm)))
 
@@ -88,7 +88,7 @@ def _cell(run: Callable[[], Any], error: Callable[[Any], float],
 def _fx_cells(source: Any, name: str) -> tuple[str, str]:
     """``bnfold FX`` and ``torch.fx fuse`` cells, judged on a fresh input."""
     model = source.get(name)
-    ref = copy.deepcopy(model).double()
+    ref = deep_copy(model).double()
     example, fresh = source.example_input(name), source.example_input(name, seed=7)
 
     def error(folded: nn.Module) -> float:
@@ -110,7 +110,7 @@ def _onnx_cells(source: Any, name: str) -> dict[str, list[str]]:
         feeds = {proto.graph.input[0].name: x.numpy()}
         try:
             with torch.no_grad():
-                out = copy.deepcopy(model).double()(x.double())
+                out = deep_copy(model).double()(x.double())
             want = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
         except RuntimeError:  # the model casts to float32 itself
             want = reference(proto, feeds)

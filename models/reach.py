@@ -260,6 +260,25 @@ class WeightReparam(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+class PoolsBetween(nn.Module):
+    """Per-channel pools and resamples between layer and BN: an average pool, a bilinear
+    upsampling and an adaptive average pool pass the BN's affine map (folded); an average
+    pool that counts its zero padding does not (kept). 4 sites, 1 left."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.c4, self.b4 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(F.avg_pool2d(self.c1(x), 2)))
+        x = F.relu(self.b2(F.interpolate(self.c2(x), scale_factor=2, mode="bilinear")))
+        x = F.relu(self.b3(F.adaptive_avg_pool2d(self.c3(x), 5)))
+        return self.b4(F.avg_pool2d(self.c4(x), 3, stride=1, padding=1))
+
+
 class NoOpsBetween(nn.Module):
     """Eval no-ops between layer and BN: conv -> Identity -> clone -> BN (forward),
     BN -> contiguous -> Dropout -> unpadded conv (backward), and timm's ``NormLinear`` head
@@ -408,6 +427,8 @@ REACH: dict[str, ZooModel] = {
                  "weight_norm / spectral_norm layers (computed weights) -> BN"),
         ZooModel("noops_between", NoOpsBetween, (2, 3, 10, 10), 3, 0,
                  "Identity/clone/contiguous/Dropout/to between layer and BN"),
+        ZooModel("pools_between", PoolsBetween, (2, 3, 12, 12), 4, 1,
+                 "avg pool / upsample / adaptive pool between layer and BN"),
         ZooModel("mixnet_concat", MixNetConcat, (2, 3, 12, 12), 2, 0,
                  "BN after a channel concat of depthwise convs"),
         ZooModel("concat_passthrough", ConcatPassthrough, (2, 3, 8, 8), 2, 2,

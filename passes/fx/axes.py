@@ -1,5 +1,8 @@
 """Following a layer's feature axis through pure data-movement ops to a BatchNorm.
 
+(Per-channel ops, :mod:`.channelwise`, keep the rank and the axis: the axis only has to lie
+before the dims they pool or resample.)
+
 A BN folds into a layer only if every element the BN sees in channel ``c`` is an element of the
 layer's output feature ``c``. Between the two, only ops that move data without mixing it are
 allowed: transposes/permutes (the axis moves) and row-major reshapes (flatten, view, reshape,
@@ -22,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.geometry import reshape_axis
+from bnfold.passes.fx.channelwise import channelwise_op
 from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
 from bnfold.passes.fx.trace import shape_of
 
@@ -54,7 +58,11 @@ _AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
 
 
 def chain_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The data-movement op ``node`` performs on its first argument, or None."""
+    """The data-movement or per-channel op (:mod:`.channelwise`) ``node`` performs on its
+    first argument, or None."""
+    channelwise = channelwise_op(gm, node)
+    if channelwise is not None:
+        return channelwise.name
     if node.op == "call_method" and node.target in _PERMUTE | _RESHAPE:
         return str(node.target)
     if node.op == "call_function" and node.target in _FUNCTIONS:
@@ -177,6 +185,14 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
     for node in chain:
         op = chain_op(gm, node)
         rank, axis = pos
+        channelwise = channelwise_op(gm, node)
+        if channelwise is not None:  # the rank stays; the trailing dims are resampled
+            span = rank - 2 if channelwise.spatial is None else channelwise.spatial
+            if span < 1 or rank <= span or (channelwise.spatial is None and axis != 1):
+                return None
+            if axis >= rank - span:
+                return f"{node.name} ({op}) works along the layer's feature axis"
+            continue
         if op in _PERMUTE:
             perm = permutation(gm, node, str(op), rank)
             if perm is None:

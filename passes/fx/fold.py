@@ -80,6 +80,7 @@ from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
+from bnfold.passes.fx.channelwise import channelwise_refusal
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
@@ -274,7 +275,8 @@ class _Folder:
                 return _kept(f"{what} also feeds {', '.join(others)}")
         why, guard = self._axis_check(layer, layer.node, chain, site)
         why = why or self._dtype_refusal(site, layer) or next(
-            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype))), None)
+            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype)
+                                  or channelwise_refusal(self.gm, c, site.params))), None)
         if why:
             return _kept(why)
         try:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, node_arg, permutation
+from bnfold.passes.fx.channelwise import channelwise_op
 from bnfold.passes.fx.noops import IDENTITY_OPS
 from bnfold.passes.fx.sites import MAX_RANK, batchnorm_rule, is_batchnorm, is_layer, layer_site
 
@@ -84,6 +85,10 @@ def _edge(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, RankMap] | None:
         return src, lambda r: r if r in accepted else None
     if _same_rank(gm, node):
         return src, lambda r: r
+    channelwise = channelwise_op(gm, node)
+    if channelwise is not None:  # (N, C, spatial...) or, for pools, (C, spatial...)
+        low = 3 if channelwise.spatial is None else channelwise.spatial + 1
+        return src, lambda r: r if r >= low else None
     op = chain_op(gm, node)
     return None if op is None else _movement(gm, node, str(op), src)
 

@@ -14,7 +14,9 @@ holds it, the groups and the bias (scale) come from the layer table (:mod:`.laye
 Between the layer and the BN there may be ``Transpose``/``Reshape``/``Flatten``/``Squeeze``/
 ``Unsqueeze`` nodes with a single reader each: they move the feature axis (tracked through
 known shapes; a reshape keeps it when its size and the product of the dims after it are
-unchanged), and the fold is exact when it ends on axis 1. The math is
+unchanged), and the fold is exact when it ends on axis 1. Per-channel pools and resamples
+(:mod:`.channelwise`) keep the channel axis and pass the BN's affine map when their own
+conditions hold. The math is
 :func:`bnfold.algebra.fold_forward`; the fold is exact for every input.
 """
 
@@ -29,6 +31,7 @@ from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
 from bnfold.geometry import reshape_axis
 from bnfold.passes.onnx.bn import display_name, inference_params
+from bnfold.passes.onnx.channelwise import channelwise_refusal, is_channelwise
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after, remove_bn
 from bnfold.passes.onnx.layers import LAYERS, is_default, layer_kind, reset_bias_scale
@@ -74,8 +77,12 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
         shared = bool(why) and not chain and _only_bns_read(node, ctx)
         if why and not shared:
             return why
+        if is_channelwise(node):
+            why = channelwise_refusal(node, site.params, ctx)
+            if why:
+                return why
         if (is_default(node) and node.op_type in LAYOUT_OPS) \
-                or is_noop(node, ctx):
+                or is_noop(node, ctx) or is_channelwise(node):
             chain.insert(0, node)
             reader = node
             value = node.inputs[0]
@@ -133,6 +140,10 @@ def _map_axis(chain: list[ir.Node], value: ir.Value, axis: int, ctx: Context) ->
                 return f"the rank before {display_name(node)} is {UNKNOWN}"
             perm = node.attributes.get_ints("perm", None) or list(range(len(dims_in)))[::-1]
             axis = list(perm).index(axis)
+        elif is_channelwise(node):  # (N, C, spatial...) in, the same rank out
+            if axis != 1:
+                return (f"{display_name(node)} ({node.op_type}) resamples axis {axis}, where "
+                        "the layer's features are")
         elif node.op_type in LAYOUT_OPS:  # (no-ops keep every axis)
             if dims_in is None or dims_out is None:
                 return f"the shape around {display_name(node)} is {UNKNOWN}"

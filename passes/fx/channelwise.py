@@ -1,0 +1,141 @@
+"""Ops that act on each channel alone, which a per-channel affine map passes through.
+
+An op ``P`` that is linear on each channel and keeps a channel's constant (an average, a
+nearest or interpolating resample: weights that sum to one) gives ``P(s*y + t) = s*P(y) + t``
+per channel, so ``BN(P(layer(x))) = P(layer'(x))`` with the BN folded into the layer: exact.
+A max (pooling) commutes with ``s*y + t`` only where ``s >= 0``. The table below says, per op,
+over how many trailing dims it works and when the identity holds (as TVM's
+``fold_scale_axis`` lets each op declare how a per-channel scale passes through it):
+
+* average pooling: with no padding, or with ``count_include_pad=False`` (a zero pad counted
+  in the average would scale ``t`` down at the borders), and no ``divisor_override``;
+* adaptive average pooling, ``interpolate`` / ``Upsample`` in every mode (each output is a
+  weighted mean of one channel's inputs);
+* max pooling and adaptive max pooling: when the BN's scale is ``>= 0`` in every channel,
+  and without ``return_indices``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bnfold.algebra import BNParams
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Channelwise:
+    """One op kind: ``spatial`` trailing dims it works over (``None``: every dim after
+    ``(N, C)``), whether it is a max, and its arguments after the input, in order."""
+
+    name: str
+    spatial: int | None
+    is_max: bool = False
+    args: tuple[str, ...] = ()
+
+
+_AVG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+        "divisor_override")
+_MAX = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_INTERPOLATE = ("size", "scale_factor", "mode", "align_corners")
+
+
+def _avg(n: int) -> Channelwise:
+    return Channelwise(f"avg_pool{n}d", n, args=_AVG)
+
+
+def _max(n: int) -> Channelwise:
+    return Channelwise(f"max_pool{n}d", n, is_max=True, args=_MAX)
+
+
+def _adaptive(n: int, is_max: bool) -> Channelwise:
+    kind = "max" if is_max else "avg"
+    return Channelwise(f"adaptive_{kind}_pool{n}d", n, is_max,
+                       ("output_size", "return_indices"))
+
+
+_RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE)
+
+_MODULES: dict[type, Channelwise] = {
+    nn.AvgPool1d: _avg(1), nn.AvgPool2d: _avg(2), nn.AvgPool3d: _avg(3),
+    nn.MaxPool1d: _max(1), nn.MaxPool2d: _max(2), nn.MaxPool3d: _max(3),
+    nn.AdaptiveAvgPool1d: _adaptive(1, False), nn.AdaptiveAvgPool2d: _adaptive(2, False),
+    nn.AdaptiveAvgPool3d: _adaptive(3, False), nn.AdaptiveMaxPool1d: _adaptive(1, True),
+    nn.AdaptiveMaxPool2d: _adaptive(2, True), nn.AdaptiveMaxPool3d: _adaptive(3, True),
+    nn.Upsample: _RESAMPLE, nn.UpsamplingNearest2d: _RESAMPLE,
+    nn.UpsamplingBilinear2d: _RESAMPLE,
+}
+_FUNCTIONS: dict[Any, Channelwise] = {
+    F.avg_pool1d: _avg(1), F.avg_pool2d: _avg(2), F.avg_pool3d: _avg(3),
+    F.max_pool1d: _max(1), F.max_pool2d: _max(2), F.max_pool3d: _max(3),
+    F.adaptive_avg_pool1d: _adaptive(1, False), F.adaptive_avg_pool2d: _adaptive(2, False),
+    F.adaptive_avg_pool3d: _adaptive(3, False), F.adaptive_max_pool1d: _adaptive(1, True),
+    F.adaptive_max_pool2d: _adaptive(2, True), F.adaptive_max_pool3d: _adaptive(3, True),
+    F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE,
+    aten.avg_pool2d.default: _avg(2), aten.avg_pool3d.default: _avg(3),
+    aten.avg_pool1d.default: Channelwise("avg_pool1d", 1, args=_AVG[:5]),
+    aten.max_pool1d.default: Channelwise("max_pool1d", 1, True, _MAX[:5]),
+    aten.max_pool2d.default: Channelwise("max_pool2d", 2, True, _MAX[:5]),
+    aten.max_pool3d.default: Channelwise("max_pool3d", 3, True, _MAX[:5]),
+    aten.adaptive_avg_pool1d.default: _adaptive(1, False),
+    aten.adaptive_avg_pool2d.default: _adaptive(2, False),
+    aten._adaptive_avg_pool2d.default: _adaptive(2, False),
+    aten.adaptive_avg_pool3d.default: _adaptive(3, False),
+    aten._adaptive_avg_pool3d.default: _adaptive(3, False),
+    **{getattr(aten, op).vec: _RESAMPLE for op in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d",
+        "upsample_bilinear2d", "upsample_trilinear3d", "upsample_bicubic2d",
+        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d")},
+}
+
+
+def channelwise_op(gm: fx.GraphModule, node: fx.Node) -> Channelwise | None:
+    """The per-channel op ``node`` performs on its first argument, or None."""
+    if node.op == "call_module":
+        return _MODULES.get(type(gm.get_submodule(str(node.target))))
+    return _FUNCTIONS.get(node.target) if node.op == "call_function" else None
+
+
+def channelwise_refusal(gm: fx.GraphModule, node: fx.Node, params: BNParams) -> str | None:
+    """Why an affine map with ``params``' scale does not pass through the per-channel op at
+    ``node`` exactly (None: it does; also None for any other node)."""
+    op = channelwise_op(gm, node)
+    if op is None:
+        return None
+    arg = _reader(gm, node, op)
+    if arg("return_indices", False):
+        return f"{node.name} ({op.name}) also returns indices"
+    if op.name.startswith("avg_pool"):
+        if arg("divisor_override", None) is not None:
+            return f"{node.name} ({op.name}) divides by a divisor_override, not the count"
+        padding = arg("padding", 0)
+        padded = any(padding) if isinstance(padding, (tuple, list)) else bool(padding)
+        if padded and arg("count_include_pad", True):
+            return (f"{node.name} ({op.name}) counts its zero padding in the average "
+                    "(count_include_pad=True): the shift would be scaled at the borders")
+    if op.is_max and bool(np.any(params.scale_shift()[0] < 0)):
+        return (f"{node.name} ({op.name}) takes a maximum, which a negative scale of the BN "
+                "turns into a minimum")
+    return None
+
+
+def _reader(gm: fx.GraphModule, node: fx.Node, op: Channelwise) -> Any:
+    """``arg(name, default)``: the module attribute, or the call's argument by position or
+    keyword (the input counting as position 0)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return lambda name, default: getattr(module, name, default)
+
+    def arg(name: str, default: Any) -> Any:
+        if name not in op.args:
+            return default
+        index = op.args.index(name) + 1
+        return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
+    return arg

@@ -1,0 +1,169 @@
+"""A BN after a per-channel pool or resample folds through it into the layer before it
+(``bnfold.passes.fx.channelwise``, ``bnfold.passes.onnx.channelwise``): an average or a
+resample passes ``s*y + t`` exactly, a max only where ``s >= 0``, a zero-padded average that
+counts its padding does not. Every fold is checked against the unfolded model in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from onnx_cases import Builder
+from test_fx_fold import fold_checked, prepared
+from test_onnx_fold import check
+from test_onnx_reach import _ort_vs_float64, dynamo_export, torchscript_export
+from torch import nn
+
+import bnfold
+from bnfold.passes.onnx.fold import fold_onnx
+
+_OPS = {
+    "AvgPool2d": lambda: nn.AvgPool2d(2),
+    "avg_pool2d, padding, count_include_pad=False": lambda: lambda y: F.avg_pool2d(
+        y, 3, stride=1, padding=1, count_include_pad=False),
+    "AdaptiveAvgPool2d": lambda: nn.AdaptiveAvgPool2d(3),
+    "MaxPool2d, padding": lambda: nn.MaxPool2d(3, stride=2, padding=1),
+    "adaptive_max_pool2d": lambda: lambda y: F.adaptive_max_pool2d(y, 2),
+    "interpolate nearest": lambda: lambda y: F.interpolate(y, scale_factor=2),
+    "interpolate bilinear": lambda: lambda y: F.interpolate(y, scale_factor=1.5,
+                                                            mode="bilinear"),
+    "interpolate bicubic, align_corners": lambda: lambda y: F.interpolate(
+        y, size=(7, 5), mode="bicubic", align_corners=True),
+    "Upsample": lambda: nn.Upsample(scale_factor=2, mode="bilinear"),
+}
+
+
+class _Through(nn.Module):
+    """``conv -> op -> BN``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        made = _OPS[op]()
+        self.op = made if isinstance(made, nn.Module) else None
+        self.fn = None if isinstance(made, nn.Module) else made
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.relu(self.bn(self.op(y) if self.op is not None else self.fn(y)))
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
+@pytest.mark.parametrize("op", list(_OPS))
+def test_fx_folds_through_a_per_channel_op(op: str, shapes: bool) -> None:
+    model = prepared(_Through(op))
+    if "max" in op.lower():  # a positive scale in every channel (see the refusal test)
+        with torch.no_grad():
+            model.bn.weight.abs_()
+    _, report = fold_checked(model, torch.randn(2, 3, 9, 9), shapes=shapes)
+    (entry,) = report.folded
+    assert entry.into == "conv" and len(entry.details["through"]) == 1, entry.details
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["symbolic_trace", "torch.export"])
+def test_fx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(exported: bool) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.ModuleList(nn.Conv2d(3, 4, 1) for _ in range(3))
+            self.bn = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = self.bn[0](F.avg_pool2d(self.c[0](x), 3, stride=1, padding=1))
+            b = self.bn[1](F.max_pool2d(self.c[1](x), 3, stride=1, padding=1))
+            c = self.bn[2](F.avg_pool2d(self.c[2](x), 3, stride=1, padding=1,
+                                        count_include_pad=False, divisor_override=8))
+            return a + b + c
+
+    model = prepared(Net())
+    with torch.no_grad():
+        model.bn[1].weight[2] = -0.7
+    x = torch.randn(2, 3, 8, 8)
+    _, report = bnfold.fold(torch.export.export(model, (x,)) if exported else model, x)
+    assert len(report.kept) == 3, report.table()
+    reasons = [e.reason for e in report.entries]
+    assert "counts its zero padding in the average" in reasons[0]
+    assert "a negative scale of the BN turns into a minimum" in reasons[1]
+    assert "divisor_override" in reasons[2]
+
+
+def _onnx(op: str, channels: int = 6, **attrs) -> onnx.ModelProto:
+    b = Builder(7)
+    b.node("Conv", ["x", b.rand("w", [6, 3, 3, 3])], ["c"])
+    inputs = ["c"]
+    if op == "Resize":
+        scales = attrs.pop("scales")
+        inputs += ["", b.init("scales", np.array(scales, np.float32))]
+    b.node(op, inputs, ["p"], **attrs)
+    b.bn("p", "y", channels)
+    model = b.model({"x": [2, 3, 10, 10]}, {"y": None})
+    if op in ("MaxPool", "GlobalMaxPool"):  # a positive scale in every channel
+        scale = next(t for t in model.graph.initializer if t.name == "y_scale")
+        scale.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(scale)), "y_scale"))
+    return model
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 0}),
+    ("GlobalAveragePool", {}),
+    ("MaxPool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    ("GlobalMaxPool", {}),
+    ("Resize", {"scales": [1, 1, 2, 2], "mode": "nearest"}),
+    ("Resize", {"scales": [1, 1, 1.5, 1.5], "mode": "linear"}),
+    ("Resize", {"scales": [1, 1, 2, 2], "mode": "cubic",
+                "coordinate_transformation_mode": "align_corners"}),
+], ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:40])
+def test_onnx_folds_through_a_per_channel_op(op: str, attrs: dict) -> None:
+    _, report = check(_onnx(op, **attrs), 0)
+    assert report.folded[0].into == "Conv_0"
+
+
+@pytest.mark.parametrize("op, attrs, reason", [
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+     "counts its padding in the average"),
+    ("Resize", {"scales": [1, 2, 1, 1], "mode": "nearest", "channels": 12},
+     "resizes the channel axis"),
+])
+def test_onnx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(
+        op: str, attrs: dict, reason: str) -> None:
+    _, report = check(_onnx(op, **attrs), 1)
+    assert reason in report.kept[0].reason
+
+
+def test_onnx_max_pool_with_a_negative_scale_keeps_the_bn() -> None:
+    model = _onnx("MaxPool", kernel_shape=[2, 2])
+    scale = next(t for t in model.graph.initializer if t.name == "y_scale")
+    values = numpy_helper.to_array(scale).copy()
+    values[3] = -values[3]
+    scale.CopyFrom(numpy_helper.from_array(values, "y_scale"))
+    _, report = check(model, 1)
+    assert "a negative scale of the BN turns into a minimum" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("exporter", [torchscript_export, dynamo_export],
+                         ids=["TorchScript", "dynamo"])
+def test_exports_fold_through_pools_and_resamples(exporter) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c3, self.b3 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.b1(F.avg_pool2d(self.c1(x), 2)))
+            x = torch.relu(self.b2(F.interpolate(self.c2(x), scale_factor=2, mode="bilinear")))
+            return self.b3(F.max_pool2d(self.c3(x), 2))
+
+    torch.manual_seed(0)
+    model = prepared(Net())
+    with torch.no_grad():
+        model.b3.weight.abs_()
+    x = torch.randn(2, 3, 16, 16)
+    folded, report = fold_onnx(exporter(model, x))
+    assert [e.action for e in report.entries] == ["folded"] * 3, report.table()
+    assert _ort_vs_float64(model, folded, x) < 1e-5

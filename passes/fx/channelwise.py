@@ -64,21 +64,17 @@ def _adaptive(n: int, is_max: bool) -> Channelwise:
 _RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE)
 
 _MODULES: dict[type, Channelwise] = {
-    nn.AvgPool1d: _avg(1), nn.AvgPool2d: _avg(2), nn.AvgPool3d: _avg(3),
-    nn.MaxPool1d: _max(1), nn.MaxPool2d: _max(2), nn.MaxPool3d: _max(3),
-    nn.AdaptiveAvgPool1d: _adaptive(1, False), nn.AdaptiveAvgPool2d: _adaptive(2, False),
-    nn.AdaptiveAvgPool3d: _adaptive(3, False), nn.AdaptiveMaxPool1d: _adaptive(1, True),
-    nn.AdaptiveMaxPool2d: _adaptive(2, True), nn.AdaptiveMaxPool3d: _adaptive(3, True),
     nn.Upsample: _RESAMPLE, nn.UpsamplingNearest2d: _RESAMPLE,
     nn.UpsamplingBilinear2d: _RESAMPLE,
 }
-_FUNCTIONS: dict[Any, Channelwise] = {
-    F.avg_pool1d: _avg(1), F.avg_pool2d: _avg(2), F.avg_pool3d: _avg(3),
-    F.max_pool1d: _max(1), F.max_pool2d: _max(2), F.max_pool3d: _max(3),
-    F.adaptive_avg_pool1d: _adaptive(1, False), F.adaptive_avg_pool2d: _adaptive(2, False),
-    F.adaptive_avg_pool3d: _adaptive(3, False), F.adaptive_max_pool1d: _adaptive(1, True),
-    F.adaptive_max_pool2d: _adaptive(2, True), F.adaptive_max_pool3d: _adaptive(3, True),
-    F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE,
+_FUNCTIONS: dict[Any, Channelwise] = {F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE}
+for _n in (1, 2, 3):  # nn.AvgPool2d / F.avg_pool2d, ... for 1-3 spatial dims
+    for _module, _kind in (("AvgPool", _avg(_n)), ("MaxPool", _max(_n)),
+                           ("AdaptiveAvgPool", _adaptive(_n, False)),
+                           ("AdaptiveMaxPool", _adaptive(_n, True))):
+        _MODULES[getattr(nn, f"{_module}{_n}d")] = _kind
+        _FUNCTIONS[getattr(F, _kind.name)] = _kind
+_FUNCTIONS |= {
     aten.avg_pool2d.default: _avg(2), aten.avg_pool3d.default: _avg(3),
     aten.avg_pool1d.default: Channelwise("avg_pool1d", 1, args=_AVG[:5]),
     aten.max_pool1d.default: Channelwise("max_pool1d", 1, True, _MAX[:5]),

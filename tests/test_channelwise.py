@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from onnx_cases import Builder
 from test_fx_fold import fold_checked, prepared
+from test_fx_zoo import rel_err
 from test_onnx_fold import check
 from test_onnx_reach import _ort_vs_float64, dynamo_export, torchscript_export
 from torch import nn
@@ -167,3 +168,52 @@ def test_exports_fold_through_pools_and_resamples(exporter) -> None:
     folded, report = fold_onnx(exporter(model, x))
     assert [e.action for e in report.entries] == ["folded"] * 3, report.table()
     assert _ort_vs_float64(model, folded, x) < 1e-5
+
+
+_BEFORE = {
+    "avg_pool2d": lambda y: F.avg_pool2d(y, 2),
+    "F.pad reflect": lambda y: F.pad(y, (1, 1, 2, 0), mode="reflect"),
+    "ReplicationPad2d": nn.ReplicationPad2d(1),
+    "interpolate": lambda y: F.interpolate(y, scale_factor=2),
+}
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["symbolic_trace", "torch.export"])
+@pytest.mark.parametrize("op", list(_BEFORE))
+def test_fx_folds_backward_through_a_per_channel_op(op: str, exported: bool) -> None:
+    """``BN -> P -> conv`` (no conv padding): ``conv(P(s*x + t)) = conv(s*P(x) + t)``."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3)
+            self.op = _BEFORE[op]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.op(self.bn(x)))
+
+    model, x = prepared(Net()), torch.randn(2, 3, 8, 8)
+    folded, report = bnfold.fold(torch.export.export(model, (x,)) if exported else model, x)
+    (entry,) = report.entries
+    assert (entry.action, entry.details.get("direction")) == ("folded", "backward"), entry.reason
+    gm = folded.module() if exported else folded
+    assert rel_err(gm, model, torch.randn(2, 3, 8, 8), double=True) < 1e-6
+
+
+@pytest.mark.parametrize("op, reason", [
+    (lambda y: F.pad(y, (1, 1, 1, 1)), "fills with a constant"),
+    (lambda y: F.pad(y, (1, 1, 1, 1, 1, 1), mode="replicate"), "works along the BN's channel"),
+    (lambda y: F.avg_pool2d(y, 3, stride=1, padding=1), "counts its zero padding"),
+], ids=["constant pad", "pad of the channels", "padded average"])
+def test_fx_keeps_the_bn_before_a_per_channel_op_that_does_not_pass_it(op, reason: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(5 if "channel" in reason else 3,
+                                                                 5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(op(self.bn(x)))
+
+    _, report = fold_checked(prepared(Net()), torch.randn(2, 3, 8, 8), left=1)
+    assert reason in report.kept[0].reason

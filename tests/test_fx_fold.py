@@ -726,3 +726,32 @@ def test_bn_before_conv_transpose_with_call_time_output_size_stays_exact() -> No
     x = torch.randn(2, 4, 6, 6)
     _, report = fold_checked(model, x, left=1)
     assert entry(report, "bn").action == "kept"
+
+
+_DIFFERENCES = {"a - b": lambda a, b, c: a - b, "(a - b) + c": lambda a, b, c: (a - b) + c,
+                "a - (b + c)": lambda a, b, c: a - (b + c),
+                "c + (a - b)": lambda a, b, c: c + (a - b)}
+
+
+@pytest.mark.parametrize("expression", list(_DIFFERENCES))
+def test_a_bn_after_a_difference_of_layers_splits(expression: str) -> None:
+    """``s*(a - b) + t = (s*a + t) - s*b``: every layer scaled, the shift into the leftmost
+    summand, which no subtraction negates; also in a torch.export program (aten.sub)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(3, 4, 3, padding=1) for _ in range(3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(_DIFFERENCES[expression](self.a(x), self.b(x), self.c(x)))
+
+    model = prepared(Net())
+    x = torch.randn(2, 3, 6, 6)
+    for source in (model, torch.export.export(model, (x,))):
+        folded, report = bnfold.fold(source, x)
+        (entry,) = report.entries
+        assert entry.action == "folded", entry.reason
+        gm = folded.module() if source is not model else folded
+        assert rel_err(gm, model, torch.randn(2, 3, 6, 6)) < 1e-6

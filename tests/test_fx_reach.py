@@ -137,6 +137,23 @@ def test_reach_zoo_folds_exactly_to_its_bn_left(name: str, shapes: bool) -> None
     assert rel_err(gm, model, x, double=True) < 1e-6
 
 
+@pytest.mark.parametrize(("source", "name"), [("reach", n) for n in REACH] + [
+    ("zoo", n) for n in zoo.ZOO])
+def test_a_torch_export_program_folds_as_the_module_does(source: str, name: str) -> None:
+    """The same nets as ``torch.export`` programs, whose graphs spell everything in ATen
+    (``aten.add``/``aten.cat`` under a BN, ``aten.mul`` affine chains, ``aten.dropout``,
+    ``aten.pad``, ``aten.reshape_as``, a ``batch_norm`` on a constant weight): each leaves the
+    BNs the module's fold leaves, with every BN reported, exact against float64."""
+    models = reach if source == "reach" else zoo
+    spec = (reach.REACH if source == "reach" else zoo.ZOO)[name]
+    model, x = models.get(name), models.example_input(name)
+    folded, report = bnfold.fold(torch.export.export(model, (x,)), x)
+    assert len(report.entries) == spec.bn_total, report.table()
+    assert len(report.kept) == spec.bn_left, report.table()
+    fresh = models.example_input(name, seed=123)
+    assert rel_err(folded.module(), model, fresh, double=True) < 1e-6
+
+
 @pytest.mark.parametrize(("name", "kinds"), [
     ("frozen_bn_backbone", {"affine mul+add"}),
     ("bn_act_timm", {"F.batch_norm", "affine mul+add"}),

@@ -497,26 +497,30 @@ def test_sum_of_layers_scales_each_and_shifts_once() -> None:
     assert report.folded[0].into == "Conv_0, Conv_1"
 
 
-@pytest.mark.parametrize("nesting", ["(a+b)+c", "a+(b+c)", "(a+b)+(c+d)"])
-def test_a_sum_of_more_layers_scales_each_and_shifts_once(nesting: str) -> None:
-    """Exporters write a sum of n layers as a tree of binary Adds: each summand's layer is
-    scaled and the shift goes into one bias (kept before: the inner Add is no layer)."""
+_TREES = {  # expression -> its nodes (op, inputs, output); the last output is the sum
+    "a-b": [("Sub", "a", "b", "s")],
+    "(a+b)+c": [("Add", "a", "b", "ab"), ("Add", "ab", "c", "s")],
+    "a+(b+c)": [("Add", "b", "c", "bc"), ("Add", "a", "bc", "s")],
+    "(a+b)+(c+d)": [("Add", "a", "b", "ab"), ("Add", "c", "d", "cd"), ("Add", "ab", "cd", "s")],
+    "(a+b)-c": [("Add", "a", "b", "ab"), ("Sub", "ab", "c", "s")],
+    "a-(b-c)": [("Sub", "b", "c", "bc"), ("Sub", "a", "bc", "s")],
+}
+
+
+@pytest.mark.parametrize("tree", list(_TREES))
+def test_a_sum_of_more_layers_scales_each_and_shifts_once(tree: str) -> None:
+    """Exporters write a sum of n layers as a tree of binary Adds (and a difference as Sub):
+    each summand's layer is scaled and the shift goes into the leftmost one's bias, which no
+    Sub negates (kept before: the inner Add is no layer, and Sub was no sum)."""
     b = Builder(19)
-    for name in "abcd"[:nesting.count("+") + 1]:
+    names = sorted({v for op in _TREES[tree] for v in op[1:3] if len(v) == 1})
+    for name in names:
         b.node("Conv", ["x", b.rand(f"w{name}", [4, 3, 3, 3])], [name], pads=[1, 1, 1, 1])
-    if nesting == "(a+b)+c":
-        b.node("Add", ["a", "b"], ["ab"])
-        b.node("Add", ["ab", "c"], ["s"])
-    elif nesting == "a+(b+c)":
-        b.node("Add", ["b", "c"], ["bc"])
-        b.node("Add", ["a", "bc"], ["s"])
-    else:
-        b.node("Add", ["a", "b"], ["ab"])
-        b.node("Add", ["c", "d"], ["cd"])
-        b.node("Add", ["ab", "cd"], ["s"])
+    for op, left, right, out in _TREES[tree]:
+        b.node(op, [left, right], [out])
     b.bn("s", "y", 4)
     _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 0)
-    assert len(report.folded[0].into.split(", ")) == nesting.count("+") + 1
+    assert len(report.folded[0].into.split(", ")) == len(names)
 
 
 def test_an_inner_sum_read_elsewhere_is_not_taken_apart() -> None:

@@ -34,9 +34,12 @@ from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.constants import Constants, NotConstant, owner_label
 from bnfold.passes.fx.sites import BatchNormSite
 
+aten = torch.ops.aten
 _OPS: dict[Any, str] = {
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul",
+    aten.div.Tensor: "div",  # (torch.export graphs)
 }
 _METHOD_OPS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
 

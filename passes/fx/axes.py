@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.geometry import reshape_axis
-from bnfold.passes.fx.channelwise import channelwise_op
+from bnfold.passes.fx.channelwise import channelwise_op, channelwise_span
 from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
 from bnfold.passes.fx.trace import shape_of
 
@@ -55,6 +55,8 @@ _MODULES: dict[type, str] = {nn.Flatten: "flatten", nn.Unflatten: "unflatten",
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _AS_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
+_AS_ATEN = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default,
+            aten.type_as.default}
 
 
 def chain_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -82,6 +84,8 @@ def shape_only_use(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_function":
         if user.target is getattr:
             return len(user.args) > 1 and user.args[1] in _SHAPE_ATTRS
+        if user.target in _AS_ATEN:  # (torch.export's reshape_as / view_as / expand_as)
+            return user.args[0] is not node
         return user.target in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int)
     return False
 
@@ -187,7 +191,7 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
         rank, axis = pos
         channelwise = channelwise_op(gm, node)
         if channelwise is not None:  # the rank stays; the trailing dims are resampled
-            span = rank - 2 if channelwise.spatial is None else channelwise.spatial
+            span = channelwise_span(gm, node, rank)
             if span < 1 or rank <= span or (channelwise.spatial is None and axis != 1):
                 return None
             if axis >= rank - span:

@@ -12,7 +12,11 @@ over how many trailing dims it works and when the identity holds (as TVM's
 * adaptive average pooling, ``interpolate`` / ``Upsample`` in every mode (each output is a
   weighted mean of one channel's inputs);
 * max pooling and adaptive max pooling: when the BN's scale is ``>= 0`` in every channel,
-  and without ``return_indices``.
+  and without ``return_indices``;
+* reflect, replicate and circular padding (copies of the channel's own values; not a
+  constant fill).
+
+The same identity read the other way folds ``BN -> P -> layer`` backward.
 """
 
 from __future__ import annotations
@@ -62,18 +66,31 @@ def _adaptive(n: int, is_max: bool) -> Channelwise:
 
 
 _RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE)
+#: ``F.pad``: over ``len(pad) // 2`` trailing dims; exact in the modes that copy the channel's
+#: own values (not ``constant``, whose fill value the BN would not see)
+_PAD = Channelwise("pad", None, args=("pad", "mode", "value"))
+
+
+def _copy_pad(n: int) -> Channelwise:
+    return Channelwise(f"pad{n}d", n, args=("padding",))
 
 _MODULES: dict[type, Channelwise] = {
     nn.Upsample: _RESAMPLE, nn.UpsamplingNearest2d: _RESAMPLE,
     nn.UpsamplingBilinear2d: _RESAMPLE,
 }
-_FUNCTIONS: dict[Any, Channelwise] = {F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE}
+_FUNCTIONS: dict[Any, Channelwise] = {F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE,
+                                      F.pad: _PAD, aten.pad.default: _PAD}
 for _n in (1, 2, 3):  # nn.AvgPool2d / F.avg_pool2d, ... for 1-3 spatial dims
     for _module, _kind in (("AvgPool", _avg(_n)), ("MaxPool", _max(_n)),
                            ("AdaptiveAvgPool", _adaptive(_n, False)),
                            ("AdaptiveMaxPool", _adaptive(_n, True))):
         _MODULES[getattr(nn, f"{_module}{_n}d")] = _kind
         _FUNCTIONS[getattr(F, _kind.name)] = _kind
+    for _module in ("ReflectionPad", "ReplicationPad", "CircularPad"):
+        _MODULES[getattr(nn, f"{_module}{_n}d")] = _copy_pad(_n)
+    for _op in ("reflection_pad", "replication_pad", "_pad_circular"):
+        if hasattr(aten, f"{_op}{_n}d"):
+            _FUNCTIONS[getattr(aten, f"{_op}{_n}d").default] = _copy_pad(_n)
 _FUNCTIONS |= {
     aten.avg_pool2d.default: _avg(2), aten.avg_pool3d.default: _avg(3),
     aten.avg_pool1d.default: Channelwise("avg_pool1d", 1, args=_AVG[:5]),
@@ -99,6 +116,17 @@ def channelwise_op(gm: fx.GraphModule, node: fx.Node) -> Channelwise | None:
     return _FUNCTIONS.get(node.target) if node.op == "call_function" else None
 
 
+def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
+    """How many trailing dims of a rank-``rank`` input the per-channel op at ``node`` works
+    over (an ``F.pad``: half its ``pad`` list; a resample: all after ``(N, C)``)."""
+    op = channelwise_op(gm, node)
+    assert op is not None
+    if op is _PAD:
+        pad = _reader(gm, node, op)("pad", ())
+        return len(pad) // 2 if isinstance(pad, (list, tuple)) else 0
+    return rank - 2 if op.spatial is None else op.spatial
+
+
 def channelwise_refusal(gm: fx.GraphModule, node: fx.Node, params: BNParams) -> str | None:
     """Why an affine map with ``params``' scale does not pass through the per-channel op at
     ``node`` exactly (None: it does; also None for any other node)."""
@@ -116,6 +144,8 @@ def channelwise_refusal(gm: fx.GraphModule, node: fx.Node, params: BNParams) -> 
         if padded and arg("count_include_pad", True):
             return (f"{node.name} ({op.name}) counts its zero padding in the average "
                     "(count_include_pad=True): the shift would be scaled at the borders")
+    if op is _PAD and arg("mode", "constant") not in ("reflect", "replicate", "circular"):
+        return f"{node.name} (pad) fills with a constant, which the BN would not see"
     if op.is_max and bool(np.any(params.scale_shift()[0] < 0)):
         return (f"{node.name} ({op.name}) takes a maximum, which a negative scale of the BN "
                 "turns into a minimum")

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from bnfold.algebra import round_to
 from bnfold.passes.fx.constants import Constants, NotConstant, owner_label, roots
-from bnfold.passes.fx.sites import fetch, is_batchnorm, to_numpy, to_torch
+from bnfold.passes.fx.sites import bn_statistics, fetch, is_batchnorm, to_numpy, to_torch
 
 
 def fold_constant_bns(gm: fx.GraphModule, consts: Constants) -> list[tuple[str, str]]:
@@ -26,7 +26,7 @@ def fold_constant_bns(gm: fx.GraphModule, consts: Constants) -> list[tuple[str, 
     done = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not is_batchnorm(gm, node) \
-                or not consts.is_constant(node) or _running_mean(node) is not None:
+                or not consts.is_constant(node) or bn_statistics(node) != (None, None):
             continue
         end = node
         while len(end.users) == 1 and consts.is_constant(next(iter(end.users))):
@@ -48,10 +48,6 @@ def fold_constant_bns(gm: fx.GraphModule, consts: Constants) -> list[tuple[str, 
         consts.erase_unused(end)
         done.append((label, path))
     return done
-
-
-def _running_mean(node: fx.Node) -> object:
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
 
 
 def _register(gm: fx.GraphModule, root: fx.Node, name: str, value: torch.Tensor) -> str:

@@ -24,6 +24,8 @@ from torch import fx
 
 from bnfold.passes.fx.sites import fetch
 
+aten = torch.ops.aten
+
 _FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     operator.getitem, torch.add, torch.sub, torch.mul, torch.div, torch.rsqrt, torch.sqrt,
@@ -92,9 +94,11 @@ class Constants:
         op = node.target
         if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) \
                 or op._schema.is_mutable or "empty" in op._schema.name \
-                or torch.Tag.nondeterministic_seeded in op.tags \
-                or torch.Tag.maybe_aliasing_or_mutating in op.tags:
+                or torch.Tag.nondeterministic_seeded in op.tags:
             return False
+        if torch.Tag.maybe_aliasing_or_mutating in op.tags and not (
+                op is aten.batch_norm.default and node.args[3:5] == (None, None)):
+            return False  # (a batch_norm without running statistics updates nothing)
         result = node.meta.get("val")
         if not isinstance(result, torch.Tensor):
             return False

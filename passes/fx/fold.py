@@ -80,7 +80,7 @@ from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
-from bnfold.passes.fx.channelwise import channelwise_refusal
+from bnfold.passes.fx.channelwise import channelwise_op, channelwise_refusal, channelwise_span
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
@@ -88,6 +88,7 @@ from bnfold.passes.fx.hooks import carry_hooks
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
+    MAX_RANK,
     BatchNormSite,
     LayerSite,
     arg_slot,
@@ -359,7 +360,7 @@ class _Folder:
         shared. Planned for every reader first; one refusal keeps the BN whole."""
         site = self.site(node)
         assert not isinstance(site, str)
-        readers = self._readers(site.output)
+        readers = self._readers(site)
         if isinstance(readers, str):
             return _kept(f"{forward_reason}; backward fold: {readers}" if readers
                          else forward_reason)
@@ -415,22 +416,24 @@ class _Folder:
         return self._folded(", ".join(into for into, _ in written), details, site, guard,
                             guard, original)
 
-    def _readers(self, output: fx.Node) -> list[tuple[fx.Node, fx.Node | None]] | str:
-        """The layers reading ``output`` (through eval no-ops and at most one flatten of
-        everything after the batch axis), each with that flatten or ``None``; or why not all
-        readers are layers ("" when a reader is simply not a layer: the forward reason says
-        enough)."""
+    def _readers(self, site: BatchNormSite) -> list[tuple[fx.Node, fx.Node | None]] | str:
+        """The layers reading the BN's output (through eval no-ops, per-channel ops that pass
+        its affine map, :mod:`.channelwise`, and at most one flatten of everything after the
+        batch axis), each with that flatten or ``None``; or why not all readers are layers
+        ("" when a reader is simply not a layer: the forward reason says enough)."""
         layers = []
-        for user in value_users(output):
-            prev, cur, flat = output, user, None
+        for user in value_users(site.output):
+            prev, cur, flat = site.output, user, None
             while not is_layer(self.gm, cur) and chain_input(cur) is prev and (
                     chain_op(self.gm, cur) in IDENTITY_OPS
+                    or (flat is None and channelwise_op(self.gm, cur) is not None)
                     or (flat is None and chain_op(self.gm, cur) == "flatten")):
                 if chain_op(self.gm, cur) == "flatten":
                     if flatten_dims(self.gm, cur) != (1, -1):
                         return ""
                     flat = cur
-                why = cast_refusal(cur, None)
+                why = cast_refusal(cur, None) or channelwise_refusal(
+                    self.gm, cur, site.params) or self._channel_kept(site, cur)
                 if why:
                     return why
                 nxt = value_users(cur)
@@ -441,6 +444,19 @@ class _Folder:
                 return ""
             layers.append((cur, flat))
         return layers if layers else ""
+
+    def _channel_kept(self, site: BatchNormSite, node: fx.Node) -> str | None:
+        """Why the per-channel op at ``node`` (after the BN) may work along the BN's channel
+        axis, at a rank it can have (None: at each, the axis lies before its dims)."""
+        if channelwise_op(self.gm, node) is None:
+            return None
+        shape = shape_of(chain_input(node))
+        for rank in [len(shape)] if shape is not None else range(1, MAX_RANK + 1):
+            axis = site.channel_axis(rank)
+            if axis is not None and axis >= rank - channelwise_span(self.gm, node, rank):
+                return f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel " \
+                       "axis"
+        return None
 
     @staticmethod
     def _flattened(site: BatchNormSite, flat: fx.Node, layer: LayerSite) -> BNParams | str:

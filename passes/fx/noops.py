@@ -23,7 +23,10 @@ _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alp
                     nn.FeatureAlphaDropout)
 # functional dropout -> index of its ``training`` argument (counting the tensor as 0)
 _DROPOUT_FUNCTIONS = {F.dropout: 2, F.dropout1d: 2, F.dropout2d: 2, F.dropout3d: 2,
-                      F.alpha_dropout: 2, F.feature_alpha_dropout: 2, torch.dropout: 2}
+                      F.alpha_dropout: 2, F.feature_alpha_dropout: 2, torch.dropout: 2,
+                      **{getattr(torch.ops.aten, op).default: 2 for op in (  # torch.export
+                          "dropout", "feature_dropout", "alpha_dropout",
+                          "feature_alpha_dropout")}}
 _CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
                  "bfloat16": torch.bfloat16}
 IDENTITY_OPS = ("identity", "contiguous", "clone", "to")

@@ -381,6 +381,13 @@ def _named_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any])
     return out
 
 
+def bn_statistics(node: fx.Node) -> tuple[Any, Any]:
+    """``(running_mean, running_var)`` arguments of a functional BN call (``None`` when not
+    given)."""
+    args = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS)
+    return args.get("running_mean"), args.get("running_var")
+
+
 def arg_slot(node: fx.Node, name: str) -> tuple[str, int | str] | None:
     """Where argument ``name`` of a functional layer/BN call lives: ("args", i) or ("kwargs", k)."""
     if name in node.kwargs:

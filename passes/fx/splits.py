@@ -8,7 +8,8 @@
   one BN per slice would not be smaller.
 * ``BN(y1 + y2 + ...)`` with every summand a layer read only by the sum:
   ``s * (y1 + y2) + t = (s * y1 + t) + s * y2`` (:func:`bnfold.algebra.split_sum`): every
-  layer is scaled, the first also takes the shift.
+  layer is scaled, the first also takes the shift. Differences split alike,
+  ``s * (y1 - y2) + t = (s * y1 + t) - s * y2``: the shift goes to the leftmost summand.
 
 Both are exact whenever the layers' channel axis is the BN's (and, for a concat, the concat's
 axis); the rules check it like the forward fold does. A BN-like affine chain splits the same
@@ -31,8 +32,12 @@ from bnfold.passes.fx.axes import node_arg, value_users
 from bnfold.passes.fx.sites import BatchNormSite, LayerSite, is_layer, layer_site, to_numpy
 from bnfold.passes.fx.trace import shape_of
 
-_CATS = {torch.cat, torch.concat, torch.concatenate}
-_ADDS = {operator.add, torch.add}
+aten = torch.ops.aten
+_CATS = {torch.cat, torch.concat, torch.concatenate, aten.cat.default}
+# ``a - b`` splits like ``a + b``: ``s*(a - b) + t = (s*a + t) - s*b``, the shift going to the
+# leftmost summand, which no subtraction negates
+_SUMS = {operator.add, torch.add, aten.add.Tensor, operator.sub, torch.sub, aten.sub.Tensor}
+_SUM_METHODS = {"add", "sub"}
 
 # (layer) -> why its channel axis does not fit the BN (None: it fits at every rank)
 AxisCheck = Callable[[LayerSite], "str | None"]
@@ -49,15 +54,16 @@ class SplitPlan:
 
 
 def is_split_point(node: fx.Node) -> bool:
-    """True for a concat or a two-operand add (``a + b``, ``torch.add``, ``a.add(b)``)."""
+    """True for a concat or a two-operand sum or difference (``a + b``, ``torch.add``,
+    ``a.sub(b)``, ``aten.add.Tensor``...)."""
     if node.op == "call_function" and node.target in _CATS:
         return True
     return _is_add(node)
 
 
 def _is_add(node: fx.Node) -> bool:
-    plain = (node.op == "call_function" and node.target in _ADDS) or (
-        node.op == "call_method" and node.target == "add")
+    plain = (node.op == "call_function" and node.target in _SUMS) or (
+        node.op == "call_method" and node.target in _SUM_METHODS)
     return plain and not node.kwargs and len(node.args) == 2 and all(
         isinstance(a, fx.Node) for a in node.args)
 
@@ -116,7 +122,8 @@ def _plan_add(gm: fx.GraphModule, site: BatchNormSite, add: fx.Node,
 
 
 def _summands(add: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
-    """``(summand, the add reading it)``, through nested adds read only by the next."""
+    """``(summand, the add reading it)``, through nested adds read only by the next; the
+    leftmost first (the one summand no subtraction negates, which takes the shift)."""
     out = []
     for arg in _operands(add):
         if _is_add(arg) and len(arg.users) == 1:

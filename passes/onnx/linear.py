@@ -1,10 +1,11 @@
 """Forward folds through linear structure: a BN after a sum or a channel concat of layers.
 
-* ``BN(y1 + ... + yn)`` (one ``Add``, or a tree of them read only by each other: ``(y1 + y2)
-  + y3``) with each ``yi`` a layer output read only by its ``Add`` (same shape as the sum, so
-  nothing broadcasts): ``BN(y1 + ... + yn) = (s*y1 + t) + s*y2 + ... + s*yn``
-  (:func:`bnfold.algebra.split_sum`): every summand's layer is scaled, the shift goes into the
-  first one's bias. Exact for every input.
+* ``BN(y1 + ... + yn)`` (one ``Add``, or a tree of ``Add``/``Sub`` read only by each other:
+  ``(y1 + y2) - y3``) with each ``yi`` a layer output read only by its node (same shape as
+  the sum, so nothing broadcasts): ``BN(y1 + ... + yn) = (s*y1 + t) + s*y2 + ... + s*yn``
+  (:func:`bnfold.algebra.split_sum`), a subtracted ``yi`` alike: every summand's layer is
+  scaled, the shift goes into the leftmost one's bias (no subtraction negates it). Exact for
+  every input.
 * ``BN(Concat(y1, ..., yn))`` on the BN's channel axis: the BN acts on each input's channel
   slice independently, ``BN(cat(y1, y2)) = cat(BN[:c1](y1), BN[c1:](y2))``
   (:func:`bnfold.algebra.slice_bn`), so each slice folds into its layer (forward rules of
@@ -32,6 +33,8 @@ from bnfold.passes.onnx.rules import Context, Fold, sole_reader
 from bnfold.passes.onnx.shapes import UNKNOWN
 from bnfold.passes.onnx.sites import Site
 
+_SUMS = ("Add", "Sub")
+
 
 def structure_fold(site: Site, ctx: Context) -> Fold | str | None:
     """Plan a split fold of ``site``; ``None`` when its input is not a sum or concat."""
@@ -42,15 +45,15 @@ def structure_fold(site: Site, ctx: Context) -> Fold | str | None:
         assert value is not None
         node = value.producer()
     if node is None or not is_default(node) \
-            or node.op_type not in ("Add", "Concat"):
+            or node.op_type not in ("Add", "Sub", "Concat"):
         return None
-    if node.op_type == "Add" and any(v is None or ctx.consts.is_constant(v)
+    if node.op_type in _SUMS and any(v is None or ctx.consts.is_constant(v)
                                      for v in node.inputs):
         return None  # a layer's bias (the forward rules' case), not a sum of layers
     why = sole_reader(value, display_name(node), reader)
     if why:
         return why
-    if node.op_type == "Add":
+    if node.op_type in _SUMS:
         return _sum(site, node, ctx)
     return _concat(site, node, ctx)
 
@@ -78,22 +81,27 @@ def _sum(site: Site, add: ir.Node, ctx: Context) -> Fold | str:
 
 
 def _summands(add: ir.Node, ctx: Context) -> list[tuple[ir.Node, int, ir.Value]]:
-    """The summands of the tree of ``Add`` nodes under ``add`` (``(a + b) + c``, as exporters
-    write a sum of three): ``(reader, input index, value)`` for each, an input that is itself
-    an ``Add`` of no constant, read by this one only, taken apart."""
+    """The summands of the tree of ``Add``/``Sub`` nodes under ``add`` (``(a + b) + c``, as
+    exporters write a sum of three): ``(reader, input index, value)`` for each, leftmost
+    first (no subtraction negates it: it takes the shift), an input that is itself an
+    ``Add``/``Sub`` of no constant, read by this one only, taken apart."""
     summands: list[tuple[ir.Node, int, ir.Value]] = []
-    todo = [add]
-    while todo:
-        node = todo.pop()
-        for index, value in enumerate(node.inputs):
-            assert value is not None  # (structure_fold: no input of a sum is missing)
-            inner = value.producer()
-            if inner is not None and is_default(inner) and inner.op_type == "Add" \
-                    and not sole_reader(value, "", node) and all(
-                        v is not None and not ctx.consts.is_constant(v) for v in inner.inputs):
-                todo.append(inner)
-            else:
-                summands.append((node, index, value))
+    stack = [(add, iter(enumerate(add.inputs)))]
+    while stack:
+        node, inputs = stack[-1]
+        step = next(inputs, None)
+        if step is None:
+            stack.pop()
+            continue
+        index, value = step
+        assert value is not None  # (structure_fold: no input of a sum is missing)
+        inner = value.producer()
+        if inner is not None and is_default(inner) and inner.op_type in _SUMS \
+                and not sole_reader(value, "", node) and all(
+                    v is not None and not ctx.consts.is_constant(v) for v in inner.inputs):
+            stack.append((inner, iter(enumerate(inner.inputs))))
+        else:
+            summands.append((node, index, value))
     return summands
 
 

@@ -98,6 +98,9 @@ def _onnx(op: str, channels: int = 6, **attrs) -> onnx.ModelProto:
     if op == "Resize":
         scales = attrs.pop("scales")
         inputs += ["", b.init("scales", np.array(scales, np.float32))]
+    if op == "Slice":
+        inputs += [b.init(k, np.array(attrs.pop(k)), onnx.TensorProto.INT64)
+                   for k in ("starts", "ends", "axes")]
     b.node(op, inputs, ["p"], **attrs)
     b.bn("p", "y", channels)
     model = b.model({"x": [2, 3, 10, 10]}, {"y": None})
@@ -117,6 +120,7 @@ def _onnx(op: str, channels: int = 6, **attrs) -> onnx.ModelProto:
     ("Resize", {"scales": [1, 1, 1.5, 1.5], "mode": "linear"}),
     ("Resize", {"scales": [1, 1, 2, 2], "mode": "cubic",
                 "coordinate_transformation_mode": "align_corners"}),
+    ("Slice", {"starts": [0, 1], "ends": [-1, 100], "axes": [2, -1]}),
 ], ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:40])
 def test_onnx_folds_through_a_per_channel_op(op: str, attrs: dict) -> None:
     _, report = check(_onnx(op, **attrs), 0)
@@ -128,6 +132,8 @@ def test_onnx_folds_through_a_per_channel_op(op: str, attrs: dict) -> None:
      "counts its padding in the average"),
     ("Resize", {"scales": [1, 2, 1, 1], "mode": "nearest", "channels": 12},
      "resizes the channel axis"),
+    ("Slice", {"starts": [0], "ends": [4], "axes": [1], "channels": 4},
+     "slices the channel axis"),
 ])
 def test_onnx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(
         op: str, attrs: dict, reason: str) -> None:
@@ -147,7 +153,7 @@ def test_onnx_max_pool_with_a_negative_scale_keeps_the_bn() -> None:
 
 @pytest.mark.parametrize("exporter", [torchscript_export, dynamo_export],
                          ids=["TorchScript", "dynamo"])
-def test_exports_fold_through_pools_and_resamples(exporter) -> None:
+def test_exports_fold_through_pools_resamples_and_slices(exporter) -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -158,7 +164,7 @@ def test_exports_fold_through_pools_and_resamples(exporter) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.b1(F.avg_pool2d(self.c1(x), 2)))
             x = torch.relu(self.b2(F.interpolate(self.c2(x), scale_factor=2, mode="bilinear")))
-            return self.b3(F.max_pool2d(self.c3(x), 2))
+            return self.b3(F.max_pool2d(self.c3(x), 2)[:, :, 1:])
 
     torch.manual_seed(0)
     model = prepared(Net())
@@ -217,3 +223,50 @@ def test_fx_keeps_the_bn_before_a_per_channel_op_that_does_not_pass_it(op, reaso
 
     _, report = fold_checked(prepared(Net()), torch.randn(2, 3, 8, 8), left=1)
     assert reason in report.kept[0].reason
+
+
+_SLICES = {
+    "Chomp1d": (lambda y: y[:, :, :-2].contiguous(), 1),
+    "x[..., 1:-1]": (lambda y: y[..., 1:-1], 2),
+    "x[:, :, ::2, 1:]": (lambda y: y[:, :, ::2, 1:], 2),
+}
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["symbolic_trace", "torch.export"])
+@pytest.mark.parametrize("case", list(_SLICES))
+def test_fx_folds_through_slices_of_the_dims_after_the_channels(case: str, exported: bool
+                                                                ) -> None:
+    """TCN's ``Chomp1d`` (``conv1d(padding=p) -> x[:, :, :-p] -> BN1d``) and other slices of
+    the spatial dims copy part of each channel: forward and backward folds pass them."""
+    cut, dims = _SLICES[case]
+    conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.b1 = conv(3, 6, 3, padding=2), bn(6)
+            self.b2, self.c2 = bn(6), conv(6, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c2(cut(self.b2(torch.relu(self.b1(cut(self.c1(x)))))))
+
+    model = prepared(Net())
+    x = torch.randn(2, 3, *(9,) * dims)
+    folded, report = bnfold.fold(torch.export.export(model, (x,)) if exported else model, x)
+    assert [(e.action, e.details.get("direction")) for e in report.entries] == [
+        ("folded", "forward"), ("folded", "backward")], report.table()
+    gm = folded.module() if exported else folded
+    assert rel_err(gm, model, torch.randn(2, 3, *(9,) * dims), double=True) < 1e-6
+
+
+def test_fx_keeps_a_bn_over_a_channel_slice() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)[:, :4])
+
+    _, report = fold_checked(prepared(Net()), torch.randn(2, 3, 5, 5), left=1)
+    assert "works along the layer's feature axis" in report.kept[0].reason

@@ -192,7 +192,7 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
         channelwise = channelwise_op(gm, node)
         if channelwise is not None:  # the rank stays; the trailing dims are resampled
             span = channelwise_span(gm, node, rank)
-            if span < 1 or rank <= span or (channelwise.spatial is None and axis != 1):
+            if rank <= span or (channelwise.needs_nc and (rank < 3 or axis != 1)):
                 return None
             if axis >= rank - span:
                 return f"{node.name} ({op}) works along the layer's feature axis"

@@ -14,13 +14,15 @@ over how many trailing dims it works and when the identity holds (as TVM's
 * max pooling and adaptive max pooling: when the BN's scale is ``>= 0`` in every channel,
   and without ``return_indices``;
 * reflect, replicate and circular padding (copies of the channel's own values; not a
-  constant fill).
+  constant fill), and slicing of the dims after the channel axis (``x[:, :, :-p]``, TCN's
+  ``Chomp1d``).
 
 The same identity read the other way folds ``BN -> P -> layer`` backward.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +38,15 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Channelwise:
-    """One op kind: ``spatial`` trailing dims it works over (``None``: every dim after
-    ``(N, C)``), whether it is a max, and its arguments after the input, in order."""
+    """One op kind: ``spatial`` trailing dims it works over (``None``: read off the call, see
+    :func:`channelwise_span`), whether it is a max, and its arguments after the input, in
+    order."""
 
     name: str
     spatial: int | None
     is_max: bool = False
     args: tuple[str, ...] = ()
+    needs_nc: bool = False  # reads (N, C, spatial...): the channel axis must be 1
 
 
 _AVG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
@@ -65,7 +69,10 @@ def _adaptive(n: int, is_max: bool) -> Channelwise:
                        ("output_size", "return_indices"))
 
 
-_RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE)
+_RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE, needs_nc=True)
+#: ``x[..., a:b]``: slices only (and at most one ``...``), a copy of part of each channel
+_SLICE = Channelwise("slice", None, args=("index",))
+_ATEN_SLICE = Channelwise("slice", None, args=("dim", "start", "end", "step"))
 #: ``F.pad``: over ``len(pad) // 2`` trailing dims; exact in the modes that copy the channel's
 #: own values (not ``constant``, whose fill value the BN would not see)
 _PAD = Channelwise("pad", None, args=("pad", "mode", "value"))
@@ -113,7 +120,26 @@ def channelwise_op(gm: fx.GraphModule, node: fx.Node) -> Channelwise | None:
     """The per-channel op ``node`` performs on its first argument, or None."""
     if node.op == "call_module":
         return _MODULES.get(type(gm.get_submodule(str(node.target))))
-    return _FUNCTIONS.get(node.target) if node.op == "call_function" else None
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        return _SLICE if _slice_items(node) is not None else None
+    if node.target is aten.slice.Tensor:
+        return _ATEN_SLICE if all(isinstance(a, int | None) for a in node.args[1:]) else None
+    return _FUNCTIONS.get(node.target)
+
+
+def _slice_items(node: fx.Node) -> tuple[Any, ...] | None:
+    """The index of ``x[index]`` when it is plain slicing (slices of literal bounds and at
+    most one ``...``), else None."""
+    if len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    index = node.args[1]
+    items = index if isinstance(index, tuple) else (index,)
+    plain = all(item is Ellipsis or (isinstance(item, slice) and all(
+        isinstance(v, int | None) for v in (item.start, item.stop, item.step)))
+        for item in items)
+    return items if plain and sum(item is Ellipsis for item in items) <= 1 else None
 
 
 def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
@@ -124,6 +150,17 @@ def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
     if op is _PAD:
         pad = _reader(gm, node, op)("pad", ())
         return len(pad) // 2 if isinstance(pad, (list, tuple)) else 0
+    if op is _SLICE:  # from the first dim a slice narrows to the last
+        items = _slice_items(node)
+        assert items is not None
+        cut = items.index(Ellipsis) if Ellipsis in items else len(items)
+        dims = [d for d, item in enumerate(items[:cut]) if item != slice(None)] + [
+            rank - len(items) + cut + 1 + j for j, item in enumerate(items[cut + 1:])
+            if item != slice(None)]
+        return rank - min(dims) if dims else 0
+    if op is _ATEN_SLICE:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        return rank - dim % rank if isinstance(dim, int) and rank else rank + 1
     return rank - 2 if op.spatial is None else op.spatial
 
 

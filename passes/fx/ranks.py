@@ -86,8 +86,8 @@ def _edge(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, RankMap] | None:
     if _same_rank(gm, node):
         return src, lambda r: r
     channelwise = channelwise_op(gm, node)
-    if channelwise is not None:  # (N, C, spatial...) or, for pools, (C, spatial...)
-        low = 3 if channelwise.spatial is None else channelwise.spatial + 1
+    if channelwise is not None:  # a resample reads (N, C, ...); a pool also (C, spatial...)
+        low = 3 if channelwise.needs_nc else (channelwise.spatial or 0) + 1
         return src, lambda r: r if r >= low else None
     op = chain_op(gm, node)
     return None if op is None else _movement(gm, node, str(op), src)

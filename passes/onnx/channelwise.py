@@ -11,7 +11,8 @@ and keeps channel axis 1:
 * ``MaxPool`` (its ``Indices`` output unread), ``GlobalMaxPool``: when ``s >= 0`` everywhere;
 * ``Resize`` / ``Upsample``: every mode but ``tf_crop_and_resize`` (which fills with a
   constant outside the crop) and without ``axes``, when the channel count stays (a scale of 1
-  on the channel axis samples each channel itself).
+  on the channel axis samples each channel itself);
+* ``Slice`` with constant ``axes`` that leave the channel axis out (TCN's ``Chomp1d``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bnfold.passes.onnx.rules import Context
 from bnfold.passes.onnx.shapes import UNKNOWN
 
 CHANNELWISE_OPS = ("AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "Resize",
-                   "Upsample")
+                   "Upsample", "Slice")
 
 
 def is_channelwise(node: ir.Node) -> bool:
@@ -49,6 +50,14 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
         if bool(np.any(params.scale_shift()[0] < 0)):
             return (f"{name} takes a maximum, which a negative scale of the BN turns into a "
                     "minimum")
+    if node.op_type == "Slice":
+        axes = ctx.consts.array(node.inputs[3]) if len(node.inputs) > 3 \
+            and node.inputs[3] is not None else None
+        rank = ctx.dims(node.inputs[0])
+        if axes is None or isinstance(axes, str) or rank is None:
+            return f"{name}: which axes it slices is {UNKNOWN}"
+        if 1 in {int(a) % len(rank) for a in np.asarray(axes).reshape(-1)}:
+            return f"{name} slices the channel axis"
     if node.op_type in ("Resize", "Upsample"):
         if attrs.get_string("coordinate_transformation_mode", "") == "tf_crop_and_resize" \
                 or "axes" in attrs:

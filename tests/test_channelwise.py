@@ -133,7 +133,7 @@ def test_onnx_folds_through_a_per_channel_op(op: str, attrs: dict) -> None:
     ("Resize", {"scales": [1, 2, 1, 1], "mode": "nearest", "channels": 12},
      "resizes the channel axis"),
     ("Slice", {"starts": [0], "ends": [4], "axes": [1], "channels": 4},
-     "slices the channel axis"),
+     "works along the channel axis"),
 ])
 def test_onnx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(
         op: str, attrs: dict, reason: str) -> None:
@@ -270,3 +270,44 @@ def test_fx_keeps_a_bn_over_a_channel_slice() -> None:
 
     _, report = fold_checked(prepared(Net()), torch.randn(2, 3, 5, 5), left=1)
     assert "works along the layer's feature axis" in report.kept[0].reason
+
+
+class _PoolHead(nn.Module):
+    """ConvMixer's head, ``GELU -> BN -> global average pool -> flatten -> Linear``, after a
+    ``BN -> avg_pool2d -> conv`` stem: both BNs fold backward through the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0, self.c0 = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.c, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(F.gelu(self.c(self.c0(F.avg_pool2d(self.bn0(x), 2)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("route", ["example_inputs", "no_shapes", "torch.export"])
+def test_fx_folds_a_bn_backward_through_a_global_pool_into_the_head(route: str) -> None:
+    model, x = prepared(_PoolHead()), torch.randn(2, 3, 12, 12)
+    source = torch.export.export(model, (x,)) if route == "torch.export" else model
+    folded, report = bnfold.fold(source, None if route == "no_shapes" else x)
+    assert [(e.action, e.details.get("direction")) for e in report.entries] == [
+        ("folded", "backward")] * 2, report.table()
+    gm = folded.module() if route == "torch.export" else folded
+    assert rel_err(gm, model, torch.randn(2, 3, 12, 12), double=True) < 1e-6
+
+
+@pytest.mark.parametrize("exporter", [torchscript_export, dynamo_export],
+                         ids=["TorchScript", "dynamo"])
+def test_onnx_folds_a_bn_backward_through_a_pool(exporter) -> None:
+    """TorchScript writes the global pool as GlobalAveragePool, dynamo as ReduceMean."""
+    model, x = prepared(_PoolHead()), torch.randn(2, 3, 12, 12)
+    folded, report = fold_onnx(exporter(model, x))
+    assert [(e.action, e.details.get("direction")) for e in report.entries] == [
+        ("folded", "backward")] * 2, report.table()
+    assert _ort_vs_float64(model, folded, x) < 1e-5
+
+
+def test_onnx_mean_over_the_channels_keeps_the_bn() -> None:
+    _, report = check(_onnx("ReduceMean", channels=1, axes=[1], keepdims=1), 1)
+    assert "works along the channel axis" in report.kept[0].reason

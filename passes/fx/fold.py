@@ -460,20 +460,21 @@ class _Folder:
 
     @staticmethod
     def _flattened(site: BatchNormSite, flat: fx.Node, layer: LayerSite) -> BNParams | str:
-        """The per-feature BN that ``BN -> flat -> layer`` puts on the Linear ``layer``'s
-        input (:func:`bnfold.algebra.spread_features`): ``flat`` flattens every axis after
-        the batch axis, so channel ``c`` of ``C`` is features ``c*P .. (c+1)*P - 1`` with
-        ``P = in_features / C`` positions, whatever spatial shape runs (any other would not
-        fit the Linear). Exact at every rank the model runs at."""
+        """The per-feature BN that ``BN -> [per-channel ops] -> flat -> layer`` puts on the
+        Linear ``layer``'s input (:func:`bnfold.algebra.spread_features`): ``flat`` flattens
+        every axis after the batch axis, so channel ``c`` of ``C`` is features ``c*P ..
+        (c+1)*P - 1`` with ``P = in_features / C`` positions, whatever spatial shape runs (any
+        other would not fit the Linear; a global pool before it: ``P = 1``). Exact at every
+        rank the model runs at."""
         if site.chain:
             return "an affine chain before a flatten is not folded backward"
         if layer.kind != "linear":
             return f"{flat.name} feeds {layer.label}, not a Linear"
         features, channels = layer.weight.shape[1], site.params.channels
-        shape = shape_of(site.input)
+        shape = shape_of(chain_input(flat))  # (after the per-channel ops between, if any)
         if shape is not None and (len(shape) < 2 or None in shape[1:]
                                   or shape[1] * math.prod(shape[2:]) != features):
-            return f"the BN input {list(shape)} does not flatten into {features} features"
+            return f"{flat.name}'s input {list(shape)} does not flatten into {features} features"
         spread = spread_features(site.params, features, features // channels)
         if spread is None:  # (in_features not a multiple of C)
             return (f"{layer.label} has {features} input features, not a multiple of the "

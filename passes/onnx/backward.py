@@ -15,10 +15,13 @@ exactness kind from the layer table, :mod:`.layers`). Exact cases, checked by
   zeros, so they follow the rule above.
 * ConvTranspose: exact when ``t == 0``, or stride 1, no output padding and
   ``pads == dilation * (kernel - 1)`` on every side.
+* ``BN -> P -> layer`` with ``P`` a per-channel pool, resample or slice
+  (:mod:`.channelwise`, on its conditions): ``P(s*x + t) = s*P(x) + t``, then as above.
 * ``BN -> Flatten/Reshape -> Gemm`` (eval no-ops around the Flatten/Reshape looked
-  through): with ``R`` positions per channel, flattened feature ``f`` belongs to channel
-  ``(f // R) % C`` whenever the row length ``K`` is a multiple of ``C * R``; the BN then is a
-  per-feature affine map on the Gemm input (parameters repeated).
+  through; a global pool before it too): with ``R`` positions per channel, flattened
+  feature ``f`` belongs to channel ``(f // R) % C`` whenever the row length ``K`` is a
+  multiple of ``C * R``; the BN then is a per-feature affine map on the Gemm input
+  (parameters repeated).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from bnfold.algebra import (
 )
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.onnx.bn import consumers_text, display_name
+from bnfold.passes.onnx.channelwise import channelwise_refusal, is_channelwise
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer
 from bnfold.passes.onnx.edit import add_bias_after
 from bnfold.passes.onnx.forward import remove
@@ -83,6 +87,13 @@ def _single_fold(site: Site, ctx: Context) -> Fold | str:
     Flatten before a Gemm)."""
     y, params = site.y, site.params
     node, index = _past_noops(site.nodes[-1], ctx)
+    if node is not None and index == 0 and is_channelwise(node):
+        why = channelwise_refusal(node, params, ctx) or (
+            None if site.axis == 1 else f"{display_name(node)} ({node.op_type}) keeps axis "
+            f"1 whole, but {site.what} normalizes axis {site.axis}")
+        if why:
+            return why
+        node, index = _past_noops(node, ctx)
     if node is None:
         return f"its output feeds {consumers_text(y)}, not a single Conv/Gemm/MatMul"
     if node.op_type == "Pad" and is_default(node) and index == 0:
@@ -179,7 +190,7 @@ def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     k = weight.shape[LAYERS["Gemm"].in_axis(gemm)]
     params = site.params
     c = params.channels
-    dims = ctx.dims(site.x)
+    dims = ctx.dims(flat.inputs[0])  # (the BN's, or a per-channel pool's before it)
     if dims is not None and len(dims) >= 2 and all(d is not None for d in dims[2:]):
         positions = math.prod(dims[2:])  # type: ignore[arg-type]
     elif flat.op_type == "Flatten" and flat.attributes.get_int("axis", 1) == 1 and k % c == 0:

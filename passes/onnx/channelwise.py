@@ -12,7 +12,8 @@ and keeps channel axis 1:
 * ``Resize`` / ``Upsample``: every mode but ``tf_crop_and_resize`` (which fills with a
   constant outside the crop) and without ``axes``, when the channel count stays (a scale of 1
   on the channel axis samples each channel itself);
-* ``Slice`` with constant ``axes`` that leave the channel axis out (TCN's ``Chomp1d``).
+* ``Slice`` with constant ``axes`` that leave the channel axis out (TCN's ``Chomp1d``), and
+  ``ReduceMean`` over such axes (a global average pool, as dynamo exports it).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bnfold.passes.onnx.rules import Context
 from bnfold.passes.onnx.shapes import UNKNOWN
 
 CHANNELWISE_OPS = ("AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "Resize",
-                   "Upsample", "Slice")
+                   "Upsample", "Slice", "ReduceMean")
 
 
 def is_channelwise(node: ir.Node) -> bool:
@@ -50,14 +51,13 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
         if bool(np.any(params.scale_shift()[0] < 0)):
             return (f"{name} takes a maximum, which a negative scale of the BN turns into a "
                     "minimum")
-    if node.op_type == "Slice":
-        axes = ctx.consts.array(node.inputs[3]) if len(node.inputs) > 3 \
-            and node.inputs[3] is not None else None
+    if node.op_type in ("Slice", "ReduceMean"):
+        axes = _axes(node, ctx)
         rank = ctx.dims(node.inputs[0])
-        if axes is None or isinstance(axes, str) or rank is None:
-            return f"{name}: which axes it slices is {UNKNOWN}"
+        if axes is None or rank is None:
+            return f"{name}: which axes it works on is {UNKNOWN}"
         if 1 in {int(a) % len(rank) for a in np.asarray(axes).reshape(-1)}:
-            return f"{name} slices the channel axis"
+            return f"{name} works along the channel axis"
     if node.op_type in ("Resize", "Upsample"):
         if attrs.get_string("coordinate_transformation_mode", "") == "tf_crop_and_resize" \
                 or "axes" in attrs:
@@ -68,3 +68,14 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
         if dims_out[1] != dims_in[1]:
             return f"{name} resizes the channel axis"
     return None
+
+
+def _axes(node: ir.Node, ctx: Context) -> object | None:
+    """The constant ``axes`` of a Slice (input 3) or ReduceMean (attribute, or input 1 from
+    opset 18), else None (absent: a Slice then slices every axis, a mean reduces all)."""
+    if node.op_type == "ReduceMean" and "axes" in node.attributes:
+        return node.attributes.get_ints("axes")
+    index = 3 if node.op_type == "Slice" else 1
+    value = node.inputs[index] if len(node.inputs) > index else None
+    axes = None if value is None else ctx.consts.array(value)
+    return None if isinstance(axes, str) else axes

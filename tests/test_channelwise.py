@@ -311,3 +311,24 @@ def test_onnx_folds_a_bn_backward_through_a_pool(exporter) -> None:
 def test_onnx_mean_over_the_channels_keeps_the_bn() -> None:
     _, report = check(_onnx("ReduceMean", channels=1, axes=[1], keepdims=1), 1)
     assert "works along the channel axis" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("Slice", {"starts": [1], "ends": [100], "axes": [-1]}),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ("Resize", {"scales": [1, 1, 2, 2], "mode": "linear"}),
+])
+def test_onnx_folds_backward_through_a_per_channel_op(op: str, attrs: dict) -> None:
+    """``BN -> P -> Conv`` with no conv padding: ``conv(P(s*x + t)) = conv(s*P(x) + t)``."""
+    b = Builder(8)
+    b.bn("x", "n", 3)
+    inputs = ["n"]
+    if op == "Resize":
+        inputs += ["", b.init("scales", np.array(attrs.pop("scales"), np.float32))]
+    if op == "Slice":
+        inputs += [b.init(k, np.array(attrs.pop(k)), onnx.TensorProto.INT64)
+                   for k in ("starts", "ends", "axes")]
+    b.node(op, inputs, ["p"], **attrs)
+    b.node("Conv", ["p", b.rand("w", [4, 3, 3, 3])], ["y"])
+    _, report = check(b.model({"x": [2, 3, 10, 10]}, {"y": None}), 0)
+    assert report.folded[0].details["direction"] == "backward"

@@ -91,7 +91,7 @@ def test_fx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(exported: boo
     assert "divisor_override" in reasons[2]
 
 
-def _onnx(op: str, channels: int = 6, **attrs) -> onnx.ModelProto:
+def _onnx(op: str, channels: int = 6, size: int = 10, **attrs) -> onnx.ModelProto:
     b = Builder(7)
     b.node("Conv", ["x", b.rand("w", [6, 3, 3, 3])], ["c"])
     inputs = ["c"]
@@ -103,7 +103,7 @@ def _onnx(op: str, channels: int = 6, **attrs) -> onnx.ModelProto:
                    for k in ("starts", "ends", "axes")]
     b.node(op, inputs, ["p"], **attrs)
     b.bn("p", "y", channels)
-    model = b.model({"x": [2, 3, 10, 10]}, {"y": None})
+    model = b.model({"x": [2, 3, size, size]}, {"y": None})
     if op in ("MaxPool", "GlobalMaxPool"):  # a positive scale in every channel
         scale = next(t for t in model.graph.initializer if t.name == "y_scale")
         scale.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(scale)), "y_scale"))
@@ -308,9 +308,15 @@ def test_onnx_folds_a_bn_backward_through_a_pool(exporter) -> None:
     assert _ort_vs_float64(model, folded, x) < 1e-5
 
 
-def test_onnx_mean_over_the_channels_keeps_the_bn() -> None:
-    _, report = check(_onnx("ReduceMean", channels=1, axes=[1], keepdims=1), 1)
-    assert "works along the channel axis" in report.kept[0].reason
+@pytest.mark.parametrize("axes, keepdims, channels, reason", [
+    ([1], 1, 1, "works along the channel axis"),
+    ([0, 2], 0, 6, "drops the batch axis"),  # [2, 6, 6, 6] -> [6, 6]: axis 1 is now W
+])
+def test_onnx_a_mean_that_moves_or_mixes_the_channels_keeps_the_bn(
+        axes: list[int], keepdims: int, channels: int, reason: str) -> None:
+    model = _onnx("ReduceMean", channels=channels, size=8, axes=axes, keepdims=keepdims)
+    _, report = check(model, 1)
+    assert reason in report.kept[0].reason
 
 
 @pytest.mark.parametrize("op, attrs", [

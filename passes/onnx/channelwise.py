@@ -56,8 +56,11 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
         rank = ctx.dims(node.inputs[0])
         if axes is None or rank is None:
             return f"{name}: which axes it works on is {UNKNOWN}"
-        if 1 in {int(a) % len(rank) for a in np.asarray(axes).reshape(-1)}:
+        reduced = {int(a) % len(rank) for a in np.asarray(axes).reshape(-1)}
+        if 1 in reduced:
             return f"{name} works along the channel axis"
+        if 0 in reduced and node.op_type == "ReduceMean" and not attrs.get_int("keepdims", 1):
+            return f"{name} drops the batch axis, which moves the channel axis"
     if node.op_type in ("Resize", "Upsample"):
         if attrs.get_string("coordinate_transformation_mode", "") == "tf_crop_and_resize" \
                 or "axes" in attrs:

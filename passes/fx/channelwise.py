@@ -132,8 +132,10 @@ def channelwise_op(gm: fx.GraphModule, node: fx.Node) -> Channelwise | None:
 def _slice_items(node: fx.Node) -> tuple[Any, ...] | None:
     """The index of ``x[index]`` when it is plain slicing (slices of literal bounds and at
     most one ``...``), else None."""
-    if len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
-        return None
+    source = node.args[0] if len(node.args) == 2 else None
+    if not isinstance(source, fx.Node) or (source.op, source.target) in (
+            ("call_function", getattr), ("call_method", "size")):
+        return None  # (a slice of ``x.shape``/``x.size()``, or of no node)
     index = node.args[1]
     items = index if isinstance(index, tuple) else (index,)
     plain = all(item is Ellipsis or (isinstance(item, slice) and all(

@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.cli.program_commands import is_pt2_archive
 from bnfold.errors import BadInputError, UnsupportedError, first_line
+from bnfold.passes.fx.constants import state_kept
 from bnfold.report import PassResult
 
 
@@ -60,8 +61,9 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
     unlifted._forward_hooks.clear()
     module, report = fx_pass(unlifted, example_inputs=None if kwargs else args, **options)
     try:
-        new = torch.export.export(module, args, kwargs,
-                                  dynamic_shapes=_dynamic_shapes(program, kwargs))
+        with state_kept(module):  # (exporting runs the forward: a buffer it writes would move)
+            new = torch.export.export(module, args, kwargs,
+                                      dynamic_shapes=_dynamic_shapes(program, kwargs))
         if program.dialect == "ATEN":
             new = new.run_decompositions()
     except Exception as exc:

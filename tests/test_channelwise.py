@@ -5,6 +5,9 @@ counts its padding does not. Every fold is checked against the unfolded model in
 
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -338,3 +341,29 @@ def test_onnx_folds_backward_through_a_per_channel_op(op: str, attrs: dict) -> N
     b.node("Conv", ["p", b.rand("w", [4, 3, 3, 3])], ["y"])
     _, report = check(b.model({"x": [2, 3, 10, 10]}, {"y": None}), 0)
     assert report.folded[0].details["direction"] == "backward"
+
+
+def test_onnx_reads_a_resize_channel_scale_off_its_computed_scales() -> None:
+    """TorchScript without constant folding computes the scales (Concat of Constants) and
+    declares no shape after the Resize: the channel scale is read off the constant."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(F.interpolate(self.c(x), scale_factor=2))
+
+    model, x = prepared(Net()), torch.randn(2, 3, 9, 9)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17,
+                          do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    proto = onnx.load_from_string(buf.getvalue())
+    assert [n.op_type for n in proto.graph.node if n.op_type == "Concat"]
+    folded, report = fold_onnx(proto)
+    assert [e.action for e in report.entries] == ["folded"], report.table()
+    assert _ort_vs_float64(model, folded, x) < 1e-5

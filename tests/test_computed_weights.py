@@ -228,6 +228,15 @@ class _Computed(nn.Module):
         if self.how == "in-place":
             self.s.data.mul_(1.0)
             return w
+        if self.how == "through narrow":
+            self.s.narrow(0, 0, 2).mul_(x.mean())
+            return w
+        if self.how == "through chunk":
+            self.s.chunk(2)[0].mul_(x.mean())
+            return w
+        if self.how == "as out=":
+            torch.mul(self.s, x.mean(), out=self.s)
+            return w
         if self.how == "growing":
             return w.sum().expand(6, 3, 3, 3).expand(600, 6, 3, 3, 3)[0]
         return w
@@ -250,13 +259,69 @@ def test_a_weight_computed_from_the_models_tensors_folds(exported: bool) -> None
     assert rel_err(gm, model, torch.randn(2, 3, 8, 8), double=True) < 1e-6
 
 
-@pytest.mark.parametrize("how", ["input", "random", "in-place", "growing"])
+@pytest.mark.parametrize("how", ["input", "random", "in-place", "growing", "through narrow",
+                                 "through chunk", "as out="])
 def test_a_weight_not_computed_from_the_models_tensors_alone_keeps_its_bn(how: str) -> None:
+    """Also a tensor the forward writes in place through a view (``narrow``, ``chunk``) or
+    as ``out=``: the next call would see another weight."""
     torch.manual_seed(0)
     model = randomize_bn_stats(_Computed(how)).eval()
     x = torch.randn(2, 3, 8, 8)
-    source = model if how == "in-place" else torch.export.export(model, (x,))
+    source = model if how in ("in-place", "through narrow", "through chunk", "as out=") \
+        else torch.export.export(model, (x,))
     _, report = bnfold.fold(source, x)
     (entry,) = report.entries
     assert entry.action == "kept"
     assert "computed in the graph, not from the model's tensors alone" in entry.reason
+
+
+def test_a_module_weight_the_forward_writes_keeps_its_bn() -> None:
+    """``self.conv.weight.data.mul_(...)`` after the call: a fold into the conv would be
+    scaled again at every call (and land on a copy)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            self.conv.weight.data.mul_(x.mean())
+            return y
+
+    model = randomize_bn_stats(Net()).eval()
+    _, report = bnfold.fold(model)
+    assert report.kept[0].reason == "conv.weight is written in place by the graph (each call " \
+        "changes it)"
+
+
+class _Advancing(nn.Module):
+    """A forward that advances a buffer in place (a running counter of inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.register_buffer("buf", torch.ones(1))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(nn.functional.conv2d(x, self.w * self.buf))
+        self.buf.add_(x.mean())
+        return y
+
+
+@pytest.mark.parametrize("route", ["example_inputs", "torch.export"])
+def test_running_the_graph_for_shapes_or_export_leaves_its_state(route: str) -> None:
+    """The shape pass runs the graph on the example inputs and a program is exported again:
+    a buffer the forward writes is put back, so the result starts where the input stands
+    (it was one call ahead); its BN is kept, the weight being written each call."""
+    torch.manual_seed(0)
+    model, x = randomize_bn_stats(_Advancing()).eval(), torch.randn(2, 3, 8, 8)
+    if route == "torch.export":
+        program = torch.export.export(model, (x,))
+        folded, report = bnfold.fold(program, x)
+        assert torch.equal(folded.state_dict["buf"], program.state_dict["buf"])
+    else:
+        folded, report = bnfold.fold(model, x)
+        assert torch.equal(folded.get_buffer("buf"), model.buf)
+    assert [e.action for e in report.entries] == ["kept"]

@@ -15,7 +15,9 @@ the result.
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,11 +46,20 @@ _METHODS = {
 
 #: An ATen op's result may always hold this many elements, whatever its operands' sizes.
 MIN_ELEMENTS = 4096
+# Ops whose result may share memory with their first argument (a write into it is a write
+# into the argument): views, splits into views, ``getattr(w, "data")``...
 _ALIASING_FUNCTIONS = {getattr, operator.getitem, torch.reshape, torch.flatten, torch.squeeze,
-                       torch.unsqueeze, torch.transpose, torch.permute}
-_ALIASING_METHODS = {"view", "reshape", "flatten", "expand", "expand_as", "reshape_as",
-                     "view_as", "squeeze", "unsqueeze", "transpose", "permute", "contiguous",
-                     "detach"}
+                       torch.unsqueeze, torch.transpose, torch.permute, torch.narrow,
+                       torch.select, torch.chunk, torch.split, torch.tensor_split, torch.unbind,
+                       torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims,
+                       torch.diagonal, torch.as_strided, torch.t, torch.unflatten, torch.detach,
+                       torch.view_as_real, torch.view_as_complex}
+_ALIASING_METHODS = {"view", "reshape", "flatten", "unflatten", "expand", "expand_as",
+                     "reshape_as", "view_as", "squeeze", "unsqueeze", "transpose", "permute",
+                     "contiguous", "detach", "narrow", "select", "chunk", "split",
+                     "split_with_sizes", "tensor_split", "unbind", "movedim", "moveaxis",
+                     "swapaxes", "swapdims", "diagonal", "as_strided", "t", "unfold", "real",
+                     "imag"}
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ipow, operator.setitem}
 
@@ -79,14 +90,18 @@ class Constants:
                 fetch(self.gm, node)
             except (AttributeError, AssertionError):
                 return False
-            return not _written(self.gm, self.gm.graph.find_nodes(op="get_attr",
-                                                                  target=node.target))
+            return not self.written(str(node.target))
         pure = (node.op == "call_function" and node.target in _FUNCTIONS) or (
             node.op == "call_method" and node.target in _METHODS) or self._pure_aten(node)
         # a dtype argument (``view(torch.int32)``) would reinterpret float64 bits differently
         typed = any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values()))
         return pure and not typed and all(self.is_constant(a) for a in node.all_input_nodes) \
             and not _written(self.gm, [node])
+
+    def written(self, path: str) -> bool:
+        """True when an op of the graph may write into the model tensor at ``path``
+        (``conv.weight``), directly or through a view of it."""
+        return _written(self.gm, self.gm.graph.find_nodes(op="get_attr", target=path))
 
     def _pure_aten(self, node: fx.Node) -> bool:
         """An ATen overload with no side effect whose recorded result is not larger than its
@@ -167,6 +182,27 @@ class Constants:
                 self.erase_unused(arg)
 
 
+@contextlib.contextmanager
+def state_kept(gm: fx.GraphModule) -> Iterator[None]:
+    """Put back, after the block, every model tensor an op of ``gm``'s graph may write in
+    place (:meth:`Constants.written`): a pass that runs the graph (the shape pass on the
+    example inputs, an export) leaves the state it found (a buffer the forward advances would
+    be one call ahead). Only those tensors are copied."""
+    consts = Constants(gm)
+    saved = {}
+    for path in {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}:
+        owner, _, leaf = path.rpartition(".")
+        value = getattr(gm.get_submodule(owner) if owner else gm, leaf, None)
+        if isinstance(value, torch.Tensor) and consts.written(path):
+            saved[path] = (value, value.detach().clone())
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for value, copy in saved.values():
+                value.copy_(copy)
+
+
 def _written(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     """True when an op may write into the tensor of ``nodes`` (one value, or every read of one
     model tensor), directly or through a view of it (``w.data``, ``w.view(...)``)."""
@@ -194,10 +230,12 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
 
 
 def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
-    """True when ``user`` may write into ``node``'s tensor: an ATen argument its schema
-    marks written, or ``node`` as the first argument of an in-place method, function,
-    operator or module (``inplace=True``)."""
+    """True when ``user`` may write into ``node``'s tensor: as its ``out=``, as an ATen
+    argument its schema marks written, or as the first argument of an in-place method,
+    function, operator or module (``inplace=True``)."""
     target = user.target
+    if user.kwargs.get("out") is node:
+        return True
     if isinstance(target, torch._ops.OpOverload):
         return any(arg.alias_info is not None and arg.alias_info.is_write and (
             user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)) is node

@@ -233,7 +233,7 @@ class _Folder:
         and its input is read off the graph when used."""
         if node not in self._sites:
             self._sites[node] = self.affine[node].site if node in self.affine else \
-                batchnorm_site(self.gm, node)
+                batchnorm_site(self.gm, node, self.consts)
         return self._sites[node]
 
     def kind(self, node: fx.Node) -> str:

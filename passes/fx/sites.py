@@ -141,11 +141,17 @@ def batchnorm_rule(gm: fx.GraphModule, node: fx.Node) -> ChannelRule | None:
     return _dim1(range(2, MAX_RANK + 1))
 
 
-def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
-    """Describe the BN at ``node``, or say why it cannot be folded (training, no statistics...)."""
+def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = None
+                   ) -> BatchNormSite | str:
+    """Describe the BN at ``node``, or say why it cannot be folded (training, no statistics,
+    given ``consts``: a statistic or parameter the graph writes in place...)."""
     rule = batchnorm_rule(gm, node)
     if node.op == "call_module":
         bn = gm.get_submodule(str(node.target))
+        written = _written_reason(consts, str(node.target),
+                                  ("running_mean", "running_var", "weight", "bias"))
+        if written:
+            return written
         if rule is None:
             return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
         hooked = hook_reason(str(node.target), bn)
@@ -180,6 +186,9 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node) -> BatchNormSite | str:
             continue
         if not (isinstance(value, fx.Node) and value.op == "get_attr"):
             return f"BN {key} is computed in the graph, not a constant attribute"
+        written = _written_reason(consts, str(value.target), ("",))
+        if written:
+            return written
         tensors[key] = to_numpy(fetch(gm, value))
         attr_nodes.append(value)
     output = node
@@ -294,7 +303,8 @@ def layer_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = Non
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
         hooked = hook_reason(str(node.target), m, computed_weights.PRE_HOOKS) or \
-            computed_weights.refusal(str(node.target), m)
+            computed_weights.refusal(str(node.target), m) or _written_reason(
+                consts, str(node.target), ("weight", "bias"))
         if hooked:
             return hooked
         kind, spatial = found.kind, found.spatial
@@ -317,6 +327,9 @@ def layer_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = Non
         if value is None:
             tensors[key] = None
         elif isinstance(value, fx.Node) and value.op == "get_attr":
+            written = _written_reason(consts, str(value.target), ("",))
+            if written:
+                return written
             tensors[key] = fetch(gm, value)
         elif isinstance(value, fx.Node) and consts is not None \
                 and (computed := consts.rounded(value)) is not None:
@@ -341,6 +354,16 @@ def layer_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = Non
         _conv_padding(args["padding"], args["dilation"], kernel, n), _tup(args["dilation"], n),
         _tup(args.get("output_padding", 0), n), "zeros", _functional_label(node, args["weight"]),
     )
+
+
+def _written_reason(consts: Constants | None, owner: str, keys: tuple[str, ...]) -> str | None:
+    """Why a fold cannot rewrite the tensors ``owner.key`` (``owner`` itself for ``""``): an
+    op of the graph writes into one in place, so the next call would undo or redo the fold."""
+    for key in keys if consts is not None else ():
+        path = f"{owner}.{key}" if key else owner
+        if consts.written(path):  # type: ignore[union-attr]
+            return f"{path} is written in place by the graph (each call changes it)"
+    return None
 
 
 def _functional_label(node: fx.Node, attr: Any) -> str:

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.constants import state_kept
 from bnfold.passes.fx.dispatch import RankDispatch
 from bnfold.passes.fx.model_copy import deep_copy
 
@@ -62,7 +63,8 @@ def open_model(
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
-        annotate_shapes(gm, args)
+        with state_kept(gm):  # (a forward that writes a buffer in place runs here)
+            annotate_shapes(gm, args)
     return gm, how, args
 
 

@@ -66,9 +66,15 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
                 or "axes" in attrs:
             return f"{name} crops or resizes chosen axes, not a plain resample"
         dims_in, dims_out = ctx.dims(node.inputs[0]), ctx.dims(node.outputs[0])
-        if dims_in is None or dims_out is None or len(dims_in) < 3 or dims_in[1] is None:
+        if dims_in is None or len(dims_in) < 3 or dims_in[1] is None:
             return f"{name}: whether it keeps the channel count is {UNKNOWN}"
-        if dims_out[1] != dims_in[1]:
+        channels = dims_out[1] if dims_out is not None and len(dims_out) == len(dims_in) \
+            else None
+        if channels is None:
+            channels = _resized_channels(node, dims_in[1], ctx)
+        if channels is None:
+            return f"{name}: whether it keeps the channel count is {UNKNOWN}"
+        if channels != dims_in[1]:
             return f"{name} resizes the channel axis"
     return None
 
@@ -82,3 +88,16 @@ def _axes(node: ir.Node, ctx: Context) -> object | None:
     value = node.inputs[index] if len(node.inputs) > index else None
     axes = None if value is None else ctx.consts.array(value)
     return None if isinstance(axes, str) else axes
+
+
+def _resized_channels(node: ir.Node, channels: int, ctx: Context) -> int | None:
+    """The channel count a Resize gives, from its constant ``scales`` or ``sizes`` (when no
+    shape is known for its output), else None."""
+    for index in (3, 2):  # sizes, then scales
+        value = node.inputs[index] if len(node.inputs) > index else None
+        array = None if value is None or not value.name else ctx.consts.array(value)
+        if array is None or isinstance(array, str) or np.asarray(array).size < 2:
+            continue
+        array = np.asarray(array).reshape(-1)
+        return int(array[1]) if index == 3 else int(np.floor(channels * float(array[1])))
+    return None

@@ -755,3 +755,11 @@ def test_a_bn_after_a_difference_of_layers_splits(expression: str) -> None:
         assert entry.action == "folded", entry.reason
         gm = folded.module() if source is not model else folded
         assert rel_err(gm, model, torch.randn(2, 3, 6, 6)) < 1e-6
+
+
+def test_a_kept_reason_says_what_the_bn_input_comes_from() -> None:
+    """The node name alone (``_1`` for a Sequential's second module) says little."""
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.BatchNorm2d(4)))
+    _, report = fold_checked(model, torch.randn(1, 3, 6, 6), left=1)
+    assert report.kept[0].reason.startswith(
+        "its input comes from _1 (a GELU module), not from a conv/linear")

@@ -263,7 +263,8 @@ class _Folder:
         if not is_layer(self.gm, x):
             if not chain and is_split_point(x):
                 return self._split_bn(site, x, label)
-            return _kept(f"its input comes from {x.name}, not from a conv/linear")
+            return _kept(f"its input comes from {x.name} ({_node_kind(self.gm, x)}), not from "
+                         "a conv/linear")
         layer = layer_site(self.gm, x, self.consts)
         if isinstance(layer, str):
             return _kept(layer)
@@ -787,6 +788,18 @@ def _prefixes(path: str) -> list[str]:
     """The dotted paths enclosing ``path``: ``"a.b.c"`` -> ``["a", "a.b"]``."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What ``node`` is, for a reason: ``a GELU module``, ``relu``, ``.chunk``, ``a graph
+    input``, ``a model tensor``."""
+    if node.op == "call_module":
+        return f"a {type(gm.get_submodule(str(node.target))).__name__} module"
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.op == "call_function":
+        return _op_name(node)
+    return "a graph input" if node.op == "placeholder" else "a model tensor"
 
 
 def _op_name(node: fx.Node) -> str:

@@ -71,7 +71,7 @@ def _adaptive(n: int, is_max: bool) -> Channelwise:
 
 _RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE, needs_nc=True)
 #: ``x[..., a:b]``: slices only (and at most one ``...``), a copy of part of each channel
-_SLICE = Channelwise("slice", None, args=("index",))
+_SLICE = Channelwise("slice", None)
 _ATEN_SLICE = Channelwise("slice", None, args=("dim", "start", "end", "step"))
 #: ``F.pad``: over ``len(pad) // 2`` trailing dims; exact in the modes that copy the channel's
 #: own values (not ``constant``, whose fill value the BN would not see)
@@ -161,7 +161,7 @@ def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
             if item != slice(None)]
         return rank - min(dims) if dims else 0
     if op is _ATEN_SLICE:
-        dim = node.args[1] if len(node.args) > 1 else 0
+        dim = _reader(gm, node, op)("dim", 0)
         return rank - dim % rank if isinstance(dim, int) and rank else rank + 1
     return rank - 2 if op.spatial is None else op.spatial
 

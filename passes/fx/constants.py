@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from bnfold.passes.fx.sites import fetch
+from bnfold.passes.fx.sites import fetch, module_stack_path
 
 aten = torch.ops.aten
 
@@ -266,8 +266,7 @@ def roots(*operands: Any) -> list[fx.Node]:
 def owner_label(node: fx.Node, operands: list[Any]) -> str:
     """``"<module> (<node>)"``: the module whose forward made ``node`` (``nn_module_stack``),
     else the module owning the first model tensor ``operands`` read."""
-    stack = node.meta.get("nn_module_stack") or {}
     found = roots(*operands)
-    owner = str(list(stack.values())[-1][0]) if stack else (
+    owner = module_stack_path(node) or (
         str(found[0].target).rpartition(".")[0] if found else "")
     return f"{owner} ({node.name})" if owner else node.name

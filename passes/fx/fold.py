@@ -99,6 +99,7 @@ from bnfold.passes.fx.sites import (
     is_layer,
     layer_site,
     module_calls,
+    module_stack_path,
     nested_batchnorms,
     to_numpy,
     to_torch,
@@ -686,8 +687,7 @@ class _Folder:
 
     def _module_path(self, node: fx.Node) -> str | None:
         """The module whose forward made ``node`` (``nn_module_stack``), if ``gm`` has it."""
-        stack = node.meta.get("nn_module_stack") or {}
-        path = str(list(stack.values())[-1][0]) if stack else ""
+        path = module_stack_path(node)
         try:
             self.gm.get_submodule(path)
         except AttributeError:

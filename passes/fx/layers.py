@@ -25,7 +25,7 @@ from bnfold.passes.fx.layer_table import (
     LayerKind,
     convolution_kind,
 )
-from bnfold.passes.fx.sites import get_attr_value
+from bnfold.passes.fx.sites import get_attr_value, module_stack_path
 
 _ATEN = torch.ops.aten
 
@@ -136,9 +136,9 @@ def match_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
 def _aten_module_path(node: fx.Node) -> str | None:
     """For an ATen layer op of a torch.export graph, the module that made it (``conv1``, from
     the ``nn_module_stack`` export records), so inserted BNs get module-like names."""
-    stack = node.meta.get("nn_module_stack") if isinstance(
-        node.target, torch._ops.OpOverload) else None
-    return str(list(stack.values())[-1][0]) or None if stack else None
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    return module_stack_path(node) or None
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:

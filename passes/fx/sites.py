@@ -366,14 +366,19 @@ def _written_reason(consts: Constants | None, owner: str, keys: tuple[str, ...])
     return None
 
 
+def module_stack_path(node: fx.Node) -> str:
+    """The path of the innermost module whose forward made ``node``, as ``torch.export``
+    records it (``nn_module_stack``); ``""`` when not recorded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
 def _functional_label(node: fx.Node, attr: Any) -> str:
     """``"<module> (<node>)"``: the module owning ``attr``, else the module that made ``node``
     (``nn_module_stack``, recorded by ``torch.export``), else just the node name."""
     owner = str(attr.target).rpartition(".")[0] if isinstance(attr, fx.Node) \
         and attr.op == "get_attr" else ""
-    if not owner:
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = str(list(stack.values())[-1][0]) if stack else ""
+    owner = owner or module_stack_path(node)
     return f"{owner} ({node.name})" if owner else node.name
 
 

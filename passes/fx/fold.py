@@ -76,6 +76,7 @@ from bnfold.algebra import (
     spread_features,
 )
 from bnfold.errors import UnsafeFoldError
+from bnfold.gc_pause import gc_paused
 from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
@@ -85,6 +86,7 @@ from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_hooks
+from bnfold.passes.fx.model_copy import Deferred
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -139,9 +141,18 @@ def fold_fx(
     when given, is called after each BN's forward try and each backward try (``total``: the
     BNs plus the backward tries known so far); the pass itself prints nothing.
     """
+    with gc_paused():  # (the trace and the fold make many small linked objects)
+        return _fold_fx(model, example_inputs, inplace=inplace, include=include,
+                        exclude=exclude, progress=progress)
+
+
+def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: Any,
+             exclude: Any, progress: Callable[[int, int], Any] | None) -> PassResult:
+    """:func:`fold_fx`'s work (the cyclic collector paused meanwhile)."""
     tick = progress or _no_progress
     select = Selection.of(include, exclude)
-    gm, how, args = open_model(model, example_inputs, inplace=inplace)
+    deferred = None if inplace else Deferred()  # (a fold replaces weights, never writes them)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace, deferred=deferred)
     carried = None
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -189,6 +200,8 @@ def fold_fx(
             "at those ranks and the original layer and BN at any other. Pass example_inputs "
             "to fold without dispatch")
     folder.cleanup()
+    if deferred is not None:
+        deferred.finish(gm)
     return PassResult(gm, report)
 
 

@@ -87,10 +87,12 @@ def _foldable(gm: fx.GraphModule, node: fx.Node, reader: fx.Node,
     """The layer at ``node`` when it can take a share of the BN, else why not."""
     if not is_layer(gm, node):
         return f"{node.name} is not a conv/linear"
+    others = [u.name for u in value_users(node) if u is not reader]
+    if others and node.op == "call_module":  # (checked first: a module's label is its path)
+        return f"{node.target} output also feeds {', '.join(others)}"
     layer = layer_site(gm, node)
     if isinstance(layer, str):
         return layer
-    others = [u.name for u in value_users(node) if u is not reader]
     if others:
         return f"{layer.label} output also feeds {', '.join(others)}"
     if sum(a is node for a in _operands(reader)) != 1:

@@ -34,7 +34,8 @@ from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.constants import state_kept
 from bnfold.passes.fx.dispatch import RankDispatch
-from bnfold.passes.fx.model_copy import deep_copy
+from bnfold.passes.fx.model_copy import Deferred, deep_copy
+from bnfold.passes.fx.sites import get_attr_value
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -49,7 +50,8 @@ def as_args(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def open_model(
-    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False
+    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False,
+    deferred: Deferred | None = None,
 ) -> tuple[fx.GraphModule, str, tuple[Any, ...] | None]:
     """The FX passes' one front door: ``(graph module, how it was obtained, example args)``.
 
@@ -58,10 +60,10 @@ def open_model(
     inputs (:func:`annotate_shapes`; a ``torch.export`` graph has them already, read both with
     :func:`shape_of`). Every bad input raises a :class:`~bnfold.errors.BnfoldError`: an
     untraceable model :class:`~bnfold.errors.UntraceableError`, a TorchScript module
-    :class:`~bnfold.errors.UnsupportedError`.
+    :class:`~bnfold.errors.UnsupportedError`. ``deferred``: as for :func:`graph_module_of`.
     """
     args = as_args(example_inputs)
-    gm, how = graph_module_of(model, args, inplace=inplace)
+    gm, how = graph_module_of(model, args, inplace=inplace, deferred=deferred)
     if args is not None and not how.startswith("torch.export"):
         with state_kept(gm):  # (a forward that writes a buffer in place runs here)
             annotate_shapes(gm, args)
@@ -69,7 +71,8 @@ def open_model(
 
 
 def graph_module_of(
-    model: torch.nn.Module, args: tuple[Any, ...] | None, *, inplace: bool
+    model: torch.nn.Module, args: tuple[Any, ...] | None, *, inplace: bool,
+    deferred: Deferred | None = None,
 ) -> tuple[fx.GraphModule, str]:
     """Return ``(graph module, how it was obtained)`` for ``model``.
 
@@ -78,6 +81,11 @@ def graph_module_of(
     so rewriting the result never touches the caller's tensors; ``inplace`` is accepted only
     for a ``GraphModule``, which is then returned as is. A traced graph module has no code yet
     (:func:`without_code`): every pass ends with ``gm.recompile()`` after its rewrites.
+    With ``deferred`` (a pass that replaces rather than writes tensors) the copy is traced
+    with stand-ins for the layer and BN parameters only their module reaches, then holds the
+    model's own (:class:`~.model_copy.Deferred`; those the graph reads by attribute are
+    copied here, and all of them before a ``torch.export`` fallback runs the model): the pass
+    calls ``deferred.finish(gm)`` on its result.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -97,12 +105,12 @@ def graph_module_of(
             "forward would keep calling its BNs on the folded weights; call fold without "
             "inplace (the model is left untouched) or pass a GraphModule"
         )
-    work = model if inplace else deep_copy(model)
+    work = model if inplace else deep_copy(model, deferred)
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
         graph = Tracer().trace(work)
-        return without_code(work, graph, type(work).__name__), "symbolic_trace" + compiled
+        gm = without_code(work, graph, type(work).__name__)
     except Exception as trace_exc:
         where = user_frame(trace_exc)
         first = one_line(trace_exc)
@@ -111,6 +119,8 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
+        if deferred is not None:
+            deferred.finish(work)
         try:
             with _quiet_torch_logs():
                 exported = _export(work, args)
@@ -123,6 +133,11 @@ def graph_module_of(
             f"torch.export{compiled} (symbolic_trace failed: {first}{where}); the input "
             f"shapes the result takes: {_input_shapes(exported)} (a number: fixed to the "
             "example's, where the model or torch.export needs it)")
+    if deferred is not None:
+        deferred.restore(gm)
+        deferred.unshare(gm, [t for n in graph.find_nodes(op="get_attr")
+                              if (t := get_attr_value(gm, n)) is not None])
+    return gm, "symbolic_trace" + compiled
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

@@ -11,6 +11,7 @@ from torch import nn
 
 import bnfold
 from bnfold.errors import UnsupportedError, UntraceableError
+from bnfold.models.stats import randomize_bn_stats
 from bnfold.passes.fx.reparam import reparameterize_fx
 
 PASSES = {"fold": bnfold.fold, "insert_bn": bnfold.insert_bn, "reparameterize": reparameterize_fx}
@@ -88,3 +89,40 @@ def test_every_fx_pass_returns_the_code_of_its_final_graph(name: str) -> None:
     assert gm.code == gm.graph.python_code("self").src
     with torch.no_grad():
         assert gm(x).shape == (2, 2)
+
+
+class _Counter(nn.Module):
+    """A forward that advances a buffer in place: the write reaches the buffer past the
+    tracer's proxies, so symbolic_trace would run it once and record a graph without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.bn(self.conv(x)) + self.calls
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_a_forward_that_writes_past_the_tracer_is_not_traced(name: str) -> None:
+    model = randomize_bn_stats(_Counter().eval())
+    with pytest.raises(UntraceableError, match=r"cannot trace _Counter: its forward writes "
+                       r"calls in place outside the graph symbolic_trace records"):
+        PASSES[name](model)
+    assert float(model.calls) == 0.0
+
+
+def test_such_a_model_folds_through_torch_export_with_its_writes() -> None:
+    model = randomize_bn_stats(_Counter().eval())
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert "torch.export (symbolic_trace failed: its forward writes calls" in report.notes[0]
+    assert float(model.calls) == 0.0 and model.calls._version == 0  # (the input: not run)
+    assert report.folded and not report.kept
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for _ in range(3):  # the folded module advances its counter as the model does
+            got, want = gm(x).double(), ref(x.double())
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-5

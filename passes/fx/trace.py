@@ -109,7 +109,9 @@ def graph_module_of(
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
+        before = _versions(work)
         graph = Tracer().trace(work)
+        _refuse_writes_at_trace(work, before)
         gm = without_code(work, graph, type(work).__name__)
     except Exception as trace_exc:
         where = user_frame(trace_exc)
@@ -119,7 +121,9 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
-        if deferred is not None:
+        if isinstance(trace_exc, _WrittenAtTrace):
+            work = deep_copy(model)  # (the copy traced holds the write's result)
+        elif deferred is not None:
             deferred.finish(work)
         try:
             with _quiet_torch_logs():
@@ -138,6 +142,40 @@ def graph_module_of(
         deferred.unshare(gm, [t for n in graph.find_nodes(op="get_attr")
                               if (t := get_attr_value(gm, n)) is not None])
     return gm, "symbolic_trace" + compiled
+
+
+class _WrittenAtTrace(Exception):
+    """The model's ``forward`` wrote one of its tensors in place while it was traced."""
+
+
+def _versions(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
+    """Every tensor ``model``'s modules hold, with its version counter (bumped by each
+    in-place write)."""
+    out = {}
+    for module in model.modules():
+        for t in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()):
+            if isinstance(t, torch.Tensor) and not t.is_inference():
+                out[id(t)] = (t, t._version)
+    return out
+
+
+def _refuse_writes_at_trace(model: torch.nn.Module,
+                            before: dict[int, tuple[torch.Tensor, int]]) -> None:
+    """Raise :class:`_WrittenAtTrace` if tracing ``model`` wrote one of the tensors of
+    ``before`` (:func:`_versions`) in place: code that reaches a tensor past the tracer's
+    proxies (a buffer through its attribute, ``self.parameters()``) runs once, at trace time,
+    and leaves no node, so the graph would run without the write the model makes at each
+    call (a counter, a cache) and read the value the trace left."""
+    written = {id(t) for t, version in before.values() if t._version != version}
+    if written:
+        names = [f"{path}.{key}" if path else key
+                 for path, module in model.named_modules(remove_duplicate=False)
+                 for key, t in (*module._parameters.items(), *module._buffers.items(),
+                                *vars(module).items())
+                 if isinstance(t, torch.Tensor) and id(t) in written]
+        shown = ", ".join(sorted(set(names))[:3]) or "a tensor"
+        raise _WrittenAtTrace(f"its forward writes {shown} in place outside the graph "
+                              "symbolic_trace records (the write runs once, at trace time)")
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

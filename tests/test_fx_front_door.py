@@ -126,3 +126,31 @@ def test_such_a_model_folds_through_torch_export_with_its_writes() -> None:
         for _ in range(3):  # the folded module advances its counter as the model does
             got, want = gm(x).double(), ref(x.double())
             assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+class _Noisy(nn.Module):
+    """Noise drawn in ``forward`` from a shape alone: symbolic_trace would draw it once and
+    make it a constant of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + 0.1 * torch.randn(4, 1, 1)
+
+
+def test_a_forward_that_draws_random_numbers_at_trace_time_is_not_traced() -> None:
+    model = randomize_bn_stats(_Noisy().eval())
+    with pytest.raises(UntraceableError, match="its forward draws random numbers outside"):
+        bnfold.fold(model)
+    gm, report = bnfold.fold(model, torch.randn(2, 3, 8, 8))
+    assert "torch.export (symbolic_trace failed: its forward draws random" in report.notes[0]
+    assert report.folded and not report.kept
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = gm(x)
+        torch.manual_seed(5)
+        want = model(x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5  # the same draws

@@ -109,9 +109,13 @@ def graph_module_of(
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
-        before = _versions(work)
+        before, rng = _versions(work), torch.random.get_rng_state()
         graph = Tracer().trace(work)
         _refuse_writes_at_trace(work, before)
+        if not torch.equal(rng, torch.random.get_rng_state()):
+            raise _WrittenAtTrace("its forward draws random numbers outside the graph "
+                                  "symbolic_trace records (drawn once, at trace time, they "
+                                  "would be constants of the graph)")
         gm = without_code(work, graph, type(work).__name__)
     except Exception as trace_exc:
         where = user_frame(trace_exc)
@@ -145,7 +149,8 @@ def graph_module_of(
 
 
 class _WrittenAtTrace(Exception):
-    """The model's ``forward`` wrote one of its tensors in place while it was traced."""
+    """The model's ``forward`` wrote one of its tensors in place, or drew random numbers,
+    while it was traced, where the graph records neither."""
 
 
 def _versions(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, int]]:

@@ -154,3 +154,13 @@ def test_a_forward_that_draws_random_numbers_at_trace_time_is_not_traced() -> No
         torch.manual_seed(5)
         want = model(x)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5  # the same draws
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_a_model_torch_cannot_copy_gets_one_line(name: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).eval()
+    model[0].weight = nn.Parameter(model[0].weight.detach().to_sparse())
+    with pytest.raises(UnsupportedError, match=r"cannot copy Sequential \(.*\): bnfold "
+                       r"rewrites a copy") as info:
+        PASSES[name](model, example_inputs=torch.randn(4, 8))
+    assert "\n" not in str(info.value)

@@ -86,7 +86,6 @@ from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_hooks
-from bnfold.passes.fx.model_copy import Deferred
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -151,8 +150,7 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
     """:func:`fold_fx`'s work (the cyclic collector paused meanwhile)."""
     tick = progress or _no_progress
     select = Selection.of(include, exclude)
-    deferred = None if inplace else Deferred()  # (a fold replaces weights, never writes them)
-    gm, how, args = open_model(model, example_inputs, inplace=inplace, deferred=deferred)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace)
     carried = None
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
@@ -200,8 +198,6 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
             "at those ranks and the original layer and BN at any other. Pass example_inputs "
             "to fold without dispatch")
     folder.cleanup()
-    if deferred is not None:
-        deferred.finish(gm)
     return PassResult(gm, report)
 
 

@@ -34,8 +34,7 @@ from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.constants import state_kept
 from bnfold.passes.fx.dispatch import RankDispatch
-from bnfold.passes.fx.model_copy import Deferred, deep_copy
-from bnfold.passes.fx.sites import get_attr_value
+from bnfold.passes.fx.model_copy import deep_copy
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -50,8 +49,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...] | None:
 
 
 def open_model(
-    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False,
-    deferred: Deferred | None = None,
+    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False
 ) -> tuple[fx.GraphModule, str, tuple[Any, ...] | None]:
     """The FX passes' one front door: ``(graph module, how it was obtained, example args)``.
 
@@ -60,10 +58,10 @@ def open_model(
     inputs (:func:`annotate_shapes`; a ``torch.export`` graph has them already, read both with
     :func:`shape_of`). Every bad input raises a :class:`~bnfold.errors.BnfoldError`: an
     untraceable model :class:`~bnfold.errors.UntraceableError`, a TorchScript module
-    :class:`~bnfold.errors.UnsupportedError`. ``deferred``: as for :func:`graph_module_of`.
+    :class:`~bnfold.errors.UnsupportedError`.
     """
     args = as_args(example_inputs)
-    gm, how = graph_module_of(model, args, inplace=inplace, deferred=deferred)
+    gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
         with state_kept(gm):  # (a forward that writes a buffer in place runs here)
             annotate_shapes(gm, args)
@@ -71,8 +69,7 @@ def open_model(
 
 
 def graph_module_of(
-    model: torch.nn.Module, args: tuple[Any, ...] | None, *, inplace: bool,
-    deferred: Deferred | None = None,
+    model: torch.nn.Module, args: tuple[Any, ...] | None, *, inplace: bool
 ) -> tuple[fx.GraphModule, str]:
     """Return ``(graph module, how it was obtained)`` for ``model``.
 
@@ -81,11 +78,6 @@ def graph_module_of(
     so rewriting the result never touches the caller's tensors; ``inplace`` is accepted only
     for a ``GraphModule``, which is then returned as is. A traced graph module has no code yet
     (:func:`without_code`): every pass ends with ``gm.recompile()`` after its rewrites.
-    With ``deferred`` (a pass that replaces rather than writes tensors) the copy is traced
-    with stand-ins for the layer and BN parameters only their module reaches, then holds the
-    model's own (:class:`~.model_copy.Deferred`; those the graph reads by attribute are
-    copied here, and all of them before a ``torch.export`` fallback runs the model): the pass
-    calls ``deferred.finish(gm)`` on its result.
     """
     if not isinstance(model, torch.nn.Module):
         raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -105,7 +97,7 @@ def graph_module_of(
             "forward would keep calling its BNs on the folded weights; call fold without "
             "inplace (the model is left untouched) or pass a GraphModule"
         )
-    work = model if inplace else deep_copy(model, deferred)
+    work = model if inplace else _copy(model)
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
@@ -126,9 +118,7 @@ def graph_module_of(
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
         if isinstance(trace_exc, _WrittenAtTrace):
-            work = deep_copy(model)  # (the copy traced holds the write's result)
-        elif deferred is not None:
-            deferred.finish(work)
+            work = _copy(model)  # (the copy traced holds the write's result)
         try:
             with _quiet_torch_logs():
                 exported = _export(work, args)
@@ -141,11 +131,18 @@ def graph_module_of(
             f"torch.export{compiled} (symbolic_trace failed: {first}{where}); the input "
             f"shapes the result takes: {_input_shapes(exported)} (a number: fixed to the "
             "example's, where the model or torch.export needs it)")
-    if deferred is not None:
-        deferred.restore(gm)
-        deferred.unshare(gm, [t for n in graph.find_nodes(op="get_attr")
-                              if (t := get_attr_value(gm, n)) is not None])
     return gm, "symbolic_trace" + compiled
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`~.model_copy.deep_copy` of ``model``; :class:`UnsupportedError` (one line) for
+    a model ``copy.deepcopy`` cannot copy (a sparse parameter: torch's own copy refuses it)."""
+    try:
+        return deep_copy(model)
+    except Exception as exc:
+        raise UnsupportedError(
+            f"cannot copy {type(model).__name__} ({one_line(exc)}{user_frame(exc)}): bnfold "
+            "rewrites a copy and leaves the model as it is") from exc
 
 
 class _WrittenAtTrace(Exception):

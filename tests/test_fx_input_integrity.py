@@ -1,11 +1,12 @@
-"""The FX fold's deferred copy (passes/fx/model_copy.Deferred): the layer and BN tensors only
-their module reaches stay the model's while the fold runs, and none of them is left in the
-result: nothing of the folded model shares memory with the input, and the input is
-unchanged, whatever else reaches those tensors (an attribute read in the graph, an alias, a
-hook, training mode, a torch.export fallback, a kept BN, a reused layer)."""
+"""The FX fold never writes into its input and the folded model shares no memory with it,
+whatever reaches the model's tensors (an attribute read in the graph, an alias, a hook object
+holding a layer, the parameters' device read while traced, training mode, a torch.export
+fallback, a kept BN, a reused layer): checked by every tensor's values, its version counter
+(bumped by any in-place write) and the memory of every tensor of the result."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -15,9 +16,7 @@ from torch import nn
 import bnfold
 from bnfold.models import arch, reach, zoo
 from bnfold.models.stats import randomize_bn_stats
-from bnfold.passes.fx import model_copy
-from bnfold.passes.fx.model_copy import Deferred, deep_copy
-from bnfold.passes.fx.trace import graph_module_of
+from bnfold.passes.fx.model_copy import deep_copy
 
 
 def _spans(model: nn.Module) -> list[tuple[int, int, str]]:
@@ -46,14 +45,9 @@ def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
             for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def _check(model: nn.Module, x: torch.Tensor) -> int:
+def _check(model: nn.Module, x: torch.Tensor) -> None:
     """Fold ``model``: the result shares no memory with it, nothing wrote into it, and the
-    folded model matches the unfolded one in float64 on a fresh input. Returns how many of
-    its parameters the fold's copy deferred."""
-    probe = Deferred()
-    deep_copy(model, probe)
-    deferred = len(probe.stand_ins)
-    del probe  # (it holds the parameters it would defer)
+    folded model matches the unfolded one in float64 on a fresh input."""
     before = _snapshot(model)
     ref = deep_copy(model).double()
     result = bnfold.fold(model, x)
@@ -67,44 +61,19 @@ def _check(model: nn.Module, x: torch.Tensor) -> int:
         got, want = result.model(fresh), ref(fresh.double())
     for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):
         assert float((g.double() - w).abs().max() / w.abs().max()) < 1e-5
-    return deferred
+    assert not any(t.is_meta for t in result.model.state_dict().values())
 
 
 @pytest.mark.parametrize("name", [*zoo.ZOO, *reach.REACH])
 def test_no_folded_model_shares_memory_with_its_input(name: str) -> None:
     source = zoo if name in zoo.ZOO else reach
-    assert _check(source.get(name), source.example_input(name, seed=3)) > 0
+    _check(source.get(name), source.example_input(name, seed=3))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121", "repvgg_a0"])
 def test_full_size_architectures_share_nothing_either(name: str) -> None:
     model = arch.get(name, width=0.25)
-    assert _check(model, arch.example_input(name, small=True)) > 0
-
-
-def test_the_copy_defers_the_layer_parameters_only_their_module_reaches() -> None:
-    model = zoo.get("plain_cnn")
-    deferred = Deferred()
-    copy = deep_copy(model, deferred)
-    layers = [m for m in model.modules() if type(m) in model_copy.DEFERRABLE]
-    assert layers and len(deferred.stand_ins) == sum(
-        p is not None for m in layers for p in m._parameters.values())
-    assert all(p.is_meta for p, _ in deferred.stand_ins.values())
-    assert _shared(model, copy) == []  # (stand-ins while the model's forward is traced)
-    deferred.restore(copy)
-    assert len(_shared(model, copy)) == len(list(model.parameters()))
-    deferred.finish(copy)
-    assert _shared(model, copy) == []
-
-
-def test_an_unfinished_copy_gets_copies_for_its_stand_ins() -> None:
-    model = zoo.get("plain_cnn")
-    deferred = Deferred()
-    copy = deep_copy(model, deferred)
-    deferred.finish(copy)
-    assert _shared(model, copy) == [] and not any(p.is_meta for p in copy.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                 copy.state_dict().values(), strict=True))
+    _check(model, arch.example_input(name, small=True))
 
 
 class _ReadsWeight(nn.Module):
@@ -123,8 +92,8 @@ class _ReadsWeight(nn.Module):
 
 
 class _WritesAtTrace(nn.Module):
-    """A forward that writes parameters it reaches without the tracer's proxies: the write
-    runs once, on the copy being traced (a stand-in), never on the model."""
+    """A forward that writes parameters it reaches without the tracer's proxies (the trace
+    writes the copy it traces, never the model; then torch.export, which keeps the write)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,6 +104,32 @@ class _WritesAtTrace(nn.Module):
             for p in self.parameters():
                 p.mul_(1.0)
         return self.bn(self.conv(x))
+
+
+class _ToParameterDevice(nn.Module):
+    """The input moved to the parameters' device, read while traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(next(self.parameters()).device)
+        return self.bn(nn.functional.conv2d(x, self.conv._parameters["weight"].detach())
+                       + self.conv.bias[:, None, None])
+
+
+def _hook_object() -> nn.Module:
+    """A hook object on a ReLU holding the conv before it: it writes the conv's weight (by
+    1.0) each time the ReLU runs."""
+    model = _sequential()
+    model.insert(2, nn.ReLU())
+
+    def write(conv: nn.Module, *_: object) -> None:
+        with torch.no_grad():
+            conv.weight.mul_(1.0)
+    model[2].register_forward_hook(functools.partial(write, model[0]))
+    return model
 
 
 class _Aliased(nn.Module):
@@ -182,36 +177,11 @@ def _hooked() -> nn.Module:
     lambda: _stats(_ReadsWeight()), lambda: _stats(_Aliased()), _hooked,
     lambda: _sequential().train(), lambda: _sequential(reuse=True),
     lambda: _stats(_Untraceable()), lambda: _stats(_WritesAtTrace()),
+    lambda: _stats(_ToParameterDevice()), _hook_object,
 ], ids=["read-by-attribute", "aliased", "hooked", "training", "reused", "export-fallback",
-        "writes-at-trace"])
-def test_other_ways_to_reach_a_layer_tensor_share_nothing(make: Callable[[], nn.Module],
-                                                          request: pytest.FixtureRequest
+        "writes-at-trace", "parameter-device", "hook-object"])
+def test_other_ways_to_reach_a_layer_tensor_share_nothing(make: Callable[[], nn.Module]
                                                           ) -> None:
-    deferred = _check(make(), torch.randn(2, 3, 8, 8))
-    assert (deferred > 0) == ("training" not in request.node.name)  # (training: all copied)
+    _check(make(), torch.randn(2, 3, 8, 8))
 
 
-def test_a_tensor_reached_elsewhere_is_not_deferred() -> None:
-    model = _Aliased().eval()
-    deferred = Deferred()
-    deep_copy(model, deferred)
-    originals = [original for _, original in deferred.stand_ins.values()]
-    assert all(p is not model.conv.weight for p in originals)
-    assert len(originals) == 3  # conv bias, BN weight and bias
-
-
-def test_inplace_folds_have_nothing_deferred() -> None:
-    gm = torch.fx.symbolic_trace(zoo.get("plain_cnn"))
-    result = bnfold.fold(gm, zoo.example_input("plain_cnn"), inplace=True)
-    assert result.model is gm
-
-
-def test_tensors_the_graph_reads_by_attribute_are_copied_before_it_runs() -> None:
-    model = _stats(_ReadsWeight())
-    deferred = Deferred()
-    gm, how = graph_module_of(model, None, inplace=False, deferred=deferred)
-    assert how == "symbolic_trace"
-    shared = {a for a, _ in _shared(model, gm)}
-    assert shared == {"conv.bias", "bn.weight", "bn.bias", "bn2.weight", "bn2.bias"}
-    deferred.finish(gm)
-    assert _shared(model, gm) == []

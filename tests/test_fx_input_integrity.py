@@ -185,3 +185,34 @@ def test_other_ways_to_reach_a_layer_tensor_share_nothing(make: Callable[[], nn.
     _check(make(), torch.randn(2, 3, 8, 8))
 
 
+
+
+class _Reader:
+    """A hook object holding a layer: it adds that layer's bias to the output it hooks."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv
+
+    def __call__(self, module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        return out + self.conv.bias.sum()
+
+
+def _reader_model(hook: Callable[[nn.Module], object]) -> nn.Sequential:
+    model = _sequential()
+    model.insert(2, nn.ReLU())
+    model[2].register_forward_hook(hook(model))
+    return model
+
+
+@pytest.mark.parametrize("hook", [
+    lambda m: _Reader(m[3]), lambda m: functools.partial(_Reader.__call__, _Reader(m[3])),
+    lambda m: _Reader(m[3]).__call__,
+], ids=["object", "partial-of-an-object", "bound-method"])
+def test_a_layer_a_hook_object_holds_is_kept(hook: Callable[[nn.Module], object]) -> None:
+    model = _reader_model(hook)
+    x = torch.randn(2, 3, 8, 8)
+    _check(model, x)
+    report = bnfold.fold(model, x).report
+    assert [e.bn for e in report.folded] == ["1"]
+    kept = report.kept[0]
+    assert kept.bn == "4" and "3 is held by a forward hook of 2" in kept.reason

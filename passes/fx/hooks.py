@@ -10,13 +10,22 @@ a BN or layer never takes part in a fold (:func:`hook_reason`).
   order; they then receive the GraphModule as ``module``), with a report note;
 * hooks of a module the trace inlined cannot run in the graph: the fold is refused
   (:class:`~bnfold.errors.UnsupportedError`), since its result would differ from the model
-  whether or not a BN folds.
+  whether or not a BN folds;
+* a hook that is an object (a ``functools.partial``, a bound method, a callable instance) is
+  copied with the model, and what it holds is then the copy's: a BN or layer it holds, or
+  whose tensors it holds, would have the hook read the folded tensors, so it does not fold
+  either (:func:`held_reason`; what a plain function's closure holds is the model's own, which
+  no fold changes).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import types
+from typing import Any
 
+import torch
 from torch import fx, nn
 
 from bnfold.errors import UnsupportedError
@@ -57,6 +66,68 @@ def hook_reason(name: str, module: nn.Module, known: tuple[type, ...] = ()) -> s
     return (f"{name} has a {' and a '.join(kinds)}: it sees the tensors a fold would change "
             "or remove, so folding would silently change what it does (remove the hook to "
             "fold)")
+
+
+def held_reason(gm: fx.GraphModule, name: str, module: nn.Module) -> str | None:
+    """Why the BN or layer ``name`` cannot fold because a hook object of ``gm`` holds it or
+    one of its tensors (:func:`_held`), or None."""
+    held = _held(gm)
+    for obj in (module, *module._parameters.values(), *module._buffers.values()):
+        where = held.get(id(obj)) if obj is not None else None
+        if where is not None:
+            return (f"{name} is held by {where}: the hook would read the folded tensors, so "
+                    "folding would silently change what it does")
+    return None
+
+
+_HELD = "bnfold.hook_holdings"  # (the gm.meta key of :func:`_held`'s map)
+
+
+def forget_holdings(gm: fx.GraphModule) -> None:
+    """Drop ``gm``'s map of what its hook objects hold (:func:`_held`): a pass calls it when
+    it starts and ends, so no map outlives the hooks it was read from."""
+    gm.meta.pop(_HELD, None)
+
+
+def _held(gm: fx.GraphModule) -> dict[int, str]:
+    """id of each module or tensor a hook object of ``gm``'s modules holds directly (an
+    attribute, an argument of a partial, the instance of a bound method, or an item of a
+    list, tuple or dict there) -> which hook, read once per pass (:func:`forget_holdings`).
+    A module held is not looked into: a hook that holds the whole model (a bound method of
+    the model) names no layer."""
+    held = gm.meta.get(_HELD)
+    if held is None:
+        held = gm.meta[_HELD] = {}
+        for path, module in gm.named_modules():
+            for kind, attr in _HOOKS.items():
+                for hook in getattr(module, attr, {}).values():
+                    if isinstance(hook, types.FunctionType):
+                        continue
+                    where = f"a {kind} of {path or 'the model'} ({type(hook).__name__})"
+                    for obj in _holdings(hook):
+                        held.setdefault(id(obj), where)
+    return held
+
+
+def _holdings(hook: Any, depth: int = 2) -> list[Any]:
+    """The modules and tensors ``hook`` holds (see :func:`_held`), looking ``depth`` objects
+    deep (a partial of a bound method of an object holding a layer)."""
+    if isinstance(hook, functools.partial):
+        values = [hook.func, *hook.args, *hook.keywords.values()]
+    elif isinstance(hook, types.MethodType):
+        values = [hook.__self__]
+    else:
+        values = list(getattr(hook, "__dict__", {}).values())
+    out = []
+    for value in values:
+        items = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, (list, tuple)) else (value,))
+        for item in items:
+            if isinstance(item, (nn.Module, torch.Tensor)):
+                out.append(item)
+            elif depth and not isinstance(item, (type, types.FunctionType, types.ModuleType)):
+                out.extend(_holdings(item, depth - 1))
+    return out
 
 
 def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -> str | None:

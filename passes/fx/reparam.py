@@ -26,6 +26,7 @@ from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.passes.fx.axes import node_arg, value_users
 from bnfold.passes.fx.fold import fold_fx
+from bnfold.passes.fx.hooks import forget_holdings
 from bnfold.passes.fx.layer_table import layer_kind
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -61,6 +62,7 @@ def reparameterize_fx(
     each BN a merge absorbed, and the fold pass's entries for every other BN.
     """
     gm, how, args = open_model(model, example_inputs, inplace=inplace)
+    forget_holdings(gm)  # (the fold below forgets it again when done)
     report = Report("reparameterize")
     skipped = _drop_no_ops(gm)
     if skipped:

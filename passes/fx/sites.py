@@ -21,7 +21,7 @@ from torch import fx, nn
 from bnfold.algebra import BFLOAT16, BNParams
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx import computed_weights
-from bnfold.passes.fx.hooks import hook_reason
+from bnfold.passes.fx.hooks import held_reason, hook_reason
 from bnfold.passes.fx.layer_table import (
     LAYER_FUNCTIONS,
     LAYER_MODULES,
@@ -154,7 +154,7 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None =
             return written
         if rule is None:
             return f"{type(bn).__name__} is not a BatchNorm class bnfold knows how to fold"
-        hooked = hook_reason(str(node.target), bn)
+        hooked = hook_reason(str(node.target), bn) or held_reason(gm, str(node.target), bn)
         if hooked:
             return hooked
         if bn.training:
@@ -303,8 +303,9 @@ def layer_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None = Non
             return f"{node.target} is a {type(m).__name__}, a subclass whose forward may " \
                    "transform its weight"
         hooked = hook_reason(str(node.target), m, computed_weights.PRE_HOOKS) or \
-            computed_weights.refusal(str(node.target), m) or _written_reason(
-                consts, str(node.target), ("weight", "bias"))
+            held_reason(gm, str(node.target), m) or computed_weights.refusal(
+                str(node.target), m) or _written_reason(consts, str(node.target),
+                                                        ("weight", "bias"))
         if hooked:
             return hooked
         kind, spatial = found.kind, found.spatial

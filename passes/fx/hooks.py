@@ -90,11 +90,11 @@ def forget_holdings(gm: fx.GraphModule) -> None:
 
 
 def _held(gm: fx.GraphModule) -> dict[int, str]:
-    """id of each module or tensor a hook object of ``gm``'s modules holds directly (an
-    attribute, an argument of a partial, the instance of a bound method, or an item of a
-    list, tuple or dict there) -> which hook, read once per pass (:func:`forget_holdings`).
-    A module held is not looked into: a hook that holds the whole model (a bound method of
-    the model) names no layer."""
+    """id of each module or tensor a hook object of ``gm``'s modules holds (an attribute, an
+    argument of a partial, the instance of a bound method, or an item of a list, tuple or
+    dict there; through up to two other objects, :func:`_holdings`) -> which hook, read once
+    per pass (:func:`forget_holdings`). A module held is not looked into: a hook that holds
+    the whole model (a bound method of the model) names no layer."""
     held = gm.meta.get(_HELD)
     if held is None:
         held = gm.meta[_HELD] = {}

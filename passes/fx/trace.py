@@ -105,7 +105,7 @@ def graph_module_of(
         graph = Tracer().trace(work)
         _refuse_writes_at_trace(work, before)
         if not torch.equal(rng, torch.random.get_rng_state()):
-            raise _WrittenAtTrace("its forward draws random numbers outside the graph "
+            raise _SideEffectAtTrace("its forward draws random numbers outside the graph "
                                   "symbolic_trace records (drawn once, at trace time, they "
                                   "would be constants of the graph)")
         gm = without_code(work, graph, type(work).__name__)
@@ -117,7 +117,7 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
-        if isinstance(trace_exc, _WrittenAtTrace):
+        if isinstance(trace_exc, _SideEffectAtTrace):
             work = _copy(model)  # (the copy traced holds the write's result)
         try:
             with _quiet_torch_logs():
@@ -145,7 +145,7 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
             "rewrites a copy and leaves the model as it is") from exc
 
 
-class _WrittenAtTrace(Exception):
+class _SideEffectAtTrace(Exception):
     """The model's ``forward`` wrote one of its tensors in place, or drew random numbers,
     while it was traced, where the graph records neither."""
 
@@ -163,7 +163,7 @@ def _versions(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
 
 def _refuse_writes_at_trace(model: torch.nn.Module,
                             before: dict[int, tuple[torch.Tensor, int]]) -> None:
-    """Raise :class:`_WrittenAtTrace` if tracing ``model`` wrote one of the tensors of
+    """Raise :class:`_SideEffectAtTrace` if tracing ``model`` wrote one of the tensors of
     ``before`` (:func:`_versions`) in place: code that reaches a tensor past the tracer's
     proxies (a buffer through its attribute, ``self.parameters()``) runs once, at trace time,
     and leaves no node, so the graph would run without the write the model makes at each
@@ -176,7 +176,7 @@ def _refuse_writes_at_trace(model: torch.nn.Module,
                                 *vars(module).items())
                  if isinstance(t, torch.Tensor) and id(t) in written]
         shown = ", ".join(sorted(set(names))[:3]) or "a tensor"
-        raise _WrittenAtTrace(f"its forward writes {shown} in place outside the graph "
+        raise _SideEffectAtTrace(f"its forward writes {shown} in place outside the graph "
                               "symbolic_trace records (the write runs once, at trace time)")
 
 

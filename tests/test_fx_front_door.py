@@ -109,7 +109,7 @@ class _Counter(nn.Module):
 def test_a_forward_that_writes_past_the_tracer_is_not_traced(name: str) -> None:
     model = randomize_bn_stats(_Counter().eval())
     with pytest.raises(UntraceableError, match=r"cannot trace _Counter: its forward writes "
-                       r"calls in place outside the graph symbolic_trace records"):
+                       r"calls outside the traced graph \(once, at trace time\)"):
         PASSES[name](model)
     assert float(model.calls) == 0.0
 
@@ -142,7 +142,7 @@ class _Noisy(nn.Module):
 
 def test_a_forward_that_draws_random_numbers_at_trace_time_is_not_traced() -> None:
     model = randomize_bn_stats(_Noisy().eval())
-    with pytest.raises(UntraceableError, match="its forward draws random numbers outside"):
+    with pytest.raises(UntraceableError, match="draws random numbers outside the traced graph"):
         bnfold.fold(model)
     gm, report = bnfold.fold(model, torch.randn(2, 3, 8, 8))
     assert "torch.export (symbolic_trace failed: its forward draws random" in report.notes[0]
@@ -164,3 +164,69 @@ def test_a_model_torch_cannot_copy_gets_one_line(name: str) -> None:
                        r"rewrites a copy") as info:
         PASSES[name](model, example_inputs=torch.randn(4, 8))
     assert "\n" not in str(info.value)
+
+
+class _DataCounter(_Counter):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.data.add_(1)  # (another version counter than the buffer's own)
+        return self.bn(self.conv(x)) + self.calls
+
+
+class _Rebound(_Counter):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1  # (a new tensor in the buffer's place)
+        return self.bn(self.conv(x)) + self.calls
+
+
+class _CountedBranch(_Counter):
+    """A write, then a branch on a shape: symbolic_trace fails after the write ran."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        y = self.bn(self.conv(x))
+        return y * self.calls if x.shape[0] > 1 else y
+
+
+def test_a_write_through_data_is_refused_where_torch_export_refuses_it_too() -> None:
+    model = randomize_bn_stats(_DataCounter().eval())
+    with pytest.raises(UntraceableError, match=r"its forward writes calls outside the traced "
+                       r"graph .*; torch.export also failed") as info:
+        bnfold.fold(model, torch.randn(2, 3, 8, 8))
+    assert "\n" not in str(info.value) and float(model.calls) == 0.0
+
+
+@pytest.mark.parametrize("kind", [_Rebound, _CountedBranch])
+def test_every_way_a_forward_changes_its_state_goes_to_torch_export(kind: type) -> None:
+    model = randomize_bn_stats(kind().eval())
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert "traced with torch.export" in report.notes[0] and report.folded
+    assert float(model.calls) == 0.0
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for _ in range(3):  # (a copy the trace had written would run one call ahead)
+            got, want = gm(x).double(), ref(x.double())
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_a_refused_draw_leaves_the_callers_random_state_as_it_was() -> None:
+    model = randomize_bn_stats(_Noisy().eval())
+    state = torch.random.get_rng_state()
+    with pytest.raises(UntraceableError):
+        bnfold.fold(model)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_a_global_module_hook_keeps_every_bn() -> None:
+    model = randomize_bn_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o * m.weight.abs().mean() if isinstance(m, nn.Conv2d) else None)
+    try:
+        x = torch.randn(2, 3, 8, 8)
+        gm, report = bnfold.fold(model, x)
+        assert not report.folded
+        assert "global forward hook (registered for every module)" in report.kept[0].reason
+        with torch.no_grad():
+            assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    finally:
+        handle.remove()

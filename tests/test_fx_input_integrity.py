@@ -197,6 +197,16 @@ class _Reader:
         return out + self.conv.bias.sum()
 
 
+class _PairReader:
+    """A hook object holding ``[(name, layer)]`` pairs (a feature extractor's idiom)."""
+
+    def __init__(self, pairs: list[tuple[str, nn.Module]]) -> None:
+        self.pairs = pairs
+
+    def __call__(self, module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        return out + sum(layer.bias.sum() for _, layer in self.pairs)
+
+
 def _reader_model(hook: Callable[[nn.Module], object]) -> nn.Sequential:
     model = _sequential()
     model.insert(2, nn.ReLU())
@@ -206,8 +216,8 @@ def _reader_model(hook: Callable[[nn.Module], object]) -> nn.Sequential:
 
 @pytest.mark.parametrize("hook", [
     lambda m: _Reader(m[3]), lambda m: functools.partial(_Reader.__call__, _Reader(m[3])),
-    lambda m: _Reader(m[3]).__call__,
-], ids=["object", "partial-of-an-object", "bound-method"])
+    lambda m: _Reader(m[3]).__call__, lambda m: _PairReader([("conv", m[3])]),
+], ids=["object", "partial-of-an-object", "bound-method", "list-of-pairs"])
 def test_a_layer_a_hook_object_holds_is_kept(hook: Callable[[nn.Module], object]) -> None:
     model = _reader_model(hook)
     x = torch.randn(2, 3, 8, 8)

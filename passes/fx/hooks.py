@@ -52,6 +52,18 @@ def hook_kinds(module: nn.Module, known: tuple[type, ...] = ()) -> list[str]:
             if any(type(h) not in known for h in getattr(module, attr, {}).values())]
 
 
+def _global_hook_kinds() -> list[str]:
+    """The kinds of hooks registered for every module (``register_module_forward_hook``...),
+    which run on each BN and layer too."""
+    from torch.nn.modules import module as nn_module
+
+    return [f"global {kind} (registered for every module)" for kind, name in (
+        ("forward hook", "_global_forward_hooks"),
+        ("forward pre-hook", "_global_forward_pre_hooks"),
+        ("backward hook", "_global_backward_hooks"),
+        ("backward pre-hook", "_global_backward_pre_hooks")) if getattr(nn_module, name, None)]
+
+
 def hook_reason(name: str, module: nn.Module, known: tuple[type, ...] = ()) -> str | None:
     """Why the BN or layer ``name`` cannot fold because of its hooks (or a ``forward``
     replaced on the instance, which the class's fold rules know nothing of), or None;
@@ -60,7 +72,7 @@ def hook_reason(name: str, module: nn.Module, known: tuple[type, ...] = ()) -> s
     if "forward" in vars(module):
         return f"{name} has its forward replaced on the instance: what it computes is not " \
                f"what a {type(module).__name__} computes, so it is left as it is"
-    kinds = hook_kinds(module, known)
+    kinds = hook_kinds(module, known) + _global_hook_kinds()
     if not kinds:
         return None
     return (f"{name} has a {' and a '.join(kinds)}: it sees the tensors a fold would change "
@@ -111,22 +123,30 @@ def _held(gm: fx.GraphModule) -> dict[int, str]:
 
 def _holdings(hook: Any, depth: int = 2) -> list[Any]:
     """The modules and tensors ``hook`` holds (see :func:`_held`), looking ``depth`` objects
-    deep (a partial of a bound method of an object holding a layer)."""
+    deep (a partial of a bound method of an object holding a layer), and into any list,
+    tuple, set or dict on the way (``[(name, module), ...]``)."""
     if isinstance(hook, functools.partial):
         values = [hook.func, *hook.args, *hook.keywords.values()]
     elif isinstance(hook, types.MethodType):
         values = [hook.__self__]
     else:
         values = list(getattr(hook, "__dict__", {}).values())
-    out = []
-    for value in values:
-        items = value.values() if isinstance(value, dict) else (
-            value if isinstance(value, (list, tuple)) else (value,))
-        for item in items:
-            if isinstance(item, (nn.Module, torch.Tensor)):
-                out.append(item)
-            elif depth and not isinstance(item, (type, types.FunctionType, types.ModuleType)):
-                out.extend(_holdings(item, depth - 1))
+    out: list[Any] = []
+    seen: set[int] = set()
+    while values:
+        item = values.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (nn.Module, torch.Tensor)):
+            out.append(item)
+        elif isinstance(item, dict):
+            values.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            values.extend(item)
+        elif depth and not isinstance(item, (type, types.FunctionType, types.ModuleType,
+                                             str, bytes, int, float)):
+            out.extend(_holdings(item, depth - 1))
     return out
 
 

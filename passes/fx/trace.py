@@ -19,6 +19,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -101,13 +102,13 @@ def graph_module_of(
     if isinstance(work, fx.GraphModule):
         return work, "graph module" + compiled
     try:
-        before, rng = _versions(work), torch.random.get_rng_state()
+        before, rng = _state(work), torch.random.get_rng_state()
         graph = Tracer().trace(work)
         _refuse_writes_at_trace(work, before)
         if not torch.equal(rng, torch.random.get_rng_state()):
-            raise _SideEffectAtTrace("its forward draws random numbers outside the graph "
-                                  "symbolic_trace records (drawn once, at trace time, they "
-                                  "would be constants of the graph)")
+            torch.random.set_rng_state(rng)  # (the caller's draws go on as if never traced)
+            raise _SideEffectAtTrace("its forward draws random numbers outside the traced "
+                                     "graph (once, at trace time: constants of the graph)")
         gm = without_code(work, graph, type(work).__name__)
     except Exception as trace_exc:
         where = user_frame(trace_exc)
@@ -117,8 +118,7 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
-        if isinstance(trace_exc, _SideEffectAtTrace):
-            work = _copy(model)  # (the copy traced holds the write's result)
+        work = _copy(model)  # (the failed trace may have written the copy it traced)
         try:
             with _quiet_torch_logs():
                 exported = _export(work, args)
@@ -150,34 +150,67 @@ class _SideEffectAtTrace(Exception):
     while it was traced, where the graph records neither."""
 
 
-def _versions(model: torch.nn.Module) -> dict[int, tuple[torch.Tensor, int]]:
-    """Every tensor ``model``'s modules hold, with its version counter (bumped by each
-    in-place write)."""
+#: Buffers of at most this many elements are compared by value after the trace as well (a
+#: write through ``.data`` bumps no version counter of the buffer itself).
+_COMPARED_BUFFER_MAX = 1 << 16
+
+
+@dataclass
+class _Held:
+    """One tensor a module holds before the trace: the tensor, its version counter and, for
+    a small buffer, a copy of its values."""
+
+    tensor: torch.Tensor
+    version: int
+    values: torch.Tensor | None
+
+
+def _state(model: torch.nn.Module) -> dict[tuple[int, str], _Held]:
+    """Every tensor ``model``'s modules hold, by (module id, attribute name)."""
     out = {}
     for module in model.modules():
-        for t in (*module._parameters.values(), *module._buffers.values(), *vars(module).values()):
+        buffers = module._buffers
+        for key, t in (*module._parameters.items(), *buffers.items(), *vars(module).items()):
             if isinstance(t, torch.Tensor) and not t.is_inference():
-                out[id(t)] = (t, t._version)
+                small = key in buffers and t.numel() <= _COMPARED_BUFFER_MAX and not t.is_meta
+                out[id(module), key] = _Held(t, t._version, t.detach().clone() if small else None)
     return out
 
 
-def _refuse_writes_at_trace(model: torch.nn.Module,
-                            before: dict[int, tuple[torch.Tensor, int]]) -> None:
-    """Raise :class:`_SideEffectAtTrace` if tracing ``model`` wrote one of the tensors of
-    ``before`` (:func:`_versions`) in place: code that reaches a tensor past the tracer's
-    proxies (a buffer through its attribute, ``self.parameters()``) runs once, at trace time,
-    and leaves no node, so the graph would run without the write the model makes at each
-    call (a counter, a cache) and read the value the trace left."""
-    written = {id(t) for t, version in before.values() if t._version != version}
-    if written:
-        names = [f"{path}.{key}" if path else key
-                 for path, module in model.named_modules(remove_duplicate=False)
-                 for key, t in (*module._parameters.items(), *module._buffers.items(),
-                                *vars(module).items())
-                 if isinstance(t, torch.Tensor) and id(t) in written]
-        shown = ", ".join(sorted(set(names))[:3]) or "a tensor"
-        raise _SideEffectAtTrace(f"its forward writes {shown} in place outside the graph "
-                              "symbolic_trace records (the write runs once, at trace time)")
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` holds ``a``'s values (NaN equal to NaN)."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point() or a.shape != b.shape:
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def _refuse_writes_at_trace(model: torch.nn.Module, before: dict[tuple[int, str], _Held]
+                            ) -> None:
+    """Raise :class:`_SideEffectAtTrace` if tracing ``model`` changed a tensor of ``before``
+    (:func:`_state`): wrote it in place (its version counter; a small buffer's values too,
+    since a write through ``.data`` bumps another counter) or put another tensor in its place
+    (``self.n = self.n + 1``). Code that reaches a tensor past the tracer's proxies (a buffer
+    through its attribute, ``self.parameters()``) runs once, at trace time, and leaves no
+    node, so the graph would run without the change the model makes at each call (a counter,
+    a cache) and read the value the trace left."""
+    changed = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        for key, held in ((k, before.get((id(module), k))) for k in (
+                *module._parameters, *module._buffers, *vars(module))):
+            if held is None:
+                continue
+            now = getattr(module, key, None)
+            if now is not held.tensor or held.tensor._version != held.version or (
+                    held.values is not None and not _same(held.values, now)):
+                changed.append(f"{path}.{key}" if path else key)
+    if changed:
+        shown = ", ".join(sorted(set(changed))[:3])
+        hint = " (training mode?)" if any(m.training for m in model.modules()) else ""
+        raise _SideEffectAtTrace(f"its forward writes {shown} outside the traced graph (once, "
+                                 f"at trace time){hint}")
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...]) -> torch.export.ExportedProgram:

@@ -146,8 +146,8 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class _SideEffectAtTrace(Exception):
-    """The model's ``forward`` wrote one of its tensors in place, or drew random numbers,
-    while it was traced, where the graph records neither."""
+    """The model's ``forward`` changed one of its tensors, or drew random numbers, while it
+    was traced, where the graph records neither."""
 
 
 #: Buffers of at most this many elements are compared by value after the trace as well (a

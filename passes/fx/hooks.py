@@ -57,11 +57,8 @@ def _global_hook_kinds() -> list[str]:
     which run on each BN and layer too."""
     from torch.nn.modules import module as nn_module
 
-    return [f"global {kind} (registered for every module)" for kind, name in (
-        ("forward hook", "_global_forward_hooks"),
-        ("forward pre-hook", "_global_forward_pre_hooks"),
-        ("backward hook", "_global_backward_hooks"),
-        ("backward pre-hook", "_global_backward_pre_hooks")) if getattr(nn_module, name, None)]
+    return [f"global {kind} (registered for every module)" for kind, attr in _HOOKS.items()
+            if getattr(nn_module, f"_global{attr}", None)]
 
 
 def hook_reason(name: str, module: nn.Module, known: tuple[type, ...] = ()) -> str | None:

@@ -153,27 +153,33 @@ class _SideEffectAtTrace(Exception):
 #: Buffers of at most this many elements are compared by value after the trace as well (a
 #: write through ``.data`` bumps no version counter of the buffer itself).
 _COMPARED_BUFFER_MAX = 1 << 16
+_GONE = object()  # (an attribute the trace deleted: not looked at, as before it was none)
 
 
 @dataclass
 class _Held:
-    """One tensor a module holds before the trace: the tensor, its version counter and, for
-    a small buffer, a copy of its values."""
+    """One tensor a module holds before the trace: where (the module, its path and the
+    attribute), the tensor, its version counter and, for a small buffer, a copy of its
+    values."""
 
+    module: torch.nn.Module
+    name: str
+    key: str
     tensor: torch.Tensor
     version: int
     values: torch.Tensor | None
 
 
-def _state(model: torch.nn.Module) -> dict[tuple[int, str], _Held]:
-    """Every tensor ``model``'s modules hold, by (module id, attribute name)."""
-    out = {}
-    for module in model.modules():
+def _state(model: torch.nn.Module) -> list[_Held]:
+    """Every tensor ``model``'s modules hold (under each path a module has)."""
+    out = []
+    for path, module in model.named_modules(remove_duplicate=False):
         buffers = module._buffers
         for key, t in (*module._parameters.items(), *buffers.items(), *vars(module).items()):
             if isinstance(t, torch.Tensor) and not t.is_inference():
                 small = key in buffers and t.numel() <= _COMPARED_BUFFER_MAX and not t.is_meta
-                out[id(module), key] = _Held(t, t._version, t.detach().clone() if small else None)
+                out.append(_Held(module, f"{path}.{key}" if path else key, key, t, t._version,
+                                 t.detach().clone() if small else None))
     return out
 
 
@@ -187,8 +193,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
-def _refuse_writes_at_trace(model: torch.nn.Module, before: dict[tuple[int, str], _Held]
-                            ) -> None:
+def _refuse_writes_at_trace(model: torch.nn.Module, before: list[_Held]) -> None:
     """Raise :class:`_SideEffectAtTrace` if tracing ``model`` changed a tensor of ``before``
     (:func:`_state`): wrote it in place (its version counter; a small buffer's values too,
     since a write through ``.data`` bumps another counter) or put another tensor in its place
@@ -197,15 +202,11 @@ def _refuse_writes_at_trace(model: torch.nn.Module, before: dict[tuple[int, str]
     node, so the graph would run without the change the model makes at each call (a counter,
     a cache) and read the value the trace left."""
     changed = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        for key, held in ((k, before.get((id(module), k))) for k in (
-                *module._parameters, *module._buffers, *vars(module))):
-            if held is None:
-                continue
-            now = getattr(module, key, None)
-            if now is not held.tensor or held.tensor._version != held.version or (
-                    held.values is not None and not _same(held.values, now)):
-                changed.append(f"{path}.{key}" if path else key)
+    for held in before:
+        now = getattr(held.module, held.key, _GONE)
+        if now is not _GONE and (now is not held.tensor or held.tensor._version != held.version
+                                 or (held.values is not None and not _same(held.values, now))):
+            changed.append(held.name)
     if changed:
         shown = ", ".join(sorted(set(changed))[:3])
         hint = " (training mode?)" if any(m.training for m in model.modules()) else ""

@@ -564,7 +564,9 @@ def test_inplace_refuses_a_plain_module_and_leaves_it_untouched() -> None:
 
 
 def test_bad_example_inputs_name_the_layer_in_one_line(capfd: pytest.CaptureFixture) -> None:
-    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    # (Linear -> BatchNorm1d needs the rank, so the fold runs the model on the example inputs)
+    model = prepared(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 4),
+                                   nn.BatchNorm1d(4)))
     with pytest.raises(BadInputError) as info:
         bnfold.fold(model, torch.randn(2, 5, 6, 6))
     assert str(info.value).startswith("example_inputs do not run through the model: at 0: "

@@ -57,7 +57,7 @@ import copy
 import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,7 @@ from bnfold.passes.fx.sites import (
 )
 from bnfold.passes.fx.splits import is_split_point, plan_split
 from bnfold.passes.fx.trace import (
+    drop_pending_shapes,
     open_model,
     shape_of,
     uncompiled,
@@ -127,7 +128,9 @@ def fold_fx(
     ``example_inputs`` (a tensor or a tuple of inputs) gives shapes, so channel axes through
     reshapes and of rank-ambiguous layers (Linear, Conv1d) can be checked without run-time
     rank dispatch (see the module docstring), and enables the ``torch.export`` fallback for
-    models ``symbolic_trace`` cannot trace. Without ``inplace`` the input is deep-copied and
+    models ``symbolic_trace`` cannot trace. The model runs on them only once a fold needs a
+    shape (a report note says when none did; then they are not checked either). Without
+    ``inplace`` the input is deep-copied and
     never modified; ``inplace=True`` rewrites a ``GraphModule`` input itself (its submodules,
     shared with whatever it was traced from, get the folded weights) and is refused for any
     other module, whose Python forward would go on calling its BNs on folded weights.
@@ -150,7 +153,7 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
     """:func:`fold_fx`'s work (the cyclic collector paused meanwhile)."""
     tick = progress or _no_progress
     select = Selection.of(include, exclude)
-    gm, how, args = open_model(model, example_inputs, inplace=inplace)
+    gm, how, args = open_model(model, example_inputs, inplace=inplace, shapes_on_demand=True)
     forget_holdings(gm)
     carried = None
     if how.startswith("symbolic_trace"):
@@ -200,6 +203,8 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
             "to fold without dispatch")
     folder.cleanup()
     forget_holdings(gm)
+    if drop_pending_shapes(gm):
+        report.notes.append("example_inputs were not run: no fold needed a shape")
     return PassResult(gm, report)
 
 
@@ -536,17 +541,40 @@ class _Folder:
 
         The fold needs the BN's channel axis to be the layer's channel axis. ``start`` is the
         tensor at the layer's channel side: its output (forward fold, then ``chain``) or its
-        input (backward fold, no chain). With a recorded shape there is one rank to check.
-        Without, every rank the graph allows at ``start`` (:func:`possible_ranks`) is checked:
-        none fits -> refused; all fit -> folded; some fit -> folded with a run-time guard that
-        ``start`` has one of the fitting ranks (the returned ranks), so no input of another
-        rank can run through a fold that is not exact for it.
+        input (backward fold, no chain). First every rank the layer accepts is checked: when
+        each one fits or makes the layer, the chain or the BN raise, the fold is exact at
+        whatever rank runs, and no shape is needed (no shape pass runs for it). Otherwise, with
+        a recorded shape there is one rank to check. Without, every rank the graph allows at
+        ``start`` (:func:`possible_ranks`) is checked: none fits -> refused; all fit ->
+        folded; some fit -> folded with a run-time guard that ``start`` has one of the fitting
+        ranks (the returned ranks), so no input of another rank can run through a fold that
+        is not exact for it.
         """
+        good, problems = self._rank_fits(layer, chain, site, layer.ranks())
+        if good and not problems:
+            return None, ()
         shape = shape_of(start)
         if shape is not None:
             ranks = [len(shape)]
         else:
             ranks = sorted(self.possible_ranks[start] & set(layer.ranks()))
+        good, problems = self._rank_fits(layer, chain, site, ranks)
+        if problems and (shape is not None or not good):
+            rank, text = problems[0]
+            if shape is None and len(ranks) == 1:
+                text = f"{text} (the graph allows only rank {rank} there)"
+            elif shape is None:
+                allowed = ", ".join(map(str, ranks))
+                text = f"{text} (at rank {rank}, one of the ranks {allowed} the graph allows)"
+            return text, ()
+        if not good:
+            return f"the BN's input rank does not fit {layer.label}'s output", ()
+        return None, tuple(good) if problems else ()
+
+    def _rank_fits(self, layer: LayerSite, chain: Sequence[fx.Node], site: BatchNormSite,
+                   ranks: Iterable[int]) -> tuple[list[int], list[tuple[int, str]]]:
+        """``(ranks where the BN's channel is the layer's, (rank, why not) where it is not)``;
+        a rank where the layer, the chain or the BN raises is in neither."""
         good, problems = list[int](), list[tuple[int, str]]()
         for rank in ranks:
             axis = layer.channel_axis(rank)
@@ -569,17 +597,7 @@ class _Folder:
             what = "the affine scales" if site.chain else "the BN normalizes"
             problems.append((rank, f"{what} dim {channel} {where} but "
                                    f"{layer.label}'s channels are on dim {end[1]}"))
-        if problems and (shape is not None or not good):
-            rank, text = problems[0]
-            if shape is None and len(ranks) == 1:
-                text = f"{text} (the graph allows only rank {rank} there)"
-            elif shape is None:
-                allowed = ", ".join(map(str, ranks))
-                text = f"{text} (at rank {rank}, one of the ranks {allowed} the graph allows)"
-            return text, ()
-        if not good:
-            return f"the BN's input rank does not fit {layer.label}'s output", ()
-        return None, tuple(good) if problems else ()
+        return good, problems
 
     @functools.cached_property
     def possible_ranks(self) -> dict[fx.Node, frozenset[int]]:

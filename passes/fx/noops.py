@@ -72,10 +72,11 @@ def cast_refusal(node: fx.Node, dtype: torch.dtype | None) -> str | None:
         return None
     if dtype is None:
         source = node.args[0]
-        meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
-        val = source.meta.get("val") if isinstance(source, fx.Node) else None
+        known = isinstance(source, fx.Node) and shape_of(source) is not None  # (may run shapes)
+        meta = source.meta.get("tensor_meta") if known else None
+        val = source.meta.get("val") if known else None
         dtype = getattr(meta, "dtype", None) or getattr(val, "dtype", None)
-        if dtype is None or shape_of(source) is None:
+        if dtype is None:
             return f"{node.name} casts to {target}; without example_inputs its input's dtype " \
                    "is unknown, so it may not be a no-op"
     if dtype != target:

@@ -49,24 +49,47 @@ def as_args(example_inputs: Any) -> tuple[Any, ...] | None:
     return (example_inputs,)
 
 
+#: ``gm.meta`` key of the example inputs whose shape pass waits for the first shape asked for
+_PENDING = "bnfold.shapes_pending"
+
+
 def open_model(
-    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False
+    model: torch.nn.Module, example_inputs: Any, *, inplace: bool = False,
+    shapes_on_demand: bool = False,
 ) -> tuple[fx.GraphModule, str, tuple[Any, ...] | None]:
     """The FX passes' one front door: ``(graph module, how it was obtained, example args)``.
 
     Traces ``model`` (:func:`graph_module_of`: symbolic_trace, then the ``torch.export``
     fallback when example inputs are given) and records every node's shape on the example
-    inputs (:func:`annotate_shapes`; a ``torch.export`` graph has them already, read both with
-    :func:`shape_of`). Every bad input raises a :class:`~bnfold.errors.BnfoldError`: an
+    inputs (:func:`record_shapes`; a ``torch.export`` graph has them already, read both with
+    :func:`shape_of`). With ``shapes_on_demand`` (and not ``inplace``) that shape pass waits
+    until :func:`shape_of` first finds a node without a shape, and never runs if none is asked
+    for; :func:`drop_pending_shapes` ends the wait. It may then run on a graph some folds have
+    rewritten, which is sound because a fold leaves the shape of every remaining node as it was.
+    Not with ``inplace``: bad example inputs found halfway would leave the caller's graph
+    half rewritten. Every bad input raises a :class:`~bnfold.errors.BnfoldError`: an
     untraceable model :class:`~bnfold.errors.UntraceableError`, a TorchScript module
     :class:`~bnfold.errors.UnsupportedError`.
     """
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
-        with state_kept(gm):  # (a forward that writes a buffer in place runs here)
-            annotate_shapes(gm, args)
+        if shapes_on_demand and not inplace:
+            gm.meta[_PENDING] = args
+        else:
+            record_shapes(gm, args)
     return gm, how, args
+
+
+def record_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """:func:`annotate_shapes`, leaving every model tensor the graph writes as it was."""
+    with state_kept(gm):  # (a forward that writes a buffer in place runs here)
+        annotate_shapes(gm, args)
+
+
+def drop_pending_shapes(gm: fx.GraphModule) -> bool:
+    """End an on-demand shape pass's wait (:func:`open_model`); true if it never ran."""
+    return gm.meta.pop(_PENDING, None) is not None
 
 
 def graph_module_of(
@@ -600,7 +623,18 @@ def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
 
 
 def shape_of(node: fx.Node) -> tuple[int | None, ...] | None:
-    """The recorded output shape of ``node`` (symbolic sizes as None), or None if unknown."""
+    """The recorded output shape of ``node`` (symbolic sizes as None), or None if unknown; the
+    first node found without one runs a pending shape pass (:func:`open_model`)."""
+    shape = _recorded_shape(node)
+    gm = node.graph.owning_module
+    if shape is None and gm is not None and _PENDING in gm.meta:
+        record_shapes(gm, gm.meta.pop(_PENDING))
+        shape = _recorded_shape(node)
+    return shape
+
+
+def _recorded_shape(node: fx.Node) -> tuple[int | None, ...] | None:
+    """:func:`shape_of` from ``node.meta`` alone."""
     val = node.meta.get("val")
     shape: Sequence[Any] | None = None
     if isinstance(val, torch.Tensor):

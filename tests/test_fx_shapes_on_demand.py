@@ -1,0 +1,155 @@
+"""The FX fold runs its shape pass on the example inputs only once a rule needs a shape.
+
+``bnfold.fold(model, example_inputs)`` first checks a BN's channel axis at every rank its layer
+accepts (a ``Conv2d -> BatchNorm2d`` fits at each rank where neither raises: no shape needed);
+only a fold the graph alone cannot settle (a ``Linear`` before a ``BatchNorm1d``, a reshape, a
+concat) runs the model on the example inputs, then on a graph earlier folds may have
+rewritten, whose remaining nodes keep their shapes. Checked here: every zoo, reach, rep and
+architecture model folds to the same report as with the shapes recorded up front, a pass that
+starts halfway through the folds gives the exact model, bad example inputs are reported
+wherever a shape is needed (before any rewrite with ``inplace``), and a fold that never ran them
+says so.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import bnfold
+from bnfold.errors import BadInputError
+from bnfold.models import arch, reach, rep, zoo
+from bnfold.models.stats import randomize_bn_stats
+from bnfold.passes.fx import fold as fx_fold
+from bnfold.passes.fx import trace
+
+NOT_RUN = "example_inputs were not run: no fold needed a shape"
+
+MODELS = [(zoo, n) for n in zoo.ZOO] + [(reach, n) for n in reach.REACH] + \
+    [(rep, n) for n in rep.PATTERNS]
+
+
+def _entries(report: bnfold.Report) -> list[tuple[object, ...]]:
+    return [(e.bn, e.module, e.action, e.into, e.reason, sorted(e.details.items(), key=str))
+            for e in report.entries]
+
+
+def _fold_with_shapes_up_front(model: nn.Module, x: torch.Tensor,
+                               monkeypatch: pytest.MonkeyPatch) -> bnfold.PassResult:
+    eager = trace.open_model
+
+    def open_eagerly(*args: object, **kwargs: object) -> object:
+        kwargs["shapes_on_demand"] = False
+        return eager(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(fx_fold, "open_model", open_eagerly)
+        return bnfold.fold(model, x)
+
+
+def _runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the shape passes (one entry per :func:`trace.annotate_shapes` call)."""
+    calls: list[int] = []
+    real = trace.annotate_shapes
+    monkeypatch.setattr(trace, "annotate_shapes",
+                        lambda gm, args: calls.append(1) or real(gm, args))
+    return calls
+
+
+@pytest.mark.parametrize("source,name", MODELS, ids=[f"{s.__name__.split('.')[-1]}-{n}"
+                                                     for s, n in MODELS])
+def test_same_report_as_shapes_up_front(source, name: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = source.get(name), source.example_input(name)
+    want = _fold_with_shapes_up_front(model, x, monkeypatch)
+    runs = _runs(monkeypatch)
+    got = bnfold.fold(model, x)
+    assert _entries(got.report) == _entries(want.report)
+    assert (NOT_RUN in got.report.notes) == (not runs) and len(runs) <= 1
+    assert NOT_RUN not in want.report.notes
+
+
+@pytest.mark.parametrize("name", list(arch.ARCHS))
+def test_architectures_same_report_and_only_concat_bns_need_shapes(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = arch.get(name, width=0.25), arch.example_input(name, small=True)
+    want = _fold_with_shapes_up_front(model, x, monkeypatch)
+    runs = _runs(monkeypatch)
+    got = bnfold.fold(model, x)
+    assert _entries(got.report) == _entries(want.report)
+    # DenseNet's BNs read concats (how many channels each input brings: a shape); every
+    # other family's BNs follow a conv whose rank the BN fixes
+    assert runs == ([1] if name == "densenet121" else [])
+
+
+class _ConvThenHead(nn.Module):
+    """Conv2d -> BN2d (no shape needed), then flatten -> Linear -> BN1d: a Linear takes any
+    rank >= 1 and a BatchNorm1d normalizes dim 1 at rank 2 or 3, so only the example input's
+    rank says the BN's channels are the Linear's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc, self.bn1 = nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.bn1(self.fc(y.flatten(1)))
+
+
+def _head() -> nn.Module:
+    return randomize_bn_stats(_ConvThenHead(), seed=3).eval()
+
+
+def test_a_pass_started_after_a_fold_gives_the_exact_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _head(), torch.randn(2, 3, 6, 6)
+    folded_first: list[bool] = []
+    real = trace.annotate_shapes
+
+    def spy(gm: fx.GraphModule, args: tuple[object, ...]) -> None:
+        # the conv's BN is gone by the time the head's BN asks for a shape
+        folded_first.append(not any(n.target == "bn" for n in gm.graph.nodes))
+        real(gm, args)
+    monkeypatch.setattr(trace, "annotate_shapes", spy)
+    gm, report = bnfold.fold(model, x)
+    assert folded_first == [True]
+    assert [e.action for e in report.entries] == ["folded", "folded"]
+    assert "rank_dispatch" not in str(report.entries) and NOT_RUN not in report.notes
+    fresh = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.double()(fresh)
+        got = gm(fresh.float()).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert trace._PENDING not in gm.meta  # the example inputs are not kept
+
+
+def test_bad_example_inputs_are_reported_where_a_shape_is_needed() -> None:
+    with pytest.raises(BadInputError) as info:
+        bnfold.fold(_head(), torch.randn(2, 3, 5, 5))  # 4*5*5 features, the Linear takes 144
+    assert str(info.value).startswith("example_inputs do not run through the model: at fc: ")
+    assert "\n" not in str(info.value)
+
+
+def test_inplace_runs_the_shapes_before_any_rewrite() -> None:
+    gm = fx.symbolic_trace(_head())
+    before = [(n.op, n.target) for n in gm.graph.nodes]
+    weight = gm.conv.weight.detach().clone()
+    with pytest.raises(BadInputError, match="do not run through the model"):
+        bnfold.fold(gm, torch.randn(2, 3, 5, 5), inplace=True)
+    assert [(n.op, n.target) for n in gm.graph.nodes] == before
+    assert torch.equal(gm.conv.weight, weight)
+
+
+def test_a_fold_that_needs_no_shape_says_its_inputs_were_not_run() -> None:
+    model = randomize_bn_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 1).eval()
+    gm, report = bnfold.fold(model, torch.randn(2, 5, 6, 6))  # 5 channels: never run
+    assert report.notes == [NOT_RUN] and [e.action for e in report.entries] == ["folded"]
+    assert trace._PENDING not in gm.meta
+    fresh = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = model.double()(fresh)
+        got = gm(fresh.float()).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    again, second = bnfold.fold(gm, torch.randn(2, 3, 6, 6))  # (nothing pending left over)
+    assert second.entries == [] and again is not gm

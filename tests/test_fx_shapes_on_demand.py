@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import bnfold
 from bnfold.errors import BadInputError
@@ -23,6 +25,7 @@ from bnfold.models import arch, reach, rep, zoo
 from bnfold.models.stats import randomize_bn_stats
 from bnfold.passes.fx import fold as fx_fold
 from bnfold.passes.fx import trace
+from bnfold.passes.fx.model_copy import deep_copy
 
 NOT_RUN = "example_inputs were not run: no fold needed a shape"
 
@@ -153,3 +156,52 @@ def test_a_fold_that_needs_no_shape_says_its_inputs_were_not_run() -> None:
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
     again, second = bnfold.fold(gm, torch.randn(2, 3, 6, 6))  # (nothing pending left over)
     assert second.entries == [] and again is not gm
+
+
+def _rel_err_on(gm: nn.Module, model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        want = deep_copy(model).double()(x.double())
+        got = gm(x).double()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_shapes_recorded_before_are_not_taken_for_the_example_inputs() -> None:
+    """A GraphModule whose nodes carry shapes of a rank-2 input (ShapeProp, an earlier fold)
+    folded with a rank-3 example: ``[N, L, C]`` puts the BatchNorm1d on L, not on the
+    Linear's features, so the BN is kept (the old shapes said it folds)."""
+    model = randomize_bn_stats(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), 0).eval()
+    gm0 = fx.symbolic_trace(model)
+    ShapeProp(gm0).propagate(torch.randn(4, 6))
+    x = torch.randn(4, 5, 6)
+    gm, report = bnfold.fold(gm0, x)
+    assert [e.action for e in report.entries] == ["kept"]
+    assert "dim 1 of its input [4, 5, 5]" in (report.entries[0].reason or "")
+    assert _rel_err_on(gm, model, x) < 1e-6
+
+
+class _ResampledUnbatched(nn.Module):
+    """Conv2d -> F.interpolate -> F.batch_norm: on an unbatched input ``[C, H, W]`` the
+    interpolate takes the conv's channels for the batch and the BN normalizes H (here of the
+    BN's size), so only the shape says the BN is not over the conv's channels."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 1)
+        self.register_buffer("mean", torch.randn(c) * 0.5)
+        self.register_buffer("var", torch.rand(c) * 2 + 0.3)
+        self.gamma, self.beta = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.interpolate(self.conv(x), scale_factor=2.0)
+        return F.batch_norm(y, self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+
+
+def test_a_chain_op_refusing_a_rank_does_not_settle_the_axis_without_shapes() -> None:
+    model, x = _ResampledUnbatched().eval(), torch.randn(3, 4, 5)
+    gm, report = bnfold.fold(model, x)
+    assert [e.action for e in report.entries] == ["kept"] and NOT_RUN not in report.notes
+    assert _rel_err_on(gm, model, x) < 1e-6
+    batched = torch.randn(2, 3, 4, 5)  # (batched: the BN is over the conv's channels)
+    gm, report = bnfold.fold(model, batched)
+    assert [e.action for e in report.entries] == ["folded"]
+    assert _rel_err_on(gm, model, torch.randn(3, 3, 4, 5)) < 1e-5

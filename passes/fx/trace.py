@@ -75,6 +75,8 @@ def open_model(
     gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
         if shapes_on_demand and not inplace:
+            for node in gm.graph.nodes:  # (shapes an earlier pass recorded: not these inputs')
+                node.meta.pop("tensor_meta", None)
             gm.meta[_PENDING] = args
         else:
             record_shapes(gm, args)

@@ -232,3 +232,31 @@ def test_a_global_module_hook_keeps_every_bn() -> None:
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
     finally:
         handle.remove()
+
+
+class _BranchOnShape(nn.Module):
+    """Conv -> BN, then a branch on a shape: folded through the torch.export fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y * 2 if y.shape[2] > 3 else y
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+def test_the_result_of_an_export_fallback_folds_again_and_runs() -> None:
+    """torch.export's module checks its inputs in a pre-hook reading ``validate_inputs``,
+    which ``copy.deepcopy`` of a GraphModule drops: the second fold's copy keeps it."""
+    model, x = randomize_bn_stats(_BranchOnShape(), 0).eval(), torch.randn(2, 3, 5, 5)
+    first, report = bnfold.fold(model, x)
+    assert report.notes[0].startswith("traced with torch.export")
+    again, report = bnfold.fold(first, x)
+    assert report.entries == [] and again is not first
+    fresh = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(fresh.double())
+        got = again(fresh).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

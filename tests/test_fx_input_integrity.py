@@ -226,3 +226,47 @@ def test_a_layer_a_hook_object_holds_is_kept(hook: Callable[[nn.Module], object]
     assert [e.bn for e in report.folded] == ["1"]
     kept = report.kept[0]
     assert kept.bn == "4" and "3 is held by a forward hook of 2" in kept.reason
+
+
+class _WritesItsInput(nn.Module):
+    """``x.mul_(2)`` on the input, then Linear -> BatchNorm1d (a fold that needs a shape, so
+    the example inputs run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.bn(self.fc(x))
+
+
+def test_the_shape_pass_leaves_the_callers_example_inputs_as_they_were() -> None:
+    x = torch.randn(4, 6)
+    before = x.clone()
+    _, report = bnfold.fold(randomize_bn_stats(_WritesItsInput(), 0).eval(), x)
+    assert [e.action for e in report.entries] == ["folded"]
+    assert torch.equal(x, before) and x._version == 0
+
+
+class _FunctionalTrainingBN(nn.Module):
+    """``F.batch_norm(training=True)`` on the model's buffers (updates them when run), then
+    Linear -> BatchNorm1d (a fold that needs a shape, so the graph runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.conv, self.fc, self.bn = nn.Conv2d(3, 4, 1), nn.Linear(4, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.batch_norm(self.conv(x), self.rm, self.rv, None, None, True,
+                                           0.5, 1e-5)
+        return self.bn(self.fc(y.mean((2, 3))))
+
+
+def test_the_shape_pass_leaves_running_statistics_a_functional_bn_updates() -> None:
+    model = randomize_bn_stats(_FunctionalTrainingBN(), 0).eval()
+    gm, report = bnfold.fold(model, torch.randn(4, 3, 4, 4))
+    assert [e.action for e in report.entries] == ["kept", "folded"]
+    assert torch.equal(gm.rm, model.rm) and torch.equal(gm.rv, model.rv)

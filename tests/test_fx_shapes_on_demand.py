@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 import bnfold
@@ -205,3 +207,24 @@ def test_a_chain_op_refusing_a_rank_does_not_settle_the_axis_without_shapes() ->
     gm, report = bnfold.fold(model, batched)
     assert [e.action for e in report.entries] == ["folded"]
     assert _rel_err_on(gm, model, torch.randn(3, 3, 4, 5)) < 1e-5
+
+
+def test_fake_tensor_shapes_of_another_input_are_dropped_too() -> None:
+    """``meta["val"]`` (FakeTensorProp, a traced program) is read before the shape pass's
+    records: when the placeholders' values disagree with the example inputs, it goes."""
+    model = randomize_bn_stats(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), 0).eval()
+    gm0 = fx.symbolic_trace(model)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    FakeTensorProp(gm0, mode).propagate(mode.from_tensor(torch.randn(4, 6)))
+    x = torch.randn(4, 5, 6)
+    gm, report = bnfold.fold(gm0, x)
+    assert [e.action for e in report.entries] == ["kept"]
+    assert _rel_err_on(gm, model, x) < 1e-6
+
+
+def test_without_example_inputs_a_rank_the_chain_cannot_be_followed_at_is_dispatched() -> None:
+    model = _ResampledUnbatched().eval()
+    gm, report = bnfold.fold(model)
+    assert report.entries[0].details.get("rank_dispatch") == [4]
+    for x in (torch.randn(3, 4, 5), torch.randn(2, 3, 4, 5)):  # unbatched: the original runs
+        assert _rel_err_on(gm, model, x) < 1e-5

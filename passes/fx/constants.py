@@ -229,6 +229,11 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_function" and user.target in _ALIASING_FUNCTIONS
 
 
+#: Functional BNs: positions of ``running_mean``, ``running_var`` and ``training``.
+_BN_UPDATES = {F.batch_norm: (1, 2, 5), torch.batch_norm: (3, 4, 5)}
+_BN_UPDATE_ARGS = (("running_mean", None), ("running_var", None), ("training", False))
+
+
 def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
     """True when ``user`` may write into ``node``'s tensor: as its ``out=``, as an ATen
     argument its schema marks written, or as the first argument of an in-place method,
@@ -236,6 +241,11 @@ def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
     target = user.target
     if user.kwargs.get("out") is node:
         return True
+    if target in _BN_UPDATES:  # (training=True updates the running statistics in place)
+        mean, var, training = (
+            user.args[i] if i < len(user.args) else user.kwargs.get(name, default)
+            for i, (name, default) in zip(_BN_UPDATES[target], _BN_UPDATE_ARGS, strict=True))
+        return training is not False and node in (mean, var)
     if isinstance(target, torch._ops.OpOverload):
         return any(arg.alias_info is not None and arg.alias_info.is_write and (
             user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)) is node

@@ -543,23 +543,24 @@ class _Folder:
         tensor at the layer's channel side: its output (forward fold, then ``chain``) or its
         input (backward fold, no chain). First every rank the layer accepts is checked: when
         each one fits or makes the layer or the BN raise, the fold is exact at whatever rank
-        runs, and no shape is needed (no shape pass runs for it; a chain op :func:`follow`
-        cannot take at some rank does not settle it, as that may mean "unknown"). Otherwise, with
+        runs, and no shape is needed (no shape pass runs for it). A rank the chain cannot be
+        followed at (:func:`follow` gives None: an op that raises there, or one it cannot
+        read) counts as one that does not fit. Otherwise, with
         a recorded shape there is one rank to check. Without, every rank the graph allows at
         ``start`` (:func:`possible_ranks`) is checked: none fits -> refused; all fit ->
         folded; some fit -> folded with a run-time guard that ``start`` has one of the fitting
         ranks (the returned ranks), so no input of another rank can run through a fold that
         is not exact for it.
         """
-        good, problems, unfollowed = self._rank_fits(layer, chain, site, layer.ranks())
-        if good and not problems and not unfollowed:
+        good, problems = self._rank_fits(layer, chain, site, layer.ranks())
+        if good and not problems:
             return None, ()
         shape = shape_of(start)
         if shape is not None:
             ranks = [len(shape)]
         else:
             ranks = sorted(self.possible_ranks[start] & set(layer.ranks()))
-        good, problems, _ = self._rank_fits(layer, chain, site, ranks)
+        good, problems = self._rank_fits(layer, chain, site, ranks)
         if problems and (shape is not None or not good):
             rank, text = problems[0]
             if shape is None and len(ranks) == 1:
@@ -573,13 +574,10 @@ class _Folder:
         return None, tuple(good) if problems else ()
 
     def _rank_fits(self, layer: LayerSite, chain: Sequence[fx.Node], site: BatchNormSite,
-                   ranks: Iterable[int]
-                   ) -> tuple[list[int], list[tuple[int, str]], list[int]]:
-        """``(ranks where the BN's channel is the layer's, (rank, why not) where it is not,
-        ranks the chain cannot be followed at)``; a rank where the layer or the BN raises is
-        in none of them (and one the chain cannot be followed at is taken for a rank where
-        the chain raises, once shapes or the graph's possible ranks narrowed the ranks)."""
-        good, problems, unfollowed = list[int](), list[tuple[int, str]](), list[int]()
+                   ranks: Iterable[int]) -> tuple[list[int], list[tuple[int, str]]]:
+        """``(ranks where the BN's channel is the layer's, (rank, why not) where it is not)``;
+        a rank where the layer or the BN raises is in neither."""
+        good, problems = list[int](), list[tuple[int, str]]()
         for rank in ranks:
             axis = layer.channel_axis(rank)
             end = None if axis is None else follow(self.gm, chain, rank, axis)
@@ -587,7 +585,9 @@ class _Folder:
                 problems.append((rank, end))
                 continue
             if axis is not None and end is None:
-                unfollowed.append(rank)
+                names = ", ".join(c.name for c in chain)
+                problems.append((rank, f"{layer.label}'s channels cannot be followed through "
+                                       f"{names} at rank {rank}"))
                 continue
             channel = None if end is None else site.channel_axis(end[0])
             if end is not None and channel is None and site.chain:
@@ -604,7 +604,7 @@ class _Folder:
             what = "the affine scales" if site.chain else "the BN normalizes"
             problems.append((rank, f"{what} dim {channel} {where} but "
                                    f"{layer.label}'s channels are on dim {end[1]}"))
-        return good, problems, unfollowed
+        return good, problems
 
     @functools.cached_property
     def possible_ranks(self) -> dict[fx.Node, frozenset[int]]:

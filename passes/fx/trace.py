@@ -74,6 +74,7 @@ def open_model(
     args = as_args(example_inputs)
     gm, how = graph_module_of(model, args, inplace=inplace)
     if args is not None and not how.startswith("torch.export"):
+        _forget_other_inputs_shapes(gm, args)
         if shapes_on_demand and not inplace:
             for node in gm.graph.nodes:  # (shapes an earlier pass recorded: not these inputs')
                 node.meta.pop("tensor_meta", None)
@@ -83,8 +84,29 @@ def open_model(
     return gm, how, args
 
 
+def _forget_other_inputs_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """Drop the ``val`` (and ``tensor_meta``) of every node of a graph module traced or
+    propagated on inputs of other shapes than ``args`` (a placeholder's ``val`` of another
+    rank or fixed size): :func:`shape_of` reads ``val`` first, which the shape pass does not
+    overwrite."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    for node, arg in zip(placeholders, args, strict=False):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(arg, torch.Tensor) and (
+                val.dim() != arg.dim() or any(isinstance(d, int) and d != a
+                                              for d, a in zip(val.shape, arg.shape, strict=True))):
+            for n in gm.graph.nodes:
+                n.meta.pop("val", None)
+                n.meta.pop("tensor_meta", None)
+            return
+
+
 def record_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
-    """:func:`annotate_shapes`, leaving every model tensor the graph writes as it was."""
+    """:func:`annotate_shapes` on copies of ``args`` (a forward that writes its input in
+    place leaves the caller's as it was), leaving every model tensor the graph writes as it
+    was."""
+    args = fx.node.map_aggregate(args, lambda a: a.detach().clone().requires_grad_(
+        a.requires_grad) if isinstance(a, torch.Tensor) else a)
     with state_kept(gm):  # (a forward that writes a buffer in place runs here)
         annotate_shapes(gm, args)
 
@@ -163,11 +185,25 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
     """:func:`~.model_copy.deep_copy` of ``model``; :class:`UnsupportedError` (one line) for
     a model ``copy.deepcopy`` cannot copy (a sparse parameter: torch's own copy refuses it)."""
     try:
-        return deep_copy(model)
+        work = deep_copy(model)
+        if isinstance(model, fx.GraphModule):
+            _restore_plain_attributes(model, work)
+        return work
     except Exception as exc:
         raise UnsupportedError(
             f"cannot copy {type(model).__name__} ({one_line(exc)}{user_frame(exc)}): bnfold "
             "rewrites a copy and leaves the model as it is") from exc
+
+
+def _restore_plain_attributes(gm: fx.GraphModule, work: torch.nn.Module) -> None:
+    """Give ``work``, a deep copy of ``gm``, the attributes that are not callables which the
+    copy dropped (``copy.deepcopy`` of a GraphModule keeps only what ``GraphModule`` knows:
+    torch.export's unlifted module loses ``validate_inputs`` and ``range_constraints``, which
+    its input-check pre-hook, carried over by :func:`~.hooks.carry_hooks`, reads)."""
+    held = vars(work)
+    for key, value in vars(gm).items():
+        if key not in held and not callable(value):
+            setattr(work, key, copy.deepcopy(value))
 
 
 class _SideEffectAtTrace(Exception):

@@ -13,6 +13,9 @@ says so.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +231,44 @@ def test_without_example_inputs_a_rank_the_chain_cannot_be_followed_at_is_dispat
     assert report.entries[0].details.get("rank_dispatch") == [4]
     for x in (torch.randn(3, 4, 5), torch.randn(2, 3, 4, 5)):  # unbatched: the original runs
         assert _rel_err_on(gm, model, x) < 1e-5
+
+
+def test_bad_example_inputs_found_past_the_first_layer_print_nothing() -> None:
+    """The real run fails at the Linear, then the fake-tensor run (whose failure torch logs
+    with a traceback): one line, nothing on stderr (in a process of its own, as a user runs
+    it: pytest's log capture would hide torch's)."""
+    code = (
+        "import torch, bnfold\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 4),"
+        " nn.BatchNorm1d(4)).eval()\n"
+        "try:\n"
+        "    bnfold.fold(m, torch.randn(2, 3, 5, 5))\n"
+        "except bnfold.BadInputError as e:\n"
+        "    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.stdout.startswith("example_inputs do not run through the model: at 2: mat1 "
+                                 "and mat2 shapes cannot be multiplied")
+    assert run.stderr == ""
+
+
+class _Noisy(nn.Module):
+    """Linear -> BatchNorm1d plus noise drawn in the graph (``rand_like``): the shape pass
+    draws it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.fc(x))
+        return y + 0.01 * torch.rand_like(y)
+
+
+def test_the_shape_pass_leaves_the_random_state_as_it_was() -> None:
+    model, x = randomize_bn_stats(_Noisy(), 0).eval(), torch.randn(4, 6)
+    state = torch.random.get_rng_state()
+    _, report = bnfold.fold(model, x)
+    assert [e.action for e in report.entries] == ["folded"] and NOT_RUN not in report.notes
+    assert torch.equal(torch.random.get_rng_state(), state)

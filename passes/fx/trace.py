@@ -103,12 +103,16 @@ def _forget_other_inputs_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> No
 
 def record_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     """:func:`annotate_shapes` on copies of ``args`` (a forward that writes its input in
-    place leaves the caller's as it was), leaving every model tensor the graph writes as it
-    was."""
+    place leaves the caller's as it was), leaving every model tensor the graph writes, and the
+    random state, as they were."""
     args = fx.node.map_aggregate(args, lambda a: a.detach().clone().requires_grad_(
         a.requires_grad) if isinstance(a, torch.Tensor) else a)
-    with state_kept(gm):  # (a forward that writes a buffer in place runs here)
-        annotate_shapes(gm, args)
+    rng = torch.random.get_rng_state()
+    try:
+        with state_kept(gm):  # (a forward that writes a buffer in place runs here)
+            annotate_shapes(gm, args)
+    finally:
+        torch.random.set_rng_state(rng)  # (a forward's draws leave the caller's stream)
 
 
 def drop_pending_shapes(gm: fx.GraphModule) -> bool:
@@ -466,13 +470,19 @@ def _shapes_meta_when_large(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
 
 
 def _fake_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> bool:
-    """Propagate fake tensors through ``gm`` (``meta["val"]``); false if an op cannot."""
+    """Propagate fake tensors through ``gm`` (``meta["val"]``); false if an op cannot (its
+    failure is not logged: the caller reports it in one line)."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         FakeTensorProp(gm, mode).propagate(*fake)
     except Exception:
         return False
+    finally:
+        log.setLevel(level)
     return True
 
 

@@ -8,7 +8,9 @@
    file against ``onnx.load`` + ``onnx.save`` of the same file and against ONNX Runtime's
    basic-level optimize-and-save; fold time of each peer at 300 to 10k nodes (table, and a PNG
    plot with matplotlib); then fold time per node at 1k, 10k and 100k nodes beside
-   ``onnx.load`` + ``onnx.save`` per node (the one table with absolute times).
+   ``onnx.load`` + ``onnx.save`` per node (the one table with absolute times), and what any
+   Python fold of the 100k-node file pays before its own work (``onnx.checker``, reading
+   the nodes, indexing the initializers, writing the new tensors), over load + save.
 3. Peak RSS of load + fold + save on an external-data model, over the model's size (300 MB by
    default, 3 GB with ``--big``), each in a fresh process, above that process's import baseline;
    beside it the floor of a peer that loads the model whole (onnxscript, ONNX Runtime).
@@ -308,6 +310,47 @@ def scale() -> str:
     return _table(rows)
 
 
+def floor() -> str:
+    """What any fold of the 100k-node chain in Python pays before its own work, each step over
+    ``onnx.load`` + ``onnx.save`` of the file (best of 3): ``onnx.checker``, reading every
+    node's op, domain, inputs and outputs, indexing the initializers by name, and writing one
+    new weight and one new bias per block into a new graph (the nodes but the BNs copied)."""
+    rows = [["step (100k-node chain)", "time / onnx.load+save"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "chain.onnx", Path(tmp) / "out.onnx"
+        blocks = 100_000 // 3
+        onnx.save(chain_model(blocks, 8, kernel=1), src)
+        base = _best(lambda: onnx.save(onnx.load(str(src)), str(dst)))
+        graph = onnx.load(str(src)).graph
+        weight, bias = np.zeros((8, 8, 1, 1), np.float32).tobytes(), bytes(32)
+
+        def walk() -> None:
+            for node in graph.node:
+                _ = node.op_type, node.domain, list(node.input), list(node.output)
+
+        def write() -> None:
+            out = onnx.GraphProto()
+            out.node.extend(n for n in graph.node if n.op_type != "BatchNormalization")
+            for i in range(blocks):
+                for name, dims, data in ((f"w{i}", (8, 8, 1, 1), weight), (f"b{i}", (8,), bias)):
+                    t = out.initializer.add()
+                    t.name, t.data_type, t.raw_data = name, TensorProto.FLOAT, data
+                    t.dims.extend(dims)
+        model = onnx.load(str(src))
+        steps = {"onnx.checker.check_model": lambda: onnx.checker.check_model(model),
+                 "read every node's op and names": walk,
+                 "index the initializers by name":
+                     lambda: {t.name: t for t in graph.initializer},
+                 "write the folded weights and biases": write}
+        total = 1.0
+        for step, fn in steps.items():
+            ratio = _best(fn) / base
+            total += ratio
+            rows.append([step, f"{ratio:.2f}"])
+        rows.append(["load + save + the above", f"{total:.2f}"])
+    return _table(rows)
+
+
 SIZES = (300, 1_000, 3_000, 10_000)
 BUDGET_S = 5.0  # a tool slower than this at one size is not timed at the larger ones
 
@@ -429,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("Speed (ratios)", speed),
                 ("Fold time vs graph size (ratios)", scaling),
                 ("Fold time against graph size", scale),
+                ("What a Python fold of 100k nodes pays before its own work", floor),
                 ("Memory", lambda: memory(args.big))]
     write_sections("onnx_fold.md", "bnfold ONNX fold benchmark", sections)
 

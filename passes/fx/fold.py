@@ -468,12 +468,15 @@ class _Folder:
         axis, at a rank it can have (None: at each, the axis lies before its dims)."""
         if channelwise_op(self.gm, node) is None:
             return None
-        shape = shape_of(chain_input(node))
-        for rank in [len(shape)] if shape is not None else range(1, MAX_RANK + 1):
+
+        def along(rank: int) -> bool:
             axis = site.channel_axis(rank)
-            if axis is not None and axis >= rank - channelwise_span(self.gm, node, rank):
-                return f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel " \
-                       "axis"
+            return axis is not None and axis >= rank - channelwise_span(self.gm, node, rank)
+        if not any(map(along, range(1, MAX_RANK + 1))):
+            return None  # (at no rank: no shape needed)
+        shape = shape_of(chain_input(node))
+        if any(map(along, [len(shape)] if shape is not None else range(1, MAX_RANK + 1))):
+            return f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel axis"
         return None
 
     @staticmethod

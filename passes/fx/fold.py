@@ -548,12 +548,12 @@ class _Folder:
         each one fits or makes the layer or the BN raise, the fold is exact at whatever rank
         runs, and no shape is needed (no shape pass runs for it). A rank the chain cannot be
         followed at (:func:`follow` gives None: an op that raises there, or one it cannot
-        read) counts as one that does not fit. Otherwise, with
-        a recorded shape there is one rank to check. Without, every rank the graph allows at
-        ``start`` (:func:`possible_ranks`) is checked: none fits -> refused; all fit ->
-        folded; some fit -> folded with a run-time guard that ``start`` has one of the fitting
-        ranks (the returned ranks), so no input of another rank can run through a fold that
-        is not exact for it.
+        read) counts as one that does not fit. Otherwise, with a recorded shape there is one
+        rank to check. Without, every rank the graph allows at ``start``
+        (:func:`possible_ranks`) is checked: none fits -> refused; all fit -> folded; some fit
+        -> folded with a run-time guard that ``start`` has one of the fitting ranks (the
+        returned ranks), so no input of another rank can run through a fold that is not exact
+        for it.
         """
         good, problems = self._rank_fits(layer, chain, site, layer.ranks())
         if good and not problems:

@@ -260,3 +260,36 @@ def test_the_result_of_an_export_fallback_folds_again_and_runs() -> None:
         want = copy.deepcopy(model).double()(fresh.double())
         got = again(fresh).double()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+class _Seeded(nn.Module):
+    """A forward that seeds torch's generator: neither tracer keeps the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)
+        return self.bn(self.fc(x)) + torch.rand(x.shape)
+
+
+def test_a_forward_that_seeds_the_generator_is_refused_and_the_callers_stream_kept() -> None:
+    model, x = _Seeded().eval(), torch.randn(2, 4)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    with pytest.raises(UntraceableError, match="seeds torch's random generator"):
+        bnfold.fold(model, x)
+    assert torch.equal(torch.random.get_rng_state(), state) and torch.initial_seed() == 123
+
+
+def test_refolding_a_torch_export_result_warns_nothing() -> None:
+    import warnings
+    model, x = randomize_bn_stats(_BranchOnShape(), 0).eval(), torch.randn(2, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first, _ = bnfold.fold(model, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bnfold.fold(first, x)
+    assert [str(w.message) for w in caught] == []

@@ -270,3 +270,45 @@ def test_the_shape_pass_leaves_running_statistics_a_functional_bn_updates() -> N
     gm, report = bnfold.fold(model, torch.randn(4, 3, 4, 4))
     assert [e.action for e in report.entries] == ["kept", "folded"]
     assert torch.equal(gm.rm, model.rm) and torch.equal(gm.rv, model.rv)
+
+
+class _InstanceNormStats(nn.Module):
+    """``F.instance_norm`` updating the model's buffer ``rm`` (use_input_stats), then Linear
+    scaled by it: not a constant, so no affine folds into the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rm", torch.ones(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.nn.functional.instance_norm(torch.stack([x, 2 * x], -1), running_mean=self.rm,
+                                          running_var=self.rv, use_input_stats=True,
+                                          momentum=0.5)
+        return self.fc(x) * self.rm + 1
+
+
+def _positional_inplace() -> nn.Module:
+    """``F.leaky_relu(buf, 0.5, True)`` writes the buffer (``inplace`` given in its place),
+    then Linear scaled by it; built by hand, as ``symbolic_trace`` refuses the write."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_function(torch.nn.functional.leaky_relu, (graph.get_attr("buf"), 0.5, True))
+    y = graph.call_function(torch.mul, (graph.call_module("fc", (x,)), graph.get_attr("buf")))
+    graph.output(graph.call_function(torch.add, (y, 1.0)))
+    root = nn.Module()
+    root.fc = nn.Linear(4, 4)
+    root.register_buffer("buf", torch.tensor([-1.0, 2.0, -3.0, 4.0]))
+    return torch.fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize("make", [_InstanceNormStats, _positional_inplace])
+def test_a_buffer_a_functional_op_writes_is_no_constant(make: Callable[[], nn.Module]) -> None:
+    model, x = make().eval(), torch.randn(2, 4)
+    gm, report = bnfold.fold(model)
+    assert report.folded == []
+    for _ in range(3):  # (the buffer moves at every call, in both)
+        with torch.no_grad():
+            want, got = model(x), gm(x)
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -272,3 +272,75 @@ def test_the_shape_pass_leaves_the_random_state_as_it_was() -> None:
     _, report = bnfold.fold(model, x)
     assert [e.action for e in report.entries] == ["folded"] and NOT_RUN not in report.notes
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+class _ListInput(nn.Module):
+    """Linear -> BatchNorm1d on the first tensor of a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(5)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.bn(self.fc(xs[0]))
+
+
+class _SizedReshape(nn.Module):
+    """Conv -> reshape(k, 4, -1) -> BatchNorm1d: at ``k`` = the batch the BN's channels are
+    the conv's; at twice the batch the reshape mixes batch and channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.bn(self.conv(x).reshape(k, 4, -1))
+
+
+def _fake_propagated(model: nn.Module, *args: object) -> fx.GraphModule:
+    gm = fx.symbolic_trace(model)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    return gm
+
+
+def test_recorded_values_of_other_nested_or_number_inputs_are_dropped_too() -> None:
+    """The placeholders' ``val`` compared leaf by leaf: a list of tensors of another rank, a
+    Python number of another value (which sizes a reshape)."""
+    model = randomize_bn_stats(_ListInput(), 0).eval()
+    xs = [torch.randn(2, 5, 5)]
+    gm, report = bnfold.fold(_fake_propagated(model, [torch.randn(2, 5)]), (xs,))
+    assert [e.action for e in report.entries] == ["kept"]
+    with torch.no_grad():
+        want = deep_copy(model).double()([xs[0].double()])
+        got = gm([xs[0]]).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+    model = randomize_bn_stats(_SizedReshape(), 0).eval()
+    x = torch.randn(2, 3, 2, 2)
+    gm, report = bnfold.fold(_fake_propagated(model, x, 2), (x, 4))
+    assert [e.action for e in report.entries] == ["kept"]
+    assert "reshape" in (report.entries[0].reason or "")
+    with torch.no_grad():
+        want = deep_copy(model).double()(x.double(), 4)
+        got = gm(x, 4).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+
+
+class _OwnGenerator(_Noisy):
+    """Noise from a generator the model holds: the shape pass must not advance it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.fc(x))
+        return y + torch.rand(y.shape, generator=self.generator)
+
+
+def test_the_shape_pass_leaves_a_generator_the_model_holds_where_it_was() -> None:
+    model, x = randomize_bn_stats(_OwnGenerator(), 0).eval(), torch.randn(4, 6)
+    gm, report = bnfold.fold(model, x)
+    assert [e.action for e in report.entries] == ["folded"] and NOT_RUN not in report.notes
+    with torch.no_grad():
+        want, got = model(x), gm(x)  # (both draw the same noise next)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -123,3 +123,18 @@ def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
     assert "not a torch.export archive" in ckpt.stderr
     assert "applies to ONNX models" in freeze.stderr and "applies to ONNX" in freeze_inspect.stderr
     assert not (tmp_path / "v.pt2").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+def test_a_dynamic_dim_without_a_maximum_folds_too() -> None:
+    """``Dim("batch")`` with no max: the program's upper bound is torch's integer infinity,
+    which calls itself finite; the folded program is exported again with no max either."""
+    model = randomize_bn_stats(zoo.get("resnet_small"), seed=3).eval()
+    program = torch.export.export(model, (zoo.example_input("resnet_small"),),
+                                  dynamic_shapes=({0: Dim("batch")},))
+    folded, report = bnfold.fold(program)
+    assert len(report.folded) == 9 and bn_ops(folded) == 0
+    assert [str(r) for r in folded.range_constraints.values()] == [
+        str(r) for r in program.range_constraints.values()]
+    for batch in (5, 70):
+        assert float64_error(folded, model, batch) < 1e-6

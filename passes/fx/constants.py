@@ -16,6 +16,8 @@ the result.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -229,23 +231,45 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_function" and user.target in _ALIASING_FUNCTIONS
 
 
-#: Functional BNs: positions of ``running_mean``, ``running_var`` and ``training``.
-_BN_UPDATES = {F.batch_norm: (1, 2, 5), torch.batch_norm: (3, 4, 5)}
-_BN_UPDATE_ARGS = (("running_mean", None), ("running_var", None), ("training", False))
+#: Functional norms that update their running statistics in place: the positions of
+#: ``running_mean`` and ``running_var``, and the position, name and default of the flag that
+#: makes them update.
+_STAT_UPDATES: dict[Any, tuple[int, int, int, str, Any]] = {
+    F.batch_norm: (1, 2, 5, "training", False),
+    torch.batch_norm: (3, 4, 5, "training", None),
+    F.instance_norm: (1, 2, 5, "use_input_stats", True),
+    torch.instance_norm: (3, 4, 5, "use_input_stats", None),
+}
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` or keyword ``name`` of ``node``."""
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
+
+
+@functools.cache
+def _inplace_position(target: Any) -> int | None:
+    """Where a Python function's ``inplace`` parameter sits (``F.relu(x, True)``), or None."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
     """True when ``user`` may write into ``node``'s tensor: as its ``out=``, as an ATen
-    argument its schema marks written, or as the first argument of an in-place method,
-    function, operator or module (``inplace=True``)."""
+    argument its schema marks written, as the running statistics of a functional norm that
+    updates them (``F.batch_norm(training=True)``, ``F.instance_norm``), or as the first
+    argument of an in-place method, function, operator or module (``inplace=True``, by
+    keyword or in its place: ``F.leaky_relu(x, 0.5, True)``)."""
     target = user.target
     if user.kwargs.get("out") is node:
         return True
-    if target in _BN_UPDATES:  # (training=True updates the running statistics in place)
-        mean, var, training = (
-            user.args[i] if i < len(user.args) else user.kwargs.get(name, default)
-            for i, (name, default) in zip(_BN_UPDATES[target], _BN_UPDATE_ARGS, strict=True))
-        return training is not False and node in (mean, var)
+    if target in _STAT_UPDATES:  # (training=True updates the running statistics in place)
+        mean_at, var_at, flag_at, flag, default = _STAT_UPDATES[target]
+        return _arg(user, flag_at, flag, default) is not False and node in (
+            _arg(user, mean_at, "running_mean"), _arg(user, var_at, "running_var"))
     if isinstance(target, torch._ops.OpOverload):
         return any(arg.alias_info is not None and arg.alias_info.is_write and (
             user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)) is node
@@ -256,9 +280,14 @@ def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
         return getattr(gm.get_submodule(str(target)), "inplace", False) is True
     if user.op == "call_method":
         return str(target).endswith("_")
-    return user.op == "call_function" and (
-        target in _INPLACE_OPERATORS or user.kwargs.get("inplace") is True
-        or getattr(target, "__name__", "").endswith("_"))
+    if user.op != "call_function":
+        return False
+    try:
+        at = _inplace_position(target)
+    except TypeError:  # (an unhashable callable)
+        at = None
+    return target in _INPLACE_OPERATORS or _arg(user, at if at is not None else len(
+        user.args), "inplace") is True or getattr(target, "__name__", "").endswith("_")
 
 
 def roots(*operands: Any) -> list[fx.Node]:

@@ -18,6 +18,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,33 +87,58 @@ def open_model(
 
 def _forget_other_inputs_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     """Drop the ``val`` (and ``tensor_meta``) of every node of a graph module traced or
-    propagated on inputs of other shapes than ``args`` (a placeholder's ``val`` of another
-    rank or fixed size): :func:`shape_of` reads ``val`` first, which the shape pass does not
-    overwrite."""
+    propagated on other inputs than ``args`` (:func:`_recorded_for_other_input`):
+    :func:`shape_of` reads ``val`` first, which the shape pass does not overwrite."""
     placeholders = gm.graph.find_nodes(op="placeholder")
     for node, arg in zip(placeholders, args, strict=False):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(arg, torch.Tensor) and (
-                val.dim() != arg.dim() or any(isinstance(d, int) and d != a
-                                              for d, a in zip(val.shape, arg.shape, strict=True))):
+        if "val" in node.meta and _recorded_for_other_input(node.meta["val"], arg):
             for n in gm.graph.nodes:
                 n.meta.pop("val", None)
                 n.meta.pop("tensor_meta", None)
             return
 
 
+def _recorded_for_other_input(val: Any, arg: Any) -> bool:
+    """True when a placeholder's recorded ``val`` describes another input than ``arg``: leaf
+    by leaf through lists, tuples and dicts, a tensor of another rank or fixed size (a
+    symbolic size matches any), a Python number of another value, another structure."""
+    vals, given = _leaves(val), _leaves(arg)
+    if len(vals) != len(given):
+        return True
+    for v, a in zip(vals, given, strict=True):
+        if isinstance(v, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or v.dim() != a.dim() or any(
+                    isinstance(d, int) and d != size
+                    for d, size in zip(v.shape, a.shape, strict=True)):
+                return True
+        elif type(v) in (int, float, bool) and v != a:
+            return True
+    return False
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The leaves of ``value`` through lists, tuples and dicts, in order."""
+    out: list[Any] = []
+    fx.node.map_aggregate(value, lambda leaf: out.append(leaf))
+    return out
+
+
 def record_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
     """:func:`annotate_shapes` on copies of ``args`` (a forward that writes its input in
-    place leaves the caller's as it was), leaving every model tensor the graph writes, and the
-    random state, as they were."""
+    place leaves the caller's as it was), leaving every model tensor the graph writes, the
+    global random state and every ``torch.Generator`` a module holds as they were."""
     args = fx.node.map_aggregate(args, lambda a: a.detach().clone().requires_grad_(
         a.requires_grad) if isinstance(a, torch.Tensor) else a)
+    owned = [g for m in gm.modules() for g in vars(m).values() if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in owned]
     rng = torch.random.get_rng_state()
     try:
         with state_kept(gm):  # (a forward that writes a buffer in place runs here)
             annotate_shapes(gm, args)
     finally:
         torch.random.set_rng_state(rng)  # (a forward's draws leave the caller's stream)
+        for generator, state in zip(owned, states, strict=True):
+            generator.set_state(state)  # (and the model's own generators where they were)
 
 
 def drop_pending_shapes(gm: fx.GraphModule) -> bool:
@@ -170,6 +196,7 @@ def graph_module_of(
                 "pass example_inputs to try torch.export instead"
             ) from trace_exc
         work = _copy(model)  # (the failed trace may have written the copy it traced)
+        rng, seed = torch.random.get_rng_state(), torch.initial_seed()
         try:
             with _quiet_torch_logs():
                 exported = _export(work, args)
@@ -178,6 +205,14 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: {first}{where}; "
                 f"torch.export also failed: {one_line(export_exc)}{user_frame(export_exc)}"
             ) from export_exc
+        finally:
+            reseeded = torch.initial_seed() != seed
+            torch.random.set_rng_state(rng)  # (the export ran the forward for real)
+        if reseeded:
+            raise UntraceableError(
+                f"cannot trace {type(model).__name__}: its forward seeds torch's random "
+                "generator (torch.manual_seed), which neither symbolic_trace nor torch.export "
+                "keeps in the graph") from trace_exc
         return exported.module(), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where}); the input "
             f"shapes the result takes: {_input_shapes(exported)} (a number: fixed to the "
@@ -189,7 +224,10 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
     """:func:`~.model_copy.deep_copy` of ``model``; :class:`UnsupportedError` (one line) for
     a model ``copy.deepcopy`` cannot copy (a sparse parameter: torch's own copy refuses it)."""
     try:
-        work = deep_copy(model)
+        with warnings.catch_warnings():  # (torch's own, on copying a torch.export module)
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message=r"`isinstance\(treespec, LeafSpec\)`")
+            work = deep_copy(model)
         if isinstance(model, fx.GraphModule):
             _restore_plain_attributes(model, work)
         return work

@@ -196,7 +196,8 @@ def merge(branches: Sequence[Branch]) -> MergedConv:
             bias += t
     mode = next((b.padding_mode for b in convs if any(p for pair in b.pads for p in pair)),
                 "zeros")
-    base = max(convs, key=lambda b: (int(np.prod(b.kernel)), -convs.index(b)))
+    order = {id(b): i for i, b in enumerate(convs)}  # (by identity: == compares arrays)
+    base = max(convs, key=lambda b: (int(np.prod(b.kernel)), -order[id(b)]))
     dtype = first.weight.dtype
     return MergedConv(_rounded(weight, dtype, "weight"), _rounded(bias, dtype, "bias"),
                       first.stride, pads, dil, first.groups, mode, base.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,10 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
             new = torch.export.export(module, args, kwargs,
                                       dynamic_shapes=_dynamic_shapes(program, kwargs))
         if program.dialect == "ATEN":
-            new = new.run_decompositions()
+            with warnings.catch_warnings():  # (torch's own FutureWarning on its pytree specs)
+                warnings.filterwarnings("ignore", category=FutureWarning,
+                                        message=r"`isinstance\(treespec, LeafSpec\)`")
+                new = new.run_decompositions()
     except Exception as exc:
         first = first_line(exc, limit=1000)
         raise UnsupportedError(

@@ -293,3 +293,18 @@ def test_refolding_a_torch_export_result_warns_nothing() -> None:
         warnings.simplefilter("always")
         bnfold.fold(first, x)
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_every_fx_pass_carries_the_models_own_hook_over(name: str) -> None:
+    """A forward hook on the model itself runs on the result of every pass (``fold`` carried
+    it before; ``reparameterize`` and ``insert_bn`` dropped it)."""
+    model = randomize_bn_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0).eval()
+    model.register_forward_hook(lambda m, i, o: o - 1)
+    gm, report = PASSES[name](model)
+    assert any("carried over" in note for note in report.notes)
+    assert len(gm._forward_hooks) == 1
+    x = torch.randn(2, 3, 8, 8)  # (insert_bn: the conv has its BN already, none is added)
+    with torch.no_grad():
+        got, want = gm(x).double(), copy.deepcopy(model).double()(x.double())
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

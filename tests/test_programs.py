@@ -103,13 +103,14 @@ def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
     src, out = tmp_path / "m.pt2", tmp_path / "out" / "folded.pt2"
     torch.export.save(program, src)
     torch.save(model.state_dict(), tmp_path / "ckpt.pt2")
-    fold, inspect, ckpt, validate, freeze, freeze_inspect = run_cli.many([
+    fold, inspect, ckpt, validate, freeze, freeze_inspect, as_onnx = run_cli.many([
         ["fold", src, "-o", out, "--exclude", "stem.*", "--json"],
         ["inspect", src, "--json"],
         ["inspect", tmp_path / "ckpt.pt2"],
         ["fold", src, "-o", tmp_path / "v.pt2", "--validate"],
         ["fold", src, "-o", tmp_path / "v.pt2", "--freeze-initializer-inputs"],
         ["inspect", src, "--freeze-initializer-inputs"],
+        ["fold", src, "-o", tmp_path / "v.onnx"],
     ])
     assert fold.returncode == 0, fold.stderr
     doc = json.loads(fold.stdout)
@@ -117,12 +118,13 @@ def test_cli_fold_and_inspect_pt2(tmp_path, run_cli) -> None:
     assert float64_error(torch.export.load(out), model, 2) < 1e-6
     assert inspect.returncode == 0 and json.loads(inspect.stdout)["report"]["dry_run"]
     assert json.loads(inspect.stdout)["report"]["counts"]["folded"] == 9
-    for bad in (ckpt, validate, freeze, freeze_inspect):
+    for bad in (ckpt, validate, freeze, freeze_inspect, as_onnx):
         assert bad.returncode == 2 and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
     assert "not a torch.export archive" in ckpt.stderr
     assert "applies to ONNX models" in freeze.stderr and "applies to ONNX" in freeze_inspect.stderr
-    assert not (tmp_path / "v.pt2").exists()
+    assert "torch.export archive, not an ONNX model" in as_onnx.stderr
+    assert not (tmp_path / "v.pt2").exists() and not (tmp_path / "v.onnx").exists()
 
 
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
@@ -138,3 +140,40 @@ def test_a_dynamic_dim_without_a_maximum_folds_too() -> None:
         str(r) for r in program.range_constraints.values()]
     for batch in (5, 70):
         assert float64_error(folded, model, batch) < 1e-6
+
+
+def test_folding_a_decomposed_program_warns_nothing() -> None:
+    """Lowering the result again (``run_decompositions``) makes torch warn about its own
+    pytree specs; bnfold holds that back (a CLI run printed it)."""
+    import warnings
+    _, program = resnet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = program.run_decompositions()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folded, report = bnfold.fold(lowered)
+    assert len(report.folded) == 9 and bn_ops(folded) == 0
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_training_program_lowered_to_aten_keeps_its_bns_known() -> None:
+    """``run_decompositions()`` of a training-mode program spells each BN
+    ``_native_batch_norm_legit_functional``: ``insert_bn`` sees it after its conv (adds no
+    second BN) and ``fold`` lists it, kept (training mode)."""
+    import warnings
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.BatchNorm2d(4)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lowered = torch.export.export(model, (torch.randn(2, 3, 8, 8),)).run_decompositions()
+        inserted, report = bnfold.insert_bn(lowered, skip_last=False)
+        _, folded = bnfold.fold(lowered)
+    assert [(e.action, (e.reason or "").split(" '")[0]) for e in report.entries] == [
+        ("skipped", "already followed by _native_batch_norm_legit_functional.default")] * 2
+    assert bn_ops(inserted) == bn_ops(lowered) == 0  # (bn_ops counts the eval forms only)
+    assert sum("batch_norm" in str(n.target) for n in inserted.graph.nodes) == sum(
+        "batch_norm" in str(n.target) for n in lowered.graph.nodes)
+    assert [e.action for e in folded.entries] == ["kept", "kept"]
+    assert all("training mode" in (e.reason or "") for e in folded.entries)

@@ -491,3 +491,47 @@ def test_onnx_deep_dynamo_export_zero_bias_cones_merge() -> None:
     out, report = bnfold.reparameterize_onnx(_export(model, x, True))
     assert len(report.merged) == 10 and not report.kept
     assert _rel(_run(out, x), _reference(model, x)) < 1e-5
+
+
+class _EvenSame(nn.Module):
+    """A 4x4 conv with ``padding="same"`` (one more pad after than before) and a padding mode
+    other than zeros, beside a 1x1 branch: the merged conv pads first, in that mode."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 4, padding="same", padding_mode=mode, bias=False)
+        self.bn, self.conv1, self.bn1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn1(self.conv1(x))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_fx_uneven_same_padding_keeps_its_mode(mode: str) -> None:
+    model = randomize_bn_stats(_EvenSame(mode), seed=1).eval()
+    gm, report = bnfold.reparameterize(model)
+    assert report.entries[0].action == "merged" and _bn_nodes(gm) == 0
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert _rel(gm(x), _reference(model, x)) < 1e-5
+
+
+class _ConvTwice(nn.Module):
+    """One conv module called twice on the same input, each call with its own BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+
+def test_fx_one_conv_called_on_two_branches_merges() -> None:
+    model = randomize_bn_stats(_ConvTwice(), seed=2).eval()
+    gm, report = bnfold.reparameterize(model)
+    assert report.entries[0].action == "merged"
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert _rel(gm(x), _reference(model, x)) < 1e-5

@@ -54,6 +54,9 @@ def fold_program(args: argparse.Namespace) -> int:
     out = _output_path(args)
     if out.is_dir():
         raise BadInputError(f"{out}: is a directory; give an output file")
+    if out.suffix.lower() in (".onnx", ".onnxtxt", ".pb"):
+        raise BadInputError(f"{out}: the folded program is a torch.export archive, not an "
+                            "ONNX model; name the output .pt2 (bnfold.export writes ONNX)")
     _check_report_path(args, args.input, out)
     if args.validate:
         raise BadInputError("--validate runs ONNX models in ONNX Runtime; it does not apply "

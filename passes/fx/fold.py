@@ -85,7 +85,7 @@ from bnfold.passes.fx.channelwise import channelwise_op, channelwise_refusal, ch
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
-from bnfold.passes.fx.hooks import carry_hooks, forget_holdings
+from bnfold.passes.fx.hooks import carry_model_hooks, forget_holdings
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -155,12 +155,7 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
     select = Selection.of(include, exclude)
     gm, how, args = open_model(model, example_inputs, inplace=inplace, shapes_on_demand=True)
     forget_holdings(gm)
-    carried = None
-    if how.startswith("symbolic_trace"):
-        leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-        carried = carry_hooks(uncompiled(model), gm, leaves)
-    elif how.startswith("graph module") and gm is not uncompiled(model):
-        carried = carry_hooks(uncompiled(model), gm, None)
+    carried = carry_model_hooks(uncompiled(model), gm, how)
     report = Report("fold_fx")
     if carried:
         report.notes.append(carried)

@@ -147,6 +147,18 @@ def _holdings(hook: Any, depth: int = 2) -> list[Any]:
     return out
 
 
+def carry_model_hooks(model: nn.Module, gm: fx.GraphModule, how: str) -> str | None:
+    """:func:`carry_hooks` from ``model`` (not compiled) onto ``gm``, what the FX front door
+    made of it (``how``: symbolic_trace, or a copy of a GraphModule; a torch.export graph
+    runs none of them); every FX pass calls it, so no model's own hook is lost."""
+    if how.startswith("symbolic_trace"):
+        leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        return carry_hooks(model, gm, leaves)
+    if how.startswith("graph module") and gm is not model:
+        return carry_hooks(model, gm, None)
+    return None
+
+
 def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -> str | None:
     """Move ``model``'s hooks onto ``gm`` traced (or copied) from it; return a report note.
 

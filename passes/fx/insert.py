@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
+from bnfold.passes.fx.hooks import carry_model_hooks
 from bnfold.passes.fx.layers import (
     Layer,
     is_activation,
@@ -40,7 +41,7 @@ from bnfold.passes.fx.layers import (
     norm_description,
 )
 from bnfold.passes.fx.sites import get_attr_value
-from bnfold.passes.fx.trace import open_model, shape_of
+from bnfold.passes.fx.trace import open_model, shape_of, uncompiled
 from bnfold.passes.insert_policy import (
     check_options,
     following_norm,
@@ -102,6 +103,7 @@ def insert_bn_fx(
     """
     check_options(position, eps, momentum)
     gm, how, _ = open_model(model, example_inputs)
+    carried = carry_model_hooks(uncompiled(model), gm, how)
     gm.training = model.training
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
@@ -118,6 +120,8 @@ def insert_bn_fx(
                        lambda n: n.all_input_nodes,
                        {layer.node for layer in layers}) if skip_last else set()
     report = Report("insert_bn")
+    if carried:
+        report.notes.append(carried)
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
     direct: dict[str, list[tuple[Layer, Entry]]] = {}

@@ -54,6 +54,8 @@ _NORM_FUNCTIONS = {
 }
 _NORM_FUNCTIONS |= {
     _ATEN.batch_norm.default, _ATEN._native_batch_norm_legit_no_training.default,
+    _ATEN._native_batch_norm_legit_functional.default, _ATEN._native_batch_norm_legit.default,
+    _ATEN.native_batch_norm.default,
     _ATEN.layer_norm.default, _ATEN.group_norm.default, _ATEN.instance_norm.default,
 }
 

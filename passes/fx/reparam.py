@@ -26,7 +26,7 @@ from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.passes.fx.axes import node_arg, value_users
 from bnfold.passes.fx.fold import fold_fx
-from bnfold.passes.fx.hooks import forget_holdings
+from bnfold.passes.fx.hooks import carry_model_hooks, forget_holdings
 from bnfold.passes.fx.layer_table import layer_kind
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -42,7 +42,7 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
-from bnfold.passes.fx.trace import open_model, shape_of
+from bnfold.passes.fx.trace import open_model, shape_of, uncompiled
 from bnfold.report import PassResult, Report
 
 aten = torch.ops.aten
@@ -64,6 +64,9 @@ def reparameterize_fx(
     gm, how, args = open_model(model, example_inputs, inplace=inplace)
     forget_holdings(gm)  # (the fold below forgets it again when done)
     report = Report("reparameterize")
+    carried = carry_model_hooks(uncompiled(model), gm, how)
+    if carried:
+        report.notes.append(carried)
     skipped = _drop_no_ops(gm)
     if skipped:
         report.notes.append(f"removed {skipped} no-op module call(s) (nn.Identity, eval-mode "
@@ -279,12 +282,12 @@ class _Merger:
         assert isinstance(layer, LayerSite)
         target = self._module_slot(conv_node, layer)
         n = merged.weight.ndim - 2
-        pad_first = not merged.symmetric and merged.padding_mode == "zeros"
+        pad_first = not merged.symmetric  # (a conv pads both sides of an axis alike)
         module = layer_kind("conv", n).module(
             merged.weight.shape[1] * merged.groups, merged.weight.shape[0],
             merged.weight.shape[2:], merged.stride,
             0 if pad_first else tuple(b for b, _ in merged.pads), merged.dilation,
-            merged.groups, True, merged.padding_mode if merged.symmetric else "zeros",
+            merged.groups, True, "zeros" if pad_first else merged.padding_mode,
             device="meta")  # (no random init of tensors replaced just below)
         module.weight = nn.Parameter(to_torch(merged.weight, layer.weight),
                                      requires_grad=layer.weight.requires_grad)
@@ -299,7 +302,8 @@ class _Merger:
         if pad_first:
             with self.graph.inserting_after(anchor):
                 flat = [p for pair in reversed(merged.pads) for p in pair]
-                new.args = (self.graph.call_function(F.pad, (x, flat)),)
+                mode = "constant" if merged.padding_mode == "zeros" else merged.padding_mode
+                new.args = (self.graph.call_function(F.pad, (x, flat), {"mode": mode}),)
         new.meta.update({k: v for k, v in root.meta.items() if k in ("val", "tensor_meta")})
         root.replace_all_uses_with(new)
         doomed = {*self._tree(root), *(n for lf in leaves for n in lf.erase[x])}

@@ -72,7 +72,20 @@ _BN_FUNCTIONS: dict[Any, tuple[str, ...]] = {
                               "training", "momentum", "eps", "cudnn_enabled"),
     aten._native_batch_norm_legit_no_training.default: (
         "input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
+    # (the forms a program lowered with run_decompositions() holds; training, or eval)
+    aten._native_batch_norm_legit_functional.default: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+        "eps"),
+    aten._native_batch_norm_legit.default: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+        "eps"),
+    aten.native_batch_norm.default: (
+        "input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+        "eps"),
 }
+#: ATen BN forms whose result is a tuple: the normalized tensor is its item 0.
+_TUPLE_BNS = frozenset(name for name in _BN_FUNCTIONS if isinstance(name, torch._ops.OpOverload)
+                       and name is not aten.batch_norm.default)
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 
 
@@ -192,7 +205,7 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None =
         tensors[key] = to_numpy(fetch(gm, value))
         attr_nodes.append(value)
     output = node
-    if node.target is aten._native_batch_norm_legit_no_training.default:
+    if node.target in _TUPLE_BNS:
         users = list(node.users)
         if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
             return "BN's mean/invstd outputs are used in the graph"

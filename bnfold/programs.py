@@ -30,11 +30,11 @@ import torch
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
-from torch.utils._sympy.numbers import int_oo
 
 from bnfold.cli.program_commands import is_pt2_archive
 from bnfold.errors import BadInputError, UnsupportedError, first_line
 from bnfold.passes.fx.constants import state_kept
+from bnfold.passes.fx.trace import upper_bound
 from bnfold.report import PassResult
 
 
@@ -137,10 +137,8 @@ def _dim(program: ExportedProgram, size: torch.SymInt, dims: dict[Any, Any]) -> 
     if expr not in dims:
         bounds = program.range_constraints.get(expr)
         lower = int(bounds.lower) if bounds is not None else 0
-        upper = bounds.upper if bounds is not None else None
-        # (torch's integer infinity, the bound of a Dim given no max, says it is finite)
-        finite = upper is not None and upper.is_finite and upper != int_oo
-        dims[expr] = Dim(str(expr), min=lower, max=int(upper) if finite else None)
+        upper = upper_bound(bounds) if bounds is not None else None
+        dims[expr] = Dim(str(expr), min=lower, max=upper)
     return dims[expr]
 
 

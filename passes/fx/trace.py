@@ -31,6 +31,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
+from torch.utils._sympy.numbers import int_oo
 
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
@@ -331,12 +332,32 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...]) -> torch.export.Expor
 
 
 def _input_shapes(program: torch.export.ExportedProgram) -> str:
-    """``"x [s0, 3, s1, s2]"``: each tensor input's dims as the program accepts them."""
+    """``"x [s0, 3, s1, s2] (traced for s0 >= 2, ...)"``: each tensor input's dims as the
+    program accepts them, and the range torch.export traced each symbolic dim for
+    (``Dim.AUTO`` dims start at 2: a model that branches on a size of 1 took the other
+    branch, and runs it at size 1 too)."""
     names = set(program.graph_signature.user_inputs)
-    return "; ".join(
-        f"{node.name} [{', '.join(str(d) for d in node.meta['val'].shape)}]"
-        for node in program.graph.find_nodes(op="placeholder")
-        if node.name in names and isinstance(node.meta.get("val"), torch.Tensor))
+    shapes, ranges = [], {}
+    for node in program.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if node.name not in names or not isinstance(val, torch.Tensor):
+            continue
+        shapes.append(f"{node.name} [{', '.join(str(d) for d in val.shape)}]")
+        for d in val.shape:
+            bounds = program.range_constraints.get(d.node.expr) if isinstance(
+                d, torch.SymInt) and d.node.expr.is_Symbol else None
+            if bounds is not None:
+                lower, upper = int(bounds.lower), upper_bound(bounds)
+                ranges[str(d)] = f"{d} >= {lower}" if upper is None else \
+                    f"{lower} <= {d} <= {upper}"
+    return "; ".join(shapes) + (f" (traced for {', '.join(ranges.values())})" if ranges else "")
+
+
+def upper_bound(bounds: Any) -> int | None:
+    """The upper end of a torch.export value range, or None where there is none (torch's
+    integer infinity, the bound of a dim given no max, calls itself finite)."""
+    upper = bounds.upper
+    return int(upper) if upper.is_finite and upper != int_oo else None
 
 
 def without_code(root: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:

@@ -344,3 +344,17 @@ def test_the_shape_pass_leaves_a_generator_the_model_holds_where_it_was() -> Non
     with torch.no_grad():
         want, got = model(x), gm(x)  # (both draw the same noise next)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_a_fold_resting_on_the_examples_rank_says_so() -> None:
+    """Conv1d -> BatchNorm1d folded on a batched example: unbatched, the BN would normalize
+    the length axis, so the fold is exact at rank 3 only, and the report says it (the entry's
+    ``exact_at_rank``, a note). A Conv2d -> BatchNorm2d fold holds at every rank that runs."""
+    model = randomize_bn_stats(nn.Sequential(nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8)), 0).eval()
+    gm, report = bnfold.fold(model, torch.randn(2, 4, 10))
+    assert report.entries[0].details["exact_at_rank"] == 3
+    assert any(n.startswith("1 fold(s) rest on the example inputs' rank") for n in report.notes)
+    assert _rel_err_on(gm, model, torch.randn(5, 4, 10)) < 1e-5
+    plain = randomize_bn_stats(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)), 0).eval()
+    _, report = bnfold.fold(plain, torch.randn(2, 4, 10, 10))
+    assert "exact_at_rank" not in report.entries[0].details and report.notes == [NOT_RUN]

@@ -185,7 +185,9 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
         tick(i, len(bns) + len(later))
     for n in bns:
         o = outcomes[n]
-        report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details,
+        at_rank = {"exact_at_rank": folder.example_rank[n]} if o.action == "folded" and \
+            n in folder.example_rank else {}
+        report.add(labels[n], o.action, into=o.into, reason=o.reason, **o.details, **at_rank,
                    kind=kinds[n])
     for label, kind, reason in nested_batchnorms(gm):
         report.add(label, "kept", reason=reason, kind=kind)
@@ -196,6 +198,13 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
             "(the graph alone does not fix the rank): the folded model runs the folded layer "
             "at those ranks and the original layer and BN at any other. Pass example_inputs "
             "to fold without dispatch")
+    at_example_rank = sum("exact_at_rank" in e.details for e in report.entries)
+    if at_example_rank:
+        report.notes.append(
+            f"{at_example_rank} fold(s) rest on the example inputs' rank (exact_at_rank): "
+            "their layer and BN take other ranks too, where the BN would normalize another "
+            "axis than the layer's channels; call the folded model at that rank (without "
+            "example_inputs such a fold is rank-dispatched instead)")
     folder.cleanup()
     forget_holdings(gm)
     if drop_pending_shapes(gm):
@@ -238,6 +247,9 @@ class _Folder:
         self._sites: dict[fx.Node, BatchNormSite | str] = {}
         self.stale: set[str] = set()  # attribute paths whose get_attr nodes were erased
         self.removed_modules: set[str] = set()
+        #: BN node -> the example inputs' rank its fold rests on (another rank the layer and
+        #: BN take would not fit: the graph alone leaves it open)
+        self.example_rank: dict[fx.Node, int] = {}
 
     def site(self, node: fx.Node) -> BatchNormSite | str:
         """The BN (or BN-like affine chain) at ``node``, or why it cannot fold; read once per
@@ -569,6 +581,8 @@ class _Folder:
             return text, ()
         if not good:
             return f"the BN's input rank does not fit {layer.label}'s output", ()
+        if shape is not None:
+            self.example_rank[site.node] = len(shape)
         return None, tuple(good) if problems else ()
 
     def _rank_fits(self, layer: LayerSite, chain: Sequence[fx.Node], site: BatchNormSite,

@@ -191,25 +191,28 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
                    kind=kinds[n])
     for label, kind, reason in nested_batchnorms(gm):
         report.add(label, "kept", reason=reason, kind=kind)
-    dispatched = sum("rank_dispatch" in e.details for e in report.entries)
-    if dispatched:
-        report.notes.append(
-            f"{dispatched} fold(s) are exact only at the input ranks in their rank_dispatch "
-            "(the graph alone does not fix the rank): the folded model runs the folded layer "
-            "at those ranks and the original layer and BN at any other. Pass example_inputs "
-            "to fold without dispatch")
-    at_example_rank = sum("exact_at_rank" in e.details for e in report.entries)
-    if at_example_rank:
-        report.notes.append(
-            f"{at_example_rank} fold(s) rest on the example inputs' rank (exact_at_rank): "
-            "their layer and BN take other ranks too, where the BN would normalize another "
-            "axis than the layer's channels; call the folded model at that rank (without "
-            "example_inputs such a fold is rank-dispatched instead)")
+    for key, text in _RANK_NOTES:
+        count = sum(key in e.details for e in report.entries)
+        if count:
+            report.notes.append(f"{count} fold(s) {text}")
     folder.cleanup()
     forget_holdings(gm)
     if drop_pending_shapes(gm):
         report.notes.append("example_inputs were not run: no fold needed a shape")
     return PassResult(gm, report)
+
+
+#: The report notes on folds whose exactness depends on the input rank, by entry detail.
+_RANK_NOTES = (
+    ("rank_dispatch", "are exact only at the input ranks in their rank_dispatch (the graph "
+     "alone does not fix the rank): the folded model runs the folded layer at those ranks "
+     "and the original layer and BN at any other. Pass example_inputs to fold without "
+     "dispatch"),
+    ("exact_at_rank", "rest on the example inputs' rank (exact_at_rank): their layer and BN "
+     "take other ranks too, where the BN would normalize another axis than the layer's "
+     "channels; call the folded model at that rank (without example_inputs such a fold is "
+     "rank-dispatched instead)"),
+)
 
 
 def _no_progress(done: int, total: int) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from torch.utils import _pytree as pytree
 from bnfold.cli.program_commands import is_pt2_archive
 from bnfold.errors import BadInputError, UnsupportedError, first_line
 from bnfold.passes.fx.constants import state_kept
-from bnfold.passes.fx.trace import upper_bound
+from bnfold.passes.fx.trace import quiet_pytree_warning, upper_bound
 from bnfold.report import PassResult
 
 
@@ -67,9 +66,7 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
             new = torch.export.export(module, args, kwargs,
                                       dynamic_shapes=_dynamic_shapes(program, kwargs))
         if program.dialect == "ATEN":
-            with warnings.catch_warnings():  # (torch's own FutureWarning on its pytree specs)
-                warnings.filterwarnings("ignore", category=FutureWarning,
-                                        message=r"`isinstance\(treespec, LeafSpec\)`")
+            with quiet_pytree_warning():
                 new = new.run_decompositions()
     except Exception as exc:
         first = first_line(exc, limit=1000)

@@ -27,6 +27,7 @@ from torch import fx, nn
 from bnfold.geometry import reshape_axis
 from bnfold.passes.fx.channelwise import channelwise_op, channelwise_span
 from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
+from bnfold.passes.fx.sites import node_arg
 from bnfold.passes.fx.trace import shape_of
 
 aten = torch.ops.aten
@@ -100,13 +101,6 @@ def _ints(args: Sequence[Any]) -> list[int] | None:
     flat: list[Any] = list(args[0]) if len(args) == 1 and isinstance(args[0], Sequence) else list(
         args)
     return flat if all(isinstance(v, int) for v in flat) else None
-
-
-def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` (counting the tensor as 0) or keyword ``name`` of ``node``."""
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def flatten_dims(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from bnfold.passes.fx.sites import fetch, module_stack_path
+from bnfold.passes.fx.sites import fetch, module_stack_path, node_arg, updated_statistics
 
 aten = torch.ops.aten
 
@@ -231,22 +231,6 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_function" and user.target in _ALIASING_FUNCTIONS
 
 
-#: Functional norms that update their running statistics in place: the positions of
-#: ``running_mean`` and ``running_var``, and the position, name and default of the flag that
-#: makes them update.
-_STAT_UPDATES: dict[Any, tuple[int, int, int, str, Any]] = {
-    F.batch_norm: (1, 2, 5, "training", False),
-    torch.batch_norm: (3, 4, 5, "training", None),
-    F.instance_norm: (1, 2, 5, "use_input_stats", True),
-    torch.instance_norm: (3, 4, 5, "use_input_stats", None),
-}
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` or keyword ``name`` of ``node``."""
-    return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
-
-
 @functools.cache
 def _inplace_position(target: Any) -> int | None:
     """Where a Python function's ``inplace`` parameter sits (``F.relu(x, True)``), or None."""
@@ -266,10 +250,9 @@ def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
     target = user.target
     if user.kwargs.get("out") is node:
         return True
-    if target in _STAT_UPDATES:  # (training=True updates the running statistics in place)
-        mean_at, var_at, flag_at, flag, default = _STAT_UPDATES[target]
-        return _arg(user, flag_at, flag, default) is not False and node in (
-            _arg(user, mean_at, "running_mean"), _arg(user, var_at, "running_var"))
+    updated = updated_statistics(user)  # (F.batch_norm(training=True), F.instance_norm)
+    if updated is not None:
+        return node in updated
     if isinstance(target, torch._ops.OpOverload):
         return any(arg.alias_info is not None and arg.alias_info.is_write and (
             user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)) is node
@@ -286,7 +269,7 @@ def _writes_into(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> bool:
         at = _inplace_position(target)
     except TypeError:  # (an unhashable callable)
         at = None
-    return target in _INPLACE_OPERATORS or _arg(user, at if at is not None else len(
+    return target in _INPLACE_OPERATORS or node_arg(user, at if at is not None else len(
         user.args), "inplace") is True or getattr(target, "__name__", "").endswith("_")
 
 

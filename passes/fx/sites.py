@@ -87,6 +87,13 @@ _BN_FUNCTIONS: dict[Any, tuple[str, ...]] = {
 _TUPLE_BNS = frozenset(name for name in _BN_FUNCTIONS if isinstance(name, torch._ops.OpOverload)
                        and name is not aten.batch_norm.default)
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+#: Instance norms (not BNs: they normalize each sample) that update running statistics too.
+_INSTANCE_NORMS: dict[Any, tuple[str, ...]] = {
+    F.instance_norm: ("input", "running_mean", "running_var", "weight", "bias",
+                      "use_input_stats", "momentum", "eps"),
+    torch.instance_norm: ("input", "weight", "bias", "running_mean", "running_var",
+                          "use_input_stats", "momentum", "eps", "cudnn_enabled"),
+}
 
 
 @dataclass
@@ -415,6 +422,31 @@ def _conv_padding(padding: Any, dilation: Any, kernel: Any, n: int) -> tuple[int
 # ---------------------------------------------------------------------------------------------
 # Arguments and tensors.
 # ---------------------------------------------------------------------------------------------
+
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (counting the tensor as 0) or keyword ``name`` of ``node``."""
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def updated_statistics(node: fx.Node) -> tuple[Any, ...] | None:
+    """The running statistics (``running_mean``, ``running_var`` arguments) a functional norm
+    call updates in place: a BN of :data:`_BN_FUNCTIONS` with ``training`` not False, an
+    instance norm with ``use_input_stats`` not False; ``()`` for such a call that updates
+    none, None for any other node (ATen ops say it in their schemas)."""
+    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if node.target in _INSTANCE_NORMS:
+        args = _named_args(node, _INSTANCE_NORMS[node.target], {"use_input_stats": True})
+        flag = args["use_input_stats"]
+    elif node.target in _BN_FUNCTIONS:
+        args = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS)
+        flag = args["training"]
+    else:
+        return None
+    return (args["running_mean"], args["running_var"]) if flag is not False else ()
+
 
 def _named_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
     out = {name: defaults.get(name) for name in names}

@@ -78,8 +78,7 @@ def open_model(
     if args is not None and not how.startswith("torch.export"):
         _forget_other_inputs_shapes(gm, args)
         if shapes_on_demand and not inplace:
-            for node in gm.graph.nodes:  # (shapes an earlier pass recorded: not these inputs')
-                node.meta.pop("tensor_meta", None)
+            _forget(gm, "tensor_meta")  # (shapes an earlier pass recorded: not these inputs')
             gm.meta[_PENDING] = args
         else:
             record_shapes(gm, args)
@@ -93,10 +92,15 @@ def _forget_other_inputs_shapes(gm: fx.GraphModule, args: tuple[Any, ...]) -> No
     placeholders = gm.graph.find_nodes(op="placeholder")
     for node, arg in zip(placeholders, args, strict=False):
         if "val" in node.meta and _recorded_for_other_input(node.meta["val"], arg):
-            for n in gm.graph.nodes:
-                n.meta.pop("val", None)
-                n.meta.pop("tensor_meta", None)
+            _forget(gm, "val", "tensor_meta")
             return
+
+
+def _forget(gm: fx.GraphModule, *keys: str) -> None:
+    """Drop ``keys`` from every node's ``meta``."""
+    for node in gm.graph.nodes:
+        for key in keys:
+            node.meta.pop(key, None)
 
 
 def _recorded_for_other_input(val: Any, arg: Any) -> bool:
@@ -225,9 +229,7 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
     """:func:`~.model_copy.deep_copy` of ``model``; :class:`UnsupportedError` (one line) for
     a model ``copy.deepcopy`` cannot copy (a sparse parameter: torch's own copy refuses it)."""
     try:
-        with warnings.catch_warnings():  # (torch's own, on copying a torch.export module)
-            warnings.filterwarnings("ignore", category=FutureWarning,
-                                    message=r"`isinstance\(treespec, LeafSpec\)`")
+        with quiet_pytree_warning():  # (torch's own, on copying a torch.export module)
             work = deep_copy(model)
         if isinstance(model, fx.GraphModule):
             _restore_plain_attributes(model, work)
@@ -236,6 +238,16 @@ def _copy(model: torch.nn.Module) -> torch.nn.Module:
         raise UnsupportedError(
             f"cannot copy {type(model).__name__} ({one_line(exc)}{user_frame(exc)}): bnfold "
             "rewrites a copy and leaves the model as it is") from exc
+
+
+@contextlib.contextmanager
+def quiet_pytree_warning() -> Iterator[None]:
+    """Hold back torch's ``FutureWarning`` about its own pytree specs (``isinstance(treespec,
+    LeafSpec)``), which copying or lowering a torch.export module prints."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`isinstance\(treespec, LeafSpec\)`")
+        yield
 
 
 def _restore_plain_attributes(gm: fx.GraphModule, work: torch.nn.Module) -> None:

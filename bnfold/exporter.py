@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from bnfold import documents
@@ -45,6 +44,7 @@ from bnfold.errors import (
 )
 from bnfold.io.filechecks import MIN_OPSET
 from bnfold.io.fileio import save_onnx
+from bnfold.lazy_ir import ir
 from bnfold.report import Report
 from bnfold.validation.inputs import Sample, input_specs, random_array
 from bnfold.validation.result import ValidationResult

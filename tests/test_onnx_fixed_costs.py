@@ -21,7 +21,7 @@ from test_onnx_fold_zoo import _float64_reference
 
 from bnfold.models import zoo
 from bnfold.passes.onnx.consts import _run
-from bnfold.passes.onnx.shapes import Shapes, _infer_proto, call_onnx_api, inference_input
+from bnfold.passes.onnx.shapes import Shapes, _infer_proto, inference_input, onnx_api_caller
 
 _X = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
 
@@ -153,7 +153,7 @@ def test_inference_on_the_source_is_the_serialized_message() -> None:
     same inferred ``value_info``, inputs and outputs."""
     proto = _torchscript("levit_block")
     model = ir.serde.deserialize_model(proto)
-    via_ir = call_onnx_api(_infer_proto, model.clone())
+    via_ir = onnx_api_caller()(_infer_proto, model.clone())
     given = inference_input(proto)
     assert given is not None
     direct = _infer_proto(given)

@@ -421,11 +421,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if is_program_file(args.input):  # a torch.export.save archive (.pt2)
         return inspect_program(args)
     _check_report_path(args, args.input)
-    from bnfold.io.fileio import load_checked
+    from bnfold.io.fileio import load_for_pass
+    from bnfold.io.split_proto import SplitProto
     from bnfold.passes.onnx.frozen_inputs import note_frozen
     from bnfold.passes.onnx.reparam import inspect_branches
 
-    model, frozen = _frozen(args, load_checked(args.input))
+    # (a plain single-file model is dry-run on the protobuf, without onnx-ir: start-up time)
+    model, frozen = _frozen(args, load_for_pass(args.input))
     with naming(args.input):
         report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
     note_frozen(report, frozen)
@@ -433,8 +435,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from bnfold.cli import html_report
         from bnfold.passes.onnx.names import neighbourhoods
 
+        ir_model = model.to_ir(copy=False) if isinstance(model, SplitProto) else model
         html_report.write(args.html, html_report.render(
-            report, f"bnfold inspect {args.input.name}", neighbourhoods(model)))
+            report, f"bnfold inspect {args.input.name}", neighbourhoods(ir_model)))
     if not args.json:
         from bnfold.cli.render import print_report
 

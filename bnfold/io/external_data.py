@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.gc_pause import gc_paused
+from bnfold.lazy_ir import ir
 
 #: A graph file larger than this is not parsed just to list the data files it names (a model
 #: with external data keeps its graph small; a larger file holds its tensors inline).
@@ -33,6 +33,8 @@ _LOCATION_KEY = b"location"
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of ``model``: initializers and tensor attributes, in every graph
     and function body."""
+    walked = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS, ir.AttributeType.GRAPH,
+              ir.AttributeType.GRAPHS)
     bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     while bodies:  # every graph, subgraph and function body, each node visited once
         body = bodies.pop()
@@ -44,7 +46,7 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
             if not node.attributes:
                 continue
             for attr in node.attributes.values():
-                if attr.type not in _WALKED or attr.is_ref() or attr.value is None:
+                if attr.type not in walked or attr.is_ref() or attr.value is None:
                     continue
                 single = attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.GRAPH)
                 items = [attr.value] if single else list(attr.value)
@@ -52,10 +54,6 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
                     bodies.extend(items)
                 else:
                     yield from (t for t in items if isinstance(t, ir.ExternalTensor))
-
-
-_WALKED = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS, ir.AttributeType.GRAPH,
-           ir.AttributeType.GRAPHS)
 
 
 def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,

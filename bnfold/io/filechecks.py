@@ -27,11 +27,11 @@ import stat
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.io.proto_stream import TensorFacts, copy_fields, tensor_facts
 from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 
 #: protobuf cannot parse a message of 2 GiB or more.
 MAX_MODEL_BYTES = 2**31 - 1

@@ -9,7 +9,6 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
@@ -25,6 +24,7 @@ from bnfold.io.filechecks import (
 from bnfold.io.proto_stream import read_proto, stored_bytes
 from bnfold.io.split_proto import SplitProto, read_split
 from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
+from bnfold.lazy_ir import ir
 
 
 @contextlib.contextmanager

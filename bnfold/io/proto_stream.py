@@ -17,7 +17,6 @@ in place, so the file is byte for byte what ``onnx_ir.save`` writes.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import sys
@@ -28,11 +27,11 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from bnfold.io.external_data import INITIALIZER, SPARSE, proto_tensors
+from bnfold.lazy_ir import ir
 
 #: Initializers with at least this many bytes of ``raw_data`` are streamed, not serialized.
 STREAM_MIN = 64 * 1024
@@ -264,22 +263,21 @@ def proto_bytes(tensor: onnx.TensorProto, dims: Iterable[int] | None = None) -> 
     """The bytes a tensor proto's dims and dtype call for (its ``raw_data`` length when valid;
     the bytes of its strings for a string tensor, 0 for an unknown dtype); ``dims``: its
     dims, when already read."""
-    bits = _BITS.get(tensor.data_type)
+    bits = BITS.get(tensor.data_type)
     if bits is None:
         return sum(map(len, tensor.string_data))
     return (math.prod(tensor.dims if dims is None else dims) * bits + 7) // 8
 
 
-def _bitwidths() -> dict[int, int]:
-    """Bits per element of each ONNX dtype that has a fixed width (not STRING, UNDEFINED)."""
-    widths = {}
-    for dtype in ir.DataType:
-        with contextlib.suppress(TypeError):
-            widths[dtype.value] = dtype.bitwidth
-    return widths
-
-
-_BITS = _bitwidths()
+#: Bits per element of each ONNX dtype of fixed width (not STRING, UNDEFINED), by
+#: ``TensorProto.DataType`` code: FLOAT, UINT8, INT8, UINT16, INT16, INT32, INT64, BOOL,
+#: FLOAT16, DOUBLE, UINT32, UINT64, COMPLEX64, COMPLEX128, BFLOAT16, the four FLOAT8s, UINT4,
+#: INT4, FLOAT4E2M1, FLOAT8E8M0, UINT2, INT2 and the two FLOAT6s. Written out rather than read
+#: from onnx-ir's ``DataType.bitwidth`` (importing onnx-ir is what a plain dry run avoids,
+#: :mod:`bnfold.lazy_ir`); tests/test_lazy_ir.py checks they agree.
+BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64,
+        14: 64, 15: 128, 16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8,
+        25: 2, 26: 2, 27: 6, 28: 6}
 
 
 def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
@@ -288,16 +286,14 @@ def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:
     copy."""
     array = tensor.raw if type(tensor) is ir.Tensor else None  # a subclass may differ
     if isinstance(array, np.ndarray) and LITTLE_ENDIAN and array.flags.c_contiguous and \
-            array.dtype.itemsize * 8 == _BITS.get(tensor.dtype.value):
+            array.dtype.itemsize * 8 == BITS.get(tensor.dtype.value):
         return array.reshape(-1).view(np.uint8)
     return tensor.tobytes()
-
-
-_NO_BYTES = ir.Tensor(np.empty(0, np.uint8))
 
 
 def _hollow(tensor: ir.Tensor) -> ir.LazyTensor:
     """A large tensor's header for serialization: its name, dtype, shape, doc string and
     metadata, and no bytes (``serialize_tensor_into`` writes an empty ``raw_data``)."""
-    return ir.LazyTensor(lambda: _NO_BYTES, tensor.dtype, tensor.shape, name=tensor.name,
-                         doc_string=tensor.doc_string, metadata_props=tensor.metadata_props)
+    return ir.LazyTensor(lambda: ir.Tensor(np.empty(0, np.uint8)), tensor.dtype, tensor.shape,
+                         name=tensor.name, doc_string=tensor.doc_string,
+                         metadata_props=tensor.metadata_props)

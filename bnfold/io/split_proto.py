@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from bnfold.io.proto_stream import (
     FIELD_GRAPH,
@@ -40,6 +39,7 @@ from bnfold.io.proto_stream import (
     frame,
     read_proto,
 )
+from bnfold.lazy_ir import ir
 
 #: Files smaller than this are parsed whole: their copies cost less than the walk.
 SPLIT_MIN = 1 << 20

@@ -32,12 +32,12 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError
 from bnfold.io.external_data import files_named_by, referenced_files
 from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
 from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 
 #: What follows the target's name in the name of a data file bnfold wrote for it.
 OWN_DATA_SUFFIX = re.compile(r"\.[0-9a-f]{16}(?:-[0-9]+)?\.data")
@@ -145,7 +145,8 @@ def stage_onnx(model: ir.Model | onnx.ModelProto | SplitProto, target: Path, *, 
                     write_model(model, f)
                 f.flush()
                 os.fsync(f.fileno())
-            staged.reads = referenced_files(model) if isinstance(model, ir.Model) else set()
+            staged.reads = set() if isinstance(model, (onnx.ModelProto, SplitProto)) \
+                else referenced_files(model)
     except BaseException:
         staged.discard()
         raise

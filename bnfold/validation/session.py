@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedError, first_line
 from bnfold.io.external_data import external_tensors
 from bnfold.io.filechecks import check_opset, utf8_path
 from bnfold.io.fileio import load_onnx
+from bnfold.lazy_ir import ir
 from bnfold.validation.inputs import (
     InputSpec,
     Sample,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import (
     BNParams,
@@ -39,6 +38,7 @@ from bnfold.algebra import (
     spread_features,
 )
 from bnfold.errors import UnsafeFoldError
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.channelwise import channelwise_refusal, is_channelwise
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer

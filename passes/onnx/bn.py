@@ -19,9 +19,9 @@ Opsets 1-8 have ``spatial``; ``spatial=0`` gives per-activation parameters of sh
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import BNParams, per_channel
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.consts import Constants, data_uses
 
 _PARAM_NAMES = ("scale", "B", "mean", "var")

@@ -19,9 +19,9 @@ and keeps channel axis 1:
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import BNParams
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.rules import Context

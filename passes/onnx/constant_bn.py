@@ -11,10 +11,9 @@ read is left alone (removing it would remove them).
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
 from bnfold.algebra import evaluate_bn, round_to
 from bnfold.errors import UnsafeFoldError
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, params, statistics_read, training_reason
 from bnfold.passes.onnx.consts import make_tensor
 from bnfold.passes.onnx.edit import remove_bn

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.io.fileio import release_mapping
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.graphs import model_graphs
 from bnfold.passes.onnx.layers import is_default
 
@@ -292,10 +292,6 @@ def _new_kernel(op_type: str, version: int, n_inputs: int, attrs: dict[str, Any]
     return load_op("", op_type, version).create(n_inputs, **attrs)
 
 
-#: The tensor class of a deserialized ``Constant`` node's ``value``.
-_PROTO_TENSOR = ir.serde.TensorProtoTensor
-
-
 def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     """Like ``ir.convenience.get_const_tensor``, but never renames a ``Constant`` node's tensor
     (that tensor may wrap the caller's own ModelProto, which must stay untouched)."""
@@ -307,7 +303,7 @@ def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
         return None  # neither an initializer nor a Constant node's output
     attr = node.attributes.get("value")
     if attr is not None and not attr.is_ref():
-        if attr.type is ir.AttributeType.TENSOR and type(attr.value) is _PROTO_TENSOR:
+        if attr.type is ir.AttributeType.TENSOR and type(attr.value) is ir.serde.TensorProtoTensor:
             return attr.value  # what ``as_tensor()`` returns, without its protocol check
         return attr.as_tensor()  # (whose ``isinstance`` reads every tensor property: ~0.1 ms)
     try:

@@ -48,14 +48,15 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from bnfold.algebra import BATCH_MAX_WEIGHT, Folded, fold_forward_many
 from bnfold.errors import UnsafeFoldError
 from bnfold.io.proto_stream import STREAM_MIN, TensorFacts, copy_fields, proto_bytes
 from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, params, training_reason
 from bnfold.passes.onnx.consts import MIN_BUDGET, Namer
 from bnfold.passes.onnx.dynamo_fills import computed_fill
@@ -70,7 +71,7 @@ _FORWARD_LAYERS = ("Conv", "ConvTranspose", "Gemm")
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
                 onnx.TensorProto.DOUBLE: np.dtype(np.float64),
                 onnx.TensorProto.FLOAT16: np.dtype(np.float16),
-                onnx.TensorProto.BFLOAT16: ir.DataType.BFLOAT16.numpy()}
+                onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 _DATA_TYPES = {dtype: code for code, dtype in _FLOAT_TYPES.items()}
 _STORED = {code: dtype.newbyteorder("<") for code, dtype in _FLOAT_TYPES.items()}
 _AFFINE_HEADS = ("Mul", "Div")
@@ -90,15 +91,34 @@ def direct_fold(model: onnx.ModelProto | SplitProto, *, select: Selection = EVER
     ``max_const_elements``: :func:`.fold.fold_onnx`'s bound on a computed constant (a
     :mod:`.dynamo_fills` fill over it takes the full path, which keeps that BN and says why).
     """
+    planned = _planned(model, select, max_const_elements, progress)
+    return None if planned is None else PassResult(planned[0].build(), planned[1])
+
+
+def direct_inspect(model: onnx.ModelProto | SplitProto, *,
+                   max_const_elements: int | None = None) -> Report | None:
+    """``inspect_onnx(model)`` for a plain model: :func:`direct_fold`'s report as a dry run
+    (every fold planned and checked, no model built), else ``None``. It reads no onnx-ir
+    (:mod:`bnfold.lazy_ir`): a plain model's ``bnfold inspect`` never imports it."""
+    planned = _planned(model, EVERY_BN, max_const_elements, None)
+    if planned is None:
+        return None
+    report = planned[1]
+    report.pass_name, report.dry_run = "inspect_onnx", True
+    return report
+
+
+def _planned(model: onnx.ModelProto | SplitProto, select: Selection, budget: int | None,
+             progress: Callable[[int, int], Any] | None) -> tuple[_Plan, Report] | None:
+    """The plan of a plain model's folds, and their report; ``None`` if it is not plain."""
     try:
-        plan = _Plan.of(model, select, max_const_elements)
+        plan = _Plan.of(model, select, budget)
         if plan is None:
             return None
         with np.errstate(over="ignore"):  # an overflowing fold is refused
-            report = plan.fold(progress)
+            return plan, plan.fold(progress)
     except (NotPlain, UnsafeFoldError):
         return None
-    return PassResult(plan.build(), report)
 
 
 class _Plan:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS
 from bnfold.passes.onnx.proto_view import GraphView, type_shape
 

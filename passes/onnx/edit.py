@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.consts import Namer, make_tensor
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
@@ -39,11 +38,12 @@ from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import check_initializers
 from bnfold.io.fileio import load_onnx, load_split
 from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.backward import backward_fold
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.constant_bn import constant_bn
 from bnfold.passes.onnx.consts import Constants, Namer
-from bnfold.passes.onnx.direct import direct_fold
+from bnfold.passes.onnx.direct import direct_fold, direct_inspect
 from bnfold.passes.onnx.edit import detach_initializer_inputs, prune, reattach_inputs
 from bnfold.passes.onnx.forward import forward_fold
 from bnfold.passes.onnx.frozen_inputs import freeze, note_frozen
@@ -137,11 +137,22 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
     Runs the fold on a copy that shares the input's tensors; the input is not changed. The
     report is a dry run: entries keep the action names (``folded`` means "would fold"),
     ``report.dry_run`` is true, ``report.changed`` is false, and its table says "would fold".
-    ``freeze_initializer_inputs``: as for :func:`fold_onnx`.
+    ``freeze_initializer_inputs``: as for :func:`fold_onnx`. A plain ``ModelProto`` or
+    :class:`~bnfold.io.split_proto.SplitProto` is dry-run on the protobuf
+    (:func:`.direct.direct_inspect`), the same report without importing onnx-ir.
     """
+    frozen: list[str] = []
     with gc_paused():
+        if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir
+            if freeze_initializer_inputs:
+                model, frozen = freeze(model)
+            fast = direct_inspect(model, max_const_elements=max_const_elements)
+            if fast is not None:
+                note_frozen(fast, frozen)
+                return fast
         ir_model, _ = _working_copy(model, inplace=False)
-        frozen = freeze(ir_model)[1] if freeze_initializer_inputs else []
+        if freeze_initializer_inputs and not isinstance(model, (onnx.ModelProto, SplitProto)):
+            frozen = freeze(ir_model)[1]
         bind_external_data(ir_model, base_dir)
         report = _fold(ir_model, "inspect_onnx", backward=True,
                        max_const_elements=max_const_elements, source=model)

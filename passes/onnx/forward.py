@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import Folded, fold_forward
 from bnfold.errors import UnsafeFoldError
 from bnfold.geometry import reshape_axis
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.channelwise import channelwise_refusal, is_channelwise
 from bnfold.passes.onnx.consts import data_uses, deferred, set_initializer

@@ -15,14 +15,14 @@ from __future__ import annotations
 from typing import TypeVar
 
 import onnx
-import onnx_ir as ir
 
 from bnfold.io.proto_stream import copy_fields
 from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.edit import detach_initializer_inputs
 from bnfold.report import Report
 
-Model = TypeVar("Model", onnx.ModelProto, SplitProto, ir.Model)
+Model = TypeVar("Model", onnx.ModelProto, SplitProto, "ir.Model")
 
 
 def freeze(model: Model) -> tuple[Model, list[str]]:

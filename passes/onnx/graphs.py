@@ -8,9 +8,7 @@ the graphs once, with :func:`model_graphs`, and hands the list on.
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
-_GRAPH, _GRAPHS = ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS
+from bnfold.lazy_ir import ir
 
 
 def model_graphs(model: ir.Model) -> list[ir.Graph]:
@@ -23,13 +21,14 @@ def model_graphs(model: ir.Model) -> list[ir.Graph]:
 
 def _visit(graph: ir.Graph, found: dict[ir.Graph, None]) -> None:
     found[graph] = None
+    one, many = ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS
     for node in graph:
         attrs = node.attributes.data  # a UserDict's plain dict: no view built per node
         if not attrs:
             continue
         for attr in attrs.values():
-            if attr.type is _GRAPH and not attr.is_ref():
+            if attr.type is one and not attr.is_ref():
                 _visit(attr.value, found)
-            elif attr.type is _GRAPHS and not attr.is_ref():
+            elif attr.type is many and not attr.is_ref():
                 for sub in attr.value:
                     _visit(sub, found)

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.io.fileio import load_onnx
+from bnfold.lazy_ir import ir
 from bnfold.passes.insert_policy import (
     check_options,
     following_norm,

@@ -25,9 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import onnx_ir as ir
-
 from bnfold.geometry import ConvGeometry
+from bnfold.lazy_ir import ir
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

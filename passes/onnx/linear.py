@@ -21,9 +21,9 @@ Between the sum or concat and the BN there may be eval-mode no-ops (:mod:`.noops
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import BNParams, round_to, slice_bn, split_sum
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import make_tensor
 from bnfold.passes.onnx.forward import layer_fold, remove

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-import onnx_ir as ir
+from bnfold.lazy_ir import ir
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 NAMESPACE = "namespace"

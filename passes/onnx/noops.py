@@ -10,8 +10,8 @@ pass every value unchanged, so a BN before one equals the same BN after it.
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.layers import is_default
 from bnfold.passes.onnx.rules import Context
 

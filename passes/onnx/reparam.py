@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
+import onnx
 
 from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.gc_pause import gc_paused
+from bnfold.io.split_proto import SplitProto
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
 from bnfold.passes.onnx.edit import prune
 from bnfold.passes.onnx.fold import _fold, _working_copy
-from bnfold.passes.onnx.layers import LAYERS, conv_geometry, is_default
+from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS, conv_geometry, is_default
 from bnfold.passes.onnx.rules import Context, conv_tensors
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import PassResult, Report
@@ -50,7 +52,11 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
 
 def inspect_branches(model: Any) -> Report:
     """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
-    branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries."""
+    branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries.
+    A protobuf without a default-domain ``Add`` has no block: that is told without onnx-ir."""
+    if isinstance(model, (onnx.ModelProto, SplitProto)) and not _has_add(
+            (model.proto if isinstance(model, SplitProto) else model).graph):
+        return Report("inspect_branches", dry_run=True)
     with gc_paused():
         ir_model, _ = _working_copy(model, inplace=False)
         report = _reparameterize(ir_model, "inspect_branches", fold=False)
@@ -71,6 +77,13 @@ def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
         report.entries.extend(folded.entries)
         report.notes.extend(folded.notes)
     return report
+
+
+def _has_add(graph: onnx.GraphProto) -> bool:
+    """A default-domain ``Add`` is in ``graph`` or one of its subgraphs."""
+    return any((node.op_type == "Add" and node.domain in DEFAULT_DOMAINS) or any(
+        _has_add(sub) for attr in node.attribute for sub in (*attr.graphs, attr.g))
+        for node in graph.node)
 
 
 def _is_add(node: ir.Node) -> bool:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import consumers_text, display_name
 from bnfold.passes.onnx.consts import Constants, Namer, data_uses
 from bnfold.passes.onnx.shapes import Dims, Shapes

@@ -19,17 +19,11 @@ for the values a rule asks about.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import onnx
-import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-try:  # onnx-ir's own way to call ONNX's C API on a model (a private module of the pass's)
-    from onnx_ir.passes.common._c_api_utils import call_onnx_api
-except ImportError:  # an onnx-ir laid out otherwise: every model takes the pass itself
-    call_onnx_api = None
-
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.graphs import model_graphs
 
 Dims = list[int | None]
@@ -117,6 +111,9 @@ def _infer(model: ir.Model) -> dict[int, Mapping[str, ir.Shape | None]]:
     ``ir.serde.deserialize_graph`` would read them (:class:`_ProtoShapes`); a failed
     inference leaves only the declared shapes, as the pass does. A model with subgraphs takes
     the pass itself, on a clone."""
+    from onnx_ir.passes.common import ShapeInferencePass  # (onnx-ir: imported at first use)
+
+    call_onnx_api = onnx_api_caller()
     graphs = model_graphs(model)
     if len(graphs) == 1 and call_onnx_api is not None:
         try:
@@ -128,6 +125,16 @@ def _infer(model: ir.Model) -> dict[int, Mapping[str, ir.Shape | None]]:
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
     return {id(original): _shapes(inferred)
             for original, inferred in zip(graphs, model_graphs(clone), strict=True)}
+
+
+def onnx_api_caller() -> Callable[..., onnx.ModelProto] | None:
+    """onnx-ir's own way to call ONNX's C API on a model (a private module of the pass's);
+    ``None`` for an onnx-ir laid out otherwise (every model then takes the pass itself)."""
+    try:
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+    except ImportError:
+        return None
+    return call_onnx_api
 
 
 def _infer_proto(proto: onnx.ModelProto) -> onnx.ModelProto:

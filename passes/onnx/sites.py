@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfold.algebra import BNParams, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import Constants, data_uses
 from bnfold.passes.onnx.layers import is_default

@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import onnx_ir as ir
-
 from bnfold.errors import BadInputError
+from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name
 from bnfold.passes.onnx.consts import const_tensor
 from bnfold.passes.onnx.graphs import model_graphs

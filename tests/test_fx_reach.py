@@ -544,3 +544,102 @@ def test_the_onnx_fold_of_a_flatten_head_folds_what_fx_folds(export: str, dropou
     feed = onnx_cases.feeds(proto)
     assert onnx_cases.rel_err(onnx_cases.run_ort(out, feed),
                               onnx_cases.reference(proto, feed)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance norms that track running statistics: a BN in eval.
+# ---------------------------------------------------------------------------------------------
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_INSTANCE_NORMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+class _ConvInstanceNorm(nn.Module):
+    def __init__(self, spatial: int, affine: bool, track: bool = True) -> None:
+        super().__init__()
+        self.conv = _CONVS[spatial](3, 5, 3)
+        self.norm = _INSTANCE_NORMS[spatial](5, affine=affine, track_running_stats=track)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.conv(x)))
+
+
+def _tracking(spatial: int, affine: bool) -> nn.Module:
+    torch.manual_seed(spatial)
+    model = _ConvInstanceNorm(spatial, affine)
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.2, 3.0)
+        if affine:
+            model.norm.weight.normal_()
+            model.norm.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["example_inputs", "no_shapes"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial", [1, 2, 3])
+def test_an_instance_norm_with_running_statistics_folds_in_eval(spatial: int, affine: bool,
+                                                                 shapes: bool) -> None:
+    model = _tracking(spatial, affine)
+    x = torch.randn(2, 3, *[7] * spatial)
+    gm, report = bnfold.fold(model, x) if shapes else bnfold.fold(model)
+    assert [(e.bn, e.action, e.into) for e in report.entries] == [("norm", "folded", "conv")]
+    assert not any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in gm.modules())
+    fresh = torch.randn(4, 3, *[9] * spatial)
+    assert rel_err(gm, model, fresh, double=True) < 1e-6
+    assert rel_err(gm, model, fresh, double=False) < 1e-5
+    if not shapes:  # rank-dispatched: an unbatched call normalizes the channels too
+        assert rel_err(gm, model, fresh[0], double=True) < 1e-6
+
+
+def test_instance_norms_that_normalize_each_sample_are_reported_or_not_bn_like() -> None:
+    training = _tracking(2, True).train()
+    _, report = bnfold.fold(training)
+    assert [e.action for e in report.entries] == ["kept"]
+    assert "InstanceNorm2d is in training mode" in report.entries[0].reason
+    _, report = bnfold.fold(_ConvInstanceNorm(2, True, track=False).eval())
+    assert report.entries == []  # (normalizes each sample: nothing BN-like)
+
+
+class _FunctionalInstanceNorm(nn.Module):
+    def __init__(self, call: str, use_input_stats: bool) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("var", torch.rand(5) + 0.2)
+        self.weight, self.bias = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+        self.call, self.use_input_stats = call, use_input_stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.call == "F.instance_norm":
+            y = nn.functional.instance_norm(y, self.mean, self.var, self.weight, self.bias,
+                                            use_input_stats=self.use_input_stats)
+        else:
+            y = torch.instance_norm(y, self.weight, self.bias, self.mean, self.var,
+                                    self.use_input_stats, 0.1, 1e-5, False)
+        return torch.relu(y)
+
+
+@pytest.mark.parametrize("call", ["F.instance_norm", "torch.instance_norm"])
+def test_a_functional_instance_norm_on_running_statistics_folds(call: str) -> None:
+    model = _FunctionalInstanceNorm(call, use_input_stats=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm, report = bnfold.fold(model, x)
+    assert [(e.action, e.into) for e in report.entries] == [("folded", "conv")]
+    assert rel_err(gm, model, torch.randn(3, 3, 9, 9), double=True) < 1e-6
+    kept = _FunctionalInstanceNorm(call, use_input_stats=True).eval()
+    _, report = bnfold.fold(kept, x)
+    assert [e.action for e in report.entries] == ["kept"]
+    assert "normalizes with each sample's statistics" in report.entries[0].reason
+
+
+def test_a_program_of_an_instance_norm_with_running_statistics_folds() -> None:
+    model = _tracking(2, True)
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    folded, report = bnfold.fold(program, (x,))
+    assert [e.action for e in report.entries] == ["folded"]
+    assert rel_err(folded.module(), model, torch.randn(2, 3, 8, 8), double=False) < 1e-5

@@ -51,6 +51,11 @@ def _last(rank: int) -> int | None:
     return rank - 1 if rank >= 1 else None
 
 
+def _batched_or_not(spatial: int) -> ChannelRule:
+    """Axis 1 of a batched input of ``spatial`` dims after the channels, 0 of an unbatched one."""
+    return {spatial + 2: 1, spatial + 1: 0}.get
+
+
 # ---------------------------------------------------------------------------------------------
 # BatchNorm.
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +66,11 @@ _BN_MODULES: dict[type, ChannelRule] = {
     nn.BatchNorm3d: _dim1(range(5, 6)),
     nn.SyncBatchNorm: _dim1(range(2, MAX_RANK + 1)),
     FeatureBatchNorm: _last,
+    # Instance norms that track running statistics normalize with them in eval: a BN there
+    # (y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel).
+    nn.InstanceNorm1d: _batched_or_not(1),
+    nn.InstanceNorm2d: _batched_or_not(2),
+    nn.InstanceNorm3d: _batched_or_not(3),
 }
 # Positional parameter names of the functional BN forms (the tensor input is index 0).
 _BN_FUNCTIONS: dict[Any, tuple[str, ...]] = {
@@ -87,13 +97,17 @@ _BN_FUNCTIONS: dict[Any, tuple[str, ...]] = {
 _TUPLE_BNS = frozenset(name for name in _BN_FUNCTIONS if isinstance(name, torch._ops.OpOverload)
                        and name is not aten.batch_norm.default)
 _BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-#: Instance norms (not BNs: they normalize each sample) that update running statistics too.
+#: Instance norms: with ``use_input_stats`` they normalize each sample and update the running
+#: statistics given; without, they normalize with those, a BN (:func:`norm_args`).
 _INSTANCE_NORMS: dict[Any, tuple[str, ...]] = {
     F.instance_norm: ("input", "running_mean", "running_var", "weight", "bias",
                       "use_input_stats", "momentum", "eps"),
     torch.instance_norm: ("input", "weight", "bias", "running_mean", "running_var",
                           "use_input_stats", "momentum", "eps", "cudnn_enabled"),
+    aten.instance_norm.default: ("input", "weight", "bias", "running_mean", "running_var",
+                                 "use_input_stats", "momentum", "eps", "cudnn_enabled"),
 }
+_INSTANCE_DEFAULTS = {"use_input_stats": True, "momentum": 0.1, "eps": 1e-5}
 
 
 @dataclass
@@ -123,10 +137,14 @@ class BatchNormSite:
 
 
 def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True for any BN call the pass knows or refuses (module of a BN class or functional)."""
+    """True for any BN call the pass knows or refuses (module of a BN class or functional),
+    and for an instance norm module that tracks running statistics (a BN in eval)."""
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
-    return node.op == "call_function" and node.target in _BN_FUNCTIONS
+        module = gm.get_submodule(str(node.target))
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) or (isinstance(
+            module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats)
+    return node.op == "call_function" and (node.target in _BN_FUNCTIONS or (
+        node.target in _INSTANCE_NORMS and None not in bn_statistics(node)))
 
 
 def nested_batchnorms(gm: fx.GraphModule, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -177,6 +195,10 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None =
         hooked = hook_reason(str(node.target), bn) or held_reason(gm, str(node.target), bn)
         if hooked:
             return hooked
+        if bn.training and isinstance(bn, nn.modules.instancenorm._InstanceNorm):
+            return f"{type(bn).__name__} is in training mode: it normalizes with each " \
+                   "sample's statistics (in eval, with its running ones: a BN; call " \
+                   "model.eval() first)"
         if bn.training:
             return "BN is in training mode: it normalizes with batch statistics, which no " \
                    "fold can reproduce (call model.eval() first)"
@@ -189,11 +211,14 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None =
             beta=None if bn.bias is None else to_numpy(bn.bias),
         )
         return BatchNormSite(node, node, rule, params, [])
-    names = _BN_FUNCTIONS[node.target]
-    args = _named_args(node, names, _BN_DEFAULTS)
+    args = norm_args(node)
     if args.get("running_mean") is None or args.get("running_var") is None:
         return "BN has no running statistics (track_running_stats=False): it normalizes with " \
                "batch statistics"
+    if node.target in _INSTANCE_NORMS and args["training"] is not False:
+        return "instance norm with use_input_stats: it normalizes with each sample's " \
+               "statistics (with use_input_stats=False it normalizes with the running ones, " \
+               "a BN)"
     if args.get("training", False) is not False:  # absent: _no_training
         return "BN is in training mode: it normalizes with batch statistics, which no fold " \
                "can reproduce"
@@ -230,8 +255,7 @@ def bn_label(gm: fx.GraphModule, node: fx.Node) -> str:
     when there is one (graphs from ``torch.export``: ``"bn (batch_norm)"``).
     """
     if node.op != "call_module":
-        mean = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS).get("running_mean")
-        return _functional_label(node, mean)
+        return _functional_label(node, norm_args(node).get("running_mean"))
     calls = module_calls(node.graph, str(node.target))
     return str(node.target) if len(calls) == 1 else f"{node.target} ({node.name})"
 
@@ -435,17 +459,22 @@ def updated_statistics(node: fx.Node) -> tuple[Any, ...] | None:
     call updates in place: a BN of :data:`_BN_FUNCTIONS` with ``training`` not False, an
     instance norm with ``use_input_stats`` not False; ``()`` for such a call that updates
     none, None for any other node (ATen ops say it in their schemas)."""
-    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload) or (
+            node.target not in _INSTANCE_NORMS and node.target not in _BN_FUNCTIONS):
         return None
+    args = norm_args(node)
+    return (args["running_mean"], args["running_var"]) if args["training"] is not False else ()
+
+
+def norm_args(node: fx.Node) -> dict[str, Any]:
+    """The named arguments of a functional BN or instance norm call, defaults filled in; an
+    instance norm's ``use_input_stats`` is read as ``training`` (both say: normalize with the
+    input's own statistics, and update the running ones given)."""
     if node.target in _INSTANCE_NORMS:
-        args = _named_args(node, _INSTANCE_NORMS[node.target], {"use_input_stats": True})
-        flag = args["use_input_stats"]
-    elif node.target in _BN_FUNCTIONS:
-        args = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS)
-        flag = args["training"]
-    else:
-        return None
-    return (args["running_mean"], args["running_var"]) if flag is not False else ()
+        args = _named_args(node, _INSTANCE_NORMS[node.target], _INSTANCE_DEFAULTS)
+        args["training"] = args.pop("use_input_stats")
+        return args
+    return _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS)
 
 
 def _named_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -458,7 +487,7 @@ def _named_args(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any])
 def bn_statistics(node: fx.Node) -> tuple[Any, Any]:
     """``(running_mean, running_var)`` arguments of a functional BN call (``None`` when not
     given)."""
-    args = _named_args(node, _BN_FUNCTIONS[node.target], _BN_DEFAULTS)
+    args = norm_args(node)
     return args.get("running_mean"), args.get("running_var")
 
 

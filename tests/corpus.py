@@ -137,8 +137,9 @@ def graph_models() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...], str | No
     for k in ("gamma", "beta", "mean", "var"):
         add(f"bn_{k}_len1", conv_bn(inits={k: np.ones(1, np.float32)}), contains="channel")
         add(f"bn_{k}_len7", conv_bn(inits={k: np.ones(7, np.float32)}), contains="channel")
-        add(f"bn_{k}_2d", conv_bn(inits={k: p[k].astype(np.float32).reshape(2, 2)}), (0, 2))
-        add(f"bn_{k}_int", conv_bn(inits={k: np.ones(C, np.int64)}), (0, 2))
+        add(f"bn_{k}_2d", conv_bn(inits={k: p[k].astype(np.float32).reshape(2, 2)}),
+            contains="1-D")
+        add(f"bn_{k}_int", conv_bn(inits={k: np.ones(C, np.int64)}), contains="float tensor")
         add(f"bn_{k}_scalar", conv_bn(inits={k: np.float32(1.0)}), contains="channel")
         add(f"bn_{k}_graph_input", _edited(good, lambda m, k=k: m.graph.input.append(
             helper.make_tensor_value_info(k, F32, [C]))), (0,))
@@ -170,13 +171,15 @@ def graph_models() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...], str | No
     add("conv_weight_fp16", conv_bn(inits={"W": p["W"].astype(np.float16)}), (0, 2))
     add("conv_weight_missing", conv_bn(inits={"W": None}))
     add("conv_bias_len3", conv_bn(inits={"B": np.ones(3, np.float32)}), contains="bias")
-    add("conv_bias_2d", conv_bn(inits={"B": np.ones((C, 1), np.float32)}), (0, 2))
+    add("conv_bias_2d", conv_bn(inits={"B": np.ones((C, 1), np.float32)}), contains="bias")
     add("conv_group0", conv_bn(conv_attrs={"group": 0}), contains="group")
     add("conv_group3", conv_bn(conv_attrs={"group": 3}), contains="group")
     add("conv_group_negative", conv_bn(conv_attrs={"group": -1}), contains="group")
-    add("conv_pads_short", conv_bn(conv_attrs={"pads": [1]}), (0, 2))
+    add("conv_pads_short", conv_bn(conv_attrs={"pads": [1]}), contains="pads")
     add("conv_strides_zero", conv_bn(conv_attrs={"strides": [0, 0]}), (0, 2))
-    add("conv_kernel_shape_wrong", conv_bn(conv_attrs={"kernel_shape": [5, 5]}), (0, 2))
+    add("conv_kernel_shape_wrong", conv_bn(conv_attrs={"kernel_shape": [5, 5]}),
+        contains="kernel_shape")
+    add("conv_strides_short", conv_bn(conv_attrs={"strides": [1]}), contains="strides")
     add("conv_weight_nan", conv_bn(inits={"W": np.full((C, 3, 3, 3), np.nan, np.float32)}),
         (0,))
     for name, perm in (("out_of_range", [0, 5, 2, 3]), ("duplicate", [0, 1, 1, 3]),
@@ -215,7 +218,8 @@ def graph_models() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...], str | No
     add("init_duplicate", _edited(good, lambda m: m.graph.initializer.append(_init(m, "W"))))
     add("sparse_weight", _edited(good, lambda m: sparsify(m, "W")), contains="sparse")
     add("sparse_var", _edited(good, lambda m: sparsify(m, "var")), contains="sparse")
-    add("gemm_weight_1d", _gemm(np.ones(5, np.float32)), (0, 2))
+    add("gemm_weight_1d", _gemm(np.ones(5, np.float32)), contains="matrices")
+    add("gemm_weight_3d", _gemm(np.ones((C, 5, 1), np.float32)), contains="matrices")
     add("gemm_bias_len3", _gemm(np.ones((C, 5), np.float32), np.ones(3, np.float32)), (0, 2))
     add("gemm_trans_b_2", _gemm(np.ones((C, 5), np.float32), trans_b=2), (0, 2))
     add("matmul_weight_3d", _matmul(np.ones((2, 5, C), np.float32)), (0, 2))

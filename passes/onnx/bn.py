@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold.algebra import BNParams, per_channel
+from bnfold.errors import BadInputError
 from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.consts import Constants, data_uses
 
@@ -85,6 +86,10 @@ def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
         arr = consts.array(value)
         if isinstance(arr, str):
             return f"BN {name} {value.name!r} {arr}"
+        if np.asarray(arr).dtype.kind in "biucOSU":  # (not a float: an invalid model)
+            raise BadInputError(
+                f"invalid model: BatchNormalization {display_name(bn)!r} has a {name} of "
+                f"type {np.asarray(arr).dtype}; ONNX needs a float tensor")
         arrays.append(arr)
     if len(arrays) != 4:
         return "BN has fewer than five inputs"

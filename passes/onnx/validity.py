@@ -5,12 +5,16 @@ it is refused (:class:`bnfold.errors.BadInputError`), not "repaired" by numpy br
 crashed on. Only shapes are read (declared, or those of constant tensors), never tensor data,
 so external weights stay unread:
 
-* ``BatchNormalization``: ``scale``, ``B``, ``mean`` and ``var`` hold one value per channel
-  (``spatial=0`` at opsets <= 8: one row per channel), the same count for all four, equal to
-  ``X``'s channel dim (axis 1) when that is known, from its declared shape or from the output
-  channels of the Conv that produces it;
+* ``BatchNormalization``: ``scale``, ``B``, ``mean`` and ``var`` are 1-D tensors of one value
+  per channel (``spatial=0`` at opsets <= 8: one row per channel), the same count for all
+  four, equal to ``X``'s channel dim (axis 1) when that is known, from its declared shape or
+  from the output channels of the Conv that produces it (their element type, which needs the
+  data's type, is checked where they are read: :func:`.bn.params`);
 * ``Conv`` / ``ConvTranspose``: a weight of rank >= 3, a ``group`` >= 1 that divides its
-  channel axis, and a bias (if any) of one value per output channel;
+  channel axis, a bias (if any) of one value per output channel, and ``kernel_shape``,
+  ``strides``, ``dilations``, ``output_padding``, ``output_shape`` of one entry per spatial
+  dim of the weight, ``pads`` of two, a ``kernel_shape`` that is the weight's;
+* ``Gemm``: ``A`` and ``B`` of rank 2, ``C`` of rank <= 2;
 * ``Transpose``: ``perm`` a permutation of ``0 .. rank-1``.
 """
 
@@ -32,7 +36,7 @@ _BN_PARAMS = ("scale", "B", "mean", "var")
 #: Static dims of a value (``None`` for symbolic ones; ``None`` when its rank is unknown).
 ShapeOf = Callable[[Any], "tuple[int | None, ...] | None"]
 #: The op types :func:`node_problem` checks.
-CHECKED_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Transpose")
+CHECKED_OPS = ("BatchNormalization", "Conv", "ConvTranspose", "Gemm", "Transpose")
 
 
 def check_graphs(model: ir.Model, *, graphs: list[ir.Graph] | None = None) -> None:
@@ -86,6 +90,9 @@ def _batch_norm(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
             for d in shape:
                 size *= d  # type: ignore[operator]
             counts[name] = size
+            if len(shape) != 1:
+                return (f"has a {name} of shape {list(shape)}; ONNX needs a 1-D tensor, one "
+                        "value per channel")
     channels = _channels(inputs[0], shape_of)
     if channels is not None:
         wrong = {k: n for k, n in counts.items() if n != channels}
@@ -131,6 +138,18 @@ def _conv(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
                 "(channels, channels per group, kernel...)")
     if weight[0] is not None and weight[0] % group:  # Cout (Conv) or Cin (ConvTranspose)
         return f"has group={group}, which does not divide its weight's {weight[0]} channels"
+    spatial = len(weight) - 2
+    for attr, n in (("kernel_shape", spatial), ("strides", spatial), ("dilations", spatial),
+                    ("output_padding", spatial), ("output_shape", spatial),
+                    ("pads", 2 * spatial)):
+        values = node.attributes.get_ints(attr, None)
+        if values is not None and len(values) != n:
+            return (f"has {attr}={list(values)} for a weight of {spatial} spatial dim(s); "
+                    f"ONNX needs {n} value(s)")
+    kernel = node.attributes.get_ints("kernel_shape", None)
+    if kernel is not None and any(k != d for k, d in zip(kernel, weight[2:], strict=True)
+                                  if d is not None):
+        return f"has kernel_shape={list(kernel)} for a weight of kernel {list(weight[2:])}"
     bias = shape_of(inputs[2] if len(inputs) > 2 else None)
     channels = weight[0] if node.op_type == "Conv" else (
         None if weight[1] is None else weight[1] * group)
@@ -138,6 +157,16 @@ def _conv(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
             len(bias) != 1 or bias[0] not in (None, channels)):
         return (f"has a bias of shape {list(bias)} for {channels} output channels (ONNX needs "
                 "a 1-D bias, one value per channel)")
+    return None
+
+
+def _gemm(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
+    for name, value, ranks in zip(("A", "B", "C"), node.inputs, ((2,), (2,), (0, 1, 2)),
+                                  strict=False):
+        shape = shape_of(value)
+        if shape is not None and len(shape) not in ranks:
+            return (f"has a {name} of shape {list(shape)}; Gemm's A and B are matrices and its "
+                    "C has rank <= 2")
     return None
 
 
@@ -153,4 +182,4 @@ def _transpose(node: Any, opset: int, shape_of: ShapeOf) -> str | None:
 
 
 _CHECKS = {"BatchNormalization": _batch_norm, "Conv": _conv, "ConvTranspose": _conv,
-           "Transpose": _transpose}
+           "Gemm": _gemm, "Transpose": _transpose}

@@ -33,10 +33,7 @@ per output channel only when every output position sees the full kernel over the
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -45,6 +42,7 @@ import numpy as np
 
 from bnfold.errors import UnsafeFoldError
 from bnfold.geometry import ConvGeometry
+from bnfold.workers import WORKERS, pool
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -235,7 +233,7 @@ def _buffer_size(size: int) -> Iterator[None]:
 
 
 #: Elements from which :func:`_scaled_view` splits one weight's product over
-#: :data:`_WORKERS` threads (row blocks of the view; each element is still one product).
+#: :data:`WORKERS` threads (row blocks of the view; each element is still one product).
 SPLIT_MIN = 1 << 20
 
 
@@ -245,7 +243,7 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
     """``w.reshape(view) * vec.reshape(vshape)`` rounded and checked as
     :func:`_scaled_rounded` says, returned in ``w``'s shape (written into ``out``, an array
     of ``w``'s shape and dtype, when given). A float32/float64 weight of at least
-    :data:`SPLIT_MIN` elements is scaled in row blocks on :data:`_WORKERS` threads unless
+    :data:`SPLIT_MIN` elements is scaled in row blocks on :data:`WORKERS` threads unless
     ``split`` is false (a caller already on a thread per weight)."""
     dtype = w.dtype
     if out is None:
@@ -261,10 +259,10 @@ def _scaled_view(w: np.ndarray, vec: np.ndarray, view: tuple[int, ...],
             np.multiply(w_v[rows], vec_v[rows] if vec_v.shape[0] > 1 else vec_v,
                         out=out_v[rows], dtype=np.float64, casting="same_kind")
     n = len(w_v)
-    workers = min(_WORKERS, n) if split and w.size >= SPLIT_MIN else 1
+    workers = min(WORKERS, n) if split and w.size >= SPLIT_MIN else 1
     if workers > 1:
         step = -(-n // workers)
-        list(_pool().map(scale, [slice(i, i + step) for i in range(0, n, step)]))
+        pool().map(scale, [slice(i, i + step) for i in range(0, n, step)])
     else:
         scale(slice(None))
     _require_finite(out, what)
@@ -323,20 +321,6 @@ def fold_forward(
 #: overhead is small beside the arithmetic, and stacking would copy the weights, so larger
 #: alike weights are folded one by one, each into its slice of one output array.
 BATCH_MAX_WEIGHT = 1 << 16
-#: Threads that scale large alike weights at once (each weight whole in one thread, so each
-#: value is what one thread computes; only the order of the work changes).
-_WORKERS = min(4, os.cpu_count() or 1)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """The :data:`_WORKERS` threads that scale large weights (numpy's loops release the GIL),
-    started once on first use (a thread start costs about as much as a 1M-element product);
-    a forked child makes its own (a parent's threads do not run there)."""
-    return ThreadPoolExecutor(_WORKERS, thread_name_prefix="bnfold-fold")
-
-
-os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
 def fold_forward_many(
@@ -398,7 +382,7 @@ def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
                  groups: int) -> np.ndarray:
     """Each alike weight times its row of ``s`` (:func:`_scaled_rounded`), stacked: in one
     call on the stacked weights when they are small, else one by one into one array, on up to
-    :data:`_WORKERS` threads."""
+    :data:`WORKERS` threads."""
     w0 = np.asarray(weights[0])
     view, vshape = _channel_view(w0.shape, s.shape[1], axis, groups)
     n = len(weights)
@@ -407,9 +391,8 @@ def _scaled_many(weights: Sequence[np.ndarray], s: np.ndarray, axis: int,
         return _scaled_view(w, s, (n, *view), (n, *vshape), "weight")
     out = np.empty((n, *w0.shape), w0.dtype)
     jobs = [(np.asarray(w), vec, dest) for w, vec, dest in zip(weights, s, out, strict=True)]
-    for _ in _pool().map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2],
-                                                  split=False), jobs):
-        pass  # (a refusal is raised here, the first in order)
+    pool().map(lambda job: _scaled_view(*job[:2], view, vshape, "weight", job[2], split=False),
+               jobs)  # (a refusal is raised here, the first in order)
     return out
 
 

@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import stat
 
+import numpy as np
+import onnx
+import pytest
 import torch
+from onnx_cases import feeds
 from test_integrity_io import assert_computes, conv_bn, digest, one_line_error, save_external
 
+import bnfold
+from bnfold.errors import BadInputError
 from bnfold.io.external_data import files_named_by
+from bnfold.io.fileio import save_onnx
 from bnfold.models import plain
 from bnfold.models.stats import randomize_bn_stats
 
@@ -114,3 +121,41 @@ def test_files_named_by_reads_only_what_names_data(tmp_path):
     for name in ("inline.onnx", "empty.onnx", "junk.onnx", "fifo.onnx", "missing.onnx"):
         assert files_named_by(tmp_path / name) == set(), name
     assert files_named_by(tmp_path) == set()
+
+
+
+def test_no_written_file_may_be_a_sample_file_the_command_reads(run_cli, tmp_path):
+    """``--inputs`` / ``--load-inputs`` name files the command reads: ``-o``, ``--report``,
+    ``--save-inputs`` and ``--save-outputs`` may not replace them."""
+    model = conv_bn(5)
+    src, folded = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(model, src)
+    assert run_cli("fold", src, "-o", folded).returncode == 0
+    samples = tmp_path / "in.npz"
+    np.savez(samples, **feeds(model, seed=3))
+    before = digest(samples)
+    check = ["--providers", "cpu"]
+    runs = [["fold", src, "-o", samples, "--validate", *check, "--inputs", samples],
+            ["fold", src, "-o", tmp_path / "o.onnx", "--validate", *check, "--inputs",
+             samples, "--report", samples],
+            *(["validate", src, folded, *check, "--inputs", samples, flag, samples]
+              for flag in ("--report", "--save-inputs", "--save-outputs")),
+            ["validate", src, folded, *check, "--load-inputs", samples, "--save-outputs",
+             samples]]
+    for args, res in zip(runs, run_cli.many(runs), strict=True):
+        assert "is a sample file this command reads" in one_line_error(res), args
+    assert digest(samples) == before and not (tmp_path / "o.onnx").exists()
+
+
+def test_save_onnx_refuses_a_data_file_the_model_reads(tmp_path):
+    """The API's save: writing a model over an external data file it still reads (here the
+    MatMul weight no fold touches) would destroy its own weights, and the input file's."""
+    model = conv_bn(6)
+    src = save_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    data = tmp_path / "m.onnx.data"
+    before = digest(data)
+    folded, _ = bnfold.fold_onnx(src)
+    with pytest.raises(BadInputError, match="external data file the model reads"):
+        save_onnx(folded, data)
+    assert digest(data) == before
+    assert_computes(src, model, bn_left=1)

@@ -249,6 +249,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     out = _output_path(args)
     if out.exists() and out.is_dir():
         raise BadInputError(f"{out}: is a directory; give an output file")
+    from bnfold.io.output_paths import check_written_path
+
+    check_written_path("-o", out, [], _samples(args))
     _check_report_path(args, args.input, out)
     outcome = _fold_file(args, args.input, out, show=not args.json)
     _emit(args, outcome.doc, [outcome.staged] if outcome.staged else [])
@@ -455,7 +458,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     check_written_paths({"--report": args.report, "--save-inputs": args.save_inputs,
                          "--save-outputs": args.save_outputs},
-                        [args.reference, args.candidate])
+                        [args.reference, args.candidate], _samples(args))
     handle_args(args)
     result = _run_validation(args, args.reference, args.candidate)
     write_requested(args, result)
@@ -581,10 +584,17 @@ def _merge_branches(args: argparse.Namespace) -> bool:
 
 
 def _check_report_path(args: argparse.Namespace, *models: Path) -> None:
-    """Refuse, before any work, a ``--report`` path that is a folder or one of the models."""
+    """Refuse, before any work, a ``--report`` path that is a folder, one of the models or a
+    sample file the command reads."""
     from bnfold.io.output_paths import check_written_path
 
-    check_written_path("--report", getattr(args, "report", None), models)
+    check_written_path("--report", getattr(args, "report", None), models, _samples(args))
+
+
+def _samples(args: argparse.Namespace) -> list[Path]:
+    """The sample files the command reads (``--inputs``, ``--load-inputs``)."""
+    load = getattr(args, "load_inputs", None)
+    return [Path(p) for p in getattr(args, "inputs", None) or []] + ([load] if load else [])
 
 
 def _run_validation(args: argparse.Namespace, reference: Any, candidate: Any,

@@ -12,7 +12,7 @@ import onnx
 
 from bnfold.errors import BadInputError, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.io.external_data import bind_external_data
+from bnfold.io.external_data import bind_external_data, referenced_files
 from bnfold.io.filechecks import (
     check_external_data,
     check_initializers,
@@ -151,6 +151,9 @@ def stage_save(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pa
             return stage_onnx(model, Path(path), external=False, inline_limit=INLINE_LIMIT,
                               keep=keep)
         model = load_onnx(model, base_dir=base_dir)
+        if Path(path).resolve() in referenced_files(model):
+            raise BadInputError(f"{path}: is an external data file the model reads (writing "
+                                "the model there would destroy its weights); give another")
         tensors = [v.const_value for g in model.graphs() for v in g.initializers.values()
                    if v.const_value is not None]
         lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily

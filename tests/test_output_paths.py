@@ -159,3 +159,33 @@ def test_save_onnx_refuses_a_data_file_the_model_reads(tmp_path):
         save_onnx(folded, data)
     assert digest(data) == before
     assert_computes(src, model, bn_left=1)
+
+
+def test_exit_2_leaves_nothing_written(run_cli, tmp_path):
+    """A report that cannot be written leaves no golden file, no HTML page, no model and no
+    folder made for one; a standard output that cannot be written leaves no model."""
+    import subprocess
+    import sys
+
+    model = conv_bn(7)
+    src, folded = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(model, src)
+    assert run_cli("fold", src, "-o", folded).returncode == 0
+    (tmp_path / "afile").write_text("not a folder")
+    report = tmp_path / "afile" / "r.json"
+    runs = [["validate", src, folded, "--providers", "cpu", "--save-inputs",
+             tmp_path / "g.npz", "--save-outputs", tmp_path / "new" / "o.npz", "--report",
+             report],
+            ["inspect", src, "--html", tmp_path / "r.html", "--report", report],
+            ["fold", src, "-o", tmp_path / "newdir" / "sub" / "o.onnx", "--report", report]]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, res in zip(runs, run_cli.many(runs), strict=True):
+        assert "Not a directory: " in one_line_error(res), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with open(os.devnull if not os.path.exists("/dev/full") else "/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "bnfold.cli", "fold", str(src), "-o",
+                               str(tmp_path / "o.onnx"), "--json"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, check=False)
+    if os.path.exists("/dev/full"):
+        assert done.returncode == 2 and "No space left" in done.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -434,13 +434,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     with naming(args.input):
         report, blocks = bnfold.inspect_onnx(model), inspect_branches(model)
     note_frozen(report, frozen)
+    staged = []
     if args.html is not None:
         from bnfold.cli import html_report
         from bnfold.passes.onnx.names import neighbourhoods
 
         ir_model = model.to_ir(copy=False) if isinstance(model, SplitProto) else model
-        html_report.write(args.html, html_report.render(
-            report, f"bnfold inspect {args.input.name}", neighbourhoods(ir_model)))
+        staged.append(html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", neighbourhoods(ir_model))))
     if not args.json:
         from bnfold.cli.render import print_report
 
@@ -448,7 +449,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if blocks.entries:
             print_report(blocks, "branch blocks (bnfold fold --merge-branches)")
     _emit(args, {"schema": documents.INSPECT, "input": str(args.input),
-                 "report": report.to_dict(), "branches": blocks.to_dict()})
+                 "report": report.to_dict(), "branches": blocks.to_dict()}, staged)
     return OK
 
 
@@ -461,12 +462,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         [args.reference, args.candidate], _samples(args))
     handle_args(args)
     result = _run_validation(args, args.reference, args.candidate)
-    write_requested(args, result)
+    staged = write_requested(args, result)
     if not args.json:
         from bnfold.cli.render import print_validation
 
         print_validation(result)
-    _emit(args, result.to_dict())
+    _emit(args, result.to_dict(), staged)
     return OK if result.passed else FAILED
 
 
@@ -621,31 +622,42 @@ def _quiet_onnxruntime() -> None:
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], staged: Sequence[Any] = ()) -> None:
-    """Write ``doc`` to ``--report`` atomically if given, commit the ``staged`` model outputs
-    (:func:`bnfold.io.fileio.stage_save`) between the report's write and its rename, then print
-    ``doc`` as JSON with ``--json``. A report that cannot be written leaves no model written
-    (exit 2 means nothing was written), and a model that cannot be written, no report."""
+    """Write ``doc`` for ``--report`` (staged) if given, print it as JSON with ``--json``,
+    then commit the ``staged`` outputs (models, :func:`bnfold.io.fileio.stage_save`; other
+    files, :class:`bnfold.io.staged_save.StagedFile`) and the report. A report that cannot be
+    written leaves nothing written and prints no JSON (exit 2 means nothing was written); a
+    standard output that cannot be written (a closed pipe, a full disk) leaves nothing
+    written either; what could still fail after the JSON is out is a rename."""
     text = json.dumps(doc, indent=2, allow_nan=False, default=str)
     path = getattr(args, "report", None)
     with contextlib.ExitStack() as pending:
         for output in staged:
             pending.enter_context(output)  # discarded unless committed
-        if path is None:
-            for output in staged:
-                output.commit()
-        else:
-            from bnfold.errors import BadInputError
-            from bnfold.io.fileio import atomic_path
+        report = None
+        if path is not None:
+            from bnfold.io.staged_save import StagedFile
 
-            try:
-                with atomic_path(path) as tmp:
-                    tmp.write_text(text + "\n")
-                    for output in staged:
-                        output.commit()
-            except OSError as exc:
-                where = f": {exc.filename}" if exc.filename and exc.strerror else ""
-                raise BadInputError(f"--report {path}: could not write "
-                                    f"({exc.strerror or exc}{where})") from exc
-    if args.json:
-        print(text)
+            with _report_errors(path):
+                report = pending.enter_context(
+                    StagedFile(path, lambda tmp: tmp.write_text(text + "\n")))
+        if args.json:
+            print(text, flush=True)
+        for output in staged:
+            output.commit()
+        if report is not None:
+            with _report_errors(path):
+                report.commit()
+
+
+@contextlib.contextmanager
+def _report_errors(path: Path) -> Iterator[None]:
+    """An ``OSError`` writing the ``--report`` file as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        from bnfold.errors import BadInputError
+
+        where = f": {exc.filename}" if exc.filename and exc.strerror else ""
+        raise BadInputError(f"--report {path}: could not write "
+                            f"({exc.strerror or exc}{where})") from exc
 

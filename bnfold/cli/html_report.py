@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bnfold.io.staged_save import StagedFile
 from bnfold.report import Entry, Report
 
 _BOX_W, _BOX_H, _GAP, _ROW = 260, 34, 46, 40
@@ -48,12 +49,15 @@ def render(report: Report, title: str, around: Mapping[str, Neighbourhood]) -> s
             f"<th>into / reason</th><th>neighbourhood</th></tr>\n{rows}\n</table></body></html>\n")
 
 
-def write(path: str | os.PathLike[str], page: str) -> None:
-    """Write ``page`` to ``path`` atomically."""
-    from bnfold.io.fileio import atomic_path
+def write(path: str | os.PathLike[str], page: str) -> StagedFile:
+    """Write ``page`` for ``path``, staged: the command commits it with its report
+    (:class:`~bnfold.io.staged_save.StagedFile`)."""
+    from bnfold.errors import BadInputError
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    try:
+        return StagedFile(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    except OSError as exc:
+        raise BadInputError(f"--html {path}: could not write ({exc.strerror or exc})") from exc
 
 
 def _row(report: Report, entry: Entry, around: Neighbourhood | None, index: int) -> str:

@@ -104,17 +104,18 @@ def inspect_program(args: argparse.Namespace) -> int:
     module = program.module()
     _, report = bnfold.fold(module, None if kwargs else args_)  # no re-export
     report.dry_run = True
+    staged = []
     if args.html is not None:
         from bnfold.cli import html_report
 
-        html_report.write(args.html, html_report.render(
-            report, f"bnfold inspect {args.input.name}", _neighbourhoods(module)))
+        staged.append(html_report.write(args.html, html_report.render(
+            report, f"bnfold inspect {args.input.name}", _neighbourhoods(module))))
     if not args.json:
         from bnfold.cli.render import print_report
 
         print_report(report, f"inspect {args.input}")
     _emit(args, {"schema": documents.INSPECT, "input": str(args.input),
-                 "report": report.to_dict()})
+                 "report": report.to_dict()}, staged)
     return OK
 
 

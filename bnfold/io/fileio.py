@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from bnfold.io.filechecks import (
 )
 from bnfold.io.proto_stream import read_proto, stored_bytes
 from bnfold.io.split_proto import SplitProto, read_split
-from bnfold.io.staged_save import StagedModel, file_mode, is_special_file, stage_onnx
+from bnfold.io.staged_save import StagedFile, StagedModel, stage_onnx
 from bnfold.lazy_ir import ir
 
 
@@ -31,27 +30,15 @@ from bnfold.lazy_ir import ir
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was. The file
-    gets the permissions of the file it replaces, or the usual ones for a new file (0666
-    less the umask), not the private 0600 of a temporary file. A ``path`` that is not a regular
-    file (``/dev/null``, a FIFO, a symlink to a device) is yielded itself: written through,
-    never replaced.
+    On any exception the temporary file (and any folder made for it) is removed and ``path`` is
+    left as it was. The file gets the permissions of the file it replaces, or the usual ones
+    for a new file (0666 less the umask), not the private 0600 of a temporary file. A ``path``
+    that is not a regular file (``/dev/null``, a FIFO, a symlink to a device) is yielded
+    itself: written through, never replaced (:class:`~bnfold.io.staged_save.StagedFile`).
     """
-    target = Path(path)
-    if is_special_file(target):
-        yield target
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, file_mode(target))
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with StagedFile(path) as staged:
+        yield staged.path
+        staged.commit()
 
 
 def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) -> ir.Model:

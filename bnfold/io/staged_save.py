@@ -22,13 +22,14 @@ is written through, never replaced; a model with external data cannot go to one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import onnx
@@ -57,6 +58,7 @@ class StagedModel:
         self.payload: bytes | None = None  # the serialized model, for a target not a file
         self.swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
         self.reads: set[Path] = set()  # what the staged graph names (its own data)
+        self.folders: list[Path] = []  # folders made for the target (removed on discard)
         self.committed = False
 
     def __enter__(self) -> StagedModel:
@@ -106,6 +108,7 @@ class StagedModel:
         for value, tensor in reversed(self.swapped):
             value.const_value = tensor
         self.swapped.clear()
+        remove_folders(self.folders)
 
 
 def stage_onnx(model: ir.Model | onnx.ModelProto | SplitProto, target: Path, *, external: bool,
@@ -129,7 +132,7 @@ def stage_onnx(model: ir.Model | onnx.ModelProto | SplitProto, target: Path, *, 
                                   else ir.serde.serialize_model(model)).SerializeToString()
                 return staged
             if mode is None:  # a new file: its folder may be new too
-                target.parent.mkdir(parents=True, exist_ok=True)
+                staged.folders = make_folders(target.parent)
             perms = _permissions(mode)
             if external:
                 assert isinstance(model, ir.Model)
@@ -193,6 +196,88 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
         value.const_value = ir.ExternalTensor(
             staged.data.name, offset, length, tensor.dtype, shape=tensor.shape,
             name=tensor.name or value.name or "", base_dir=target.parent)
+
+
+class StagedFile:
+    """A file to write at ``target``, written first under a temporary name beside it
+    (:attr:`path`; the folders it needs are made), by ``write(path)`` when given (a failure
+    leaves nothing behind) or by the caller: ``commit()`` renames it onto ``target``,
+    ``discard()`` (also on leaving a ``with`` block uncommitted) removes it and the folders
+    made for it. A ``target`` that is not a regular file (``/dev/null``, a FIFO) is written
+    through: :attr:`path` is ``target`` itself. Lets a command stage every file it writes and
+    commit them only once all were written (exit 2 then means nothing was)."""
+
+    def __init__(self, target: str | os.PathLike[str],
+                 write: Callable[[Path], object] | None = None) -> None:
+        self.target, self.committed = Path(target), False
+        self.folders: list[Path] = []
+        self._tmp: Path | None = None
+        self.path = self.target
+        try:
+            if not is_special_file(self.target):
+                self.folders = make_folders(self.target.parent)
+                fd, tmp = _new_temp(self.target, ".tmp", file_mode(self.target))
+                os.close(fd)
+                self.path = self._tmp = Path(tmp)
+            if write is not None:
+                write(self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def commit(self) -> None:
+        """Put the file in place (one rename)."""
+        if self._tmp is not None:
+            os.replace(self._tmp, self.target)
+            self._tmp = None
+        self.committed = True
+
+    def discard(self) -> None:
+        """Remove the temporary file and, unless committed, the folders made for it."""
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+            self._tmp = None
+        if not self.committed:
+            remove_folders(self.folders)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and any missing parent; return the ones made, outermost first
+    (``NotADirectoryError`` naming the first that exists and is no folder)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    made: list[Path] = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # (made by another process meanwhile: not ours to remove)
+        except BaseException:
+            remove_folders(made)
+            raise
+        made.append(path)
+    return made
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` made, innermost first, while they are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+    folders.clear()
 
 
 def _reserve(target: Path, digest: str) -> Path:

@@ -14,6 +14,7 @@ objects) is refused with one line, never unpickled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BadInputError
+from bnfold.io.staged_save import StagedFile
 from bnfold.validation.inputs import load_arrays
 from bnfold.validation.result import ValidationResult
 
@@ -41,14 +43,16 @@ def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
     return [samples[i] for i in sorted(samples)]
 
 
-def save_inputs(result: ValidationResult, path: str | os.PathLike[str]) -> None:
-    """Write the samples ``result`` ran on (``sample<i>/<input>``) to ``path``, atomically."""
-    _save(path, {f"sample{i}/{name}": array for i, sample in enumerate(result.samples)
-                 for name, array in sample.items()})
+def save_inputs(result: ValidationResult, path: str | os.PathLike[str]) -> StagedFile:
+    """Write the samples ``result`` ran on (``sample<i>/<input>``) for ``path``: staged, put
+    in place by the caller's ``commit()``."""
+    return _stage(path, {f"sample{i}/{name}": array for i, sample in enumerate(result.samples)
+                         for name, array in sample.items()})
 
 
-def save_outputs(result: ValidationResult, path: str | os.PathLike[str]) -> None:
-    """Write the reference's and each provider's candidate outputs to ``path``, atomically."""
+def save_outputs(result: ValidationResult, path: str | os.PathLike[str]) -> StagedFile:
+    """Write the reference's and each provider's candidate outputs for ``path``: staged, as
+    :func:`save_inputs`."""
     arrays: dict[str, np.ndarray] = {}
     for run in result.runs:
         if run.status != "ran" or not run.ref_outputs:
@@ -57,7 +61,7 @@ def save_outputs(result: ValidationResult, path: str | os.PathLike[str]) -> None
         if run.provider == "cpu":
             arrays.update(_keyed("reference", run.ref_outputs, names))
         arrays.update(_keyed(run.provider, run.outputs, names))
-    _save(path, arrays)
+    return _stage(path, arrays)
 
 
 def handle_args(args: argparse.Namespace) -> None:
@@ -69,12 +73,17 @@ def handle_args(args: argparse.Namespace) -> None:
     args.inputs = load_inputs(args.load_inputs)
 
 
-def write_requested(args: argparse.Namespace, result: ValidationResult) -> None:
-    """Write ``--save-inputs`` / ``--save-outputs`` files when asked for."""
-    if args.save_inputs is not None:
-        save_inputs(result, args.save_inputs)
-    if args.save_outputs is not None:
-        save_outputs(result, args.save_outputs)
+def write_requested(args: argparse.Namespace, result: ValidationResult) -> list[StagedFile]:
+    """Write the ``--save-inputs`` / ``--save-outputs`` files asked for, staged (the command
+    commits them with its report: :class:`~bnfold.io.staged_save.StagedFile`)."""
+    staged = []
+    with contextlib.ExitStack() as pending:  # (a failed second write discards the first)
+        if args.save_inputs is not None:
+            staged.append(pending.enter_context(save_inputs(result, args.save_inputs)))
+        if args.save_outputs is not None:
+            staged.append(pending.enter_context(save_outputs(result, args.save_outputs)))
+        pending.pop_all()
+    return staged
 
 
 def _keyed(prefix: str, outputs: list[list[np.ndarray]], names: list[str]
@@ -83,19 +92,12 @@ def _keyed(prefix: str, outputs: list[list[np.ndarray]], names: list[str]
             for name, array in zip(names, sample, strict=True)}
 
 
-def _save(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    from bnfold.io.fileio import atomic_path
-
-    def write(tmp: Path) -> None:
-        # Through memory: np.savez seeks (a FIFO or /dev/null cannot) and would append ".npz"
-        # to a name.
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        with open(tmp, "wb") as f:
-            f.write(buffer.getvalue())
-
+def _stage(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> StagedFile:
+    # Through memory: np.savez seeks (a FIFO or /dev/null cannot) and would append ".npz"
+    # to a name.
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        with atomic_path(path) as tmp:
-            write(tmp)
+        return StagedFile(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     except OSError as exc:
         raise BadInputError(f"{path}: could not write ({exc.strerror or exc})") from exc

@@ -149,7 +149,7 @@ def test_a_weight_split_over_threads_equals_one_product(monkeypatch, dtype, shap
     weights, biases, bns = _group(rng, 1, shape, channels, np.dtype(dtype), True, True)
     whole = fold_forward(weights[0], biases[0], bns[0], out_axis=axis, groups=groups)
     monkeypatch.setattr(algebra, "SPLIT_MIN", 1)
-    monkeypatch.setattr(algebra, "_WORKERS", 4)
+    monkeypatch.setattr(algebra, "WORKERS", 4)
     split = fold_forward(weights[0], biases[0], bns[0], out_axis=axis, groups=groups)
     assert split.weight.tobytes() == whole.weight.tobytes()
     assert split.bias.tobytes() == whole.bias.tobytes()
@@ -172,9 +172,10 @@ def test_a_forked_child_scales_on_threads_of_its_own(monkeypatch) -> None:
     import time
 
     monkeypatch.setattr(algebra, "SPLIT_MIN", 1)
-    workers = algebra._WORKERS
-    barrier = threading.Barrier(workers)  # every thread of the pool started, then idle
-    list(algebra._pool().map(lambda _: barrier.wait(), range(workers)))
+    from bnfold import workers
+
+    barrier = threading.Barrier(workers.WORKERS)  # every thread of the pool started, then idle
+    workers.pool().map(lambda _: barrier.wait(), range(workers.WORKERS))
     time.sleep(0.3)
     child = multiprocessing.get_context("fork").Process(target=_fold_split_weight)
     child.start()

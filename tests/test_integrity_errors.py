@@ -249,6 +249,37 @@ def test_invalid_models_are_refused_not_repaired(tmp_path):
         bnfold.fold_onnx(scalar)
 
 
+def test_in_memory_models_get_the_checks_a_file_gets(tmp_path, run_cli):
+    """An undefined input (the CLI's onnx.checker refuses it; onnx-ir only warns), a string BN
+    parameter, a ``base_dir`` without the data file and a NUL byte in a location are each
+    one ``BadInputError``, not a repaired model nor a ``ValueError``/``FileNotFoundError``."""
+    dangling = conv_bn()
+    dangling.graph.node[1].input[1] = "missing"
+    for call in (bnfold.fold_onnx, bnfold.inspect_onnx):
+        with pytest.raises(BadInputError, match="reads 'missing', which no node"):
+            call(dangling)
+    strings = conv_bn(inits={"gamma": np.array(["a"] * 4)})
+    with pytest.raises(BadInputError, match="scale of type string"):
+        bnfold.fold_onnx(strings)
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "m.onnx"
+    onnx.save_model(conv_bn(), path, save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    in_memory = onnx.load(path, load_external_data=False)
+    for call in (bnfold.fold_onnx, bnfold.inspect_onnx):
+        with pytest.raises(BadInputError, match=r"cannot read 'm\.data'"):
+            call(in_memory, base_dir=tmp_path)
+    for tensor in in_memory.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "m.data\0x"
+    onnx.save(in_memory, path)
+    with pytest.raises(BadInputError, match="NUL byte"):
+        bnfold.fold_onnx(path)
+    res = run_cli("inspect", path)
+    assert res.returncode == 2 and "NUL byte" in res.stderr and "internal" not in res.stderr
+
+
 def test_unreadable_files_are_named_in_one_line(tmp_path, monkeypatch, capsys):
     locked = save(conv_bn(), tmp_path / "locked.onnx")
     samples = tmp_path / "x.npz"

@@ -62,10 +62,13 @@ def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
 
     ``base_dir`` (if given) becomes the folder of every external tensor that has none; a tensor
     with neither is refused, as is any whose file lies outside its folder (absolute location,
-    ``..`` escape, symlink out). Raises :class:`BadInputError` naming the location.
+    ``..`` escape, symlink out), and one given ``base_dir`` here whose file there is missing or
+    too short (:func:`~bnfold.io.filechecks.external_problem`; a model read from a file has
+    its files checked by the load). Raises :class:`BadInputError` naming the location.
     """
     for tensor in external_tensors(model):
-        if not tensor.base_dir:
+        bound = not tensor.base_dir
+        if bound:
             if base_dir is None:
                 raise BadInputError(
                     f"{label}: an in-memory model whose tensor {tensor.name!r} is stored in "
@@ -73,12 +76,21 @@ def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
                     "is relative to), or give the model's path")
             tensor.base_dir = base_dir
         check_contained(tensor.location, Path(tensor.base_dir), label)
+        if bound:
+            from bnfold.io.filechecks import external_problem  # (it imports this module)
+
+            problem = external_problem(tensor)
+            if problem:
+                raise BadInputError(f"{label}: invalid external data for tensor "
+                                    f"{tensor.name!r}: {problem}")
 
 
 def check_contained(location: str, folder: Path, label: str) -> Path:
     """The file ``location`` names inside ``folder``; :class:`BadInputError` if it is not
     inside (absolute, ``..`` out of the folder, or a symlink that leads out)."""
     where = f"{label}: external data location {location!r}"
+    if "\0" in location:
+        raise BadInputError(f"{where} holds a NUL byte; no file has such a name")
     if not location or os.path.isabs(location) or Path(location).drive:
         raise BadInputError(f"{where} is not a relative path")
     root = Path(os.path.abspath(folder))

@@ -91,13 +91,15 @@ def check_external_data(model: ir.Model, label: str) -> None:
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                problem = _external_problem(tensor)
+                problem = external_problem(tensor)
                 if problem:
                     raise BadInputError(f"{label}: invalid external data for tensor "
                                         f"{value.name!r}: {problem}")
 
 
-def _external_problem(tensor: ir.ExternalTensor) -> str | None:
+def external_problem(tensor: ir.ExternalTensor) -> str | None:
+    """What makes ``tensor``'s bytes unreadable (its file missing, not a regular file, too
+    short, or a length that is not its shape's), or ``None``."""
     location = os.fspath(tensor.location)
     path = os.path.join(os.fspath(tensor.base_dir or "."), location)
     try:

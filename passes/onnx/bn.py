@@ -86,10 +86,11 @@ def params(bn: ir.Node, opset: int, consts: Constants) -> BNParams | str:
         arr = consts.array(value)
         if isinstance(arr, str):
             return f"BN {name} {value.name!r} {arr}"
-        if np.asarray(arr).dtype.kind in "biucOSU":  # (not a float: an invalid model)
+        kind = np.asarray(arr).dtype
+        if kind.kind in "biucOSU":  # (not a float: an invalid model)
             raise BadInputError(
                 f"invalid model: BatchNormalization {display_name(bn)!r} has a {name} of "
-                f"type {np.asarray(arr).dtype}; ONNX needs a float tensor")
+                f"type {'string' if kind.kind in 'OSU' else kind}; ONNX needs a float tensor")
         arrays.append(arr)
     if len(arrays) != 4:
         return "BN has fewer than five inputs"

@@ -15,7 +15,9 @@ so external weights stay unread:
   ``strides``, ``dilations``, ``output_padding``, ``output_shape`` of one entry per spatial
   dim of the weight, ``pads`` of two, a ``kernel_shape`` that is the weight's;
 * ``Gemm``: ``A`` and ``B`` of rank 2, ``C`` of rank <= 2;
-* ``Transpose``: ``perm`` a permutation of ``0 .. rank-1``.
+* ``Transpose``: ``perm`` a permutation of ``0 .. rank-1``;
+* any node: every input it reads is defined (by a node, a graph input or an initializer of
+  its graph or an enclosing one).
 """
 
 from __future__ import annotations
@@ -45,12 +47,23 @@ def check_graphs(model: ir.Model, *, graphs: list[ir.Graph] | None = None) -> No
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     for graph in model_graphs(model) if graphs is None else graphs:
         for node in graph:
-            if not is_default(node):
+            problem = _undefined_input(node)
+            if not problem and not is_default(node):
                 continue
-            problem = node_problem(node, opset, _shape)
+            problem = problem or node_problem(node, opset, _shape)
             if problem:
                 raise BadInputError(f"invalid model: {node.op_type} {display_name(node)!r} "
                                     f"{problem}")
+
+
+def _undefined_input(node: ir.Node) -> str | None:
+    """An input of ``node`` that nothing defines: no node, graph input or initializer of its
+    graph or an enclosing one (onnx-ir makes such a name a value of its own, with a warning)."""
+    for value in node.inputs:
+        if value is not None and value.producer() is None and not value.is_graph_input() \
+                and not value.is_initializer():
+            return f"reads {value.name!r}, which no node, graph input or initializer defines"
+    return None
 
 
 def node_problem(node: Any, opset: int, shape: ShapeOf) -> str | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import bnfold
@@ -313,3 +314,43 @@ def test_a_buffer_a_functional_op_writes_is_no_constant(make: Callable[[], nn.Mo
         with torch.no_grad():
             want, got = reference(x.double()), gm(x).double()
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+class _SharedStatistics(nn.Module):
+    """An eval BN whose running statistics are those of a BN module left in training mode
+    (or of an ``F.batch_norm(training=True)``): each call moves them, so neither folds."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_eval, self.bn_train = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.bn_train.running_mean = self.bn_eval.running_mean
+        self.bn_train.running_var = self.bn_eval.running_var
+        randomize_bn_stats(self, seed=3)
+        self.functional = functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c2(self.bn_eval(self.c1(x)))
+        if self.functional:
+            return F.batch_norm(y, self.bn_eval.running_mean, self.bn_eval.running_var,
+                                training=True)
+        return self.bn_train(y)
+
+
+@pytest.mark.parametrize("program", [False, True], ids=["module", "program"])
+@pytest.mark.parametrize("functional", [False, True], ids=["bn_module", "F.batch_norm"])
+def test_statistics_a_training_norm_moves_are_no_constants(functional: bool,
+                                                           program: bool) -> None:
+    model = _SharedStatistics(functional).eval()
+    model.bn_train.train()
+    x = torch.randn(2, 3, 6, 6)
+    source = torch.export.export(deep_copy(model), (x,)) if program else deep_copy(model)
+    folded, report = bnfold.fold(source, (x,))
+    assert report.folded == [] and "written in place" in report.kept[0].reason
+    run = folded.module() if program else folded
+    reference = deep_copy(model)  # (fp32: .double() would give each BN tensors of its own)
+    with torch.no_grad():
+        for _ in range(3):  # (the statistics move at every call, in both)
+            want, got = reference(x), run(x)
+            assert float((got - want).abs().max() / want.abs().max()) < 1e-5

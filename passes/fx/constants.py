@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.nn.modules.batchnorm import _NormBase
 
 from bnfold.passes.fx.sites import fetch, module_stack_path, node_arg, updated_statistics
 
@@ -102,8 +103,29 @@ class Constants:
 
     def written(self, path: str) -> bool:
         """True when an op of the graph may write into the model tensor at ``path``
-        (``conv.weight``), directly or through a view of it."""
-        return _written(self.gm, self.gm.graph.find_nodes(op="get_attr", target=path))
+        (``conv.weight``), directly or through a view of it, or into memory it shares (one
+        tensor held by two modules): a written tensor read by ``get_attr``, or the running
+        statistics of a norm module called in training mode."""
+        if _written(self.gm, self.gm.graph.find_nodes(op="get_attr", target=path)):
+            return True
+        storage = _storage(_tensor_at(self.gm, path))
+        return storage is not None and storage in self._written_storages
+
+    @functools.cached_property
+    def _written_storages(self) -> set[int]:
+        """The memory (storage addresses) of every model tensor the graph writes."""
+        found: set[Any] = set()
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr" and _written(self.gm, [node]):
+                found.add(_storage(_tensor_at(self.gm, str(node.target))))
+            elif node.op == "call_module":
+                module = self.gm.get_submodule(str(node.target))
+                if isinstance(module, _NormBase) and module.training \
+                        and module.track_running_stats:
+                    found.update(_storage(t) for t in (module.running_mean, module.running_var,
+                                                       module.num_batches_tracked))
+        found.discard(None)
+        return found
 
     def _pure_aten(self, node: fx.Node) -> bool:
         """An ATen overload with no side effect whose recorded result is not larger than its
@@ -203,6 +225,22 @@ def state_kept(gm: fx.GraphModule) -> Iterator[None]:
         with torch.no_grad():
             for value, copy in saved.values():
                 value.copy_(copy)
+
+
+def _tensor_at(gm: fx.GraphModule, path: str) -> Any:
+    """The attribute at ``path`` (``bn.running_mean``), or ``None``."""
+    owner, _, leaf = path.rpartition(".")
+    try:
+        return getattr(gm.get_submodule(owner) if owner else gm, leaf, None)
+    except AttributeError:
+        return None
+
+
+def _storage(tensor: Any) -> int | None:
+    """The address of ``tensor``'s memory (``None``: not a tensor, or none to compare)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        return None
+    return tensor.untyped_storage().data_ptr() or None
 
 
 def _written(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:

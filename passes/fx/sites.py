@@ -186,8 +186,8 @@ def batchnorm_site(gm: fx.GraphModule, node: fx.Node, consts: Constants | None =
     rule = batchnorm_rule(gm, node)
     if node.op == "call_module":
         bn = gm.get_submodule(str(node.target))
-        written = _written_reason(consts, str(node.target),
-                                  ("running_mean", "running_var", "weight", "bias"))
+        written = None if bn.training else _written_reason(  # (training: said below)
+            consts, str(node.target), ("running_mean", "running_var", "weight", "bias"))
         if written:
             return written
         if rule is None:
@@ -457,13 +457,15 @@ def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 def updated_statistics(node: fx.Node) -> tuple[Any, ...] | None:
     """The running statistics (``running_mean``, ``running_var`` arguments) a functional norm
     call updates in place: a BN of :data:`_BN_FUNCTIONS` with ``training`` not False, an
-    instance norm with ``use_input_stats`` not False; ``()`` for such a call that updates
-    none, None for any other node (ATen ops say it in their schemas)."""
-    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload) or (
+    instance norm with ``use_input_stats`` not False (ATen forms too: ``aten.batch_norm``'s
+    schema does not mark the write); ``()`` for such a call that updates none, None for any
+    other node."""
+    if node.op != "call_function" or (
             node.target not in _INSTANCE_NORMS and node.target not in _BN_FUNCTIONS):
         return None
     args = norm_args(node)
-    return (args["running_mean"], args["running_var"]) if args["training"] is not False else ()
+    training = args.get("training", False)  # (absent: _native_batch_norm_legit_no_training)
+    return (args["running_mean"], args["running_var"]) if training is not False else ()
 
 
 def norm_args(node: fx.Node) -> dict[str, Any]:

@@ -643,3 +643,32 @@ def test_a_program_of_an_instance_norm_with_running_statistics_folds() -> None:
     folded, report = bnfold.fold(program, (x,))
     assert [e.action for e in report.entries] == ["folded"]
     assert rel_err(folded.module(), model, torch.randn(2, 3, 8, 8), double=False) < 1e-5
+
+
+class _MixedAxesAffine(nn.Module):
+    """A conv, then a constant product and sum along two different axes (channels, width)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.kind, self.conv = kind, nn.Conv2d(4, 6, 3, padding=1)
+        self.register_buffer("along_w", torch.randn(1, 1, 1, 6))
+        self.register_buffer("along_c", torch.randn(6, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.kind == "channels then width":
+            return y * self.along_c + self.along_w
+        return y * self.along_w + self.along_c
+
+
+@pytest.mark.parametrize("kind", ["channels then width", "width then channels"])
+def test_an_affine_chain_along_two_axes_is_one_chain_per_axis(kind: str) -> None:
+    """Each part is reported (before, the chain had no entry at all); the per-channel product
+    straight after the conv folds."""
+    model = _MixedAxesAffine(kind).eval()
+    gm, report = bnfold.fold(model, torch.randn(2, 4, 6, 6))
+    actions = [(e.bn.split(" ")[0], e.action) for e in report.entries]
+    assert actions == ([("mul", "folded"), ("add", "kept")] if kind.startswith("channels")
+                       else [("mul", "kept"), ("add", "kept")])
+    assert rel_err(gm, model, torch.randn(3, 4, 6, 6), double=True) < 1e-6

@@ -16,7 +16,9 @@ rank-``rank`` input (axis 1 of ``[N, C, H, W]``); the fold rules then check it i
 channel axis. A chain whose tensor constants are all scalars is kept with the reason (one
 value for all channels is not a per-channel normalization); a chain of Python numbers only
 (``x * 0.5``) or with a constant varying on several axes (a positional embedding) is not
-BN-like and not reported.
+BN-like and not reported. A chain whose constants vary along different axes one after the other
+(``y * a_c + b_w``: channels, then width) is as many chains, one per axis, each reported
+(the per-channel one folds where it can, the other is kept with the reason).
 """
 
 from __future__ import annotations
@@ -80,10 +82,31 @@ def affine_chains(gm: fx.GraphModule, consts: Constants) -> dict[fx.Node, Affine
         tail[node] = prev
     found = {}
     for steps in chains:
-        chain = _describe(gm, steps, consts)
-        if chain is not None:
-            found[chain.head] = chain
+        for run in _runs(steps, consts):
+            chain = _describe(gm, run, consts)
+            if chain is not None:
+                found[chain.head] = chain
     return found
+
+
+def _runs(steps: list[_Step], consts: Constants) -> list[list[_Step]]:
+    """``steps`` cut where a constant varies along another axis than the one before it
+    (scalars go with the run they are in); one run when that cannot be told."""
+    runs: list[list[_Step]] = [[]]
+    axis = None
+    for step in steps:
+        try:
+            v = consts.value(step.c)
+        except NotConstant:
+            return [steps]
+        where = broadcast_of(tuple(v.shape)) if isinstance(v, torch.Tensor) else None
+        here = None if where is None or where.from_end is None else (
+            where.from_end, where.channels)
+        if here is not None and axis is not None and here != axis:
+            runs.append([])
+        axis = here or axis
+        runs[-1].append(step)
+    return runs
 
 
 def _step(node: fx.Node, consts: Constants) -> _Step | None:

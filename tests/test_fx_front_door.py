@@ -308,3 +308,23 @@ def test_every_fx_pass_carries_the_models_own_hook_over(name: str) -> None:
     with torch.no_grad():
         got, want = gm(x).double(), copy.deepcopy(model).double()(x.double())
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_an_export_fallback_result_takes_the_mode_it_has_and_exports_to_onnx() -> None:
+    """torch.export's module refuses every ``eval()``; the fold's accepts the mode it was
+    traced in (so ``torch.onnx.export`` runs) and refuses a change with the reason."""
+    import io
+
+    torch.manual_seed(1)
+    model = randomize_bn_stats(nn.Sequential(nn.Conv2d(1, 1, 3), nn.BatchNorm2d(1)), seed=2)
+    model = nn.Sequential(model, _ShapeBranch()).eval()
+    x = torch.randn(4, 1, 10, 10)
+    gm, report = bnfold.fold(model, x)
+    assert any("torch.export" in note for note in report.notes) and report.folded
+    assert gm.eval() is gm and not gm.training
+    with pytest.raises(NotImplementedError, match=r"traced by torch\.export in eval mode"):
+        gm.train()
+    torch.onnx.export(gm, (x,), io.BytesIO(), dynamo=False)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        assert float((gm(x).double() - want).abs().max() / want.abs().max()) < 1e-5

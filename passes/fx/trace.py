@@ -18,6 +18,7 @@ import operator
 import os
 import sys
 import traceback
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -218,11 +219,29 @@ def graph_module_of(
                 f"cannot trace {type(model).__name__}: its forward seeds torch's random "
                 "generator (torch.manual_seed), which neither symbolic_trace nor torch.export "
                 "keeps in the graph") from trace_exc
-        return exported.module(), (
+        return _in_its_mode(exported.module(), work.training), (
             f"torch.export{compiled} (symbolic_trace failed: {first}{where}); the input "
             f"shapes the result takes: {_input_shapes(exported)} (a number: fixed to the "
             "example's, where the model or torch.export needs it)")
     return gm, "symbolic_trace" + compiled
+
+
+def _in_its_mode(module: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """``module`` (``torch.export``'s, which refuses every ``train()``/``eval()``: its graph
+    is fixed to the mode it was exported in) accepting the mode it is in (``eval()``, and
+    ``torch.onnx.export``'s ``train(False)``), and refusing a change with the reason."""
+    def train(self: fx.GraphModule, mode: bool = True) -> fx.GraphModule:
+        if mode != training:
+            raise NotImplementedError(
+                f"this model was traced by torch.export in {'training' if training else 'eval'}"
+                " mode (symbolic_trace could not trace it): its graph has no other mode")
+        return self
+
+    module.train = types.MethodType(train, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(lambda self: self.train(False), module)  # type: ignore
+    for sub in module.modules():  # (torch leaves them in the default training=True)
+        sub.training = training
+    return module
 
 
 def _copy(model: torch.nn.Module) -> torch.nn.Module:

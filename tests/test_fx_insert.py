@@ -602,3 +602,27 @@ def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     with pytest.raises(UntraceableError, match=r"in forward `if x\.sum\(\) > 0:`") as info:
         bnfold.insert_bn(DataDependent())
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape_module", [nn.Flatten(), nn.Unflatten(1, (8, 1))])
+def test_a_norm_behind_a_flatten_module_counts(shape_module: nn.Module) -> None:
+    """``nn.Flatten`` / ``nn.Unflatten`` keep every value, as ``x.flatten(1)`` does."""
+    norm = nn.BatchNorm1d(8) if isinstance(shape_module, nn.Flatten) else nn.LayerNorm(1)
+    model = nn.Sequential(nn.Linear(4, 8), shape_module, norm, nn.Linear(8, 2)) \
+        if isinstance(shape_module, nn.Flatten) else \
+        nn.Sequential(nn.Linear(4, 8), shape_module, norm, nn.Flatten(), nn.Linear(8, 2))
+    _, report = bnfold.insert_bn(model)
+    assert report.entries[0].action == "skipped"
+    assert "already followed by" in report.entries[0].reason
+
+
+def test_eps_0_is_refused_for_bns_that_start_in_training_mode() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(BadInputError, match="eps=0"):
+        bnfold.insert_bn(model.train(), eps=0.0)
+    gm, report = bnfold.insert_bn(model.eval(), eps=0.0)  # (eval: an exact identity)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model.double()(x.double())
+        assert float((gm.double()(x.double()) - want).abs().max()) < 1e-12
+    assert len(report.by_action("inserted")) == 1

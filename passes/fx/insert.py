@@ -102,6 +102,10 @@ def insert_bn_fx(
     inserting once.
     """
     check_options(position, eps, momentum)
+    if eps == 0 and model.training:
+        raise BadInputError("eps=0: torch's batch_norm refuses it in training mode, and the "
+                            "BNs inserted into a model in training mode start in it; give "
+                            "eps > 0, or call model.eval() first")
     gm, how, _ = open_model(model, example_inputs)
     carried = carry_model_hooks(uncompiled(model), gm, how)
     gm.training = model.training
@@ -208,7 +212,7 @@ def _following_norm(gm: fx.GraphModule, node: fx.Node) -> str | None:
     reshapes that take it as their data input (``bn(h.flatten(0, 1))``, ``relu -> bn``,
     ``dropout -> bn``)."""
     def passes_through(user: fx.Node, value: fx.Node) -> fx.Node | None:
-        keeps = is_activation(gm, user) or is_dropout(gm, user) or is_shape_op(user)
+        keeps = is_activation(gm, user) or is_dropout(gm, user) or is_shape_op(gm, user)
         return user if keeps and user.args and user.args[0] is value else None
 
     return following_norm(node, lambda n: n.users, lambda user: norm_description(gm, user),

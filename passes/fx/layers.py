@@ -163,10 +163,13 @@ def norm_description(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def is_shape_op(node: fx.Node) -> bool:
-    """True for reshapes/transposes that keep every value (a BN may be reached through them)."""
+def is_shape_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for reshapes/transposes that keep every value (a BN may be reached through them):
+    functions, methods and the ``nn.Flatten`` / ``nn.Unflatten`` modules."""
     if node.op == "call_function":
         return node.target in _SHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), (nn.Flatten, nn.Unflatten))
     return node.op == "call_method" and node.target in _SHAPE_METHODS
 
 

@@ -388,3 +388,38 @@ def test_option_types() -> None:
         bnfold.insert_bn_onnx(conv_net(), momentum="0.1")
     with pytest.raises(BadInputError, match="include takes"):
         bnfold.insert_bn_onnx(conv_net(), include=ir.Node)
+
+
+@pytest.mark.parametrize("drop_bias", [False, True])
+def test_an_ir_3_model_lists_the_new_initializers_among_its_inputs(drop_bias: bool) -> None:
+    """IR < 4 requires every initializer to be a graph input: the inserted BN's tensors are
+    added there, a dropped bias leaves; the result passes the checker and, with eps=0 and
+    identity statistics, computes what the input computes (float64 reference)."""
+    rng = np.random.default_rng(0)
+    wc, bc = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
+    wd = rng.standard_normal((2, 3, 1, 1))
+    tensors = {"Wc": wc, "Bc": bc, "Wd": wd}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "Wc", "Bc"], ["c"], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "Wd"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2, 5, 5])] + [
+            helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, v.shape)
+            for k, v in tensors.items()],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2, 3, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    onnx.checker.check_model(model, full_check=True)
+    out, report = bnfold.insert_bn_onnx(model, eps=0.0, drop_bias=drop_bias)
+    proto = ir.serde.serialize_model(out)
+    onnx.checker.check_model(proto, full_check=True)
+    inputs = {i.name for i in proto.graph.input}
+    assert {t.name for t in proto.graph.initializer} <= inputs and ("Bc" in inputs) != drop_bias
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"x": x})[0]
+    h = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(wc),
+                 None if drop_bias else torch.from_numpy(bc))
+    want = F.conv2d(torch.relu(h), torch.from_numpy(wd)).numpy()
+    assert report.by_action("inserted") and np.abs(got - want).max() / np.abs(want).max() < 1e-5

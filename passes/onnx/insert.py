@@ -152,6 +152,8 @@ def insert_bn_onnx(
             entry.details["running_stats"] = running
         if drop_bias:
             _drop_bias(node, plan, entry, opset)
+    if out.ir_version < 4:  # (IR < 4 lists every initializer among the graph inputs)
+        graph.inputs.extend([v for v in graph.initializers.values() if not v.is_graph_input()])
     return PassResult(out, report)
 
 
@@ -342,4 +344,6 @@ def _drop_bias_reason(layer: ir.Node, plan: _Plan, opset: int) -> str | None:
     graph = layer.graph
     assert graph is not None
     del graph.initializers[bias.name]
+    if bias.is_graph_input():  # (IR < 4 lists initializers among the graph inputs)
+        graph.inputs.remove(bias)
     return None

@@ -23,6 +23,7 @@ import bnfold
 from bnfold.branches import AffineBranch, ConvBranch, merge_refusal
 from bnfold.models import rep
 from bnfold.models.stats import randomize_bn_stats
+from bnfold.passes.onnx.reparam import inspect_branches
 
 NAMES = list(rep.CASES)
 
@@ -360,7 +361,7 @@ def test_onnx_merges_what_it_should(onnx_case) -> None:
         assert sum(n.op_type == "Conv" for n in out.graph.node) == sum(
             isinstance(m, nn.modules.conv._ConvNd) for m in rep.deploy(model).modules())
     if case.refusal and report.kept and report.kept[0].reason.startswith("not merged"):
-        assert case.refusal in report.kept[0].reason
+        assert case.refusal_onnx in report.kept[0].reason
     absorbed = [e for e in report.folded if e.details.get("direction") == "branch merge"]
     assert len(report.folded) + len(report.kept) - sum(
         (e.reason or "").startswith("not merged") for e in report.kept) == _bn_count(model)
@@ -535,3 +536,41 @@ def test_fx_one_conv_called_on_two_branches_merges() -> None:
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         assert _rel(gm(x), _reference(model, x)) < 1e-5
+
+
+class _SamePadded(nn.Module):
+    """A RepVGG block whose 3x3 has ``padding="same"``: TorchScript exports ``auto_pad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4)
+        self.conv1x1, self.bn1x1 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.bn_id = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn1x1(self.conv1x1(x)) + self.bn_id(x)
+
+
+@pytest.mark.parametrize(("build", "why"), [
+    (rep.ReflectWithOneByOne, "through /conv/Pad"), (_SamePadded, "auto_pad=SAME_UPPER")])
+def test_onnx_a_block_it_cannot_merge_says_why(build, why: str) -> None:
+    """Branches of one tensor that the ONNX pass cannot read as convs (a Pad node before one,
+    ``auto_pad``) are a block kept with the reason (it had no entry)."""
+    torch.manual_seed(0)
+    model = randomize_bn_stats(build(), 1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    proto = _export(model, x, dynamo=False)
+    for pass_ in (bnfold.reparameterize_onnx, inspect_branches):
+        result = pass_(proto)
+        report = result if isinstance(result, bnfold.Report) else result.report
+        blocks = [e for e in report.kept if e.reason.startswith("not merged")]
+        assert len(blocks) == 1 and why in blocks[0].reason, report.table()
+    out, _ = bnfold.reparameterize_onnx(proto)
+    assert _rel(_run(out, x), _reference(model, x)) < 1e-5
+
+
+def test_fx_a_block_of_training_bns_says_why() -> None:
+    model = rep.get("repvgg_stage").train()
+    _, report = bnfold.reparameterize(model, rep.example_input("repvgg_stage"))
+    blocks = [e for e in report.kept if e.reason.startswith("not merged")]
+    assert len(blocks) == 3 and all("training mode" in e.reason for e in blocks)

@@ -187,6 +187,9 @@ class _Merger:
         label = self.labels[bn]
         if isinstance(site, str):
             leaf.add(x, f"{label}: {site}")
+            conv_input = x.args[0] if is_layer(self.gm, x) and x.args else None
+            if isinstance(conv_input, fx.Node):  # (a conv's branch: the block says why too)
+                leaf.add(conv_input, f"{label}: {site}")
             return
         leaf.add(x, AffineBranch(label, bn=site.params), [*chain, bn], [bn])
         if is_layer(self.gm, x):

@@ -171,6 +171,9 @@ class _Block:
             params = inference_params(node, self.ctx.opset, self.ctx.consts)
             if isinstance(params, str):
                 leaf.add(x, f"{display_name(node)}: {params}")
+                conv = x.producer()  # (a conv's branch: the block says why too)
+                if conv is not None and conv.op_type == "Conv" and conv.inputs[0] is not None:
+                    leaf.add(conv.inputs[0], f"{display_name(node)}: {params}")
                 return leaf
             leaf.add(x, AffineBranch(display_name(node), bn=params), [node], [node])
             conv = x.producer()
@@ -198,6 +201,12 @@ class _Block:
                 leaf.add(x, f"{display_name(conv)} output also feeds {', '.join(names)}")
                 return
         branch = _conv_branch(self.ctx, conv, params)
+        pad = x.producer()
+        if pad is not None and pad.op_type == "Pad" and is_default(pad) and pad.inputs \
+                and pad.inputs[0] is not None:  # (a reflect/replicate/circular conv's export)
+            leaf.add(pad.inputs[0], f"{display_name(conv)} reads it through "
+                     f"{display_name(pad)} (a Pad node: branch merging does not look through "
+                     "it)")
         if isinstance(branch, str):
             leaf.add(x, branch)
         else:

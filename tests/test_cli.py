@@ -480,3 +480,26 @@ def test_freeze_initializer_inputs(run_cli, tmp_path):
     doc = json.loads(run_cli("inspect", src, "--freeze-initializer-inputs", "--json").stdout)
     assert doc["report"]["counts"]["folded"] == 2 and "froze 11" in doc["report"]["notes"][0]
     assert src.read_bytes() == before
+
+
+def test_a_ctrl_c_while_the_command_loads_is_one_line() -> None:
+    """The console script's first import is interrupted: "interrupted", exit 130, as during
+    the command (it printed a KeyboardInterrupt traceback)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = """
+        import builtins, sys
+        real = builtins.__import__
+        def interrupted(name, *args, **kwargs):
+            if name == "bnfold.cli.commands":
+                raise KeyboardInterrupt
+            return real(name, *args, **kwargs)
+        builtins.__import__ = interrupted
+        from bnfold.cli import main
+        sys.exit(main(["--help"]))
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr == "bnfold: error: interrupted\n"

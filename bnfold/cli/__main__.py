@@ -2,6 +2,6 @@
 
 import sys
 
-from bnfold.cli.commands import main
+from bnfold.cli import main
 
 sys.exit(main())

@@ -14,6 +14,9 @@
 3. Peak RSS of load + fold + save on an external-data model, over the model's size (300 MB by
    default, 3 GB with ``--big``), each in a fresh process, above that process's import baseline;
    beside it the floor of a peer that loads the model whole (onnxscript, ONNX Runtime).
+4. Start-up: wall time of ``bnfold --help`` and ``bnfold inspect`` of a 3-node model, each in a
+   fresh process (best of 5), beside ``python -c "import onnx_ir"`` (what a dry run that read
+   the model through onnx-ir would pay first).
 
 Tables go to stdout and benchmarks/out/onnx_fold.md. Times are ratios, except the per-node table.
 """
@@ -455,6 +458,28 @@ def memory(big: bool) -> str:
     return _table(rows)
 
 
+# ------------------------------------------------------------------------------ start-up
+
+def startup() -> str:
+    """Wall seconds of each command in a fresh process, best of 5 (absolute: these goals
+    are absolute)."""
+    rows = [["command (fresh process)", "wall s, best of 5", "goal"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny.onnx"
+        model = chain_model(1, 4)
+        onnx.save(model, path)
+        bnfold = [sys.executable, "-m", "bnfold.cli"]
+        for label, argv, goal in (
+                ("bnfold --help", [*bnfold, "--help"], "<= 0.3 s"),
+                (f"bnfold inspect ({len(model.graph.node)}-node model)",
+                 [*bnfold, "inspect", str(path)], "<= 0.7 s"),
+                ('python -c "import onnx_ir"', [sys.executable, "-c", "import onnx_ir"], "")):
+            seconds = _best(lambda argv=argv: subprocess.run(
+                argv, check=True, capture_output=True), repeat=5)
+            rows.append([label, f"{seconds:.2f}", goal])
+    return _table(rows)
+
+
 # ------------------------------------------------------------------------------ main
 
 def _table(rows: list[list[str]]) -> str:
@@ -473,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
                 ("Fold time vs graph size (ratios)", scaling),
                 ("Fold time against graph size", scale),
                 ("What a Python fold of 100k nodes pays before its own work", floor),
-                ("Memory", lambda: memory(args.big))]
+                ("Memory", lambda: memory(args.big)),
+                ("Start-up", startup)]
     write_sections("onnx_fold.md", "bnfold ONNX fold benchmark", sections)
 
 

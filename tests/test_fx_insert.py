@@ -626,3 +626,17 @@ def test_eps_0_is_refused_for_bns_that_start_in_training_mode() -> None:
         want = model.double()(x.double())
         assert float((gm.double()(x.double()) - want).abs().max()) < 1e-12
     assert len(report.by_action("inserted")) == 1
+
+
+def test_a_conv_of_unknown_rank_is_taken_as_batched_and_said_so() -> None:
+    """Without example_inputs a conv's output rank is unknown: the BN assumes [N, C, ...], and
+    a note says so; with an unbatched example the conv is skipped, and the model still runs."""
+    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(), nn.Conv1d(6, 2, 1)).eval()
+    _, report = bnfold.insert_bn(model)
+    assert report.by_action("inserted") and any("taken as batched" in n for n in report.notes)
+    x = torch.randn(3, 10)  # unbatched
+    gm, report = bnfold.insert_bn(model, example_inputs=x)
+    assert not report.by_action("inserted") and not any("batched" in n for n in report.notes)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        assert float((gm(x).double() - want).abs().max() / want.abs().max()) < 1e-6

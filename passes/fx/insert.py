@@ -129,7 +129,7 @@ def insert_bn_fx(
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
     direct: dict[str, list[tuple[Layer, Entry]]] = {}
-    unknown_rank = False
+    unknown_rank, unknown_conv_rank = False, False
     for layer in layers:
         reason = _skip_reason(gm, layer, include_specs, exclude_specs, last)
         plan = None if reason else _plan_bn(gm, layer)
@@ -140,6 +140,7 @@ def insert_bn_fx(
             continue
         bn_cls, channels, rank = plan
         unknown_rank |= rank is None and layer.kind == "linear"
+        unknown_conv_rank |= rank is None and layer.kind != "linear"
         entry = _insert(gm, layer, bn_cls, channels, position,
                         dict(eps=eps, momentum=momentum, affine=affine), report=report)
         if entry.details["after"] == layer.node.name:
@@ -152,6 +153,12 @@ def insert_bn_fx(
         report.notes.append(
             "no example_inputs: Linear layers got FeatureBatchNorm (BN over the last dim, the "
             "same as BatchNorm1d on [N, C]); pass example_inputs to get BatchNorm1d"
+        )
+    if unknown_conv_rank:
+        report.notes.append(
+            "no example_inputs: each conv's output was taken as batched ([N, C, ...]); a "
+            "model called on unbatched inputs needs example_inputs (such a conv is then "
+            "skipped, as its BatchNorm would not take the rank)"
         )
     gm.graph.lint()
     gm.recompile()

@@ -13,6 +13,7 @@ from torch import nn
 import bnfold
 from bnfold.errors import UnsupportedError
 from bnfold.models import reach, zoo
+from bnfold.models.stats import randomize_bn_stats
 
 # ---------------------------------------------------------------------------------------------
 # Hooks: a BN or layer with hooks is kept; other hooks are carried over or the fold refused.
@@ -672,3 +673,27 @@ def test_an_affine_chain_along_two_axes_is_one_chain_per_axis(kind: str) -> None
     assert actions == ([("mul", "folded"), ("add", "kept")] if kind.startswith("channels")
                        else [("mul", "kept"), ("add", "kept")])
     assert rel_err(gm, model, torch.randn(3, 4, 6, 6), double=True) < 1e-6
+
+
+class _Chomped(nn.Module):
+    """A TCN block: a causally padded conv, its tail chomped (``x[:, :, :-p]``), BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 6, 3, padding=2), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)[:, :, :-2]))
+
+
+def test_a_program_with_a_dynamic_batch_folds_through_a_chomp() -> None:
+    """torch.export writes ``[:, :, :-2]`` on a dynamic batch as a slice of the whole batch
+    dim (end 2**63 - 1), then the chomp: a plain copy, which the BN now folds through (it was
+    kept: "works along the BN's channel axis")."""
+    torch.manual_seed(5)
+    model = randomize_bn_stats(_Chomped(), seed=5).eval()
+    x = torch.randn(2, 4, 20)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    folded, report = bnfold.fold(program, x)
+    assert [e.action for e in report.entries] == ["folded"], report.table()
+    assert rel_err(folded.module(), model, torch.randn(5, 4, 20), double=True) < 1e-6

@@ -73,6 +73,9 @@ _RESAMPLE = Channelwise("interpolate", None, args=_INTERPOLATE, needs_nc=True)
 #: ``x[..., a:b]``: slices only (and at most one ``...``), a copy of part of each channel
 _SLICE = Channelwise("slice", None)
 _ATEN_SLICE = Channelwise("slice", None, args=("dim", "start", "end", "step"))
+#: An ``aten.slice`` end at least this large takes the whole dim (torch.export writes
+#: ``x[:, ...]`` on a dynamic dim as ``slice(x, 0, 0, 2**63 - 1)``).
+_WHOLE = 2**62
 #: ``F.pad``: over ``len(pad) // 2`` trailing dims; exact in the modes that copy the channel's
 #: own values (not ``constant``, whose fill value the BN would not see)
 _PAD = Channelwise("pad", None, args=("pad", "mode", "value"))
@@ -161,7 +164,11 @@ def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
             if item != slice(None)]
         return rank - min(dims) if dims else 0
     if op is _ATEN_SLICE:
-        dim = _reader(gm, node, op)("dim", 0)
+        read = _reader(gm, node, op)
+        if read("start", None) in (None, 0) and read("step", 1) in (None, 1) and (
+                read("end", None) is None or read("end", None) >= _WHOLE):
+            return 0  # (the whole dim, as torch.export writes ``x[:, ...]``: a plain copy)
+        dim = read("dim", 0)
         return rank - dim % rank if isinstance(dim, int) and rank else rank + 1
     return rank - 2 if op.spatial is None else op.spatial
 

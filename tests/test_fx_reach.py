@@ -697,3 +697,28 @@ def test_a_program_with_a_dynamic_batch_folds_through_a_chomp() -> None:
     folded, report = bnfold.fold(program, x)
     assert [e.action for e in report.entries] == ["folded"], report.table()
     assert rel_err(folded.module(), model, torch.randn(5, 4, 20), double=True) < 1e-6
+
+
+class _InPlaceSum(nn.Module):
+    """timm's ``y += branch``, which torch.export writes as ``aten.add_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y += self.b(x)
+        return torch.relu(self.bn(y))
+
+
+def test_a_bn_after_an_in_place_sum_of_a_program_splits() -> None:
+    torch.manual_seed(6)
+    model = randomize_bn_stats(_InPlaceSum(), seed=6).eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    assert any(n.target is torch.ops.aten.add_.Tensor for n in program.graph.nodes)
+    folded, report = bnfold.fold(program, x)
+    assert [e.action for e in report.entries] == ["folded"], report.table()
+    assert rel_err(folded.module(), model, torch.randn(2, 3, 8, 8), double=True) < 1e-6

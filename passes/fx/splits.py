@@ -36,7 +36,8 @@ aten = torch.ops.aten
 _CATS = {torch.cat, torch.concat, torch.concatenate, aten.cat.default}
 # ``a - b`` splits like ``a + b``: ``s*(a - b) + t = (s*a + t) - s*b``, the shift going to the
 # leftmost summand, which no subtraction negates
-_SUMS = {operator.add, torch.add, aten.add.Tensor, operator.sub, torch.sub, aten.sub.Tensor}
+_SUMS = {operator.add, torch.add, aten.add.Tensor, operator.sub, torch.sub, aten.sub.Tensor,
+         aten.add_.Tensor, aten.sub_.Tensor}  # (in place: timm's ``y += branch`` in a program)
 _SUM_METHODS = {"add", "sub"}
 
 # (layer) -> why its channel axis does not fit the BN (None: it fits at every rank)

@@ -6,7 +6,9 @@ never needs it. So bnfold's modules write ``from bnfold.lazy_ir import ir`` inst
 ``import onnx_ir as ir``: :data:`ir` stands for the module and imports it at the first
 attribute read (``ir.Model``), after which it holds onnx-ir's names itself, so later reads cost
 what a module's do. Nothing at a module's top level reads ``ir.``; a test runs the plain
-inspect in a fresh interpreter and checks sympy was never imported.
+inspect in a fresh interpreter and checks sympy was never imported. (Two modules import
+onnx-ir itself, being no part of a dry run: ``passes/onnx/ir_passes.py``, whose classes derive
+from onnx-ir's, and ``validation/upcast.py``.)
 (``importlib.util.LazyLoader`` cannot do this on Python 3.11: the next ``import onnx_ir``
 statement anywhere reads the module's ``__spec__``, which loads it.)
 """

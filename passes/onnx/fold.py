@@ -150,7 +150,7 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
             if fast is not None:
                 note_frozen(fast, frozen)
                 return fast
-        ir_model, _ = _working_copy(model, inplace=False)
+        ir_model, _ = _working_copy(model, inplace=False, views=True)  # (a report: no view escapes)
         if freeze_initializer_inputs and not isinstance(model, (onnx.ModelProto, SplitProto)):
             frozen = freeze(ir_model)[1]
         bind_external_data(ir_model, base_dir)

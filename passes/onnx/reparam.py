@@ -58,7 +58,7 @@ def inspect_branches(model: Any) -> Report:
             (model.proto if isinstance(model, SplitProto) else model).graph):
         return Report("inspect_branches", dry_run=True)
     with gc_paused():
-        ir_model, _ = _working_copy(model, inplace=False)
+        ir_model, _ = _working_copy(model, inplace=False, views=True)  # (a report: no view escapes)
         report = _reparameterize(ir_model, "inspect_branches", fold=False)
     report.entries = [e for e in report.entries if "branches" in e.details]
     report.dry_run = True

@@ -574,3 +574,27 @@ def test_fx_a_block_of_training_bns_says_why() -> None:
     _, report = bnfold.reparameterize(model, rep.example_input("repvgg_stage"))
     blocks = [e for e in report.kept if e.reason.startswith("not merged")]
     assert len(blocks) == 3 and all("training mode" in e.reason for e in blocks)
+
+
+class _SharedPad(nn.Module):
+    """Two 3x3 branches of one reflect-padded tensor: the pad output is the shared input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3, self.b3 = nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4)
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = nn.functional.pad(x, [1, 1, 1, 1], mode="reflect")
+        return self.b3(self.c3(p)) + self.b1(self.c1(p))
+
+
+def test_onnx_branches_of_one_pad_output_still_merge() -> None:
+    """A conv read through a Pad names the Pad's input as a (refused) option too; the pad
+    output, read by every branch as a conv, is still the block's input."""
+    torch.manual_seed(2)
+    model = randomize_bn_stats(_SharedPad(), 2).eval()
+    x = torch.randn(2, 4, 8, 8)
+    out, report = bnfold.reparameterize_onnx(_export(model, x, dynamo=False))
+    assert len(report.merged) == 1 and not report.kept
+    assert _rel(_run(out, x), _reference(model, x)) < 1e-5

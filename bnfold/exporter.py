@@ -46,7 +46,7 @@ from bnfold.io.filechecks import MIN_OPSET
 from bnfold.io.fileio import save_onnx
 from bnfold.lazy_ir import ir
 from bnfold.report import Report
-from bnfold.validation.inputs import Sample, input_specs, random_array
+from bnfold.validation.inputs import Sample, check_counts, input_specs, random_array
 from bnfold.validation.result import ValidationResult
 from bnfold.validation.session import samples_like
 from bnfold.validation.session import validate as run_validation
@@ -101,6 +101,8 @@ def export(
     """
     if model.training:
         raise BadInputError("the model is in training mode; call model.eval() before export")
+    if validate:
+        check_counts(samples, 0)
     args = _as_args(example_inputs)
     report = ExportReport("export", path=str(path))
     reference = to_onnx(model, args, opset=opset, dynamic_shapes=dynamic_shapes)

@@ -503,3 +503,19 @@ def test_a_ctrl_c_while_the_command_loads_is_one_line() -> None:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 130 and done.stderr == "bnfold: error: interrupted\n"
+
+
+def test_a_closed_standard_output_is_refused_before_anything_is_written(models, tmp_path):
+    """Started with fd 1 closed (``>&-``), Python has no ``sys.stdout``: the JSON would be
+    lost with exit 0, and a table raised an internal error. One line, exit 2, nothing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.onnx"
+    for args in (["fold", str(models["a"]), "-o", str(out), "--json"],
+                 ["fold", str(models["a"]), "-o", str(out)]):
+        done = subprocess.run([sys.executable, "-m", "bnfold.cli", *args],
+                              preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 2 and "standard output is closed" in done.stderr
+        assert len(done.stderr.splitlines()) == 1 and not out.exists()

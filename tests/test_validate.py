@@ -434,3 +434,69 @@ def test_torch_reference_uses_given_inputs(conv_bn_proto, hand_folded):
                           providers=("cpu",))
     assert res.passed and res.settings["samples"] == 2
     assert res.inputs[0]["shapes"] == [[5, 3, 8, 8], [2, 3, 8, 8]]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_integer_outputs_past_2_to_the_53_compare_as_integers(dtype) -> None:
+    """float64 holds integers exactly only up to 2**53: two int64 outputs one apart above it
+    compared equal (a wrong pass)."""
+    big = np.array([2**60, 2**60 + 7, 5], dtype)
+    off = big.copy()
+    off[1] += 1
+    result = compare_output("i", [big], [off])
+    assert not result.passed and "1 element(s) differ" in result.reason
+    assert result.max_abs == 1.0 and compare_output("i", [big], [big.copy()]).passed
+
+
+def _sequence_output(stacked: bool) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    if stacked:
+        nodes = [helper.make_node("Unsqueeze", ["x", "axes"], ["s"])]
+        out = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 2, 3])
+        inits = [numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    else:
+        nodes = [helper.make_node("SequenceConstruct", ["x"], ["s"])]
+        out = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2, 3])
+        inits = []
+    graph = helper.make_graph(nodes, "g", [x], [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("which", ["reference", "candidate"])
+def test_a_sequence_output_is_refused_on_either_side(which: str) -> None:
+    seq, tensor = _sequence_output(False), _sequence_output(True)
+    ref, cand = (seq, tensor) if which == "reference" else (tensor, seq)
+    with pytest.raises(UnsupportedError, match="is a sequence_type"):
+        bnfold.validate(ref, cand, providers=("cpu",))
+
+
+def test_export_checks_samples_and_a_torch_model_returning_no_tensor(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    for samples in (0, -3, 20_000):
+        with pytest.raises(BadInputError, match="samples must be an integer"):
+            bnfold.export(model, (x,), tmp_path / "m.onnx", validate=("cpu",), samples=samples)
+
+    class _NoOutput(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    with pytest.raises(BadInputError, match="returns NoneType, not tensors"):
+        bnfold.export(_NoOutput().eval(), (x,), tmp_path / "n.onnx", validate=("cpu",))
+    assert not list(tmp_path.iterdir())
+
+
+def test_golden_inputs_of_a_model_without_inputs_load_back(tmp_path, run_cli) -> None:
+    """``--save-inputs`` of a model with no inputs writes an empty .npz; ``--load-inputs``
+    reads it back (it refused it as "not an .npz of named input arrays")."""
+    const = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "c")
+    graph = helper.make_graph([helper.make_node("Relu", ["c"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [const])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    golden = tmp_path / "in.npz"
+    assert run_cli("validate", path, path, "--providers", "cpu", "--save-inputs",
+                   golden).returncode == 0
+    res = run_cli("validate", path, path, "--providers", "cpu", "--load-inputs", golden)
+    assert res.returncode == 0, res.stderr

@@ -27,6 +27,10 @@ OK, FAILED, BAD_INPUT = 0, 1, 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    if sys.stdout is None:  # (started with its standard output closed: ``>&-``)
+        _error("standard output is closed: bnfold prints its tables and JSON there; give it "
+               "one (> /dev/null to drop them)")
+        return BAD_INPUT
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = args.json or args.json_top
@@ -54,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _error(message: str) -> None:
     line = " ".join(message.split())
-    print(f"bnfold: error: {line}", file=sys.stderr)
+    if sys.stderr is not None:
+        print(f"bnfold: error: {line}", file=sys.stderr)
 
 
 def _run_trapping_signals(args: argparse.Namespace) -> int:

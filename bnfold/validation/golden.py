@@ -33,8 +33,10 @@ _SAMPLE = re.compile(r"sample(\d+)/(.+)")
 def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
     """The samples stored in ``path``, in sample order."""
     arrays = load_arrays(Path(path))
-    if not isinstance(arrays, dict) or not arrays:
+    if not isinstance(arrays, dict):
         raise BadInputError(f"--load-inputs {path}: not an .npz of named input arrays")
+    if not arrays:  # (what --save-inputs writes for a model without inputs: one sample)
+        return [{}]
     samples: dict[int, dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
         match = _SAMPLE.fullmatch(key)

@@ -154,6 +154,9 @@ def compare_output(
     reason = None if passed else (
         f"error {worst['cand'] - worst['ref']:.3g} at {worst['index']} (sample {worst['sample']}) "
         f"is {worst_ratio:.3g}x the allowed {a:.3g} + {rt:.3g}*|ref|")
+    exact = _integer_mismatch(refs, cands) if dtype.kind in "biu" else None
+    if exact is not None:  # (float64 holds integers exactly only up to 2**53)
+        passed, reason, max_abs = False, exact[0], max(max_abs, exact[1])
     return Comparison(name, dtype_name(dtype), shape, a, rt, tol_name, max_abs, max_rel,
                       float(cosine), worst, passed, reason, error_stats(r64, c64, a))
 
@@ -168,6 +171,21 @@ def _errors(r: np.ndarray, c: np.ndarray, atol: float, rtol: float
     allowed = atol + rtol * np.abs(np.where(np.isfinite(r), r, 0.0))
     ratio = err / np.where(allowed > 0, allowed, np.finfo(np.float64).tiny)
     return err, ratio
+
+
+def _integer_mismatch(refs: Sequence[np.ndarray], cands: Sequence[np.ndarray]
+                      ) -> tuple[str, float] | None:
+    """The first element where integer outputs differ, compared as integers (not through
+    float64), and its absolute difference; ``None`` when every element is equal."""
+    for i, (r, c) in enumerate(zip(refs, cands, strict=True)):
+        r, c = np.asarray(r), np.asarray(c)
+        differ = r != c
+        if differ.any():
+            idx = tuple(int(j) for j in np.argwhere(differ)[0])
+            ref, cand = int(r[idx]), int(c[idx])
+            return (f"{int(differ.sum())} element(s) differ (integer outputs match exactly): "
+                    f"{cand} for {ref} at {list(idx)} (sample {i})", float(abs(cand - ref)))
+    return None
 
 
 def _structural_mismatch(refs: Sequence[np.ndarray], cands: Sequence[np.ndarray]) -> str | None:

@@ -187,7 +187,9 @@ def validate(
     elif isinstance(ref, _Torch):
         ref.outputs = [_run_torch(ref.module, feed) for feed in feeds]
     out_names = _output_names(ref, cand, result.notes)
-    _check_numeric_outputs(cand)
+    for model in (ref, cand):
+        if isinstance(model, _Model):  # (a torch reference's outputs are tensors)
+            _check_numeric_outputs(model)
     ticker = _Ticker(progress, len(feeds) * len(wanted) * (1 if isinstance(ref, _Torch) else 2))
     cand_outputs: dict[str, list[list[np.ndarray]]] = {}
     tol = _Tolerance(atol, rtol, compute)
@@ -505,9 +507,16 @@ def _run_torch(module: Any, feed: Sample) -> list[np.ndarray]:
 
 
 def _leaves(out: Any) -> list[Any]:
+    """The tensors a torch module returned, in order (lists, tuples and dicts walked); a
+    one-line :class:`BadInputError` for anything else (``None``, a number)."""
+    import torch
+
     if isinstance(out, (list, tuple)):
         return [leaf for o in out for leaf in _leaves(o)]
     if isinstance(out, dict):
         return [leaf for o in out.values() for leaf in _leaves(o)]
+    if not isinstance(out, torch.Tensor):
+        raise BadInputError(f"the torch model returns {type(out).__name__}, not tensors: bnfold "
+                            "compares tensor outputs only")
     return [out]
 

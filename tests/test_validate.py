@@ -500,3 +500,28 @@ def test_golden_inputs_of_a_model_without_inputs_load_back(tmp_path, run_cli) ->
                    golden).returncode == 0
     res = run_cli("validate", path, path, "--providers", "cpu", "--load-inputs", golden)
     assert res.returncode == 0, res.stderr
+
+
+def _reshape_to(shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.array(shape, np.int64), "s")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_candidate_that_fails_where_the_reference_runs_fails_validation(tmp_path) -> None:
+    """A batch baked into the candidate (the typical wrong rewrite) fails on a batch of 5 that
+    the reference runs: a failed validation (exit 1), not bad input (exit 2)."""
+    samples = tmp_path / "x.npz"
+    np.savez(samples, x=np.ones((5, 3), np.float32))
+    for kwargs in ({"dims": {"N": 5}}, {"inputs": [str(samples)]}):
+        result = bnfold.validate(_reshape_to([-1, 3]), _reshape_to([2, 3]), providers=("cpu",),
+                                 **kwargs)
+        assert not result.passed
+        assert "did not run where the reference did" in result.runs[0].comparisons[0].reason
+        json.dumps(result.to_dict(), allow_nan=False)
+    with pytest.raises(BadInputError, match="failed to run"):  # (the reference itself fails)
+        bnfold.validate(_reshape_to([2, 3]), _reshape_to([-1, 3]), providers=("cpu",),
+                        dims={"N": 5})

@@ -99,6 +99,15 @@ class Comparison:
         return {k: json_safe(v) for k, v in self.__dict__.items() if v is not None}
 
 
+def did_not_run(name: str, ref: np.ndarray, why: str) -> Comparison:
+    """A failed comparison of output ``name``: the candidate did not run where the reference
+    (whose first output sample is ``ref``) did."""
+    ref = np.asarray(ref)
+    return Comparison(name, dtype_name(ref.dtype), list(ref.shape), 0.0, 0.0, "-",
+                      float("inf"), float("inf"), float("nan"), passed=False,
+                      reason=f"the candidate did not run where the reference did: {why}")
+
+
 def compare_output(
     name: str,
     refs: Sequence[np.ndarray],

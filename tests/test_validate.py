@@ -253,12 +253,30 @@ def test_cuda_really_runs_and_matches_cpu(conv_bn_proto, hand_folded):
 # --------------------------------------------------------------------------------------------
 
 def _bf16_mul() -> onnx.ModelProto:
-    """A bfloat16 model the CPU EP has no kernel for (ORT NOT_IMPLEMENTED)."""
+    """A float32-in, float32-out model whose bfloat16 Mul the CPU EP has no kernel for (ORT
+    NOT_IMPLEMENTED; bfloat16 inputs and outputs are refused before: ORT's Python API does not
+    exchange them)."""
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "x"], ["y"])], "bf16",
-        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [3])])
+        [helper.make_node("Cast", ["x"], ["b"], to=TensorProto.BFLOAT16),
+         helper.make_node("Mul", ["b", "b"], ["m"]),
+         helper.make_node("Cast", ["m"], ["y"], to=TensorProto.FLOAT)], "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_bfloat16_inputs_and_outputs_are_refused_in_one_line(where: str) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16 if where == "output"
+                          else TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16 if where == "input"
+                                       else TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16 if where == "output"
+                                       else TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedError, match=f"{where} '.' is bfloat16"):
+        bnfold.validate(model, model, providers=("cpu",))
 
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="checks the report when CUDA EP is missing")

@@ -140,7 +140,7 @@ def validate(
     _check_tolerance(atol, "atol")
     _check_tolerance(rtol, "rtol")
     check_counts(samples, seed)
-    cand = _as_model(candidate, "candidate", base_dir)
+    cand = _check_exchangeable(_as_model(candidate, "candidate", base_dir))
     torch_mod = sys.modules.get("torch")
     notes: list[str] = []
     if torch_mod is not None and isinstance(reference, torch_mod.nn.Module):
@@ -156,7 +156,7 @@ def validate(
     else:
         if example_inputs is not None:
             raise BadInputError("example_inputs is only for a torch reference; use inputs=")
-        ref = _as_model(reference, "reference", base_dir)
+        ref = _check_exchangeable(_as_model(reference, "reference", base_dir))
         specs = input_specs(ref.proto)
         _check_same_inputs(specs, input_specs(cand.proto))
         if inputs is not None:
@@ -366,6 +366,18 @@ def _check_numeric_outputs(model: _Model) -> None:
             what = "string tensor" if elem == onnx.TensorProto.STRING else (kind or "untyped")
             raise UnsupportedError(f"{model.label}: output {out.name!r} is a {what}; bnfold "
                                    "validates numeric tensor outputs only")
+
+
+def _check_exchangeable(model: _Model) -> _Model:
+    """Refuse bfloat16 inputs or outputs, which ONNX Runtime's Python API does not exchange."""
+    for what, values in (("input", model.proto.graph.input), ("output", model.proto.graph.output)):
+        for value in values:
+            if value.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+                raise UnsupportedError(
+                    f"{model.label}: {what} {value.name!r} is bfloat16, which ONNX Runtime's "
+                    "Python API does not exchange; validate a model whose inputs and outputs "
+                    "are of another float type (bfloat16 inside the graph is fine)")
+    return model
 
 
 class _Ticker:

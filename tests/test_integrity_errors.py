@@ -230,16 +230,22 @@ def test_the_api_raises_bnfold_errors_for_bad_arguments(tmp_path):
             bnfold.validate(path, path, **({"providers": ("cpu",)} | kwargs))
 
 
+def _with_external_data(tmp_path: Path) -> Path:
+    """The corpus's Conv -> BN model saved as ``m/m.onnx``, every tensor in ``m/m.data``."""
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "m.onnx"
+    onnx.save_model(conv_bn(), path, save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    return path
+
+
 def test_invalid_models_are_refused_not_repaired(tmp_path):
     var1 = conv_bn(inits={"var": np.ones(1, np.float32)})
     with pytest.raises(BadInputError, match="normalizes 4 channels but var has 1 value"):
         bnfold.fold_onnx(var1)
     with pytest.raises(BadInputError, match="invalid model"):
         bnfold.inspect_onnx(var1)
-    (tmp_path / "m").mkdir()
-    path = tmp_path / "m" / "m.onnx"
-    onnx.save_model(conv_bn(), path, save_as_external_data=True, location="m.data",
-                    size_threshold=0)
+    path = _with_external_data(tmp_path)
     data = path.with_name("m.data")
     data.write_bytes(data.read_bytes()[:-8])  # the last tensor now runs past the end
     with pytest.raises(BadInputError, match=r"past the end of 'm\.data'"):
@@ -261,10 +267,7 @@ def test_in_memory_models_get_the_checks_a_file_gets(tmp_path, run_cli):
     strings = conv_bn(inits={"gamma": np.array(["a"] * 4)})
     with pytest.raises(BadInputError, match="scale of type string"):
         bnfold.fold_onnx(strings)
-    (tmp_path / "m").mkdir()
-    path = tmp_path / "m" / "m.onnx"
-    onnx.save_model(conv_bn(), path, save_as_external_data=True, location="m.data",
-                    size_threshold=0)
+    path = _with_external_data(tmp_path)
     in_memory = onnx.load(path, load_external_data=False)
     for call in (bnfold.fold_onnx, bnfold.inspect_onnx):
         with pytest.raises(BadInputError, match=r"cannot read 'm\.data'"):

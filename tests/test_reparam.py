@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 import bnfold
@@ -551,11 +551,10 @@ class _SamePadded(nn.Module):
         return self.bn(self.conv(x)) + self.bn1x1(self.conv1x1(x)) + self.bn_id(x)
 
 
-@pytest.mark.parametrize(("build", "why"), [
-    (rep.ReflectWithOneByOne, "through /conv/Pad"), (_SamePadded, "auto_pad=SAME_UPPER")])
+@pytest.mark.parametrize(("build", "why"), [(rep.ReflectWithOneByOne, "through /conv/Pad")])
 def test_onnx_a_block_it_cannot_merge_says_why(build, why: str) -> None:
-    """Branches of one tensor that the ONNX pass cannot read as convs (a Pad node before one,
-    ``auto_pad``) are a block kept with the reason (it had no entry)."""
+    """Branches of one tensor that the ONNX pass cannot read as convs (a Pad node before one)
+    are a block kept with the reason (it had no entry)."""
     torch.manual_seed(0)
     model = randomize_bn_stats(build(), 1).eval()
     x = torch.randn(2, 4, 8, 8)
@@ -598,3 +597,41 @@ def test_onnx_branches_of_one_pad_output_still_merge() -> None:
     out, report = bnfold.reparameterize_onnx(_export(model, x, dynamo=False))
     assert len(report.merged) == 1 and not report.kept
     assert _rel(_run(out, x), _reference(model, x)) < 1e-5
+
+
+def _same_block(auto_pad: str, stride: int) -> onnx.ModelProto:
+    """x -> Conv 3x3 (dilation 2, ``auto_pad``) + Conv 1x1 + x, each branch through a BN."""
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    for name, k, attrs in (("a", 3, {"auto_pad": auto_pad, "dilations": [2, 2]}),
+                           ("b", 1, {})):
+        inits.append(numpy_helper.from_array(rng.standard_normal((4, 4, k, k)).astype(
+            np.float32), f"w{name}"))
+        nodes.append(helper.make_node("Conv", ["x", f"w{name}"], [f"c{name}"], name=name,
+                                      strides=[stride, stride], **attrs))
+        for p, v in (("s", rng.uniform(0.5, 1.5, 4)), ("t", rng.normal(0, 1, 4)),
+                     ("m", rng.normal(0, 1, 4)), ("v", rng.uniform(0.3, 3, 4))):
+            inits.append(numpy_helper.from_array(v.astype(np.float32), f"{p}{name}"))
+        nodes.append(helper.make_node("BatchNormalization", [f"c{name}", *(
+            f"{p}{name}" for p in "stmv")], [f"n{name}"], name=f"bn_{name}"))
+    nodes.append(helper.make_node("Add", ["na", "nb"], ["y"], name="sum"))
+    graph = helper.make_graph(nodes, "same", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 4, 9, 9])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_onnx_auto_pad_same_merges_at_stride_1_and_is_kept_above(auto_pad: str) -> None:
+    """At stride 1 ``SAME_*`` pads ``(k - 1) * d`` whatever the input size: the block merges
+    (exact against float64); at stride 2 the pads depend on the input size: kept, saying so."""
+    from onnx_cases import feeds, reference, rel_err, run_ort
+
+    model = _same_block(auto_pad, 1)
+    out, report = bnfold.reparameterize_onnx(model)
+    assert len(report.merged) == 1, report.table()
+    x = feeds(model, seed=4)
+    assert rel_err(run_ort(out, x), reference(model, x)) < 1e-5
+    _, report = bnfold.reparameterize_onnx(_same_block(auto_pad, 2))
+    blocks = [e for e in report.kept if e.reason.startswith("not merged")]
+    assert len(blocks) == 1 and "at stride [2, 2]" in blocks[0].reason

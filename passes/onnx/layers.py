@@ -104,20 +104,26 @@ def layer_kind(node: ir.Node | None) -> LayerKind | None:
 
 def conv_geometry(conv: ir.Node, kernel: list[int]) -> ConvGeometry:
     """The :class:`ConvGeometry` of an ONNX Conv / ConvTranspose with spatial ``kernel``:
-    ``auto_pad`` ``VALID`` is no padding, ``SAME_*`` none with 1x1 kernels and otherwise pads
-    the runtime picks; ``output_shape`` makes ConvTranspose's output padding vary. ONNX pads
+    ``auto_pad`` ``VALID`` is no padding, ``SAME_*`` none with 1x1 kernels; a Conv's ``SAME_*``
+    at stride 1 pads ``(k - 1) * d`` per axis whatever the input size (``SAME_UPPER`` the odd
+    one at the end, ``SAME_LOWER`` at the start, by the ONNX spec), and otherwise the runtime
+    picks the pads; ``output_shape`` makes ConvTranspose's output padding vary. ONNX pads
     with zeros (a copying ``Pad`` before the layer is a separate node)."""
     attrs, n = conv.attributes, len(kernel)
     pads = tuple(attrs.get_ints("pads", [0] * (2 * n)))
     auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    strides = tuple(attrs.get_ints("strides", [1] * n))
+    dilations = tuple(attrs.get_ints("dilations", [1] * n))
     begin: tuple[int, ...] | None = pads[:n]
     end: tuple[int, ...] | None = pads[n:]
     if auto_pad == "VALID" or (auto_pad.startswith("SAME") and all(k == 1 for k in kernel)):
         begin = end = (0,) * n
+    elif auto_pad.startswith("SAME") and conv.op_type == "Conv" and set(strides) == {1}:
+        total = [(k - 1) * d for k, d in zip(kernel, dilations, strict=True)]
+        begin = tuple((t + 1) // 2 if auto_pad == "SAME_LOWER" else t // 2 for t in total)
+        end = tuple(t - b for t, b in zip(total, begin, strict=True))
     elif auto_pad.startswith("SAME"):
         begin = end = None
     output_padding = None if "output_shape" in attrs else tuple(
         attrs.get_ints("output_padding", [0] * n))
-    return ConvGeometry(tuple(kernel), tuple(attrs.get_ints("strides", [1] * n)),
-                        tuple(attrs.get_ints("dilations", [1] * n)), begin, end,
-                        output_padding)
+    return ConvGeometry(tuple(kernel), strides, dilations, begin, end, output_padding)

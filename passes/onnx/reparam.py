@@ -258,11 +258,11 @@ def _conv_branch(ctx: Context, conv: ir.Node, params: Any) -> ConvBranch | str:
         bias = None  # a zero bias of any shape (torch's 3-D export writes [Cout, 2]) adds nothing
     if bias is not None and bias.shape != weight.shape[:1]:
         return f"{display_name(conv)} bias has shape {list(bias.shape)}, not [{weight.shape[0]}]"
-    auto = conv.attributes.get_string("auto_pad", "NOTSET")
-    if auto not in ("NOTSET", "VALID"):
-        return f"{display_name(conv)} has auto_pad={auto} (pads depend on the input size)"
     g = conv_geometry(conv, list(weight.shape[2:]))
-    assert g.pads_begin is not None and g.pads_end is not None
+    if g.pads_begin is None or g.pads_end is None:
+        auto = conv.attributes.get_string("auto_pad", "NOTSET")
+        return (f"{display_name(conv)} has auto_pad={auto} at stride {list(g.stride)} (pads "
+                "depend on the input size)")
     return ConvBranch(
         display_name(conv), weight, bias, g.stride, tuple(zip(g.pads_begin, g.pads_end,
                                                              strict=True)),

@@ -285,12 +285,12 @@ def shared_input(summands: Sequence[Summand]) -> Any:
     """The tensor most summands read (at least two, one through a conv, or through a conv or
     BN that cannot be a branch, which :func:`block_refusal` then says), or ``None``: a sum with
     no such tensor (a residual ``conv(h) + x``) is not a branch block."""
-    best, rank = None, (1, 0)
+    best, rank = None, (0, 0)
     for x in dict.fromkeys(x for s in summands for x in s.options):  # (in summand order)
         options = [s.options[x] for s in summands if x in s.options]
         conv = any(isinstance(option, (ConvBranch, str)) for option in options)
         here = (len(options), sum(not isinstance(option, str) for option in options))
-        if conv and here > rank:  # (more readers; as many: more real branches)
+        if conv and len(options) > 1 and here > rank:  # (more readers, then real branches)
             best, rank = x, here
     return best
 

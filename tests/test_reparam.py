@@ -635,3 +635,30 @@ def test_onnx_auto_pad_same_merges_at_stride_1_and_is_kept_above(auto_pad: str) 
     _, report = bnfold.reparameterize_onnx(_same_block(auto_pad, 2))
     blocks = [e for e in report.kept if e.reason.startswith("not merged")]
     assert len(blocks) == 1 and "at stride [2, 2]" in blocks[0].reason
+
+
+class _Residual(nn.Module):
+    """A ResNet basic block: conv-BN-relu-conv-BN plus the identity. No branch block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.b2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+
+@pytest.mark.parametrize("ir", ["fx", "onnx"])
+def test_a_residual_sum_is_no_branch_block(ir: str) -> None:
+    """Its summands read different tensors and no two read one: no block entry, only the two
+    BN folds (a block entry "branches read different tensors" appeared once a refused branch
+    counted as a reader)."""
+    torch.manual_seed(3)
+    model = randomize_bn_stats(_Residual(), 3).eval()
+    x = torch.randn(1, 3, 8, 8)
+    if ir == "fx":
+        _, report = bnfold.reparameterize(model, x)
+    else:
+        _, report = bnfold.reparameterize_onnx(_export(model, x, dynamo=True))
+    assert [e.action for e in report.entries] == ["folded", "folded"], report.table()

@@ -30,7 +30,7 @@ def freeze(model: Model) -> tuple[Model, list[str]]:
     input order). A ``ModelProto`` or :class:`~bnfold.io.split_proto.SplitProto` is not
     changed: a new one is returned when there is anything to remove; an ``onnx_ir.Model`` is
     changed in place (pass a copy)."""
-    if isinstance(model, ir.Model):
+    if not isinstance(model, (onnx.ModelProto, SplitProto)):  # an onnx_ir.Model
         if model.ir_version < 4:
             return model, []
         original = detach_initializer_inputs(model.graph)

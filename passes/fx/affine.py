@@ -166,7 +166,8 @@ def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> Affi
         return AffineChain(head, str(exc), label, kind)
     site = BatchNormSite(
         head, steps[-1].node, _rule(channel[0], max(s.rank for s in shapes)), affine_bn(a, b),
-        [], source=steps[0].x, chain=tuple(s.node for s in steps), dtype=dtypes.pop(),
+        [], source=int(steps[0].c_first), chain=tuple(s.node for s in steps),
+        dtype=dtypes.pop(),
     )
     return AffineChain(head, site, label, kind)
 

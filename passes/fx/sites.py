@@ -114,24 +114,27 @@ _INSTANCE_DEFAULTS = {"use_input_stats": True, "momentum": 0.1, "eps": 1e-5}
 class BatchNormSite:
     """One BN call: ``output`` is the node whose uses the fold redirects to ``input``.
 
-    A BN-like affine chain (:mod:`bnfold.passes.fx.affine`) sets ``source`` (its tensor input),
-    ``chain`` (its nodes, in graph order) and ``dtype`` (of its constants, which the layer it
-    folds into must share: a constant of another dtype would promote the result)."""
+    A BN-like affine chain (:mod:`bnfold.passes.fx.affine`) sets ``source`` (which argument of
+    its first node is its tensor input: read off the graph when used, as an earlier fold may
+    have rewired it), ``chain`` (its nodes, in graph order) and ``dtype`` (of its constants,
+    which the layer it folds into must share: a constant of another dtype would promote the
+    result)."""
 
     node: fx.Node
     output: fx.Node
     channel_axis: ChannelRule
     params: BNParams
     attr_nodes: list[fx.Node]
-    source: fx.Node | None = None
+    source: int | None = None
     chain: tuple[fx.Node, ...] = ()
     dtype: torch.dtype | None = None
 
     @property
     def input(self) -> fx.Node:
         if self.source is not None:
-            return self.source
-        first = self.node.args[0] if self.node.args else self.node.kwargs["input"]
+            first = self.chain[0].args[self.source]
+        else:
+            first = self.node.args[0] if self.node.args else self.node.kwargs["input"]
         assert isinstance(first, fx.Node)
         return first
 

@@ -543,3 +543,20 @@ def test_a_candidate_that_fails_where_the_reference_runs_fails_validation(tmp_pa
     with pytest.raises(BadInputError, match="failed to run"):  # (the reference itself fails)
         bnfold.validate(_reshape_to([2, 3]), _reshape_to([-1, 3]), providers=("cpu",),
                         dims={"N": 5})
+
+
+def test_an_initializer_nothing_reads_does_not_loosen_the_tolerance() -> None:
+    """One unused float16 initializer made the compute dtype float16 (rtol 5e-3), so a 0.1%
+    error in a float32 computation passed."""
+    def scale(by: float, unused: bool) -> onnx.ModelProto:
+        inits = [numpy_helper.from_array(np.array([1.0, 2.0, by], np.float32), "c")]
+        if unused:
+            inits.append(numpy_helper.from_array(np.ones(3, np.float16), "spare"))
+        graph = helper.make_graph(
+            [helper.make_node("Mul", ["x", "c"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    result = bnfold.validate(scale(3.0, False), scale(3.003, True), providers=("cpu",))
+    assert not result.passed and result.settings["compute_dtype"] == "float32"

@@ -89,15 +89,19 @@ def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
 
 def float_dtypes(proto: onnx.ModelProto) -> set[np.dtype]:
     """The float dtypes a model computes in: those of its graph inputs and outputs, weights
-    (initializers, ``Constant`` nodes) and ``Cast`` targets, subgraphs included (a
-    ``CastLike`` target is the dtype of a tensor the model holds or reads)."""
+    (initializers some node reads, ``Constant`` nodes) and ``Cast`` targets, subgraphs
+    included (a ``CastLike`` target is the dtype of a tensor the model holds or reads). An
+    initializer nothing reads computes nothing: it does not loosen the tolerance."""
     types: set[int] = set()
+    weights: dict[str, int] = {}
+    read: set[str] = set()
 
     def visit(graph: onnx.GraphProto) -> None:
         for v in [*graph.input, *graph.output]:
             types.add(v.type.tensor_type.elem_type)
-        types.update(t.data_type for t in graph.initializer)
+        weights.update((t.name, t.data_type) for t in graph.initializer)
         for node in graph.node:
+            read.update(node.input)
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     types.add(attr.t.data_type)
@@ -110,6 +114,7 @@ def float_dtypes(proto: onnx.ModelProto) -> set[np.dtype]:
                     types.add(attr.i)
 
     visit(proto.graph)
+    types.update(dtype for name, dtype in weights.items() if name in read)
     floats = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT,
               onnx.TensorProto.DOUBLE}
     return {numpy_dtype(t) for t in types & floats}

@@ -484,8 +484,8 @@ class _Folder:
             return axis is not None and axis >= rank - channelwise_span(self.gm, node, rank)
         if not any(map(along, range(1, MAX_RANK + 1))):
             return None  # (at no rank: no shape needed)
-        shape = shape_of(chain_input(node))
-        if any(map(along, [len(shape)] if shape is not None else range(1, MAX_RANK + 1))):
+        shape = shape_of(chain_input(node))  # (none: at some rank it does, as just seen)
+        if shape is None or along(len(shape)):
             return f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel axis"
         return None
 

@@ -324,7 +324,8 @@ def floor() -> str:
         blocks = 100_000 // 3
         onnx.save(chain_model(blocks, 8, kernel=1), src)
         base = _best(lambda: onnx.save(onnx.load(str(src)), str(dst)))
-        graph = onnx.load(str(src)).graph
+        model = onnx.load(str(src))
+        graph = model.graph
         weight, bias = np.zeros((8, 8, 1, 1), np.float32).tobytes(), bytes(32)
 
         def walk() -> None:
@@ -339,7 +340,6 @@ def floor() -> str:
                     t = out.initializer.add()
                     t.name, t.data_type, t.raw_data = name, TensorProto.FLOAT, data
                     t.dims.extend(dims)
-        model = onnx.load(str(src))
         steps = {"onnx.checker.check_model": lambda: onnx.checker.check_model(model),
                  "read every node's op and names": walk,
                  "index the initializers by name":

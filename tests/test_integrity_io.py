@@ -25,7 +25,7 @@ from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
 
 import bnfold
 from bnfold.errors import BadInputError
-from bnfold.io.external_data import files_named_by
+from bnfold.io.external_data import data_files_of, files_named_by
 from bnfold.io.fileio import save_onnx
 
 TOL = 1e-5
@@ -137,6 +137,25 @@ def test_in_place_refolds_remove_only_data_bnfold_wrote(run_cli, ext, tmp_path):
     assert [p.name for p in tmp_path.glob("m.onnx.*.data")] == [current.name]
     assert_computes(src, model)
 
+
+
+def test_a_users_data_file_named_like_bnfolds_is_kept(run_cli, ext, tmp_path):
+    """The old output names ``out.onnx.<16 hex>.data``, bnfold's pattern, but bnfold did not
+    write it (no record in the graph's metadata): replacing the output leaves that file."""
+    model, src = ext
+    other = conv_bn(5)
+    out = save_external(other, tmp_path / "out.onnx", "out.onnx.0123456789abcdef.data")
+    before = digest(tmp_path / "out.onnx.0123456789abcdef.data")
+    res = run_cli("fold", src, "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert digest(tmp_path / "out.onnx.0123456789abcdef.data") == before
+    (written,) = files_named_by(out)
+    assert data_files_of(out)[1] == written.name  # bnfold's own: recorded
+    assert_computes(out, model)
+    res = run_cli("fold", src, "-o", out)  # a refold replaces bnfold's own file
+    assert res.returncode == 0, res.stderr
+    assert not written.exists() and (tmp_path / "out.onnx.0123456789abcdef.data").exists()
+    assert_computes(out, model)
 
 # ----------------------------------------------------------------------------- item 2
 

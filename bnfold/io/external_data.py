@@ -28,6 +28,9 @@ from bnfold.lazy_ir import ir
 GRAPH_SCAN_LIMIT = 64 * 1024**2
 #: The key of the ``external_data`` entry that holds a tensor's file name, as serialized.
 _LOCATION_KEY = b"location"
+#: The model metadata key under which bnfold records the name of the data file it wrote for
+#: that model (:mod:`bnfold.io.staged_save` removes an obsolete data file only when so named).
+OWN_DATA_KEY = "bnfold.data_file"
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
@@ -116,24 +119,32 @@ def files_named_by(path: Path) -> set[Path]:
     not parsed (the common case, a model whose tensors are inline, costs one search of the
     file's read-only memory map, no copy).
     """
+    return data_files_of(path)[0]
+
+
+def data_files_of(path: Path) -> tuple[set[Path], str | None]:
+    """:func:`files_named_by` ``path``, and the data file name bnfold recorded in it as its
+    own (:data:`OWN_DATA_KEY`; ``None`` without one), from one parse."""
     try:
         info = os.stat(path)  # (before opening it: a FIFO's open would wait for a writer)
         if not stat.S_ISREG(info.st_mode) or not 0 < info.st_size <= GRAPH_SCAN_LIMIT:
-            return set()
+            return set(), None
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             if data.find(_LOCATION_KEY) < 0:
-                return set()
+                return set(), None
             with gc_paused():
-                locations = set(_proto_locations(onnx.load_model_from_string(data[:])))
+                proto = onnx.load_model_from_string(data[:])
+                locations = set(_proto_locations(proto))
     except Exception:  # not ONNX (any parse error): it names no data files
-        return set()
+        return set(), None
     folder, named = path.parent, set()
     for location in locations:
         try:
             named.add(check_contained(location, folder, str(path)).resolve())
         except BadInputError:
             continue  # a location bnfold would never read
-    return named
+    own = next((p.value for p in proto.metadata_props if p.key == OWN_DATA_KEY), None)
+    return named, own
 
 
 def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:

@@ -11,9 +11,13 @@ the stage wrote. The sequence, and why a reader never sees a mix:
    unrelated one, not a data file of the input, not the data of the graph now at the target.
 2. The graph, naming that data file, goes to a temporary file, flushed to disk.
 3. Commit: the graph is renamed onto the target (atomic), then the data file the replaced graph
-   named is removed if bnfold wrote it for this target (its name says so) and no input, and
-   not the new graph, reads it. A failure before the rename leaves the old pair untouched; two
-   writers to one target each write their own data file, and the graph that wins names its own.
+   named is removed if bnfold wrote it for this target and no input, and not the new graph,
+   reads it. bnfold wrote it when both its name (``<target name>.<16 hex>.data``) and the
+   replaced graph say so: a graph bnfold writes with external data records its data file's
+   name in the model's metadata (:data:`~bnfold.io.external_data.OWN_DATA_KEY`), so a user's
+   own data file that happens to match the name pattern is never removed. A failure before
+   the rename leaves the old pair untouched; two writers to one target each write their own
+   data file, and the graph that wins names its own.
 
 A target that exists and is not a regular file (``/dev/null``, a FIFO, a symlink to a device)
 is written through, never replaced; a model with external data cannot go to one.
@@ -35,7 +39,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BadInputError
-from bnfold.io.external_data import files_named_by, referenced_files
+from bnfold.io.external_data import OWN_DATA_KEY, data_files_of, referenced_files
 from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
 from bnfold.io.split_proto import SplitProto
 from bnfold.lazy_ir import ir
@@ -57,6 +61,8 @@ class StagedModel:
         self.data: Path | None = None
         self.payload: bytes | None = None  # the serialized model, for a target not a file
         self.swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+        #: the model whose metadata now names :attr:`data`, and the entry it had before
+        self.marked: tuple[ir.Model, str | None] | None = None
         self.reads: set[Path] = set()  # what the staged graph names (its own data)
         self.folders: list[Path] = []  # folders made for the target (removed on discard)
         self.committed = False
@@ -76,21 +82,23 @@ class StagedModel:
                 self.committed = True
                 return
             assert self.graph_tmp is not None
-            obsolete = files_named_by(self.target) - self.keep - self.reads
+            named, own = data_files_of(self.target)
+            obsolete = named - self.keep - self.reads
             os.replace(self.graph_tmp, self.target)
             self.graph_tmp, self.committed = None, True
         _fsync_folder(self.target.parent)
         folder = self.target.parent.resolve() if obsolete else None
         for path in obsolete:
             name = path.name
-            if path.parent == folder and name.startswith(self.target.name) and \
-                    OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]):
+            if path.parent == folder and name == own and name.startswith(self.target.name) \
+                    and OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]):
                 with contextlib.suppress(OSError):
                     path.unlink()
 
     def release_model(self) -> None:
         """Drop the references to the in-memory model (a discard then only removes files)."""
         self.swapped.clear()
+        self.marked = None
 
     def discard(self) -> None:
         """Remove what the stage wrote and give the model back its tensors (no-op after a
@@ -108,6 +116,9 @@ class StagedModel:
         for value, tensor in reversed(self.swapped):
             value.const_value = tensor
         self.swapped.clear()
+        if self.marked is not None:
+            _mark(*self.marked)
+            self.marked = None
         remove_folders(self.folders)
 
 
@@ -187,6 +198,8 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
         if placed:  # else every tensor is inline: no data file
             staged.data = _reserve(target, digest.hexdigest())
             os.replace(tmp, staged.data)
+            staged.marked = (model, model.metadata_props.get(OWN_DATA_KEY))
+            _mark(model, staged.data.name)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -278,6 +291,15 @@ def remove_folders(folders: list[Path]) -> None:
         except OSError:
             return
     folders.clear()
+
+
+def _mark(model: ir.Model, data_name: str | None) -> None:
+    """Record ``data_name`` in ``model``'s metadata as the data file bnfold wrote for it
+    (``None``: no entry)."""
+    if data_name is None:
+        model.metadata_props.pop(OWN_DATA_KEY, None)
+    else:
+        model.metadata_props[OWN_DATA_KEY] = data_name
 
 
 def _reserve(target: Path, digest: str) -> Path:

@@ -206,6 +206,14 @@ def test_compare_output_exact_for_ints_nan_aware_and_bf16():
     assert not shape.passed and "shape" in shape.reason
 
 
+def test_compare_output_an_infinite_reference_made_finite_is_an_infinite_error():
+    ref = np.array([np.inf, -np.inf, 2.0], np.float32)
+    cand = np.array([1.0, -np.inf, 2.0], np.float32)
+    cmp = compare_output("f", [ref], [cand])
+    assert not cmp.passed and cmp.max_abs == np.inf and cmp.max_rel == np.inf
+    assert cmp.to_dict()["max_rel"] == "inf"
+
+
 def _torch_twin(proto: onnx.ModelProto) -> nn.Module:
     init = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
             for t in proto.graph.initializer}

@@ -147,8 +147,11 @@ def compare_output(
             err, ratio = _errors(r, c, a, rt)
         max_abs = max(max_abs, float(err.max(initial=0.0)))
         meaningful = np.abs(r) > a
-        if meaningful.any():
-            max_rel = max(max_rel, float((err[meaningful] / np.abs(r[meaningful])).max()))
+        if meaningful.any():  # (an infinite reference missed is an infinite error: not inf/inf)
+            e = err[meaningful]
+            with np.errstate(invalid="ignore"):
+                rel = np.where(np.isinf(e), np.inf, e / np.abs(r[meaningful]))
+            max_rel = max(max_rel, float(rel.max()))
         if ratio.size and float(ratio.max()) > worst_ratio:
             idx = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
             worst_ratio = float(ratio.max())

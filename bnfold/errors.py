@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+#: A terminal escape sequence (colour, cursor), as torch.onnx's rich-formatted errors hold.
+_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b")
 
 
 class BnfoldError(Exception):
@@ -39,6 +43,7 @@ class ValidationFailedError(UnsafeFoldError):
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-blank line of ``exc``'s message, stripped, at most ``limit`` characters
-    (the exception's type name when the message is blank): a library error in one line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    (the exception's type name when the message is blank), without terminal escape
+    sequences: a library error in one line."""
+    lines = [line.strip() for line in _ESCAPE.sub("", str(exc)).splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(exc).__name__

@@ -10,7 +10,7 @@ import torch
 
 import bnfold
 from bnfold import exporter
-from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError
+from bnfold.errors import BadInputError, UnsafeFoldError, UnsupportedError, UntraceableError
 from bnfold.models import zoo
 
 
@@ -114,8 +114,6 @@ def test_training_mode_and_bad_example_inputs_are_refused(tmp_path):
 
 
 def test_a_model_fx_cannot_fold_is_folded_from_its_onnx_export(tmp_path, monkeypatch):
-    from bnfold.errors import UntraceableError
-
     def untraceable(*args, **kwargs):
         raise UntraceableError("cannot trace (simulated)")
 
@@ -128,3 +126,16 @@ def test_a_model_fx_cannot_fold_is_folded_from_its_onnx_export(tmp_path, monkeyp
     assert not [n for n in onnx.load(path).graph.node if n.op_type == "BatchNormalization"]
     want = float64_reference(model, x)
     assert np.abs(ort_run(path, x) - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_an_export_error_in_colour_reaches_the_user_as_plain_text(tmp_path, monkeypatch):
+    """torch.onnx formats some errors with terminal colour codes: the one line has none."""
+    def coloured(*args, **kwargs):
+        raise RuntimeError("\x1b[1m\x1b[31mFailed to export\x1b[0m the model: \x1b[33mop\x1b[0m")
+
+    monkeypatch.setattr(torch.onnx, "export", coloured)
+    model, x = zoo.get("plain_cnn"), zoo.example_input("plain_cnn")
+    with pytest.raises(UntraceableError) as info:
+        bnfold.export(model, (x,), tmp_path / "m.onnx")
+    assert str(info.value) == "torch.onnx.export failed: Failed to export the model: op"
+    assert not (tmp_path / "m.onnx").exists()

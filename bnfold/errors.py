@@ -47,3 +47,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     sequences: a library error in one line."""
     lines = [line.strip() for line in _ESCAPE.sub("", str(exc)).splitlines() if line.strip()]
     return lines[0][:limit] if lines else type(exc).__name__
+
+
+def cause_line(exc: BaseException) -> str:
+    """:func:`first_line` of the innermost exception in ``exc``'s chain: onnx-ir's
+    deserializer wraps the error that says what is wrong in one that names its own function
+    ("Error calling _deserialize_graph with: ...")."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return first_line(exc)

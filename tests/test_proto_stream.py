@@ -16,6 +16,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 from onnx_cases import Builder, feeds, reference, rel_err, run_ort
 
+from benchmarks.bench_onnx_fold import chain_model
+from bnfold.errors import BadInputError
 from bnfold.io import proto_stream
 from bnfold.io.external_data import files_named_by
 from bnfold.io.fileio import load_onnx, save_onnx
@@ -308,3 +310,27 @@ def test_copy_fields_copies_the_kept_set_fields(keep) -> None:
         assert got == want
         assert got.SerializeToString() == want.SerializeToString()
         assert [f.name for f, _ in got.ListFields()] == [f.name for f, _ in want.ListFields()]
+
+
+@pytest.mark.parametrize("entry", [("offset", "abc"), ("offset", "-4"), ("length", "1e3"),
+                                   ("length", "")])
+def test_an_external_entry_that_is_no_count_of_bytes_is_one_line(tmp_path, entry):
+    """onnx-ir's reader fails on such an entry with an error naming its own function."""
+    model = chain_model(1, 4)
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    tensor = proto.graph.initializer[0]
+    key, value = entry
+    for e in tensor.external_data:
+        if e.key == key:
+            e.value = value
+            break
+    else:
+        tensor.external_data.add(key=key, value=value)
+    onnx.save(proto, tmp_path / "bad.onnx")
+    for model_in in (tmp_path / "bad.onnx", proto):
+        kwargs = {"base_dir": tmp_path} if isinstance(model_in, onnx.ModelProto) else {}
+        with pytest.raises(BadInputError, match=rf"invalid model: tensor 'w0' has external "
+                                                rf"data {key} '{value}', which is no count"):
+            fold_onnx(model_in, **kwargs)

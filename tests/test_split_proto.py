@@ -324,5 +324,22 @@ def test_fold_onnx_of_a_path_onnx_ir_cannot_read_is_one_line_naming_it(tmp_path:
     onnx.save(onnx.helper.make_model(graph), path)
     with pytest.raises(BadInputError) as info:
         fold_onnx(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: could not load the ONNX model") and "\n" not in message
+    assert str(info.value) == (f"{path}: invalid model: tensor 'w' has data_type 999, which is "
+                               "no ONNX tensor data type")
+
+
+def test_an_onnx_ir_read_failure_says_what_its_wrapped_error_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx-ir wraps the error that says what is wrong in one naming its own function."""
+    def wrapping(*args: object, **kwargs: object) -> None:
+        try:
+            raise ValueError("the real problem\nmore")
+        except ValueError as exc:
+            raise RuntimeError("Error calling _deserialize_graph with: g") from exc
+
+    monkeypatch.setattr(SplitProto, "to_ir", wrapping)
+    path = tmp_path / "m.onnx"
+    onnx.save(chain_model(1, 4), path)
+    with pytest.raises(BadInputError) as info:
+        fold_onnx(path)
+    assert str(info.value) == f"{path}: could not load the ONNX model (the real problem)"

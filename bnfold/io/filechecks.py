@@ -120,8 +120,10 @@ def external_problem(tensor: ir.ExternalTensor) -> str | None:
 
 
 def check_initializers(model: onnx.ModelProto | SplitProto, label: str) -> TensorFacts:
-    """Refuse a model with an initializer with a negative dim, or with sparse initializers (in
-    any graph); return the :class:`~bnfold.io.proto_stream.TensorFacts` of that walk (a
+    """Refuse a model with an initializer with a negative dim, a tensor of a data type ONNX
+    does not define or with an external ``offset``/``length`` that is no count of bytes, or
+    with sparse initializers (in any graph); return the
+    :class:`~bnfold.io.proto_stream.TensorFacts` of that walk (a
     :class:`~bnfold.io.split_proto.SplitProto` that carries its ``facts`` passed this check
     when it was made: they are returned, nothing walked). Data that does not fill its shape is
     found when a pass reads the tensor (:func:`bnfold.passes.onnx.consts.const_array`):
@@ -134,6 +136,8 @@ def check_initializers(model: onnx.ModelProto | SplitProto, label: str) -> Tenso
     if facts.negative is not None:
         raise BadInputError(f"{label}: invalid model: initializer {facts.negative.name!r} "
                             f"has a negative dim {list(facts.negative.dims)}")
+    if facts.problem is not None:
+        raise BadInputError(f"{label}: invalid model: {facts.problem}")
     if facts.sparse:
         raise UnsupportedError(
             f"{label}: sparse initializers ({', '.join(sorted(facts.sparse)[:3])}) are not "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.errors import BadInputError, first_line
+from bnfold.errors import BadInputError, cause_line, first_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data, referenced_files
 from bnfold.io.filechecks import (
@@ -91,7 +91,7 @@ def _file_model(proto: onnx.ModelProto, path: Path) -> ir.Model:
         with gc_paused():
             loaded = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise BadInputError(f"{path}: could not load the ONNX model ({first_line(exc)})") from exc
+        raise BadInputError(f"{path}: could not load the ONNX model ({cause_line(exc)})") from exc
     del proto
     bind_external_data(loaded, path.parent, str(path))
     check_external_data(loaded, str(path))

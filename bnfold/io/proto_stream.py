@@ -152,6 +152,9 @@ class TensorFacts:
     initializer_bytes: int  #: the bytes the initializers' dims and dtypes call for
     negative: onnx.TensorProto | None  #: the first initializer with a negative dim
     sparse: list[str]  #: the names of the sparse initializers
+    #: what onnx-ir could not read in the first such tensor: a data type ONNX does not
+    #: define, or an external ``offset``/``length`` that is not a count of bytes
+    problem: str | None = None
 
     def writes_as_is(self, limit: int) -> bool:
         """Whether :func:`write_proto` can write the model whole: no tensor stored outside
@@ -161,11 +164,12 @@ class TensorFacts:
 
 def tensor_facts(proto: onnx.ModelProto) -> TensorFacts:
     """:class:`TensorFacts` of ``proto`` (every graph, subgraph and function body)."""
-    external, total, negative, sparse = False, 0, None, []
+    external, total, negative, sparse, problem = False, 0, None, [], None
     stored_outside = onnx.TensorProto.EXTERNAL
     for tensor, role in proto_tensors(proto):
         if tensor.data_location == stored_outside:
             external = True
+            problem = problem or _external_problem(tensor)
         if role == INITIALIZER:
             dims = tensor.dims
             if negative is None and any(d < 0 for d in dims):
@@ -173,7 +177,20 @@ def tensor_facts(proto: onnx.ModelProto) -> TensorFacts:
             total += proto_bytes(tensor)
         elif role == SPARSE:
             sparse.append(tensor.name)
-    return TensorFacts(external, total, negative, sparse)
+        if problem is None and tensor.data_type not in _DATA_TYPES:
+            problem = (f"tensor {tensor.name!r} has data_type {tensor.data_type}, "
+                       "which is no ONNX tensor data type")
+    return TensorFacts(external, total, negative, sparse, problem)
+
+
+def _external_problem(tensor: onnx.TensorProto) -> str | None:
+    """What is wrong with ``tensor``'s ``offset`` or ``length`` entry (not a count of bytes)."""
+    for entry in tensor.external_data:
+        value = entry.value
+        if entry.key in ("offset", "length") and not (value.isascii() and value.isdigit()):
+            return (f"tensor {tensor.name!r} has external data {entry.key} {value!r}, "
+                    "which is no count of bytes")
+    return None
 
 
 def _serialized_parts(tensor: onnx.TensorProto) -> list[Buffer | _Serialized]:
@@ -278,6 +295,8 @@ def proto_bytes(tensor: onnx.TensorProto, dims: Iterable[int] | None = None) -> 
 BITS = {1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64,
         14: 64, 15: 128, 16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8,
         25: 2, 26: 2, 27: 6, 28: 6}
+#: Every tensor data type code ONNX defines: those of :data:`BITS` and STRING (8).
+_DATA_TYPES = frozenset(BITS) | {onnx.TensorProto.STRING}
 
 
 def tensor_bytes(tensor: ir.TensorProtocol) -> Buffer:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfold.errors import BadInputError, first_line
+from bnfold.errors import BadInputError, cause_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
 from bnfold.io.filechecks import check_initializers
@@ -176,7 +176,7 @@ def _working_copy(model: Any, inplace: bool, *, views: bool = False,
         try:
             return ir.serde.deserialize_model(model), True
         except Exception as exc:
-            raise BadInputError(f"not a valid ONNX model: {exc}".splitlines()[0]) from exc
+            raise BadInputError(f"not a valid ONNX model: {cause_line(exc)}") from exc
     if isinstance(model, ir.Model):
         return (model if inplace else model.clone()), False
     if isinstance(model, (str, os.PathLike)):
@@ -194,8 +194,8 @@ def _to_ir(split: SplitProto, *, copy: bool, source: str | None = None) -> ir.Mo
     except Exception as exc:
         if source is not None:
             raise BadInputError(f"{source}: could not load the ONNX model "
-                                f"({first_line(exc)})") from exc
-        raise BadInputError(f"not a valid ONNX model: {exc}".splitlines()[0]) from exc
+                                f"({cause_line(exc)})") from exc
+        raise BadInputError(f"not a valid ONNX model: {cause_line(exc)}") from exc
 
 
 def _fold(model: ir.Model, pass_name: str, *, backward: bool,

@@ -390,3 +390,25 @@ def test_base_dir_contains_external_data(ext, tmp_path, where):
     onnx.save(proto, folder / "p.onnx")  # the same model as a file: the same refusal
     with pytest.raises(BadInputError, match="location"):
         bnfold.fold_onnx(folder / "p.onnx")
+
+
+def test_an_external_location_naming_the_model_file_is_refused(run_cli, tmp_path):
+    """The graph file's own bytes are no weights: the tensor that names it is refused."""
+    model = conv_bn(6)
+    model.doc_string = "A" * 8192  # bytes in the model file where the tensor points
+    bias = next(t for t in model.graph.initializer if t.name == "n1_B")
+    bias.ClearField("raw_data")
+    bias.ClearField("float_data")
+    bias.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "m.onnx"), ("offset", "4096"),
+                       ("length", str(4 * bias.dims[0]))):
+        bias.external_data.add(key=key, value=value)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    before = set(tmp_path.iterdir())
+    for command in (("fold", src, "-o", tmp_path / "out.onnx"), ("inspect", src),
+                    ("validate", src, src)):
+        assert "names the model file itself" in one_line_error(run_cli(*command))
+    with pytest.raises(BadInputError, match="names the model file itself"):
+        bnfold.fold_onnx(src)
+    assert set(tmp_path.iterdir()) == before

@@ -60,14 +60,16 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
 
 
 def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
-                       label: str = "model") -> None:
+                       label: str = "model", model_file: Path | None = None) -> None:
     """Give the external tensors of an in-memory ``model`` their folder and check them.
 
     ``base_dir`` (if given) becomes the folder of every external tensor that has none; a tensor
     with neither is refused, as is any whose file lies outside its folder (absolute location,
     ``..`` escape, symlink out), and one given ``base_dir`` here whose file there is missing or
     too short (:func:`~bnfold.io.filechecks.external_problem`; a model read from a file has
-    its files checked by the load). Raises :class:`BadInputError` naming the location.
+    its files checked by the load), or one that names ``model_file``, the file the model was
+    read from (its graph's own bytes are no weights). Raises :class:`BadInputError` naming the
+    location.
     """
     for tensor in external_tensors(model):
         bound = not tensor.base_dir
@@ -78,7 +80,10 @@ def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
                     f"external file {tensor.location!r}; pass base_dir= (the folder that file "
                     "is relative to), or give the model's path")
             tensor.base_dir = base_dir
-        check_contained(tensor.location, Path(tensor.base_dir), label)
+        path = check_contained(tensor.location, Path(tensor.base_dir), label)
+        if model_file is not None and path.resolve() == model_file.resolve():
+            raise BadInputError(f"{label}: external data location {tensor.location!r} names "
+                                "the model file itself")
         if bound:
             from bnfold.io.filechecks import external_problem  # (it imports this module)
 

@@ -93,7 +93,7 @@ def _file_model(proto: onnx.ModelProto, path: Path) -> ir.Model:
     except Exception as exc:
         raise BadInputError(f"{path}: could not load the ONNX model ({cause_line(exc)})") from exc
     del proto
-    bind_external_data(loaded, path.parent, str(path))
+    bind_external_data(loaded, path.parent, str(path), model_file=path)
     check_external_data(loaded, str(path))
     return loaded
 

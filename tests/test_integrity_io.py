@@ -412,3 +412,22 @@ def test_an_external_location_naming_the_model_file_is_refused(run_cli, tmp_path
     with pytest.raises(BadInputError, match="names the model file itself"):
         bnfold.fold_onnx(src)
     assert set(tmp_path.iterdir()) == before
+
+
+def test_a_data_file_a_kept_copy_reads_is_not_removed(run_cli, ext, tmp_path):
+    """A copy of the old output, kept beside it, still reads bnfold's data file: replacing
+    the output leaves that file (a later replacement, with no copy, removes its own)."""
+    model, src = ext
+    out = tmp_path / "out.onnx"
+    assert run_cli("fold", src, "-o", out).returncode == 0
+    (first,) = files_named_by(out)
+    copy = tmp_path / "out_v1.onnx"
+    copy.write_bytes(out.read_bytes())
+    other = save_external(conv_bn(7), tmp_path / "m2.onnx", "m2.onnx.data")
+    assert run_cli("fold", other, "-o", out).returncode == 0
+    assert first.exists() and files_named_by(copy) == {first}
+    assert_computes(copy, model)
+    (second,) = files_named_by(out)
+    assert run_cli("fold", src, "-o", out).returncode == 0
+    assert not second.exists() and first.exists()
+    assert_computes(out, model)

@@ -152,6 +152,29 @@ def data_files_of(path: Path) -> tuple[set[Path], str | None]:
     return named, own
 
 
+def named_by_another(data: Path, skip: Path) -> bool:
+    """Whether a file in ``data``'s folder other than ``skip`` (and ``data`` itself) names
+    ``data`` as its external data (:func:`files_named_by`): a copy of a model, kept beside
+    it, still reads it. Only files that hold the data file's name are parsed."""
+    name = os.fsencode(data.name)
+    with os.scandir(data.parent) as entries:
+        for entry in entries:
+            if entry.name in (data.name, skip.name) or not entry.is_file():
+                continue
+            try:
+                if not 0 < entry.stat().st_size <= GRAPH_SCAN_LIMIT:
+                    continue
+                with open(entry.path, "rb") as f, \
+                        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as held:
+                    if held.find(name) < 0:
+                        continue
+            except OSError:
+                continue
+            if data in files_named_by(Path(entry.path)):
+                return True
+    return False
+
+
 def _proto_locations(proto: onnx.ModelProto) -> Iterator[str]:
     """The ``location`` of every external tensor of ``proto`` (initializers and tensor
     attributes, in every graph, subgraph and function body), read off the protobuf without

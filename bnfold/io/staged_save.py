@@ -15,7 +15,8 @@ the stage wrote. The sequence, and why a reader never sees a mix:
    reads it. bnfold wrote it when both its name (``<target name>.<16 hex>.data``) and the
    replaced graph say so: a graph bnfold writes with external data records its data file's
    name in the model's metadata (:data:`~bnfold.io.external_data.OWN_DATA_KEY`), so a user's
-   own data file that happens to match the name pattern is never removed. A failure before
+   own data file that happens to match the name pattern is never removed; nor is one that
+   another file in the folder names (a copy of the old model kept beside it). A failure before
    the rename leaves the old pair untouched; two writers to one target each write their own
    data file, and the graph that wins names its own.
 
@@ -39,7 +40,12 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BadInputError
-from bnfold.io.external_data import OWN_DATA_KEY, data_files_of, referenced_files
+from bnfold.io.external_data import (
+    OWN_DATA_KEY,
+    data_files_of,
+    named_by_another,
+    referenced_files,
+)
 from bnfold.io.proto_stream import tensor_bytes, write_model, write_proto
 from bnfold.io.split_proto import SplitProto
 from bnfold.lazy_ir import ir
@@ -91,7 +97,8 @@ class StagedModel:
         for path in obsolete:
             name = path.name
             if path.parent == folder and name == own and name.startswith(self.target.name) \
-                    and OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]):
+                    and OWN_DATA_SUFFIX.fullmatch(name[len(self.target.name):]) \
+                    and not named_by_another(path, self.target):
                 with contextlib.suppress(OSError):
                     path.unlink()
 

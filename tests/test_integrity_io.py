@@ -431,3 +431,47 @@ def test_a_data_file_a_kept_copy_reads_is_not_removed(run_cli, ext, tmp_path):
     assert run_cli("fold", src, "-o", out).returncode == 0
     assert not second.exists() and first.exists()
     assert_computes(out, model)
+
+
+def test_base_dir_leaves_the_callers_onnx_ir_model_unchanged(ext, tmp_path):
+    """Binding an in-memory model's external tensors to ``base_dir`` puts new tensors into the
+    pass's copy; the caller's tensors keep their (empty) folder."""
+    import onnx_ir as ir
+
+    model, src = ext
+    for call in (lambda m: bnfold.fold_onnx(m, base_dir=tmp_path),
+                 lambda m: bnfold.inspect_onnx(m, base_dir=tmp_path),
+                 lambda m: bnfold.insert_bn_onnx(m, base_dir=tmp_path, skip_last=False),
+                 lambda m: bnfold.validate(m, m, providers=("cpu",), samples=1,
+                                           base_dir=tmp_path),
+                 lambda m: save_onnx(m, tmp_path / "saved.onnx", base_dir=tmp_path)):
+        given = ir.serde.deserialize_model(onnx.load(str(src), load_external_data=False))
+        tensors = {name: v.const_value for name, v in given.graph.initializers.items()}
+        call(given)
+        assert {n: v.const_value for n, v in given.graph.initializers.items()} == tensors
+        assert all(isinstance(t, ir.ExternalTensor) and t.base_dir == ""
+                   for t in tensors.values())
+    assert_computes(tmp_path / "saved.onnx", model, bn_left=1)
+
+
+def test_a_constant_nodes_external_tensor_is_bound_to_base_dir(tmp_path):
+    """A ``Constant`` node's value stored as external data (a tensor attribute) is read from
+    ``base_dir`` too, the caller's model unchanged."""
+    import onnx_ir as ir
+
+    model = conv_bn(8)
+    weight = next(t for t in model.graph.initializer if t.name == "w1")
+    model.graph.initializer.remove(weight)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["w1"], value=weight))
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "c.onnx",
+                    save_as_external_data=True, location="c.onnx.data", size_threshold=0,
+                    convert_attribute=True)  # (onnx.save_model moves the copy's data out)
+    proto = onnx.load(str(tmp_path / "c.onnx"), load_external_data=False)
+    assert proto.graph.node[0].attribute[0].t.data_location == onnx.TensorProto.EXTERNAL
+    given = ir.serde.deserialize_model(proto)
+    attr = given.graph.node(0).attributes["value"]
+    folded, report = bnfold.fold_onnx(given, base_dir=tmp_path)
+    assert [e.action for e in report.entries] == ["folded"]
+    assert given.graph.node(0).attributes["value"] is attr and attr.value.base_dir == ""
+    save_onnx(folded, tmp_path / "f.onnx")
+    assert_computes(tmp_path / "f.onnx", model)

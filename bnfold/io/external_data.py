@@ -10,10 +10,11 @@ apply as for a path.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,13 @@ OWN_DATA_KEY = "bnfold.data_file"
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of ``model``: initializers and tensor attributes, in every graph
     and function body."""
+    return (tensor for tensor, _ in _external_slots(model))
+
+
+def _external_slots(model: ir.Model
+                    ) -> Iterator[tuple[ir.ExternalTensor, Callable[[ir.TensorProtocol], None]]]:
+    """:func:`external_tensors`, each with a function that puts another tensor in its place
+    (the initializer's value, or the node attribute that holds it)."""
     walked = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS, ir.AttributeType.GRAPH,
               ir.AttributeType.GRAPHS)
     bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
@@ -44,34 +52,49 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
         if isinstance(body, ir.Graph):
             for value in body.initializers.values():
                 if isinstance(value.const_value, ir.ExternalTensor):
-                    yield value.const_value
+                    yield value.const_value, functools.partial(setattr, value, "const_value")
         for node in body:
             if not node.attributes:
                 continue
-            for attr in node.attributes.values():
+            for key, attr in list(node.attributes.items()):
                 if attr.type not in walked or attr.is_ref() or attr.value is None:
                     continue
                 single = attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.GRAPH)
                 items = [attr.value] if single else list(attr.value)
                 if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                     bodies.extend(items)
-                else:
-                    yield from (t for t in items if isinstance(t, ir.ExternalTensor))
+                    continue
+                for i, tensor in enumerate(items):
+                    if isinstance(tensor, ir.ExternalTensor):
+                        yield tensor, functools.partial(_put_attr, node, key, i)
+
+
+def _put_attr(node: ir.Node, key: str, index: int, tensor: ir.TensorProtocol) -> None:
+    """Put ``tensor`` at ``index`` of ``node``'s tensor attribute ``key`` (a new attribute:
+    the old one, maybe shared with another model, is not changed)."""
+    old = node.attributes[key]
+    if old.type == ir.AttributeType.TENSOR:
+        node.attributes[key] = ir.Attr(key, old.type, tensor, doc_string=old.doc_string)
+        return
+    items = list(old.value)
+    items[index] = tensor
+    node.attributes[key] = ir.Attr(key, old.type, items, doc_string=old.doc_string)
 
 
 def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
                        label: str = "model", model_file: Path | None = None) -> None:
     """Give the external tensors of an in-memory ``model`` their folder and check them.
 
-    ``base_dir`` (if given) becomes the folder of every external tensor that has none; a tensor
-    with neither is refused, as is any whose file lies outside its folder (absolute location,
-    ``..`` escape, symlink out), and one given ``base_dir`` here whose file there is missing or
-    too short (:func:`~bnfold.io.filechecks.external_problem`; a model read from a file has
-    its files checked by the load), or one that names ``model_file``, the file the model was
-    read from (its graph's own bytes are no weights). Raises :class:`BadInputError` naming the
-    location.
+    ``base_dir`` (if given) becomes the folder of every external tensor that has none (a new
+    tensor in its place: the old one, maybe shared with the caller's model, is not changed);
+    a tensor with neither is refused, as is any whose file lies outside its folder (absolute
+    location, ``..`` escape, symlink out), and one given ``base_dir`` here whose file there is
+    missing or too short (:func:`~bnfold.io.filechecks.external_problem`; a model read from a
+    file has its files checked by the load), or one that names ``model_file``, the file the
+    model was read from (its graph's own bytes are no weights). Raises :class:`BadInputError`
+    naming the location.
     """
-    for tensor in external_tensors(model):
+    for tensor, put in list(_external_slots(model)):
         bound = not tensor.base_dir
         if bound:
             if base_dir is None:
@@ -79,7 +102,11 @@ def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
                     f"{label}: an in-memory model whose tensor {tensor.name!r} is stored in "
                     f"external file {tensor.location!r}; pass base_dir= (the folder that file "
                     "is relative to), or give the model's path")
-            tensor.base_dir = base_dir
+            tensor = ir.ExternalTensor(
+                tensor.location, tensor.offset, tensor.length, tensor.dtype,
+                shape=tensor.shape, name=tensor.name, doc_string=tensor.doc_string,
+                metadata_props=dict(tensor.metadata_props), base_dir=base_dir)
+            put(tensor)
         path = check_contained(tensor.location, Path(tensor.base_dir), label)
         if model_file is not None and path.resolve() == model_file.resolve():
             raise BadInputError(f"{label}: external data location {tensor.location!r} names "

@@ -11,7 +11,7 @@ import onnx
 
 from bnfold.errors import BadInputError, cause_line, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.io.external_data import bind_external_data, referenced_files
+from bnfold.io.external_data import bind_external_data, external_tensors, referenced_files
 from bnfold.io.filechecks import (
     check_external_data,
     check_initializers,
@@ -48,9 +48,13 @@ def load_onnx(model: object, *, base_dir: str | os.PathLike[str] | None = None) 
     (memory-mapped when first read), so only the tensors a pass touches are ever loaded.
     Anything that is not a readable ONNX model raises :class:`BadInputError` (one line).
     External data must lie in the file's folder, or for an in-memory model in ``base_dir``
-    (required when it has external tensors; :func:`bnfold.io.external_data.bind_external_data`).
+    (required when it has external tensors; :func:`bnfold.io.external_data.bind_external_data`);
+    an ``ir.Model`` is returned itself, or a clone when ``base_dir`` binds its tensors (the
+    caller's model is not changed).
     """
     if isinstance(model, ir.Model):
+        if base_dir is not None and any(not t.base_dir for t in external_tensors(model)):
+            model = model.clone()  # (binding puts new tensors in: the caller's stays as it was)
         bind_external_data(model, base_dir)
         return model
     if isinstance(model, SplitProto):

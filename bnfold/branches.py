@@ -29,8 +29,10 @@ spatial axis:
 
 An affine branch becomes a kernel with ``s_c`` at the centre tap (the tap reading coordinate
 ``o``) of output channel ``c`` and input channel ``c`` within its group (``c mod C/groups``;
-depthwise: the only one). The merged bias is ``sum_b (s_b c_b + t_b) + sum_affine t``. Every
-sum is float64; the weight and bias are rounded once to the convs' dtype.
+depthwise: the only one). A constant summand ``k`` with one value per output channel (or one
+in all) is a bias: it adds ``k_c`` to every output of channel ``c`` (:func:`constant_branch`).
+The merged bias is ``sum_b (s_b c_b + t_b) + sum_affine t + sum_constant k``. Every sum is
+float64; the weight and bias are rounded once to the convs' dtype.
 """
 
 from __future__ import annotations
@@ -107,7 +109,24 @@ class AffineBranch:
         return np.broadcast_to(s, (channels,)).copy(), np.broadcast_to(t, (channels,)).copy()
 
 
-Branch = ConvBranch | AffineBranch
+@dataclass(frozen=True)
+class ConstantBranch:
+    """A constant summand: ``value`` (one value in all, or one per output channel) added to
+    every output of its channel, i.e. to the merged conv's bias."""
+
+    name: str
+    value: np.ndarray
+
+    def shift(self, channels: int) -> np.ndarray:
+        """float64, one value per channel."""
+        v = np.asarray(self.value, np.float64).reshape(-1)
+        if v.size not in (1, channels):
+            raise UnsafeFoldError(f"{self.name}: {v.size} values, the block has {channels} "
+                                  "channels")
+        return np.broadcast_to(v, (channels,)).copy()
+
+
+Branch = ConvBranch | AffineBranch | ConstantBranch
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,8 @@ def merge(branches: Sequence[Branch]) -> MergedConv:
             s, t = b.scale_shift(cout)
             weight[(channels, channels % per_group, *centre)] += s
             bias += t
+        elif isinstance(b, ConstantBranch):
+            bias += b.shift(cout)
     mode = next((b.padding_mode for b in convs if any(p for pair in b.pads for p in pair)),
                 "zeros")
     order = {id(b): i for i, b in enumerate(convs)}  # (by identity: == compares arrays)
@@ -313,16 +334,61 @@ def branches_of(summands: Sequence[Summand], shared: Any) -> list[Branch]:
     return [b for s in summands if not isinstance(b := s.options.get(shared, ""), str)]
 
 
+def constant_branch(name: str, value: np.ndarray, shape: Sequence[int | None] | None,
+                    channels: int) -> ConstantBranch | str | None:
+    """A constant summand ``value`` of a block whose branches sum to ``shape`` (channels on
+    axis 1, ``channels`` of them; ``None`` for a dim not known, or for the whole shape when
+    its rank is not known), as what it adds: a :class:`ConstantBranch` when it holds one value
+    per channel (or one in all), ``None`` when it is zero (it adds nothing), or why it cannot
+    merge. Either way only when adding it keeps the sum's shape: broadcasting is exact only
+    where each of its dims is 1 or the sum's (else the sum widens, and one conv would give a
+    smaller output than the Add did)."""
+    dims = tuple(np.shape(value))
+    if shape is None and dims:
+        return (f"constant summand {name} has shape {list(dims)} and the rank of the sum is "
+                "not known")
+    full = list(shape or ())
+    if len(full) > 1:
+        full[1] = channels
+    if len(dims) > len(full):
+        return (f"constant summand {name} has shape {list(dims)}: adding it broadcasts the "
+                f"sum of rank {len(full)} to rank {len(dims)}")
+    aligned = range(len(full) - len(dims), len(full))
+    for axis, d in zip(aligned, dims, strict=True):
+        if d != 1 and d != full[axis]:
+            size = "a size not known" if full[axis] is None else f"size {full[axis]}"
+            return (f"constant summand {name} has shape {list(dims)}: adding it broadcasts dim "
+                    f"{axis} of the sum ({size}) to {d}")
+    varying = [axis for axis, d in zip(aligned, dims, strict=True) if d != 1]
+    if set(varying) <= {1}:
+        return ConstantBranch(name, np.asarray(value))
+    if not np.any(value):
+        return None
+    return (f"constant summand {name} varies along dim(s) {varying} of the sum, not one value "
+            "per channel (no bias of one conv adds it)")
+
+
 def plan_block(summands: Sequence[Summand], shared: Any, shared_name: str,
-               check: Callable[[list[Branch]], str | None]) -> MergedConv | str:
+               check: Callable[[list[Branch]], str | None],
+               constants: Sequence[tuple[str, np.ndarray]] = (),
+               shape: Sequence[int | None] | None = None) -> MergedConv | str:
     """The merged conv for a block, or why not: :func:`block_refusal`, then the pass's own
-    ``check`` of the branches (channel axes), then :func:`merge`."""
+    ``check`` of the branches (channel axes), then each of the sum's ``constants`` (name,
+    array) as :func:`constant_branch` (``shape``: the branches' sum's dims, channels on axis
+    1, as far as known), then :func:`merge`."""
     why = block_refusal(summands, shared, shared_name)
     branches = branches_of(summands, shared)
     if why is None:
         why = check(branches)
     if why is not None:
         return why
+    channels = next(b.weight.shape[0] for b in branches if isinstance(b, ConvBranch))
+    for name, value in constants:
+        added = constant_branch(name, value, shape, channels)
+        if isinstance(added, str):
+            return added
+        if added is not None:
+            branches.append(added)
     try:
         return merge(branches)
     except UnsafeFoldError as exc:

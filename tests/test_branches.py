@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnfold.algebra import BNParams
-from bnfold.branches import AffineBranch, ConvBranch, merge, merge_refusal
+from bnfold.branches import (
+    AffineBranch,
+    ConstantBranch,
+    ConvBranch,
+    constant_branch,
+    merge,
+    merge_refusal,
+)
 from bnfold.errors import UnsafeFoldError
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -56,6 +63,8 @@ def _reference(x: torch.Tensor, branches: list) -> list[torch.Tensor]:
             if b.bn is not None:
                 s, t = b.bn.scale_shift()
                 y = y * torch.from_numpy(s).view(shape) + torch.from_numpy(t).view(shape)
+        elif isinstance(b, ConstantBranch):  # (broadcast as the Add does)
+            y = torch.zeros_like(x[:, :1]) + torch.from_numpy(np.asarray(b.value, np.float64))
         else:
             s, t = b.scale_shift(x.shape[1])
             y = x * torch.from_numpy(s).view(shape) + torch.from_numpy(t).view(shape)
@@ -225,3 +234,29 @@ def test_property_merge_is_exact_or_refused(block: tuple[list, torch.Tensor, boo
         assert why is not None, "branches of different output sizes must be refused"
     if why is None and outs is not None:
         _check_exact(branches, x)
+
+
+@pytest.mark.parametrize(("shape", "kind"), [
+    ((), ConstantBranch), ((8, 1, 1), ConstantBranch), ((1, 8, 1, 1), ConstantBranch),
+    ((1, 1, 1), ConstantBranch), ((1, 1, 6, 5), str), ((5,), str), ((3, 8, 1, 1), str),
+    ((2, 1, 8, 1, 1), str)])
+def test_constant_summand_is_a_bias_only_when_per_channel_and_not_widening(
+        shape: tuple[int, ...], kind: type) -> None:
+    """A constant added to a [2, 8, 6, 5] sum: one value per channel (or one) is a bias,
+    exact against float64; one that varies elsewhere or would widen the sum is refused."""
+    rng = np.random.default_rng(7)
+    value = rng.normal(0, 1, shape)
+    got = constant_branch("k", value, [2, None, 6, 5], 8)
+    assert isinstance(got, kind), got
+    if isinstance(got, ConstantBranch):
+        branches = [_conv("k3", rng, 8, 8, (3, 3)), _conv("k1", rng, 8, 8, (1, 1)), got]
+        _check_exact(branches, torch.randn(2, 8, 6, 5, dtype=torch.float64))
+
+
+def test_a_zero_summand_adds_nothing_unless_it_widens_the_sum() -> None:
+    assert constant_branch("z", np.zeros((2, 8, 6, 5)), [2, None, 6, 5], 8) is None
+    assert "broadcasts dim 0" in str(constant_branch("z", np.zeros((3, 8, 6, 5)),
+                                                     [1, None, 6, 5], 8))
+    assert "not known" in str(constant_branch("z", np.zeros((2, 1, 6, 5)),
+                                              [None, None, None, None], 8))
+    assert "rank" in str(constant_branch("z", np.zeros((8, 1, 1)), None, 8))

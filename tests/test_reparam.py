@@ -662,3 +662,113 @@ def test_a_residual_sum_is_no_branch_block(ir: str) -> None:
     else:
         _, report = bnfold.reparameterize_onnx(_export(model, x, dynamo=True))
     assert [e.action for e in report.entries] == ["folded", "folded"], report.table()
+
+
+# ---------------------------------------------------------------------------------------------
+# Constant summands, Sum, no-ops, duplicate summands, IR 3 (sweep C)
+# ---------------------------------------------------------------------------------------------
+
+def _pair_block(tail: list[tuple[str, list[str], list[str], str]], *, c: int = 4, h: int = 6,
+                out_shape: list[int] | None = None, consts: dict[str, np.ndarray] | None = None,
+                ir_version: int = 8, opset: int = 17) -> onnx.ModelProto:
+    """``x [1, c, h, h]`` -> BN(Conv3x3(x)) ("b3", node "bn3") and BN(Conv1x1(x)) ("b1", node
+    "bn1") with non-trivial statistics, then ``tail`` (``(op, inputs, outputs, name)``)
+    summing them into ``y``; ``consts`` become initializers. IR version < 4: every
+    initializer is a graph input too, as that IR requires."""
+    from onnx_cases import Builder
+
+    b = Builder(seed=11)
+    b.nodes.append(helper.make_node("Conv", ["x", b.rand("W3", [c, c, 3, 3])], ["c3"],
+                                    name="conv3", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    b.nodes.append(helper.make_node("Conv", ["x", b.rand("W1", [c, c, 1, 1])], ["c1"],
+                                    name="conv1", kernel_shape=[1, 1]))
+    for src, name in (("c3", "3"), ("c1", "1")):
+        b.bn(src, f"b{name}", c)
+        b.nodes[-1].name = f"bn{name}"
+    for name, arr in (consts or {}).items():
+        b.init(name, arr)
+    b.nodes.extend(helper.make_node(op, i, o, name=n) for op, i, o, n in tail)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, h, h])]
+    if ir_version < 4:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in b.inits]
+    graph = helper.make_graph(b.nodes, "pair", inputs, [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, out_shape or [1, c, h, h])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _check_vs_float64(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """``out`` passes the full checker and equals the unfolded ``model`` in float64 (shape
+    too) on fresh random inputs."""
+    from onnx_cases import feeds, reference, rel_err, run_ort
+
+    onnx.checker.check_model(out, full_check=True)
+    x = feeds(model, seed=9)
+    assert rel_err(run_ort(out, x), reference(model, x)) < 1e-5
+
+
+def test_onnx_zero_summand_that_widens_the_sum_keeps_the_block() -> None:
+    """``Add(Add(b3, b1), z)``, ``z`` zero of shape [3, C, H, W] on a [1, C, H, W] sum: the
+    zero widens the output, so it is no "adds nothing" (the merge gave a [1, ...] output and
+    a model the checker refuses); a zero of the sum's own shape still merges."""
+    zeros = np.zeros((3, 4, 6, 6))
+    model = _pair_block([("Add", ["b3", "b1"], ["s"], "add"), ("Add", ["s", "z"], ["y"], "addz")],
+                        out_shape=[3, 4, 6, 6], consts={"z": zeros})
+    out, report = bnfold.reparameterize_onnx(model)
+    blocks = [e for e in report.kept if e.reason.startswith("not merged")]
+    assert len(blocks) == 1 and "broadcasts dim 0" in blocks[0].reason, report.table()
+    _check_vs_float64(model, out)
+    same = _pair_block([("Add", ["b3", "b1"], ["s"], "add"), ("Add", ["s", "z"], ["y"], "addz")],
+                       consts={"z": zeros[:1]})
+    out, report = bnfold.reparameterize_onnx(same)
+    assert len(report.merged) == 1 and sum(n.op_type == "Conv" for n in out.graph.node) == 1
+    _check_vs_float64(same, out)
+
+
+@pytest.mark.parametrize(("shape", "merges"), [
+    ([4, 1, 1], True), ([1, 4, 1, 1], True), ([], True), ([1], True),
+    ([1, 1, 6, 6], False), ([6], False), ([2, 4, 1, 1], False)])
+def test_onnx_constant_summand_is_a_bias_or_a_kept_block(shape: list[int], merges: bool
+                                                         ) -> None:
+    """A bias Add after the branch sum: one value per channel (or one in all) merges into
+    the conv's bias; any other constant keeps the block, with the reason (it was silent)."""
+    bias = np.random.default_rng(5).normal(0, 1, shape)
+    model = _pair_block([("Add", ["b3", "b1"], ["s"], "add"),
+                         ("Add", ["s", "bias"], ["y"], "addbias")],
+                        consts={"bias": bias}, out_shape=[len(bias) if bias.ndim == 4 else 1,
+                                                          4, 6, 6])
+    out, report = bnfold.reparameterize_onnx(model)
+    for result in (report, inspect_branches(model)):
+        assert len([e for e in result.entries if "branches" in e.details]) == 1, result.table()
+    assert len(report.merged) == int(merges), report.table()
+    if merges:
+        assert [n.op_type for n in out.graph.node] == ["Conv"]
+        assert report.merged[0].details["summands"][-1] == "bias"
+    else:
+        assert "constant summand bias" in report.kept[0].reason
+    _check_vs_float64(model, out)
+
+
+class _BiasAfterSum(nn.Module):
+    """RepVGG-like pair plus a Python number after the sum."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.bn1(self.conv1(x)) + self.c
+
+
+@pytest.mark.parametrize("c", [0.75, 0])
+def test_fx_number_after_the_sum_merges_into_the_bias(c: float) -> None:
+    model = randomize_bn_stats(_BiasAfterSum(c), seed=4).eval()
+    gm, report = bnfold.reparameterize(model)
+    assert len(report.merged) == 1 and _bn_nodes(gm) == 0, report.table()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert _rel(gm(x), _reference(model, x)) < 1e-6

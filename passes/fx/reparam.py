@@ -2,8 +2,9 @@
 
 A block is a sum (``+``, ``torch.add``, ``Tensor.add``, ``aten.add.Tensor``, chained) whose
 summands each read one tensor ``x``: ``BN(conv(x))``, ``conv(x)``, ``BN(x)``, ``x * c`` (``c`` a
-constant attribute, a scalar or one value per channel) or ``x`` itself. Every block with at
-least two summands on one tensor, one of them a conv, is either merged (the math and its
+constant attribute, a scalar or one value per channel) or ``x`` itself, plus Python numbers (a
+bias, :func:`bnfold.branches.constant_branch`). Every block with at least two summands on one
+tensor, one of them a conv, is either merged (the math and its
 exactness conditions are :mod:`bnfold.branches`; this module only matches the graph and writes
 the result) or kept with the reason: branches reading different tensors, a branch output with
 another reader, anything :func:`bnfold.branches.merge_refusal` refuses. A merged block becomes
@@ -125,9 +126,10 @@ class _Merger:
 
     def block(self, root: fx.Node, report: Report) -> None:
         """Merge the sum rooted at ``root`` if it is a branch block; report it either way."""
-        nodes = self._summands(root)
-        if nodes is None:
+        summed = self._summands(root)
+        if summed is None:
             return
+        nodes, constants = summed
         tree = set(self._tree(root))
         leaves = [self._leaf(s, tree) for s in nodes]
         shared = br.shared_input(leaves)
@@ -136,22 +138,26 @@ class _Merger:
         label = self._block_label(root, [b for lf in leaves for b in lf.options.values()])
         merged = br.plan_block(
             leaves, shared, shared.name,
-            lambda branches: self._axis_refusal(shared, branches, leaves))
+            lambda branches: self._axis_refusal(shared, branches, leaves), constants)
         if isinstance(merged, str):
             report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
             return
         into = self._rewrite(root, shared, merged, leaves)
         report.add(label, "merged", into=into, branches=len(leaves),
-                   summands=[str(lf.options[shared].name) for lf in leaves])  # type: ignore
+                   summands=[str(lf.options[shared].name) for lf in leaves]  # type: ignore
+                   + [name for name, _ in constants])
         for lf in leaves:
             for bn in lf.absorbed[shared]:
                 report.add(self.labels[bn], "folded", into=into, direction="branch merge",
                            block=label)
 
-    def _summands(self, root: fx.Node) -> list[fx.Node] | None:
-        """The tensors summed by the add tree at ``root`` (zero scalars dropped); None if a
-        summand is another constant."""
+    def _summands(self, root: fx.Node
+                  ) -> tuple[list[fx.Node], list[tuple[str, np.ndarray]]] | None:
+        """The tensors summed by the add tree at ``root`` and its Python number summands
+        (name, array: a bias, :func:`bnfold.branches.constant_branch`); None if a summand is
+        another kind of constant."""
         out: list[fx.Node] = []
+        constants: list[tuple[str, np.ndarray]] = []
         stack: list[Any] = [root]
         while stack:
             item = stack.pop()
@@ -160,9 +166,11 @@ class _Merger:
                 stack.extend(reversed(item.args))
             elif isinstance(item, fx.Node):
                 out.append(item)
-            elif item != 0:
+            elif isinstance(item, (int, float)):
+                constants.append((repr(item), np.asarray(float(item))))
+            else:
                 return None
-        return out
+        return out, constants
 
     def _leaf(self, node: fx.Node, tree: set[fx.Node]) -> Summand:
         leaf = Summand(node.name, {}, others=[u.name for u in value_users(node)

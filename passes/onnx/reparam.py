@@ -3,11 +3,12 @@
 A block is an ``Add`` (or a chain of ``Add`` nodes whose intermediate sums have no other
 reader) whose summands each read one tensor ``x``: ``BatchNormalization(Conv(x))``,
 ``Conv(x)``, ``BatchNormalization(x)``, ``Mul(x, c)`` (``c`` a constant scalar or one value per
-channel) or ``x`` itself. Every block with at least two summands on one tensor, one of them a
-Conv, is merged into one ``Conv`` (named as its largest-kernel Conv; the math and its exactness
-conditions are :mod:`bnfold.branches`) or kept with the reason. The sum's output keeps its
-name, so graph outputs and later readers are unchanged. The remaining BNs are then folded by
-:mod:`.fold`. ONNX Conv inputs always have the batch axis, so channels are always axis 1.
+channel) or ``x`` itself; a constant summand is a bias (:func:`bnfold.branches.constant_branch`).
+Every block with at least two summands on one tensor, one of them a Conv, is merged into one
+``Conv`` (named as its largest-kernel Conv; the math and its exactness conditions are
+:mod:`bnfold.branches`) or kept with the reason. The sum's output keeps its name, so graph
+outputs and later readers are unchanged. The remaining BNs are then folded by :mod:`.fold`.
+ONNX Conv inputs always have the batch axis, so channels are always axis 1.
 """
 
 from __future__ import annotations
@@ -132,30 +133,51 @@ class _Block:
                     if v is not None and (v.producer() not in tree)]
         if any(v is None for n in tree for v in n.inputs):
             return
-        leaves = []
+        leaves, values, constants = [], [], []
         for v in summands:
-            producer = v.producer()
-            arr = None if v.is_graph_input() or (producer is not None and producer.op_type in (
-                "Conv", "BatchNormalization", "Mul")) else self._array(v)
-            if arr is not None and np.any(arr != 0):
-                return  # a constant summand: a bias add, not a branch block
-            if arr is None:  # (a zero, e.g. timm's ``0 + identity``, adds nothing)
+            arr = self._constant(v)
+            if arr is None:
                 leaves.append(self._leaf(v, set(tree)))
+                values.append(v)
+            else:  # (a bias add after the sum, timm's ``0 + identity``: see constant_branch)
+                constants.append((str(v.name), arr))
         shared = br.shared_input(leaves)
         if shared is None:
             return
         label = display_name(root)
-        merged = br.plan_block(leaves, shared, str(shared.name), _scale_refusal)
+        merged = br.plan_block(leaves, shared, str(shared.name), _scale_refusal, constants,
+                               self._sum_dims(values, leaves, shared) if constants else None)
         if isinstance(merged, str):
             report.add(label, "kept", reason=f"not merged: {merged}", branches=len(leaves))
             return
         into = self._rewrite(root, tree, shared, merged, leaves)
         report.add(label, "merged", into=into, branches=len(leaves),
-                   summands=[str(lf.options[shared].name) for lf in leaves])  # type: ignore
+                   summands=[str(lf.options[shared].name) for lf in leaves]  # type: ignore
+                   + [name for name, _ in constants])
         for lf in leaves:
             for bn in lf.absorbed[shared]:
                 report.add(display_name(bn), "folded", into=into, direction="branch merge",
                            block=label)
+
+    def _constant(self, v: ir.Value) -> np.ndarray | None:
+        """The array of a constant summand (``None``: a branch, or a value not constant)."""
+        producer = v.producer()
+        if v.is_graph_input() or (producer is not None and producer.op_type in (
+                "Conv", "BatchNormalization", "Mul")):
+            return None
+        return self._array(v)
+
+    def _sum_dims(self, values: Sequence[ir.Value], leaves: Sequence[Summand], x: ir.Value
+                  ) -> list[int | None] | None:
+        """The dims of the branches' sum as far as known: a branch summand's (in a block that
+        merges every branch has the sum's shape), else a conv branch's rank, no dim known."""
+        for v in values:
+            dims = self.ctx.dims(v)
+            if dims is not None:
+                return dims
+        rank = next((b.weight.ndim for lf in leaves
+                     if isinstance(b := lf.options.get(x), ConvBranch)), None)
+        return None if rank is None else [None] * rank
 
     def _leaf(self, v: ir.Value, tree: set[ir.Node]) -> Summand:
         others = sorted({display_name(u.node) for u in data_uses(v) if u.node not in tree})

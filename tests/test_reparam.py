@@ -772,3 +772,19 @@ def test_fx_number_after_the_sum_merges_into_the_bias(c: float) -> None:
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         assert _rel(gm(x), _reference(model, x)) < 1e-6
+
+
+@pytest.mark.parametrize("tail", [
+    [("Sum", ["b3", "b1", "x"], ["y"], "sum")],
+    [("Sum", ["b3", "b1"], ["s"], "sum"), ("Add", ["s", "x"], ["y"], "add")],
+    [("Add", ["b3", "b1"], ["s"], "add"), ("Sum", ["x", "s", "b0"], ["y"], "sum")]],
+    ids=["sum3", "sum-then-add", "add-then-sum-bias"])
+def test_onnx_sum_op_is_a_block_like_a_chain_of_adds(tail: list) -> None:
+    """``Sum`` adds its inputs as a chain of ``Add`` does: the block merges (it was neither
+    merged nor reported)."""
+    model = _pair_block(tail, consts={"b0": np.random.default_rng(2).normal(0, 1, (4, 1, 1))})
+    out, report = bnfold.reparameterize_onnx(model)
+    assert len(report.merged) == 1 and report.merged[0].details["branches"] == 3, report.table()
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    assert [e.action for e in inspect_branches(model).entries] == ["merged"]
+    _check_vs_float64(model, out)

@@ -1,6 +1,6 @@
 """Merge parallel Conv(+BN) branches of an ONNX graph into one Conv (re-parameterization).
 
-A block is an ``Add`` (or a chain of ``Add`` nodes whose intermediate sums have no other
+A block is an ``Add`` or ``Sum`` (or a chain of them whose intermediate sums have no other
 reader) whose summands each read one tensor ``x``: ``BatchNormalization(Conv(x))``,
 ``Conv(x)``, ``BatchNormalization(x)``, ``Mul(x, c)`` (``c`` a constant scalar or one value per
 channel) or ``x`` itself; a constant summand is a bias (:func:`bnfold.branches.constant_branch`).
@@ -54,7 +54,8 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
 def inspect_branches(model: Any) -> Report:
     """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
     branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries.
-    A protobuf without a default-domain ``Add`` has no block: that is told without onnx-ir."""
+    A protobuf without a default-domain ``Add`` or ``Sum`` has no block: that is told without
+    onnx-ir."""
     if isinstance(model, (onnx.ModelProto, SplitProto)) and not _has_add(
             (model.proto if isinstance(model, SplitProto) else model).graph):
         return Report("inspect_branches", dry_run=True)
@@ -81,14 +82,18 @@ def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
 
 
 def _has_add(graph: onnx.GraphProto) -> bool:
-    """A default-domain ``Add`` is in ``graph`` or one of its subgraphs."""
-    return any((node.op_type == "Add" and node.domain in DEFAULT_DOMAINS) or any(
+    """A default-domain ``Add`` or ``Sum`` is in ``graph`` or one of its subgraphs."""
+    return any((node.op_type in ("Add", "Sum") and node.domain in DEFAULT_DOMAINS) or any(
         _has_add(sub) for attr in node.attribute for sub in (*attr.graphs, attr.g))
         for node in graph.node)
 
 
 def _is_add(node: ir.Node) -> bool:
-    return node.op_type == "Add" and is_default(node) and len(node.inputs) == 2
+    """``node`` sums its inputs: an ``Add`` of two, or a ``Sum`` (of any number: the same
+    linear combination, broadcast alike)."""
+    if not is_default(node):
+        return False
+    return (node.op_type == "Add" and len(node.inputs) == 2) or node.op_type == "Sum"
 
 
 def _inner_add(node: ir.Node) -> bool:

@@ -788,3 +788,27 @@ def test_onnx_sum_op_is_a_block_like_a_chain_of_adds(tail: list) -> None:
     assert [n.op_type for n in out.graph.node] == ["Conv"]
     assert [e.action for e in inspect_branches(model).entries] == ["merged"]
     _check_vs_float64(model, out)
+
+
+@pytest.mark.parametrize(("tail", "merges"), [
+    ([("Identity", ["b1"], ["i1"], "idn"), ("Add", ["b3", "i1"], ["y"], "add")], True),
+    ([("Identity", ["b1"], ["i1"], "idn"), ("Dropout", ["i1"], ["d1"], "drop"),
+      ("Add", ["b3", "d1"], ["y"], "add")], True),
+    ([("Identity", ["x"], ["ix"], "idn"), ("Add", ["b3", "b1"], ["s"], "add"),
+      ("Add", ["s", "ix"], ["y"], "add2")], True),
+    ([("Identity", ["b1"], ["i1"], "idn"), ("Add", ["b3", "i1"], ["s"], "add"),
+      ("Mul", ["s", "b1"], ["y"], "mul")], False)],
+    ids=["identity", "identity-dropout", "identity-of-x", "no-op-input-read-elsewhere"])
+def test_onnx_no_ops_between_a_branch_and_the_sum_are_looked_through(tail: list,
+                                                                      merges: bool) -> None:
+    """``Identity`` / inference ``Dropout`` pass a branch on unchanged: the block merges and
+    they go with it (it was neither merged nor reported); a branch whose output another node
+    reads too is kept, with the reason."""
+    model = _pair_block(tail)
+    out, report = bnfold.reparameterize_onnx(model)
+    assert len(report.merged) == int(merges), report.table()
+    if merges:
+        assert [n.op_type for n in out.graph.node] == ["Conv"]
+    else:
+        assert "also feeds mul" in report.kept[0].reason, report.table()
+    _check_vs_float64(model, out)

@@ -30,6 +30,7 @@ from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
 from bnfold.passes.onnx.edit import prune
 from bnfold.passes.onnx.fold import _fold, _working_copy
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS, conv_geometry, is_default
+from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import Context, conv_tensors
 from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import PassResult, Report
@@ -185,13 +186,42 @@ class _Block:
         return None if rank is None else [None] * rank
 
     def _leaf(self, v: ir.Value, tree: set[ir.Node]) -> Summand:
-        others = sorted({display_name(u.node) for u in data_uses(v) if u.node not in tree})
+        """The summand ``v`` as a branch of each tensor it could be one of. Eval-mode no-ops
+        (``Identity``, inference ``Dropout``) between a branch and the sum pass it unchanged,
+        so they are looked through, and removed with the branch; ``others`` names the readers
+        outside the sum of ``v`` and of every value up the no-ops."""
+        u, noops = self._through_noops(v)
+        values = [v, *(n.inputs[0] for n in noops), *(o for n in noops for o in n.outputs[1:])]
+        inside = {*tree, *noops}
+        others = sorted({display_name(use.node) for val in values for use in data_uses(val)
+                         if use.node not in inside})
         leaf = Summand(str(v.name), {}, others=others + (
-            ["the graph output"] if v.is_graph_output() else []))
+            ["the graph output"] if any(val.is_graph_output() for val in values) else []))
         leaf.add(v, AffineBranch(str(v.name)))
+        if noops:
+            leaf.add(u, AffineBranch(str(u.name)))
+        self._options(leaf, u)
+        for nodes in leaf.erase.values():
+            if nodes:  # (an identity option erases nothing: unread no-ops are pruned)
+                nodes[:0] = noops
+        return leaf
+
+    def _through_noops(self, v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+        """The value ``v`` passes on unchanged through eval-mode no-ops, and those nodes."""
+        noops: list[ir.Node] = []
+        node = v.producer()
+        while node is not None and is_noop(node, self.ctx) and node.inputs \
+                and node.inputs[0] is not None:
+            noops.append(node)
+            v = node.inputs[0]
+            node = v.producer()
+        return v, noops
+
+    def _options(self, leaf: Summand, v: ir.Value) -> None:
+        """The branches ``v``'s producer makes it: of the BN's, conv's or Mul's input."""
         node = v.producer()
         if node is None or not is_default(node):
-            return leaf
+            return
         if node.op_type == "BatchNormalization":
             x = node.inputs[0]
             assert x is not None
@@ -201,7 +231,7 @@ class _Block:
                 conv = x.producer()  # (a conv's branch: the block says why too)
                 if conv is not None and conv.op_type == "Conv" and conv.inputs[0] is not None:
                     leaf.add(conv.inputs[0], f"{display_name(node)}: {params}")
-                return leaf
+                return
             leaf.add(x, AffineBranch(display_name(node), bn=params), [node], [node])
             conv = x.producer()
             if conv is not None and conv.op_type == "Conv" and is_default(conv):
@@ -213,7 +243,6 @@ class _Block:
                 arr = None if c is None or c.is_graph_input() else self._array(c)
                 if x is not None and arr is not None:
                     leaf.add(x, AffineBranch(display_name(node), scale=arr), [node])
-        return leaf
 
     def _conv_option(self, leaf: Summand, conv: ir.Node, bn: ir.Node | None, params: Any
                      ) -> None:

@@ -334,6 +334,12 @@ def branches_of(summands: Sequence[Summand], shared: Any) -> list[Branch]:
     return [b for s in summands if not isinstance(b := s.options.get(shared, ""), str)]
 
 
+def absorbed(summands: Sequence[Summand], shared: Any) -> list[Any]:
+    """The BN nodes a merge of the block on ``shared`` absorbs, each once (a summand the sum
+    reads twice, ``b + b``, names its BN twice)."""
+    return list(dict.fromkeys(bn for s in summands for bn in s.absorbed[shared]))
+
+
 def constant_branch(name: str, value: np.ndarray, shape: Sequence[int | None] | None,
                     channels: int) -> ConstantBranch | str | None:
     """A constant summand ``value`` of a block whose branches sum to ``shape`` (channels on

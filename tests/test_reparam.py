@@ -812,3 +812,37 @@ def test_onnx_no_ops_between_a_branch_and_the_sum_are_looked_through(tail: list,
     else:
         assert "also feeds mul" in report.kept[0].reason, report.table()
     _check_vs_float64(model, out)
+
+
+class _Twice(nn.Module):
+    """One Conv+BN branch summed with itself (``b + b``) next to a 1x1 branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bn(self.conv(x))
+        return b + b
+
+
+@pytest.mark.parametrize("ir", ["fx", "onnx"])
+def test_a_branch_summed_twice_merges_and_its_bn_has_one_entry(ir: str) -> None:
+    """``Add(b, b)``: the merge is twice the branch, and the BN has one report entry (it
+    had two)."""
+    if ir == "onnx":
+        model = _pair_block([("Add", ["b3", "b3"], ["s"], "add"),
+                             ("Add", ["s", "b1"], ["y"], "add2")])
+        out, report = bnfold.reparameterize_onnx(model)
+        _check_vs_float64(model, out)
+        bns = ["bn3", "bn1"]
+    else:
+        torch.manual_seed(6)
+        module = randomize_bn_stats(_Twice(), 6).eval()
+        gm, report = bnfold.reparameterize(module)
+        x = torch.randn(2, 4, 6, 6)
+        with torch.no_grad():
+            assert _rel(gm(x), _reference(module, x)) < 1e-6
+        bns = ["bn"]
+    assert len(report.merged) == 1, report.table()
+    assert sorted(e.bn for e in report.folded) == sorted(bns), report.table()

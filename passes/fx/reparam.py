@@ -146,10 +146,8 @@ class _Merger:
         report.add(label, "merged", into=into, branches=len(leaves),
                    summands=[str(lf.options[shared].name) for lf in leaves]  # type: ignore
                    + [name for name, _ in constants])
-        for lf in leaves:
-            for bn in lf.absorbed[shared]:
-                report.add(self.labels[bn], "folded", into=into, direction="branch merge",
-                           block=label)
+        for bn in br.absorbed(leaves, shared):
+            report.add(self.labels[bn], "folded", into=into, direction="branch merge", block=label)
 
     def _summands(self, root: fx.Node
                   ) -> tuple[list[fx.Node], list[tuple[str, np.ndarray]]] | None:

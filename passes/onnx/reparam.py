@@ -160,10 +160,8 @@ class _Block:
         report.add(label, "merged", into=into, branches=len(leaves),
                    summands=[str(lf.options[shared].name) for lf in leaves]  # type: ignore
                    + [name for name, _ in constants])
-        for lf in leaves:
-            for bn in lf.absorbed[shared]:
-                report.add(display_name(bn), "folded", into=into, direction="branch merge",
-                           block=label)
+        for bn in br.absorbed(leaves, shared):
+            report.add(display_name(bn), "folded", into=into, direction="branch merge", block=label)
 
     def _constant(self, v: ir.Value) -> np.ndarray | None:
         """The array of a constant summand (``None``: a branch, or a value not constant)."""

@@ -846,3 +846,17 @@ def test_a_branch_summed_twice_merges_and_its_bn_has_one_entry(ir: str) -> None:
         bns = ["bn"]
     assert len(report.merged) == 1, report.table()
     assert sorted(e.bn for e in report.folded) == sorted(bns), report.table()
+
+
+def test_onnx_ir3_initializer_inputs_are_constants_to_the_merge_too() -> None:
+    """IR version 3 lists every initializer among the graph inputs, where it is a constant:
+    the plain fold folds those BNs, and the merge now merges their block (it kept it: "BN
+    scale ... is a graph input"); the inputs stay exactly the original ones."""
+    model = _pair_block([("Add", ["b3", "b1"], ["y"], "add")], ir_version=3, opset=9)
+    out, report = bnfold.reparameterize_onnx(model)
+    assert len(report.merged) == 1 and not report.kept, report.table()
+    assert sorted(e.bn for e in report.folded) == ["bn1", "bn3"]
+    assert any("IR version 3" in n for n in report.notes)
+    assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
+    assert sum(n.op_type == "Conv" for n in out.graph.node) == 1
+    _check_vs_float64(model, out)

@@ -26,7 +26,8 @@ same input gives byte-identical output, and folding twice changes nothing more.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -213,28 +214,42 @@ def _fold(model: ir.Model, pass_name: str, *, backward: bool,
     check_graphs(model, graphs=graphs)
     namer, shapes = Namer(model, graphs=graphs), _shapes(model, source)
     entries: dict[ir.Node, Entry] = {}
-    legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
-    inputs = detach_initializer_inputs(model.graph) if legacy else []
-    consts = Constants(model, max_const_elements, graphs=graphs)
-    tick = (_ticker(progress, sum(sum(map(_is_bn, g)) for g in graphs))
-            if progress else None)
-    for graph in graphs:
-        ctx = Context(graph, opset, namer, shapes, consts)
-        for _ in range(_MAX_ROUNDS):
-            if not _round(ctx, entries, backward, select, tick):
-                break
-    if legacy:
-        reattach_inputs(model.graph, inputs, namer)
-        if any(e.action == "folded" for e in entries.values()):
-            report.notes.append(
-                f"IR version {model.ir_version}: initializers are graph inputs (constants at "
-                "this IR version), so folded BN parameters stay as unused graph inputs and new "
-                "tensors are Constant nodes")
-    for node, entry in entries.items():
-        entry.module = module_path(node)
-    report.entries.extend(entries.values())
+    with initializer_inputs_as_constants(model, report):
+        consts = Constants(model, max_const_elements, graphs=graphs)
+        tick = (_ticker(progress, sum(sum(map(_is_bn, g)) for g in graphs))
+                if progress else None)
+        for graph in graphs:
+            ctx = Context(graph, opset, namer, shapes, consts)
+            for _ in range(_MAX_ROUNDS):
+                if not _round(ctx, entries, backward, select, tick):
+                    break
+        for node, entry in entries.items():
+            entry.module = module_path(node)
+        report.entries.extend(entries.values())
     report.entries.extend(_function_entries(model))
     return report
+
+
+@contextmanager
+def initializer_inputs_as_constants(model: ir.Model, report: Report) -> Iterator[None]:
+    """Run the body with an IR < 4 model's initializer inputs (constants at that IR version)
+    off the graph inputs (:func:`.edit.detach_initializer_inputs`), so the rules treat them as
+    constants; then put the inputs back as they were (:func:`.edit.reattach_inputs`: new
+    tensors become ``Constant`` nodes), with a note in ``report`` when its entries changed the
+    model. A model of IR >= 4, or with no such input (an enclosing call took them off), runs
+    the body as it is."""
+    legacy = model.ir_version < 4 and any(v.is_initializer() for v in model.graph.inputs)
+    inputs = detach_initializer_inputs(model.graph) if legacy else []
+    try:
+        yield
+    finally:
+        if legacy:
+            reattach_inputs(model.graph, inputs, Namer(model))
+    if legacy and any(e.action in ("folded", "merged") for e in report.entries):
+        report.notes.append(
+            f"IR version {model.ir_version}: initializers are graph inputs (constants at "
+            "this IR version), so folded BN parameters stay as unused graph inputs and new "
+            "tensors are Constant nodes")
 
 
 def _shapes(model: ir.Model, source: Any) -> Shapes:

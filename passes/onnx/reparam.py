@@ -28,7 +28,7 @@ from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, inference_params
 from bnfold.passes.onnx.consts import Constants, Namer, data_uses, make_tensor
 from bnfold.passes.onnx.edit import prune
-from bnfold.passes.onnx.fold import _fold, _working_copy
+from bnfold.passes.onnx.fold import _fold, _working_copy, initializer_inputs_as_constants
 from bnfold.passes.onnx.layers import DEFAULT_DOMAINS, LAYERS, conv_geometry, is_default
 from bnfold.passes.onnx.noops import is_noop
 from bnfold.passes.onnx.rules import Context, conv_tensors
@@ -69,16 +69,19 @@ def inspect_branches(model: Any) -> Report:
 
 
 def _reparameterize(model: ir.Model, name: str, *, fold: bool = True) -> Report:
+    """Merge the blocks of ``model``, in place, then (``fold``) fold the BNs left; an IR < 4
+    model's initializer inputs are constants to both, as to :func:`.fold.fold_onnx`."""
     report = Report(name)
-    namer, shapes, consts = Namer(model), Shapes(model), Constants(model)
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    for graph in list(model.graphs()) if opset is not None else []:
-        for node in [n for n in graph if _is_add(n) and not _inner_add(n)]:
-            _Block(Context(graph, opset, namer, shapes, consts)).run(node, report)
-    if fold:
-        folded = _fold(model, name, backward=True, max_const_elements=None)
-        report.entries.extend(folded.entries)
-        report.notes.extend(folded.notes)
+    with initializer_inputs_as_constants(model, report):
+        namer, shapes, consts = Namer(model), Shapes(model), Constants(model)
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        for graph in list(model.graphs()) if opset is not None else []:
+            for node in [n for n in graph if _is_add(n) and not _inner_add(n)]:
+                _Block(Context(graph, opset, namer, shapes, consts)).run(node, report)
+        if fold:
+            folded = _fold(model, name, backward=True, max_const_elements=None)
+            report.entries.extend(folded.entries)
+            report.notes.extend(folded.notes)
     return report
 
 

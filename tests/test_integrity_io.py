@@ -349,6 +349,7 @@ def test_in_memory_models_with_external_data_need_base_dir(ext, tmp_path):
     model, src = ext
     proto = onnx.load(str(src), load_external_data=False)
     for call in (lambda **kw: bnfold.fold_onnx(proto, **kw),
+                 lambda **kw: bnfold.reparameterize_onnx(proto, **kw),
                  lambda **kw: bnfold.inspect_onnx(proto, **kw),
                  lambda **kw: bnfold.insert_bn_onnx(proto, **kw),
                  lambda **kw: bnfold.validate(proto, proto, providers=("cpu",), samples=1, **kw),
@@ -363,6 +364,10 @@ def test_in_memory_models_with_external_data_need_base_dir(ext, tmp_path):
     save_onnx(folded, elsewhere / "f.onnx", base_dir=tmp_path)
     assert_computes(elsewhere / "f.onnx", model)
     assert bnfold.inspect_onnx(proto, base_dir=tmp_path).folded
+    merged, report = bnfold.reparameterize_onnx(proto, base_dir=tmp_path)
+    assert len(report.folded) == 1
+    save_onnx(merged, elsewhere / "r.onnx", base_dir=tmp_path)
+    assert_computes(elsewhere / "r.onnx", model)
     assert bnfold.insert_bn_onnx(proto, base_dir=tmp_path, skip_last=False).report.inserted
     assert bnfold.validate(proto, folded, providers=("cpu",), samples=1,
                            base_dir=tmp_path).passed
@@ -382,6 +387,7 @@ def test_base_dir_contains_external_data(ext, tmp_path, where):
             if entry.key == "location":
                 entry.value = location
     for call in (lambda: bnfold.fold_onnx(proto, base_dir=folder),
+                 lambda: bnfold.reparameterize_onnx(proto, base_dir=folder),
                  lambda: bnfold.inspect_onnx(proto, base_dir=folder),
                  lambda: bnfold.validate(proto, proto, providers=("cpu",), base_dir=folder),
                  lambda: save_onnx(proto, folder / "out.onnx", base_dir=folder)):

@@ -13,6 +13,7 @@ ONNX Conv inputs always have the batch axis, so channels are always axis 1.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import onnx
 from bnfold import branches as br
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.gc_pause import gc_paused
+from bnfold.io.external_data import bind_external_data
 from bnfold.io.split_proto import SplitProto
 from bnfold.lazy_ir import ir
 from bnfold.passes.onnx.bn import display_name, inference_params
@@ -36,32 +38,39 @@ from bnfold.passes.onnx.shapes import Shapes
 from bnfold.report import PassResult, Report
 
 
-def reparameterize_onnx(model: Any, *, inplace: bool = False) -> PassResult:
+def reparameterize_onnx(model: Any, *, inplace: bool = False,
+                        base_dir: str | os.PathLike[str] | None = None) -> PassResult:
     """Merge every exactly mergeable branch block of ``model``, then fold the remaining BNs.
 
     ``model`` and the returned model's type as :func:`bnfold.passes.onnx.fold.fold_onnx` (a
     ModelProto in gives a new ModelProto; an ``onnx_ir.Model`` is cloned unless ``inplace``; a
-    path gives a lazily loaded ``onnx_ir.Model``). The report has one ``merged`` entry per
-    block (``into`` the new Conv), ``kept`` entries for blocks left as they were (with the
-    reason), a ``folded`` entry per absorbed BN and the fold pass's entries for the others.
+    path gives a lazily loaded ``onnx_ir.Model``); so is ``base_dir``, the folder an in-memory
+    model's external tensors lie in (:func:`bnfold.io.external_data.bind_external_data`: without
+    it such a model is refused, and no location may lead out of it). The report has one
+    ``merged`` entry per block (``into`` the new Conv), ``kept`` entries for blocks left as they
+    were (with the reason), a ``folded`` entry per absorbed BN and the fold pass's entries for
+    the others.
     """
     with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
+        bind_external_data(ir_model, base_dir)
         report = _reparameterize(ir_model, "reparameterize_onnx")
         out = ir.serde.serialize_model(ir_model) if as_proto else ir_model
     return PassResult(out, report)
 
 
-def inspect_branches(model: Any) -> Report:
+def inspect_branches(model: Any, *, base_dir: str | os.PathLike[str] | None = None
+                     ) -> Report:
     """The branch blocks :func:`reparameterize_onnx` would merge (into what, how many
     branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries.
-    A protobuf without a default-domain ``Add`` or ``Sum`` has no block: that is told without
-    onnx-ir."""
+    ``base_dir`` as for :func:`reparameterize_onnx`. A protobuf without a default-domain
+    ``Add`` or ``Sum`` has no block: that is told without onnx-ir."""
     if isinstance(model, (onnx.ModelProto, SplitProto)) and not _has_add(
             (model.proto if isinstance(model, SplitProto) else model).graph):
         return Report("inspect_branches", dry_run=True)
     with gc_paused():
         ir_model, _ = _working_copy(model, inplace=False, views=True)  # (a report: no view escapes)
+        bind_external_data(ir_model, base_dir)
         report = _reparameterize(ir_model, "inspect_branches", fold=False)
     report.entries = [e for e in report.entries if "branches" in e.details]
     report.dry_run = True

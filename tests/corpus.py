@@ -444,7 +444,7 @@ def sample_files(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str | N
     (folder / "trunc.npz").write_bytes((folder / "npz_ok.npz").read_bytes()[:200])
     out["npz_truncated"] = (folder / "trunc.npz", (2,), "not a readable")
     (folder / "text.npz").write_text("1 2 3")
-    out["npz_text"] = (folder / "text.npz", (2,), "not a readable")
+    out["npz_text"] = (folder / "text.npz", (2,), "not an .npy/.npz file")
     huge = folder / "huge.npy"
     with open(huge, "wb") as f:
         f.truncate(3 * 2**30)

@@ -136,7 +136,7 @@ def test_inputs_from_npz_npy_and_their_errors(conv_bn_proto, hand_folded, tmp_pa
     with pytest.raises(BadInputError, match="shape"):
         bnfold.validate(ref, ref, providers=("cpu",), inputs={"x": x[:, :2]})
     (tmp_path / "junk.npz").write_bytes(b"not numpy")
-    with pytest.raises(BadInputError, match="not a readable"):
+    with pytest.raises(BadInputError, match=r"junk.npz: not an .npy/.npz file \(it does not"):
         bnfold.validate(ref, ref, providers=("cpu",), inputs=tmp_path / "junk.npz")
 
 

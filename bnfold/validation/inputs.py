@@ -42,6 +42,9 @@ MAX_SAMPLES = 10_000
 #: Most bytes of input samples a validation holds (generated ones together, or one file).
 INPUT_BUDGET_BYTES = 2**31
 Sample = dict[str, np.ndarray]
+#: The first bytes of an ``.npy`` file, and of an ``.npz`` (a zip archive; an empty one).
+NPY_MAGIC = b"\x93NUMPY"
+NPZ_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,16 @@ def _one_sample(item: Any, specs: Sequence[InputSpec]) -> Sample:
     return sample
 
 
+def _check_signature(path: Path) -> None:
+    """Refuse a file that starts like neither an ``.npy`` nor an ``.npz``: numpy would read
+    any other file as a pickle (refused as an object array, a wrong diagnosis)."""
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if not head.startswith((NPY_MAGIC, *NPZ_MAGICS)):
+        raise BadInputError(f"{path}: not an .npy/.npz file (it does not start with the .npy "
+                            "signature or a zip archive's)")
+
+
 def _check_unpacked_size(path: Path) -> None:
     """Refuse an ``.npz`` whose arrays, uncompressed, exceed :data:`INPUT_BUDGET_BYTES` (a
     small compressed file can unpack to any size), from its zip directory alone."""
@@ -271,6 +284,7 @@ def load_arrays(path: Path) -> np.ndarray | dict[str, np.ndarray]:
     within :data:`INPUT_BUDGET_BYTES`: an object array (pickled Python objects) is a one-line
     BadInputError, never unpickled."""
     check_input_file(path, "input sample", INPUT_BUDGET_BYTES, "the validation input budget")
+    _check_signature(path)
     _check_unpacked_size(path)
     try:
         loaded = np.load(path, allow_pickle=False)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from bnfold import documents
+from bnfold.arguments import check_flags, check_module, check_path
 from bnfold.errors import (
     BadInputError,
     UnsupportedError,
@@ -99,6 +100,9 @@ def export(
     :class:`ValidationFailedError` (with the report as ``.report``) when a validation fails; then
     ``path`` is not written. ``opset`` and ``dynamic_shapes`` go to ``torch.onnx.export``.
     """
+    check_module(model)
+    check_path(path, "path")
+    check_flags(fold=fold)
     if model.training:
         raise BadInputError("the model is in training mode; call model.eval() before export")
     if validate:

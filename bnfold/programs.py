@@ -30,6 +30,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
+from bnfold.arguments import check_flags
 from bnfold.cli.program_commands import is_pt2_archive
 from bnfold.errors import BadInputError, UnsupportedError, first_line
 from bnfold.passes.fx.constants import state_kept
@@ -51,7 +52,9 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
     pass and for the new export. ``inplace=True`` is refused: a program is never rewritten in
     place.
     """
-    if options.pop("inplace", False):
+    inplace = options.pop("inplace", False)
+    check_flags(inplace=inplace)
+    if inplace:
         raise BadInputError("inplace=True does not apply to an ExportedProgram: a new program "
                             "is returned and the input is left as it was")
     args, kwargs = _example_inputs(program, example_inputs)

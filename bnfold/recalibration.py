@@ -47,7 +47,8 @@ from rich.progress import track
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.errors import BadInputError
+from bnfold.arguments import check_callable, check_flags, check_module
+from bnfold.errors import BadInputError, BnfoldError, first_line
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.insert import DROPPED_BIAS_ATTR, INSERTED_ATTR
 from bnfold.report import Report
@@ -125,10 +126,15 @@ def recalibrate(
     ``model(**batch)`` for a mapping. ``layers``: BN module names, or the report of
     ``bnfold.insert_bn`` (its inserted BNs); default every BN with running statistics.
     ``progress`` shows a progress bar (rich). See the module docstring for the math and for
-    ``preserve_function``.
+    ``preserve_function``. A batch the model (or ``forward``) fails on is a one-line
+    :class:`BadInputError`; the statistics and modes are then restored.
     """
-    if not isinstance(model, nn.Module):
-        raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
+    check_flags(preserve_function=preserve_function, progress=progress)
+    check_callable(forward, "forward(model, batch)")
+    if not isinstance(batches, Iterable):
+        raise BadInputError("batches must be an iterable of batches (a DataLoader, a list of "
+                            f"tensors...), got {type(batches).__name__}")
     if num_batches is not None and (not isinstance(num_batches, int)
                                     or isinstance(num_batches, bool) or num_batches < 1):
         raise BadInputError(f"num_batches must be a positive integer, got {num_batches!r}")
@@ -145,18 +151,9 @@ def recalibrate(
     if not preserve_function:
         for bn in targets.values():
             bn.train()
-    run = forward or _default_forward
-    seen = 0
     done = False
     try:
-        total = num_batches if num_batches is not None else _length(batches)
-        with torch.no_grad():
-            for batch in track(batches, description="recalibrating BN", total=total,
-                               transient=True, disable=not progress):
-                run(model, batch)
-                seen += 1
-                if num_batches is not None and seen >= num_batches:
-                    break
+        seen = _feed(model, batches, num_batches, progress, forward or _default_forward)
         if seen == 0:
             raise BadInputError("recalibrate got no batches")
         result = _write(targets, pooled, preserve_function, seen)
@@ -172,6 +169,29 @@ def recalibrate(
     return result
 
 
+@torch.no_grad()
+def _feed(model: nn.Module, batches: Iterable[Any], num_batches: int | None, progress: bool,
+          run: Callable[[nn.Module, Any], Any]) -> int:
+    """Run ``run(model, batch)`` on each batch, at most ``num_batches``; return how many ran.
+    A batch that ``run`` fails on is a one-line :class:`BadInputError` with the error's first
+    line (bnfold's own errors, from the collectors, pass as they are)."""
+    total = num_batches if num_batches is not None else _length(batches)
+    seen = 0
+    for batch in track(batches, description="recalibrating BN", total=total, transient=True,
+                       disable=not progress):
+        try:
+            run(model, batch)
+        except BnfoldError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"batch {seen + 1} does not run through the model "
+                                f"({first_line(exc)})") from exc
+        seen += 1
+        if num_batches is not None and seen >= num_batches:
+            break
+    return seen
+
+
 def _targets(model: nn.Module, layers: Iterable[str] | Report | None,
              preserve_function: bool) -> dict[str, _BatchNorm]:
     bns = {name: m for name, m in model.named_modules()
@@ -183,9 +203,12 @@ def _targets(model: nn.Module, layers: Iterable[str] | Report | None,
     if not bns:
         raise BadInputError(f"{type(model).__name__} has no BatchNorm with running statistics")
     if layers is not None:
+        if not isinstance(layers, (Report, Iterable)):
+            raise BadInputError("layers takes BN module names or the report of insert_bn, got "
+                                f"{type(layers).__name__}")
         names = ([e.bn for e in layers.inserted] if isinstance(layers, Report)
                  else [layers] if isinstance(layers, str) else list(layers))
-        unknown = [n for n in names if n not in bns]
+        unknown = [str(n) for n in names if not isinstance(n, str) or n not in bns]
         if unknown:
             raise BadInputError(f"not a BatchNorm with running statistics: {', '.join(unknown)}")
         bns = {n: bns[n] for n in names}
@@ -207,7 +230,11 @@ def _collector(pool: _Pooled, bn: _BatchNorm,
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
-        c = x.shape[-1] if channel_last else x.shape[1]
+        c = (x.shape[-1] if channel_last else x.shape[1]) if x.dim() > 1 else None
+        if c != bn.num_features:
+            raise BadInputError(
+                f"a batch gives BN {name!r} input {list(x.shape)}, not its {bn.num_features} "
+                f"channels on {'the last dim' if channel_last else 'dim 1'}")
         if module.training and x.numel() <= c:
             raise BadInputError(
                 f"a batch gives BN {name!r} one value per channel (input "

@@ -180,7 +180,8 @@ def test_bad_input() -> None:
     with pytest.raises(BadInputError, match="num_batches"):
         bnfold.recalibrate(model, _batches((4,)), num_batches=0, progress=False)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(RuntimeError):  # a failing batch leaves the model as it was
+    with pytest.raises(BadInputError, match=r"^a batch gives BN '0' input \[4, 5\], not its 4 "
+                       "channels on dim 1$"):  # a failing batch leaves the model as it was
         bnfold.recalibrate(model, [torch.randn(4, 4), torch.randn(4, 5)], progress=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx
 
+from bnfold.arguments import check_path
 from bnfold.errors import BadInputError, cause_line, first_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data, external_tensors, referenced_files
@@ -136,6 +137,8 @@ def stage_save(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pa
     """:func:`save_onnx` up to, not including, the final rename: ``.commit()`` it or
     ``.discard()`` it (a ``with`` block discards what was not committed). ``keep``: files that
     inputs read, never removed as the old output's data."""
+    check_path(path, "path")
+    check_path(base_dir, "base_dir", optional=True)
     with gc_paused():
         if isinstance(model, (onnx.ModelProto, SplitProto)) and check_initializers(
                 model, "model").writes_as_is(EXTERNAL_THRESHOLD):

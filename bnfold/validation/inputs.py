@@ -163,6 +163,21 @@ def check_counts(samples: object, seed: object) -> None:
         raise BadInputError(f"seed must be an integer >= 0, got {seed!r}")
 
 
+def check_dims(dims: object) -> None:
+    """Refuse ``dims`` other than ``None`` or a mapping of dim names (``str``) to sizes >= 1."""
+    if dims is None:
+        return
+    if not isinstance(dims, Mapping):
+        raise BadInputError("dims must be a mapping of dynamic dim names to sizes, e.g. "
+                            f"{{'batch': 4}}, got {type(dims).__name__}")
+    names = [k for k in dims if not isinstance(k, str)]
+    if names:
+        raise BadInputError(f"dims takes dim names (str) as keys, got {names[0]!r}")
+    bad = {k: v for k, v in dims.items() if not _is_int(v) or v < 1}
+    if bad:
+        raise BadInputError(f"dim sizes must be integers >= 1, got {bad}")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -182,12 +197,10 @@ def _check_budget(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ..
 def generate_samples(
     specs: Sequence[InputSpec], dims: Mapping[str, int] | None, samples: int, seed: int,
 ) -> tuple[list[Sample], list[str]]:
-    """``samples`` random input dicts for ``specs`` and the notes saying which defaults applied."""
+    """``samples`` random input dicts for ``specs`` and the notes saying which defaults applied
+    (``dims`` checked by :func:`check_dims`)."""
     notes: list[str] = []
     dims = dict(dims or {})
-    bad = {k: v for k, v in dims.items() if not _is_int(v) or v < 1}
-    if bad:
-        raise BadInputError(f"dim sizes must be integers >= 1, got {bad}")
     shapes = {s.name: resolve_shape(s, dims, notes) for s in specs}
     _check_budget(specs, shapes, samples)
     named = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}

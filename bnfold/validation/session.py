@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from bnfold.arguments import check_callable, check_flags, check_path, shown
 from bnfold.errors import BadInputError, BnfoldError, UnsupportedError, first_line
 from bnfold.io.external_data import external_tensors
 from bnfold.io.filechecks import check_opset, utf8_path
@@ -45,6 +46,7 @@ from bnfold.validation.inputs import (
     InputSpec,
     Sample,
     check_counts,
+    check_dims,
     float_dtypes,
     generate_samples,
     input_specs,
@@ -140,6 +142,11 @@ def validate(
     _check_tolerance(atol, "atol")
     _check_tolerance(rtol, "rtol")
     check_counts(samples, seed)
+    check_dims(dims)
+    _check_labels(labels)
+    check_flags(optimize=optimize, upcast_reference=upcast_reference)
+    check_callable(progress, "progress(done, total)")
+    check_path(base_dir, "base_dir", optional=True)
     cand = _check_exchangeable(_as_model(candidate, "candidate", base_dir))
     torch_mod = sys.modules.get("torch")
     notes: list[str] = []
@@ -166,7 +173,7 @@ def validate(
             feeds, notes = generate_samples(specs, dims, samples, seed)
             source_note = f"generated, seeds {seed}..{seed + samples - 1}"
         compute = coarsest(sorted(float_dtypes(ref.proto) | float_dtypes(cand.proto), key=str))
-    if labels:
+    if labels is not None:
         ref.label, cand.label = labels
     how = _upcast(ref, compute) if upcast_reference else "as given"
     result = ValidationResult(
@@ -255,6 +262,14 @@ class _Tolerance:
 def _check_tolerance(value: float | None, name: str) -> None:
     if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
         raise BadInputError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_labels(labels: object) -> None:
+    """``labels``: ``None`` or two strings, (reference, candidate)."""
+    if labels is not None and not (isinstance(labels, (list, tuple)) and len(labels) == 2
+                                   and all(isinstance(label, str) for label in labels)):
+        raise BadInputError("labels takes two strings, (reference, candidate), got "
+                            f"{shown(labels)}")
 
 
 def _check_providers(providers: Sequence[str], require: Sequence[str]) -> list[str]:
@@ -503,8 +518,8 @@ def _torch_samples(example_inputs: Any, specs: Sequence[InputSpec], samples: int
 
     if example_inputs is None:
         raise BadInputError("a torch reference needs example_inputs")
-    first = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
-        example_inputs)
+    first = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
+        example_inputs,)
     if len(first) != len(specs) or not all(isinstance(t, torch.Tensor) for t in first):
         raise BadInputError(f"example_inputs must be {len(specs)} tensor(s), one per ONNX input")
     base = [t.detach().cpu().numpy() for t in first]
@@ -519,11 +534,26 @@ def _torch_samples(example_inputs: Any, specs: Sequence[InputSpec], samples: int
 def _run_torch(module: Any, feed: Sample) -> list[np.ndarray]:
     import torch
 
-    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()]
+    return torch_outputs(module, [torch.from_numpy(np.ascontiguousarray(a))
+                                  for a in feed.values()])
+
+
+def torch_outputs(module: Any, args: Sequence[Any]) -> list[np.ndarray]:
+    """The outputs of the torch reference ``module`` on ``args``, as arrays. One-line
+    :class:`BadInputError` when it is in training mode, or when its forward fails on the
+    samples (with the first line of its error)."""
+    import torch
+
     if module.training:
         raise BadInputError("the torch reference is in training mode; call model.eval() first")
-    with torch.no_grad():
-        out = module(*args)
+    try:
+        with torch.no_grad():
+            out = module(*args)
+    except BnfoldError:
+        raise
+    except Exception as exc:
+        raise BadInputError("the input samples do not fit the torch model "
+                            f"({first_line(exc)})") from exc
     return [t.detach().cpu().numpy() for t in _leaves(out)]
 
 

@@ -110,19 +110,14 @@ def float64_torch_outputs(module: object, feeds: list[dict[str, np.ndarray]],
 
     import torch
 
-    from bnfold.validation.session import _leaves
+    from bnfold.validation.session import torch_outputs
 
     reference = copy.deepcopy(module).double()
-    if reference.training:
-        from bnfold.errors import BadInputError
-
-        raise BadInputError("the torch reference is in training mode; call model.eval() first")
     outputs = []
-    with torch.no_grad():
-        for feed in feeds:
-            args = [torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()]
-            out = reference(*(a.double() if a.is_floating_point() else a for a in args))
-            leaves = [t.detach().cpu().numpy() for t in _leaves(out)]
-            outputs.append([leaf.astype(d) if leaf.dtype.kind == "f" else leaf
-                            for leaf, d in zip(leaves, dtypes, strict=False)])
+    for feed in feeds:
+        args = [torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()]
+        leaves = torch_outputs(reference, [a.double() if a.is_floating_point() else a
+                                           for a in args])
+        outputs.append([leaf.astype(d) if leaf.dtype.kind == "f" else leaf
+                        for leaf, d in zip(leaves, dtypes, strict=False)])
     return outputs

@@ -75,6 +75,7 @@ from bnfold.algebra import (
     fold_forward,
     spread_features,
 )
+from bnfold.arguments import check_callable, check_flags
 from bnfold.errors import UnsafeFoldError
 from bnfold.gc_pause import gc_paused
 from bnfold.geometry import ConvGeometry
@@ -143,6 +144,8 @@ def fold_fx(
     when given, is called after each BN's forward try and each backward try (``total``: the
     BNs plus the backward tries known so far); the pass itself prints nothing.
     """
+    check_flags(inplace=inplace)
+    check_callable(progress, "progress(done, total)")
     with gc_paused():  # (the trace and the fold make many small linked objects)
         return _fold_fx(model, example_inputs, inplace=inplace, include=include,
                         exclude=exclude, progress=progress)

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from bnfold.arguments import check_flags
 from bnfold.errors import BadInputError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.hooks import carry_model_hooks
@@ -102,11 +103,12 @@ def insert_bn_fx(
     inserting once.
     """
     check_options(position, eps, momentum)
+    check_flags(skip_last=skip_last, affine=affine, drop_bias=drop_bias)
+    gm, how, _ = open_model(model, example_inputs)
     if eps == 0 and model.training:
         raise BadInputError("eps=0: torch's batch_norm refuses it in training mode, and the "
                             "BNs inserted into a model in training mode start in it; give "
                             "eps > 0, or call model.eval() first")
-    gm, how, _ = open_model(model, example_inputs)
     carried = carry_model_hooks(uncompiled(model), gm, how)
     gm.training = model.training
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]

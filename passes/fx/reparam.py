@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold import branches as br
+from bnfold.arguments import check_flags
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.passes.fx.axes import node_arg, value_users
 from bnfold.passes.fx.fold import fold_fx
@@ -62,6 +63,7 @@ def reparameterize_fx(
     many), a ``kept`` entry per block left as it was (with the reason), a ``folded`` entry for
     each BN a merge absorbed, and the fold pass's entries for every other BN.
     """
+    check_flags(inplace=inplace)
     gm, how, args = open_model(model, example_inputs, inplace=inplace)
     forget_holdings(gm)  # (the fold below forgets it again when done)
     report = Report("reparameterize")

@@ -34,6 +34,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.utils._sympy.numbers import int_oo
 
+from bnfold.arguments import check_module
 from bnfold.errors import BadInputError, UnsupportedError, UntraceableError
 from bnfold.modules import FeatureBatchNorm
 from bnfold.passes.fx.constants import state_kept
@@ -163,8 +164,7 @@ def graph_module_of(
     for a ``GraphModule``, which is then returned as is. A traced graph module has no code yet
     (:func:`without_code`): every pass ends with ``gm.recompile()`` after its rewrites.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise BadInputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedError(
             f"{type(model).__name__} is a TorchScript module (torch.jit.script/trace): it has "

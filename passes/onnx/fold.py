@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold.arguments import check_callable, check_flags, check_path
 from bnfold.errors import BadInputError, cause_line
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
@@ -99,6 +100,10 @@ def fold_onnx(model: Any, *, inplace: bool = False, backward: bool = True,
     that have an initializer off the inputs, so their tensors fold as constants
     (:mod:`.frozen_inputs`; without it a BN that reads one is kept, with the reason).
     """
+    check_flags(inplace=inplace, backward=backward,
+                freeze_initializer_inputs=freeze_initializer_inputs)
+    check_callable(progress, "progress(done, total)")
+    check_path(base_dir, "base_dir", optional=True)
     select = Selection.of(include, exclude)
     frozen: list[str] = []
     with gc_paused():
@@ -142,6 +147,8 @@ def inspect_onnx(model: Any, *, base_dir: str | os.PathLike[str] | None = None,
     :class:`~bnfold.io.split_proto.SplitProto` is dry-run on the protobuf
     (:func:`.direct.direct_inspect`), the same report without importing onnx-ir.
     """
+    check_flags(freeze_initializer_inputs=freeze_initializer_inputs)
+    check_path(base_dir, "base_dir", optional=True)
     frozen: list[str] = []
     with gc_paused():
         if isinstance(model, (onnx.ModelProto, SplitProto)):  # a plain one never enters onnx-ir

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.arguments import check_flags, check_path
 from bnfold.errors import BadInputError, UnsupportedError
 from bnfold.io.fileio import load_onnx
 from bnfold.lazy_ir import ir
@@ -108,6 +109,8 @@ def insert_bn_onnx(
     """
     check_options(position, eps, momentum, why_no_none="ONNX BatchNormalization has no "
                   "cumulative average, PyTorch's momentum=None")
+    check_flags(skip_last=skip_last, drop_bias=drop_bias, training_mode=training_mode)
+    check_path(base_dir, "base_dir", optional=True)
     given = model
     out = load_onnx(model, base_dir=base_dir)
     if out is given:

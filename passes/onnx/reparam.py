@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from bnfold import branches as br
+from bnfold.arguments import check_flags
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
@@ -51,6 +52,7 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False,
     were (with the reason), a ``folded`` entry per absorbed BN and the fold pass's entries for
     the others.
     """
+    check_flags(inplace=inplace)
     with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)

@@ -99,7 +99,8 @@ def test_recalibrate_forward_must_be_none_or_callable() -> None:
              r"forward must be None or a callable forward\(model, batch\), got 'model'")
 
 
-@pytest.mark.parametrize("name", ["fold_onnx", "inspect_onnx", "insert_bn_onnx", "validate"])
+@pytest.mark.parametrize("name", ["fold_onnx", "inspect_onnx", "insert_bn_onnx",
+                                  "reparameterize_onnx", "validate"])
 @pytest.mark.parametrize("base_dir", [3, []])
 def test_base_dir_must_be_a_path(name: str, base_dir: Any, onnx_file: Path) -> None:
     proto = onnx.load(onnx_file)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from bnfold import branches as br
-from bnfold.arguments import check_flags
+from bnfold.arguments import check_flags, check_path
 from bnfold.branches import AffineBranch, Branch, ConvBranch, Summand
 from bnfold.gc_pause import gc_paused
 from bnfold.io.external_data import bind_external_data
@@ -53,6 +53,7 @@ def reparameterize_onnx(model: Any, *, inplace: bool = False,
     the others.
     """
     check_flags(inplace=inplace)
+    check_path(base_dir, "base_dir", optional=True)
     with gc_paused():
         ir_model, as_proto = _working_copy(model, inplace)
         bind_external_data(ir_model, base_dir)
@@ -67,6 +68,7 @@ def inspect_branches(model: Any, *, base_dir: str | os.PathLike[str] | None = No
     branches) or keep (and why): a dry run on a copy, one entry per block, no BN entries.
     ``base_dir`` as for :func:`reparameterize_onnx`. A protobuf without a default-domain
     ``Add`` or ``Sum`` has no block: that is told without onnx-ir."""
+    check_path(base_dir, "base_dir", optional=True)
     if isinstance(model, (onnx.ModelProto, SplitProto)) and not _has_add(
             (model.proto if isinstance(model, SplitProto) else model).graph):
         return Report("inspect_branches", dry_run=True)

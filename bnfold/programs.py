@@ -4,7 +4,11 @@
 ``ExportedProgram``: the pass rewrites the program's unlifted module (``program.module()``,
 parameters and buffers as attributes, so the input program is never touched), and the result
 is exported again with ``torch.export.export`` on the program's example inputs and its dynamic
-dims (each symbolic input dim becomes a ``Dim`` with the program's range for it). The new
+dims: each symbolic input dim becomes a ``Dim`` with the program's range for it (shared where
+inputs share the symbol) or, when torch refuses those as too wide (the program also guards
+sizes inside the range, ``H - 2 != 1`` after an unpadded 3x3 conv, as ``Dim.AUTO`` exports
+make), a ``Dim.DYNAMIC`` hint with the same range where the range starts at 2 or more, from
+which torch derives the guards and relations again. The new
 program has the same user inputs and outputs (names, pytree specs, dynamic dims), a state
 dict with the folded weights (removed BNs' parameters and buffers gone) and runs like the
 input wherever the FX pass is exact. The module of a program is in training mode, so BNs
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.exc import UserError, UserErrorType
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
@@ -65,9 +70,7 @@ def on_program(fx_pass: Callable[..., PassResult], program: ExportedProgram,
     unlifted._forward_hooks.clear()
     module, report = fx_pass(unlifted, example_inputs=None if kwargs else args, **options)
     try:
-        with state_kept(module):  # (exporting runs the forward: a buffer it writes would move)
-            new = torch.export.export(module, args, kwargs,
-                                      dynamic_shapes=_dynamic_shapes(program, kwargs))
+        new = _export_again(module, program, args, kwargs)
         if program.dialect == "ATEN":
             with quiet_pytree_warning():
                 new = new.run_decompositions()
@@ -108,9 +111,30 @@ def _example_inputs(program: ExportedProgram, given: Any
     return tuple(args), dict(kwargs)
 
 
-def _dynamic_shapes(program: ExportedProgram, kwargs: dict[str, Any]) -> Any:
+def _export_again(module: torch.nn.Module, program: ExportedProgram, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> ExportedProgram:
+    """``module`` exported with ``program``'s dynamic dims: named ``Dim``s first, ``Dim.DYNAMIC``
+    hints with the same ranges (see :func:`_dim`) when torch finds a named range violated by
+    a guard."""
+    try:
+        return _export(module, args, kwargs, _dynamic_shapes(program, kwargs, named=True))
+    except UserError as exc:
+        if exc.error_type != UserErrorType.CONSTRAINT_VIOLATION:
+            raise
+    return _export(module, args, kwargs, _dynamic_shapes(program, kwargs, named=False))
+
+
+def _export(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+            dynamic_shapes: Any) -> ExportedProgram:
+    """``torch.export.export``, with the module's tensors put back after its forward."""
+    with state_kept(module):  # (exporting runs the forward: a buffer it writes would move)
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+
+
+def _dynamic_shapes(program: ExportedProgram, kwargs: dict[str, Any], named: bool) -> Any:
     """The program's dynamic dims in ``torch.export``'s ``dynamic_shapes`` form (one entry per
-    positional input, then per keyword input); ``None`` when every dim is static."""
+    positional input, then per keyword input), as named ``Dim``s or ``Dim.DYNAMIC`` hints;
+    ``None`` when every dim is static."""
     kinds = iter(program.graph_signature.input_specs)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     dims: dict[Any, Any] = {}
@@ -120,7 +144,7 @@ def _dynamic_shapes(program: ExportedProgram, kwargs: dict[str, Any]) -> Any:
             continue
         value = node.meta.get("val")
         shape = value.shape if isinstance(value, torch.Tensor) else ()
-        spec = {axis: _dim(program, size, dims) for axis, size in enumerate(shape)
+        spec = {axis: _dim(program, size, dims, named) for axis, size in enumerate(shape)
                 if isinstance(size, torch.SymInt)}
         leaves.append(spec or None)
     if not dims and all(leaf is None for leaf in leaves):
@@ -129,8 +153,12 @@ def _dynamic_shapes(program: ExportedProgram, kwargs: dict[str, Any]) -> Any:
     return (*args, *(kw[k] for k in kwargs))
 
 
-def _dim(program: ExportedProgram, size: torch.SymInt, dims: dict[Any, Any]) -> Any:
-    """One ``Dim`` per symbol (shared where inputs share it), with the program's range."""
+def _dim(program: ExportedProgram, size: torch.SymInt, dims: dict[Any, Any], named: bool
+         ) -> Any:
+    """One ``Dim`` per symbol (shared where inputs share it), with the program's range; unless
+    ``named``, a ``Dim.DYNAMIC`` hint instead (torch relates the dims again from its guards)
+    where the range starts at 2 or more (a hint's range does: torch specializes sizes 0 and 1),
+    so the hint's range is the program's."""
     expr = size.node.expr
     if not expr.is_Symbol:
         return Dim.AUTO
@@ -138,7 +166,8 @@ def _dim(program: ExportedProgram, size: torch.SymInt, dims: dict[Any, Any]) -> 
         bounds = program.range_constraints.get(expr)
         lower = int(bounds.lower) if bounds is not None else 0
         upper = upper_bound(bounds) if bounds is not None else None
-        dims[expr] = Dim(str(expr), min=lower, max=upper)
+        dims[expr] = (Dim(str(expr), min=lower, max=upper) if named or lower < 2
+                      else Dim.DYNAMIC(min=lower, max=upper))
     return dims[expr]
 
 

@@ -177,3 +177,51 @@ def test_a_training_program_lowered_to_aten_keeps_its_bns_known() -> None:
         "batch_norm" in str(n.target) for n in lowered.graph.nodes)
     assert [e.action for e in folded.entries] == ["kept", "kept"]
     assert all("training mode" in (e.reason or "") for e in folded.entries)
+
+
+def input_ranges(program: ExportedProgram) -> list[tuple[int, float]]:
+    """(min, max) of every dynamic dim of the user inputs, in order (max inf when unbounded)."""
+    from bnfold.passes.fx.trace import upper_bound
+    user = set(program.graph_signature.user_inputs)
+    ranges = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            for size in node.meta["val"].shape:
+                if isinstance(size, torch.SymInt):
+                    bounds = program.range_constraints[size.node.expr]
+                    upper = upper_bound(bounds)
+                    ranges.append((int(bounds.lower), float("inf") if upper is None else upper))
+    return ranges
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+@pytest.mark.parametrize(("padding", "batch"), [(0, Dim.AUTO), (1, Dim.AUTO),
+                                                (0, Dim("batch", min=1, max=64))])
+def test_a_program_with_auto_dynamic_height_and_width_folds(padding, batch) -> None:
+    """``Dim.AUTO`` spatial dims: the program guards sizes inside its ranges (``H - 2 != 1``
+    after an unpadded 3x3 conv), which torch refuses as named ``Dim`` ranges; the folded
+    program keeps the dims (ranges no narrower) and runs every size the input program runs
+    like a float64 evaluation of the unfolded model."""
+    model = randomize_bn_stats(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=padding), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2)), seed=5).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),),
+                                  dynamic_shapes=({0: batch, 2: Dim.AUTO, 3: Dim.AUTO},))
+    folded, report = bnfold.fold(program)
+    assert [e.action for e in report.entries] == ["folded"] and bn_ops(folded) == 0
+    old, new = input_ranges(program), input_ranges(folded)
+    assert len(old) == len(new) == 3
+    assert all(lo <= o_lo and hi >= o_hi for (o_lo, o_hi), (lo, hi) in zip(old, new, strict=True))
+    ran = 0
+    for n, h, w in ((1, 6, 6), (2, 7, 9), (3, 12, 7), (5, 21, 16)):
+        x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+        try:
+            program.module()(x)
+        except Exception:  # a size the input program does not take either
+            continue
+        with torch.no_grad():
+            want = copy.deepcopy(model).double()(x.double())
+            got = folded.module()(x).double()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+        ran += 1
+    assert ran >= 3

@@ -225,3 +225,76 @@ def test_a_program_with_auto_dynamic_height_and_width_folds(padding, batch) -> N
         assert float((got - want).abs().max() / want.abs().max()) < 1e-6
         ran += 1
     assert ran >= 3
+
+
+class _TransposedLinear(torch.nn.Module):
+    """A Linear written ``addmm(b, x, w.t())`` or ``mm(x, w.transpose(0, 1))`` (then a BN):
+    the spellings a program keeps as ``aten.t`` / ``aten.transpose``."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(7, 5))
+        self.b = torch.nn.Parameter(torch.randn(7)) if bias else None
+        self.bn = torch.nn.BatchNorm1d(7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.b is not None:
+            return self.bn(torch.addmm(self.b, x, self.w.t()))
+        return self.bn(torch.mm(x, self.w.transpose(0, 1)))
+
+
+class _LinearOverSequence(torch.nn.Module):
+    """``Linear`` on ``[N, L, C]``, then ``transpose(1, 2)`` and a BatchNorm1d of its channels
+    (lowered: ``view -> addmm -> view -> permute``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 7)
+        self.bn = torch.nn.BatchNorm1d(7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x).transpose(1, 2))
+
+
+def _linear_bn(bias: bool) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(5, 7, bias=bias), torch.nn.BatchNorm1d(7))
+
+
+def _bn_linear(bias: bool) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3, bias=bias))
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+@pytest.mark.parametrize(("model", "shape", "lower", "weight"), [
+    (_linear_bn(True), (5,), True, "0.weight"),
+    (_linear_bn(False), (5,), True, "0.weight"),
+    (_bn_linear(True), (5,), True, "1.weight"),
+    (_bn_linear(False), (5,), True, "1.weight"),
+    (_LinearOverSequence(), (4, 5), True, "fc.weight"),
+    (_TransposedLinear(bias=True), (5,), False, "w"),
+    (_TransposedLinear(bias=False), (5,), False, "w"),
+], ids=["linear_bn", "linear_nobias_bn", "bn_linear", "bn_linear_nobias", "sequence",
+        "addmm_t", "mm_transpose"])
+def test_lowered_linears_fold_both_ways(model, shape, lower, weight) -> None:
+    """A Linear as core ATen writes it, ``addmm(b, x, permute(W, [1, 0]))`` or ``mm`` (also
+    through ``aten.t`` / ``aten.transpose``), takes a BN before or after it like
+    ``aten.linear``: the fold rewrites the parameter ``W`` itself (same name and layout), and
+    a lowered program comes back lowered, running like a float64 evaluation of the model
+    (dynamic batch; the sequence's static: its lowered views have symbolic sizes)."""
+    model = randomize_bn_stats(model, seed=7).eval()
+    sequence = len(shape) > 1
+    program = torch.export.export(model, (torch.randn(4, *shape),), dynamic_shapes=None
+                                  if sequence else ({0: Dim("batch", max=64)},))
+    if lower:
+        program = program.run_decompositions()
+    folded, report = bnfold.fold(program)
+    assert [e.action for e in report.entries] == ["folded"], report.table()
+    assert bn_ops(folded) == 0 and folded.dialect == program.dialect
+    assert folded.state_dict[weight].shape == program.state_dict[weight].shape
+    assert not torch.equal(folded.state_dict[weight], program.state_dict[weight])
+    for batch in (4,) if sequence else (3, 10):
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = copy.deepcopy(model).double()(x.double())
+            got = folded.module()(x).double()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-6

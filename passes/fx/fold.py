@@ -3,7 +3,8 @@
 Forward fold (layer -> [data movement] -> BN): ``BN(y) = s * y + t`` per channel with
 ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``, so ``BN(W (*) x + b) =
 (s * W) (*) x + (s * b + t)``. Exact for Conv1d/2d/3d, ConvTranspose1d/2d/3d (any groups) and
-Linear, module or functional (``F.conv*``, ``F.linear`` and their aten forms), whenever the
+Linear, module or functional (``F.conv*``, ``F.linear`` and their aten forms, core ATen's
+``addmm``/``mm`` of a transposed weight read as ``aten.linear``: :mod:`.lowered`), whenever the
 BN's channel axis is the layer's output-channel axis. Between the layer and the BN only pure
 data movement is allowed (transpose/permute, flatten/view/reshape that keep the channel axis
 whole, see :mod:`bnfold.passes.fx.axes`), e.g. LeViT's ``Linear -> flatten(0, 1) -> BN1d`` or
@@ -87,6 +88,7 @@ from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_model_hooks, forget_holdings
+from bnfold.passes.fx.lowered import raise_lowered_linears
 from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
@@ -167,6 +169,7 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
     elif "torch.compile" in how:
         report.notes.append("the model was wrapped by torch.compile: folded the module it "
                             "wraps; the result is not compiled (compile it again if wanted)")
+    raise_lowered_linears(gm)
     consts = Constants(gm)
     for label, path in fold_constant_bns(gm, consts):
         report.add(label, "folded", into=path, direction="constant",

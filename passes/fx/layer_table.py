@@ -8,7 +8,9 @@ of a given shape and ``groups`` makes, and its exactness kind (``kind``, the ``l
 layer map to rows: module classes in :data:`LAYER_MODULES`; ``F.*`` functions (the same objects
 as ``torch.conv2d`` etc.) and the ATen ops of ``torch.export`` graphs in
 :data:`LAYER_FUNCTIONS`, each with its positional argument names (weight/bias/groups accessors).
-Adding a layer kind is one row, its targets, and tests.
+Adding a layer kind is one row, its targets, and tests. The core-ATen spellings of a Linear
+(``addmm``/``mm`` of the transposed weight, :data:`LOWERED_LINEARS`) are read as
+``aten.linear`` calls (:mod:`bnfold.passes.fx.lowered`).
 
 Weight layouts, with ``g`` groups: Conv ``[C_out, C_in/g, *k]``, ConvTranspose
 ``[C_in, C_out/g, *k]``, Linear ``[C_out, C_in]``. A forward fold scales the weight along
@@ -19,7 +21,7 @@ FX layers have no bias scale (the bias is added as is, unlike ONNX Gemm's ``beta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +105,22 @@ for _n, _conv, _tconv in ((1, F.conv1d, F.conv_transpose1d), (2, F.conv2d, F.con
         LAYER_FUNCTIONS[_target] = LayerCall(layer_kind("conv", _n), _CONV)
     for _target in (_tconv, _aten_tconv.default if _n == 1 else _aten_tconv.input):
         LAYER_FUNCTIONS[_target] = LayerCall(layer_kind("conv_transpose", _n), _TCONV)
+
+
+#: The core-ATen spellings of a Linear on a 2-D input (``run_decompositions()``), by the
+#: argument index of its input, transposed weight and bias (None: no bias):
+#: ``addmm(b, x, W.T)`` and ``mm(x, W.T)``, exactly ``aten.linear(x, W, b)``.
+LOWERED_LINEARS: dict[Any, tuple[int, int, int | None]] = {
+    _ATEN.addmm.default: (1, 2, 0),
+    _ATEN.mm.default: (0, 1, None),
+}
+#: The ops that give such a call ``W.T`` of a 2-D ``W`` (mm's operands are 2-D): whether the
+#: arguments after ``W`` make each a transpose.
+WEIGHT_TRANSPOSES: dict[Any, Callable[[Sequence[Any]], bool]] = {
+    _ATEN.permute.default: lambda args: [d % 2 for d in args[0]] == [1, 0],
+    _ATEN.t.default: lambda args: not args,
+    _ATEN.transpose.int: lambda args: sorted(d % 2 for d in args) == [0, 1],
+}
 
 
 def convolution_kind(transposed: Any, weight_rank: int) -> LayerKind | None:

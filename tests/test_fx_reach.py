@@ -4,6 +4,8 @@ and the report's words for each case."""
 
 from __future__ import annotations
 
+import copy
+
 import onnx_cases
 import pytest
 import torch
@@ -724,3 +726,83 @@ def test_a_bn_after_an_in_place_sum_of_a_program_splits() -> None:
     folded, report = bnfold.fold(program, x)
     assert [e.action for e in report.entries] == ["folded"], report.table()
     assert rel_err(folded.module(), model, torch.randn(2, 3, 8, 8), double=True) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place affine chains: x.mul_(scale).add_(shift).
+# ---------------------------------------------------------------------------------------------
+
+
+class _InplaceFrozenBN(nn.Module):
+    """A FrozenBatchNorm2d written in place, ``x.mul_(scale).add_(shift)`` (non-trivial
+    statistics)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(n)
+        for key in ("weight", "bias", "running_mean"):
+            self.register_buffer(key, torch.randn(n, generator=g))
+        self.register_buffer("running_var", torch.rand(n, generator=g) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x.mul_(scale.reshape(1, -1, 1, 1)).add_(shift.reshape(1, -1, 1, 1))
+
+
+class _InplaceAround(nn.Module):
+    """The in-place FrozenBN after a conv (``after``), after a conv whose output is read again
+    (``also_read``: directly; ``view_read``: the write goes through a view of it), before a
+    conv (``before``, on a ReLU's output) or on the graph input (``input``)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.frozen = _InplaceFrozenBN(3 if where in ("before", "input") else 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.where == "before":
+            return self.conv(self.frozen(torch.relu(x)))
+        if self.where == "input":
+            return self.conv(self.frozen(x))
+        y = self.conv(x)
+        if self.where == "after":
+            return self.frozen(y)
+        z = self.frozen(y if self.where == "also_read" else y[:, :])
+        return z + y
+
+
+@pytest.mark.parametrize(("where", "exported", "reason"), [
+    ("after", False, None), ("after", True, None), ("before", False, None),
+    ("before", True, None),
+    ("also_read", False, "writes in place into conv, which add also read"),
+    ("also_read", True, None),  # (torch.export reads add_ twice: the write is seen)
+    ("view_read", False, "writes in place into conv, which add also read"),
+    ("view_read", True, "writes in place into conv2d, which add_1 also read"),
+    ("input", False, "writes in place into x (a graph input)"),
+    ("input", True, "writes in place into x (a graph input)"),
+])
+def test_an_inplace_affine_folds_or_is_kept_with_the_reason(where: str, exported: bool,
+                                                             reason: str | None) -> None:
+    """``x.mul_(a).add_(b)`` (``aten.mul_``/``aten.add_`` in a program) is ``x * a + b`` when
+    nothing else sees the write: it folds like the out-of-place chain. When the written tensor
+    (or the one it is a view of) has another reader, or is the graph input, it is kept with
+    the reason."""
+    model = _InplaceAround(where).eval()
+    x = torch.randn(2, 3, 8, 8)
+    if exported:
+        folded, report = bnfold.fold(torch.export.export(model, (x.clone(),)))
+        run = folded.module()
+    else:
+        run, report = bnfold.fold(model, x.clone())
+    assert [(e.bn, e.action) for e in report.entries] == [
+        ("frozen (mul_)", "kept" if reason else "folded")]
+    assert reason is None or reason in report.entries[0].reason
+    if not reason:
+        assert report.entries[0].details["kind"] == "affine mul+add"
+    fresh = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(fresh.double())
+        got = run(fresh.clone()).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-6

@@ -5,7 +5,10 @@ eps).rsqrt()``), input normalization ``(x - mean) / std``, ``(x - m) * rsqrt(v +
 are BatchNorms in all but name. A chain is a run of nodes ``x op c`` (``op`` in
 add/sub/mul/div, ``c - x`` and ``c + x``/``c * x`` too) with ``c`` constant
 (:class:`~bnfold.passes.fx.constants.Constants`: computed only from the model's tensors), each
-node but the last read only by the next. Its constants are evaluated in float64 and composed
+node but the last read only by the next; in place too (``x.mul_(c).add_(d)``, as some
+FrozenBatchNorm2d variants write it), which is ``x * c + d`` exactly when nothing else sees the
+write: no other reader of ``x`` or of a tensor ``x`` is a view of, none a graph input or model
+tensor (else the chain is kept with the reason). Its constants are evaluated in float64 and composed
 by :func:`bnfold.algebra.compose_affine` into ``x * a + b``, then presented to the fold rules
 as the BN ``mean 0, var 1, eps 0, gamma a, beta b`` (:func:`bnfold.algebra.affine_bn`), whose
 ``s, t`` are exactly ``a, b``: every BN rule (forward, backward, splits) folds it exactly.
@@ -33,7 +36,8 @@ from torch import fx
 
 from bnfold.algebra import Broadcast, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
-from bnfold.passes.fx.constants import Constants, NotConstant, owner_label
+from bnfold.passes.fx.axes import value_users
+from bnfold.passes.fx.constants import Constants, NotConstant, alias_source, owner_label
 from bnfold.passes.fx.sites import BatchNormSite
 
 aten = torch.ops.aten
@@ -44,6 +48,10 @@ _OPS: dict[Any, str] = {
     aten.div.Tensor: "div",  # (torch.export graphs)
 }
 _METHOD_OPS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
+#: The in-place forms (``x.mul_(a)``: FrozenBatchNorm2d variants), which write into ``x``.
+_INPLACE_OPS: dict[Any, str] = {aten.add_.Tensor: "add", aten.sub_.Tensor: "sub",
+                                aten.mul_.Tensor: "mul", aten.div_.Tensor: "div"}
+_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
 
 
 @dataclass
@@ -63,6 +71,7 @@ class _Step:
     x: fx.Node
     c: Any  # a constant node or a Python number
     c_first: bool
+    inplace: bool = False  # (x.mul_(c): the result is x, written)
 
 
 def affine_chains(gm: fx.GraphModule, consts: Constants) -> dict[fx.Node, AffineChain]:
@@ -111,19 +120,43 @@ def _runs(steps: list[_Step], consts: Constants) -> list[list[_Step]]:
 
 def _step(node: fx.Node, consts: Constants) -> _Step | None:
     if node.op == "call_function":
-        op = _OPS.get(node.target)
+        op, inplace = _OPS.get(node.target), node.target in _INPLACE_OPS
+        op = op or _INPLACE_OPS.get(node.target)
     elif node.op == "call_method":
-        op = _METHOD_OPS.get(str(node.target))
+        op, inplace = _METHOD_OPS.get(str(node.target)), str(node.target) in _INPLACE_METHODS
+        op = op or _INPLACE_METHODS.get(str(node.target))
     else:
         return None
     if op is None or node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
     if isinstance(a, fx.Node) and not consts.is_constant(a) and consts.is_constant(b):
-        return _Step(node, op, a, b, False)
-    if isinstance(b, fx.Node) and not consts.is_constant(b) and consts.is_constant(a):
+        return _Step(node, op, a, b, False, inplace)
+    if isinstance(b, fx.Node) and not consts.is_constant(b) and consts.is_constant(a) \
+            and not inplace:
         return _Step(node, op, b, a, True)
     return None
+
+
+def _inplace_refusal(gm: fx.GraphModule, head: _Step) -> str | None:
+    """Why a chain whose first step writes into its input (``x.mul_(a)``) is no plain affine
+    of ``x``: it changes ``x`` for every other reader of ``x``, or of a tensor ``x`` is a view
+    of (or written in place from), and for the caller when that is a graph input or a model
+    tensor. None: nothing else sees the write, so the chain computes ``x * a + b`` exactly."""
+    reader, x = head.node, head.x
+    while True:
+        if x.op in ("placeholder", "get_attr"):
+            what = "a graph input" if x.op == "placeholder" else "a model tensor"
+            return f"{head.node.name} writes in place into {x.name} ({what}): the caller " \
+                   "would see the write, which a fold removes"
+        others = [u.name for u in value_users(x) if u is not reader]
+        if others:
+            return f"{head.node.name} writes in place into {x.name}, which " \
+                   f"{', '.join(others)} also read: not a plain affine of it"
+        source = alias_source(gm, x)
+        if source is None:
+            return None
+        reader, x = x, source
 
 
 def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> AffineChain | None:
@@ -155,6 +188,9 @@ def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> Affi
                                  "per-channel normalization; kept as written", label, kind)
     if len({(b.from_end, b.channels) for b in channel}) > 1:
         return None  # constants varying on different axes: not one per-channel affine
+    written = _inplace_refusal(gm, steps[0]) if steps[0].inplace else None
+    if written:
+        return AffineChain(head, written, label, kind)
     if len(dtypes) > 1:
         return AffineChain(head, f"its constants mix dtypes {sorted(map(str, dtypes))}", label,
                            kind)

@@ -258,6 +258,16 @@ def _written(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     return False
 
 
+def alias_source(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The tensor whose memory ``node``'s result may share: its first argument when ``node``
+    is a view of it or writes into it in place (``x.mul_(a)`` returns ``x``); else None."""
+    source = node.args[0] if node.args else None
+    if isinstance(source, fx.Node) and (_aliases(node, source)
+                                        or _writes_into(gm, node, source)):
+        return source
+    return None
+
+
 def _aliases(user: fx.Node, node: fx.Node) -> bool:
     """True when ``user``'s result may share memory with ``node``, its first argument."""
     if not user.args or user.args[0] is not node:

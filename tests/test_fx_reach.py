@@ -234,11 +234,19 @@ def test_functional_noops_and_casts(between, folded: int) -> None:
         assert rel_err(gm, model, x, double=True) < 1e-6
 
 
-def test_dropout_in_training_mode_is_not_a_noop() -> None:
-    model = _prepared(_Chain(nn.Dropout(0.5)))
-    model.between.train()
-    _, report = bnfold.fold(model, torch.randn(2, 3, 6, 6))
+@pytest.mark.parametrize("spelling", ["module", "function", "program"])
+def test_dropout_in_training_mode_is_not_a_noop(spelling: str) -> None:
+    """The BN after it is kept, and the reason names the training-mode dropout."""
+    between = nn.Dropout(0.5) if spelling != "function" else (
+        lambda t: torch.nn.functional.dropout(t, 0.5, training=True))
+    model = _prepared(_Chain(between))
+    if spelling != "function":
+        model.between.train()
+    x = torch.randn(2, 3, 6, 6)
+    _, report = bnfold.fold(torch.export.export(model, (x,)) if spelling == "program"
+                            else model, x if spelling != "program" else None)
     assert not report.folded
+    assert "a dropout in training mode" in report.kept[0].reason, report.table()
 
 
 def test_a_zero_padded_reader_keeps_the_bn_whole() -> None:

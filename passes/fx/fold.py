@@ -89,7 +89,7 @@ from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
 from bnfold.passes.fx.hooks import carry_model_hooks, forget_holdings
 from bnfold.passes.fx.lowered import raise_lowered_linears
-from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal
+from bnfold.passes.fx.noops import IDENTITY_OPS, cast_refusal, dropout_training
 from bnfold.passes.fx.ranks import possible_ranks
 from bnfold.passes.fx.sites import (
     MAX_RANK,
@@ -296,6 +296,10 @@ class _Folder:
         if not is_layer(self.gm, x):
             if not chain and is_split_point(x):
                 return self._split_bn(site, x, label)
+            if dropout_training(self.gm, x):
+                return _kept(f"its input comes from {x.name} ({_node_kind(self.gm, x)}), a "
+                             "dropout in training mode: it zeroes random elements at each "
+                             "call (in eval it is a no-op the fold looks through)")
             return _kept(f"its input comes from {x.name} ({_node_kind(self.gm, x)}), not from "
                          "a conv/linear")
         layer = layer_site(self.gm, x, self.consts)

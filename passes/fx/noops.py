@@ -34,17 +34,24 @@ IDENTITY_OPS = ("identity", "contiguous", "clone", "to")
 
 def noop_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """``"identity"`` for eval-mode dropout, ``"to"`` for a plain dtype cast, else None."""
+    if dropout_training(gm, node) is False:
+        return "identity"
+    if node.op == "call_method" and cast_dtype(node) is not None:
+        return "to"
+    return None
+
+
+def dropout_training(gm: fx.GraphModule, node: fx.Node) -> bool | None:
+    """Whether the dropout at ``node`` may be in training mode (it then zeroes random
+    elements: no no-op); None when ``node`` is no dropout."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        return "identity" if isinstance(module, _DROPOUT_MODULES) and not module.training \
-            else None
+        return module.training if isinstance(module, _DROPOUT_MODULES) else None
     if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
         index = _DROPOUT_FUNCTIONS[node.target]
         training = node.args[index] if len(node.args) > index else node.kwargs.get(
             "training", node.kwargs.get("train", True))
-        return "identity" if training is False else None
-    if node.op == "call_method" and cast_dtype(node) is not None:
-        return "to"
+        return training is not False
     return None
 
 

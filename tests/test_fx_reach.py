@@ -760,13 +760,15 @@ class _InplaceFrozenBN(nn.Module):
 
 class _InplaceAround(nn.Module):
     """The in-place FrozenBN after a conv (``after``), after a conv whose output is read again
-    (``also_read``: directly; ``view_read``: the write goes through a view of it), before a
+    (``also_read``: directly; ``view_read``: the write goes through a view of it;
+    ``identity_read``: through an ``nn.Identity``, which returns its input itself), before a
     conv (``before``, on a ReLU's output) or on the graph input (``input``)."""
 
     def __init__(self, where: str) -> None:
         super().__init__()
         self.where = where
         self.conv = nn.Conv2d(3, 4, 3)
+        self.idn = nn.Identity()
         self.frozen = _InplaceFrozenBN(3 if where in ("before", "input") else 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -777,13 +779,17 @@ class _InplaceAround(nn.Module):
         y = self.conv(x)
         if self.where == "after":
             return self.frozen(y)
-        z = self.frozen(y if self.where == "also_read" else y[:, :])
+        z = self.frozen(y if self.where == "also_read" else self.idn(y)
+                        if self.where == "identity_read" else y[:, :])
         return z + y
 
 
 @pytest.mark.parametrize(("where", "exported", "reason"), [
-    ("after", False, None), ("after", True, None), ("before", False, None),
-    ("before", True, None),
+    ("after", False, None), ("after", True, None),
+    ("before", False, "writes in place into relu, which is no conv/linear output"),
+    ("before", True, None),  # (aten.relu returns a new tensor)
+    ("identity_read", False, "writes in place into idn, which is no conv/linear output"),
+    ("identity_read", True, None),  # (export drops the Identity and reads add_ twice)
     ("also_read", False, "writes in place into conv, which add also read"),
     ("also_read", True, None),  # (torch.export reads add_ twice: the write is seen)
     ("view_read", False, "writes in place into conv, which add also read"),

@@ -38,7 +38,7 @@ from bnfold.algebra import Broadcast, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.axes import value_users
 from bnfold.passes.fx.constants import Constants, NotConstant, alias_source, owner_label
-from bnfold.passes.fx.sites import BatchNormSite
+from bnfold.passes.fx.sites import BatchNormSite, is_layer
 
 aten = torch.ops.aten
 _OPS: dict[Any, str] = {
@@ -142,7 +142,11 @@ def _inplace_refusal(gm: fx.GraphModule, head: _Step) -> str | None:
     """Why a chain whose first step writes into its input (``x.mul_(a)``) is no plain affine
     of ``x``: it changes ``x`` for every other reader of ``x``, or of a tensor ``x`` is a view
     of (or written in place from), and for the caller when that is a graph input or a model
-    tensor. None: nothing else sees the write, so the chain computes ``x * a + b`` exactly."""
+    tensor. The walk back ends at a tensor the write could still be shared through unless
+    it is new (:func:`_fresh`): ``Identity``, an eval ``Dropout``, ``nn.ReLU(inplace=True)``
+    and ``.to``/``.float`` of the same dtype return their input itself, unseen as views, so
+    any other producer keeps the chain. None: nothing else sees the write, so the chain
+    computes ``x * a + b`` exactly."""
     reader, x = head.node, head.x
     while True:
         if x.op in ("placeholder", "get_attr"):
@@ -155,8 +159,21 @@ def _inplace_refusal(gm: fx.GraphModule, head: _Step) -> str | None:
                    f"{', '.join(others)} also read: not a plain affine of it"
         source = alias_source(gm, x)
         if source is None:
-            return None
+            return None if _fresh(gm, x) else (
+                f"{head.node.name} writes in place into {x.name}, which is no conv/linear "
+                "output and may be another tensor itself (the fold would drop a write other "
+                "readers of it see)")
         reader, x = x, source
+
+
+def _fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s result is a new tensor: a conv/linear's, or an ATen op's whose schema
+    returns no alias of an argument (``torch.export`` graphs)."""
+    if is_layer(gm, node):
+        return True
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and all(
+        r.alias_info is None for r in target._schema.returns)
 
 
 def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> AffineChain | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from bnfold.errors import BadInputError
 
 
@@ -21,10 +23,11 @@ def check_module(model: object) -> None:
 
 
 def check_flags(**flags: object) -> None:
-    """Refuse a boolean keyword argument that is not ``True`` or ``False``
-    (``backward="no"`` would otherwise be read as true)."""
+    """Refuse a boolean keyword argument that is not ``True`` or ``False`` (a numpy bool, or
+    the integer 0 or 1, is one): ``backward="no"`` would otherwise be read as true."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
+        if not (isinstance(value, (bool, np.bool_))
+                or (isinstance(value, (int, np.integer)) and value in (0, 1))):
             raise BadInputError(f"{name} must be True or False, got {shown(value)}")
 
 

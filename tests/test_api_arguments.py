@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -76,11 +77,21 @@ def test_every_public_boolean_argument_is_checked() -> None:
 
 
 @pytest.mark.parametrize(("name", "flag"), FLAGS)
-@pytest.mark.parametrize("value", ["no", 1, None])
+@pytest.mark.parametrize("value", ["no", 2, None])
 def test_a_flag_that_is_not_a_bool_is_refused(name: str, flag: str, value: Any,
                                               onnx_file: Path) -> None:
     _refused(lambda: _call(name, flag, value, onnx_file),
              f"^{flag} must be True or False, got {re.escape(repr(value))}$")
+
+
+@pytest.mark.parametrize("value", [np.False_, np.True_, 0, 1])
+def test_numpy_bools_and_0_or_1_are_flags(value: Any, onnx_file: Path) -> None:
+    """What Python reads as a bool without doubt passes (configs give 0/1, numpy np.bool_)."""
+    model = torch.fx.symbolic_trace(_module())
+    folded, _ = bnfold.fold(model, (X,), inplace=value)
+    assert (folded is model) == bool(value)
+    report = bnfold.inspect_onnx(onnx_file, freeze_initializer_inputs=value)
+    assert [e.action for e in report.entries] == ["folded"]
 
 
 def test_flags_refused_on_a_program_too() -> None:

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx_cases import Builder, count, feeds, reference, rel_err, run_ort
@@ -481,3 +482,42 @@ def test_a_constant_nodes_external_tensor_is_bound_to_base_dir(tmp_path):
     assert given.graph.node(0).attributes["value"] is attr and attr.value.base_dir == ""
     save_onnx(folded, tmp_path / "f.onnx")
     assert_computes(tmp_path / "f.onnx", model)
+
+
+@pytest.mark.parametrize("size", [4, 512])  # one inlined on save, one over INLINE_LIMIT
+def test_external_constant_tensors_in_a_subgraph_are_written_with_the_output(
+        run_cli, tmp_path, size):
+    """``If`` branches whose ``Constant`` values are stored in the input's data file: the
+    output, in another folder, holds them (inline, or in its own data file), not a location
+    that names the input's file."""
+    b = Builder(9)
+    b.node("Conv", ["x", b.rand("w", [size, 8, 1, 1])], ["c"])
+    b.bn("c", "n", size)
+    model = b.model({"x": [1, 8, 4, 4]}, {"n": None})
+    rng = np.random.default_rng(3)
+    branches = []
+    for name in ("then", "else"):
+        k = onnx.numpy_helper.from_array(rng.normal(size=(1, size, 1, 1)).astype(np.float32),
+                                         f"k_{name}")
+        branches.append(onnx.helper.make_graph(
+            [onnx.helper.make_node("Constant", [], [f"kc_{name}"], value=k),
+             onnx.helper.make_node("Add", ["n", f"kc_{name}"], [f"o_{name}"])], name, [],
+            [onnx.helper.make_tensor_value_info(f"o_{name}", onnx.TensorProto.FLOAT,
+                                                [1, size, 4, 4])]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(onnx.helper.make_node(
+        "If", ["cond"], ["y"], then_branch=branches[0], else_branch=branches[1]))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                                  [1, size, 4, 4]))
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), tmp_path / "m.onnx",
+                    save_as_external_data=True, location="m.data", size_threshold=0,
+                    convert_attribute=True)
+    out = tmp_path / "out" / "o.onnx"
+    res = run_cli("fold", tmp_path / "m.onnx", "-o", out)
+    assert res.returncode == 0, res.stderr
+    written = onnx.load(str(out))  # (refuses a location whose file is not there)
+    onnx.checker.check_model(written, full_check=True)
+    x = feeds(model, seed=7)
+    assert rel_err(run_ort(written, x), reference(model, x)) < TOL
+    assert count(written) == 0

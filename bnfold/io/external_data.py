@@ -37,19 +37,20 @@ OWN_DATA_KEY = "bnfold.data_file"
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of ``model``: initializers and tensor attributes, in every graph
     and function body."""
-    return (tensor for tensor, _ in _external_slots(model))
+    return (tensor for tensor, _ in external_slots(model))
 
 
-def _external_slots(model: ir.Model
-                    ) -> Iterator[tuple[ir.ExternalTensor, Callable[[ir.TensorProtocol], None]]]:
-    """:func:`external_tensors`, each with a function that puts another tensor in its place
-    (the initializer's value, or the node attribute that holds it)."""
+def external_slots(model: ir.Model, *, initializers: bool = True
+                   ) -> Iterator[tuple[ir.ExternalTensor, Callable[[ir.TensorProtocol], None]]]:
+    """:func:`external_tensors` (those of node attributes only, without ``initializers``),
+    each with a function that puts another tensor in its place (the initializer's value, or
+    the node attribute that holds it)."""
     walked = (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS, ir.AttributeType.GRAPH,
               ir.AttributeType.GRAPHS)
     bodies: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     while bodies:  # every graph, subgraph and function body, each node visited once
         body = bodies.pop()
-        if isinstance(body, ir.Graph):
+        if isinstance(body, ir.Graph) and initializers:
             for value in body.initializers.values():
                 if isinstance(value.const_value, ir.ExternalTensor):
                     yield value.const_value, functools.partial(setattr, value, "const_value")
@@ -94,7 +95,7 @@ def bind_external_data(model: ir.Model, base_dir: str | os.PathLike[str] | None,
     model was read from (its graph's own bytes are no weights). Raises :class:`BadInputError`
     naming the location.
     """
-    for tensor, put in list(_external_slots(model)):
+    for tensor, put in list(external_slots(model)):
         bound = not tensor.base_dir
         if bound:
             if base_dir is None:

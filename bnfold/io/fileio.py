@@ -12,7 +12,12 @@ import onnx
 from bnfold.arguments import check_path
 from bnfold.errors import BadInputError, cause_line, first_line
 from bnfold.gc_pause import gc_paused
-from bnfold.io.external_data import bind_external_data, external_tensors, referenced_files
+from bnfold.io.external_data import (
+    bind_external_data,
+    external_slots,
+    external_tensors,
+    referenced_files,
+)
 from bnfold.io.filechecks import (
     check_external_data,
     check_initializers,
@@ -114,8 +119,8 @@ def save_onnx(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pat
               base_dir: str | os.PathLike[str] | None = None) -> None:
     """Write ``model`` to ``path`` atomically: readers see the old file or the new one.
 
-    If the model had external data (an initializer of any graph still external, or lazy), or its
-    tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes
+    If the model had external data (an initializer of any graph still external, or lazy, or
+    a node attribute's tensor still external), or its tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes
     are streamed one at a time to a new file ``<name>.<content hash>.data`` beside it (a lazy
     tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
     stays about one tensor) and the model's large tensors then refer to it; no existing file is
@@ -152,7 +157,8 @@ def stage_save(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pa
                    if v.const_value is not None]
         lazy = (ir.ExternalTensor, ir.LazyTensor)  # bnfold folds external weights lazily
         external = any(issubclass(type(t), lazy) for t in tensors) or sum(
-            map(stored_bytes, tensors)) > EXTERNAL_THRESHOLD
+            map(stored_bytes, tensors)) > EXTERNAL_THRESHOLD or next(
+            external_slots(model, initializers=False), None) is not None
         return stage_onnx(model, Path(path), external=external, inline_limit=INLINE_LIMIT,
                           keep=keep)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -43,6 +44,7 @@ from bnfold.errors import BadInputError
 from bnfold.io.external_data import (
     OWN_DATA_KEY,
     data_files_of,
+    external_slots,
     named_by_another,
     referenced_files,
 )
@@ -66,7 +68,8 @@ class StagedModel:
         self.graph_tmp: Path | None = None
         self.data: Path | None = None
         self.payload: bytes | None = None  # the serialized model, for a target not a file
-        self.swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+        #: where the stage put another tensor, and the tensor that was there
+        self.swapped: list[tuple[Callable[[ir.TensorProtocol], None], ir.TensorProtocol]] = []
         #: the model whose metadata now names :attr:`data`, and the entry it had before
         self.marked: tuple[ir.Model, str | None] | None = None
         self.reads: set[Path] = set()  # what the staged graph names (its own data)
@@ -120,8 +123,8 @@ class StagedModel:
             with contextlib.suppress(FileNotFoundError):
                 self.data.unlink()
             self.data = None
-        for value, tensor in reversed(self.swapped):
-            value.const_value = tensor
+        for put, tensor in reversed(self.swapped):
+            put(tensor)
         self.swapped.clear()
         if self.marked is not None:
             _mark(*self.marked)
@@ -177,25 +180,30 @@ def stage_onnx(model: ir.Model | onnx.ModelProto | SplitProto, target: Path, *, 
 def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: StagedModel,
                 perms: int) -> None:
     """Stream large tensors (one at a time: lazy ones computed, external ones copied and
-    unmapped) to a new data file; point the model's values at it; small external ones inline."""
+    unmapped) to a new data file and point the model at it; small external ones inline.
+    Initializers, and node attributes' external tensors (a ``Constant``'s, in any graph):
+    else those would still name the input's data file, beside another folder."""
     from bnfold.io.fileio import release_mapping
 
+    slots: list[tuple[ir.TensorProtocol, Callable[[ir.TensorProtocol], None], str]] = [
+        (v.const_value, functools.partial(setattr, v, "const_value"),
+         v.const_value.name or v.name or "")
+        for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+    slots += [(t, put, t.name or "") for t, put in external_slots(model, initializers=False)]
     fd, tmp = _new_temp(target, ".data.tmp", perms)
     digest = hashlib.blake2b(digest_size=8)
-    placed: list[tuple[ir.Value, ir.TensorProtocol, int, int]] = []
+    placed: list[tuple[Callable[[ir.TensorProtocol], None], ir.TensorProtocol, str, int,
+                       int]] = []
     try:
         with os.fdopen(fd, "wb") as f:
-            for value in (v for g in model.graphs() for v in g.initializers.values()):
-                tensor = value.const_value
-                if tensor is None:
-                    continue
+            for tensor, put, name in slots:
                 if tensor.nbytes < inline_limit:
                     if isinstance(tensor, ir.ExternalTensor):  # small: inline, off the old file
-                        staged.swapped.append((value, tensor))
-                        value.const_value = ir.Tensor(tensor.numpy().copy(), name=tensor.name)
+                        staged.swapped.append((put, tensor))
+                        put(ir.Tensor(tensor.numpy().copy(), name=tensor.name))
                     continue
                 data = tensor_bytes(tensor)  # a numpy tensor's array itself, no copy
-                placed.append((value, tensor, f.tell(), len(data)))
+                placed.append((put, tensor, name, f.tell(), len(data)))
                 f.write(data)
                 digest.update(data)
                 del data
@@ -210,12 +218,11 @@ def _write_data(model: ir.Model, target: Path, inline_limit: int, staged: Staged
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for value, tensor, offset, length in placed:
+    for put, tensor, name, offset, length in placed:
         assert staged.data is not None
-        staged.swapped.append((value, tensor))
-        value.const_value = ir.ExternalTensor(
-            staged.data.name, offset, length, tensor.dtype, shape=tensor.shape,
-            name=tensor.name or value.name or "", base_dir=target.parent)
+        staged.swapped.append((put, tensor))
+        put(ir.ExternalTensor(staged.data.name, offset, length, tensor.dtype,
+                              shape=tensor.shape, name=name, base_dir=target.parent))
 
 
 class StagedFile:

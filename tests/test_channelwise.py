@@ -144,6 +144,45 @@ def test_onnx_keeps_the_bn_where_the_op_does_not_pass_the_affine_map(
     assert reason in report.kept[0].reason
 
 
+@pytest.mark.parametrize("size, kernel, stride, dilation, opset", [
+    (11, 2, 2, 1, 17),  # torch's AvgPool2d(2, 2, ceil_mode=True): last window 1 past the end
+    (12, 3, 2, 1, 22),
+    (12, 3, 2, 2, 19),  # dilated, the last window 1 past the end
+    (10, 3, 2, 1, 17),  # ceil_mode with no window past the end
+])
+def test_onnx_ceil_mode_average_pool_counting_no_padding_folds(
+        size: int, kernel: int, stride: int, dilation: int, opset: int) -> None:
+    """``count_include_pad=1`` (torch's export of ``AvgPool2d(k, s, ceil_mode=True)``) with every
+    pad 0: ceil_mode's last window is averaged over the input's elements only (ONNX Runtime and
+    the reference alike), so ``avg(s*y + t) = s*avg(y) + t``; checked in ORT and float64."""
+    b = Builder(11)
+    b.node("Conv", ["x", b.rand("w", [6, 3, 3, 3])], ["c"])
+    attrs = {"dilations": [dilation] * 2} if dilation > 1 else {}
+    b.node("AveragePool", ["c"], ["p"], kernel_shape=[kernel] * 2, strides=[stride] * 2,
+           pads=[0, 0, 0, 0], ceil_mode=1, count_include_pad=1, **attrs)
+    b.bn("p", "y", 6)
+    _, report = check(b.model({"x": [2, 3, size, size]}, {"y": None}, opset=opset), 0)
+    assert report.folded[0].into == "Conv_0"
+
+
+@pytest.mark.parametrize("pads, size, reason", [
+    ([0, 0, 0, 0], 9, "last window runs 2 elements past the input's end"),
+    ([0, 0, 1, 1], 11, "counts its padding in the average"),
+])
+def test_onnx_ceil_mode_average_pool_keeps_the_bn_with_a_true_reason(
+        pads: list, size: int, reason: str) -> None:
+    """A pad counted in the average, or a last window 2 past the end (onnx's reference puts
+    half of it before the input and counts it), keeps the BN, saying which."""
+    b = Builder(12)
+    b.node("Conv", ["x", b.rand("w", [6, 3, 3, 3])], ["c"])
+    b.node("AveragePool", ["c"], ["p"], kernel_shape=[3, 3], strides=[3, 3], pads=pads,
+           ceil_mode=1, count_include_pad=1)
+    b.bn("p", "y", 6)
+    # (no numeric check: onnx's reference and ORT place the overrun windows differently)
+    _, report = check(b.model({"x": [2, 3, size, size]}, {"y": None}), 1, ref=False)
+    assert reason in report.kept[0].reason
+
+
 def test_onnx_max_pool_with_a_negative_scale_keeps_the_bn() -> None:
     model = _onnx("MaxPool", kernel_shape=[2, 2])
     scale = next(t for t in model.graph.initializer if t.name == "y_scale")

@@ -5,9 +5,10 @@ for an average or a resample whose weights sum to one, and for a max where ``s >
 ``layer -> P -> BN`` folds into the layer exactly. Every op here reads ``(N, C, spatial...)``
 and keeps channel axis 1:
 
-* ``AveragePool``: with no padding (no ``pads``, ``auto_pad`` ``NOTSET``/``VALID``) and no
-  ``ceil_mode``, or with ``count_include_pad=0`` (padding counted in the average would scale
-  the shift at the borders); ``GlobalAveragePool``;
+* ``AveragePool``: with no padding (no ``pads``, ``auto_pad`` ``NOTSET``/``VALID``), or with
+  ``count_include_pad=0`` (padding counted in the average would scale the shift at the
+  borders); with ``ceil_mode`` and ``count_include_pad=1`` only where the last window runs at
+  most 1 element past the input (:func:`_counted_padding`); ``GlobalAveragePool``;
 * ``MaxPool`` (its ``Indices`` output unread), ``GlobalMaxPool``: when ``s >= 0`` everywhere;
 * ``Resize`` / ``Upsample``: every mode but ``tf_crop_and_resize`` (which fills with a
   constant outside the crop) and without ``axes``, when the channel count stays (a scale of 1
@@ -39,12 +40,10 @@ def is_channelwise(node: ir.Node) -> bool:
 def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | None:
     """Why the affine map of ``params`` does not pass through ``node`` exactly, or None."""
     name, attrs = f"{display_name(node)} ({node.op_type})", node.attributes
-    if node.op_type == "AveragePool":
-        padded = attrs.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") or any(
-            attrs.get_ints("pads", ()) or ()) or attrs.get_int("ceil_mode", 0)
-        if padded and attrs.get_int("count_include_pad", 0):
-            return (f"{name} counts its padding in the average (count_include_pad=1): the "
-                    "shift would be scaled at the borders")
+    if node.op_type == "AveragePool" and attrs.get_int("count_include_pad", 0):
+        why = _counted_padding(node, ctx)
+        if why:
+            return f"{name} {why}"
     if node.op_type in ("MaxPool", "GlobalMaxPool"):
         if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
             return f"{name} also returns indices, which are read"
@@ -76,6 +75,41 @@ def channelwise_refusal(node: ir.Node, params: BNParams, ctx: Context) -> str | 
             return f"{name}: whether it keeps the channel count is {UNKNOWN}"
         if channels != dims_in[1]:
             return f"{name} resizes the channel axis"
+    return None
+
+
+def _counted_padding(node: ir.Node, ctx: Context) -> str | None:
+    """Why an ``AveragePool`` with ``count_include_pad=1`` averages over elements that are not
+    its input's (so ``avg(s*y + t) != s*avg(y) + t`` at the borders), or None.
+
+    Padding (``pads``, ``auto_pad`` ``SAME_*``) is counted: the shift would be scaled. With
+    every pad 0, ``ceil_mode``'s last window may run past the input's end; ONNX Runtime (every
+    opset) and torch average it over the input's elements only (the weights sum to one:
+    exact), but onnx's reference evaluator puts half of an overrun of 2 or more before the
+    input and counts it, so an overrun is taken only where it is at most 1 on every axis.
+    """
+    attrs = node.attributes
+    if attrs.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER") or any(
+            attrs.get_ints("pads", ()) or ()):
+        return ("counts its padding in the average (count_include_pad=1): the shift would "
+                "be scaled at the borders")
+    if not attrs.get_int("ceil_mode", 0):
+        return None
+    dims = ctx.dims(node.inputs[0])
+    kernel = attrs.get_ints("kernel_shape", ())
+    if dims is None or any(d is None for d in dims[2:]) or len(dims) - 2 != len(kernel):
+        return f"rounds its output size up (ceil_mode=1) and its input's size is {UNKNOWN}"
+    strides = attrs.get_ints("strides", ()) or [1] * len(kernel)
+    dilations = attrs.get_ints("dilations", ()) or [1] * len(kernel)
+    for size, k, s, d in zip(dims[2:], kernel, strides, dilations, strict=True):
+        span = (k - 1) * d + 1
+        last = -(-(size - span) // s) * s  # start of the last window (ceil_mode)
+        if last >= size:  # a window starting past the end is dropped
+            last -= s
+        if last + span - size > 1:
+            return (f"rounds its output size up (ceil_mode=1) with count_include_pad=1 and its "
+                    f"last window runs {last + span - size} elements past the input's end, "
+                    "which runtimes do not average alike")
     return None
 
 

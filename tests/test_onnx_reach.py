@@ -461,6 +461,40 @@ def test_a_layer_output_read_twice_by_one_node_says_so(op: str) -> None:
     assert "also feeds nothing" not in report.kept[0].reason
 
 
+@pytest.mark.parametrize("axis", [0, 2, -1])
+def test_concat_off_the_channel_axis_folds_the_whole_bn_into_each_layer(axis: int) -> None:
+    """A siamese batch (axis 0) or a spatial concat of two convs: each input holds every
+    channel, ``BN(cat(y1, y2)) = cat(BN(y1), BN(y2))``, so each conv takes the whole BN."""
+    b = Builder(19)
+    b.node("Conv", ["x", b.rand("w1", [4, 3, 3, 3])], ["a"], pads=[1, 1, 1, 1])
+    b.node("Conv", ["x", b.rand("w2", [4, 3, 3, 3]), b.rand("b2", [4])], ["c"],
+           pads=[1, 1, 1, 1])
+    b.node("Concat", ["a", "c"], ["cat"], axis=axis)
+    b.bn("cat", "y", 4)
+    _, report = check(b.model({"x": [2, 3, 5, 5]}, {"y": None}), 0)
+    assert report.folded[0].into == "Conv_0, Conv_1"
+
+
+def test_off_axis_concat_of_one_layer_output_twice_folds_once() -> None:
+    """``Concat(a, a, axis=0)``: the conv behind ``a`` takes the BN once."""
+    b = Builder(20)
+    b.node("Gemm", ["x", b.rand("w", [5, 3]), b.rand("bias", [5])], ["a"], transB=1)
+    b.node("Concat", ["a", "a"], ["cat"], axis=0)
+    b.bn("cat", "y", 5)
+    _, report = check(b.model({"x": [4, 3]}, {"y": None}), 0)
+    assert report.folded[0].into == "Gemm_0"
+
+
+def test_off_axis_concat_with_a_non_layer_keeps_the_bn_saying_which() -> None:
+    b = Builder(21)
+    b.node("Conv", ["x", b.rand("w1", [3, 3, 1, 1])], ["a"])
+    b.node("Concat", ["a", "x"], ["cat"], axis=0)
+    b.bn("cat", "y", 3)
+    _, report = check(b.model({"x": [2, 3, 4, 4]}, {"y": None}), 1)
+    assert "on axis 0 (not the channel axis 1" in report.kept[0].reason
+    assert "input 'x' does not fold" in report.kept[0].reason
+
+
 def test_concat_with_two_non_layers_keeps_whole_bn() -> None:
     b = Builder(18)
     b.node("Conv", ["x", b.rand("w1", [6, 3, 1, 1])], ["a"])

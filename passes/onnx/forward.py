@@ -63,8 +63,10 @@ def remove(site: Site, ctx: Context) -> None:
     ctx.released.extend(remove_bn(site.nodes, site.current_x()))
 
 
-def layer_fold(site: Site, ctx: Context) -> Fold | str:
-    """The rewrite of the layer before ``site`` that makes the site an identity."""
+def layer_fold(site: Site, ctx: Context, *, repeated: bool = False) -> Fold | str:
+    """The rewrite of the layer before ``site`` that makes the site an identity
+    (``repeated``: ``site.nodes[0]`` may read ``site.x`` more than once, as an off-axis
+    concat of one value twice does: it still is the value's only reader)."""
     chain: list[ir.Node] = []
     value = site.x
     reader = site.nodes[0]
@@ -73,7 +75,8 @@ def layer_fold(site: Site, ctx: Context) -> Fold | str:
         node = value.producer()
         if node is None:
             return f"its input {value.name!r} is a graph input or constant, not a layer output"
-        why = sole_reader(value, display_name(node), reader)
+        why = sole_reader(value, display_name(node), reader,
+                          repeated=repeated and value is site.x)
         shared = bool(why) and not chain and _only_bns_read(node, ctx)
         if why and not shared:
             return why

@@ -15,6 +15,9 @@
   two: the plans of the inputs after them are not made, which in a DenseNet, where each
   concat reads every earlier layer of its block, would make the cost quadratic).
 
+* ``BN(Concat(y1, ..., yn))`` on another axis (batch, spatial): each ``yi`` holds every
+  channel and its layer takes the whole BN (:func:`_off_axis_concat`).
+
 Between the sum or concat and the BN there may be eval-mode no-ops (:mod:`.noops`).
 """
 
@@ -111,8 +114,7 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
         return f"the rank of {display_name(concat)}'s output is {UNKNOWN}"
     axis = concat.attributes.get_int("axis", 0) % len(out)
     if axis != site.axis:
-        return (f"its input is {display_name(concat)} on axis {axis}, not on the channel axis "
-                f"{site.axis}")
+        return _off_axis_concat(site, concat, axis, ctx)
     folds: list[Fold] = []
     kept: list[tuple[int, BNParams, str]] = []
     start = 0
@@ -166,6 +168,36 @@ def _concat(site: Site, concat: ir.Node, ctx: Context) -> Fold | str:
                   f"{', '.join(display_name(f.into) for f in folds)}; kept as a smaller "
                   f"BatchNormalization over the channels of input {kept[0][2]}")
     return Fold(folds[0].into, "forward", apply, [f.into for f in folds[1:]], kept=reason)
+
+
+def _off_axis_concat(site: Site, concat: ir.Node, axis: int, ctx: Context) -> Fold | str:
+    """Fold a BN over ``concat`` along a non-channel ``axis`` (a batch of siamese branches, a
+    spatial concat): every input holds all channels, ``BN(cat(y1, y2)) = cat(BN(y1), BN(y2))``
+    with the whole ``s, t`` each, so each distinct input's layer takes them all (an input read
+    twice folds once). Exact for every input; kept whole unless every input folds."""
+    folds: list[Fold] = []
+    seen: list[ir.Value] = []
+    for i, v in enumerate(concat.inputs):
+        if v is None or any(v is u for u in seen):
+            continue
+        seen.append(v)
+        repeated = sum(u is v for u in concat.inputs) > 1
+        fold = layer_fold(Site([concat], v, site.params, site.kind, site.axis, i), ctx,
+                          repeated=repeated)
+        if isinstance(fold, str):
+            return (f"its input is {display_name(concat)} on axis {axis} (not the channel "
+                    f"axis {site.axis}: each input takes the whole BN), whose input "
+                    f"{v.name!r} does not fold: {fold}")
+        folds.append(fold)
+    if not folds:
+        return f"{display_name(concat)} has no input"
+
+    def apply() -> None:
+        for fold in folds:
+            fold.apply()
+        remove(site, ctx)
+
+    return Fold(folds[0].into, "forward", apply, [f.into for f in folds[1:]])
 
 
 def _insert_slice_bn(concat: ir.Node, index: int, params: BNParams, name: str,

@@ -77,10 +77,13 @@ def conv_tensors(ctx: Context, layer: ir.Node) -> tuple[np.ndarray, np.ndarray |
     return weight, bias
 
 
-def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None) -> str | None:
+def sole_reader(value: ir.Value, producer: str, reader: ir.Node | None = None, *,
+                repeated: bool = False) -> str | None:
     """``None`` if ``value`` has exactly one reader (``reader``), else why that blocks the
-    fold (naming the other readers)."""
+    fold (naming the other readers); ``repeated``: that reader may read it several times."""
     uses = data_uses(value)
+    if repeated and uses and all(u.node is uses[0].node for u in uses):
+        uses = uses[:1]
     if value.is_graph_output() or len(uses) != 1:
         if not value.is_graph_output() and len({id(u.node) for u in uses}) == 1:
             return (f"{producer} output {value.name!r} is read {len(uses)} times by "

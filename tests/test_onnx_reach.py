@@ -308,6 +308,28 @@ def test_input_normalization_folds_backward() -> None:
                                          "kind": "affine Sub+Div"}
 
 
+def test_bn_before_a_pixel_unshuffle_into_a_conv_names_what_blocks_it() -> None:
+    """TorchScript's PixelUnshuffle (Reshape -> Transpose -> Reshape) between a BN and a conv
+    regroups the channels: the reason names the Reshape and its Transpose reader, not a Gemm
+    that is not there."""
+    class Unshuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.pu, self.conv = nn.BatchNorm2d(4), nn.PixelUnshuffle(2), \
+                nn.Conv2d(16, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.pu(self.bn(torch.relu(x))))
+
+    torch.manual_seed(0)
+    model, x = randomize_bn_stats(Unshuffle()).eval(), torch.randn(2, 4, 6, 6)
+    folded, report = fold_onnx(torchscript_export(model, x))
+    (entry,) = report.kept
+    assert "/pu/Reshape (Reshape) regroups the BN's channels and feeds /pu/Transpose " \
+        "(Transpose), not a Gemm" in entry.reason, entry.reason
+    assert _ort_vs_float64(model, folded, x) < FP32_TOL
+
+
 def test_scalar_and_off_channel_affines_are_kept_with_reason() -> None:
     b = Builder(11)
     b.node("Conv", ["x", b.rand("w", [4, 3, 1, 1])], ["c"])

@@ -178,12 +178,24 @@ def _copy_pad_refusal(pad: ir.Node, ctx: Context) -> str | None:
     return sole_reader(pad.outputs[0], display_name(pad))
 
 
+def _reshape_reader(flat: ir.Node, reader: ir.Node | None, index: int) -> str:
+    """What reads the output of ``flat`` (past no-ops: ``reader`` at input ``index``), in
+    words, for a reason naming what blocks a backward fold through it."""
+    if reader is None:
+        return f"feeds {consumers_text(flat.outputs[0])}, not a single reader"
+    if index != 0:
+        return f"feeds input {index} of {display_name(reader)} ({reader.op_type})"
+    return f"feeds {display_name(reader)} ({reader.op_type}), not a Gemm"
+
+
 def _flattened(site: Site, flat: ir.Node, ctx: Context) -> BNParams | str:
     """Per-feature BN parameters after ``flat`` (Flatten/Reshape) when it feeds a Gemm
     (through eval no-ops)."""
     gemm, index = _past_noops(flat, ctx)
     if gemm is None or gemm.op_type != "Gemm" or index != 0:
-        return f"{display_name(flat)} does not feed a Gemm's input A alone"
+        return (f"{display_name(flat)} ({flat.op_type}) regroups the BN's channels and "
+                f"{_reshape_reader(flat, gemm, index)}; a reshape is followed only where it "
+                "flattens into a Gemm's input A")
     weight = ctx.consts.array(gemm.inputs[1]) if gemm.inputs[1] is not None else "missing"
     if isinstance(weight, str) or weight.ndim != 2:
         return f"{display_name(gemm)} weight is not a constant matrix"

@@ -120,8 +120,9 @@ def save_onnx(model: ir.Model | onnx.ModelProto | SplitProto, path: str | os.Pat
     """Write ``model`` to ``path`` atomically: readers see the old file or the new one.
 
     If the model had external data (an initializer of any graph still external, or lazy, or
-    a node attribute's tensor still external), or its tensors exceed :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes
-    are streamed one at a time to a new file ``<name>.<content hash>.data`` beside it (a lazy
+    a node attribute's tensor still external), or its tensors exceed
+    :data:`EXTERNAL_THRESHOLD`, tensors of at least :data:`INLINE_LIMIT` bytes are streamed
+    one at a time to a new file ``<name>.<content hash>.data`` beside it (a lazy
     tensor is computed, written and dropped, an external one copied and unmapped, so peak memory
     stays about one tensor) and the model's large tensors then refer to it; no existing file is
     overwritten, and saving over the source file is safe (:mod:`bnfold.io.staged_save`). An

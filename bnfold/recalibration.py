@@ -25,7 +25,9 @@ their inputs while each of them is bypassed (so every one sees the activations o
 it was before insertion), then sets ``gamma = sqrt(running_var + eps)`` and
 ``beta = running_mean + b``: in eval mode each inserted BN then computes ``x + b``, up to fp32
 rounding, and the model computes what it did before insertion, while training-mode
-normalization starts from the data's statistics. ``b`` is the layer bias that
+normalization starts from the data's statistics. A channel constant over every batch (a dead
+ReLU unit) measures variance 0; with ``eps=0`` it gets running variance 1 instead (weight 1:
+``x - mean + mean``), where 0 would divide 0 by 0. ``b`` is the layer bias that
 ``insert_bn(drop_bias=True)`` removed (kept on the BN as ``bnfold_dropped_bias``), else 0; the
 bypass adds it too.
 
@@ -307,6 +309,9 @@ def _write(targets: Mapping[str, _BatchNorm], pooled: Mapping[str, _Pooled],
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.fill_(pool.calls)
         if preserve_function:
+            # A channel constant over every batch (a dead ReLU) with eps=0 would divide by 0:
+            # give it variance 1 (its weight is then 1, its output x - mean + mean).
+            bn.running_var.masked_fill_(bn.running_var.to(torch.float64) + bn.eps <= 0, 1.0)
             var = bn.running_var.to(torch.float64)  # as stored: eval mode divides by this
             bn.weight.copy_(torch.sqrt(var + bn.eps))
             dropped = getattr(bn, DROPPED_BIAS_ATTR, None)

@@ -144,6 +144,28 @@ def test_preserve_function_keeps_eval_output_to_fp32_rounding() -> None:
         assert (gm(x).double() - ref).abs().max() / ref.abs().max() > 1e-2
 
 
+def test_preserve_function_with_eps_0_and_a_dead_channel_stays_finite() -> None:
+    """A ReLU unit dead on every batch measures variance 0; with eps=0 its BN would compute
+    0 * (0 / 0): it gets variance 1 instead, and the model still computes what it did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[3] = -100.0  # unit 3: ReLU output 0 for every input below
+    model.eval()
+    batches = _batches((4,), seed=5)
+    gm, _ = bnfold.insert_bn(model, example_inputs=batches[0], eps=0.0,
+                             position="after_activation")
+    bnfold.recalibrate(gm, batches, preserve_function=True, progress=False)
+    assert gm.get_submodule("0_bn").running_var[3] == 1.0
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+    gm.eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        out = gm(x)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 1e-5
+
+
 def test_preserve_function_measures_the_pre_insertion_activations() -> None:
     model, gm, _ = _pretrained_inserted()
     batches = _batches((1, 8, 8), seed=3)

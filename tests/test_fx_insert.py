@@ -337,6 +337,37 @@ def test_drop_bias_keeps_what_is_not_redundant() -> None:
     assert gm.fc.bias is not None
 
 
+class _BiasReadTwice(nn.Module):
+    """``fc``'s bias also read by the graph (``+ fc.bias``; ``functional``: as the bias of an
+    ``F.linear`` call), so dropping it from ``fc`` would take it from that reader too."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.functional = functional
+        self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 2)
+        self.w2 = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        h = F.linear(h, self.w2, self.fc.bias) if self.functional else h + self.fc.bias
+        return self.out(h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_drop_bias_keeps_a_bias_the_graph_reads_elsewhere(functional: bool) -> None:
+    model = _BiasReadTwice(functional)
+    x = torch.randn(8, 6)
+    kept, _ = bnfold.insert_bn(model, example_inputs=x)
+    gm, report = bnfold.insert_bn(model, example_inputs=x, drop_bias=True)
+    assert inserted(report)["fc_bn"]["bias"] == "kept: the graph reads the bias Parameter " \
+        "elsewhere too"
+    assert gm.fc.bias is not None
+    with torch.no_grad():  # (a dropped bias before a training-mode BN changes nothing)
+        want, got = kept.train()(x), gm.train()(x)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+
 def test_drop_bias_functional() -> None:
     gm, report = bnfold.insert_bn(plain.get("functional_net"), drop_bias=True)
     assert not hasattr(gm, "b1") and not hasattr(gm, "b2") and hasattr(gm, "b3")

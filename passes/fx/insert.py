@@ -340,6 +340,8 @@ def _drop_module_bias(gm: fx.GraphModule, module: nn.Module, calls: int,
         return "kept: the module is also called where no BN follows"
     if sum(1 for m in gm.modules() if getattr(m, "bias", None) is bias) > 1:
         return "kept: the bias Parameter is shared with another layer"
+    if any(n.op == "get_attr" and get_attr_value(gm, n) is bias for n in gm.graph.nodes):
+        return "kept: the graph reads the bias Parameter elsewhere too"
     module.bias = None
     return bias.detach()
 
@@ -361,7 +363,9 @@ def _drop_functional_bias(gm: fx.GraphModule, layer: Layer) -> torch.Tensor | st
     if not bias.users:
         target = str(bias.target)
         gm.graph.erase_node(bias)
-        if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-            owner, _, attr = target.rpartition(".")
+        owner, _, attr = target.rpartition(".")
+        read = {(n.op, n.target) for n in gm.graph.nodes}
+        if ("get_attr", target) not in read and ("call_module", owner) not in read:
+            # (a module called in the graph reads its own parameter)
             delattr(gm.get_submodule(owner), attr)
     return value.detach()

@@ -193,6 +193,31 @@ def test_idempotent_and_existing_bn(conv_bn_proto) -> None:
     assert not report.inserted
 
 
+def test_a_head_read_only_inside_if_bodies_is_the_head() -> None:
+    """The If's bodies capture the conv's output by name (not an input of the If): the conv
+    still produces the graph output, so skip_last leaves it alone."""
+    def body(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["c1"], [f"y_{name}"])], name, [],
+                                 [helper.make_tensor_value_info(f"y_{name}",
+                                                                onnx.TensorProto.FLOAT, None)])
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv0"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["c1"], name="head"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=body("then", "Identity"),
+                          else_branch=body("else", "Neg"))], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 6, 6]),
+         helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 6, 6])],
+        [numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w1"),
+         numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32) * 0.5, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _, report = bnfold.insert_bn_onnx(model)
+    assert [(e.bn, e.action) for e in report.entries] == [("conv0_bn", "inserted"),
+                                                          ("head", "skipped")]
+
+
 def test_skip_last_false_keeps_the_output_name() -> None:
     model, report = bnfold.insert_bn_onnx(conv_net(), skip_last=False, eps=EPS)
     assert len(report.inserted) == 3

@@ -36,7 +36,7 @@ bias 0, mean 0, var 1.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,7 @@ def insert_bn_onnx(
         )
     includes, excludes = _selectors(include, "include"), _selectors(exclude, "exclude")
     last = last_layers((v.producer() for v in graph.outputs),
-                       lambda n: (v.producer() for v in n.inputs if v is not None),
+                       lambda n: (v.producer() for v in _read_values(n)),
                        set(layers)) if skip_last else set()
     names = Namer(out)
     report = Report("insert_bn_onnx")
@@ -163,6 +163,22 @@ def insert_bn_onnx(
 # ---------------------------------------------------------------------------------------------
 # Check.
 # ---------------------------------------------------------------------------------------------
+
+def _read_values(node: ir.Node) -> Iterator[ir.Value]:
+    """The values ``node`` reads: its inputs, and those its subgraphs (``If``/``Loop``/``Scan``
+    bodies) read, among them the enclosing graphs' values the bodies capture by name."""
+    yield from (v for v in node.inputs if v is not None)
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            bodies = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            bodies = list(attr.value)
+        else:
+            continue
+        for body in bodies:
+            for inner in body.all_nodes():
+                yield from (v for v in inner.inputs if v is not None)
+
 
 def _selectors(value: Any, what: str) -> list[str]:
     return selector_list(value, what, lambda item: isinstance(item, str),

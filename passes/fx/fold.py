@@ -113,7 +113,6 @@ from bnfold.passes.fx.trace import (
     drop_pending_shapes,
     open_model,
     shape_of,
-    uncompiled,
 )
 from bnfold.report import PassResult, Report
 from bnfold.selection import Selection
@@ -160,10 +159,8 @@ def _fold_fx(model: nn.Module, example_inputs: Any, *, inplace: bool, include: A
     select = Selection.of(include, exclude)
     gm, how, args = open_model(model, example_inputs, inplace=inplace, shapes_on_demand=True)
     forget_holdings(gm)
-    carried = carry_model_hooks(uncompiled(model), gm, how)
     report = Report("fold_fx")
-    if carried:
-        report.notes.append(carried)
+    carry_model_hooks(model, gm, how, report.notes)
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
     elif "torch.compile" in how:

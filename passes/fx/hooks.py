@@ -147,16 +147,22 @@ def _holdings(hook: Any, depth: int = 2) -> list[Any]:
     return out
 
 
-def carry_model_hooks(model: nn.Module, gm: fx.GraphModule, how: str) -> str | None:
-    """:func:`carry_hooks` from ``model`` (not compiled) onto ``gm``, what the FX front door
-    made of it (``how``: symbolic_trace, or a copy of a GraphModule; a torch.export graph
-    runs none of them); every FX pass calls it, so no model's own hook is lost."""
+def carry_model_hooks(model: nn.Module, gm: fx.GraphModule, how: str,
+                      notes: list[str]) -> None:
+    """:func:`carry_hooks` from ``model`` (the module ``torch.compile`` wrapped, if it did)
+    onto ``gm``, what the FX front door made of it (``how``: symbolic_trace, or a copy of a
+    GraphModule; a torch.export graph runs none of them), the note appended to ``notes``;
+    every FX pass calls it, so no model's own hook is lost."""
+    from bnfold.passes.fx.trace import uncompiled
+
+    model, note = uncompiled(model), None
     if how.startswith("symbolic_trace"):
         leaves = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-        return carry_hooks(model, gm, leaves)
-    if how.startswith("graph module") and gm is not model:
-        return carry_hooks(model, gm, None)
-    return None
+        note = carry_hooks(model, gm, leaves)
+    elif how.startswith("graph module") and gm is not model:
+        note = carry_hooks(model, gm, None)
+    if note:
+        notes.append(note)
 
 
 def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -> str | None:
@@ -172,8 +178,8 @@ def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -
         if name and kinds and name not in leaves and not _leaf_of(name, leaves):
             raise UnsupportedError(
                 f"{name} ({type(module).__name__}) has a {' and a '.join(kinds)}, but tracing "
-                "inlines its forward, so the hook would not run in the folded model; remove "
-                "the hook before folding (hooks on Conv/Linear/BN modules and on the model "
+                "inlines its forward, so the hook would not run in the rewritten model; "
+                "remove the hook first (hooks on Conv/Linear/BN modules and on the model "
                 "itself are kept)")
     kinds = hook_kinds(model)
     if not kinds:
@@ -184,7 +190,7 @@ def carry_hooks(model: nn.Module, gm: fx.GraphModule, leaves: set[str] | None) -
             setattr(gm, attr, collections.OrderedDict(value))
         elif value is not None:
             setattr(gm, attr, value)
-    return (f"the model's {', '.join(kinds)} carried over to the folded GraphModule (copy."
+    return (f"the model's {', '.join(kinds)} carried over to the new GraphModule (copy."
             "deepcopy of a GraphModule rebuilds it without hooks: register them again there)")
 
 

@@ -42,7 +42,7 @@ from bnfold.passes.fx.layers import (
     norm_description,
 )
 from bnfold.passes.fx.sites import get_attr_value
-from bnfold.passes.fx.trace import open_model, shape_of, uncompiled
+from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.passes.insert_policy import (
     check_options,
     following_norm,
@@ -109,7 +109,8 @@ def insert_bn_fx(
         raise BadInputError("eps=0: torch's batch_norm refuses it in training mode, and the "
                             "BNs inserted into a model in training mode start in it; give "
                             "eps > 0, or call model.eval() first")
-    carried = carry_model_hooks(uncompiled(model), gm, how)
+    report = Report("insert_bn")
+    carry_model_hooks(model, gm, how, report.notes)
     gm.training = model.training
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
@@ -125,9 +126,6 @@ def insert_bn_fx(
     last = last_layers((n for n in gm.graph.nodes if n.op == "output"),
                        lambda n: n.all_input_nodes,
                        {layer.node for layer in layers}) if skip_last else set()
-    report = Report("insert_bn")
-    if carried:
-        report.notes.append(carried)
     if how.startswith("torch.export"):
         report.notes.append(f"traced with {how}")
     direct: dict[str, list[tuple[Layer, Entry]]] = {}

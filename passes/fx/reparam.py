@@ -44,7 +44,7 @@ from bnfold.passes.fx.sites import (
     to_numpy,
     to_torch,
 )
-from bnfold.passes.fx.trace import open_model, shape_of, uncompiled
+from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.report import PassResult, Report
 
 aten = torch.ops.aten
@@ -67,9 +67,7 @@ def reparameterize_fx(
     gm, how, args = open_model(model, example_inputs, inplace=inplace)
     forget_holdings(gm)  # (the fold below forgets it again when done)
     report = Report("reparameterize")
-    carried = carry_model_hooks(uncompiled(model), gm, how)
-    if carried:
-        report.notes.append(carried)
+    carry_model_hooks(model, gm, how, report.notes)
     skipped = _drop_no_ops(gm)
     if skipped:
         report.notes.append(f"removed {skipped} no-op module call(s) (nn.Identity, eval-mode "

@@ -448,13 +448,13 @@ def _check_materialized(model: torch.nn.Module) -> None:
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             raise BadInputError(
                 f"{name or 'the model'} ({type(module).__name__}) has uninitialized lazy "
-                "parameters; run the model once on an input before folding"
+                "parameters; run the model once on an input first"
             )
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta:
             raise BadInputError(
                 f"{name} is on the meta device (a shape without data): load the weights "
-                "(e.g. model.to_empty(device='cpu') then load_state_dict) before folding"
+                "(e.g. model.to_empty(device='cpu') then load_state_dict) first"
             )
 
 

@@ -9,6 +9,7 @@ import copy
 import onnx_cases
 import pytest
 import torch
+import torch.nn.functional as F
 from test_fx_zoo import bn_nodes, rel_err
 from torch import nn
 
@@ -820,3 +821,143 @@ def test_an_inplace_affine_folds_or_is_kept_with_the_reason(where: str, exported
         want = copy.deepcopy(model).double()(fresh.double())
         got = run(fresh.clone()).double()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Reach through per-channel ops: splits over resampled / pooled summands, spatial means,
+# flips (every fold against the float64 unfolded model on fresh inputs).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _random_bns(model: nn.Module, seed: int = 0) -> nn.Module:
+    """running_mean ~ N(0, 1), running_var ~ U(0.2, 3), weight and bias ~ N(0, 1); eval."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(torch.rand(c, generator=gen) * 2.8 + 0.2)
+            m.weight.copy_(torch.randn(c, generator=gen))
+            m.bias.copy_(torch.randn(c, generator=gen))
+    return model.eval()
+
+
+def _fold_both(model: nn.Module, x: torch.Tensor) -> list:
+    """Fold ``model`` in plain FX and as a torch.export program; each folded model is checked
+    against the float64 unfolded model on a fresh input. Returns both reports."""
+    reports = []
+    fresh = torch.randn_like(x)
+    gm, report = bnfold.fold(model, example_inputs=(x,))
+    assert rel_err(gm, model, fresh, double=True) < 1e-6
+    reports.append(report)
+    program, report = bnfold.fold(torch.export.export(model.eval(), (x,)))
+    assert rel_err(program.module(), model, fresh, double=True) < 1e-6
+    return [*reports, report]
+
+
+class _Neck(nn.Module):
+    """FPN / HRNet necks: ``BN(lat(x) + up(top(x)))`` and ``BN(cat([a(x), pool(b(x))]))``."""
+
+    def __init__(self, up, pool) -> None:
+        super().__init__()
+        self.lat, self.top = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, stride=2)
+        self.a, self.b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 3, 3, padding=1)
+        self.bn, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(5)
+        self.up, self.pool = up, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.bn(self.lat(x) + self.up(self.top(x)))
+        c = self.bn2(torch.cat([self.a(x), self.pool(self.b(x))], 1))
+        return s.sum(1, keepdim=True) + c
+
+
+_UPS = {"interpolate": lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"),
+        "bilinear": lambda t: F.interpolate(t, size=(8, 8), mode="bilinear"),
+        "nn.Upsample": nn.Upsample(scale_factor=2)}
+_POOLS = {"avg_pool2d": lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False),
+          "adaptive": lambda t: F.interpolate(F.adaptive_avg_pool2d(t, 4), scale_factor=2.0),
+          "nn.AvgPool2d": nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+          "flip": lambda t: torch.flip(t, (2, 3))}
+
+
+@pytest.mark.parametrize("up", list(_UPS))
+@pytest.mark.parametrize("pool", list(_POOLS))
+def test_a_split_looks_through_resamples_and_pools_to_its_layers(up: str, pool: str) -> None:
+    model = _random_bns(_Neck(_UPS[up], _POOLS[pool]))
+    for report in _fold_both(model, torch.randn(2, 4, 8, 8)):
+        assert not report.kept, report.table()
+        assert [e.details.get("split") for e in report.entries] == ["add", "concat"]
+
+
+def test_a_split_names_the_op_past_the_resample_that_keeps_it() -> None:
+    model = _random_bns(_Neck(lambda t: F.interpolate(torch.relu(t), scale_factor=2.0),
+                              lambda t: F.avg_pool2d(torch.relu(t), 3, 1, 1)))
+    for report in _fold_both(model, torch.randn(2, 4, 8, 8)):
+        kept = {e.bn.split(" ")[0]: e.reason for e in report.kept}
+        assert "relu is not a conv/linear (reached from" in kept["bn"], report.table()
+        assert "relu_1 is not a conv/linear (reached from" in kept["bn2"], report.table()
+
+
+class _Means(nn.Module):
+    """conv -> mean over spatial dims -> BN (1d or 2d), and BN -> mean -> Linear."""
+
+    def __init__(self, mean, bn1d: bool, after) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(6) if bn1d else nn.BatchNorm2d(6)
+        self.bn2, self.fc = nn.BatchNorm2d(3), nn.Linear(3, 4)
+        self.mean, self.after = mean, after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn1(self.mean(self.conv(x))).flatten(1)
+        b = self.fc(self.after(self.bn2(torch.relu(x))))
+        return a[:, :4] + b
+
+
+_MEANS = {"method": (lambda t: t.mean((2, 3)), True),
+          "keepdim": (lambda t: t.mean((2, 3), keepdim=True), False),
+          "torch.mean": (lambda t: torch.mean(t, dim=[-1, -2]), True),
+          "positional": (lambda t: t.mean([3, 2], True), False)}
+
+
+@pytest.mark.parametrize("mean", list(_MEANS))
+def test_a_mean_over_spatial_dims_is_looked_through_both_ways(mean: str) -> None:
+    fn, bn1d = _MEANS[mean]
+    model = _random_bns(_Means(fn, bn1d, _MEANS["torch.mean" if bn1d else "method"][0]))
+    for report in _fold_both(model, torch.randn(2, 3, 6, 6)):
+        assert not report.kept, report.table()
+        assert [e.details["direction"] for e in report.entries] == ["forward", "backward"]
+
+
+def test_a_mean_over_the_channel_axis_keeps_the_bn() -> None:
+    model = _random_bns(_Means(lambda t: t.mean((1, 2)), True, lambda t: t.mean((2, 3))))
+    for report in _fold_both(model, torch.randn(2, 3, 6, 6)):
+        assert [e.action for e in report.entries] == ["kept", "folded"], report.table()
+        assert "(mean) works along the layer's feature axis" in report.entries[0].reason
+
+
+def test_a_mean_that_casts_keeps_the_bn() -> None:
+    model = _random_bns(_Means(lambda t: t.mean((2, 3), keepdim=True, dtype=torch.float32),
+                               False, lambda t: t.mean((2, 3))))
+    x = torch.randn(2, 3, 6, 6)
+    for folded in (bnfold.fold(model, example_inputs=(x,))[1],
+                   bnfold.fold(torch.export.export(model, (x,)))[1]):
+        assert [e.action for e in folded.entries] == ["kept", "folded"], folded.table()
+        assert "computes in torch.float32" in folded.entries[0].reason
+
+
+def test_a_flip_of_the_channel_axis_keeps_the_bn() -> None:
+    model = _random_bns(nn.Sequential(nn.Conv2d(3, 4, 1), _Lambda(lambda t: t.flip(1)),
+                                      nn.BatchNorm2d(4)))
+    _, report = bnfold.fold(model, example_inputs=(torch.randn(2, 3, 5, 5),))
+    assert "works along the layer's feature axis" in report.kept[0].reason
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)

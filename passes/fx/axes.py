@@ -1,7 +1,7 @@
 """Following a layer's feature axis through pure data-movement ops to a BatchNorm.
 
-(Per-channel ops, :mod:`.channelwise`, keep the rank and the axis: the axis only has to lie
-before the dims they pool or resample.)
+(Per-channel ops, :mod:`.channelwise`, keep the axis, and the rank except a mean without
+``keepdim``: the axis only has to lie before the dims they pool, resample or reduce.)
 
 A BN folds into a layer only if every element the BN sees in channel ``c`` is an element of the
 layer's output feature ``c``. Between the two, only ops that move data without mixing it are
@@ -25,9 +25,9 @@ import torch
 from torch import fx, nn
 
 from bnfold.geometry import reshape_axis
-from bnfold.passes.fx.channelwise import channelwise_op, channelwise_span
+from bnfold.passes.fx.channelwise import channelwise_op, channelwise_rank, channelwise_span
 from bnfold.passes.fx.noops import IDENTITY_OPS, noop_kind
-from bnfold.passes.fx.sites import node_arg
+from bnfold.passes.fx.sites import is_layer, node_arg
 from bnfold.passes.fx.trace import shape_of
 
 aten = torch.ops.aten
@@ -190,6 +190,10 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
                 return None
             if axis >= rank - span:
                 return f"{node.name} ({op}) works along the layer's feature axis"
+            out = channelwise_rank(gm, node, rank)  # (the dims a mean drops follow the axis)
+            if out is None:
+                return None
+            pos = (out, axis)
             continue
         if op in _PERMUTE:
             perm = permutation(gm, node, str(op), rank)
@@ -210,6 +214,36 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
             return step
         pos = step
     return pos
+
+
+def to_layer(gm: fx.GraphModule, node: fx.Node, limit: int = 16
+             ) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk from ``node`` back through data-movement and per-channel ops (:func:`chain_op`,
+    at most ``limit``) to the conv/linear feeding them: ``(that layer, or the node the walk
+    stopped at; the ops between, first to last)``. A BN reading the end of the chain is a BN
+    of the layer's output passed through them (checked by :func:`follow` and
+    :func:`bnfold.passes.fx.channelwise.channelwise_refusal`)."""
+    chain: list[fx.Node] = []
+    while not is_layer(gm, node) and chain_op(gm, node) and len(chain) < limit:
+        source = chain_input(node)
+        if source is None:
+            break
+        chain.insert(0, node)
+        node = source
+    return node, chain
+
+
+def shared_on_path(label: str, path: Sequence[fx.Node], reader: fx.Node) -> str | None:
+    """Why rewriting the layer at ``path[0]`` would change another reader: some node of
+    ``path`` (the layer, then the chain ops after it) is read by a node other than the next
+    one (``reader`` after the last); ``label`` names the layer. None: none is."""
+    for cur, nxt in zip(path, [*path[1:], reader], strict=True):
+        others = [u.name for u in value_users(cur) if u is not nxt]
+        if others:
+            what = f"{label} output" if cur is path[0] else \
+                f"{cur.name} (between {label} and the BN)"
+            return f"{what} also feeds {', '.join(others)}"
+    return None
 
 
 def chain_input(node: fx.Node) -> fx.Node | None:

@@ -15,7 +15,12 @@ over how many trailing dims it works and when the identity holds (as TVM's
   and without ``return_indices``;
 * reflect, replicate and circular padding (copies of the channel's own values; not a
   constant fill), and slicing of the dims after the channel axis (``x[:, :, :-p]``, TCN's
-  ``Chomp1d``).
+  ``Chomp1d``);
+* a mean over dims after the channel axis (``x.mean((2, 3))``, timm's fast global pool;
+  ``keepdim`` or not: without, the rank drops by the dims reduced and the channel axis
+  stays), with no ``dtype`` cast: an average of one channel's values;
+* a flip of dims after the channel axis (``torch.flip(x, (2, 3))``): an index map within
+  each channel.
 
 The same identity read the other way folds ``BN -> P -> layer`` backward.
 """
@@ -81,6 +86,13 @@ _WHOLE = 2**62
 _PAD = Channelwise("pad", None, args=("pad", "mode", "value"))
 
 
+#: ``x.mean(dim, keepdim)``, ``torch.mean``, ``aten.mean.dim``: over the dims it names
+_MEAN = Channelwise("mean", None, args=("dim", "keepdim", "dtype"))
+#: ``torch.flip(x, dims)``: over the dims it names
+_FLIP = Channelwise("flip", None, args=("dims",))
+_METHODS: dict[str, Channelwise] = {"mean": _MEAN, "flip": _FLIP}
+
+
 def _copy_pad(n: int) -> Channelwise:
     return Channelwise(f"pad{n}d", n, args=("padding",))
 
@@ -89,7 +101,9 @@ _MODULES: dict[type, Channelwise] = {
     nn.UpsamplingBilinear2d: _RESAMPLE,
 }
 _FUNCTIONS: dict[Any, Channelwise] = {F.interpolate: _RESAMPLE, F.upsample: _RESAMPLE,
-                                      F.pad: _PAD, aten.pad.default: _PAD}
+                                      F.pad: _PAD, aten.pad.default: _PAD,
+                                      torch.mean: _MEAN, aten.mean.dim: _MEAN,
+                                      torch.flip: _FLIP, aten.flip.default: _FLIP}
 for _n in (1, 2, 3):  # nn.AvgPool2d / F.avg_pool2d, ... for 1-3 spatial dims
     for _module, _kind in (("AvgPool", _avg(_n)), ("MaxPool", _max(_n)),
                            ("AdaptiveAvgPool", _adaptive(_n, False)),
@@ -123,13 +137,58 @@ def channelwise_op(gm: fx.GraphModule, node: fx.Node) -> Channelwise | None:
     """The per-channel op ``node`` performs on its first argument, or None."""
     if node.op == "call_module":
         return _MODULES.get(type(gm.get_submodule(str(node.target))))
-    if node.op != "call_function":
+    if node.op == "call_method":
+        op = _METHODS.get(str(node.target))
+    elif node.op != "call_function":
         return None
-    if node.target is operator.getitem:
+    elif node.target is operator.getitem:
         return _SLICE if _slice_items(node) is not None else None
-    if node.target is aten.slice.Tensor:
+    elif node.target is aten.slice.Tensor:
         return _ATEN_SLICE if all(isinstance(a, int | None) for a in node.args[1:]) else None
-    return _FUNCTIONS.get(node.target)
+    else:
+        op = _FUNCTIONS.get(node.target)
+    if op in (_MEAN, _FLIP) and _dims(gm, node, op) is None:
+        return None  # (a mean of everything, or dims only known at run time)
+    return op
+
+
+def _dims(gm: fx.GraphModule, node: fx.Node, op: Channelwise) -> tuple[int, ...] | None:
+    """The literal dims a mean or flip names (an int or a non-empty list of ints), else
+    None (``x.mean()`` and ``dim=[]`` reduce every dim, the channel axis too)."""
+    dims = _reader(gm, node, op)(op.args[0], None)
+    if isinstance(dims, int):
+        return (dims,)
+    ok = isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) for d in dims)
+    return tuple(dims) if ok else None
+
+
+def channelwise_rank(gm: fx.GraphModule, node: fx.Node, rank: int) -> int | None:
+    """The rank of the per-channel op's output for a rank-``rank`` input: the same, except
+    for a mean without ``keepdim``, which drops the dims it reduces (None: a mean or flip
+    naming a dim the input lacks raises)."""
+    op = channelwise_op(gm, node)
+    if op not in (_MEAN, _FLIP):
+        return rank
+    dims = _dims(gm, node, op)
+    assert dims is not None
+    if not all(-rank <= d < rank for d in dims):
+        return None
+    if op is _FLIP or _reader(gm, node, op)("keepdim", False):
+        return rank
+    return rank - len({d % rank for d in dims})
+
+
+def pools_to_channels(gm: fx.GraphModule, node: fx.Node, rank: int) -> bool:
+    """True when ``node`` is a mean that turns a rank-``rank`` ``(N, C, ...)`` input into
+    ``(N, C)``: it reduces every dim after 1, without ``keepdim`` (a global average pool
+    and flatten in one: a Linear reading it sees one feature per channel)."""
+    op = channelwise_op(gm, node)
+    if op is not _MEAN or _reader(gm, node, op)("keepdim", False):
+        return False
+    dims = _dims(gm, node, op)
+    assert dims is not None
+    valid = all(-rank <= d < rank for d in dims)
+    return valid and sorted(d % rank for d in dims) == list(range(2, rank)) and rank > 2
 
 
 def _slice_items(node: fx.Node) -> tuple[Any, ...] | None:
@@ -163,6 +222,12 @@ def channelwise_span(gm: fx.GraphModule, node: fx.Node, rank: int) -> int:
             rank - len(items) + cut + 1 + j for j, item in enumerate(items[cut + 1:])
             if item != slice(None)]
         return rank - min(dims) if dims else 0
+    if op in (_MEAN, _FLIP):  # from the first dim it names to the last
+        dims = _dims(gm, node, op)
+        assert dims is not None
+        if not all(-rank <= d < rank for d in dims):
+            return rank + 1  # (it raises at this rank)
+        return rank - min(d % rank for d in dims)
     if op is _ATEN_SLICE:
         read = _reader(gm, node, op)
         if read("start", None) in (None, 0) and read("step", 1) in (None, 1) and (
@@ -190,6 +255,8 @@ def channelwise_refusal(gm: fx.GraphModule, node: fx.Node, params: BNParams) -> 
         if padded and arg("count_include_pad", True):
             return (f"{node.name} ({op.name}) counts its zero padding in the average "
                     "(count_include_pad=True): the shift would be scaled at the borders")
+    if op is _MEAN and arg("dtype", None) is not None:
+        return f"{node.name} (mean) computes in {arg('dtype', None)}, a cast the BN would not see"
     if op is _PAD and arg("mode", "constant") not in ("reflect", "replicate", "circular"):
         return f"{node.name} (pad) fills with a constant, which the BN would not see"
     if op.is_max and bool(np.any(params.scale_shift()[0] < 0)):

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -82,8 +81,22 @@ from bnfold.gc_pause import gc_paused
 from bnfold.geometry import ConvGeometry
 from bnfold.passes.fx import computed_weights
 from bnfold.passes.fx.affine import affine_chains
-from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, follow, value_users
-from bnfold.passes.fx.channelwise import channelwise_op, channelwise_refusal, channelwise_span
+from bnfold.passes.fx.axes import (
+    chain_input,
+    chain_op,
+    flatten_dims,
+    follow,
+    shared_on_path,
+    to_layer,
+    value_users,
+)
+from bnfold.passes.fx.channelwise import (
+    channelwise_op,
+    channelwise_rank,
+    channelwise_refusal,
+    channelwise_span,
+    pools_to_channels,
+)
 from bnfold.passes.fx.constant_bn import fold_constant_bns
 from bnfold.passes.fx.constants import Constants, roots
 from bnfold.passes.fx.dispatch import dispatch_fold, dispatch_refusal, originals
@@ -282,14 +295,7 @@ class _Folder:
         site = self.site(node)
         if isinstance(site, str):
             return _kept(site, final=True)
-        chain: list[fx.Node] = []
-        x = site.input
-        while not is_layer(self.gm, x) and chain_op(self.gm, x) and len(chain) < _MAX_CHAIN:
-            source = chain_input(x)
-            if source is None:
-                break
-            chain.insert(0, x)
-            x = source
+        x, chain = to_layer(self.gm, site.input, _MAX_CHAIN)
         if not is_layer(self.gm, x):
             if not chain and is_split_point(x):
                 return self._split_bn(site, x, label)
@@ -302,17 +308,11 @@ class _Folder:
         layer = layer_site(self.gm, x, self.consts)
         if isinstance(layer, str):
             return _kept(layer)
-        path = [layer.node, *chain]
-        for cur, nxt in zip(path, [*chain, site.node], strict=True):
-            others = [u.name for u in value_users(cur) if u is not nxt]
-            if others:
-                what = f"{layer.label} output" if cur is layer.node else \
-                    f"{cur.name} (between {layer.label} and the BN)"
-                return _kept(f"{what} also feeds {', '.join(others)}")
+        why = shared_on_path(layer.label, [layer.node, *chain], site.node)
+        if why:
+            return _kept(why)
         why, guard = self._axis_check(layer, layer.node, chain, site)
-        why = why or self._dtype_refusal(site, layer) or next(
-            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype)
-                                  or channelwise_refusal(self.gm, c, site.params))), None)
+        why = why or self._chain_refusal(site, layer, chain)
         if why:
             return _kept(why)
         try:
@@ -341,12 +341,12 @@ class _Folder:
         ranks = {len(shape)} if shape is not None else set(
             self.possible_ranks.get(point, ()))
 
-        def axis_check(layer: LayerSite) -> str | None:
-            why, guard = self._axis_check(layer, layer.node, [], site)
+        def axis_check(layer: LayerSite, chain: list[fx.Node]) -> str | None:
+            why, guard = self._axis_check(layer, layer.node, chain, site)
             if guard:
                 why = f"{layer.label} fits the BN only at some input ranks (pass " \
                       "example_inputs)"
-            return why or self._dtype_refusal(site, layer)
+            return why or self._chain_refusal(site, layer, chain)
 
         try:
             plan = plan_split(self.gm, site, point, ranks, axis_check)
@@ -467,6 +467,11 @@ class _Folder:
                     if flatten_dims(self.gm, cur) != (1, -1):
                         return ""
                     flat = cur
+                elif self._rank_drop(site, cur):
+                    if not self._pools_to_channels(site, cur):
+                        return f"{cur.name} ({chain_op(self.gm, cur)}) leaves more dims " \
+                               "than (batch, channel) at a rank the BN takes"
+                    flat = cur  # (a mean to (N, C): one feature per channel)
                 why = cast_refusal(cur, None) or channelwise_refusal(
                     self.gm, cur, site.params) or self._channel_kept(site, cur)
                 if why:
@@ -479,6 +484,28 @@ class _Folder:
                 return ""
             layers.append((cur, flat))
         return layers if layers else ""
+
+    def _input_ranks(self, site: BatchNormSite) -> list[int]:
+        """The ranks the BN's input can have: the recorded one, else each the BN takes."""
+        shape = shape_of(site.input)
+        return [len(shape)] if shape is not None else [
+            r for r in range(1, MAX_RANK + 1) if site.channel_axis(r) is not None]
+
+    def _rank_drop(self, site: BatchNormSite, node: fx.Node) -> bool:
+        """True when the per-channel op at ``node`` (after the BN) can drop dims."""
+        if channelwise_op(self.gm, node) is None:
+            return False
+        ranks = self._input_ranks(site)
+        return any(channelwise_rank(self.gm, node, r) not in (None, r) for r in ranks)
+
+    def _pools_to_channels(self, site: BatchNormSite, node: fx.Node) -> bool:
+        """True when the mean at ``node`` (after the BN, and rank-keeping ops) gives
+        ``(N, C)`` at every rank the BN's input can have where the mean runs (the BN's
+        channel axis is 1 there)."""
+        ranks = [r for r in self._input_ranks(site)
+                 if channelwise_span(self.gm, node, r) <= r]
+        return bool(ranks) and all(site.channel_axis(r) == 1 and pools_to_channels(
+            self.gm, node, r) for r in ranks)
 
     def _channel_kept(self, site: BatchNormSite, node: fx.Node) -> str | None:
         """Why the per-channel op at ``node`` (after the BN) may work along the BN's channel
@@ -502,22 +529,31 @@ class _Folder:
         Linear ``layer``'s input (:func:`bnfold.algebra.spread_features`): ``flat`` flattens
         every axis after the batch axis, so channel ``c`` of ``C`` is features ``c*P ..
         (c+1)*P - 1`` with ``P = in_features / C`` positions, whatever spatial shape runs (any
-        other would not fit the Linear; a global pool before it: ``P = 1``). Exact at every
-        rank the model runs at."""
+        other would not fit the Linear; a global pool before it, or ``flat`` a mean over
+        every dim after the channel axis, :func:`pools_to_channels`: ``P = 1``). Exact at
+        every rank the model runs at."""
         if site.chain:
             return "an affine chain before a flatten is not folded backward"
         if layer.kind != "linear":
             return f"{flat.name} feeds {layer.label}, not a Linear"
         features, channels = layer.weight.shape[1], site.params.channels
-        shape = shape_of(chain_input(flat))  # (after the per-channel ops between, if any)
-        if shape is not None and (len(shape) < 2 or None in shape[1:]
-                                  or shape[1] * math.prod(shape[2:]) != features):
-            return f"{flat.name}'s input {list(shape)} does not flatten into {features} features"
+        shape = shape_of(flat)
+        if shape is not None and (len(shape) != 2 or shape[1] != features):
+            return f"{flat.name}'s output {list(shape)} does not have {features} features"
         spread = spread_features(site.params, features, features // channels)
         if spread is None:  # (in_features not a multiple of C)
             return (f"{layer.label} has {features} input features, not a multiple of the "
                     f"BN's {channels} channels")
         return spread
+
+    def _chain_refusal(self, site: BatchNormSite, layer: LayerSite,
+                       chain: Sequence[fx.Node]) -> str | None:
+        """Why the BN does not pass back through ``chain`` (from ``layer`` to it) exactly: a
+        cast that is no no-op, a per-channel op the BN's affine does not commute with
+        (:func:`channelwise_refusal`), or constants of another dtype. None: it does."""
+        return self._dtype_refusal(site, layer) or next(
+            (w for c in chain if (w := cast_refusal(c, layer.weight.dtype)
+                                  or channelwise_refusal(self.gm, c, site.params))), None)
 
     @staticmethod
     def _dtype_refusal(site: BatchNormSite, layer: LayerSite) -> str | None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bnfold.passes.fx.axes import chain_input, chain_op, flatten_dims, node_arg, permutation
-from bnfold.passes.fx.channelwise import channelwise_op
+from bnfold.passes.fx.channelwise import channelwise_op, channelwise_rank
 from bnfold.passes.fx.noops import IDENTITY_OPS
 from bnfold.passes.fx.sites import MAX_RANK, batchnorm_rule, is_batchnorm, is_layer, layer_site
 
@@ -88,7 +88,7 @@ def _edge(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, RankMap] | None:
     channelwise = channelwise_op(gm, node)
     if channelwise is not None:  # a resample reads (N, C, ...); a pool also (C, spatial...)
         low = 3 if channelwise.needs_nc else (channelwise.spatial or 0) + 1
-        return src, lambda r: r if r >= low else None
+        return src, lambda r: channelwise_rank(gm, node, r) if r >= low else None
     op = chain_op(gm, node)
     return None if op is None else _movement(gm, node, str(op), src)
 

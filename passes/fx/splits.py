@@ -12,10 +12,13 @@
   ``s * (y1 - y2) + t = (s * y1 + t) - s * y2``: the shift goes to the leftmost summand.
 
 Both are exact whenever the layers' channel axis is the BN's (and, for a concat, the concat's
-axis); the rules check it like the forward fold does. A BN-like affine chain splits the same
-way, except that a slice of it is never written as a kept BN (its constants are float64).
-This module only matches and plans; the fold pass writes the plan
-(:mod:`bnfold.passes.fx.fold`).
+axis); the rules check it like the forward fold does. An input may reach its layer through
+the ops the forward fold looks through (FPN's ``lateral + interpolate(top)``, a concat of
+a conv and an average pool of a conv): a per-channel op ``P`` that passes ``s*y + t``
+(:mod:`.channelwise`) passes ``s*y`` too, so ``s*(y1 + P(y2)) + t = (s*y1 + t) +
+P(s*y2)``. A BN-like affine chain splits the same way, except that a slice of it is never
+written as a kept BN (its constants are float64). This module only matches and plans; the
+fold pass writes the plan (:mod:`bnfold.passes.fx.fold`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import fx
 
 from bnfold.algebra import BNParams, Folded, fold_forward, slice_bn, split_sum
-from bnfold.passes.fx.axes import node_arg, value_users
+from bnfold.passes.fx.axes import node_arg, shared_on_path, to_layer, value_users
 from bnfold.passes.fx.sites import BatchNormSite, LayerSite, is_layer, layer_site, to_numpy
 from bnfold.passes.fx.trace import shape_of
 
@@ -40,8 +43,9 @@ _SUMS = {operator.add, torch.add, aten.add.Tensor, operator.sub, torch.sub, aten
          aten.add_.Tensor, aten.sub_.Tensor}  # (in place: timm's ``y += branch`` in a program)
 _SUM_METHODS = {"add", "sub"}
 
-# (layer) -> why its channel axis does not fit the BN (None: it fits at every rank)
-AxisCheck = Callable[[LayerSite], "str | None"]
+# (layer, the ops from it to the split) -> why the BN does not pass back through them onto
+# the layer's channel axis (None: it does at every rank)
+AxisCheck = Callable[[LayerSite, list[fx.Node]], "str | None"]
 
 
 @dataclass
@@ -85,20 +89,29 @@ def plan_split(gm: fx.GraphModule, site: BatchNormSite, point: fx.Node, ranks: s
 
 def _foldable(gm: fx.GraphModule, node: fx.Node, reader: fx.Node,
               axis_check: AxisCheck) -> LayerSite | str:
-    """The layer at ``node`` when it can take a share of the BN, else why not."""
-    if not is_layer(gm, node):
-        return f"{node.name} is not a conv/linear"
-    others = [u.name for u in value_users(node) if u is not reader]
-    if others and node.op == "call_module":  # (checked first: a module's label is its path)
-        return f"{node.target} output also feeds {', '.join(others)}"
-    layer = layer_site(gm, node)
+    """The layer feeding ``node`` (directly, or through the data-movement and per-channel
+    ops the forward fold looks through, :func:`to_layer`) when it can take a share of the
+    BN, else why not."""
+    x, chain = to_layer(gm, node)
+    if not is_layer(gm, x):
+        through = f" (reached from {node.name} through " \
+            f"{', '.join(c.name for c in chain)})" if chain else ""
+        return f"{x.name} is not a conv/linear{through}"
+    path = [x, *chain]
+    if x.op == "call_module":  # (checked first: a module's label is its path)
+        shared = shared_on_path(str(x.target), path, reader)
+        if shared:
+            return shared
+    layer = layer_site(gm, x)
     if isinstance(layer, str):
         return layer
-    if others:
-        return f"{layer.label} output also feeds {', '.join(others)}"
+    shared = shared_on_path(layer.label, path, reader)
+    if shared:
+        return shared
     if sum(a is node for a in _operands(reader)) != 1:
-        return f"{layer.label} output is read twice by {reader.name}"
-    return axis_check(layer) or layer
+        return f"{node.name} is read twice by {reader.name}" if chain else \
+            f"{layer.label} output is read twice by {reader.name}"
+    return axis_check(layer, chain) or layer
 
 
 def _operands(node: fx.Node) -> list[fx.Node]:

@@ -119,7 +119,8 @@ def test_shared_weight_gets_one_folded_weight_per_layer() -> None:
 def test_layer_output_with_another_user_is_kept() -> None:
     model = prepared(Residual())
     _gm, report = fold_checked(model, torch.randn(5, 6), left=1)
-    assert report.kept[0].reason == "fc output also feeds add"
+    assert report.kept[0].reason == "fc output also feeds add; backward fold: its output " \
+        "feeds add (add), not a conv/linear"
     assert rel_err(fuse(copy.deepcopy(model)), model, torch.randn(5, 6)) < 1e-6  # fuse skips it
 
 
@@ -332,7 +333,8 @@ def test_conv_subclass_whose_weight_reads_the_input_is_kept() -> None:
     model = prepared(nn.Sequential(InputScaledConv(3, 4, 3), nn.BatchNorm2d(4)))
     _, report = fold_checked(model, torch.randn(2, 3, 6, 6), left=1)
     assert report.kept[0].reason == "conv2d's weight is computed in the graph, not from the " \
-        "model's tensors alone by ops bnfold evaluates"  # traced through forward
+        "model's tensors alone by ops bnfold evaluates; backward fold: its output is a graph " \
+        "output"  # traced through forward
 
 
 # ---------------------------------------------------------------------------------------------

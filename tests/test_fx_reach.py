@@ -895,8 +895,8 @@ def test_a_split_names_the_op_past_the_resample_that_keeps_it() -> None:
                               lambda t: F.avg_pool2d(torch.relu(t), 3, 1, 1)))
     for report in _fold_both(model, torch.randn(2, 4, 8, 8)):
         kept = {e.bn.split(" ")[0]: e.reason for e in report.kept}
-        assert "relu is not a conv/linear (reached from" in kept["bn"], report.table()
-        assert "relu_1 is not a conv/linear (reached from" in kept["bn2"], report.table()
+        assert "relu is not a conv/linear (before " in kept["bn"], report.table()
+        assert "relu_1 is not a conv/linear (before avg_pool2d)" in kept["bn2"], report.table()
 
 
 class _Means(nn.Module):
@@ -961,3 +961,27 @@ class _Lambda(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+class _UnknownReaders(nn.Module):
+    """BNs after a gelu (no forward fold) whose readers the backward fold does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.bn2, self.conv = nn.BatchNorm2d(8), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.gelu(x)
+        a = self.fc(self.bn(y).permute(0, 2, 3, 1))
+        return a, self.conv(F.pixel_unshuffle(self.bn2(y), 2))
+
+
+def test_a_kept_bn_says_why_each_direction_failed() -> None:
+    model = _random_bns(_UnknownReaders())
+    for report in _fold_both(model, torch.randn(2, 8, 4, 4)):
+        for entry, op in zip(report.entries, ("permute", "pixel_unshuffle"), strict=True):
+            forward, _, backward = entry.reason.partition("; backward fold: ")
+            assert "gelu" in forward and "not from a conv/linear" in forward, entry.reason
+            assert backward.startswith(f"its output feeds {op}"), entry.reason
+            assert backward.endswith("not a conv/linear"), entry.reason

@@ -397,8 +397,7 @@ class _Folder:
         assert not isinstance(site, str)
         readers = self._readers(site)
         if isinstance(readers, str):
-            return _kept(f"{forward_reason}; backward fold: {readers}" if readers
-                         else forward_reason)
+            return _kept(f"{forward_reason}; backward fold: {readers}")
         plans: list[tuple[LayerSite, Folded]] = []
         guards: set[tuple[int, ...]] = set()
         through: list[str] = []
@@ -455,7 +454,7 @@ class _Folder:
         """The layers reading the BN's output (through eval no-ops, per-channel ops that pass
         its affine map, :mod:`.channelwise`, and at most one flatten of everything after the
         batch axis), each with that flatten or ``None``; or why not all readers are layers
-        ("" when a reader is simply not a layer: the forward reason says enough)."""
+        (the first reader that is not, or the op on the way the BN does not pass)."""
         layers = []
         for user in value_users(site.output):
             prev, cur, flat = site.output, user, None
@@ -465,7 +464,8 @@ class _Folder:
                     or (flat is None and chain_op(self.gm, cur) == "flatten")):
                 if chain_op(self.gm, cur) == "flatten":
                     if flatten_dims(self.gm, cur) != (1, -1):
-                        return ""
+                        return f"{cur.name} (after the BN) flattens other dims than all " \
+                               "after the batch axis"
                     flat = cur
                 elif self._rank_drop(site, cur):
                     if not self._pools_to_channels(site, cur):
@@ -480,10 +480,12 @@ class _Folder:
                 if len(nxt) != 1:
                     return f"{cur.name} (after the BN) is read by {len(nxt)} nodes"
                 prev, cur = cur, nxt[0]
-            if not is_layer(self.gm, cur) or chain_input(cur) is not prev:
-                return ""
+            if not is_layer(self.gm, cur):
+                return _reader_refusal(self.gm, cur, prev, site.output)
+            if chain_input(cur) is not prev:
+                return f"{cur.name} reads its output as a weight or bias, not as its input"
             layers.append((cur, flat))
-        return layers if layers else ""
+        return layers if layers else "nothing reads its output"
 
     def _input_ranks(self, site: BatchNormSite) -> list[int]:
         """The ranks the BN's input can have: the recorded one, else each the BN takes."""
@@ -882,6 +884,18 @@ def _prefixes(path: str) -> list[str]:
     """The dotted paths enclosing ``path``: ``"a.b.c"`` -> ``["a", "a.b"]``."""
     parts = path.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _reader_refusal(gm: fx.GraphModule, reader: fx.Node, prev: fx.Node,
+                    output: fx.Node) -> str:
+    """Why the backward fold stops at ``reader`` (which reads ``prev``, the BN's output or
+    the last op after it that the fold looks through): it is no conv/linear."""
+    if reader.op == "output":
+        what = "its output" if prev is output else f"{prev.name} (after the BN)"
+        return f"{what} is a graph output"
+    after = "" if prev is output else f" (through {prev.name})"
+    return f"its output{after} feeds {reader.name} ({_node_kind(gm, reader)}), not a " \
+           "conv/linear"
 
 
 def _node_kind(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -94,8 +94,7 @@ def _foldable(gm: fx.GraphModule, node: fx.Node, reader: fx.Node,
     BN, else why not."""
     x, chain = to_layer(gm, node)
     if not is_layer(gm, x):
-        through = f" (reached from {node.name} through " \
-            f"{', '.join(c.name for c in chain)})" if chain else ""
+        through = f" (before {', '.join(c.name for c in chain)})" if chain else ""
         return f"{x.name} is not a conv/linear{through}"
     path = [x, *chain]
     if x.op == "call_module":  # (checked first: a module's label is its path)

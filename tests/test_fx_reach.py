@@ -985,3 +985,24 @@ def test_a_kept_bn_says_why_each_direction_failed() -> None:
             assert "gelu" in forward and "not from a conv/linear" in forward, entry.reason
             assert backward.startswith(f"its output feeds {op}"), entry.reason
             assert backward.endswith("not a conv/linear"), entry.reason
+
+
+class _BackwardThrough(nn.Module):
+    """BN -> keepdim mean -> 1x1 conv, BN -> flip of W -> unpadded conv (backward folds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.c = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+        self.bn2, self.c2 = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.relu(x)
+        return self.c(self.bn(y).mean((2, 3), keepdim=True)), self.c2(torch.flip(self.bn2(y), (3,)))
+
+
+def test_a_keepdim_mean_and_a_flip_pass_a_bn_backward_into_convs() -> None:
+    model = _random_bns(_BackwardThrough())
+    for report in _fold_both(model, torch.randn(2, 3, 6, 6)):
+        assert not report.kept, report.table()
+        assert [e.into.split(" ")[0] for e in report.folded] == ["c", "c2"]
+        assert {e.details["direction"] for e in report.folded} == {"backward"}

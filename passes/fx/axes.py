@@ -216,7 +216,11 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
     return pos
 
 
-def to_layer(gm: fx.GraphModule, node: fx.Node, limit: int = 16
+#: The most ops a fold looks through between a layer and its BN.
+MAX_CHAIN = 16
+
+
+def to_layer(gm: fx.GraphModule, node: fx.Node, limit: int = MAX_CHAIN
              ) -> tuple[fx.Node, list[fx.Node]]:
     """Walk from ``node`` back through data-movement and per-channel ops (:func:`chain_op`,
     at most ``limit``) to the conv/linear feeding them: ``(that layer, or the node the walk

@@ -130,8 +130,6 @@ from bnfold.passes.fx.trace import (
 from bnfold.report import PassResult, Report
 from bnfold.selection import Selection
 
-_MAX_CHAIN = 16
-
 
 def fold_fx(
     model: nn.Module, example_inputs: Any = None, *, inplace: bool = False,
@@ -295,7 +293,7 @@ class _Folder:
         site = self.site(node)
         if isinstance(site, str):
             return _kept(site, final=True)
-        x, chain = to_layer(self.gm, site.input, _MAX_CHAIN)
+        x, chain = to_layer(self.gm, site.input)
         if not is_layer(self.gm, x):
             if not chain and is_split_point(x):
                 return self._split_bn(site, x, label)

@@ -292,7 +292,7 @@ def test_a_module_weight_the_forward_writes_keeps_its_bn() -> None:
     model = randomize_bn_stats(Net()).eval()
     _, report = bnfold.fold(model)
     assert report.kept[0].reason == "conv.weight is written in place by the graph (each call " \
-        "changes it)"
+        "changes it); backward fold: its output is a graph output"
 
 
 class _Advancing(nn.Module):

@@ -1006,3 +1006,40 @@ def test_a_keepdim_mean_and_a_flip_pass_a_bn_backward_into_convs() -> None:
         assert not report.kept, report.table()
         assert [e.into.split(" ")[0] for e in report.folded] == ["c", "c2"]
         assert {e.details["direction"] for e in report.folded} == {"backward"}
+
+
+class _BroadcastSum(nn.Module):
+    """``BN1d(conv1d(x) + z)`` with ``z`` of rank 2 (``Linear``, or a conv's spatial mean):
+    broadcasting lines ``z`` up as ``(1, C, L)``, so its channels sit on the sum's dim 2, not
+    on the BN's dim 1."""
+
+    def __init__(self, via_mean: bool) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.via_mean = via_mean
+        self.a = nn.Conv1d(3, 6, 3)
+        self.b = nn.Conv2d(3, 6, 3) if via_mean else nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        z = self.b(x2).mean((2, 3)) if self.via_mean else self.b(x2)
+        return self.bn(self.a(x) + z)
+
+
+@pytest.mark.parametrize("via_mean", [False, True])
+@pytest.mark.parametrize("exported", [False, True])
+def test_a_summand_of_another_rank_keeps_the_bn(via_mean: bool, exported: bool) -> None:
+    model = randomize_bn_stats(_BroadcastSum(via_mean)).eval()
+    xs = (torch.randn(4, 3, 8), torch.randn(6, 3, 8, 8) if via_mean else torch.randn(6, 5))
+    if exported:
+        folded, report = bnfold.fold(torch.export.export(model, xs))
+        run = folded.module()
+    else:
+        run, report = bnfold.fold(model, xs)
+    (entry,) = report.entries
+    assert entry.action == "kept" and "has rank 2 and the sum rank 3: broadcast" in entry.reason
+    fresh = (torch.randn(4, 3, 8), torch.randn(6, 3, 8, 8) if via_mean else torch.randn(6, 5))
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(*(t.double() for t in fresh))
+        got = run(*fresh).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-6

@@ -189,7 +189,7 @@ def follow(gm: fx.GraphModule, chain: Sequence[fx.Node], rank: int, axis: int) -
             if rank <= span or (channelwise.needs_nc and (rank < 3 or axis != 1)):
                 return None
             if axis >= rank - span:
-                return f"{node.name} ({op}) works along the layer's feature axis"
+                return f"{node.name} ({op}) works along the layer's feature axis or one before it"
             out = channelwise_rank(gm, node, rank)  # (the dims a mean drops follow the axis)
             if out is None:
                 return None

@@ -520,7 +520,8 @@ class _Folder:
             return None  # (at no rank: no shape needed)
         shape = shape_of(chain_input(node))  # (none: at some rank it does, as just seen)
         if shape is None or along(len(shape)):
-            return f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel axis"
+            return (f"{node.name} ({chain_op(self.gm, node)}) works along the BN's channel "
+                    "axis or one before it")
         return None
 
     @staticmethod

@@ -126,6 +126,9 @@ def _plan_add(gm: fx.GraphModule, site: BatchNormSite, add: fx.Node,
     summands = _summands(add)
     layers = []
     for node, reader in summands:
+        broadcast = _rank_change(node, add)
+        if broadcast:
+            return f"its input is the sum {add.name}, and summand {broadcast}"
         layer = _foldable(gm, node, reader, axis_check)
         if isinstance(layer, str):
             return f"its input is the sum {add.name}, and summand {layer}"
@@ -134,6 +137,17 @@ def _plan_add(gm: fx.GraphModule, site: BatchNormSite, add: fx.Node,
     for layer, part in zip(layers, split_sum(site.params, len(layers)), strict=True):
         plan.folds.append((layer, _fold(layer, part)))
     return plan
+
+
+def _rank_change(node: fx.Node, add: fx.Node) -> str | None:
+    """Why summand ``node`` of the sum ``add`` is not aligned with it axis for axis: it has
+    another rank (broadcasting lines up the last dims, so its channel axis is not the sum's).
+    Unknown shapes (no example inputs) are left to the rank checks of the fold."""
+    mine, sums = shape_of(node), shape_of(add)
+    if mine is None or sums is None or len(mine) == len(sums):
+        return None
+    return (f"{node.name} has rank {len(mine)} and the sum rank {len(sums)}: broadcast, its "
+            "channel axis is not the sum's")
 
 
 def _summands(add: fx.Node) -> list[tuple[fx.Node, fx.Node]]:

@@ -218,6 +218,47 @@ def test_a_head_read_only_inside_if_bodies_is_the_head() -> None:
                                                           ("head", "skipped")]
 
 
+def _if_model(then_nodes: list, else_nodes: list, outputs: list[str], after: list,
+              graph_outputs: list[str]) -> onnx.ModelProto:
+    """``conv A(x) -> a``, then an ``If`` whose branches (capturing ``a``) give ``outputs``,
+    then the nodes ``after``; ``graph_outputs`` are [2, 4, 6, 6] floats."""
+    def body(name: str, nodes: list) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            o, onnx.TensorProto.FLOAT, None) for o in outputs])
+
+    inits = [numpy_helper.from_array(np.full((4, 3, 1, 1), 0.5, np.float32), "wa"),
+             numpy_helper.from_array(np.full((4, 4, 1, 1), 0.25, np.float32), "wb")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wa"], ["a"], name="A"),
+         helper.make_node("If", ["cond"], [f"if_{o}" for o in outputs],
+                          then_branch=body("then", then_nodes),
+                          else_branch=body("else", else_nodes)), *after], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 6, 6]),
+         helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [2, 4, 6, 6])
+         for o in graph_outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_layer_whose_path_through_an_if_crosses_another_layer_gets_its_bn() -> None:
+    """The walk back from a graph output follows the body output that becomes it and stops
+    at a layer inside a body too: A reaches the output only through the bodies' convs (then),
+    or only through an If output that feeds conv B (else); either way A is no head."""
+    through_conv = _if_model([helper.make_node("Conv", ["a", "wb"], ["o"])],
+                             [helper.make_node("Conv", ["a", "wb"], ["o"])], ["o"], [],
+                             ["if_o"])
+    _, report = bnfold.insert_bn_onnx(through_conv)
+    assert [(e.bn, e.action) for e in report.entries] == [("A_bn", "inserted")]
+    other_output = _if_model(
+        [helper.make_node("Relu", ["x"], ["o1"]), helper.make_node("Neg", ["a"], ["o2"])],
+        [helper.make_node("Relu", ["x"], ["o1"]), helper.make_node("Identity", ["a"], ["o2"])],
+        ["o1", "o2"], [helper.make_node("Conv", ["if_o2", "wb"], ["b"], name="B")],
+        ["if_o1", "b"])
+    _, report = bnfold.insert_bn_onnx(other_output)
+    assert [(e.bn, e.action) for e in report.entries] == [("A_bn", "inserted"),
+                                                          ("B", "skipped")]
+
+
 def test_skip_last_false_keeps_the_output_name() -> None:
     model, report = bnfold.insert_bn_onnx(conv_net(), skip_last=False, eps=EPS)
     assert len(report.inserted) == 3

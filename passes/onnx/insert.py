@@ -36,7 +36,7 @@ bias 0, mean 0, var 1.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,9 +125,9 @@ def insert_bn_onnx(
             "the graph has no Conv, ConvTranspose, Gemm or MatMul node to insert BatchNorm after"
         )
     includes, excludes = _selectors(include, "include"), _selectors(exclude, "exclude")
-    last = last_layers((v.producer() for v in graph.outputs),
-                       lambda n: (v.producer() for v in _read_values(n)),
-                       set(layers)) if skip_last else set()
+    last = {v.producer() for v in last_layers(
+        graph.outputs, _sources, {o for n in graph.all_nodes() if layer_kind(n) is not None
+                                  for o in n.outputs})} if skip_last else set()
     names = Namer(out)
     report = Report("insert_bn_onnx")
     nested = sum(1 for n in graph.all_nodes() if n.graph is not graph and n.op_type in LAYER_OPS)
@@ -164,10 +164,18 @@ def insert_bn_onnx(
 # Check.
 # ---------------------------------------------------------------------------------------------
 
-def _read_values(node: ir.Node) -> Iterator[ir.Value]:
-    """The values ``node`` reads: its inputs, and those its subgraphs (``If``/``Loop``/``Scan``
-    bodies) read, among them the enclosing graphs' values the bodies capture by name."""
-    yield from (v for v in node.inputs if v is not None)
+def _sources(value: ir.Value) -> list[ir.Value]:
+    """The values ``value`` is computed from: its producer's inputs and, for a node with
+    bodies, the body outputs that become ``value`` (an ``If`` branch's output at the same
+    index, a ``Loop`` body's after its condition; other ops: every body output). Walked back
+    value by value (:func:`~bnfold.passes.insert_policy.last_layers`), a body's nodes lead
+    on to the enclosing graphs' values they capture by name, and a layer inside a body stops
+    the walk like one outside."""
+    node = value.producer()
+    if node is None:
+        return []
+    sources = [v for v in node.inputs if v is not None]
+    index = next(i for i, out in enumerate(node.outputs) if out is value)
     for attr in node.attributes.values():
         if attr.type == ir.AttributeType.GRAPH:
             bodies = [attr.value]
@@ -176,8 +184,12 @@ def _read_values(node: ir.Node) -> Iterator[ir.Value]:
         else:
             continue
         for body in bodies:
-            for inner in body.all_nodes():
-                yield from (v for v in inner.inputs if v is not None)
+            at = index + (node.op_type == "Loop")
+            if node.op_type in ("If", "Loop", "Scan") and at < len(body.outputs):
+                sources.append(body.outputs[at])
+            else:
+                sources.extend(body.outputs)
+    return sources
 
 
 def _selectors(value: Any, what: str) -> list[str]:

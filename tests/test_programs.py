@@ -298,3 +298,22 @@ def test_lowered_linears_fold_both_ways(model, shape, lower, weight) -> None:
             want = copy.deepcopy(model).double()(x.double())
             got = folded.module()(x).double()
         assert float((got - want).abs().max() / want.abs().max()) < 1e-6
+
+
+def test_insert_into_a_lowered_mlp_program() -> None:
+    """``run_decompositions()`` writes an MLP's Linears as ``addmm(b, x, permute(W))``:
+    insert reads them as the Linears they are (as fold does), puts a BN before each hidden
+    activation, and inserting again adds none."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(16, 4)
+    program = torch.export.export(model, (x,)).run_decompositions()
+    inserted, report = bnfold.insert_bn(program)
+    assert [(e.bn, e.action) for e in report.entries] == [
+        ("0_bn", "inserted"), ("2_bn", "inserted"), ("4", "skipped")]
+    assert isinstance(inserted, ExportedProgram)
+    again, report = bnfold.insert_bn(inserted)
+    assert not report.inserted
+    out = again.module()(x)
+    assert out.shape == (16, 2) and torch.isfinite(out).all()

@@ -41,6 +41,7 @@ from bnfold.passes.fx.layers import (
     match_layer,
     norm_description,
 )
+from bnfold.passes.fx.lowered import raise_lowered_linears
 from bnfold.passes.fx.sites import get_attr_value
 from bnfold.passes.fx.trace import open_model, shape_of
 from bnfold.passes.insert_policy import (
@@ -112,6 +113,7 @@ def insert_bn_fx(
     report = Report("insert_bn")
     carry_model_hooks(model, gm, how, report.notes)
     gm.training = model.training
+    raise_lowered_linears(gm)  # (a lowered program's addmm/mm Linears: aten.linear calls)
     layers = [layer for node in gm.graph.nodes if (layer := match_layer(gm, node)) is not None]
     if not layers:
         aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)

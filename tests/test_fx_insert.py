@@ -626,10 +626,14 @@ def test_bad_options_and_untraceable_models_get_one_line_messages() -> None:
     gm, report = bnfold.insert_bn(exported)  # aten.convolution is in the FX layer table
     assert (report.entries[0].bn, report.entries[0].action) == ("conv1_bn", "inserted")
     assert gm(x).shape == cnn(x).shape
-    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # addmm: not a layer
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))  # addmm: read as linear
     exported = torch.export.export(mlp, (torch.randn(2, 3),)).run_decompositions().module()
+    _, report = bnfold.insert_bn(exported)
+    assert [(e.bn, e.action) for e in report.entries] == [("0_bn", "inserted"),
+                                                          ("2", "skipped")]
+    layerless = torch.export.export(nn.Sequential(nn.ReLU()), (x,)).module()
     with pytest.raises(BadInputError, match=r"ATen ops \(a torch\.export graph\?\)"):
-        bnfold.insert_bn(exported)
+        bnfold.insert_bn(layerless)
     with pytest.raises(UntraceableError, match=r"in forward `if x\.sum\(\) > 0:`") as info:
         bnfold.insert_bn(DataDependent())
     assert "\n" not in str(info.value)

@@ -37,7 +37,13 @@ from torch import fx
 from bnfold.algebra import Broadcast, affine_bn, broadcast_of, compose_affine
 from bnfold.errors import UnsafeFoldError
 from bnfold.passes.fx.axes import value_users
-from bnfold.passes.fx.constants import Constants, NotConstant, alias_source, owner_label
+from bnfold.passes.fx.constants import (
+    Constants,
+    NotConstant,
+    alias_source,
+    owner_label,
+    returns_alias,
+)
 from bnfold.passes.fx.sites import BatchNormSite, is_layer
 
 aten = torch.ops.aten
@@ -172,8 +178,8 @@ def _fresh(gm: fx.GraphModule, node: fx.Node) -> bool:
     if is_layer(gm, node):
         return True
     target = node.target
-    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and all(
-        r.alias_info is None for r in target._schema.returns)
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+        and not returns_alias(target)
 
 
 def _describe(gm: fx.GraphModule, steps: list[_Step], consts: Constants) -> AffineChain | None:

@@ -275,8 +275,13 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
     if user.op == "call_method":
         return user.target in _ALIASING_METHODS
     if isinstance(user.target, torch._ops.OpOverload):
-        return any(r.alias_info is not None for r in user.target._schema.returns)
+        return returns_alias(user.target)
     return user.op == "call_function" and user.target in _ALIASING_FUNCTIONS
+
+
+def returns_alias(op: torch._ops.OpOverload) -> bool:
+    """Whether the ATen op ``op`` may return (a view of) an argument, by its schema."""
+    return any(r.alias_info is not None for r in op._schema.returns)
 
 
 @functools.cache
